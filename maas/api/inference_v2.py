@@ -1,0 +1,101 @@
+"""Open Inference Protocol v2 (KServe / Triton): health, server and model metadata.
+
+Inference (``/infer``) joins when runtimes exist; the routes here already resolve models
+through the registry, so it slots in beside them.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from maas import __version__
+from maas.api.deps import ModelReadiness, ReadinessDep, RegistryDep
+from maas.registry import Reference, Registry, VersionRecord
+from maas.registry.manifest import TensorSpec
+from maas.registry.names import parse_reference
+
+router = APIRouter(prefix="/v2", tags=["inference v2"])
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class ModelReady(BaseModel):
+    name: str
+    version: str
+    ready: bool
+
+
+@router.get("")
+def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="maas", version=__version__, extensions=[])
+
+
+@router.get("/health/live")
+def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+def ready(registry: RegistryDep) -> dict[str, bool]:
+    registry.list_models()  # the database answers
+    return {"ready": True}
+
+
+@router.get("/models/{model}")
+def model_metadata(model: str, registry: RegistryDep) -> ModelMetadata:
+    return _metadata(registry, registry.resolve(model))
+
+
+@router.get("/models/{model}/versions/{version}")
+def version_metadata(model: str, version: str, registry: RegistryDep) -> ModelMetadata:
+    return _metadata(registry, registry.resolve(_versioned(model, version)))
+
+
+@router.get("/models/{model}/ready", response_model=ModelReady)
+def model_ready(model: str, registry: RegistryDep, readiness: ReadinessDep) -> JSONResponse:
+    return _ready(registry.resolve(model), readiness)
+
+
+@router.get("/models/{model}/versions/{version}/ready", response_model=ModelReady)
+def version_ready(
+    model: str, version: str, registry: RegistryDep, readiness: ReadinessDep
+) -> JSONResponse:
+    return _ready(registry.resolve(_versioned(model, version)), readiness)
+
+
+def _versioned(model: str, version: str) -> Reference:
+    name = parse_reference(model).name
+    return parse_reference(f"{name}:{version}")
+
+
+def _metadata(registry: Registry, record: VersionRecord) -> ModelMetadata:
+    manifest = registry.read_manifest(record)
+    model = registry.get_model(record.name)
+    return ModelMetadata(
+        name=record.name,
+        versions=[str(v.version) for v in model.versions],
+        platform=f"{manifest.runtime}_{manifest.format}",
+        inputs=manifest.inputs,
+        outputs=manifest.outputs,
+    )
+
+
+def _ready(record: VersionRecord, readiness: ModelReadiness) -> JSONResponse:
+    ready = readiness.is_ready(record)
+    body = ModelReady(name=record.name, version=str(record.version), ready=ready)
+    # v2: 200 means ready, a 4xx status means not ready (Triton answers 400 too).
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 400)

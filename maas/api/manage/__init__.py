@@ -1,0 +1,5 @@
+"""The management API under /api/v1: what the CLI does, over HTTP."""
+
+from maas.api.manage import models
+
+routers = [models.router]

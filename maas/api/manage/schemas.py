@@ -1,0 +1,90 @@
+"""What enters and what leaves the management API; separate classes, so nothing internal leaks."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from maas.registry import Manifest, ModelRecord, VersionRecord
+from maas.registry.manifest import Task
+
+
+class ModelImport(BaseModel):
+    """Import files that are already on the server's disk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str
+    """Path on the server: a folder, a .gguf or .onnx file, or an archive."""
+    task: Task | None = None
+    alias: str | None = None
+    description: str | None = None
+
+
+class AliasUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+
+
+class VersionPublic(BaseModel):
+    name: str
+    version: int
+    task: str
+    format: str
+    runtime: str
+    size_bytes: int
+    num_files: int
+    aliases: list[str]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, record: VersionRecord) -> VersionPublic:
+        return cls(**record.model_dump(exclude={"path", "manifest_sha256"}))
+
+
+class VersionDetail(VersionPublic):
+    manifest: dict[str, Any]
+    """The version's manifest, without where it was imported from."""
+
+    @classmethod
+    def of_manifest(cls, record: VersionRecord, manifest: Manifest) -> VersionDetail:
+        public = VersionPublic.of(record).model_dump()
+        return cls(**public, manifest=manifest.model_dump(mode="json", exclude={"source"}))
+
+
+class VersionsPublic(BaseModel):
+    data: list[VersionPublic]
+    count: int
+
+
+class ModelPublic(BaseModel):
+    name: str
+    task: str
+    description: str
+    latest_version: int | None
+    aliases: dict[str, int]
+    versions: list[VersionPublic]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, record: ModelRecord) -> ModelPublic:
+        return cls(
+            name=record.name,
+            task=record.task,
+            description=record.description,
+            latest_version=record.latest.version if record.latest else None,
+            aliases=record.aliases,
+            versions=[VersionPublic.of(v) for v in record.versions],
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+        )
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelPublic]
+    count: int

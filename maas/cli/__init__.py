@@ -1,0 +1,46 @@
+"""The ``maas`` command. Errors print as one line on stderr with exit code 1, never a traceback
+(set ``MAAS_DEBUG=1`` to see one)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.markup import escape
+
+from maas.cli import db, demo, models, server
+from maas.cli.output import err_console
+from maas.errors import MaasError
+
+app = typer.Typer(
+    name="maas",
+    help="maas: serve, manage and meter AI models behind standard APIs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(models.app, name="models")
+app.add_typer(db.app, name="db")
+app.command("serve")(server.serve)
+app.command("version")(server.version)
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    try:
+        app()
+    except MaasError as err:
+        _fail(err.message)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as err:  # the last line of defence: one line, not a traceback
+        if os.environ.get("MAAS_DEBUG"):
+            raise
+        _fail(f"unexpected {type(err).__name__}: {err} (MAAS_DEBUG=1 shows the traceback)")
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(1)

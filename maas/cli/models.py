@@ -1,0 +1,210 @@
+"""``maas models ...``: import, list, show, alias, remove and verify models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from maas.cli.context import open_registry
+from maas.cli.output import console, progress_bar
+from maas.errors import InvalidReference
+from maas.registry import TASKS, ModelRecord, VersionRecord, parse_reference
+
+app = typer.Typer(help="Import, list, show, alias and remove models.", no_args_is_help=True)
+
+TaskOption = Annotated[
+    str | None,
+    typer.Option(
+        "--task", "-t", help=f"What the model does: {', '.join(TASKS)}. Detected when left out."
+    ),
+]
+
+
+@app.command("import")
+def import_(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A Hugging Face folder, a .gguf or .onnx file, or a .tar.gz/.zip of one."
+        ),
+    ],
+    name: Annotated[
+        str,
+        typer.Option("--name", "-n", help="Model name: lowercase letters, digits, '-', '_', '.'."),
+    ],
+    task: TaskOption = None,
+    alias: Annotated[
+        str | None,
+        typer.Option(
+            "--alias", "-a", help="Point this alias (e.g. production) at the new version."
+        ),
+    ] = None,
+    description: Annotated[
+        str | None, typer.Option("--description", "-d", help="What the model is, for people.")
+    ] = None,
+) -> None:
+    """Import model files as the next version of NAME (atomic: all or nothing)."""
+    with open_registry() as registry, progress_bar() as progress:
+        record = registry.import_model(
+            path, name, task=task, alias=alias, description=description, progress=progress
+        )
+    console.print(
+        f"imported [bold]{record.reference}[/] ({record.task}, {record.format}, "
+        f"{_size(record.size_bytes)})" + (f" as @{alias}" if alias else "")
+    )
+
+
+@app.command("list")
+def list_() -> None:
+    """List models with their latest version and aliases."""
+    with open_registry() as registry:
+        models = registry.list_models()
+    if not models:
+        console.print("no models yet; import one with: maas models import PATH --name NAME")
+        return
+    table = Table("name", "task", "latest", "aliases", "versions", "size")
+    for model in models:
+        latest = model.latest
+        table.add_row(
+            model.name,
+            model.task,
+            str(latest.version) if latest else "-",
+            ", ".join(f"{a}->{v}" for a, v in sorted(model.aliases.items())) or "-",
+            str(len(model.versions)),
+            _size(latest.size_bytes) if latest else "-",
+        )
+    console.print(table)
+
+
+@app.command("show")
+def show(
+    reference: Annotated[
+        str, typer.Argument(help="NAME for the model, NAME:V or NAME@ALIAS for one version.")
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (the manifest, for a version).")
+    ] = False,
+) -> None:
+    """Show a model and its versions, or one version's manifest."""
+    ref = parse_reference(reference)
+    with open_registry() as registry:
+        if ref.version is None and ref.alias is None:
+            _show_model(registry.get_model(ref.name), as_json)
+            return
+        record = registry.resolve(ref)
+        manifest = registry.read_manifest(record)
+    if as_json:
+        console.print_json(manifest.model_dump_json())
+        return
+    _show_version(record)
+    console.print(f"architecture  {manifest.architecture or '-'}")
+    console.print(f"context       {manifest.context_length or '-'}")
+    console.print(f"chat template {'yes' if manifest.chat_template else 'no'}")
+    files = Table("file", "size", "sha256")
+    for entry in manifest.files:
+        files.add_row(entry.path, _size(entry.size), entry.sha256[:16] + "…")
+    console.print(files)
+
+
+@app.command("alias")
+def alias(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[
+        int, typer.Argument(help="Version number the alias should point at.", min=1)
+    ],
+    alias_name: Annotated[
+        str, typer.Argument(metavar="ALIAS", help="Alias, e.g. production or staging.")
+    ],
+) -> None:
+    """Point ALIAS of model NAME at VERSION (creates or moves it)."""
+    with open_registry() as registry:
+        record = registry.set_alias(name, alias_name, version)
+    console.print(f"{name}@{alias_name} -> {record.reference}")
+
+
+@app.command("unalias")
+def unalias(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias_name: Annotated[str, typer.Argument(metavar="ALIAS", help="Alias to remove.")],
+) -> None:
+    """Remove ALIAS from model NAME (the version stays)."""
+    with open_registry() as registry:
+        registry.delete_alias(name, alias_name)
+    console.print(f"removed {name}@{alias_name}")
+
+
+@app.command("rm")
+def rm(
+    reference: Annotated[
+        str, typer.Argument(help="NAME to remove the model, NAME:V to remove one version.")
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Also drop aliases that point at the version.")
+    ] = False,
+) -> None:
+    """Remove a model with all its versions, or one version."""
+    ref = parse_reference(reference)
+    if ref.alias is not None:
+        raise InvalidReference("rm takes NAME or NAME:VERSION, not an alias", param="reference")
+    with open_registry() as registry:
+        if ref.version is None:
+            registry.delete_model(ref.name)
+        else:
+            registry.delete_version(ref.name, ref.version, force=force)
+    console.print(f"removed {ref}")
+
+
+@app.command("verify")
+def verify(
+    reference: Annotated[str, typer.Argument(help="NAME, NAME:V or NAME@ALIAS.")],
+) -> None:
+    """Check every file of a version against the sha256 recorded at import."""
+    with open_registry() as registry, progress_bar() as progress:
+        opened = registry.open_version(reference, progress)
+    console.print(
+        f"{opened.record.reference}: {len(opened.manifest.files)} files match their sha256"
+    )
+
+
+def _show_model(model: ModelRecord, as_json: bool) -> None:
+    if as_json:
+        console.print_json(
+            json.dumps(
+                model.model_dump(
+                    mode="json", exclude={"versions": {"__all__": {"path", "manifest_sha256"}}}
+                )
+            )
+        )
+        return
+    console.print(f"[bold]{model.name}[/]  {model.task}  {model.description}")
+    table = Table("version", "format", "runtime", "size", "aliases", "created")
+    for v in model.versions:
+        table.add_row(
+            str(v.version),
+            v.format,
+            v.runtime,
+            _size(v.size_bytes),
+            ", ".join(v.aliases) or "-",
+            v.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
+    console.print(table)
+
+
+def _show_version(record: VersionRecord) -> None:
+    console.print(f"[bold]{record.reference}[/]  {record.task}")
+    console.print(f"format        {record.format} (runtime {record.runtime})")
+    console.print(f"size          {_size(record.size_bytes)} in {record.num_files} files")
+    console.print(f"aliases       {', '.join(record.aliases) or '-'}")
+
+
+def _size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"

@@ -1,0 +1,41 @@
+"""``maas serve`` and ``maas version``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from maas import __version__
+from maas.cli.context import load_settings
+from maas.cli.output import console
+
+
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (MAAS_HOST, default 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on (MAAS_PORT, default 8000).")
+    ] = None,
+) -> None:
+    """Start the server: OpenAI API at /v1, Open Inference Protocol v2 at /v2, management at
+    /api/v1."""
+    import uvicorn
+
+    from maas.api.app import build_app
+
+    settings = load_settings(host=host, port=port)
+    base = f"http://{settings.host}:{settings.port}"
+    console.print(f"maas {__version__} on {base}  (data in {settings.home})")
+    console.print(f"  OpenAI clients:   base_url={base}/v1")
+    console.print(f"  tritonclient:     url={settings.host}:{settings.port}")
+    console.print(f"  management API:   {base}/api/v1/models   metrics: {base}/metrics")
+    uvicorn.run(
+        build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+    )
+
+
+def version() -> None:
+    """Print the maas version."""
+    console.print(f"maas {__version__}")

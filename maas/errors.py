@@ -1,0 +1,88 @@
+"""One exception tree for all of maas. No HTTP here: ``maas.api.errors`` maps it at the edge.
+
+::
+
+    MaasError
+     ├── InvalidRequest          the caller sent something we cannot accept
+     │    ├── InvalidName        a model or alias name breaks the naming rules
+     │    ├── InvalidReference   "name", "name:3" or "name@alias" is malformed
+     │    ├── UnsupportedFormat  no importer recognises the files
+     │    └── RefusedArtifact    the files could run code or escape their folder
+     │         └── UnsafeArchive an archive entry is absolute, has "..", links out, or is too big
+     ├── NotFound
+     │    ├── ModelNotFound
+     │    ├── VersionNotFound
+     │    └── AliasNotFound
+     ├── Conflict                the request clashes with what exists (alias in use, ...)
+     ├── PayloadTooLarge         the body or file is over a configured limit
+     ├── ArtifactCorrupted       files on disk no longer match the version's manifest
+     └── Unavailable             the server cannot take the request now (starting, draining)
+"""
+
+from __future__ import annotations
+
+
+class MaasError(Exception):
+    """Base of every error maas raises on purpose. ``str(err)`` is a message for people."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        """The request field the error is about, when there is one."""
+
+
+class InvalidRequest(MaasError):
+    pass
+
+
+class InvalidName(InvalidRequest):
+    pass
+
+
+class InvalidReference(InvalidRequest):
+    pass
+
+
+class UnsupportedFormat(InvalidRequest):
+    pass
+
+
+class RefusedArtifact(InvalidRequest):
+    pass
+
+
+class UnsafeArchive(RefusedArtifact):
+    pass
+
+
+class NotFound(MaasError):
+    pass
+
+
+class ModelNotFound(NotFound):
+    pass
+
+
+class VersionNotFound(NotFound):
+    pass
+
+
+class AliasNotFound(NotFound):
+    pass
+
+
+class Conflict(MaasError):
+    pass
+
+
+class PayloadTooLarge(MaasError):
+    pass
+
+
+class ArtifactCorrupted(MaasError):
+    pass
+
+
+class Unavailable(MaasError):
+    pass

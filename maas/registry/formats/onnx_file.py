@@ -1,0 +1,122 @@
+"""ONNX models: graph inputs and outputs, and external data that must stay inside the folder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
+
+from maas.errors import RefusedArtifact, UnsupportedFormat
+from maas.registry.formats.info import FormatInfo
+from maas.registry.manifest import TASKS, TensorSpec
+
+V2_DATATYPES = {
+    TensorProto.BOOL: "BOOL",
+    TensorProto.UINT8: "UINT8",
+    TensorProto.UINT16: "UINT16",
+    TensorProto.UINT32: "UINT32",
+    TensorProto.UINT64: "UINT64",
+    TensorProto.INT8: "INT8",
+    TensorProto.INT16: "INT16",
+    TensorProto.INT32: "INT32",
+    TensorProto.INT64: "INT64",
+    TensorProto.FLOAT16: "FP16",
+    TensorProto.FLOAT: "FP32",
+    TensorProto.DOUBLE: "FP64",
+    TensorProto.BFLOAT16: "BF16",
+    TensorProto.STRING: "BYTES",
+}
+
+
+def load_graph(path: Path) -> onnx.ModelProto:
+    """Parse the model without touching external data."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as err:
+        raise UnsupportedFormat(f"{path.name} is not a valid ONNX model: {err}") from None
+
+
+def external_data_files(model: onnx.ModelProto, model_path: Path, folder: Path) -> list[str]:
+    """Relative paths (inside ``folder``) of the files the model's external data lives in.
+
+    Refuses a location that is absolute, climbs out with '..', or resolves outside ``folder``.
+    """
+    locations: set[str] = set()
+    base = model_path.parent
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        pure = PurePosixPath(location)
+        if not location or "\\" in location or pure.is_absolute() or ".." in pure.parts:
+            raise RefusedArtifact(
+                f"{model_path.name}: external data of {tensor.name!r} points outside the "
+                f"model folder ({location!r})"
+            )
+        resolved = (base / pure).resolve()
+        if not resolved.is_relative_to(folder.resolve()):
+            raise RefusedArtifact(
+                f"{model_path.name}: external data of {tensor.name!r} points outside the "
+                f"model folder ({location!r})"
+            )
+        if not resolved.is_file():
+            raise UnsupportedFormat(
+                f"{model_path.name}: external data file {location!r} is missing"
+            )
+        locations.add(resolved.relative_to(folder.resolve()).as_posix())
+    return sorted(locations)
+
+
+def inspect(folder: Path, model_path: Path) -> FormatInfo:
+    model = load_graph(model_path)
+    external_data_files(model, model_path, folder)
+    try:
+        onnx.checker.check_model(str(model_path))
+    except onnx.checker.ValidationError as err:
+        raise UnsupportedFormat(f"{model_path.name} is not a valid ONNX model: {err}") from None
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [_spec(v) for v in model.graph.input if v.name not in initializers]
+    return FormatInfo(
+        format="onnx",
+        runtime="onnx",
+        default_task="tensor",
+        tasks=TASKS,
+        architecture=model.graph.name or None,
+        config={
+            "model_file": model_path.relative_to(folder).as_posix(),
+            "ir_version": model.ir_version,
+            "opset": {op.domain or "ai.onnx": op.version for op in model.opset_import},
+            "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        },
+        inputs=inputs,
+        outputs=[_spec(v) for v in model.graph.output],
+    )
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor_type = value.type.tensor_type
+    datatype = V2_DATATYPES.get(tensor_type.elem_type)
+    if datatype is None:
+        raise UnsupportedFormat(f"input or output {value.name!r} has an unsupported type")
+    shape = [dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor_type.shape.dim]
+    return TensorSpec(name=value.name, datatype=datatype, shape=shape)
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    """Every tensor of a graph, its subgraphs included, that may hold external data."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)

@@ -1,0 +1,69 @@
+"""The load policy: which model files maas accepts. Every importer calls ``check_load_policy``.
+
+Refused, because loading them can run code chosen by whoever made the file:
+
+* pickle-based weights (``.bin``, ``.pt``, ``.pth``, ``.pkl``, ``.pickle``, ``.ckpt``, ``.joblib``):
+  unpickling calls arbitrary functions;
+* Hugging Face configs with ``auto_map``: ``transformers`` would import Python files shipped
+  with the model;
+* symbolic links inside a version: a version must hold its own bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+from maas.errors import RefusedArtifact
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+CONVERT_HINT = (
+    "Convert it to safetensors on a machine where you trust the file, for example "
+    'python -c "import torch, safetensors.torch as st; '
+    "st.save_file(torch.load('pytorch_model.bin', weights_only=True), 'model.safetensors')\", "
+    "then import the folder without the pickle file (see docs/registry.md)."
+)
+
+
+def check_file_names(relpaths: Iterable[str]) -> None:
+    """Refuse by name alone; cheap enough to run before anything is copied."""
+    for relpath in relpaths:
+        suffix = PurePosixPath(relpath).suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise RefusedArtifact(
+                f"refusing {relpath!r}: pickle-based weights can run code when loaded. "
+                + CONVERT_HINT
+            )
+
+
+def check_load_policy(folder: Path) -> None:
+    """Refuse a folder of model files that could run code or reach outside itself."""
+    for path in sorted(folder.rglob("*")):
+        relpath = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            raise RefusedArtifact(
+                f"refusing {relpath!r}: symbolic links are not allowed in a version"
+            )
+        if path.is_dir():
+            continue
+        check_file_names([relpath])
+        if path.name.endswith("config.json"):
+            _check_config(path, relpath)
+
+
+def _check_config(path: Path, relpath: str) -> None:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise RefusedArtifact(f"refusing {relpath!r}: a config file over 16 MiB")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RefusedArtifact(f"refusing {relpath!r}: not valid JSON ({err})") from None
+    if isinstance(config, dict) and "auto_map" in config:
+        raise RefusedArtifact(
+            f"refusing {relpath!r}: it has 'auto_map', so loading it would run Python code "
+            "shipped with the model. maas never runs remote code; use a model whose "
+            "architecture transformers supports natively."
+        )

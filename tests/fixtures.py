@@ -1,0 +1,155 @@
+"""Factories for tiny model files, built in memory: no hub, no real weights."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter
+from onnx import TensorProto, helper, numpy_helper
+from safetensors.numpy import save_file
+
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+WEIGHT_PATTERN = np.arange(16, dtype=np.float32).reshape(4, 4) / 7.0
+
+
+def make_hf_folder(
+    folder: Path,
+    *,
+    architecture: str = "LlamaForCausalLM",
+    model_type: str = "llama",
+    chat_template: str | None = CHAT_TEMPLATE,
+    config_extra: dict | None = None,
+    tokenizer_extra: dict | None = None,
+    sharded: bool = False,
+) -> Path:
+    """A Hugging Face folder with config, safetensors weights and a tokenizer config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "hidden_size": 4,
+        "max_position_embeddings": 64,
+        **(config_extra or {}),
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer = {"model_max_length": 64, **(tokenizer_extra or {})}
+    if chat_template:
+        tokenizer["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    if sharded:
+        save_file({"a": WEIGHT_PATTERN}, str(folder / "model-00001-of-00002.safetensors"))
+        save_file({"b": WEIGHT_PATTERN + 1}, str(folder / "model-00002-of-00002.safetensors"))
+        index = {
+            "weight_map": {
+                "a": "model-00001-of-00002.safetensors",
+                "b": "model-00002-of-00002.safetensors",
+            }
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        save_file({"weight": WEIGHT_PATTERN}, str(folder / "model.safetensors"))
+    return folder
+
+
+def make_gguf(
+    path: Path, *, chat_template: str | None = CHAT_TEMPLATE, arch: str = "llama"
+) -> Path:
+    """A tiny GGUF file with llama metadata, a vocabulary and two tensors."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(path), arch)
+    writer.add_name("tiny")
+    writer.add_context_length(128)
+    writer.add_embedding_length(4)
+    writer.add_block_count(1)
+    writer.add_head_count(1)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["<s>", "</s>", "a", "b"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+    writer.add_tensor("token_embd.weight", WEIGHT_PATTERN)
+    writer.add_tensor("output_norm.weight", np.ones(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def make_onnx(path: Path, *, external_location: str | None = None) -> Path:
+    """y = x @ W + 1 with x: FP32[batch, 4]; W can live in an external data file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weight = numpy_helper.from_array(WEIGHT_PATTERN, name="W")
+    if external_location is not None:
+        weight.ClearField("raw_data")
+        weight.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", external_location), ("offset", "0"), ("length", "64")):
+            entry = weight.external_data.add()
+            entry.key, entry.value = key, value
+    one = numpy_helper.from_array(np.ones(4, dtype=np.float32), name="one")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "one"], ["y"]),
+        ],
+        "tiny_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[weight, one],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def make_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    """A .tar.gz from raw members, so tests can build entries no honest tool would."""
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return path
+
+
+def tar_file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def tar_link(name: str, target: str, *, hard: bool = False) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.LNKTYPE if hard else tarfile.SYMTYPE
+    info.linkname = target
+    return info, None
+
+
+def tar_folder(path: Path, folder: Path, arcname: str) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+    return path
+
+
+def make_zip(path: Path, members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = 0o120777 << 16
+            zf.writestr(info, target)
+    return path
+
+
+def files_under(folder: Path) -> set[str]:
+    """Every path under ``folder`` (files and folders), relative; for 'nothing written' checks."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}

@@ -1,0 +1,89 @@
+"""Format detection and the format-specific checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from maas.errors import InvalidRequest, RefusedArtifact, UnsupportedFormat
+from tests.fixtures import files_under, make_gguf, make_hf_folder, make_onnx
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../outside.data", "sub/../../outside.data"])
+def test_onnx_external_data_outside_the_folder_is_refused(registry, tmp_path, location):
+    (tmp_path / "outside.data").write_bytes(bytes(64))
+    model = make_onnx(tmp_path / "model" / "model.onnx", external_location=location)
+    with pytest.raises(RefusedArtifact, match="points outside the model folder"):
+        registry.import_model(model, "linear")
+    with pytest.raises(RefusedArtifact, match="points outside the model folder"):
+        registry.import_model(model.parent, "linear")  # the folder route checks it too
+    assert registry.list_models() == []
+    assert files_under(registry.store.root) == {".staging"}
+
+
+def test_onnx_external_data_linked_outside_is_refused(registry, tmp_path):
+    (tmp_path / "secret.data").write_bytes(bytes(64))
+    model = make_onnx(tmp_path / "model" / "model.onnx", external_location="weights.data")
+    (tmp_path / "model" / "weights.data").symlink_to(tmp_path / "secret.data")
+    with pytest.raises(RefusedArtifact, match="points outside"):
+        registry.import_model(model, "linear")
+
+
+def test_onnx_missing_external_data(registry, tmp_path):
+    model = make_onnx(tmp_path / "model" / "model.onnx", external_location="weights.data")
+    with pytest.raises(UnsupportedFormat, match="missing"):
+        registry.import_model(model, "linear")
+
+
+def test_invalid_onnx(registry, tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\xff\xfe garbage \x00")
+    with pytest.raises(UnsupportedFormat, match="not a valid ONNX model"):
+        registry.import_model(bad, "linear")
+
+
+def test_sharded_index_with_a_missing_shard(registry, tmp_path):
+    source = make_hf_folder(tmp_path / "hf", sharded=True)
+    (source / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(UnsupportedFormat, match="missing"):
+        registry.import_model(source, "m")
+
+
+def test_sharded_index_pointing_outside(registry, tmp_path):
+    source = make_hf_folder(tmp_path / "hf", sharded=True)
+    index = {"weight_map": {"a": "../../etc/passwd"}}
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(RefusedArtifact, match="outside"):
+        registry.import_model(source, "m")
+
+
+def test_folder_without_safetensors(registry, tmp_path):
+    source = make_hf_folder(tmp_path / "hf")
+    (source / "model.safetensors").unlink()
+    with pytest.raises(UnsupportedFormat, match="no \\*.safetensors"):
+        registry.import_model(source, "m")
+
+
+def test_several_gguf_files_are_ambiguous(registry, tmp_path):
+    make_gguf(tmp_path / "f" / "a.gguf")
+    make_gguf(tmp_path / "f" / "b.gguf")
+    with pytest.raises(UnsupportedFormat, match="several GGUF"):
+        registry.import_model(tmp_path / "f", "m")
+
+
+def test_chat_template_from_a_jinja_file(registry, tmp_path):
+    source = make_hf_folder(tmp_path / "hf", chat_template=None)
+    (source / "chat_template.jinja").write_text("{{ messages }}")
+    record = registry.import_model(source, "m")
+    assert record.task == "chat"
+    assert registry.read_manifest(record).chat_template == "{{ messages }}"
+
+
+def test_unknown_architecture_needs_a_task(registry, tmp_path):
+    source = make_hf_folder(
+        tmp_path / "hf", architecture="WeirdThing", model_type="weird", chat_template=None
+    )
+    with pytest.raises(InvalidRequest, match="give one with --task"):
+        registry.import_model(source, "m")
+    assert registry.import_model(source, "m", task="tensor").task == "tensor"

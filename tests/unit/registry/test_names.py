@@ -1,0 +1,101 @@
+import pytest
+
+from maas.errors import InvalidName, InvalidReference
+from maas.registry.names import (
+    Reference,
+    parse_reference,
+    validate_alias_name,
+    validate_model_name,
+)
+
+
+@pytest.mark.parametrize(
+    "name", ["a", "llama-3.1-8b", "all-minilm-l6-v2", "m_1", "0day", "x" * 128]
+)
+def test_valid_model_names(name):
+    assert validate_model_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "Llama",
+        "a/b",
+        "../x",
+        "..",
+        ".",
+        ".hidden",
+        "-x",
+        "_x",
+        "a b",
+        "a:1",
+        "a@b",
+        "a\\b",
+        "x" * 129,
+        "é",
+        "a\n",
+        "/abs",
+    ],
+)
+def test_invalid_model_names(name):
+    with pytest.raises(InvalidName, match="invalid model name"):
+        validate_model_name(name)
+
+
+@pytest.mark.parametrize("alias", ["production", "staging", "canary-2", "v1.2", "a_b"])
+def test_valid_alias_names(alias):
+    assert validate_alias_name(alias) == alias
+
+
+@pytest.mark.parametrize("alias", ["", "3", "1abc", "Prod", "a/b", "-x", "a@b", "x" * 65])
+def test_invalid_alias_names(alias):
+    with pytest.raises(InvalidName, match="invalid alias"):
+        validate_alias_name(alias)
+
+
+def test_latest_alias_is_reserved():
+    with pytest.raises(InvalidName, match="built in"):
+        validate_alias_name("latest")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("llama", Reference("llama")),
+        ("llama:3", Reference("llama", version=3)),
+        ("llama:12", Reference("llama", version=12)),
+        ("llama@staging", Reference("llama", alias="staging")),
+        ("llama@latest", Reference("llama", alias="latest")),
+        ("a.b-c_d:1", Reference("a.b-c_d", version=1)),
+    ],
+)
+def test_reference_forms(text, expected):
+    ref = parse_reference(text)
+    assert ref == expected
+    assert str(ref) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "llama:",
+        "llama:0",
+        "llama:01",
+        "llama:-1",
+        "llama:x",
+        "llama:1.5",
+        "llama@",
+        "llama@3",
+        "llama@Prod",
+        "llama@a:1",
+        "llama:1@a",
+        "Llama",
+        "a/b:1",
+        "llama:١",
+    ],
+)
+def test_malformed_references(text):
+    with pytest.raises(InvalidReference):
+        parse_reference(text)
