@@ -65,3 +65,19 @@ class Settings(BaseSettings):
         """The artifact root, never None after construction."""
         assert self.artifact_root is not None  # set by _derive_paths
         return self.artifact_root
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting, for docs/configuration.md (a test keeps them equal)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default in (None, "") else str(field.default)
+        meaning = " ".join((field.description or "").split())
+        rows.append(
+            f"| `MAAS_{name.upper()}` | {f'`{default}`' if default else '(derived)'} | {meaning} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")

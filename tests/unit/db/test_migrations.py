@@ -13,17 +13,14 @@ from maas.db import make_engine, upgrade
 from maas.db.migrate import current_revision, downgrade, head_revision
 from maas.db.tables import Base
 
-URLS = ["sqlite"]
-if os.environ.get("MAAS_TEST_POSTGRES_URL"):
-    URLS.append("postgres")
+# Read at import: the autouse fixture clears MAAS_* variables before each test.
+POSTGRES_URL = os.environ.get("MAAS_TEST_POSTGRES_URL")
+URLS = ["sqlite", "postgres"] if POSTGRES_URL else ["sqlite"]
 
 
 @pytest.fixture(params=URLS)
 def engine(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    else:
-        url = os.environ["MAAS_TEST_POSTGRES_URL"]
+    url = f"sqlite:///{tmp_path / 'fresh.db'}" if request.param == "sqlite" else POSTGRES_URL
     engine = make_engine(url)
     yield engine
     if request.param != "sqlite":

@@ -324,3 +324,14 @@ def test_missing_and_unrecognised_sources(registry, tmp_path):
     with pytest.raises(InvalidRequest, match="not a valid GGUF"):
         registry.import_model(bad, "x")
     assert registry.list_models() == []
+
+
+def test_concurrent_imports_get_distinct_versions(registry, gguf):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        records = list(pool.map(lambda _: registry.import_model(gguf, "tiny"), range(8)))
+    assert sorted(r.version for r in records) == list(range(1, 9))
+    assert [v.version for v in registry.get_model("tiny").versions] == list(range(1, 9))
+    for record in records:
+        registry.open_version(record.reference)

@@ -1,0 +1,81 @@
+"""What `make serve` does, for real: prepare the demo models, start `maas serve`, list models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import maas_env
+
+pytestmark = pytest.mark.e2e
+
+DEMO_IDS = {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+
+
+def test_demo_models_are_served(tmp_path, start_server):
+    home = tmp_path / "home"
+    demo = subprocess.run(
+        [sys.executable, "-m", "maas", "demo"],
+        env=maas_env(home),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert "smollm2-135m-instruct: imported as smollm2-135m-instruct:1 (chat)" in demo.stdout
+    assert "all-minilm-l6-v2: imported as all-minilm-l6-v2:1 (embeddings)" in demo.stdout
+
+    again = subprocess.run(
+        [sys.executable, "-m", "maas", "demo"],
+        env=maas_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0 and again.stdout.count("already there") == 2
+
+    server = start_server(home)
+    models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+    ids = {card["id"] for card in models["data"]}
+    assert (
+        DEMO_IDS | {f"{name}@production" for name in DEMO_IDS} | {f"{name}:1" for name in DEMO_IDS}
+        == ids
+    )
+    tasks = {card["id"]: card["task"] for card in models["data"]}
+    assert tasks["smollm2-135m-instruct"] == "chat" and tasks["all-minilm-l6-v2"] == "embeddings"
+
+    gguf = httpx.get(
+        f"{server.url}/api/v1/models/smollm2-135m-instruct/versions/1", timeout=10
+    ).json()
+    manifest = gguf["manifest"]
+    assert (manifest["format"], manifest["runtime"], manifest["architecture"]) == (
+        "gguf",
+        "llm",
+        "llama",
+    )
+    assert manifest["context_length"] == 8192
+    assert "<|im_start|>" in manifest["chat_template"]
+    assert manifest["config"]["file_type_name"] == "MOSTLY_Q4_1"
+
+    minilm = httpx.get(f"{server.url}/api/v1/models/all-minilm-l6-v2/versions/1", timeout=10).json()
+    assert minilm["manifest"]["task_options"] == {
+        "pooling": "mean",
+        "normalize": True,
+        "max_seq_length": 256,
+    }
+    assert minilm["manifest"]["architecture"] == "BertModel"
+
+    assert httpx.get(f"{server.url}/v2/models/all-minilm-l6-v2", timeout=10).status_code == 200
+    assert "maas_models 2.0" in httpx.get(f"{server.url}/metrics", timeout=10).text
+
+
+def test_server_refuses_bad_requests_with_protocol_errors(tmp_path, start_server):
+    server = start_server(tmp_path / "home")
+    response = httpx.get(f"{server.url}/v1/models/nope", timeout=10)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+    response = httpx.get(f"{server.url}/v2/models/nope", timeout=10)
+    assert response.status_code == 404 and "error" in response.json()
