@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, selectinload
 
 from maas.artifacts.archive import ArchiveLimits
 from maas.artifacts.store import ArtifactStore
@@ -52,10 +52,9 @@ def open_registry(settings: Settings) -> Registry:
 
 
 class Registry:
-    def __init__(
-        self, sessions: sessionmaker[Session], store: ArtifactStore, limits: ArchiveLimits
-    ) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: Engine, store: ArtifactStore, limits: ArchiveLimits) -> None:
+        self.engine = engine
+        self._sessions = make_session_factory(engine)
         self.store = store
         self.limits = limits
 
@@ -65,12 +64,10 @@ class Registry:
         engine = engine or make_engine(settings.database_url)
         upgrade(engine)
         limits = ArchiveLimits(settings.max_archive_bytes, settings.max_archive_members)
-        return cls(make_session_factory(engine), ArtifactStore(settings.artifacts), limits)
+        return cls(engine, ArtifactStore(settings.artifacts), limits)
 
     def close(self) -> None:
-        engine = self._sessions.kw.get("bind")
-        if engine is not None:
-            engine.dispose()
+        self.engine.dispose()
 
     # ----- reading
 

@@ -15,26 +15,24 @@ pytestmark = pytest.mark.e2e
 DEMO_IDS = {"smollm2-135m-instruct", "all-minilm-l6-v2"}
 
 
-def test_demo_models_are_served(tmp_path, start_server):
-    home = tmp_path / "home"
-    demo = subprocess.run(
+def run_demo(home):
+    return subprocess.run(
         [sys.executable, "-m", "maas", "demo"],
         env=maas_env(home),
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_demo_models_are_served(tmp_path, start_server):
+    home = tmp_path / "home"
+    demo = run_demo(home)
     assert demo.returncode == 0, demo.stderr
     assert "smollm2-135m-instruct: imported as smollm2-135m-instruct:1 (chat)" in demo.stdout
     assert "all-minilm-l6-v2: imported as all-minilm-l6-v2:1 (embeddings)" in demo.stdout
 
-    again = subprocess.run(
-        [sys.executable, "-m", "maas", "demo"],
-        env=maas_env(home),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_demo(home)
     assert again.returncode == 0 and again.stdout.count("already there") == 2
 
     server = start_server(home)
