@@ -8,10 +8,12 @@ filled in once, at construction, so the rest of the code never has to guess.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+MiB = 1024**2
 GiB = 1024**3
 
 
@@ -50,6 +52,38 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=64 * GiB, gt=0)
     """Largest model file accepted by the upload route of the management API."""
 
+    max_request_bytes: int = Field(default=32 * MiB, gt=0)
+    """Largest request body on every other route; a bigger one gets 413 before it is read."""
+
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Extra names accepted in the Host header, comma-separated. Bound to loopback, only
+    localhost, 127.0.0.1 and ::1 are accepted otherwise (against DNS rebinding); ``*`` turns
+    the check off."""
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Browser origins allowed to call the API, comma-separated; empty means no CORS.
+    Credentials (cookies) are never allowed cross-origin: keys travel in the Authorization
+    header."""
+
+    metrics_public: bool = False
+    """Serve /metrics without a key (for a Prometheus on a private network). Otherwise it
+    needs an admin key."""
+
+    secret_key: SecretStr | None = None
+    """Server secret that API key hashes are keyed with. Empty means a random one kept in
+    ``secret.key`` under ``home`` (mode 0600); set it when several servers share a database."""
+
+    encryption_key_file: Path | None = None
+    """Master key file for weights encrypted at rest (``maas keys init-master`` makes one).
+    Empty means ``master.keys`` under ``home`` if that file exists, else no encryption."""
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:
         self.home = self.home.expanduser().resolve()
@@ -58,7 +92,15 @@ class Settings(BaseSettings):
         self.artifact_root = self.artifact_root.expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.home / 'maas.db'}"
+        if self.encryption_key_file is None and (self.home / "master.keys").exists():
+            self.encryption_key_file = self.home / "master.keys"
+        if self.encryption_key_file is not None:
+            self.encryption_key_file = self.encryption_key_file.expanduser().resolve()
         return self
+
+    @property
+    def bound_to_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")
 
     @property
     def artifacts(self) -> Path:

@@ -13,8 +13,12 @@
      │    ├── ModelNotFound
      │    ├── VersionNotFound
      │    └── AliasNotFound
+     ├── Unauthenticated         no API key, or one that is unknown, revoked or expired
+     ├── PermissionDenied        the key's role or allowed models do not cover the request
      ├── Conflict                the request clashes with what exists (alias in use, ...)
      ├── PayloadTooLarge         the body or file is over a configured limit
+     ├── RateLimited             a per-key limit (requests, tokens, concurrency) is reached
+     │    └── QuotaExceeded      the key's monthly token budget is spent
      ├── ArtifactCorrupted       files on disk no longer match the version's manifest
      └── Unavailable             the server cannot take the request now (starting, draining)
 """
@@ -72,11 +76,33 @@ class AliasNotFound(NotFound):
     pass
 
 
+class Unauthenticated(MaasError):
+    pass
+
+
+class PermissionDenied(MaasError):
+    pass
+
+
 class Conflict(MaasError):
     pass
 
 
 class PayloadTooLarge(MaasError):
+    pass
+
+
+class RateLimited(MaasError):
+    """A limit was reached; ``retry_after`` says when trying again can succeed."""
+
+    def __init__(self, message: str, *, retry_after: float, state: dict[str, str] | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.state = state or {}
+        """Limit and remaining counts (``x-ratelimit-*`` header names without the prefix)."""
+
+
+class QuotaExceeded(RateLimited):
     pass
 
 

@@ -21,7 +21,8 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "maas-home")
+    # Starlette's TestClient sends "Host: testserver".
+    return Settings(home=tmp_path / "maas-home", allowed_hosts=["testserver"])
 
 
 @pytest.fixture

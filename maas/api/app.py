@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
 from maas import __version__
-from maas.api import inference_v2, manage, metrics, openai
-from maas.api.deps import NothingLoaded
+from maas.api import governance, inference_v2, manage, metrics, openai
+from maas.api.deps import CurrentKey, NothingLoaded
 from maas.api.errors import install_error_handlers
+from maas.api.hardening import BodyLimitMiddleware, HostCheckMiddleware, allowed_hosts
+from maas.api.manage.models import UPLOAD_PATH
+from maas.auth.authenticator import Authenticator
+from maas.auth.bootstrap import open_stores, server_secret
+from maas.auth.limits import RateLimiter
 from maas.config import Settings
-from maas.registry import open_registry
+from maas.metering.recorder import UsageRecorder
+from maas.metering.usage import month_tokens
+from maas.registry import Registry, open_registry
+
+
+def open_state(app: FastAPI, settings: Settings) -> Registry:
+    """Open the registry and the governance parts the routes use (blocking)."""
+    os.umask(0o077)  # everything maas creates is for its own user only
+    registry = open_registry(settings)
+    keys, tenants = open_stores(settings, registry.engine)
+    app.state.registry = registry
+    app.state.keys = keys
+    app.state.tenants = tenants
+    app.state.authenticator = Authenticator(keys, server_secret(settings))
+    app.state.limiter = RateLimiter(partial(month_tokens, registry.engine))
+    app.state.recorder = UsageRecorder(registry.engine, settings.home, on_flush=keys.touch)
+    app.state.recorder.start()
+    return registry
 
 
 def build_app(settings: Settings | None = None) -> FastAPI:
@@ -24,22 +49,65 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = await run_in_threadpool(open_registry, settings)
+        registry = await run_in_threadpool(open_state, app, settings)
         collector = metrics.RegistryCollector(registry)
         metrics_registry.register(collector)
-        app.state.registry = registry
         try:
             yield
         finally:
             metrics_registry.unregister(collector)
+            await run_in_threadpool(app.state.recorder.close)
             registry.close()
 
-    app = FastAPI(title="maas", version=__version__, lifespan=lifespan)
+    # FastAPI's own docs routes would be public; ours is served behind a key below.
+    app = FastAPI(
+        title="maas",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.settings = settings
     app.state.readiness = NothingLoaded()
     app.state.metrics_registry = metrics_registry
     install_error_handlers(app)
-    app.add_middleware(metrics.MetricsMiddleware, metrics=http_metrics)
-    for router in [inference_v2.router, *openai.routers, *manage.routers, metrics.router]:
+    _add_middleware(app, settings, http_metrics)
+    routers = [
+        inference_v2.health_router,
+        inference_v2.router,
+        *openai.routers,
+        *manage.routers,
+        metrics.router,
+    ]
+    for router in routers:
         app.include_router(router)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(request: Request, key: CurrentKey) -> dict:
+        return request.app.openapi()
+
     return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings, http_metrics: metrics.HttpMetrics) -> None:
+    # Added innermost first: the Host check runs before anything else.
+    app.add_middleware(governance.GovernanceMiddleware)
+    app.add_middleware(metrics.MetricsMiddleware, metrics=http_metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_request_bytes,
+        upload_limit=settings.max_upload_bytes,
+        upload_path=UPLOAD_PATH,
+    )
+    hosts = allowed_hosts(settings)
+    if hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed=hosts)

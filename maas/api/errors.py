@@ -8,12 +8,14 @@ trace or a file path reach the client.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Scope, Send
 
 from maas import errors
 
@@ -40,7 +42,11 @@ ERROR_TABLE: dict[type[errors.MaasError], ErrorKind] = {
     errors.ModelNotFound: ErrorKind(404, "invalid_request_error", "model_not_found"),
     errors.VersionNotFound: ErrorKind(404, "invalid_request_error", "model_not_found"),
     errors.AliasNotFound: ErrorKind(404, "invalid_request_error", "model_not_found"),
+    errors.Unauthenticated: ErrorKind(401, "authentication_error", "invalid_api_key"),
+    errors.PermissionDenied: ErrorKind(403, "permission_error", "permission_denied"),
     errors.Conflict: ErrorKind(409, "invalid_request_error", "conflict"),
+    errors.RateLimited: ErrorKind(429, "rate_limit_error", "rate_limit_exceeded"),
+    errors.QuotaExceeded: ErrorKind(429, "insufficient_quota", "insufficient_quota"),
     errors.PayloadTooLarge: ErrorKind(413, "invalid_request_error", "payload_too_large"),
     errors.ArtifactCorrupted: ErrorKind(500, "server_error", "artifact_corrupted"),
     errors.Unavailable: ErrorKind(503, "server_error", "service_unavailable"),
@@ -52,6 +58,7 @@ HTTP_KINDS = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -61,6 +68,15 @@ def kind_of(err: errors.MaasError) -> ErrorKind:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
     return ERROR_TABLE[errors.MaasError]
+
+
+def error_body(
+    path: str, message: str, *, type_: str, code: str | None = None, param: str | None = None
+) -> dict:
+    """The error body the caller's protocol expects, chosen by the request path."""
+    if path.startswith("/v2"):
+        return {"error": message}
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def error_response(
@@ -73,12 +89,31 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """The error body the caller's protocol expects, chosen by the request path."""
-    if request.url.path.startswith("/v2"):
-        body: dict = {"error": message}
-    else:
-        body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    body = error_body(request.url.path, message, type_=type_, code=code, param=param)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def send_error(
+    scope: Scope, send: Send, status: int, message: str, code: str | None = None
+) -> None:
+    """Answer from ASGI middleware, before any route runs, in the protocol's error shape."""
+    type_ = HTTP_KINDS.get(status, "invalid_request_error")
+    body = error_body(scope["path"], message, type_=type_, code=code)
+    await JSONResponse(body, status_code=status)(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _headers_of(err: errors.MaasError) -> dict[str, str] | None:
+    if isinstance(err, errors.Unauthenticated):
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(err, errors.RateLimited):
+        headers = {"Retry-After": str(max(1, math.ceil(err.retry_after)))}
+        headers |= {f"x-ratelimit-{name}": value for name, value in err.state.items()}
+        return headers
+    return None
 
 
 async def _maas_error(request: Request, err: errors.MaasError) -> JSONResponse:
@@ -86,7 +121,13 @@ async def _maas_error(request: Request, err: errors.MaasError) -> JSONResponse:
     if kind.status >= 500:
         log.error("%s %s failed: %s", request.method, request.url.path, err.message)
     return error_response(
-        request, kind.status, err.message, type_=kind.type, code=kind.code, param=err.param
+        request,
+        kind.status,
+        err.message,
+        type_=kind.type,
+        code=kind.code,
+        param=err.param,
+        headers=_headers_of(err),
     )
 
 

@@ -6,17 +6,23 @@ through the registry, so it slots in beside them.
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from maas import __version__
-from maas.api.deps import ModelReadiness, ReadinessDep, RegistryDep
+from maas.api import governance
+from maas.api.access import resolve_for
+from maas.api.deps import CurrentKey, ModelReadiness, ReadinessDep, RegistryDep
 from maas.registry import Reference, Registry, VersionRecord
 from maas.registry.manifest import TensorSpec
 from maas.registry.names import parse_reference
 
-router = APIRouter(prefix="/v2", tags=["inference v2"])
+health_router = APIRouter(prefix="/v2/health", tags=["inference v2"])
+"""Liveness and readiness: the only routes that need no key (load balancers call them)."""
+router = APIRouter(
+    prefix="/v2", tags=["inference v2"], dependencies=[Depends(governance.current_key)]
+)
 
 
 class ServerMetadata(BaseModel):
@@ -44,37 +50,41 @@ def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="maas", version=__version__, extensions=[])
 
 
-@router.get("/health/live")
+@health_router.get("/live")
 def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready")
+@health_router.get("/ready")
 def ready(registry: RegistryDep) -> dict[str, bool]:
     registry.list_models()  # the database answers
     return {"ready": True}
 
 
 @router.get("/models/{model}")
-def model_metadata(model: str, registry: RegistryDep) -> ModelMetadata:
-    return _metadata(registry, registry.resolve(model))
+def model_metadata(model: str, key: CurrentKey, registry: RegistryDep) -> ModelMetadata:
+    return _metadata(registry, resolve_for(registry, key, model))
 
 
 @router.get("/models/{model}/versions/{version}")
-def version_metadata(model: str, version: str, registry: RegistryDep) -> ModelMetadata:
-    return _metadata(registry, registry.resolve(_versioned(model, version)))
+def version_metadata(
+    model: str, version: str, key: CurrentKey, registry: RegistryDep
+) -> ModelMetadata:
+    return _metadata(registry, resolve_for(registry, key, _versioned(model, version)))
 
 
 @router.get("/models/{model}/ready", response_model=ModelReady)
-def model_ready(model: str, registry: RegistryDep, readiness: ReadinessDep) -> JSONResponse:
-    return _ready(registry.resolve(model), readiness)
+def model_ready(
+    model: str, key: CurrentKey, registry: RegistryDep, readiness: ReadinessDep
+) -> JSONResponse:
+    return _ready(resolve_for(registry, key, model), readiness)
 
 
 @router.get("/models/{model}/versions/{version}/ready", response_model=ModelReady)
 def version_ready(
-    model: str, version: str, registry: RegistryDep, readiness: ReadinessDep
+    model: str, version: str, key: CurrentKey, registry: RegistryDep, readiness: ReadinessDep
 ) -> JSONResponse:
-    return _ready(registry.resolve(_versioned(model, version)), readiness)
+    return _ready(resolve_for(registry, key, _versioned(model, version)), readiness)
 
 
 def _versioned(model: str, version: str) -> Reference:

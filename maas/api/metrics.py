@@ -5,13 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from maas.api import governance
+from maas.auth import policy
+from maas.auth.principal import Role
 from maas.registry import Registry
 
 router = APIRouter(tags=["metrics"])
@@ -78,7 +81,15 @@ class RegistryCollector(Collector):
         )
 
 
-@router.get("/metrics", include_in_schema=False)
+async def metrics_access(request: Request) -> None:
+    """An admin key, unless the operator made /metrics public (MAAS_METRICS_PUBLIC)."""
+    if request.app.state.settings.metrics_public:
+        return
+    principal = await governance.current_key(request)
+    policy.require_role(principal, Role.admin)
+
+
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_access)])
 def metrics(request: Request) -> Response:
     return Response(
         generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST

@@ -21,7 +21,10 @@ class FileEntry(BaseModel):
     path: str
     """Relative POSIX path inside the version folder."""
     size: int
+    """Size of the stored bytes."""
     sha256: str
+    """sha256 of the stored bytes (the ciphertext, for an encrypted file)."""
+    encrypted: bool = False
 
 
 def hash_file(path: Path, on_progress: ProgressFn | None = None) -> str:

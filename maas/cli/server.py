@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from maas import __version__
-from maas.cli.context import load_settings
+from maas.auth.bootstrap import admin_key_path, ensure_admin_key
+from maas.cli.context import load_settings, open_access
 from maas.cli.output import console
 
 
@@ -26,9 +27,18 @@ def serve(
     from maas.api.app import build_app
 
     settings = load_settings(host=host, port=port)
+    with open_access() as access:
+        created = ensure_admin_key(settings, access.keys)
+    key_file = admin_key_path(settings)
     base = f"http://{settings.host}:{settings.port}"
     console.print(f"maas {__version__} on {base}  (data in {settings.home})")
-    console.print(f"  OpenAI clients:   base_url={base}/v1")
+    if created:
+        console.print("  first start: created an admin API key; it is shown only now and kept in")
+        console.print(f"  {key_file} (readable by you alone):")
+        console.print(f"  {created}", highlight=False)
+    elif key_file.exists():
+        console.print(f"  admin API key:    {key_file}")
+    console.print(f"  OpenAI clients:   base_url={base}/v1  api_key=<your key>")
     console.print(f"  tritonclient:     url={settings.host}:{settings.port}")
     console.print(f"  management API:   {base}/api/v1/models   metrics: {base}/metrics")
     uvicorn.run(

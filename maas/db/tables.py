@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -52,6 +55,18 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class Tenant(Base):
+    """An organisation or department that owns keys and private models."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    industry: Mapped[str] = mapped_column(String(32))
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Model(Base):
     """A named model; its versions hold the files."""
 
@@ -59,6 +74,8 @@ class Model(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), index=True)
+    """The owning tenant; None means shared with every tenant."""
     task: Mapped[str] = mapped_column(String(32))
     description: Mapped[str] = mapped_column(Text, default="")
     next_version: Mapped[int] = mapped_column(Integer, default=1)
@@ -66,6 +83,7 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
+    tenant: Mapped[Tenant | None] = relationship()
     versions: Mapped[list[ModelVersion]] = relationship(
         back_populates="model",
         order_by="ModelVersion.version",
@@ -120,3 +138,73 @@ class Alias(Base):
 
     model: Mapped[Model] = relationship(back_populates="aliases")
     target: Mapped[ModelVersion] = relationship()
+
+
+class DataKey(Base):
+    """The wrapped data key of one encrypted file of a version."""
+
+    __tablename__ = "data_keys"
+    __table_args__ = (UniqueConstraint("version_id", "path", name="uq_data_keys_version_path"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    path: Mapped[str] = mapped_column(String(512))
+    aad: Mapped[str] = mapped_column(String(600))
+    """What the file and its wrapped key are bound to: ``<manifest id>/<path>``."""
+    master_version: Mapped[int] = mapped_column(Integer)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ApiKey(Base):
+    """An API key. Only a keyed hash of the secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(16), unique=True)
+    """The public part of the key (``maas-<key_id>_<secret>``), used to find the row."""
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON)
+    """Model names this key may use; None means every model its tenant can see."""
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    monthly_token_budget: Mapped[int | None] = mapped_column(BigInteger)
+    created_by: Mapped[str | None] = mapped_column(String(16))
+    """key_id of the key that created this one; None when made locally with the CLI."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship()
+
+
+class UsageRecord(Base):
+    """One request, as metered. Tenant and industry are copied so history stays as it was."""
+
+    __tablename__ = "usage_records"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    day: Mapped[str] = mapped_column(String(10), index=True)
+    """UTC date, YYYY-MM-DD: grouping by day stays portable SQL."""
+    key_id: Mapped[str | None] = mapped_column(String(16), index=True)
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True)
+    industry: Mapped[str | None] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(String(128))
+    version: Mapped[int | None] = mapped_column(Integer)
+    endpoint: Mapped[str] = mapped_column(String(128))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    items: Mapped[int] = mapped_column(Integer, default=0)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    status: Mapped[int] = mapped_column(Integer)

@@ -6,12 +6,15 @@ Nothing here touches the database; ``Registry.import_model`` commits what this b
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from maas.artifacts import crypto
 from maas.artifacts.archive import ArchiveLimits, extract_archive, is_archive
 from maas.artifacts.hashing import FileEntry, copy_and_hash, hash_file
+from maas.artifacts.keyring import MasterKeyring, WrappedKey
 from maas.errors import InvalidRequest, RefusedArtifact
 from maas.registry.formats import FormatInfo, inspect_folder, onnx_file
 from maas.registry.manifest import MANIFEST
@@ -45,19 +48,37 @@ class SourceFile:
 
 
 @dataclass(frozen=True)
+class SealedFile:
+    """A weight file stored encrypted, with its data key wrapped by the master key."""
+
+    path: str
+    aad: str
+    wrapped: WrappedKey
+
+
+@dataclass(frozen=True)
 class StagedVersion:
+    id: str
     folder: Path
     files: list[FileEntry]
     info: FormatInfo
+    sealed: list[SealedFile]
 
 
 def stage_version(
-    source: Path, staging: Path, limits: ArchiveLimits, progress: Progress, *, consume: bool = False
+    source: Path,
+    staging: Path,
+    limits: ArchiveLimits,
+    progress: Progress,
+    *,
+    consume: bool = False,
+    keyring: MasterKeyring | None = None,
 ) -> StagedVersion:
     """Build a checked version folder at ``staging/version`` from ``source``.
 
     ``consume`` moves the source files instead of copying them (for uploads and archives
-    that already sit inside the staging folder).
+    that already sit inside the staging folder). With a ``keyring``, weight files are
+    encrypted once they have been checked.
     """
     folder = staging / "version"
     folder.mkdir()
@@ -72,7 +93,12 @@ def stage_version(
     check_file_names(file.relpath for file in files)
     entries = _transfer(files, folder, progress, consume=consume)
     check_load_policy(folder)
-    return StagedVersion(folder=folder, files=entries, info=inspect_folder(folder))
+    info = inspect_folder(folder)
+    version_id = uuid.uuid4().hex
+    sealed: list[SealedFile] = []
+    if keyring is not None:
+        entries, sealed = _seal(folder, entries, info.weight_files, version_id, keyring, progress)
+    return StagedVersion(version_id, folder, entries, info, sealed)
 
 
 def collect_files(source: Path, *, contained: bool) -> list[SourceFile]:
@@ -130,6 +156,36 @@ def _model_root(unpacked: Path) -> Path:
     if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
         return entries[0]
     return unpacked
+
+
+def _seal(
+    folder: Path,
+    entries: list[FileEntry],
+    weight_files: list[str],
+    version_id: str,
+    keyring: MasterKeyring,
+    progress: Progress,
+) -> tuple[list[FileEntry], list[SealedFile]]:
+    """Encrypt the weight files in place, each with a fresh data key."""
+    weights = set(weight_files)
+    progress.start("Encrypting", sum(e.size for e in entries if e.path in weights))
+    sealed_entries, sealed = [], []
+    for entry in entries:
+        if entry.path not in weights:
+            sealed_entries.append(entry)
+            continue
+        plain = folder / entry.path
+        target = plain.with_name(plain.name + ".sealing")
+        aad = f"{version_id}/{entry.path}"
+        data_key = crypto.new_data_key()
+        digest = crypto.encrypt_file(
+            plain, target, data_key, aad.encode(), on_progress=progress.advance
+        )
+        os.replace(target, plain)
+        sealed.append(SealedFile(entry.path, aad, keyring.wrap(data_key, aad.encode())))
+        size = plain.stat().st_size
+        sealed_entries.append(FileEntry(path=entry.path, size=size, sha256=digest, encrypted=True))
+    return sealed_entries, sealed
 
 
 def _transfer(

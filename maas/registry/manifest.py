@@ -48,6 +48,8 @@ class ParentRef(BaseModel):
 
 class Manifest(BaseModel):
     schema_version: Literal[1] = 1
+    id: str
+    """A random id of this version's files; encrypted files are bound to it."""
     name: str
     version: int
     task: Task

@@ -16,15 +16,18 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, selectinload
 
 from maas.artifacts.archive import ArchiveLimits
+from maas.artifacts.keyring import MasterKeyring, WrappedKey
 from maas.artifacts.store import ArtifactStore
 from maas.config import Settings
 from maas.db import make_engine, make_session_factory, upgrade, write_transaction
-from maas.db.tables import Alias, Model, ModelVersion
+from maas.db.tables import Alias, DataKey, Model, ModelVersion
 from maas.errors import (
     AliasNotFound,
+    ArtifactCorrupted,
     Conflict,
     InvalidRequest,
     ModelNotFound,
+    Unavailable,
     VersionNotFound,
 )
 from maas.registry.formats import choose_task
@@ -52,11 +55,19 @@ def open_registry(settings: Settings) -> Registry:
 
 
 class Registry:
-    def __init__(self, engine: Engine, store: ArtifactStore, limits: ArchiveLimits) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        store: ArtifactStore,
+        limits: ArchiveLimits,
+        keyring: MasterKeyring | None = None,
+    ) -> None:
         self.engine = engine
         self._sessions = make_session_factory(engine)
         self.store = store
         self.limits = limits
+        self.keyring = keyring
+        """Encrypts new versions' weight files when set (MAAS_ENCRYPTION_KEY_FILE)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Registry:
@@ -64,7 +75,10 @@ class Registry:
         engine = engine or make_engine(settings.database_url)
         upgrade(engine)
         limits = ArchiveLimits(settings.max_archive_bytes, settings.max_archive_members)
-        return cls(engine, ArtifactStore(settings.artifacts), limits)
+        keyring = None
+        if settings.encryption_key_file is not None:
+            keyring = MasterKeyring.load(settings.encryption_key_file)
+        return cls(engine, ArtifactStore(settings.artifacts), limits, keyring)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -116,7 +130,38 @@ class Registry:
         progress = progress or NoProgress()
         progress.start(f"Verifying {record.reference}", manifest.size_bytes)
         verify_files(self.folder(record), manifest, progress.advance)
-        return OpenedVersion(record=record, manifest=manifest, folder=self.folder(record))
+        return OpenedVersion(
+            record=record,
+            manifest=manifest,
+            folder=self.folder(record),
+            data_keys=self._data_keys(record, manifest),
+        )
+
+    def _data_keys(
+        self, record: VersionRecord, manifest: Manifest
+    ) -> dict[str, tuple[bytes, bytes]]:
+        encrypted = {entry.path for entry in manifest.files if entry.encrypted}
+        if not encrypted:
+            return {}
+        if self.keyring is None:
+            raise Unavailable(
+                f"{record.reference} is encrypted at rest; set MAAS_ENCRYPTION_KEY_FILE to "
+                "the master key file to load it"
+            )
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(DataKey)
+                .join(ModelVersion)
+                .join(Model)
+                .where(Model.name == record.name, ModelVersion.version == record.version)
+            ).all()
+        keys = {
+            row.path: (self.keyring.unwrap(_wrapped(row), row.aad.encode()), row.aad.encode())
+            for row in rows
+        }
+        if missing := sorted(encrypted - set(keys)):
+            raise ArtifactCorrupted(f"no data key recorded for {', '.join(missing)}")
+        return keys
 
     # ----- writing
 
@@ -131,10 +176,13 @@ class Registry:
         progress: Progress | None = None,
         consume: bool = False,
         source_label: str | None = None,
+        tenant_id: int | None = None,
     ) -> VersionRecord:
         """Import the files at ``source`` as the next version of model ``name``.
 
         Atomic: on any error nothing is visible and the staging folder is removed.
+        ``tenant_id`` owns a new model (None: shared); an existing model keeps its owner, and
+        importing into another tenant's model is refused.
         """
         validate_model_name(name)
         if alias is not None:
@@ -150,10 +198,16 @@ class Registry:
             )
         with self.store.stage() as staging:
             staged = stage_version(
-                Path(source), staging.path, self.limits, progress or NoProgress(), consume=consume
+                Path(source),
+                staging.path,
+                self.limits,
+                progress or NoProgress(),
+                consume=consume,
+                keyring=self.keyring,
             )
             task = choose_task(staged.info, task or existing_task)
-            return self._commit(staged, name, task, alias, description, source_label or str(source))
+            source_label = source_label or str(source)
+            return self._commit(staged, name, task, alias, description, source_label, tenant_id)
 
     def _commit(
         self,
@@ -163,13 +217,22 @@ class Registry:
         alias: str | None,
         description: str | None,
         source: str,
+        tenant_id: int | None,
     ) -> VersionRecord:
         with write_transaction(self._sessions) as session:
             model = session.scalar(select(Model).where(Model.name == name))
             if model is None:
-                model = Model(name=name, task=task, description=description or "", next_version=1)
+                model = Model(
+                    name=name,
+                    task=task,
+                    description=description or "",
+                    next_version=1,
+                    tenant_id=tenant_id,
+                )
                 session.add(model)
                 session.flush()
+            elif model.tenant_id != tenant_id:
+                raise Conflict(f"the model name {name!r} is not available", param="name")
             elif model.task != task:
                 raise Conflict(f"model {name!r} serves task {model.task!r}, not {task!r}")
             elif description is not None:
@@ -197,6 +260,17 @@ class Registry:
                 )
                 session.add(row)
                 session.flush()
+                for sealed in staged.sealed:
+                    session.add(
+                        DataKey(
+                            version_id=row.id,
+                            path=sealed.path,
+                            aad=sealed.aad,
+                            master_version=sealed.wrapped.master_version,
+                            nonce=sealed.wrapped.nonce,
+                            wrapped=sealed.wrapped.ciphertext,
+                        )
+                    )
                 if alias is not None:
                     _point_alias(session, model, alias, row)
             except BaseException:
@@ -251,6 +325,33 @@ class Registry:
             # version 1 and must not lose its folder to this removal.
             self.store.discard(name)
 
+    def rotate_master_key(self, progress: Progress | None = None) -> int:
+        """Make a new master key active, re-wrap every data key with it, retire the old ones.
+
+        Returns how many data keys were re-wrapped. The file bytes do not change, so this is
+        quick; afterwards the old master key alone unwraps nothing that is stored.
+        """
+        if self.keyring is None:
+            raise InvalidRequest("no master key is configured (MAAS_ENCRYPTION_KEY_FILE)")
+        old_versions = [v for v in self.keyring.versions if v != self.keyring.active_version]
+        old_versions.append(self.keyring.active_version)
+        self.keyring.rotate()
+        with write_transaction(self._sessions) as session:
+            rows = session.scalars(select(DataKey)).all()
+            progress = progress or NoProgress()
+            progress.start("Re-wrapping data keys", len(rows))
+            for row in rows:
+                wrapped = self.keyring.rewrap(_wrapped(row), row.aad.encode())
+                row.master_version, row.nonce, row.wrapped = (
+                    wrapped.master_version,
+                    wrapped.nonce,
+                    wrapped.ciphertext,
+                )
+                progress.advance(1)
+        for version in old_versions:
+            self.keyring.retire(version)
+        return len(rows)
+
     def sweep(self) -> int:
         """Remove what crashed imports and deletions left behind; returns how many folders."""
         removed = self.store.sweep_staging()
@@ -273,9 +374,15 @@ class Registry:
             return session.scalar(select(Model.task).where(Model.name == name))
 
 
+def _wrapped(row: DataKey) -> WrappedKey:
+    return WrappedKey(master_version=row.master_version, nonce=row.nonce, ciphertext=row.wrapped)
+
+
 def _models_query():
     return select(Model).options(
-        selectinload(Model.versions), selectinload(Model.aliases).selectinload(Alias.target)
+        selectinload(Model.versions),
+        selectinload(Model.aliases).selectinload(Alias.target),
+        selectinload(Model.tenant),
     )
 
 
@@ -302,6 +409,7 @@ def _manifest(
     return Manifest(
         name=name,
         version=number,
+        id=staged.id,
         task=task,
         runtime=info.runtime,
         format=info.format,
@@ -331,6 +439,7 @@ def _model_record(row: Model) -> ModelRecord:
         VersionRecord(
             name=row.name,
             version=v.version,
+            tenant_id=row.tenant_id,
             task=row.task,
             format=v.format,
             runtime=v.runtime,
@@ -345,6 +454,8 @@ def _model_record(row: Model) -> ModelRecord:
     )
     return ModelRecord(
         name=row.name,
+        tenant_id=row.tenant_id,
+        tenant=row.tenant.name if row.tenant else None,
         task=row.task,
         description=row.description,
         created_at=row.created_at,

@@ -28,6 +28,7 @@ class Server:
     """A real `maas serve` process on a free loopback port; stopped by its PID."""
 
     def __init__(self, home: Path) -> None:
+        self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home.parent / "server.log"
@@ -55,6 +56,12 @@ class Server:
                 raise AssertionError(f"server exited early:\n{self.log.read_text()}")
             try:
                 if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    self.admin_key = (self.home / "admin.key").read_text().strip()
+                    self.admin = httpx.Client(
+                        base_url=self.url,
+                        headers={"Authorization": f"Bearer {self.admin_key}"},
+                        timeout=30,
+                    )
                     return
             except httpx.TransportError:
                 pass
@@ -62,6 +69,8 @@ class Server:
         raise AssertionError(f"server not ready after {timeout}s:\n{self.log.read_text()}")
 
     def stop(self) -> None:
+        if hasattr(self, "admin"):
+            self.admin.close()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

@@ -215,14 +215,17 @@ def test_upload_errors(client, tmp_path):
     assert client.get("/api/v1/models").json()["count"] == 0
 
 
-def test_upload_over_the_limit_is_413(tmp_path):
+def test_upload_over_the_limit_is_413(tmp_path, settings):
     from fastapi.testclient import TestClient
 
     from maas.api.app import build_app
-    from maas.config import Settings
+    from maas.auth.bootstrap import ensure_admin_key
 
-    settings = Settings(home=tmp_path / "home", max_upload_bytes=1000)
+    settings = settings.model_copy(update={"max_upload_bytes": 1000})
     with TestClient(build_app(settings)) as client:
+        client.headers["Authorization"] = (
+            f"Bearer {ensure_admin_key(settings, client.app.state.keys)}"
+        )
         gguf = make_gguf(tmp_path / "tiny.gguf").read_bytes() + b"\0" * 1000
         response = client.post("/api/v1/models/m/versions/upload?filename=m.gguf", content=gguf)
         openai_error(response, 413, "payload_too_large")
@@ -250,7 +253,12 @@ def test_unexpected_errors_are_500_without_details(settings, monkeypatch):
     def explode():
         raise RuntimeError("secret /etc/path detail")
 
+    from maas.auth.bootstrap import ensure_admin_key
+
     with TestClient(build_app(settings), raise_server_exceptions=False) as client:
+        client.headers["Authorization"] = (
+            f"Bearer {ensure_admin_key(settings, client.app.state.keys)}"
+        )
         monkeypatch.setattr(client.app.state.registry, "list_models", explode)
         response = client.get("/v1/models")
     error = openai_error(response, 500)

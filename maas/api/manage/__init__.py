@@ -1,5 +1,5 @@
 """The management API under /api/v1: what the CLI does, over HTTP."""
 
-from maas.api.manage import models
+from maas.api.manage import access, models
 
-routers = [models.router]
+routers = [models.router, access.router]

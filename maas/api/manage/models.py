@@ -1,14 +1,20 @@
-"""Models, versions and aliases over HTTP: a few lines per route, the registry does the work."""
+"""Models, versions and aliases over HTTP: a few lines per route, the registry does the work.
+
+Maintainers manage their tenant's models; admins manage all, shared ones included. Importing
+from a path on the server's disk is for admins only.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
 import anyio
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from maas.api.deps import RegistryDep, SettingsDep
+from maas.api import governance
+from maas.api.access import managed_model, resolve_for, usable_models, visible_model
+from maas.api.deps import AdminKey, MaintainerKey, RegistryDep, SettingsDep, TenantsDep
 from maas.api.manage.schemas import (
     AliasUpdate,
     ModelImport,
@@ -19,28 +25,47 @@ from maas.api.manage.schemas import (
     VersionsPublic,
 )
 from maas.artifacts.archive import ARCHIVE_SUFFIXES
-from maas.errors import InvalidRequest, PayloadTooLarge, UnsupportedFormat
-from maas.registry import Reference
+from maas.auth.principal import Principal
+from maas.auth.store import TenantStore
+from maas.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    UnsupportedFormat,
+)
+from maas.registry import Reference, Registry
 from maas.registry.manifest import Task
 from maas.registry.names import validate_alias_name, validate_model_name
 from maas.registry.policy import check_file_names
 
-router = APIRouter(prefix="/api/v1", tags=["management"])
+router = APIRouter(
+    prefix="/api/v1", tags=["management"], dependencies=[Depends(governance.maintainer_key)]
+)
 
 UPLOAD_SUFFIXES = (".gguf", ".onnx", *ARCHIVE_SUFFIXES)
+UPLOAD_PATH = r"/api/v1/models/[^/]+/versions/upload"
 
 
 @router.get("/models")
-def list_models(registry: RegistryDep) -> ModelsPublic:
-    models = [ModelPublic.of(m) for m in registry.list_models()]
+def list_models(key: MaintainerKey, registry: RegistryDep) -> ModelsPublic:
+    models = [ModelPublic.of(m) for m in usable_models(registry, key)]
     return ModelsPublic(data=models, count=len(models))
 
 
 @router.post("/models", status_code=201)
-def import_model(body: ModelImport, registry: RegistryDep) -> VersionPublic:
+def import_model(
+    body: ModelImport, key: AdminKey, registry: RegistryDep, tenants: TenantsDep
+) -> VersionPublic:
     """Import files already on the server's disk (what ``maas models import`` does)."""
+    tenant_id = _owner(key, body.tenant, tenants)
     record = registry.import_model(
-        Path(body.path), body.name, task=body.task, alias=body.alias, description=body.description
+        Path(body.path),
+        body.name,
+        task=body.task,
+        alias=body.alias,
+        description=body.description,
+        tenant_id=tenant_id,
     )
     return VersionPublic.of(record)
 
@@ -50,20 +75,21 @@ async def upload_version(
     name: str,
     filename: str,
     request: Request,
+    key: MaintainerKey,
     registry: RegistryDep,
     settings: SettingsDep,
+    tenants: TenantsDep,
     task: Task | None = None,
     alias: str | None = None,
     description: str | None = None,
+    tenant: str | None = None,
 ) -> VersionPublic:
     """Import the request body (a .gguf, .onnx or archive file) as a new version."""
     validate_model_name(name)
     if alias is not None:
         validate_alias_name(alias)
     _check_upload_name(filename)
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
-        raise PayloadTooLarge(f"upload is over the {settings.max_upload_bytes}-byte limit")
+    tenant_id = await run_in_threadpool(_upload_owner, registry, key, name, tenant, tenants)
     with registry.store.stage() as upload:
         target = upload.path / filename
         await _receive(request, target, settings.max_upload_bytes)
@@ -76,48 +102,78 @@ async def upload_version(
             description=description,
             consume=True,
             source_label=filename,
+            tenant_id=tenant_id,
         )
     return VersionPublic.of(record)
 
 
 @router.get("/models/{name}")
-def get_model(name: str, registry: RegistryDep) -> ModelPublic:
-    return ModelPublic.of(registry.get_model(name))
+def get_model(name: str, key: MaintainerKey, registry: RegistryDep) -> ModelPublic:
+    return ModelPublic.of(visible_model(registry, key, name))
 
 
 @router.delete("/models/{name}", status_code=204)
-def delete_model(name: str, registry: RegistryDep) -> Response:
+def delete_model(name: str, key: MaintainerKey, registry: RegistryDep) -> Response:
+    managed_model(registry, key, name)
     registry.delete_model(name)
     return Response(status_code=204)
 
 
 @router.get("/models/{name}/versions")
-def list_versions(name: str, registry: RegistryDep) -> VersionsPublic:
-    versions = [VersionPublic.of(v) for v in registry.get_model(name).versions]
+def list_versions(name: str, key: MaintainerKey, registry: RegistryDep) -> VersionsPublic:
+    versions = [VersionPublic.of(v) for v in visible_model(registry, key, name).versions]
     return VersionsPublic(data=versions, count=len(versions))
 
 
 @router.get("/models/{name}/versions/{version}")
-def get_version(name: str, version: int, registry: RegistryDep) -> VersionDetail:
-    record = registry.resolve(Reference(validate_model_name(name), version=version))
+def get_version(
+    name: str, version: int, key: MaintainerKey, registry: RegistryDep
+) -> VersionDetail:
+    record = resolve_for(registry, key, Reference(validate_model_name(name), version=version))
     return VersionDetail.of_manifest(record, registry.read_manifest(record))
 
 
 @router.delete("/models/{name}/versions/{version}", status_code=204)
-def delete_version(name: str, version: int, registry: RegistryDep, force: bool = False) -> Response:
+def delete_version(
+    name: str, version: int, key: MaintainerKey, registry: RegistryDep, force: bool = False
+) -> Response:
+    managed_model(registry, key, name)
     registry.delete_version(name, version, force=force)
     return Response(status_code=204)
 
 
 @router.put("/models/{name}/aliases/{alias}")
-def set_alias(name: str, alias: str, body: AliasUpdate, registry: RegistryDep) -> VersionPublic:
+def set_alias(
+    name: str, alias: str, body: AliasUpdate, key: MaintainerKey, registry: RegistryDep
+) -> VersionPublic:
+    managed_model(registry, key, name)
     return VersionPublic.of(registry.set_alias(name, alias, body.version))
 
 
 @router.delete("/models/{name}/aliases/{alias}", status_code=204)
-def delete_alias(name: str, alias: str, registry: RegistryDep) -> Response:
+def delete_alias(name: str, alias: str, key: MaintainerKey, registry: RegistryDep) -> Response:
+    managed_model(registry, key, name)
     registry.delete_alias(name, alias)
     return Response(status_code=204)
+
+
+def _owner(key: Principal, tenant: str | None, tenants: TenantStore) -> int | None:
+    """The tenant a new model belongs to: a maintainer's own; an admin's choice (None: shared)."""
+    if not key.is_admin:
+        if tenant is not None and tenant != key.tenant:
+            raise PermissionDenied("a maintainer imports models into its own tenant only")
+        return key.tenant_id
+    return None if tenant is None else tenants.get_id(tenant)
+
+
+def _upload_owner(
+    registry: Registry, key: Principal, name: str, tenant: str | None, tenants: TenantStore
+) -> int | None:
+    try:
+        model = managed_model(registry, key, name)  # a new version of an existing model
+    except ModelNotFound:
+        return _owner(key, tenant, tenants)
+    return model.tenant_id
 
 
 def _check_upload_name(filename: str) -> None:

@@ -22,6 +22,8 @@ class ModelImport(BaseModel):
     task: Task | None = None
     alias: str | None = None
     description: str | None = None
+    tenant: str | None = None
+    """Owning tenant of a new model; empty means shared with every tenant."""
 
 
 class AliasUpdate(BaseModel):
@@ -43,7 +45,7 @@ class VersionPublic(BaseModel):
 
     @classmethod
     def of(cls, record: VersionRecord) -> VersionPublic:
-        return cls(**record.model_dump(exclude={"path", "manifest_sha256"}))
+        return cls(**record.model_dump(exclude={"path", "manifest_sha256", "tenant_id"}))
 
 
 class VersionDetail(VersionPublic):
@@ -63,6 +65,8 @@ class VersionsPublic(BaseModel):
 
 class ModelPublic(BaseModel):
     name: str
+    tenant: str | None
+    """The owning tenant; null for a model shared with every tenant."""
     task: str
     description: str
     latest_version: int | None
@@ -75,6 +79,7 @@ class ModelPublic(BaseModel):
     def of(cls, record: ModelRecord) -> ModelPublic:
         return cls(
             name=record.name,
+            tenant=record.tenant,
             task=record.task,
             description=record.description,
             latest_version=record.latest.version if record.latest else None,

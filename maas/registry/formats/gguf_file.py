@@ -55,6 +55,7 @@ def inspect(path: Path) -> FormatInfo:
         },
         chat_template=chat_template if isinstance(chat_template, str) else None,
         context_length=context_length if isinstance(context_length, int) else None,
+        weight_files=[path.name],
     )
 
 

@@ -43,7 +43,8 @@ def weight_files(folder: Path) -> list[str]:
 
 def inspect(folder: Path) -> FormatInfo:
     config = read_json(folder / "config.json")
-    for relpath in weight_files(folder):
+    weights = weight_files(folder)
+    for relpath in weights:
         check_safetensors(folder / relpath, relpath)
     tokenizer_config = read_json(folder / "tokenizer_config.json", missing_ok=True)
     chat_template = _chat_template(folder, tokenizer_config)
@@ -61,6 +62,7 @@ def inspect(folder: Path) -> FormatInfo:
             (config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None
         ),
         generation_config=read_json(folder / "generation_config.json", missing_ok=True) or None,
+        weight_files=weights,
     )
     _fill_task(info, folder, config, architecture or "")
     return info

@@ -26,6 +26,8 @@ class FormatInfo:
     context_length: int | None = None
     generation_config: dict[str, Any] | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
+    weight_files: list[str] = field(default_factory=list)
+    """Files holding the weights (encrypted at rest when a master key is configured)."""
 
 
 GENERATION_TASKS = ("chat", "text-generation")

@@ -72,7 +72,7 @@ def external_data_files(model: onnx.ModelProto, model_path: Path, folder: Path) 
 
 def inspect(folder: Path, model_path: Path) -> FormatInfo:
     model = load_graph(model_path)
-    external_data_files(model, model_path, folder)
+    external = external_data_files(model, model_path, folder)
     try:
         onnx.checker.check_model(str(model_path))
     except onnx.checker.ValidationError as err:
@@ -93,6 +93,7 @@ def inspect(folder: Path, model_path: Path) -> FormatInfo:
         },
         inputs=inputs,
         outputs=[_spec(v) for v in model.graph.output],
+        weight_files=[model_path.relative_to(folder).as_posix(), *external],
     )
 
 

@@ -1,0 +1,112 @@
+"""Request hardening in front of every route: the Host check and the body size limit."""
+
+from __future__ import annotations
+
+import re
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from maas.api.errors import send_error
+from maas.config import Settings
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str] | None:
+    """Host names to accept, or None to accept any."""
+    extra = {host.lower() for host in settings.allowed_hosts}
+    if "*" in extra:
+        return None
+    if settings.bound_to_loopback:
+        return LOOPBACK_NAMES | extra
+    return frozenset(extra) or None
+
+
+def _host_name(header: str) -> str:
+    if header.startswith("["):  # [::1]:8000
+        return header[1:].partition("]")[0].lower()
+    return header.rpartition(":")[0].lower() if header.count(":") == 1 else header.lower()
+
+
+class HostCheckMiddleware:
+    """Refuse requests whose Host is not ours: a page on another site that re-points its DNS
+    name at 127.0.0.1 (DNS rebinding) must not reach a server bound to loopback."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if _host_name(host) not in self.allowed:
+                await send_error(
+                    scope,
+                    send,
+                    400,
+                    f"Host {host!r} is not allowed; add it to MAAS_ALLOWED_HOSTS",
+                    "host_not_allowed",
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit: at once from Content-Length, or as soon as a streamed
+    body passes it (the route then sees a disconnect and its answer is replaced)."""
+
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int, upload_path: str) -> None:
+        self.app = app
+        self.limit = limit
+        self.upload_limit = upload_limit
+        self.upload_path = re.compile(upload_path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.upload_limit if self.upload_path.fullmatch(scope["path"]) else self.limit
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await send_error(
+                scope,
+                send,
+                413,
+                f"request body is over the {limit}-byte limit",
+                "payload_too_large",
+            )
+            return
+        received = 0
+        too_large = False
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    too_large = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if too_large:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not started:
+            await send_error(
+                scope,
+                send,
+                413,
+                f"request body is over the {limit}-byte limit",
+                "payload_too_large",
+            )

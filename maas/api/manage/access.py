@@ -1,0 +1,144 @@
+"""Tenants, API keys and usage over HTTP."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from maas.api import governance
+from maas.api.deps import AdminKey, CurrentKey, KeysDep, MaintainerKey, TenantsDep
+from maas.auth.principal import Limits, Role
+from maas.auth.store import KeyRecord, KeySpec, TenantRecord
+from maas.errors import InvalidRequest
+from maas.metering.usage import UsageRow, aggregate
+
+router = APIRouter(
+    prefix="/api/v1", tags=["access"], dependencies=[Depends(governance.current_key)]
+)
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    industry: str
+    description: str = ""
+
+
+class TenantsPublic(BaseModel):
+    data: list[TenantRecord]
+    count: int
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    role: Role = Role.user
+    tenant: str | None = None
+    """Defaults to the creating key's tenant."""
+    allowed_models: list[str] | None = None
+    expires_in_days: float | None = Field(default=None, gt=0)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    monthly_token_budget: int | None = Field(default=None, ge=0)
+
+    def spec(self) -> KeySpec:
+        expires_at = None
+        if self.expires_in_days is not None:
+            expires_at = datetime.now(UTC) + timedelta(days=self.expires_in_days)
+        limits = Limits(
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+            max_concurrent=self.max_concurrent,
+            monthly_token_budget=self.monthly_token_budget,
+        )
+        return KeySpec(
+            name=self.name,
+            role=self.role,
+            tenant=self.tenant,
+            allowed_models=self.allowed_models,
+            expires_at=expires_at,
+            limits=limits,
+        )
+
+
+class KeyCreated(KeyRecord):
+    key: str
+    """The API key itself. It is shown only in this response; store it now."""
+
+
+class KeysPublic(BaseModel):
+    data: list[KeyRecord]
+    count: int
+
+
+class UsagePublic(BaseModel):
+    data: list[UsageRow]
+    group_by: list[str]
+
+
+@router.post("/tenants", status_code=201)
+def create_tenant(body: TenantCreate, key: AdminKey, tenants: TenantsDep) -> TenantRecord:
+    return tenants.create(body.name, body.industry, body.description)
+
+
+@router.get("/tenants")
+def list_tenants(key: MaintainerKey, tenants: TenantsDep) -> TenantsPublic:
+    data = tenants.list(key)
+    return TenantsPublic(data=data, count=len(data))
+
+
+@router.get("/tenants/{name}")
+def get_tenant(name: str, key: MaintainerKey, tenants: TenantsDep) -> TenantRecord:
+    return tenants.get(name, key)
+
+
+@router.post("/keys", status_code=201)
+def create_key(body: KeyCreate, key: MaintainerKey, keys: KeysDep) -> KeyCreated:
+    record, plaintext = keys.create(body.spec(), key)
+    return KeyCreated(**record.model_dump(), key=plaintext)
+
+
+@router.get("/keys")
+def list_keys(key: MaintainerKey, keys: KeysDep) -> KeysPublic:
+    data = keys.list(key)
+    return KeysPublic(data=data, count=len(data))
+
+
+@router.get("/keys/{key_id}")
+def get_key(key_id: str, key: MaintainerKey, keys: KeysDep) -> KeyRecord:
+    return keys.get(key_id, key)
+
+
+@router.delete("/keys/{key_id}")
+def revoke_key(key_id: str, key: MaintainerKey, keys: KeysDep, request: Request) -> KeyRecord:
+    record = keys.revoke(key_id, key)
+    request.app.state.authenticator.forget(key_id)
+    return record
+
+
+@router.get("/usage")
+async def usage(
+    key: CurrentKey,
+    request: Request,
+    group_by: Annotated[list[str], Query()] = ["tenant", "model", "day"],  # noqa: B006
+    since: date | None = None,
+    until: date | None = None,
+) -> UsagePublic:
+    """Requests and tokens per group; admins see all, maintainers their tenant, users their key."""
+    names = [name.strip() for item in group_by for name in item.split(",") if name.strip()]
+    if not names:
+        raise InvalidRequest("group_by needs at least one of the grouping names", param="group_by")
+    state = request.app.state
+
+    def read() -> list[UsageRow]:
+        state.recorder.flush()  # include the requests made up to now
+        return aggregate(state.registry.engine, names, since=since, until=until, viewer=key)
+
+    return UsagePublic(data=await run_in_threadpool(read), group_by=names)

@@ -1,0 +1,1 @@
+"""Who is calling and what they may do: tenants, API keys, roles, per-key limits."""

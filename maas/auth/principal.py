@@ -1,0 +1,76 @@
+"""The caller behind an API key, as every route sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Role(StrEnum):
+    """What a key may do. Each role includes everything below it."""
+
+    user = "user"
+    """Inference on the models the key is allowed."""
+    maintainer = "maintainer"
+    """Models, versions, aliases and keys of its own tenant."""
+    admin = "admin"
+    """Everything, across tenants."""
+
+    @property
+    def rank(self) -> int:
+        return list(Role).index(self)
+
+
+INDUSTRIES = (
+    "finance",
+    "healthcare",
+    "manufacturing",
+    "retail",
+    "education",
+    "government",
+    "energy",
+    "telecom",
+    "logistics",
+    "media",
+    "other",
+)
+"""The industry labels a tenant can carry; adoption analytics group by them."""
+
+PLATFORM_TENANT = "platform"
+"""The tenant of the operator's own keys (the first admin key belongs to it)."""
+
+
+class Limits(BaseModel):
+    """Per-key limits; None means no limit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    monthly_token_budget: int | None = Field(default=None, ge=0)
+    """Prompt plus completion tokens per calendar month (UTC)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: str
+    name: str
+    tenant_id: int
+    tenant: str
+    industry: str
+    role: Role
+    allowed_models: frozenset[str] | None
+    """Model names this key may use; None means all its tenant can see."""
+    expires_at: datetime | None
+    limits: Limits
+
+    def has_role(self, role: Role) -> bool:
+        return self.role.rank >= role.rank
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.admin
