@@ -142,7 +142,7 @@ def _is_abandoned(staging_root: Path, token: str) -> bool:
 def _freeze(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
-            path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            path.chmod(stat.S_IRUSR)  # read-only, and for maas's own user only
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from maas.api.app import build_app
 from maas.auth.principal import Limits, Role
 from maas.auth.store import KeySpec
+from tests.fixtures import make_gguf
 
 MakeKey = Callable[..., str]
 
@@ -69,3 +70,45 @@ def client(app_client, make_key):
 def app_registry(client):
     """The registry the running app uses, to set up state without going through HTTP."""
     return client.app.state.registry
+
+
+class World:
+    """Two tenants with keys of every role and models of each kind of ownership.
+
+    acme:     user, maintainer keys; model acme-model (versions 1, 2; staging -> 1)
+    globex:   maintainer key; model globex-model
+    platform: admin key; model shared-model (no tenant: everyone sees it)
+    """
+
+    def __init__(self, client, make_key, make_tenant, tmp_path):
+        make_tenant("acme", "retail")
+        make_tenant("globex", "energy")
+        state = client.app.state
+        tenants = {t.name: state.tenants.get_id(t.name) for t in state.tenants.list(None)}
+        gguf = make_gguf(tmp_path / "world" / "tiny.gguf")
+        registry = state.registry
+        registry.import_model(gguf, "shared-model")
+        registry.import_model(gguf, "acme-model", alias="staging", tenant_id=tenants["acme"])
+        registry.import_model(gguf, "acme-model", tenant_id=tenants["acme"])
+        registry.import_model(gguf, "globex-model", tenant_id=tenants["globex"])
+        self.gguf = gguf
+        self.keys = {
+            "user": make_key(Role.user, tenant="acme"),
+            "maintainer": make_key(Role.maintainer, tenant="acme"),
+            "admin": make_key(Role.admin),
+            "globex": make_key(Role.maintainer, tenant="globex"),
+        }
+        self.key_ids = {role: key[5:17] for role, key in self.keys.items()}
+        self.client = client
+
+    def as_(self, role: str) -> dict[str, str]:
+        if role == "none":
+            return {}
+        if role == "bad":
+            return bearer("maas-aaaaaaaaaaaa_not-a-real-secret-at-all-000000000000000")
+        return bearer(self.keys[role])
+
+
+@pytest.fixture
+def world(app_client, make_key, make_tenant, tmp_path) -> World:
+    return World(app_client, make_key, make_tenant, tmp_path)

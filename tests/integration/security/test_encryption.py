@@ -1,0 +1,130 @@
+"""Weights encrypted at rest: nothing readable on disk, round trip in memory, rotation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from safetensors.numpy import load_file
+
+from maas.artifacts.crypto import is_encrypted
+from maas.artifacts.keyring import MasterKeyring
+from maas.errors import ArtifactCorrupted, Unavailable
+from maas.registry import open_registry
+from tests.fixtures import WEIGHT_PATTERN, make_gguf, make_hf_folder, make_onnx
+
+PATTERN = WEIGHT_PATTERN.tobytes()
+
+
+@pytest.fixture
+def sealed(settings, tmp_path):
+    """A registry with a master key, holding a HF folder, a GGUF and an ONNX model."""
+    MasterKeyring.create(settings.home / "master.keys")
+    settings = settings.model_copy(update={"encryption_key_file": settings.home / "master.keys"})
+    registry = open_registry(settings)
+    registry.import_model(make_hf_folder(tmp_path / "hf"), "hf")
+    registry.import_model(make_gguf(tmp_path / "tiny.gguf"), "tiny")
+    onnx = make_onnx(tmp_path / "onnx" / "model.onnx", external_location="weights.data")
+    (tmp_path / "onnx" / "weights.data").write_bytes(PATTERN)
+    registry.import_model(onnx, "linear")
+    yield registry
+    registry.close()
+
+
+def every_file(root):
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+def test_no_plaintext_weights_anywhere_on_disk(sealed, settings):
+    files = every_file(settings.home)
+    assert len(files) > 10
+    for path in files:
+        assert PATTERN not in path.read_bytes(), path
+    for name, weights in [
+        ("hf", "model.safetensors"),
+        ("tiny", "tiny.gguf"),
+        ("linear", "model.onnx"),
+        ("linear", "weights.data"),
+    ]:
+        record = sealed.resolve(name)
+        assert is_encrypted(sealed.folder(record) / weights)
+        entry = next(e for e in sealed.read_manifest(record).files if e.path == weights)
+        assert entry.encrypted
+    # configs and tokenizers stay readable: they are not weights
+    assert not is_encrypted(sealed.folder(sealed.resolve("hf")) / "config.json")
+
+
+def test_weights_decrypt_in_memory_only(sealed):
+    hf = sealed.open_version("hf")
+    with hf.open_file("model.safetensors") as path:
+        assert str(path).startswith("/proc/self/fd/")
+        assert os.readlink(path).startswith("/memfd:")
+        np.testing.assert_array_equal(load_file(str(path))["weight"], WEIGHT_PATTERN)
+    tiny = sealed.open_version("tiny")
+    with tiny.open_file("tiny.gguf") as path:
+        reader = GGUFReader(path)
+        assert reader.fields["general.architecture"].contents() == "llama"
+    linear = sealed.open_version("linear")
+    assert linear.read_bytes("weights.data") == PATTERN
+    assert linear.read_bytes("model.onnx").startswith(b"\x08")  # a protobuf again
+
+
+def test_a_tampered_file_is_refused(sealed):
+    record = sealed.resolve("tiny")
+    path = sealed.folder(record) / "tiny.gguf"
+    os.chmod(path, 0o600)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactCorrupted):
+        sealed.open_version("tiny")
+
+
+def test_rotation_rewraps_every_key_and_retires_the_old_master(sealed, settings, tmp_path):
+    key_file = settings.home / "master.keys"
+    old_copy = tmp_path / "old.keys"
+    shutil.copy(key_file, old_copy)
+    os.chmod(old_copy, 0o600)
+    assert sealed.rotate_master_key() == 4  # safetensors, gguf, onnx, external data
+    for name in ("hf", "tiny", "linear"):
+        opened = sealed.open_version(name)
+        for path in opened.data_keys:
+            assert opened.read_bytes(path)
+    rotated = MasterKeyring.load(key_file)
+    assert rotated.versions == [2]
+    # the old master key alone unwraps none of what is stored now
+    sealed.keyring = MasterKeyring.load(old_copy)
+    with pytest.raises(ArtifactCorrupted, match="not in the keyring"):
+        sealed.open_version("hf")
+
+
+def test_an_encrypted_version_without_the_master_key_is_a_clear_error(sealed, settings):
+    sealed.keyring = None
+    with pytest.raises(Unavailable, match="MAAS_ENCRYPTION_KEY_FILE"):
+        sealed.open_version("hf")
+
+
+def test_the_cli_makes_the_key_and_rotates(settings, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from maas.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["maas", *args])
+        try:
+            main()
+        except SystemExit as done:
+            return done.code
+        return 0
+
+    assert run("keys", "init-master") == 0
+    assert (settings.home / "master.keys").stat().st_mode & 0o777 == 0o600
+    assert run("keys", "init-master") == 1
+    assert "already exists" in capsys.readouterr().err
+    assert run("models", "import", str(make_gguf(tmp_path / "t.gguf")), "--name", "t") == 0
+    assert run("artifacts", "rotate-master-key") == 0
+    assert "re-wrapped 1 data keys with master key version 2" in capsys.readouterr().out
+    assert run("models", "verify", "t") == 0

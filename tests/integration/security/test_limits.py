@@ -1,0 +1,140 @@
+"""Per-key limits: exact under concurrency, OpenAI's headers, budgets that survive a restart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from fastapi import APIRouter, Request
+from fastapi.testclient import TestClient
+
+from maas.api.app import build_app
+from maas.api.deps import CurrentKey, InferenceKey
+from maas.api.governance import meter
+from maas.auth.principal import Limits, Role
+from maas.auth.store import KeySpec
+from tests.integration.conftest import bearer
+
+# Routes that exist only in these tests: one slow, one that spends tokens.
+probe = APIRouter(prefix="/v1/probe")
+
+
+@probe.get("/slow")
+async def slow(key: CurrentKey) -> dict:
+    await asyncio.sleep(0.5)
+    return {}
+
+
+@probe.get("/tokens")
+def tokens(key: InferenceKey, request: Request, n: int = 10) -> dict:
+    meter(request, prompt_tokens=n // 2, completion_tokens=n - n // 2)
+    return {}
+
+
+def app_with_probe(settings):
+    app = build_app(settings)
+    app.include_router(probe)
+    return app
+
+
+@pytest.fixture
+def probe_client(settings):
+    with TestClient(app_with_probe(settings)) as client:
+        yield client
+
+
+def key_with(client, **limits) -> str:
+    spec = KeySpec(name="limited", role=Role.user, limits=Limits(**limits))
+    return client.app.state.keys.create(spec, None)[1]
+
+
+def fire(client, key: str, path: str, count: int) -> list[httpx.Response]:
+    """``count`` requests at once, on the event loop, through the ASGI app."""
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://testserver", headers=bearer(key), timeout=60
+        ) as http:
+            return await asyncio.gather(*(http.get(path) for _ in range(count)))
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("limit", [1, 7, 50])
+def test_requests_per_minute_is_exact_under_200_concurrent_requests(probe_client, limit):
+    key = key_with(probe_client, requests_per_minute=limit)
+    responses = fire(probe_client, key, "/v1/models", 200)
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == limit
+    assert statuses.count(429) == 200 - limit
+
+
+def test_concurrency_is_exact_under_200_concurrent_requests(probe_client):
+    key = key_with(probe_client, max_concurrent=5)
+    statuses = [r.status_code for r in fire(probe_client, key, "/v1/probe/slow", 200)]
+    assert statuses.count(200) == 5 and statuses.count(429) == 195
+    # every slot was given back
+    assert [r.status_code for r in fire(probe_client, key, "/v1/probe/slow", 5)] == [200] * 5
+
+
+def test_429_carries_retry_after_and_openai_ratelimit_headers(probe_client):
+    key = key_with(probe_client, requests_per_minute=2, tokens_per_minute=1000)
+    first = probe_client.get("/v1/models", headers=bearer(key))
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "1000"
+    probe_client.get("/v1/models", headers=bearer(key))
+    refused = probe_client.get("/v1/models", headers=bearer(key))
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-ratelimit-limit-requests"] == "2"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "1000"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+
+
+def test_tokens_per_minute(probe_client):
+    key = key_with(probe_client, tokens_per_minute=25)
+    for _ in range(3):  # 10 tokens each: 30 > 25 after the third
+        assert probe_client.get("/v1/probe/tokens?n=10", headers=bearer(key)).status_code == 200
+    refused = probe_client.get("/v1/probe/tokens?n=10", headers=bearer(key))
+    assert refused.status_code == 429 and "tokens per minute" in refused.text
+    # requests that spend no tokens are not held back by the token limit
+    assert probe_client.get("/v1/models", headers=bearer(key)).status_code == 200
+
+
+def test_an_exhausted_budget_is_insufficient_quota(probe_client):
+    key = key_with(probe_client, monthly_token_budget=30)
+    for _ in range(3):
+        assert probe_client.get("/v1/probe/tokens?n=10", headers=bearer(key)).status_code == 200
+    refused = probe_client.get("/v1/probe/tokens?n=10", headers=bearer(key))
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_quota" and error["type"] == "insufficient_quota"
+    assert "renews on" in error["message"]
+    assert int(refused.headers["retry-after"]) > 0
+
+
+def test_budget_survives_a_restart(settings):
+    with TestClient(app_with_probe(settings)) as client:
+        key = key_with(client, monthly_token_budget=25)
+        for _ in range(2):
+            assert client.get("/v1/probe/tokens?n=10", headers=bearer(key)).status_code == 200
+    with TestClient(app_with_probe(settings)) as client:  # a new process would do the same
+        assert client.get("/v1/probe/tokens?n=10", headers=bearer(key)).status_code == 200
+        refused = client.get("/v1/probe/tokens?n=10", headers=bearer(key))
+        assert (
+            refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+        )
+
+
+def test_limits_are_per_key(probe_client):
+    a = key_with(probe_client, requests_per_minute=1)
+    b = key_with(probe_client, requests_per_minute=1)
+    assert probe_client.get("/v1/models", headers=bearer(a)).status_code == 200
+    assert probe_client.get("/v1/models", headers=bearer(a)).status_code == 429
+    assert probe_client.get("/v1/models", headers=bearer(b)).status_code == 200

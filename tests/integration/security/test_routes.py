@@ -1,0 +1,166 @@
+"""Every route is authenticated, and each role gets exactly the status this table says."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.routing import APIRoute
+
+from maas.api import governance, metrics
+from maas.api.app import build_app
+
+PUBLIC = {("GET", "/v2/health/live"), ("GET", "/v2/health/ready")}
+
+ROLES = ("none", "bad", "user", "maintainer", "admin")
+
+# (method, route template) -> (concrete request, {role: expected status})
+# Keys are acme's (user, maintainer) and the platform admin's; objects are acme's.
+ALL = dict.fromkeys(ROLES)
+ANY_KEY = {"none": 401, "bad": 401, "user": 200, "maintainer": 200, "admin": 200}
+MAINTAINER = {"none": 401, "bad": 401, "user": 403, "maintainer": 200, "admin": 200}
+
+
+def cells(expected: dict[str, int], **changes: int) -> dict[str, int]:
+    return {**expected, **changes}
+
+
+MATRIX = {
+    ("GET", "/v2/health/live"): (("GET", "/v2/health/live", None), dict.fromkeys(ROLES, 200)),
+    ("GET", "/v2/health/ready"): (("GET", "/v2/health/ready", None), dict.fromkeys(ROLES, 200)),
+    ("GET", "/v2"): (("GET", "/v2", None), ANY_KEY),
+    ("GET", "/v2/models/{model}"): (("GET", "/v2/models/acme-model", None), ANY_KEY),
+    ("GET", "/v2/models/{model}/versions/{version}"): (
+        ("GET", "/v2/models/acme-model/versions/2", None),
+        ANY_KEY,
+    ),
+    # not ready (no runtime loads models yet) is 400 in the v2 protocol
+    ("GET", "/v2/models/{model}/ready"): (
+        ("GET", "/v2/models/acme-model/ready", None),
+        cells(ANY_KEY, user=400, maintainer=400, admin=400),
+    ),
+    ("GET", "/v2/models/{model}/versions/{version}/ready"): (
+        ("GET", "/v2/models/acme-model/versions/1/ready", None),
+        cells(ANY_KEY, user=400, maintainer=400, admin=400),
+    ),
+    ("GET", "/v1/models"): (("GET", "/v1/models", None), ANY_KEY),
+    ("GET", "/v1/models/{model}"): (("GET", "/v1/models/acme-model@staging", None), ANY_KEY),
+    ("GET", "/api/v1/models"): (("GET", "/api/v1/models", None), MAINTAINER),
+    ("POST", "/api/v1/models"): (
+        ("POST", "/api/v1/models", {"name": "by-path", "path": "{gguf}"}),
+        cells(MAINTAINER, maintainer=403, admin=201),
+    ),
+    ("POST", "/api/v1/models/{name}/versions/upload"): (
+        ("POST", "/api/v1/models/acme-model/versions/upload?filename=m.gguf", b"{gguf-bytes}"),
+        cells(MAINTAINER, maintainer=201, admin=201),
+    ),
+    ("GET", "/api/v1/models/{name}"): (("GET", "/api/v1/models/acme-model", None), MAINTAINER),
+    ("DELETE", "/api/v1/models/{name}"): (
+        ("DELETE", "/api/v1/models/acme-model", None),
+        cells(MAINTAINER, maintainer=204, admin=204),
+    ),
+    ("GET", "/api/v1/models/{name}/versions"): (
+        ("GET", "/api/v1/models/acme-model/versions", None),
+        MAINTAINER,
+    ),
+    ("GET", "/api/v1/models/{name}/versions/{version}"): (
+        ("GET", "/api/v1/models/acme-model/versions/1", None),
+        MAINTAINER,
+    ),
+    ("DELETE", "/api/v1/models/{name}/versions/{version}"): (
+        ("DELETE", "/api/v1/models/acme-model/versions/2", None),
+        cells(MAINTAINER, maintainer=204, admin=204),
+    ),
+    ("PUT", "/api/v1/models/{name}/aliases/{alias}"): (
+        ("PUT", "/api/v1/models/acme-model/aliases/production", {"version": 2}),
+        MAINTAINER,
+    ),
+    ("DELETE", "/api/v1/models/{name}/aliases/{alias}"): (
+        ("DELETE", "/api/v1/models/acme-model/aliases/staging", None),
+        cells(MAINTAINER, maintainer=204, admin=204),
+    ),
+    ("POST", "/api/v1/tenants"): (
+        ("POST", "/api/v1/tenants", {"name": "initech", "industry": "finance"}),
+        cells(MAINTAINER, maintainer=403, admin=201),
+    ),
+    ("GET", "/api/v1/tenants"): (("GET", "/api/v1/tenants", None), MAINTAINER),
+    ("GET", "/api/v1/tenants/{name}"): (("GET", "/api/v1/tenants/acme", None), MAINTAINER),
+    ("POST", "/api/v1/keys"): (
+        ("POST", "/api/v1/keys", {"name": "new", "role": "user", "tenant": "acme"}),
+        cells(MAINTAINER, maintainer=201, admin=201),
+    ),
+    ("GET", "/api/v1/keys"): (("GET", "/api/v1/keys", None), MAINTAINER),
+    ("GET", "/api/v1/keys/{key_id}"): (("GET", "/api/v1/keys/{user_key_id}", None), MAINTAINER),
+    ("DELETE", "/api/v1/keys/{key_id}"): (
+        ("DELETE", "/api/v1/keys/{user_key_id}", None),
+        MAINTAINER,
+    ),
+    ("GET", "/api/v1/usage"): (("GET", "/api/v1/usage", None), ANY_KEY),
+    ("GET", "/metrics"): (("GET", "/metrics", None), cells(MAINTAINER, maintainer=403)),
+    ("GET", "/openapi.json"): (("GET", "/openapi.json", None), ANY_KEY),
+}
+
+
+def _api_routes(app):
+    """(method, full path, dependant) of every route, through included routers.
+
+    FastAPI >= 0.16x keeps included routers as objects whose routes carry the full path in
+    ``effective_route_contexts()``; older versions flattened them into ``app.routes``.
+    """
+    for item in app.routes:
+        contexts = getattr(item, "effective_route_contexts", None)
+        routes = contexts() if contexts else [item]
+        for route in routes:
+            if isinstance(getattr(route, "original_route", route), APIRoute):
+                for method in route.methods:
+                    yield method, route.path, route.dependant
+
+
+def _routes(app) -> set[tuple[str, str]]:
+    return {(method, path) for method, path, _ in _api_routes(app)}
+
+
+def _calls(dependant) -> set:
+    found = {dependant.call}
+    for sub in dependant.dependencies:
+        found |= _calls(sub)
+    return found
+
+
+def test_every_route_is_authenticated_or_explicitly_public(settings):
+    routes = list(_api_routes(build_app(settings)))
+    assert len(routes) >= len(MATRIX)
+    for method, path, dependant in routes:
+        calls = _calls(dependant)
+        if (method, path) in PUBLIC:
+            continue
+        if path == "/metrics":  # public only when the operator says so
+            assert metrics.metrics_access in calls
+            continue
+        assert governance.current_key in calls or governance.inference_key in calls, (
+            f"{method} {path} is neither authenticated nor on the public list"
+        )
+
+
+def test_the_matrix_covers_every_route(settings):
+    assert _routes(build_app(settings)) == set(MATRIX)
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("route", sorted(MATRIX), ids=lambda r: f"{r[0]} {r[1]}")
+def test_role_route_matrix(world, route, role):
+    (method, path, body), expected = MATRIX[route]
+    path = path.replace("{user_key_id}", world.key_ids["user"])
+    kwargs = {}
+    if isinstance(body, dict):
+        kwargs["json"] = {k: (str(world.gguf) if v == "{gguf}" else v) for k, v in body.items()}
+    elif body is not None:
+        kwargs["content"] = world.gguf.read_bytes()
+    response = world.client.request(method, path, headers=world.as_(role), **kwargs)
+    assert response.status_code == expected[role], response.text
+
+
+def test_metrics_can_be_made_public(settings):
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(settings.model_copy(update={"metrics_public": True}))) as client:
+        assert client.get("/metrics").status_code == 200
+        assert client.get("/v1/models").status_code == 401
