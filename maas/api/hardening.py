@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -110,3 +112,32 @@ class BodyLimitMiddleware:
                 f"request body is over the {limit}-byte limit",
                 "payload_too_large",
             )
+
+
+KEY_PATTERN = re.compile(r"(maas-[a-z0-9]{12}_)[A-Za-z0-9_\-]+")
+
+
+class RedactKeys(logging.Filter):
+    """Blank the secret part of any API key in a log line (e.g. one sent in a URL, which
+    the server refuses but the access log would otherwise still print)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                KEY_PATTERN.sub(r"\1***", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        if isinstance(record.msg, str):
+            record.msg = KEY_PATTERN.sub(r"\1***", record.msg)
+        return True
+
+
+def uvicorn_log_config() -> dict:
+    """uvicorn's logging set-up with API keys redacted from every line."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_keys"] = {"()": RedactKeys}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("redact_keys")
+    return config

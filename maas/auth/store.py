@@ -64,7 +64,7 @@ class TenantStore:
         self._sessions = make_session_factory(engine)
 
     def create(self, name: str, industry: str, description: str = "") -> TenantRecord:
-        validate_model_name(name)
+        validate_model_name(name, kind="tenant")
         if industry not in INDUSTRIES:
             raise InvalidRequest(
                 f"unknown industry {industry!r}; use one of: {', '.join(INDUSTRIES)}",

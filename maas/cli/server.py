@@ -25,6 +25,7 @@ def serve(
     import uvicorn
 
     from maas.api.app import build_app
+    from maas.api.hardening import uvicorn_log_config
 
     settings = load_settings(host=host, port=port)
     with open_access() as access:
@@ -42,7 +43,11 @@ def serve(
     console.print(f"  tritonclient:     url={settings.host}:{settings.port}")
     console.print(f"  management API:   {base}/api/v1/models   metrics: {base}/metrics")
     uvicorn.run(
-        build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+        build_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=uvicorn_log_config(),
     )
 
 

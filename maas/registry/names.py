@@ -16,10 +16,11 @@ PRODUCTION = "production"
 """The alias a bare model name resolves to when it is set."""
 
 
-def validate_model_name(name: str) -> str:
+def validate_model_name(name: str, *, kind: str = "model") -> str:
+    """Model names (and tenant names, which follow the same rule)."""
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise InvalidName(
-            f"invalid model name {name!r}: use 1 to 128 lowercase letters, digits, '-', '_' "
+            f"invalid {kind} name {name!r}: use 1 to 128 lowercase letters, digits, '-', '_' "
             "or '.', starting with a letter or digit",
             param="name",
         )

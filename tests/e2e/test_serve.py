@@ -98,3 +98,13 @@ def test_the_admin_key_is_shown_only_at_the_first_start(tmp_path, start_server):
     log = second.log.read_text()
     assert second.admin_key == first.admin_key
     assert second.admin_key not in log and "admin API key:" in log
+
+
+def test_keys_sent_in_a_url_are_refused_and_kept_out_of_the_log(tmp_path, start_server):
+    server = start_server(tmp_path / "home")
+    response = httpx.get(f"{server.url}/v1/models?api_key={server.admin_key}")
+    assert response.status_code == 401
+    server.stop()
+    access_log = server.log.read_text().split("Started server process")[1]
+    assert f"GET /v1/models?api_key={server.admin_key[:18]}*** " in access_log
+    assert server.admin_key[18:] not in access_log

@@ -145,3 +145,61 @@ def test_python_dash_m_runs_the_cli_and_fails_cleanly(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: invalid model reference")
     assert "Traceback" not in result.stderr
+
+
+def test_keys_and_tenants_locally(cli):
+    code, out, err = cli("tenants", "create", "acme", "--industry", "retail")
+    assert code == 0, err
+    assert "created tenant acme (retail)" in out
+    code, out, _ = cli("tenants", "list")
+    assert "acme" in out and "platform" in out
+    code, out, err = cli(
+        "keys",
+        "create",
+        "--name",
+        "ci",
+        "--role",
+        "maintainer",
+        "--tenant",
+        "acme",
+        "--models",
+        "a,b",
+        "--rpm",
+        "60",
+        "--budget",
+        "1000",
+        "--expires-in-days",
+        "30",
+    )
+    assert code == 0, err
+    key = out.strip().splitlines()[-1]
+    assert key.startswith("maas-")
+    key_id = key[5:17]
+    code, out, _ = cli("keys", "list")
+    assert key_id in out and "maintainer" in out and key not in out
+    code, out, _ = cli("keys", "revoke", key_id)
+    assert code == 0 and f"revoked {key_id}" in out
+    assert "revoked" in cli("keys", "list")[1]
+
+
+ACCESS_BAD_INPUT = [
+    (("tenants", "create", "acme", "--industry", "space"), "unknown industry 'space'"),
+    (("tenants", "create", "Bad Name", "--industry", "retail"), "invalid tenant name"),
+    (("keys", "create", "--name", "k", "--tenant", "nope"), "tenant 'nope' not found"),
+    (("keys", "revoke", "nope"), "key 'nope' not found"),
+    (("usage", "--by", "colour"), "cannot group usage by colour"),
+    (("usage", "--since", "yesterday"), "--since must be a date"),
+    (("artifacts", "rotate-master-key"), "no master key is configured"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), ACCESS_BAD_INPUT)
+def test_access_commands_bad_input(cli, args, message):
+    code, out, err = cli(*args)
+    assert code == 1
+    assert err.startswith("error: ") and message in " ".join(err.split())
+
+
+def test_keys_create_rejects_a_bad_role(cli):
+    code, _, err = cli("keys", "create", "--name", "k", "--role", "root")
+    assert code == 2 and "root" in err
