@@ -78,6 +78,8 @@ def list_keys() -> None:
     with open_access() as access:
         records = access.keys.list(None)
     table = Table("id", "name", "tenant", "role", "models", "expires", "last used", "state")
+    table.columns[0].no_wrap = True
+    table.columns[0].min_width = 12
     for r in records:
         state = "revoked" if r.revoked_at else "active"
         table.add_row(

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from maas.cli.context import open_registry
+from maas.cli.context import open_access, open_registry
 from maas.cli.output import console, progress_bar
 from maas.errors import InvalidReference
 from maas.registry import TASKS, ModelRecord, VersionRecord, parse_reference
@@ -46,11 +46,22 @@ def import_(
     description: Annotated[
         str | None, typer.Option("--description", "-d", help="What the model is, for people.")
     ] = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option(help="Tenant that owns a new model; left out, it is shared with all."),
+    ] = None,
 ) -> None:
     """Import model files as the next version of NAME (atomic: all or nothing)."""
-    with open_registry() as registry, progress_bar() as progress:
-        record = registry.import_model(
-            path, name, task=task, alias=alias, description=description, progress=progress
+    with open_access() as access, progress_bar() as progress:
+        tenant_id = access.tenants.get_id(tenant) if tenant else None
+        record = access.registry.import_model(
+            path,
+            name,
+            task=task,
+            alias=alias,
+            description=description,
+            progress=progress,
+            tenant_id=tenant_id,
         )
     console.print(
         f"imported [bold]{record.reference}[/] ({record.task}, {record.format}, "

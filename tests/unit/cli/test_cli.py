@@ -147,7 +147,7 @@ def test_python_dash_m_runs_the_cli_and_fails_cleanly(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_keys_and_tenants_locally(cli):
+def test_keys_and_tenants_locally(cli, tmp_path):
     code, out, err = cli("tenants", "create", "acme", "--industry", "retail")
     assert code == 0, err
     assert "created tenant acme (retail)" in out
@@ -177,6 +177,11 @@ def test_keys_and_tenants_locally(cli):
     key_id = key[5:17]
     code, out, _ = cli("keys", "list")
     assert key_id in out and "maintainer" in out and key not in out
+    gguf = make_gguf(tmp_path / "tiny.gguf")
+    assert cli("models", "import", str(gguf), "-n", "private", "--tenant", "acme")[0] == 0
+    assert '"tenant": "acme"' in cli("models", "show", "private", "--json")[1]
+    code, _, err = cli("models", "import", str(gguf), "-n", "x", "--tenant", "nope")
+    assert code == 1 and "tenant 'nope' not found" in err
     code, out, _ = cli("keys", "revoke", key_id)
     assert code == 0 and f"revoked {key_id}" in out
     assert "revoked" in cli("keys", "list")[1]
