@@ -10,7 +10,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-_IMMEDIATE = "maas_begin_immediate"
+IMMEDIATE = "maas_begin_immediate"
 
 
 def make_engine(url: str) -> Engine:
@@ -41,7 +41,7 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(connection) -> None:
         # A writer takes the write lock up front so two writers queue on the busy
         # timeout instead of failing when one upgrades a read lock.
-        immediate = connection.get_execution_options().get(_IMMEDIATE, False)
+        immediate = connection.get_execution_options().get(IMMEDIATE, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
@@ -60,7 +60,7 @@ def write_transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     advisory lock), so a check made inside the transaction stays true until it commits.
     """
     with factory() as session:
-        connection = session.connection(execution_options={_IMMEDIATE: True})
+        connection = session.connection(execution_options={IMMEDIATE: True})
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRY_LOCK})
         try:
