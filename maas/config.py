@@ -104,9 +104,8 @@ class Settings(BaseSettings):
 
     @property
     def artifacts(self) -> Path:
-        """The artifact root, never None after construction."""
-        assert self.artifact_root is not None  # set by _derive_paths
-        return self.artifact_root
+        """The artifact root (set by the validator when left empty)."""
+        return self.artifact_root or self.home / "artifacts"
 
 
 def settings_table() -> str:

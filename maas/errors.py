@@ -21,6 +21,7 @@
      │    └── QuotaExceeded      the key's monthly token budget is spent
      ├── ArtifactCorrupted       files on disk no longer match the version's manifest
      └── Unavailable             the server cannot take the request now (starting, draining)
+          └── Overloaded         a queue is full; ``retry_after`` says when to come back
 """
 
 from __future__ import annotations
@@ -112,3 +113,9 @@ class ArtifactCorrupted(MaasError):
 
 class Unavailable(MaasError):
     pass
+
+
+class Overloaded(Unavailable):
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

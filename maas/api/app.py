@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -36,7 +35,9 @@ def open_state(app: FastAPI, settings: Settings) -> Registry:
     app.state.keys = keys
     app.state.tenants = tenants
     app.state.authenticator = Authenticator(keys, server_secret(settings))
-    app.state.limiter = RateLimiter(partial(month_tokens, registry.engine))
+    app.state.limiter = RateLimiter(
+        lambda key_id, month: month_tokens(registry.engine, keys.subtree(key_id), month)
+    )
     app.state.recorder = UsageRecorder(registry.engine, settings.home, on_flush=keys.touch)
     app.state.recorder.start()
     return registry
@@ -91,7 +92,14 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _add_middleware(app: FastAPI, settings: Settings, http_metrics: metrics.HttpMetrics) -> None:
-    # Added innermost first: the Host check runs before anything else.
+    """Outermost first: Host check, CORS, metrics, governance, body limit, then the routes.
+    Metrics and governance sit outside the body limit so a 413 is counted as a 413."""
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_request_bytes,
+        upload_limit=settings.max_upload_bytes,
+        upload_path=UPLOAD_PATH,
+    )
     app.add_middleware(governance.GovernanceMiddleware)
     app.add_middleware(metrics.MetricsMiddleware, metrics=http_metrics)
     if settings.cors_origins:
@@ -102,12 +110,6 @@ def _add_middleware(app: FastAPI, settings: Settings, http_metrics: metrics.Http
             allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(
-        BodyLimitMiddleware,
-        limit=settings.max_request_bytes,
-        upload_limit=settings.max_upload_bytes,
-        upload_path=UPLOAD_PATH,
-    )
     hosts = allowed_hosts(settings)
     if hosts is not None:
         app.add_middleware(HostCheckMiddleware, allowed=hosts)

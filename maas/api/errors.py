@@ -109,6 +109,8 @@ async def _no_receive() -> Message:
 def _headers_of(err: errors.MaasError) -> dict[str, str] | None:
     if isinstance(err, errors.Unauthenticated):
         return {"WWW-Authenticate": "Bearer"}
+    if isinstance(err, errors.Overloaded):
+        return {"Retry-After": str(max(1, math.ceil(err.retry_after)))}
     if isinstance(err, errors.RateLimited):
         headers = {"Retry-After": str(max(1, math.ceil(err.retry_after)))}
         headers |= {f"x-ratelimit-{name}": value for name, value in err.state.items()}

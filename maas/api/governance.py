@@ -66,10 +66,16 @@ async def authenticate(request: Request) -> Principal:
 
 
 async def admit(request: Request, principal: Principal, *, uses_tokens: bool) -> None:
+    """Admit the request once, however many dependencies ask: a second admission would take
+    a second concurrency slot that is never given back."""
     limiter = request.app.state.limiter
     if uses_tokens and limiter.needs_budget(principal):
         await run_in_threadpool(limiter.load_budget, principal)
-    request.state.admission = limiter.admit(principal, uses_tokens=uses_tokens)
+    admitted = getattr(request.state, "admission", None)
+    if admitted is None:
+        request.state.admission = limiter.admit(principal, uses_tokens=uses_tokens)
+    elif uses_tokens:
+        limiter.check_tokens(principal)
 
 
 async def current_key(request: Request) -> Principal:
@@ -142,7 +148,7 @@ class GovernanceMiddleware:
         if (admission := state.get("admission")) is not None:
             app_state.limiter.release(admission)
         usage: Usage = state.get("usage") or Usage()
-        app_state.limiter.charge(principal.key_id, usage.prompt_tokens + usage.completion_tokens)
+        app_state.limiter.charge(principal, usage.prompt_tokens + usage.completion_tokens)
         route = getattr(scope.get("route"), "path", "unmatched")
         app_state.recorder.record(
             UsageEvent(

@@ -70,48 +70,47 @@ class BodyLimitMiddleware:
         limit = self.upload_limit if self.upload_path.fullmatch(scope["path"]) else self.limit
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            await send_error(
-                scope,
-                send,
-                413,
-                f"request body is over the {limit}-byte limit",
-                "payload_too_large",
-            )
+            await _too_large(scope, send, limit)
             return
-        received = 0
-        too_large = False
-        started = False
-
-        async def counted_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    too_large = True
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if too_large:
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        guard = _StreamGuard(receive, send, limit)
         try:
-            await self.app(scope, counted_receive, guarded_send)
+            await self.app(scope, guard.receive, guard.send)
         except Exception:
-            if not too_large:
+            if not guard.too_large:
                 raise
-        if too_large and not started:
-            await send_error(
-                scope,
-                send,
-                413,
-                f"request body is over the {limit}-byte limit",
-                "payload_too_large",
-            )
+        if guard.too_large and not guard.started:
+            await _too_large(scope, send, limit)
+
+
+class _StreamGuard:
+    """Counts body bytes as they arrive; past the limit, the app sees a disconnect and
+    nothing it answers is sent."""
+
+    def __init__(self, receive: Receive, send: Send, limit: int) -> None:
+        self._receive, self._send, self._limit = receive, send, limit
+        self.received = 0
+        self.too_large = False
+        self.started = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self._limit:
+                self.too_large = True
+                return {"type": "http.disconnect"}
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.too_large:
+            return
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
+
+
+async def _too_large(scope: Scope, send: Send, limit: int) -> None:
+    message = f"request body is over the {limit}-byte limit"
+    await send_error(scope, send, 413, message, "payload_too_large")
 
 
 KEY_PATTERN = re.compile(r"(maas-[a-z0-9]{12}_)[A-Za-z0-9_\-]+")

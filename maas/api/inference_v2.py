@@ -57,7 +57,7 @@ def live() -> dict[str, bool]:
 
 @health_router.get("/ready")
 def ready(registry: RegistryDep) -> dict[str, bool]:
-    registry.list_models()  # the database answers
+    registry.ping()  # the database answers
     return {"ready": True}
 
 

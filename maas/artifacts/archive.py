@@ -13,6 +13,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -96,15 +97,16 @@ def _extract_tar(archive: Path, target: Path, limits: ArchiveLimits) -> None:
     try:
         with tarfile.open(archive, "r:*") as tar:
             budget = _Budget(limits)
-            members = tar.getmembers()
-            for member in members:
+            members = []
+            for member in tar:  # one header at a time: a bomb stops at its first oversize entry
                 _check_tar_member(member, budget)
+                members.append(member)
             # The data filter repeats the containment rules at write time.
             tar.extractall(target, members=members, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as err:
-        if isinstance(err, tarfile.FilterError):
-            raise UnsafeArchive(f"archive entry refused: {err}") from None
-        raise UnsafeArchive(f"cannot read archive {archive.name}: {err}") from None
+    except tarfile.FilterError as err:
+        raise UnsafeArchive(f"archive entry refused: {_reason(err)}") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as err:
+        raise UnsafeArchive(f"cannot read archive {archive.name}: {_reason(err)}") from None
 
 
 def _check_tar_member(member: tarfile.TarInfo, budget: _Budget) -> None:
@@ -123,8 +125,12 @@ def _extract_zip(archive: Path, target: Path, limits: ArchiveLimits) -> None:
         with zipfile.ZipFile(archive) as zf:
             budget = _Budget(limits)
             infos = zf.infolist()
+            seen: set[str] = set()
             for info in infos:
-                _check_name(info.filename)
+                name = _check_name(info.filename)
+                if name in seen:
+                    raise UnsafeArchive(f"archive has the entry {info.filename!r} twice")
+                seen.add(name)
                 if stat.S_ISLNK(info.external_attr >> 16):
                     raise UnsafeArchive(
                         f"archive entry {info.filename!r} is a symbolic link; "
@@ -133,8 +139,17 @@ def _extract_zip(archive: Path, target: Path, limits: ArchiveLimits) -> None:
                 budget.take(info.filename, info.file_size)
             for info in infos:
                 _write_zip_entry(zf, info, target)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as err:
-        raise UnsafeArchive(f"cannot read archive {archive.name}: {err}") from None
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        zlib.error,
+        NotImplementedError,  # a compression method zipfile does not know
+        RuntimeError,  # an encrypted entry
+        ValueError,
+    ) as err:
+        raise UnsafeArchive(f"cannot read archive {archive.name}: {_reason(err)}") from None
 
 
 def _write_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> None:
@@ -150,3 +165,11 @@ def _write_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -
     # cannot unpack more than the budget counted.
     with zf.open(info) as source, open(destination, "xb") as sink:
         shutil.copyfileobj(source, sink, 8 * 1024 * 1024)
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong, without the server paths an OSError's text carries."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err)
+    return type(err).__name__ if "/" in text else text or type(err).__name__

@@ -5,6 +5,7 @@ Layout::
     <root>/<model>/<version>/manifest.json and the model's files (read-only)
     <root>/.staging/<id>/       a version being built; <id>.lock is held while it is
     <root>/.staging/<id>.lock
+    <root>/.orphans/               version folders the database does not know, kept for review
 
 A version becomes visible in one ``rename`` from ``.staging`` into place. Staging folders
 whose lock nobody holds belong to a crashed or interrupted import and are swept at start.
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 STAGING = ".staging"
+ORPHANS = ".orphans"
 
 
 class Staging:
@@ -83,12 +85,38 @@ class ArtifactStore:
         return target
 
     def discard(self, relpath: str) -> None:
-        """Delete a version folder: first moved out of sight, then removed."""
+        """Delete a folder this process just published (its transaction failed)."""
+        with self.stage() as trash:
+            self.move_out(relpath, trash)
+
+    def move_out(self, relpath: str, trash: Staging) -> Path | None:
+        """Move a folder into ``trash`` (out of sight, quick); None if it was not there."""
         target = self.path(relpath)
         if not target.exists():
-            return
-        with self.stage() as trash:
-            os.rename(target, trash.path / "discarded")
+            return None
+        moved = trash.path / relpath.replace("/", "__")
+        os.rename(target, moved)
+        return moved
+
+    def move_back(self, moved: Path, relpath: str) -> None:
+        """Undo ``move_out`` (the transaction that deleted the rows did not commit)."""
+        target = self.path(relpath)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(moved, target)
+
+    def quarantine(self, relpath: str) -> Path | None:
+        """Move a folder the database does not know into ``.orphans`` instead of deleting it:
+        it may be a crash's leftover, or real data under a database that is not its own."""
+        target = self.path(relpath)
+        if not target.exists():
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        destination = (
+            self.root / ORPHANS / f"{relpath.replace('/', '__')}-{stamp}-{uuid.uuid4().hex[:6]}"
+        )
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(target, destination)
+        return destination
 
     def version_folders(self) -> Iterator[tuple[str, int, Path]]:
         """Every ``<model>/<version>`` folder on disk, registered or not."""

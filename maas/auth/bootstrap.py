@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -31,9 +32,11 @@ def ensure_admin_key(settings: Settings, keys: KeyStore) -> str | None:
     MAAS_HOME (mode 0600) and return it; otherwise return None."""
     if keys.count() > 0:
         return None
-    _, plaintext = keys.create(
-        KeySpec(name="first admin key", role=Role.admin, tenant=PLATFORM_TENANT), None
-    )
+    spec = KeySpec(name="first admin key", role=Role.admin, tenant=PLATFORM_TENANT)
+    created = keys.create(spec, None, only_if_none=True)
+    if created is None:  # another process made the first key meanwhile
+        return None
+    plaintext = created[1]
     write_secret_file(admin_key_path(settings), plaintext + "\n")
     return plaintext
 
@@ -45,8 +48,8 @@ def admin_key_path(settings: Settings) -> Path:
 def write_secret_file(path: Path, text: str) -> None:
     """Write a file only its owner can read, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(text)
         out.flush()

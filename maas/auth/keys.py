@@ -12,11 +12,11 @@ import hmac
 import os
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
-from maas.errors import Unauthenticated
+from maas.errors import InvalidRequest, Unauthenticated
 
 PREFIX = "maas-"
 KEY_ID_LENGTH = 12
@@ -26,7 +26,7 @@ KEY_ID_ALPHABET = string.ascii_lowercase + string.digits
 @dataclass(frozen=True)
 class NewKey:
     key_id: str
-    plaintext: str
+    plaintext: str = field(repr=False)
     """The whole key; shown once and never stored."""
 
 
@@ -59,11 +59,13 @@ def matches(server_secret: bytes, token: str, stored_hash: str) -> bool:
 def load_server_secret(path: Path, from_env: str | None = None) -> bytes:
     """The HMAC secret: ``MAAS_SECRET_KEY`` if given, else a file created once (mode 0600)."""
     if from_env:
+        if len(from_env) < 32:
+            raise InvalidRequest("MAAS_SECRET_KEY must be at least 32 characters of randomness")
         return from_env.encode()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_bytes(32).hex())
             out.flush()

@@ -48,10 +48,10 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    tokens_per_minute: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
-    monthly_token_budget: int | None = Field(default=None, ge=0)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=10**9)
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=10**15)
+    max_concurrent: int | None = Field(default=None, ge=1, le=10**6)
+    monthly_token_budget: int | None = Field(default=None, ge=0, le=10**15)
     """Prompt plus completion tokens per calendar month (UTC)."""
 
 
@@ -67,6 +67,10 @@ class Principal:
     """Model names this key may use; None means all its tenant can see."""
     expires_at: datetime | None
     limits: Limits
+    budgets: tuple[tuple[str, int], ...] = ()
+    """(key_id, monthly token budget) of this key and of every key above it (the key that
+    created it, and so on) that has a budget: tokens this key uses count against all of them,
+    so minting keys never multiplies a budget."""
 
     def has_role(self, role: Role) -> bool:
         return self.role.rank >= role.rank

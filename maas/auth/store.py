@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
@@ -42,15 +42,11 @@ class KeyRecord(BaseModel):
     max_concurrent: int | None
     monthly_token_budget: int | None
 
-    @property
-    def prefix(self) -> str:
-        return f"maas-{self.key_id}_…"
-
 
 class KeySpec(BaseModel):
     """What a caller asks for when creating a key."""
 
-    name: str
+    name: str = Field(max_length=128)
     role: Role = Role.user
     tenant: str | None = None
     """Defaults to the creator's tenant (the platform tenant for the local CLI)."""
@@ -65,6 +61,8 @@ class TenantStore:
 
     def create(self, name: str, industry: str, description: str = "") -> TenantRecord:
         validate_model_name(name, kind="tenant")
+        if len(name) > 64:
+            raise InvalidRequest("a tenant name has at most 64 characters", param="name")
         if industry not in INDUSTRIES:
             raise InvalidRequest(
                 f"unknown industry {industry!r}; use one of: {', '.join(INDUSTRIES)}",
@@ -116,12 +114,19 @@ class KeyStore:
         with self._sessions() as session:
             return session.scalar(select(func.count()).select_from(ApiKey)) or 0
 
-    def create(self, spec: KeySpec, creator: Principal | None) -> tuple[KeyRecord, str]:
-        """Create a key; returns its record and the plaintext key (shown once, never stored)."""
+    def create(
+        self, spec: KeySpec, creator: Principal | None, *, only_if_none: bool = False
+    ) -> tuple[KeyRecord, str] | None:
+        """Create a key; returns its record and the plaintext key (shown once, never stored).
+
+        ``only_if_none`` creates it only when no key exists yet (checked under the write lock,
+        so two servers starting together make one first key)."""
         if not spec.name.strip():
             raise InvalidRequest("a key needs a name", param="name")
         new = generate_key()
         with write_transaction(self._sessions) as session:
+            if only_if_none and session.scalar(select(func.count()).select_from(ApiKey)):
+                return None
             tenant = _tenant_for(session, spec.tenant, creator)
             policy.check_grant(creator, spec, tenant.id)
             row = ApiKey(
@@ -155,13 +160,23 @@ class KeyStore:
             return _key_record(_visible_key(session, key_id, viewer))
 
     def revoke(self, key_id: str, viewer: Principal | None) -> KeyRecord:
+        """Revoke a key and every key it created, directly or further down."""
         with write_transaction(self._sessions) as session:
             row = _visible_key(session, key_id, viewer)
             policy.check_manage_key(viewer, Role(row.role))
-            if row.revoked_at is None:
-                row.revoked_at = datetime.now(UTC)
+            now = datetime.now(UTC)
+            for key in session.scalars(
+                select(ApiKey).where(ApiKey.key_id.in_(_subtree(session, key_id)))
+            ):
+                if key.revoked_at is None:
+                    key.revoked_at = now
             session.flush()
             return _key_record(row)
+
+    def subtree(self, key_id: str) -> list[str]:
+        """A key and every key created under it."""
+        with self._sessions() as session:
+            return _subtree(session, key_id)
 
     def lookup(self, key_id: str) -> tuple[str, Principal, datetime | None] | None:
         """(secret hash, principal, revoked_at) of a key, for the authenticator."""
@@ -169,7 +184,7 @@ class KeyStore:
             row = session.scalar(select(ApiKey).join(ApiKey.tenant).where(ApiKey.key_id == key_id))
             if row is None:
                 return None
-            return row.secret_hash, _principal(row), row.revoked_at
+            return row.secret_hash, _principal(row, _budgets(session, row)), row.revoked_at
 
     def touch(self, last_used: dict[str, datetime]) -> None:
         """Record when keys were last used (called in batches by the usage recorder)."""
@@ -227,7 +242,30 @@ def _key_record(row: ApiKey) -> KeyRecord:
     )
 
 
-def _principal(row: ApiKey) -> Principal:
+def _subtree(session: Session, key_id: str) -> list[str]:
+    found, frontier = [key_id], [key_id]
+    while frontier:
+        frontier = list(
+            session.scalars(select(ApiKey.key_id).where(ApiKey.created_by.in_(frontier)))
+        )
+        found += frontier
+    return found
+
+
+def _budgets(session: Session, row: ApiKey) -> tuple[tuple[str, int], ...]:
+    """Budgets of the key and of the keys above it."""
+    budgets, seen = [], set()
+    while row is not None and row.key_id not in seen:
+        seen.add(row.key_id)
+        if row.monthly_token_budget is not None:
+            budgets.append((row.key_id, row.monthly_token_budget))
+        if row.created_by is None:
+            break
+        row = session.scalar(select(ApiKey).where(ApiKey.key_id == row.created_by))
+    return tuple(budgets)
+
+
+def _principal(row: ApiKey, budgets: tuple[tuple[str, int], ...] = ()) -> Principal:
     return Principal(
         key_id=row.key_id,
         name=row.name,
@@ -243,4 +281,5 @@ def _principal(row: ApiKey) -> Principal:
             max_concurrent=row.max_concurrent,
             monthly_token_budget=row.monthly_token_budget,
         ),
+        budgets=budgets,
     )

@@ -42,7 +42,7 @@ def create_key(
         ),
     ] = None,
     expires_in_days: Annotated[
-        float | None, typer.Option(help="Expire after this many days.", min=0.001)
+        float | None, typer.Option(help="Expire after this many days.", min=0.001, max=36500)
     ] = None,
     rpm: Annotated[int | None, typer.Option(help="Requests per minute.", min=1)] = None,
     tpm: Annotated[int | None, typer.Option(help="Tokens per minute.", min=1)] = None,

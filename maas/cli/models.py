@@ -13,6 +13,7 @@ from maas.cli.context import open_access, open_registry
 from maas.cli.output import console, progress_bar
 from maas.errors import InvalidReference
 from maas.registry import TASKS, ModelRecord, VersionRecord, parse_reference
+from maas.registry.service import ANY_OWNER
 
 app = typer.Typer(help="Import, list, show, alias and remove models.", no_args_is_help=True)
 
@@ -48,12 +49,12 @@ def import_(
     ] = None,
     tenant: Annotated[
         str | None,
-        typer.Option(help="Tenant that owns a new model; left out, it is shared with all."),
+        typer.Option(help="Tenant that owns a new model (left out: shared with all tenants)."),
     ] = None,
 ) -> None:
     """Import model files as the next version of NAME (atomic: all or nothing)."""
     with open_access() as access, progress_bar() as progress:
-        tenant_id = access.tenants.get_id(tenant) if tenant else None
+        owner = access.tenants.get_id(tenant) if tenant else ANY_OWNER
         record = access.registry.import_model(
             path,
             name,
@@ -61,7 +62,7 @@ def import_(
             alias=alias,
             description=description,
             progress=progress,
-            tenant_id=tenant_id,
+            owner=owner,
         )
     console.print(
         f"imported [bold]{record.reference}[/] ({record.task}, {record.format}, "

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.5
 BATCH = 1000
+MAX_PENDING = 200_000
+"""Past this many unwritten records (the database is down), they are spilled to a file."""
 SPILL_GLOB = "usage-unsaved-*.jsonl"
 
 
@@ -57,11 +60,14 @@ class UsageRecorder:
             self._wake.set()
 
     def flush(self) -> int:
-        """Write everything queued now; returns how many records were written."""
+        """Write what is queued at the time of the call; returns how many records."""
         written = 0
         with self._write_lock:
-            while self._pending:
-                batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
+            remaining = len(self._pending)  # not what keeps arriving meanwhile
+            while remaining > 0 and self._pending:
+                size = min(BATCH, remaining, len(self._pending))
+                batch = [self._pending.popleft() for _ in range(size)]
+                remaining -= size
                 try:
                     self._write(batch)
                 except Exception:
@@ -90,8 +96,13 @@ class UsageRecorder:
                 self.flush()
             except Exception:
                 log.exception("writing usage records failed; %d kept for retry", len(self._pending))
+                if len(self._pending) > MAX_PENDING:  # a long outage: keep memory bounded
+                    with self._write_lock:
+                        self._spill()
 
     def _write(self, batch: list[UsageEvent]) -> None:
+        if not batch:
+            return
         with self._engine.begin() as connection:
             connection.execute(insert(UsageRecord), [event.to_row() for event in batch])
         if self._on_flush:
@@ -106,25 +117,46 @@ class UsageRecorder:
                 log.exception("updating keys' last-used times failed")
 
     def _spill(self) -> None:
+        """Write what is queued to a JSON-lines file (temp file, then rename)."""
         events = list(self._pending)
         if not events:
             return
         self._spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self._spill_dir / f"usage-unsaved-{os.getpid()}-{events[0].at.timestamp():.0f}.jsonl"
-        with open(path, "w", encoding="utf-8") as out:
+        name = f"usage-unsaved-{os.getpid()}-{time.time_ns()}.jsonl"
+        temporary = self._spill_dir / f".{name}.tmp"
+        with open(temporary, "w", encoding="utf-8") as out:
             for event in events:
                 out.write(json.dumps(event.to_row(), default=str) + "\n")
             out.flush()
             os.fsync(out.fileno())
+        os.replace(temporary, self._spill_dir / name)
         self._pending.clear()
 
     def _load_spills(self) -> None:
+        """Write records spilled at an earlier shutdown; a file goes in one transaction, so a
+        failure leaves it whole for the next start. Never stops the server from starting."""
         for path in sorted(self._spill_dir.glob(SPILL_GLOB)):
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-            for row in rows:
-                row.pop("day", None)
-                row["at"] = datetime.fromisoformat(row["at"])
-                self._pending.append(UsageEvent(**row))
-            self.flush()
+            try:
+                events, bad = _read_spill(path)
+                with self._write_lock:
+                    self._write(events)
+            except Exception:
+                log.exception("could not load spilled usage records from %s; kept for later", path)
+                continue
             path.unlink()
-            log.warning("loaded %d usage records spilled at an earlier shutdown", len(rows))
+            if bad:
+                log.error("%d unreadable lines in %s were skipped", bad, path.name)
+            log.warning("loaded %d usage records spilled at an earlier shutdown", len(events))
+
+
+def _read_spill(path: Path) -> tuple[list[UsageEvent], int]:
+    events, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            row.pop("day", None)
+            row["at"] = datetime.fromisoformat(row["at"])
+            events.append(UsageEvent(**row))
+        except (ValueError, TypeError, KeyError):
+            bad += 1
+    return events, bad

@@ -91,10 +91,10 @@ def _row(group_by: list[str], row) -> UsageRow:
     )
 
 
-def month_tokens(engine: Engine, key_id: str, period: str) -> int:
-    """Prompt plus completion tokens a key used in a month ("YYYY-MM"), from the records."""
+def month_tokens(engine: Engine, key_ids: list[str], period: str) -> int:
+    """Prompt plus completion tokens some keys used in a month ("YYYY-MM"), from the records."""
     query = select(
         func.coalesce(func.sum(UsageRecord.prompt_tokens + UsageRecord.completion_tokens), 0)
-    ).where(UsageRecord.key_id == key_id, UsageRecord.day.startswith(period))
+    ).where(UsageRecord.key_id.in_(key_ids), UsageRecord.day.startswith(period))
     with engine.connect() as connection:
         return int(connection.execute(query).scalar_one())

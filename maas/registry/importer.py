@@ -146,7 +146,8 @@ def _collect_folder(root: Path, contained: bool) -> list[SourceFile]:
                 raise RefusedArtifact(f"refusing {relpath!r}: not a regular file")
             files.append(SourceFile(relpath, resolved, resolved.stat().st_size))
     if not files:
-        raise InvalidRequest(f"{root} holds no files", param="path")
+        where = "the archive" if contained else str(root)
+        raise InvalidRequest(f"{where} holds no files", param="path")
     return sorted(files, key=lambda file: file.relpath)
 
 

@@ -2,34 +2,33 @@
 
 Writes run in one serialised transaction each (``write_transaction``). A version folder is
 renamed into place inside the transaction that inserts its row, so a version is visible
-when, and only when, both exist; a crash in between leaves a folder without a row, which is
-garbage and is removed by ``sweep`` at start or by the next import of that number.
+when, and only when, both exist. A folder without a row (a crash between the rename and the
+commit) is moved to ``.orphans`` by ``sweep`` at start, never deleted: with the wrong
+database it could be someone's model.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import Engine, func, select, text
 
 from maas.artifacts.archive import ArchiveLimits
-from maas.artifacts.keyring import MasterKeyring, WrappedKey
 from maas.artifacts.store import ArtifactStore
 from maas.config import Settings
 from maas.db import make_engine, make_session_factory, upgrade, write_transaction
-from maas.db.tables import Alias, DataKey, Model, ModelVersion
+from maas.db.tables import Model, ModelVersion
 from maas.errors import (
     AliasNotFound,
-    ArtifactCorrupted,
     Conflict,
     InvalidRequest,
     ModelNotFound,
-    Unavailable,
     VersionNotFound,
 )
+from maas.registry import rows
+from maas.registry.at_rest import KeyVault
 from maas.registry.formats import choose_task
 from maas.registry.importer import NoProgress, Progress, StagedVersion, stage_version
 from maas.registry.manifest import TASKS, Manifest, read_manifest, verify_files, write_manifest
@@ -45,12 +44,24 @@ from maas.registry.records import ModelRecord, OpenedVersion, VersionRecord
 log = logging.getLogger(__name__)
 
 
+class _Owner(Enum):
+    ANY = "any"
+
+
+ANY_OWNER = _Owner.ANY
+"""For writes: do not check who owns the model. For imports: a new model is shared and an
+existing model keeps its owner."""
+Owner = int | None | _Owner
+
+
 def open_registry(settings: Settings) -> Registry:
     """Open the registry of ``settings`` (migrating the database) and sweep crash leftovers."""
-    settings.home.mkdir(parents=True, exist_ok=True)
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if settings.home.stat().st_mode & 0o077:
+        log.warning("%s was readable by others; it is now 0700", settings.home)
+        settings.home.chmod(0o700)
     registry = Registry.from_settings(settings)
-    if removed := registry.sweep():
-        log.warning("removed %d folder(s) left by interrupted imports or deletions", removed)
+    registry.sweep()
     return registry
 
 
@@ -60,14 +71,13 @@ class Registry:
         engine: Engine,
         store: ArtifactStore,
         limits: ArchiveLimits,
-        keyring: MasterKeyring | None = None,
+        vault: KeyVault | None = None,
     ) -> None:
         self.engine = engine
         self._sessions = make_session_factory(engine)
         self.store = store
         self.limits = limits
-        self.keyring = keyring
-        """Encrypts new versions' weight files when set (MAAS_ENCRYPTION_KEY_FILE)."""
+        self.vault = vault or KeyVault(None)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Registry:
@@ -75,24 +85,33 @@ class Registry:
         engine = engine or make_engine(settings.database_url)
         upgrade(engine)
         limits = ArchiveLimits(settings.max_archive_bytes, settings.max_archive_members)
-        keyring = None
-        if settings.encryption_key_file is not None:
-            keyring = MasterKeyring.load(settings.encryption_key_file)
-        return cls(engine, ArtifactStore(settings.artifacts), limits, keyring)
+        vault = KeyVault(settings.encryption_key_file)
+        return cls(engine, ArtifactStore(settings.artifacts), limits, vault)
+
+    @property
+    def keyring(self):
+        return self.vault.keyring
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def ping(self) -> None:
+        """Raise if the database does not answer."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
 
     # ----- reading
 
     def list_models(self) -> list[ModelRecord]:
         with self._sessions() as session:
-            rows = session.scalars(_models_query().order_by(Model.name))
-            return [_model_record(row) for row in rows]
+            return [
+                rows.model_record(r)
+                for r in session.scalars(rows.models_query().order_by(Model.name))
+            ]
 
     def get_model(self, name: str) -> ModelRecord:
         with self._sessions() as session:
-            return _model_record(_load_model(session, name))
+            return rows.model_record(rows.load_model(session, name))
 
     def resolve(self, reference: str | Reference) -> VersionRecord:
         """The version a reference points at: ``name``, ``name:3`` or ``name@alias``."""
@@ -130,38 +149,9 @@ class Registry:
         progress = progress or NoProgress()
         progress.start(f"Verifying {record.reference}", manifest.size_bytes)
         verify_files(self.folder(record), manifest, progress.advance)
-        return OpenedVersion(
-            record=record,
-            manifest=manifest,
-            folder=self.folder(record),
-            data_keys=self._data_keys(record, manifest),
-        )
-
-    def _data_keys(
-        self, record: VersionRecord, manifest: Manifest
-    ) -> dict[str, tuple[bytes, bytes]]:
-        encrypted = {entry.path for entry in manifest.files if entry.encrypted}
-        if not encrypted:
-            return {}
-        if self.keyring is None:
-            raise Unavailable(
-                f"{record.reference} is encrypted at rest; set MAAS_ENCRYPTION_KEY_FILE to "
-                "the master key file to load it"
-            )
         with self._sessions() as session:
-            rows = session.scalars(
-                select(DataKey)
-                .join(ModelVersion)
-                .join(Model)
-                .where(Model.name == record.name, ModelVersion.version == record.version)
-            ).all()
-        keys = {
-            row.path: (self.keyring.unwrap(_wrapped(row), row.aad.encode()), row.aad.encode())
-            for row in rows
-        }
-        if missing := sorted(encrypted - set(keys)):
-            raise ArtifactCorrupted(f"no data key recorded for {', '.join(missing)}")
-        return keys
+            data_keys = self.vault.data_keys(session, record, manifest)
+        return OpenedVersion(record, manifest, self.folder(record), data_keys)
 
     # ----- writing
 
@@ -176,13 +166,13 @@ class Registry:
         progress: Progress | None = None,
         consume: bool = False,
         source_label: str | None = None,
-        tenant_id: int | None = None,
+        owner: Owner = ANY_OWNER,
     ) -> VersionRecord:
         """Import the files at ``source`` as the next version of model ``name``.
 
-        Atomic: on any error nothing is visible and the staging folder is removed.
-        ``tenant_id`` owns a new model (None: shared); an existing model keeps its owner, and
-        importing into another tenant's model is refused.
+        Atomic: on any error nothing is visible and the staging folder is removed. ``owner``
+        is the tenant id a new model belongs to (None: shared) and must be the owner of an
+        existing model; ``ANY_OWNER`` makes a new model shared and keeps an existing one's.
         """
         validate_model_name(name)
         if alias is not None:
@@ -191,11 +181,7 @@ class Registry:
             raise InvalidRequest(
                 f"unknown task {task!r}; use one of: {', '.join(TASKS)}", param="task"
             )
-        existing_task = self._existing_task(name)
-        if task is not None and existing_task is not None and task != existing_task:
-            raise Conflict(
-                f"model {name!r} serves task {existing_task!r}, not {task!r}", param="task"
-            )
+        existing_task = self._check_importable(name, task, owner)
         with self.store.stage() as staging:
             staged = stage_version(
                 Path(source),
@@ -203,11 +189,27 @@ class Registry:
                 self.limits,
                 progress or NoProgress(),
                 consume=consume,
-                keyring=self.keyring,
+                keyring=self.vault.keyring,
             )
             task = choose_task(staged.info, task or existing_task)
-            source_label = source_label or str(source)
-            return self._commit(staged, name, task, alias, description, source_label, tenant_id)
+            number = self._commit(
+                staged, name, task, alias, description, source_label or str(source), owner
+            )
+        return self.resolve(Reference(name, version=number))
+
+    def _check_importable(self, name: str, task: str | None, owner: Owner) -> str | None:
+        """Refuse before anything is copied; returns the existing model's task."""
+        with self._sessions() as session:
+            found = session.execute(
+                select(Model.task, Model.tenant_id).where(Model.name == name)
+            ).first()
+        if found is None:
+            return None
+        if owner is not ANY_OWNER and found.tenant_id != owner:
+            raise Conflict(f"the model name {name!r} is not available", param="name")
+        if task is not None and task != found.task:
+            raise Conflict(f"model {name!r} serves task {found.task!r}, not {task!r}", param="task")
+        return found.task
 
     def _commit(
         self,
@@ -217,90 +219,82 @@ class Registry:
         alias: str | None,
         description: str | None,
         source: str,
-        tenant_id: int | None,
-    ) -> VersionRecord:
+        owner: Owner,
+    ) -> int:
         with write_transaction(self._sessions) as session:
-            model = session.scalar(select(Model).where(Model.name == name))
-            if model is None:
-                model = Model(
-                    name=name,
-                    task=task,
-                    description=description or "",
-                    next_version=1,
-                    tenant_id=tenant_id,
-                )
-                session.add(model)
-                session.flush()
-            elif model.tenant_id != tenant_id:
-                raise Conflict(f"the model name {name!r} is not available", param="name")
-            elif model.task != task:
-                raise Conflict(f"model {name!r} serves task {model.task!r}, not {task!r}")
-            elif description is not None:
-                model.description = description
+            model = self._model_for_import(session, name, task, description, owner)
             number = model.next_version
             model.next_version = number + 1
-            manifest = _manifest(staged, name, number, task, description, source)
+            manifest = rows.build_manifest(staged, name, number, task, description, source)
             manifest_sha256 = write_manifest(staged.folder, manifest)
             relpath = self.store.relpath(name, number)
-            self.store.discard(relpath)  # a crash's leftover: no row can hold this number
+            self.store.quarantine(relpath)  # a crash's leftover: no row can hold this number
             self.store.publish(staged.folder, relpath)
             # Undo the rename while we still hold the lock. If the commit itself fails
-            # later, the folder stays as a row-less orphan for sweep() or the next import.
+            # later, the folder stays as a row-less orphan for sweep() to set aside.
             try:
-                row = ModelVersion(
-                    model=model,
-                    version=number,
-                    format=manifest.format,
-                    runtime=manifest.runtime,
-                    path=relpath,
-                    size_bytes=manifest.size_bytes,
-                    num_files=len(manifest.files),
-                    manifest_sha256=manifest_sha256,
-                    created_at=manifest.created_at,
-                )
+                row = rows.version_row(manifest, model, relpath, manifest_sha256)
                 session.add(row)
                 session.flush()
-                for sealed in staged.sealed:
-                    session.add(
-                        DataKey(
-                            version_id=row.id,
-                            path=sealed.path,
-                            aad=sealed.aad,
-                            master_version=sealed.wrapped.master_version,
-                            nonce=sealed.wrapped.nonce,
-                            wrapped=sealed.wrapped.ciphertext,
-                        )
-                    )
+                self.vault.store(session, row.id, staged.sealed)
                 if alias is not None:
-                    _point_alias(session, model, alias, row)
+                    rows.point_alias(session, model, alias, row)
             except BaseException:
-                self.store.discard(relpath)
+                self.store.discard(relpath)  # ours, published a moment ago
                 raise
-        return self.resolve(Reference(name, version=number))
+        return number
 
-    def set_alias(self, name: str, alias: str, version: int) -> VersionRecord:
+    @staticmethod
+    def _model_for_import(
+        session, name: str, task: str, description: str | None, owner: Owner
+    ) -> Model:
+        model = session.scalar(select(Model).where(Model.name == name))
+        if model is None:
+            model = Model(
+                name=name,
+                task=task,
+                description=description or "",
+                next_version=1,
+                tenant_id=None if owner is ANY_OWNER else owner,
+            )
+            session.add(model)
+            session.flush()
+        elif owner is not ANY_OWNER and model.tenant_id != owner:
+            raise Conflict(f"the model name {name!r} is not available", param="name")
+        elif model.task != task:
+            raise Conflict(f"model {name!r} serves task {model.task!r}, not {task!r}")
+        elif description is not None:
+            model.description = description
+        return model
+
+    def set_alias(
+        self, name: str, alias: str, version: int, *, owner: Owner = ANY_OWNER
+    ) -> VersionRecord:
         """Point ``alias`` at ``version`` of model ``name`` (creating or moving it)."""
         validate_alias_name(alias)
         with write_transaction(self._sessions) as session:
-            model = _load_model(session, name)
+            model = _owned(session, name, owner)
             row = next((v for v in model.versions if v.version == version), None)
             if row is None:
                 raise VersionNotFound(f"model {name!r} has no version {version}", param="version")
-            _point_alias(session, model, alias, row)
+            rows.point_alias(session, model, alias, row)
         return self.resolve(Reference(name, version=version))
 
-    def delete_alias(self, name: str, alias: str) -> None:
+    def delete_alias(self, name: str, alias: str, *, owner: Owner = ANY_OWNER) -> None:
         with write_transaction(self._sessions) as session:
-            model = _load_model(session, name)
+            model = _owned(session, name, owner)
             row = next((a for a in model.aliases if a.name == alias), None)
             if row is None:
                 raise AliasNotFound(f"model {name!r} has no alias {alias!r}", param="alias")
             session.delete(row)
 
-    def delete_version(self, name: str, version: int, *, force: bool = False) -> None:
+    def delete_version(
+        self, name: str, version: int, *, force: bool = False, owner: Owner = ANY_OWNER
+    ) -> None:
         """Remove one version; refused while aliases point at it unless ``force``."""
-        with write_transaction(self._sessions) as session:
-            model = _load_model(session, name)
+
+        def delete(session) -> str:
+            model = _owned(session, name, owner)
             row = next((v for v in model.versions if v.version == version), None)
             if row is None:
                 raise VersionNotFound(f"model {name!r} has no version {version}", param="version")
@@ -311,19 +305,33 @@ class Registry:
                     "alias first or remove with force"
                 )
             session.delete(row)
-            session.flush()
-            # Removed under the lock: numbers are never reused, but see delete_model.
-            self.store.discard(row.path)
+            return row.path
 
-    def delete_model(self, name: str) -> None:
+        self._delete_with_folder(delete)
+
+    def delete_model(self, name: str, *, owner: Owner = ANY_OWNER) -> None:
         """Remove a model with all its versions and aliases."""
-        with write_transaction(self._sessions) as session:
-            model = _load_model(session, name)
-            session.delete(model)
-            session.flush()
-            # Under the lock, because a new model of the same name starts again at
-            # version 1 and must not lose its folder to this removal.
-            self.store.discard(name)
+
+        def delete(session) -> str:
+            session.delete(_owned(session, name, owner))
+            return name
+
+        self._delete_with_folder(delete)
+
+    def _delete_with_folder(self, delete) -> None:
+        """Delete rows and move their folder out of sight in one locked transaction; the
+        folder is removed after the commit, or put back if the transaction fails."""
+        with self.store.stage() as trash:
+            moved = relpath = None
+            try:
+                with write_transaction(self._sessions) as session:
+                    relpath = delete(session)
+                    session.flush()
+                    moved = self.store.move_out(relpath, trash)
+            except BaseException:
+                if moved is not None:
+                    self.store.move_back(moved, relpath)
+                raise
 
     def rotate_master_key(self, progress: Progress | None = None) -> int:
         """Make a new master key active, re-wrap every data key with it, retire the old ones.
@@ -331,135 +339,39 @@ class Registry:
         Returns how many data keys were re-wrapped. The file bytes do not change, so this is
         quick; afterwards the old master key alone unwraps nothing that is stored.
         """
-        if self.keyring is None:
-            raise InvalidRequest("no master key is configured (MAAS_ENCRYPTION_KEY_FILE)")
-        old_versions = [v for v in self.keyring.versions if v != self.keyring.active_version]
-        old_versions.append(self.keyring.active_version)
-        self.keyring.rotate()
         with write_transaction(self._sessions) as session:
-            rows = session.scalars(select(DataKey)).all()
-            progress = progress or NoProgress()
-            progress.start("Re-wrapping data keys", len(rows))
-            for row in rows:
-                wrapped = self.keyring.rewrap(_wrapped(row), row.aad.encode())
-                row.master_version, row.nonce, row.wrapped = (
-                    wrapped.master_version,
-                    wrapped.nonce,
-                    wrapped.ciphertext,
-                )
-                progress.advance(1)
-        for version in old_versions:
-            self.keyring.retire(version)
-        return len(rows)
+            return self.vault.rotate(session, progress)
 
     def sweep(self) -> int:
-        """Remove what crashed imports and deletions left behind; returns how many folders."""
-        removed = self.store.sweep_staging()
+        """Clear what crashed imports left: staging folders are removed, version folders the
+        database does not know are moved to ``.orphans``. Returns how many were handled."""
+        handled = self.store.sweep_staging()
         with write_transaction(self._sessions) as session:
-            known = set(session.execute(select(ModelVersion.path)).scalars())
-            names = set(session.execute(select(Model.name)).scalars())
-            for name, version, _ in list(self.store.version_folders()):
-                relpath = self.store.relpath(name, version)
-                if relpath not in known:
-                    self.store.discard(relpath)
-                    removed += 1
-            for entry in self.store.root.iterdir():
-                unknown = not entry.name.startswith(".") and entry.name not in names
-                if unknown and entry.is_dir() and not any(entry.iterdir()):
-                    entry.rmdir()
-        return removed
-
-    def _existing_task(self, name: str) -> str | None:
-        with self._sessions() as session:
-            return session.scalar(select(Model.task).where(Model.name == name))
-
-
-def _wrapped(row: DataKey) -> WrappedKey:
-    return WrappedKey(master_version=row.master_version, nonce=row.nonce, ciphertext=row.wrapped)
-
-
-def _models_query():
-    return select(Model).options(
-        selectinload(Model.versions),
-        selectinload(Model.aliases).selectinload(Alias.target),
-        selectinload(Model.tenant),
-    )
+            known = set(session.scalars(select(ModelVersion.path)))
+            orphans = [
+                self.store.relpath(name, version)
+                for name, version, _ in self.store.version_folders()
+                if self.store.relpath(name, version) not in known
+            ]
+            if (
+                orphans
+                and not known
+                and session.scalar(select(func.count()).select_from(Model)) == 0
+            ):
+                log.warning(
+                    "the artifact root holds %d versions but the database none: is "
+                    "MAAS_DATABASE_URL the right database? Leaving them where they are.",
+                    len(orphans),
+                )
+                return handled
+            for relpath in orphans:
+                log.warning("version folder %s is not in the database; moved to .orphans", relpath)
+                self.store.quarantine(relpath)
+        return handled + len(orphans)
 
 
-def _load_model(session: Session, name: str) -> Model:
-    model = session.scalar(_models_query().where(Model.name == name))
-    if model is None:
+def _owned(session, name: str, owner: Owner) -> Model:
+    model = rows.load_model(session, name)
+    if owner is not ANY_OWNER and model.tenant_id != owner:
         raise ModelNotFound(f"model {name!r} not found", param="model")
     return model
-
-
-def _point_alias(session: Session, model: Model, alias: str, row: ModelVersion) -> None:
-    existing = session.scalar(select(Alias).where(Alias.model_id == model.id, Alias.name == alias))
-    if existing is None:
-        session.add(Alias(model_id=model.id, name=alias, version_id=row.id))
-    else:
-        existing.version_id = row.id
-    session.flush()
-
-
-def _manifest(
-    staged: StagedVersion, name: str, number: int, task: str, description: str | None, source: str
-) -> Manifest:
-    info = staged.info
-    return Manifest(
-        name=name,
-        version=number,
-        id=staged.id,
-        task=task,
-        runtime=info.runtime,
-        format=info.format,
-        description=description or "",
-        architecture=info.architecture,
-        config=info.config,
-        inputs=info.inputs,
-        outputs=info.outputs,
-        labels=info.labels,
-        tokenizer=info.tokenizer,
-        chat_template=info.chat_template,
-        context_length=info.context_length,
-        generation_config=info.generation_config,
-        task_options=info.task_options,
-        source=source,
-        created_at=datetime.now(UTC),
-        files=staged.files,
-    )
-
-
-def _model_record(row: Model) -> ModelRecord:
-    aliases = {a.name: a.target.version for a in row.aliases}
-    by_version: dict[int, list[str]] = {}
-    for alias, number in aliases.items():
-        by_version.setdefault(number, []).append(alias)
-    versions = tuple(
-        VersionRecord(
-            name=row.name,
-            version=v.version,
-            tenant_id=row.tenant_id,
-            task=row.task,
-            format=v.format,
-            runtime=v.runtime,
-            size_bytes=v.size_bytes,
-            num_files=v.num_files,
-            created_at=v.created_at,
-            aliases=tuple(sorted(by_version.get(v.version, []))),
-            path=v.path,
-            manifest_sha256=v.manifest_sha256,
-        )
-        for v in row.versions
-    )
-    return ModelRecord(
-        name=row.name,
-        tenant_id=row.tenant_id,
-        tenant=row.tenant.name if row.tenant else None,
-        task=row.task,
-        description=row.description,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        versions=versions,
-        aliases=aliases,
-    )

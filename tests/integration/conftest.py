@@ -88,9 +88,9 @@ class World:
         gguf = make_gguf(tmp_path / "world" / "tiny.gguf")
         registry = state.registry
         registry.import_model(gguf, "shared-model")
-        registry.import_model(gguf, "acme-model", alias="staging", tenant_id=tenants["acme"])
-        registry.import_model(gguf, "acme-model", tenant_id=tenants["acme"])
-        registry.import_model(gguf, "globex-model", tenant_id=tenants["globex"])
+        registry.import_model(gguf, "acme-model", alias="staging", owner=tenants["acme"])
+        registry.import_model(gguf, "acme-model", owner=tenants["acme"])
+        registry.import_model(gguf, "globex-model", owner=tenants["globex"])
         self.gguf = gguf
         self.keys = {
             "user": make_key(Role.user, tenant="acme"),

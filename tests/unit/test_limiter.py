@@ -60,7 +60,7 @@ def test_the_budget_starts_from_the_records_and_renews_next_month():
     limiter.load_budget(key)
     assert not limiter.needs_budget(key)
     limiter.admit(key, uses_tokens=True)
-    limiter.charge("k1", 10)
+    limiter.charge(key, 10)
     with pytest.raises(QuotaExceeded):
         limiter.admit(key, uses_tokens=True)
     limiter.admit(key, uses_tokens=False)  # requests without tokens still pass

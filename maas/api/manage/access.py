@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated
 
@@ -16,6 +17,8 @@ from maas.auth.store import KeyRecord, KeySpec, TenantRecord
 from maas.errors import InvalidRequest
 from maas.metering.usage import UsageRow, aggregate
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(
     prefix="/api/v1", tags=["access"], dependencies=[Depends(governance.current_key)]
 )
@@ -24,9 +27,9 @@ router = APIRouter(
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    industry: str
-    description: str = ""
+    name: str = Field(max_length=64)
+    industry: str = Field(max_length=32)
+    description: str = Field(default="", max_length=10_000)
 
 
 class TenantsPublic(BaseModel):
@@ -37,16 +40,18 @@ class TenantsPublic(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: str = Field(min_length=1, max_length=128)
     role: Role = Role.user
-    tenant: str | None = None
+    tenant: str | None = Field(default=None, max_length=64)
     """Defaults to the creating key's tenant."""
-    allowed_models: list[str] | None = None
-    expires_in_days: float | None = Field(default=None, gt=0)
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    tokens_per_minute: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
-    monthly_token_budget: int | None = Field(default=None, ge=0)
+    allowed_models: list[Annotated[str, Field(max_length=128)]] | None = Field(
+        default=None, max_length=10_000
+    )
+    expires_in_days: float | None = Field(default=None, gt=0, le=36_500)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=10**9)
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=10**15)
+    max_concurrent: int | None = Field(default=None, ge=1, le=10**6)
+    monthly_token_budget: int | None = Field(default=None, ge=0, le=10**15)
 
     def spec(self) -> KeySpec:
         expires_at = None
@@ -119,7 +124,8 @@ def get_key(key_id: str, key: MaintainerKey, keys: KeysDep) -> KeyRecord:
 @router.delete("/keys/{key_id}")
 def revoke_key(key_id: str, key: MaintainerKey, keys: KeysDep, request: Request) -> KeyRecord:
     record = keys.revoke(key_id, key)
-    request.app.state.authenticator.forget(key_id)
+    for revoked in keys.subtree(key_id):  # it and the keys made under it
+        request.app.state.authenticator.forget(revoked)
     return record
 
 
@@ -138,7 +144,10 @@ async def usage(
     state = request.app.state
 
     def read() -> list[UsageRow]:
-        state.recorder.flush()  # include the requests made up to now
+        try:
+            state.recorder.flush()  # include the requests made up to now
+        except Exception:  # the background writer will retry; report what is stored
+            log.exception("flushing usage records before a usage query failed")
         return aggregate(state.registry.engine, names, since=since, until=until, viewer=key)
 
     return UsagePublic(data=await run_in_threadpool(read), group_by=names)

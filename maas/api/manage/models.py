@@ -38,6 +38,7 @@ from maas.registry import Reference, Registry
 from maas.registry.manifest import Task
 from maas.registry.names import validate_alias_name, validate_model_name
 from maas.registry.policy import check_file_names
+from maas.registry.service import ANY_OWNER, Owner
 
 router = APIRouter(
     prefix="/api/v1", tags=["management"], dependencies=[Depends(governance.maintainer_key)]
@@ -58,14 +59,14 @@ def import_model(
     body: ModelImport, key: AdminKey, registry: RegistryDep, tenants: TenantsDep
 ) -> VersionPublic:
     """Import files already on the server's disk (what ``maas models import`` does)."""
-    tenant_id = _owner(key, body.tenant, tenants)
+    owner = tenants.get_id(body.tenant) if body.tenant is not None else ANY_OWNER
     record = registry.import_model(
         Path(body.path),
         body.name,
         task=body.task,
         alias=body.alias,
         description=body.description,
-        tenant_id=tenant_id,
+        owner=owner,
     )
     return VersionPublic.of(record)
 
@@ -89,7 +90,7 @@ async def upload_version(
     if alias is not None:
         validate_alias_name(alias)
     _check_upload_name(filename)
-    tenant_id = await run_in_threadpool(_upload_owner, registry, key, name, tenant, tenants)
+    owner = await run_in_threadpool(_upload_owner, registry, key, name, tenant, tenants)
     with registry.store.stage() as upload:
         target = upload.path / filename
         await _receive(request, target, settings.max_upload_bytes)
@@ -102,7 +103,7 @@ async def upload_version(
             description=description,
             consume=True,
             source_label=filename,
-            tenant_id=tenant_id,
+            owner=owner,
         )
     return VersionPublic.of(record)
 
@@ -114,8 +115,8 @@ def get_model(name: str, key: MaintainerKey, registry: RegistryDep) -> ModelPubl
 
 @router.delete("/models/{name}", status_code=204)
 def delete_model(name: str, key: MaintainerKey, registry: RegistryDep) -> Response:
-    managed_model(registry, key, name)
-    registry.delete_model(name)
+    owner = managed_model(registry, key, name).tenant_id
+    registry.delete_model(name, owner=owner)
     return Response(status_code=204)
 
 
@@ -137,8 +138,8 @@ def get_version(
 def delete_version(
     name: str, version: int, key: MaintainerKey, registry: RegistryDep, force: bool = False
 ) -> Response:
-    managed_model(registry, key, name)
-    registry.delete_version(name, version, force=force)
+    owner = managed_model(registry, key, name).tenant_id
+    registry.delete_version(name, version, force=force, owner=owner)
     return Response(status_code=204)
 
 
@@ -146,34 +147,31 @@ def delete_version(
 def set_alias(
     name: str, alias: str, body: AliasUpdate, key: MaintainerKey, registry: RegistryDep
 ) -> VersionPublic:
-    managed_model(registry, key, name)
-    return VersionPublic.of(registry.set_alias(name, alias, body.version))
+    owner = managed_model(registry, key, name).tenant_id
+    return VersionPublic.of(registry.set_alias(name, alias, body.version, owner=owner))
 
 
 @router.delete("/models/{name}/aliases/{alias}", status_code=204)
 def delete_alias(name: str, alias: str, key: MaintainerKey, registry: RegistryDep) -> Response:
-    managed_model(registry, key, name)
-    registry.delete_alias(name, alias)
+    owner = managed_model(registry, key, name).tenant_id
+    registry.delete_alias(name, alias, owner=owner)
     return Response(status_code=204)
-
-
-def _owner(key: Principal, tenant: str | None, tenants: TenantStore) -> int | None:
-    """The tenant a new model belongs to: a maintainer's own; an admin's choice (None: shared)."""
-    if not key.is_admin:
-        if tenant is not None and tenant != key.tenant:
-            raise PermissionDenied("a maintainer imports models into its own tenant only")
-        return key.tenant_id
-    return None if tenant is None else tenants.get_id(tenant)
 
 
 def _upload_owner(
     registry: Registry, key: Principal, name: str, tenant: str | None, tenants: TenantStore
-) -> int | None:
+) -> Owner:
+    """Who owns the model an upload goes into: the existing owner if the caller may change
+    it; for a new model, a maintainer's own tenant or an admin's choice (default: shared)."""
     try:
-        model = managed_model(registry, key, name)  # a new version of an existing model
+        return managed_model(registry, key, name).tenant_id
     except ModelNotFound:
-        return _owner(key, tenant, tenants)
-    return model.tenant_id
+        pass
+    if not key.is_admin:
+        if tenant is not None and tenant != key.tenant:
+            raise PermissionDenied("a maintainer imports models into its own tenant only")
+        return key.tenant_id
+    return tenants.get_id(tenant) if tenant is not None else ANY_OWNER
 
 
 def _check_upload_name(filename: str) -> None:

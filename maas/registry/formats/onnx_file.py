@@ -36,7 +36,8 @@ def load_graph(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, OSError) as err:
-        raise UnsupportedFormat(f"{path.name} is not a valid ONNX model: {err}") from None
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        raise UnsupportedFormat(f"{path.name} is not a valid ONNX model ({reason})") from None
 
 
 def external_data_files(model: onnx.ModelProto, model_path: Path, folder: Path) -> list[str]:
@@ -46,7 +47,7 @@ def external_data_files(model: onnx.ModelProto, model_path: Path, folder: Path) 
     """
     locations: set[str] = set()
     base = model_path.parent
-    for tensor in _tensors(model.graph):
+    for tensor in tensors_of(model.graph):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
@@ -76,7 +77,8 @@ def inspect(folder: Path, model_path: Path) -> FormatInfo:
     try:
         onnx.checker.check_model(str(model_path))
     except onnx.checker.ValidationError as err:
-        raise UnsupportedFormat(f"{model_path.name} is not a valid ONNX model: {err}") from None
+        reason = str(err).replace(f"{folder.resolve()}/", "").replace(f"{folder}/", "")
+        raise UnsupportedFormat(f"{model_path.name} is not a valid ONNX model: {reason}") from None
     initializers = {init.name for init in model.graph.initializer}
     inputs = [_spec(v) for v in model.graph.input if v.name not in initializers]
     return FormatInfo(
@@ -106,7 +108,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(name=value.name, datatype=datatype, shape=shape)
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+def tensors_of(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     """Every tensor of a graph, its subgraphs included, that may hold external data."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
@@ -118,6 +120,6 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
                 yield attribute.t
             yield from attribute.tensors
             if attribute.HasField("g"):
-                yield from _tensors(attribute.g)
+                yield from tensors_of(attribute.g)
             for subgraph in attribute.graphs:
-                yield from _tensors(subgraph)
+                yield from tensors_of(subgraph)

@@ -96,13 +96,14 @@ def test_rotation_rewraps_every_key_and_retires_the_old_master(sealed, settings,
     rotated = MasterKeyring.load(key_file)
     assert rotated.versions == [2]
     # the old master key alone unwraps none of what is stored now
-    sealed.keyring = MasterKeyring.load(old_copy)
+    sealed.vault.keyring = MasterKeyring.load(old_copy)
+    sealed.vault.key_file = old_copy
     with pytest.raises(ArtifactCorrupted, match="not in the keyring"):
         sealed.open_version("hf")
 
 
 def test_an_encrypted_version_without_the_master_key_is_a_clear_error(sealed, settings):
-    sealed.keyring = None
+    sealed.vault.keyring = None
     with pytest.raises(Unavailable, match="MAAS_ENCRYPTION_KEY_FILE"):
         sealed.open_version("hf")
 
@@ -128,3 +129,51 @@ def test_the_cli_makes_the_key_and_rotates(settings, tmp_path, capsys, monkeypat
     assert run("artifacts", "rotate-master-key") == 0
     assert "re-wrapped 1 data keys with master key version 2" in capsys.readouterr().out
     assert run("models", "verify", "t") == 0
+
+
+def test_rotation_in_another_process_does_not_strand_new_versions(sealed, settings, tmp_path):
+    from maas.registry import open_registry
+
+    other = open_registry(sealed_settings(settings))  # e.g. the CLI, while a server runs
+    try:
+        other.rotate_master_key()
+    finally:
+        other.close()
+    # this process still holds the old key file in memory; it imports and serves on
+    record = sealed.import_model(make_gguf(tmp_path / "after.gguf"), "after")
+    assert sealed.open_version("after").read_bytes("after.gguf")
+    assert sealed.open_version("tiny").read_bytes("tiny.gguf")
+    restarted = open_registry(sealed_settings(settings))
+    try:
+        assert restarted.open_version(record.reference).read_bytes("after.gguf")
+        assert restarted.keyring.versions == [2]
+    finally:
+        restarted.close()
+
+
+def test_a_version_sealed_before_a_rotation_commits_after_it(
+    sealed, settings, tmp_path, monkeypatch
+):
+    import maas.registry.service as service
+    from maas.registry import open_registry
+
+    real_commit = service.Registry._commit
+
+    def rotate_then_commit(self, *args, **kwargs):
+        other = open_registry(sealed_settings(settings))
+        other.rotate_master_key()
+        other.close()
+        return real_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(service.Registry, "_commit", rotate_then_commit)
+    sealed.import_model(make_gguf(tmp_path / "late.gguf"), "late")
+    monkeypatch.undo()
+    restarted = open_registry(sealed_settings(settings))
+    try:
+        assert restarted.open_version("late").read_bytes("late.gguf")
+    finally:
+        restarted.close()
+
+
+def sealed_settings(settings):
+    return settings.model_copy(update={"encryption_key_file": settings.home / "master.keys"})

@@ -138,3 +138,57 @@ def test_limits_are_per_key(probe_client):
     assert probe_client.get("/v1/models", headers=bearer(a)).status_code == 200
     assert probe_client.get("/v1/models", headers=bearer(a)).status_code == 429
     assert probe_client.get("/v1/models", headers=bearer(b)).status_code == 200
+
+
+mixed = APIRouter(prefix="/v1/mixed")
+
+
+@mixed.get("/both")
+def both(first: CurrentKey, second: InferenceKey) -> dict:
+    return {}
+
+
+def test_a_route_with_two_key_dependencies_takes_one_concurrency_slot(settings):
+    app = build_app(settings)
+    app.include_router(mixed)
+    with TestClient(app) as client:
+        key = key_with(client, max_concurrent=1)
+        for _ in range(4):  # each request gives its one slot back
+            assert client.get("/v1/mixed/both", headers=bearer(key)).status_code == 200
+
+
+def test_minted_keys_share_their_creators_budget(probe_client):
+    from maas.auth.principal import Limits, Role
+
+    maintainer = probe_client.app.state.keys.create(
+        KeySpec(name="m", role=Role.maintainer, limits=Limits(monthly_token_budget=30)), None
+    )[1]
+    minted = []
+    for _ in range(3):  # three keys each allowed 30 tokens, but 30 in all
+        response = probe_client.post(
+            "/api/v1/keys",
+            json={"name": "child", "role": "user", "monthly_token_budget": 30},
+            headers=bearer(maintainer),
+        )
+        minted.append(response.json()["key"])
+    for key in minted:
+        assert probe_client.get("/v1/probe/tokens?n=10", headers=bearer(key)).status_code == 200
+    refused = probe_client.get("/v1/probe/tokens?n=10", headers=bearer(minted[0]))
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    assert "monthly budget" in refused.json()["error"]["message"]
+
+
+def test_revoking_a_key_revokes_the_keys_it_made(probe_client):
+    from maas.auth.principal import Role
+
+    parent = probe_client.app.state.keys.create(KeySpec(name="p", role=Role.maintainer), None)[1]
+    child = probe_client.post(
+        "/api/v1/keys", json={"name": "c", "role": "user"}, headers=bearer(parent)
+    ).json()["key"]
+    admin = probe_client.app.state.keys.create(KeySpec(name="a", role=Role.admin), None)[1]
+    assert probe_client.get("/v1/models", headers=bearer(child)).status_code == 200  # cached
+    assert (
+        probe_client.delete(f"/api/v1/keys/{parent[5:17]}", headers=bearer(admin)).status_code
+        == 200
+    )
+    assert probe_client.get("/v1/models", headers=bearer(child)).status_code == 401

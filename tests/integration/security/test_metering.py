@@ -133,3 +133,29 @@ def test_cli_usage_table(world, capsys, monkeypatch):
         assert done.code in (0, None)
     out = capsys.readouterr().out
     assert "acme" in out and "retail" in out
+
+
+def test_a_damaged_spill_file_never_stops_a_start_and_good_lines_still_count(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    upgrade(engine)
+    event = UsageEvent(
+        at=datetime.now(UTC),
+        key_id="k",
+        tenant="t",
+        industry="other",
+        model=None,
+        version=None,
+        endpoint="GET /x",
+        status=200,
+        latency_ms=1.0,
+        prompt_tokens=7,
+    )
+    import json
+
+    good = json.dumps(event.to_row(), default=str)
+    (tmp_path / "usage-unsaved-1-1.jsonl").write_text(good + "\n" + good[:20] + "\n")
+    recorder = UsageRecorder(engine, tmp_path)
+    recorder.start()  # must not raise
+    recorder.close()
+    assert sum(r.prompt_tokens for r in aggregate(engine, ["key"])) == 7
+    assert not list(tmp_path.glob("usage-unsaved-*.jsonl"))

@@ -187,12 +187,12 @@ def test_failure_mid_copy_leaves_nothing(registry, tmp_path, monkeypatch):
 
 
 def test_failure_after_rename_leaves_nothing(registry, gguf, monkeypatch):
-    import maas.registry.service as service
+    import maas.registry.rows as rows
 
     def broken_alias(*args, **kwargs):
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(service, "_point_alias", broken_alias)
+    monkeypatch.setattr(rows, "point_alias", broken_alias)
     with pytest.raises(RuntimeError):
         registry.import_model(gguf, "tiny", alias="production")
     assert registry.list_models() == []
@@ -214,6 +214,8 @@ def test_sweep_removes_leftovers_of_a_crash(registry, gguf):
     try:
         assert registry.sweep() == 2
         assert not leftover.exists() and not orphan.exists()
+        [kept] = (registry.store.root / ".orphans").iterdir()  # set aside, not deleted
+        assert (kept / "tiny.gguf").read_bytes() == b"partial"
         assert live.path.exists()
         assert registry.open_version("tiny:1").record.version == 1
     finally:
@@ -335,3 +337,62 @@ def test_concurrent_imports_get_distinct_versions(registry, gguf):
     assert [v.version for v in registry.get_model("tiny").versions] == list(range(1, 9))
     for record in records:
         registry.open_version(record.reference)
+
+
+def test_sweep_leaves_everything_when_the_database_looks_wrong(registry, gguf, settings):
+    registry.import_model(gguf, "tiny")
+    from maas.config import Settings
+    from maas.registry import open_registry
+
+    other = Settings(home=settings.home, database_url=f"sqlite:///{settings.home / 'other.db'}")
+    stranger = open_registry(other)  # an empty database pointed at a full artifact root
+    try:
+        assert (registry.store.root / "tiny" / "1" / "tiny.gguf").exists()
+        assert not (registry.store.root / ".orphans").exists()
+    finally:
+        stranger.close()
+    assert registry.open_version("tiny:1")
+
+
+def test_a_failed_delete_puts_the_folder_back(registry, gguf, monkeypatch):
+    registry.import_model(gguf, "tiny")
+    import maas.registry.service as service
+
+    real = service.write_transaction
+
+    class Boom(Exception):
+        pass
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def failing_commit(factory):
+        with real(factory) as session:
+            yield session
+            raise Boom  # the commit fails after the rows were deleted and the folder moved
+
+    monkeypatch.setattr(service, "write_transaction", failing_commit)
+    with pytest.raises(Boom):
+        registry.delete_version("tiny", 1)
+    monkeypatch.undo()
+    assert registry.open_version("tiny:1").record.version == 1
+
+
+def test_writes_check_the_owner_they_were_authorised_for(registry, gguf):
+    from maas.auth.store import TenantStore
+
+    tenants = TenantStore(registry.engine)
+    tenants.create("seven", "retail")
+    tenants.create("eight", "energy")
+    seven, eight = tenants.get_id("seven"), tenants.get_id("eight")
+    registry.import_model(gguf, "tiny", owner=seven)
+    with pytest.raises(ModelNotFound):
+        registry.set_alias("tiny", "production", 1, owner=eight)
+    with pytest.raises(ModelNotFound):
+        registry.delete_model("tiny", owner=None)
+    registry.set_alias("tiny", "production", 1, owner=seven)
+    with pytest.raises(Conflict, match="not available") as caught:
+        registry.import_model(gguf, "tiny", owner=eight, task="text-generation")
+    assert "task" not in str(caught.value)  # nothing about someone else's model leaks
+    assert registry.import_model(gguf, "tiny").version == 2  # ANY_OWNER keeps the owner
+    assert registry.get_model("tiny").tenant_id == seven
