@@ -7,6 +7,7 @@ filled in once, at construction, so the rest of the code never has to guess.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -73,11 +74,32 @@ class Settings(BaseSettings):
     """Server secret that API key hashes are keyed with. Empty means a random one kept in
     ``secret.key`` under ``home`` (mode 0600); set it when several servers share a database."""
 
+    model_memory_bytes: int = Field(default=0, ge=0)
+    """Memory that loaded classic models may take together; the least recently used idle
+    model is unloaded to make room. 0 means half of the machine's memory."""
+
+    pin_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Model references loaded at start and never unloaded, comma-separated
+    (e.g. ``all-minilm-l6-v2,resnet@production``)."""
+
+    inference_threads: int = Field(default=0, ge=0)
+    """Threads one forward pass may use (torch, onnxruntime). 0 means every core."""
+
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    """Default rows per forward pass for classic models; 1 turns batching off. A model's
+    own setting (management API) wins."""
+
+    max_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
+    """Default time the oldest request may wait for others to join its batch."""
+
+    max_queue_rows: int = Field(default=4096, ge=1)
+    """Default rows that may wait for a model; past it, requests get 503 with Retry-After."""
+
     encryption_key_file: Path | None = None
     """Master key file for weights encrypted at rest (``maas keys init-master`` makes one).
     Empty means ``master.keys`` under ``home`` if that file exists, else no encryption."""
 
-    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @field_validator("allowed_hosts", "cors_origins", "pin_models", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -96,6 +118,10 @@ class Settings(BaseSettings):
             self.encryption_key_file = self.home / "master.keys"
         if self.encryption_key_file is not None:
             self.encryption_key_file = self.encryption_key_file.expanduser().resolve()
+        if self.model_memory_bytes == 0:
+            self.model_memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        if self.inference_threads == 0:
+            self.inference_threads = os.cpu_count() or 1
         return self
 
     @property

@@ -153,3 +153,108 @@ def make_zip(path: Path, members: dict[str, bytes], symlinks: dict[str, str] | N
 def files_under(folder: Path) -> set[str]:
     """Every path under ``folder`` (files and folders), relative; for 'nothing written' checks."""
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+
+
+def make_cnn_folder(folder: Path, *, num_classes: int = 3, seed: int = 0) -> Path:
+    """A tiny SmallCNN image classifier in maas's architecture format (labels cat/dog/...)."""
+    import torch
+
+    from maas.runtime.architectures import build
+    from maas.runtime.architectures.folder import save_folder
+
+    torch.manual_seed(seed)
+    arguments = {
+        "num_classes": num_classes,
+        "in_channels": 3,
+        "image_size": 16,
+        "channels": [4, 8],
+        "hidden": 16,
+    }
+    module = build("small-cnn", arguments)
+    labels = ["cat", "dog", "bird", "fish", "frog"][:num_classes]
+    preprocessing = {"image_size": [16, 16], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    return save_folder(
+        module,
+        folder,
+        architecture="small-cnn",
+        arguments=arguments,
+        labels=labels,
+        preprocessing=preprocessing,
+    )
+
+
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "big", "red", "car", "runs", "fast"]
+
+
+def make_word_tokenizer(path: Path) -> Path:
+    """A tokenizer.json: lower-cased words, [CLS] ... [SEP], like a BERT tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path
+
+
+def make_bert_embedder(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny BERT with a sentence-transformers layout (mean pooling, then normalisation)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=4 + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    make_word_tokenizer(folder / "tokenizer.json")
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "1_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+                {
+                    "idx": 2,
+                    "name": "2",
+                    "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize",
+                },
+            ]
+        )
+    )
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 16, "pooling_mode_mean_tokens": True})
+    )
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
+    return folder
+
+
+def make_png(
+    color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (20, 24)
+) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()

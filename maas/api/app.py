@@ -12,7 +12,16 @@ from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
 from maas import __version__
-from maas.api import governance, inference_v2, manage, metrics, openai
+from maas.api import (
+    governance,
+    inference_v2,
+    inference_v2_infer,
+    manage,
+    metrics,
+    model_control,
+    openai,
+    predict,
+)
 from maas.api.deps import CurrentKey, NothingLoaded
 from maas.api.errors import install_error_handlers
 from maas.api.hardening import BodyLimitMiddleware, HostCheckMiddleware, allowed_hosts
@@ -24,6 +33,8 @@ from maas.config import Settings
 from maas.metering.recorder import UsageRecorder
 from maas.metering.usage import month_tokens
 from maas.registry import Registry, open_registry
+from maas.routing.metrics import PoolCollector, ServingMetrics
+from maas.routing.serving import Serving
 
 
 def open_state(app: FastAPI, settings: Settings) -> Registry:
@@ -48,15 +59,23 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     metrics_registry = CollectorRegistry()
     http_metrics = metrics.HttpMetrics(metrics_registry)
 
+    serving_metrics = ServingMetrics(metrics_registry)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = await run_in_threadpool(open_state, app, settings)
-        collector = metrics.RegistryCollector(registry)
-        metrics_registry.register(collector)
+        serving = app.state.serving = Serving(registry, settings, serving_metrics)
+        app.state.readiness = serving.pool
+        collectors = [metrics.RegistryCollector(registry), PoolCollector(serving.pool.deployments)]
+        for collector in collectors:
+            metrics_registry.register(collector)
         try:
+            await serving.start(settings.pin_models)
             yield
         finally:
-            metrics_registry.unregister(collector)
+            for collector in collectors:
+                metrics_registry.unregister(collector)
+            await serving.pool.close()
             await run_in_threadpool(app.state.recorder.close)
             registry.close()
 
@@ -77,6 +96,9 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     routers = [
         inference_v2.health_router,
         inference_v2.router,
+        inference_v2_infer.router,
+        model_control.router,
+        predict.router,
         *openai.routers,
         *manage.routers,
         metrics.router,

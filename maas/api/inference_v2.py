@@ -70,7 +70,7 @@ def model_metadata(model: str, key: CurrentKey, registry: RegistryDep) -> ModelM
 def version_metadata(
     model: str, version: str, key: CurrentKey, registry: RegistryDep
 ) -> ModelMetadata:
-    return _metadata(registry, resolve_for(registry, key, _versioned(model, version)))
+    return _metadata(registry, resolve_for(registry, key, versioned(model, version)))
 
 
 @router.get("/models/{model}/ready", response_model=ModelReady)
@@ -84,10 +84,10 @@ def model_ready(
 def version_ready(
     model: str, version: str, key: CurrentKey, registry: RegistryDep, readiness: ReadinessDep
 ) -> JSONResponse:
-    return _ready(resolve_for(registry, key, _versioned(model, version)), readiness)
+    return _ready(resolve_for(registry, key, versioned(model, version)), readiness)
 
 
-def _versioned(model: str, version: str) -> Reference:
+def versioned(model: str, version: str) -> Reference:
     name = parse_reference(model).name
     return parse_reference(f"{name}:{version}")
 

@@ -80,6 +80,8 @@ class Model(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     next_version: Mapped[int] = mapped_column(Integer, default=1)
     """Version numbers are never reused, even after a version is removed."""
+    serving: Mapped[dict | None] = mapped_column(JSON)
+    """Batching settings for this model (max_batch_size, max_delay_ms, max_queue_rows)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -52,6 +53,8 @@ class ModelRecord(BaseModel):
     versions: tuple[VersionRecord, ...]
     aliases: dict[str, int]
     """Alias name -> version number."""
+    serving: dict[str, Any] = {}
+    """Batching settings set for this model (they override the defaults)."""
 
     @property
     def latest(self) -> VersionRecord | None:

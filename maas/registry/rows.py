@@ -114,4 +114,5 @@ def model_record(row: Model) -> ModelRecord:
         updated_at=row.updated_at,
         versions=versions,
         aliases=aliases,
+        serving=row.serving or {},
     )

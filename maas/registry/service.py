@@ -280,6 +280,13 @@ class Registry:
             rows.point_alias(session, model, alias, row)
         return self.resolve(Reference(name, version=version))
 
+    def set_serving(self, name: str, serving: dict, *, owner: Owner = ANY_OWNER) -> ModelRecord:
+        """Store a model's batching settings (validated by the caller)."""
+        with write_transaction(self._sessions) as session:
+            model = _owned(session, name, owner)
+            model.serving = serving or None
+        return self.get_model(name)
+
     def delete_alias(self, name: str, alias: str, *, owner: Owner = ANY_OWNER) -> None:
         with write_transaction(self._sessions) as session:
             model = _owned(session, name, owner)

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from maas.api.app import build_app
 from maas.auth.principal import Limits, Role
 from maas.auth.store import KeySpec
-from tests.fixtures import make_gguf
+from tests.fixtures import make_bert_embedder, make_cnn_folder, make_gguf, make_onnx
 
 MakeKey = Callable[..., str]
 
@@ -80,17 +80,20 @@ class World:
     platform: admin key; model shared-model (no tenant: everyone sees it)
     """
 
-    def __init__(self, client, make_key, make_tenant, tmp_path):
+    def __init__(self, client, make_key, make_tenant, sources):
         make_tenant("acme", "retail")
         make_tenant("globex", "energy")
         state = client.app.state
         tenants = {t.name: state.tenants.get_id(t.name) for t in state.tenants.list(None)}
-        gguf = make_gguf(tmp_path / "world" / "tiny.gguf")
+        gguf = sources / "tiny.gguf"
         registry = state.registry
         registry.import_model(gguf, "shared-model")
         registry.import_model(gguf, "acme-model", alias="staging", owner=tenants["acme"])
         registry.import_model(gguf, "acme-model", owner=tenants["acme"])
         registry.import_model(gguf, "globex-model", owner=tenants["globex"])
+        registry.import_model(sources / "linear.onnx", "acme-linear", owner=tenants["acme"])
+        registry.import_model(sources / "cnn", "acme-cnn", owner=tenants["acme"])
+        registry.import_model(sources / "bert", "acme-embedder", owner=tenants["acme"])
         self.gguf = gguf
         self.keys = {
             "user": make_key(Role.user, tenant="acme"),
@@ -109,6 +112,17 @@ class World:
         return bearer(self.keys[role])
 
 
+@pytest.fixture(scope="session")
+def model_sources(tmp_path_factory):
+    """Tiny model files of each kind, made once per test run (imports copy them)."""
+    folder = tmp_path_factory.mktemp("model-sources")
+    make_gguf(folder / "tiny.gguf")
+    make_onnx(folder / "linear.onnx")
+    make_cnn_folder(folder / "cnn")
+    make_bert_embedder(folder / "bert")
+    return folder
+
+
 @pytest.fixture
-def world(app_client, make_key, make_tenant, tmp_path) -> World:
-    return World(app_client, make_key, make_tenant, tmp_path)
+def world(app_client, make_key, make_tenant, model_sources) -> World:
+    return World(app_client, make_key, make_tenant, model_sources)

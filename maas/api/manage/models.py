@@ -15,11 +15,15 @@ from starlette.concurrency import run_in_threadpool
 from maas.api import governance
 from maas.api.access import managed_model, resolve_for, usable_models, visible_model
 from maas.api.deps import AdminKey, MaintainerKey, RegistryDep, SettingsDep, TenantsDep
+from maas.api.inference import ServingDep
 from maas.api.manage.schemas import (
     AliasUpdate,
+    DeploymentPublic,
+    DeploymentsPublic,
     ModelImport,
     ModelPublic,
     ModelsPublic,
+    ModelUpdate,
     VersionDetail,
     VersionPublic,
     VersionsPublic,
@@ -39,6 +43,7 @@ from maas.registry.manifest import Task
 from maas.registry.names import validate_alias_name, validate_model_name
 from maas.registry.policy import check_file_names
 from maas.registry.service import ANY_OWNER, Owner
+from maas.routing.serving import Serving
 
 router = APIRouter(
     prefix="/api/v1", tags=["management"], dependencies=[Depends(governance.maintainer_key)]
@@ -144,11 +149,59 @@ def delete_version(
 
 
 @router.put("/models/{name}/aliases/{alias}")
-def set_alias(
-    name: str, alias: str, body: AliasUpdate, key: MaintainerKey, registry: RegistryDep
+async def set_alias(
+    name: str, alias: str, body: AliasUpdate, key: MaintainerKey, serving: ServingDep
 ) -> VersionPublic:
-    owner = managed_model(registry, key, name).tenant_id
-    return VersionPublic.of(registry.set_alias(name, alias, body.version, owner=owner))
+    """Move an alias; a served model loads the new version first (zero-downtime switch)."""
+    owner = managed_model(serving.registry, key, name).tenant_id
+    return VersionPublic.of(await serving.move_alias(name, alias, body.version, owner))
+
+
+@router.patch("/models/{name}")
+async def update_model(
+    name: str, body: ModelUpdate, key: MaintainerKey, serving: ServingDep
+) -> ModelPublic:
+    """Change a model's batching settings; loaded versions use them from the next batch."""
+    owner = managed_model(serving.registry, key, name).tenant_id
+    settings = body.serving.model_dump(exclude_none=True) if body.serving else {}
+    record = await run_in_threadpool(serving.registry.set_serving, name, settings, owner=owner)
+    await run_in_threadpool(serving.pool.configure, name)
+    return ModelPublic.of(record)
+
+
+@router.post("/models/{name}/versions/{version}/load")
+async def load_version(
+    name: str, version: int, key: MaintainerKey, serving: ServingDep
+) -> DeploymentPublic:
+    """Load a version now (in the style of Triton's model-control API)."""
+    record = resolve_for(
+        serving.registry, key, Reference(validate_model_name(name), version=version)
+    )
+    await serving.pool.get(record)
+    return next(d for d in _deployments(serving, key) if d.model == name and d.version == version)
+
+
+@router.post("/models/{name}/versions/{version}/unload")
+async def unload_version(
+    name: str, version: int, key: MaintainerKey, serving: ServingDep
+) -> dict[str, bool]:
+    """Unload a version once its running requests finish."""
+    record = resolve_for(
+        serving.registry, key, Reference(validate_model_name(name), version=version)
+    )
+    return {"unloaded": await serving.pool.unload(record)}
+
+
+@router.get("/deployments")
+def list_deployments(key: MaintainerKey, serving: ServingDep) -> DeploymentsPublic:
+    """The loaded model versions the key may see."""
+    data = _deployments(serving, key)
+    return DeploymentsPublic(data=data, count=len(data))
+
+
+def _deployments(serving: Serving, key: Principal) -> list[DeploymentPublic]:
+    visible = {m.name for m in usable_models(serving.registry, key)}
+    return [DeploymentPublic(**d) for d in serving.loaded() if d["model"] in visible]
 
 
 @router.delete("/models/{name}/aliases/{alias}", status_code=204)

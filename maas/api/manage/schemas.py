@@ -65,6 +65,8 @@ class VersionsPublic(BaseModel):
 
 class ModelPublic(BaseModel):
     name: str
+    serving: dict[str, Any]
+    """Batching settings set for this model (defaults apply to the rest)."""
     tenant: str | None
     """The owning tenant; null for a model shared with every tenant."""
     task: str
@@ -79,6 +81,7 @@ class ModelPublic(BaseModel):
     def of(cls, record: ModelRecord) -> ModelPublic:
         return cls(
             name=record.name,
+            serving=record.serving,
             tenant=record.tenant,
             task=record.task,
             description=record.description,
@@ -92,4 +95,37 @@ class ModelPublic(BaseModel):
 
 class ModelsPublic(BaseModel):
     data: list[ModelPublic]
+    count: int
+
+
+class ServingUpdate(BaseModel):
+    """Batching settings of one model; fields left out keep the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    """Rows in one forward pass at most; 1 turns batching off."""
+    max_delay_ms: float | None = Field(default=None, ge=0, le=10_000)
+    """How long the oldest request may wait for others to join its batch."""
+    max_queue_rows: int | None = Field(default=None, ge=1, le=10**7)
+    """Rows that may wait; past it, requests get 503 with Retry-After."""
+
+
+class ModelUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    serving: ServingUpdate | None = None
+
+
+class DeploymentPublic(BaseModel):
+    model: str
+    version: int
+    memory_bytes: int
+    in_flight: int
+    queued_rows: int
+    pinned: bool
+
+
+class DeploymentsPublic(BaseModel):
+    data: list[DeploymentPublic]
     count: int

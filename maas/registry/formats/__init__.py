@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from maas.errors import InvalidRequest, UnsupportedFormat
-from maas.registry.formats import gguf_file, huggingface, onnx_file
+from maas.registry.formats import gguf_file, huggingface, onnx_file, torch_folder
 from maas.registry.formats.info import FormatInfo
 
 SUPPORTED = (
     "a Hugging Face folder (config.json with *.safetensors), a .gguf file, a .onnx file, "
+    "a maas architecture folder (maas-architecture.json with model.safetensors), "
     "or a .tar.gz/.tgz/.tar/.zip archive of one of these"
 )
 
@@ -25,6 +26,8 @@ def inspect_folder(folder: Path) -> FormatInfo:
     ggufs = [path for path in files if path.suffix.lower() == ".gguf"]
     onnxs = [path for path in files if path.suffix.lower() == ".onnx"]
     has_config = (folder / "config.json").is_file()
+    if (folder / torch_folder.ARCHITECTURE_FILE).is_file():
+        return torch_folder.inspect(folder)
     if ggufs:
         if len(ggufs) > 1:
             names = ", ".join(path.name for path in ggufs)

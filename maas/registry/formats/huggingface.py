@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from maas.errors import RefusedArtifact, UnsupportedFormat
 from maas.registry.formats.info import LLAMA_FAMILY, FormatInfo, generation_tasks
+from maas.registry.manifest import TensorSpec
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -69,6 +70,8 @@ def inspect(folder: Path) -> FormatInfo:
 
 
 def _fill_task(info: FormatInfo, folder: Path, config: dict[str, Any], architecture: str) -> None:
+    """The task, labels and v2 tensor signature an architecture implies."""
+    classes = len(config.get("id2label") or {}) or config.get("num_labels", 2)
     if architecture.endswith(("ForCausalLM", "LMHeadModel")):
         info.default_task, info.tasks = generation_tasks(info.chat_template)
         if config.get("model_type") in LLAMA_FAMILY:
@@ -76,15 +79,34 @@ def _fill_task(info: FormatInfo, folder: Path, config: dict[str, Any], architect
     elif architecture.endswith("ForSequenceClassification"):
         info.default_task, info.tasks = "text-classification", ("text-classification",)
         info.labels = _labels(config)
+        info.inputs = _text_inputs(config)
+        info.outputs = [TensorSpec(name="logits", datatype="FP32", shape=[-1, classes])]
     elif architecture.endswith("ForImageClassification"):
         info.default_task, info.tasks = "image-classification", ("image-classification",)
         info.labels = _labels(config)
         preprocessor = read_json(folder / "preprocessor_config.json", missing_ok=True)
         if preprocessor:
             info.task_options["preprocessor"] = preprocessor
+        channels = config.get("num_channels", 3)
+        info.inputs = [
+            TensorSpec(name="pixel_values", datatype="FP32", shape=[-1, channels, -1, -1])
+        ]
+        info.outputs = [TensorSpec(name="logits", datatype="FP32", shape=[-1, classes])]
     elif (folder / "modules.json").is_file() or architecture.endswith("Model"):
         info.default_task, info.tasks = "embeddings", ("embeddings",)
         info.task_options.update(_sentence_transformers_options(folder))
+        info.inputs = _text_inputs(config)
+        hidden = config.get("hidden_size", -1)
+        info.outputs = [
+            TensorSpec(name="last_hidden_state", datatype="FP32", shape=[-1, -1, hidden])
+        ]
+
+
+def _text_inputs(config: dict[str, Any]) -> list[TensorSpec]:
+    names = ["input_ids", "attention_mask"]
+    if "type_vocab_size" in config:  # BERT-like: the model takes token type ids
+        names.append("token_type_ids")
+    return [TensorSpec(name=name, datatype="INT64", shape=[-1, -1]) for name in names]
 
 
 def _labels(config: dict[str, Any]) -> list[str] | None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from fastapi.routing import APIRoute
 
 from maas.api import governance, metrics
 from maas.api.app import build_app
+from tests.fixtures import make_png
 
 PUBLIC = {("GET", "/v2/health/live"), ("GET", "/v2/health/ready")}
 
 ROLES = ("none", "bad", "user", "maintainer", "admin")
+INFER = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+PREDICT = {"instances": [{"b64": base64.b64encode(make_png()).decode()}]}
 
 # (method, route template) -> (concrete request, {role: expected status})
 # Keys are acme's (user, maintainer) and the platform admin's; objects are acme's.
@@ -96,6 +101,44 @@ MATRIX = {
     ("GET", "/api/v1/usage"): (("GET", "/api/v1/usage", None), ANY_KEY),
     ("GET", "/metrics"): (("GET", "/metrics", None), cells(MAINTAINER, maintainer=403)),
     ("GET", "/openapi.json"): (("GET", "/openapi.json", None), ANY_KEY),
+    ("POST", "/v2/models/{model}/infer"): (
+        ("POST", "/v2/models/acme-linear/infer", INFER),
+        ANY_KEY,
+    ),
+    ("POST", "/v2/models/{model}/versions/{version}/infer"): (
+        ("POST", "/v2/models/acme-linear/versions/1/infer", INFER),
+        ANY_KEY,
+    ),
+    ("POST", "/v1/models/{model}:predict"): (
+        ("POST", "/v1/models/acme-cnn:predict", PREDICT),
+        ANY_KEY,
+    ),
+    ("POST", "/v1/embeddings"): (
+        ("POST", "/v1/embeddings", {"model": "acme-embedder", "input": "the cat"}),
+        ANY_KEY,
+    ),
+    ("POST", "/v2/repository/index"): (("POST", "/v2/repository/index", None), MAINTAINER),
+    ("POST", "/v2/repository/models/{model}/load"): (
+        ("POST", "/v2/repository/models/acme-linear/load", None),
+        MAINTAINER,
+    ),
+    ("POST", "/v2/repository/models/{model}/unload"): (
+        ("POST", "/v2/repository/models/acme-linear/unload", None),
+        MAINTAINER,
+    ),
+    ("PATCH", "/api/v1/models/{name}"): (
+        ("PATCH", "/api/v1/models/acme-linear", {"serving": {"max_batch_size": 4}}),
+        MAINTAINER,
+    ),
+    ("POST", "/api/v1/models/{name}/versions/{version}/load"): (
+        ("POST", "/api/v1/models/acme-linear/versions/1/load", None),
+        MAINTAINER,
+    ),
+    ("POST", "/api/v1/models/{name}/versions/{version}/unload"): (
+        ("POST", "/api/v1/models/acme-linear/versions/1/unload", None),
+        MAINTAINER,
+    ),
+    ("GET", "/api/v1/deployments"): (("GET", "/api/v1/deployments", None), MAINTAINER),
 }
 
 

@@ -1,0 +1,51 @@
+"""Triton's model repository API: ``POST /v2/repository/index``, ``.../models/{m}/load`` and
+``.../unload``, so Triton clients and tools can load and unload maas models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+
+from maas.api import governance
+from maas.api.access import resolve_for, usable_models
+from maas.api.deps import MaintainerKey
+from maas.api.inference import ServingDep
+
+router = APIRouter(
+    prefix="/v2/repository",
+    tags=["inference v2"],
+    dependencies=[Depends(governance.maintainer_key)],
+)
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: str
+    """READY when loaded, UNAVAILABLE otherwise (Triton's words)."""
+    reason: str = ""
+
+
+@router.post("/index")
+def index(key: MaintainerKey, serving: ServingDep) -> list[RepositoryModel]:
+    return [
+        RepositoryModel(
+            name=model.name,
+            version=str(version.version),
+            state="READY" if serving.pool.is_ready(version) else "UNAVAILABLE",
+        )
+        for model in usable_models(serving.registry, key)
+        for version in model.versions
+    ]
+
+
+@router.post("/models/{model}/load")
+async def load(model: str, key: MaintainerKey, serving: ServingDep) -> dict:
+    await serving.pool.get(resolve_for(serving.registry, key, model))
+    return {}
+
+
+@router.post("/models/{model}/unload")
+async def unload(model: str, key: MaintainerKey, serving: ServingDep) -> dict:
+    await serving.pool.unload(resolve_for(serving.registry, key, model))
+    return {}

@@ -1,0 +1,1 @@
+"""Request loops. Knows requests, not HTTP or SQL."""

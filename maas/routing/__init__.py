@@ -1,0 +1,1 @@
+"""What is loaded: model versions as live deployments, the pool that loads and evicts them."""

@@ -1,0 +1,155 @@
+"""The model pool: which versions are loaded.
+
+A version loads on its first request (or at start when pinned), exactly once however many
+requests arrive together, and the least recently used idle version is unloaded when the
+memory budget would be exceeded. Loading reads and verifies the files off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from starlette.concurrency import run_in_threadpool
+
+from maas.errors import MaasError, Unavailable
+from maas.registry import Registry, VersionRecord
+from maas.routing.deployment import Deployment, ServingConfig, batch_stats_recorder
+from maas.routing.metrics import ServingMetrics
+from maas.runtime.base import RuntimeOptions
+from maas.runtime.classic import runtime_for
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+
+
+def key_of(record: VersionRecord) -> Key:
+    return record.name, record.version
+
+
+class ModelPool:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        memory_budget: int,
+        serving: Callable[[VersionRecord], ServingConfig],
+        metrics: ServingMetrics,
+        options: RuntimeOptions,
+        pinned: frozenset[Key] = frozenset(),
+    ) -> None:
+        self._registry = registry
+        self.memory_budget = memory_budget
+        self._serving = serving
+        self._metrics = metrics
+        self._options = options
+        self.pinned = pinned
+        self._deployments: OrderedDict[Key, Deployment] = OrderedDict()
+        self._loading: dict[Key, asyncio.Task[Deployment]] = {}
+        self._lock = asyncio.Lock()
+
+    def deployments(self) -> list[Deployment]:
+        return list(self._deployments.values())
+
+    def is_ready(self, record: VersionRecord) -> bool:
+        return key_of(record) in self._deployments
+
+    async def get(self, record: VersionRecord) -> Deployment:
+        """The deployment of a version, loading it if needed (once, however many callers)."""
+        key = key_of(record)
+        deployment = self._deployments.get(key)
+        if deployment is not None:
+            self._deployments.move_to_end(key)
+            return deployment
+        task = self._loading.get(key)
+        if task is None:
+            task = self._loading[key] = asyncio.get_running_loop().create_task(self._load(record))
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def unload(self, record: VersionRecord) -> bool:
+        """Unload a version once its running requests finish; False if it was not loaded."""
+        deployment = self._deployments.pop(key_of(record), None)
+        if deployment is None:
+            return False
+        await self._drain_and_close(deployment)
+        return True
+
+    def configure(self, name: str) -> None:
+        """Re-read the serving config of every loaded version of a model (blocking)."""
+        for deployment in list(self._deployments.values()):
+            if deployment.record.name == name:
+                deployment.configure(self._serving(deployment.record))
+
+    async def close(self) -> None:
+        for task in list(self._loading.values()):
+            task.cancel()
+        while self._deployments:
+            _, deployment = self._deployments.popitem()
+            await deployment.close()
+
+    async def _load(self, record: VersionRecord) -> Deployment:
+        started = time.perf_counter()
+        opened = await run_in_threadpool(self._registry.open_version, record.reference)
+        async with self._lock:
+            await self._make_room(opened.manifest.size_bytes, record)
+            runtime = runtime_for(opened, self._options)
+            try:
+                await run_in_threadpool(runtime.load)
+            except MaasError:
+                raise
+            except Exception as err:
+                log.exception("loading %s failed", record.reference)
+                raise Unavailable(f"model {record.reference} failed to load: {err}") from None
+            config = await run_in_threadpool(self._serving, record)
+            deployment = Deployment(
+                record,
+                opened.manifest,
+                runtime,
+                config,
+                on_batch=batch_stats_recorder(self._metrics, record),
+            )
+            self._deployments[key_of(record)] = deployment
+        seconds = time.perf_counter() - started
+        self._metrics.load_seconds.labels(record.name, str(record.version)).observe(seconds)
+        log.info("loaded %s in %.2fs", record.reference, seconds)
+        return deployment
+
+    async def _make_room(self, needed: int, record: VersionRecord) -> None:
+        """Unload least-recently-used idle versions until ``needed`` bytes fit the budget."""
+        if needed > self.memory_budget:
+            raise Unavailable(
+                f"model {record.reference} needs about {needed} bytes, more than the whole "
+                f"model memory budget ({self.memory_budget}, MAAS_MODEL_MEMORY_BYTES)"
+            )
+        while self._used() + needed > self.memory_budget:
+            victim = next(
+                (
+                    key
+                    for key, d in self._deployments.items()
+                    if d.in_flight == 0 and key not in self.pinned
+                ),
+                None,
+            )
+            if victim is None:
+                raise Unavailable(
+                    f"no room to load {record.reference}: the loaded models are busy or pinned",
+                )
+            deployment = self._deployments.pop(victim)
+            log.info(
+                "unloading %s to make room for %s", deployment.record.reference, record.reference
+            )
+            await deployment.close()
+
+    def _used(self) -> int:
+        return sum(d.runtime.memory_bytes for d in self._deployments.values())
+
+    @staticmethod
+    async def _drain_and_close(deployment: Deployment) -> None:
+        while deployment.in_flight > 0:
+            await asyncio.sleep(0.01)
+        await deployment.close()

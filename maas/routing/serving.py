@@ -1,0 +1,112 @@
+"""From a model reference to a running deployment, for the inference routes.
+
+Moving an alias through the management API first loads the new target (if the model is
+being served), so new requests switch to it only once it is ready, while requests already
+running on the old version finish there. A new version that fails to load leaves the alias
+where it was and the move reports the error. If an alias is moved elsewhere (another
+process, the CLI) to a version that then fails to load, the version that last served that
+reference keeps serving it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from maas.config import Settings
+from maas.errors import Conflict, MaasError
+from maas.registry import Registry, VersionRecord
+from maas.registry.service import ANY_OWNER, Owner
+from maas.routing.deployment import Deployment, ServingConfig
+from maas.routing.metrics import ServingMetrics
+from maas.routing.pool import ModelPool, key_of
+from maas.runtime.base import RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+SERVING_FIELDS = ("max_batch_size", "max_delay_ms", "max_queue_rows")
+
+
+class Serving:
+    def __init__(self, registry: Registry, settings: Settings, metrics: ServingMetrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.defaults = ServingConfig(
+            max_batch_size=settings.max_batch_size,
+            max_delay_ms=settings.max_delay_ms,
+            max_queue_rows=settings.max_queue_rows,
+        )
+        self.pool = ModelPool(
+            registry,
+            memory_budget=settings.model_memory_bytes,
+            serving=self.config_for,
+            metrics=metrics,
+            options=RuntimeOptions(threads=settings.inference_threads),
+        )
+        self._last_served: dict[str, VersionRecord] = {}
+
+    async def start(self, pinned: list[str]) -> None:
+        """Load the pinned models (at server start); they are never unloaded for room."""
+        records = [self.registry.resolve(reference) for reference in pinned]
+        self.pool.pinned = frozenset(key_of(record) for record in records)
+        for record in records:
+            await self.pool.get(record)
+
+    def config_for(self, record: VersionRecord) -> ServingConfig:
+        """Settings defaults, then the manifest's, then the model's own settings."""
+        config = self.defaults
+        manifest_serving = self.registry.read_manifest(record).task_options.get("serving", {})
+        for layer in (manifest_serving, self.registry.get_model(record.name).serving):
+            config = replace(config, **{k: v for k, v in layer.items() if k in SERVING_FIELDS})
+        return config
+
+    async def deployment(self, record: VersionRecord, reference: str) -> Deployment:
+        """The loaded deployment for a resolved reference (loading it if needed)."""
+        try:
+            deployment = await self.pool.get(record)
+        except MaasError:
+            fallback = self._last_served.get(reference)
+            if fallback is None or fallback == record or not self.pool.is_ready(fallback):
+                raise
+            log.error(
+                "%s resolved to %s, which failed to load; %s keeps serving it",
+                reference,
+                record.reference,
+                fallback.reference,
+            )
+            return await self.pool.get(fallback)
+        self._last_served[reference] = record
+        return deployment
+
+    async def move_alias(
+        self, name: str, alias: str, version: int, owner: Owner = ANY_OWNER
+    ) -> VersionRecord:
+        """Point an alias at a version; if the model is being served, load that version
+        first, and leave the alias alone if it fails to load."""
+        target = self.registry.resolve(f"{name}:{version}")
+        serving = any(d.record.name == name for d in self.pool.deployments())
+        if serving and not self.pool.is_ready(target):
+            try:
+                await self.pool.get(target)
+            except MaasError as err:
+                raise Conflict(
+                    f"{target.reference} failed to load, so {name}@{alias} was not moved: "
+                    f"{err.message}"
+                ) from None
+        record = self.registry.set_alias(name, alias, version, owner=owner)
+        for reference in (f"{name}@{alias}", name):
+            self._last_served.pop(reference, None)
+        return record
+
+    def loaded(self) -> list[dict]:
+        return [
+            {
+                "model": d.record.name,
+                "version": d.record.version,
+                "memory_bytes": d.runtime.memory_bytes,
+                "in_flight": d.in_flight,
+                "queued_rows": d.batcher.queued_rows,
+                "pinned": key_of(d.record) in self.pool.pinned,
+            }
+            for d in self.pool.deployments()
+        ]

@@ -1,0 +1,114 @@
+"""Hugging Face encoders: sequence classification, image classification, feature extraction.
+
+Weights load from safetensors only and ``trust_remote_code`` is never set. An encrypted
+version is built from its config and given a state dict decrypted in memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+from maas.errors import UnsupportedFormat
+from maas.registry.manifest import TensorSpec
+from maas.runtime.base import Runtime
+
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TransformersRuntime(Runtime):
+    def load(self) -> None:
+        import torch
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        auto = {
+            "embeddings": transformers.AutoModel,
+            "text-classification": transformers.AutoModelForSequenceClassification,
+            "image-classification": transformers.AutoModelForImageClassification,
+        }.get(self.opened.manifest.task)
+        if auto is None:
+            raise UnsupportedFormat(
+                f"the transformers runtime cannot serve {self.opened.manifest.task!r}"
+            )
+        if self.opened.data_keys:
+            model = self._from_decrypted_state(auto)
+        else:
+            model = auto.from_pretrained(
+                self.opened.folder,
+                use_safetensors=True,
+                local_files_only=True,
+                trust_remote_code=False,
+            )
+        self._model = model.eval()
+        self._torch = torch
+        self.inputs, self.outputs = signature_of(model, self.opened.manifest.task)
+        self._parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            tensors = {
+                name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in inputs.items()
+            }
+            output = self._model(**tensors)
+        name = self.outputs[0].name
+        return {name: getattr(output, name).float().numpy()}
+
+    def unload(self) -> None:
+        self._model = None
+
+    @property
+    def memory_bytes(self) -> int:
+        return getattr(self, "_parameter_bytes", 0) or super().memory_bytes
+
+    def _from_decrypted_state(self, auto):
+        from safetensors.torch import load
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            self.opened.folder, local_files_only=True, trust_remote_code=False
+        )
+        model = auto.from_config(config)
+        state: dict = {}
+        for relpath in self.opened.data_keys:
+            if relpath.endswith(".safetensors"):
+                state.update(load(self.opened.read_bytes(relpath)))
+        prefix = f"{model.base_model_prefix}."
+        if not any(key.startswith(prefix) for key in model.state_dict()):
+            state = {key.removeprefix(prefix): value for key, value in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [key for key in missing if not key.endswith("position_ids")]
+        if missing or unexpected:
+            raise UnsupportedFormat(
+                f"the weights do not fit {type(model).__name__}: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        model.tie_weights()
+        return model
+
+
+def signature_of(model, task: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """v2 tensors of a loaded model: what its forward takes, and the output maas returns."""
+    if task == "image-classification":
+        size = model.config.image_size if hasattr(model.config, "image_size") else -1
+        channels = getattr(model.config, "num_channels", 3)
+        inputs = [
+            TensorSpec(name="pixel_values", datatype="FP32", shape=[-1, channels, size, size])
+        ]
+        return inputs, [
+            TensorSpec(name="logits", datatype="FP32", shape=[-1, model.config.num_labels])
+        ]
+    accepted = inspect.signature(model.forward).parameters
+    inputs = [
+        TensorSpec(name=name, datatype="INT64", shape=[-1, -1])
+        for name in TEXT_INPUTS
+        if name in accepted
+    ]
+    if task == "text-classification":
+        return inputs, [
+            TensorSpec(name="logits", datatype="FP32", shape=[-1, model.config.num_labels])
+        ]
+    hidden = model.config.hidden_size
+    return inputs, [TensorSpec(name="last_hidden_state", datatype="FP32", shape=[-1, -1, hidden])]

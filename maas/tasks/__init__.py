@@ -1,0 +1,1 @@
+"""What inputs and outputs mean per task: images, texts, labels, embeddings."""
