@@ -83,10 +83,10 @@ def make_gguf(
     return path
 
 
-def make_onnx(path: Path, *, external_location: str | None = None) -> Path:
-    """y = x @ W + 1 with x: FP32[batch, 4]; W can live in an external data file."""
+def make_onnx(path: Path, *, external_location: str | None = None, scale: float = 1.0) -> Path:
+    """y = x @ (scale * W) + 1 with x: FP32[batch, 4]; W can live in an external data file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    weight = numpy_helper.from_array(WEIGHT_PATTERN, name="W")
+    weight = numpy_helper.from_array((WEIGHT_PATTERN * scale).astype(np.float32), name="W")
     if external_location is not None:
         weight.ClearField("raw_data")
         weight.data_location = TensorProto.EXTERNAL
@@ -258,3 +258,47 @@ def make_png(
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def make_broken_onnx(path: Path) -> Path:
+    """A model ONNX accepts (unknown custom domains are not checked) but no runtime can run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["x"], ["y"], domain="com.example")],
+        "broken",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def make_lstm_folder(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny LSTM text classifier (positive/negative) with a word tokenizer."""
+    import torch
+
+    from maas.runtime.architectures import build
+    from maas.runtime.architectures.folder import save_folder
+
+    torch.manual_seed(seed)
+    arguments = {
+        "vocab_size": 4 + len(WORDS),
+        "num_classes": 2,
+        "embedding_dim": 8,
+        "hidden_size": 8,
+    }
+    module = build("lstm-classifier", arguments)
+    save_folder(
+        module,
+        folder,
+        architecture="lstm-classifier",
+        arguments=arguments,
+        labels=["negative", "positive"],
+        preprocessing={"max_length": 32},
+    )
+    make_word_tokenizer(folder / "tokenizer.json")
+    return folder
