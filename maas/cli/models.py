@@ -11,6 +11,7 @@ from rich.table import Table
 
 from maas.cli.context import open_access, open_registry
 from maas.cli.output import console, progress_bar
+from maas.cli.remote import ServerClient
 from maas.errors import InvalidReference
 from maas.registry import TASKS, ModelRecord, VersionRecord, parse_reference
 from maas.registry.service import ANY_OWNER
@@ -220,3 +221,62 @@ def _size(num_bytes: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
+
+
+@app.command("load")
+def load(reference: Annotated[str, typer.Argument(help="NAME, NAME:V or NAME@ALIAS.")]) -> None:
+    """Load a version into the running server now (it would load on its first request)."""
+    ServerClient().request("POST", f"/v2/repository/models/{reference}/load")
+    console.print(f"loaded {reference}")
+
+
+@app.command("unload")
+def unload(reference: Annotated[str, typer.Argument(help="NAME, NAME:V or NAME@ALIAS.")]) -> None:
+    """Unload a version from the running server once its requests finish."""
+    ServerClient().request("POST", f"/v2/repository/models/{reference}/unload")
+    console.print(f"unloaded {reference}")
+
+
+@app.command("loaded")
+def loaded() -> None:
+    """List what the running server has loaded."""
+    deployments = ServerClient().request("GET", "/api/v1/deployments")["data"]
+    table = Table("model", "version", "memory", "running", "queued rows", "pinned")
+    for d in deployments:
+        table.add_row(
+            d["model"],
+            str(d["version"]),
+            _size(d["memory_bytes"]),
+            str(d["in_flight"]),
+            str(d["queued_rows"]),
+            "yes" if d["pinned"] else "",
+        )
+    console.print(table)
+
+
+@app.command("configure")
+def configure(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="Rows per forward pass (1: no batching).", min=1, max=4096)
+    ] = None,
+    max_delay_ms: Annotated[
+        float | None,
+        typer.Option(help="How long a request may wait for company.", min=0, max=10000),
+    ] = None,
+    max_queue_rows: Annotated[
+        int | None, typer.Option(help="Rows that may wait before 503.", min=1)
+    ] = None,
+) -> None:
+    """Change a model's batching settings on the running server (applies to the next batch)."""
+    serving = {
+        key: value
+        for key, value in {
+            "max_batch_size": max_batch_size,
+            "max_delay_ms": max_delay_ms,
+            "max_queue_rows": max_queue_rows,
+        }.items()
+        if value is not None
+    }
+    model = ServerClient().request("PATCH", f"/api/v1/models/{name}", json={"serving": serving})
+    console.print(f"{name}: {model['serving'] or 'default batching'}")

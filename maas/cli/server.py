@@ -30,6 +30,8 @@ def serve(
     settings = load_settings(host=host, port=port)
     with open_access() as access:
         created = ensure_admin_key(settings, access.keys)
+        for reference in settings.pin_models:  # a typo stops here, with one clear line
+            access.registry.resolve(reference)
     key_file = admin_key_path(settings)
     base = f"http://{settings.host}:{settings.port}"
     console.print(f"maas {__version__} on {base}  (data in {settings.home})")

@@ -10,10 +10,14 @@ database it could be someone's model.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
 
 from maas.artifacts.archive import ArchiveLimits
 from maas.artifacts.store import ArtifactStore
@@ -42,6 +46,8 @@ from maas.registry.names import (
 from maas.registry.records import ModelRecord, OpenedVersion, VersionRecord
 
 log = logging.getLogger(__name__)
+
+CACHE_SECONDS = 2.0
 
 
 class _Owner(Enum):
@@ -78,6 +84,8 @@ class Registry:
         self.store = store
         self.limits = limits
         self.vault = vault or KeyVault(None)
+        self._models: dict[str, tuple[float, ModelRecord]] = {}
+        """A short cache of model records: serving resolves a reference per request."""
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Registry:
@@ -110,8 +118,24 @@ class Registry:
             ]
 
     def get_model(self, name: str) -> ModelRecord:
+        """A model with its versions and aliases. Read through a cache of CACHE_SECONDS:
+        this process's own writes clear it, another process's show within that time."""
+        cached = self._models.get(name)
+        if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
+            return cached[1]
         with self._sessions() as session:
-            return rows.model_record(rows.load_model(session, name))
+            record = rows.model_record(rows.load_model(session, name))
+        self._models[name] = (time.monotonic(), record)
+        return record
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A serialised write transaction; the record cache is cleared after it."""
+        try:
+            with write_transaction(self._sessions) as session:
+                yield session
+        finally:
+            self._models.clear()
 
     def resolve(self, reference: str | Reference) -> VersionRecord:
         """The version a reference points at: ``name``, ``name:3`` or ``name@alias``."""
@@ -221,7 +245,7 @@ class Registry:
         source: str,
         owner: Owner,
     ) -> int:
-        with write_transaction(self._sessions) as session:
+        with self._write() as session:
             model = self._model_for_import(session, name, task, description, owner)
             number = model.next_version
             model.next_version = number + 1
@@ -272,7 +296,7 @@ class Registry:
     ) -> VersionRecord:
         """Point ``alias`` at ``version`` of model ``name`` (creating or moving it)."""
         validate_alias_name(alias)
-        with write_transaction(self._sessions) as session:
+        with self._write() as session:
             model = _owned(session, name, owner)
             row = next((v for v in model.versions if v.version == version), None)
             if row is None:
@@ -282,13 +306,13 @@ class Registry:
 
     def set_serving(self, name: str, serving: dict, *, owner: Owner = ANY_OWNER) -> ModelRecord:
         """Store a model's batching settings (validated by the caller)."""
-        with write_transaction(self._sessions) as session:
+        with self._write() as session:
             model = _owned(session, name, owner)
             model.serving = serving or None
         return self.get_model(name)
 
     def delete_alias(self, name: str, alias: str, *, owner: Owner = ANY_OWNER) -> None:
-        with write_transaction(self._sessions) as session:
+        with self._write() as session:
             model = _owned(session, name, owner)
             row = next((a for a in model.aliases if a.name == alias), None)
             if row is None:
@@ -331,7 +355,7 @@ class Registry:
         with self.store.stage() as trash:
             moved = relpath = None
             try:
-                with write_transaction(self._sessions) as session:
+                with self._write() as session:
                     relpath = delete(session)
                     session.flush()
                     moved = self.store.move_out(relpath, trash)
@@ -346,14 +370,14 @@ class Registry:
         Returns how many data keys were re-wrapped. The file bytes do not change, so this is
         quick; afterwards the old master key alone unwraps nothing that is stored.
         """
-        with write_transaction(self._sessions) as session:
+        with self._write() as session:
             return self.vault.rotate(session, progress)
 
     def sweep(self) -> int:
         """Clear what crashed imports left: staging folders are removed, version folders the
         database does not know are moved to ``.orphans``. Returns how many were handled."""
         handled = self.store.sweep_staging()
-        with write_transaction(self._sessions) as session:
+        with self._write() as session:
             known = set(session.scalars(select(ModelVersion.path)))
             orphans = [
                 self.store.relpath(name, version)

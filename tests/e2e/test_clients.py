@@ -148,3 +148,35 @@ def test_openai_sdk_errors_are_openai_shaped(server):
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model="linear", input="hi")
     assert "not an embedding model" in caught.value.body["message"]
+
+
+def test_cli_loads_configures_and_unloads_on_the_running_server(server):
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import maas_env
+
+    def maas(*args):
+        env = {**maas_env(server.home), "MAAS_URL": server.url}
+        return subprocess.run(
+            [sys.executable, "-m", "maas", "models", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    assert maas("load", "cnn").returncode == 0
+    listed = maas("loaded")
+    assert listed.returncode == 0 and "cnn" in listed.stdout
+    configured = maas("configure", "cnn", "--max-batch-size", "1")
+    assert configured.returncode == 0 and "'max_batch_size': 1" in configured.stdout
+    assert maas("unload", "cnn").returncode == 0
+    assert "cnn" not in maas("loaded").stdout
+    missing = maas("load", "nope")
+    assert missing.returncode == 1 and "404" in missing.stderr and "not found" in missing.stderr
+    env = {**maas_env(server.home), "MAAS_URL": "http://127.0.0.1:9"}
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "maas", "models", "loaded"], env=env, capture_output=True, text=True
+    )
+    assert unreachable.returncode == 1 and "cannot reach the server" in unreachable.stderr

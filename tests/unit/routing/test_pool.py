@@ -36,7 +36,6 @@ class FakeRuntime(Runtime):
         pass
 
 
-
 @pytest.fixture
 def fake_runtime(monkeypatch):
     FakeRuntime.loads = []
