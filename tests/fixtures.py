@@ -302,3 +302,58 @@ def make_lstm_folder(folder: Path, *, seed: int = 0) -> Path:
     )
     make_word_tokenizer(folder / "tokenizer.json")
     return folder
+
+
+def make_bert_classifier(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny BertForSequenceClassification with labels and a word tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=4 + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        id2label={0: "negative", 1: "neutral", 2: "positive"},
+        label2id={"negative": 0, "neutral": 1, "positive": 2},
+    )
+    BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
+    make_word_tokenizer(folder / "tokenizer.json")
+    return folder
+
+
+def make_vit_classifier(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny ViTForImageClassification (16x16 images) with its preprocessor config."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        id2label={0: "red", 1: "green"},
+        label2id={"red": 0, "green": 1},
+    )
+    ViTForImageClassification(config).save_pretrained(folder, safe_serialization=True)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "do_resize": True,
+                "size": {"height": 16, "width": 16},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+            }
+        )
+    )
+    return folder
