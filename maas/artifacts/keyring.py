@@ -26,6 +26,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from maas.artifacts.store import fsync_dir
 from maas.errors import ArtifactCorrupted, Conflict, InvalidRequest, NotFound
 
 FORMAT = 1
@@ -211,12 +212,4 @@ def _write(path: Path, keys: dict[int, bytes], active: int, *, replace: bool) ->
             os.link(temp, path)
     finally:
         Path(temp).unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)

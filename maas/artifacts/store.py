@@ -77,11 +77,11 @@ class ArtifactStore:
         target = self.path(relpath)
         target.parent.mkdir(parents=True, exist_ok=True)
         _freeze(folder)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         if target.exists():
             raise FileExistsError(target)
         os.rename(folder, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
     def discard(self, relpath: str) -> None:
@@ -173,7 +173,8 @@ def _freeze(folder: Path) -> None:
             path.chmod(stat.S_IRUSR)  # read-only, and for maas's own user only
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

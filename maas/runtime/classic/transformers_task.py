@@ -12,14 +12,13 @@ import numpy as np
 
 from maas.errors import UnsupportedFormat
 from maas.registry.manifest import TensorSpec
-from maas.runtime.base import Runtime
+from maas.runtime.classic.torch_base import TorchRuntime
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-class TransformersRuntime(Runtime):
+class TransformersRuntime(TorchRuntime):
     def load(self) -> None:
-        import torch
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
@@ -41,27 +40,12 @@ class TransformersRuntime(Runtime):
                 local_files_only=True,
                 trust_remote_code=False,
             )
-        self._model = model.eval()
-        self._torch = torch
+        self._use(model)
         self.inputs, self.outputs = signature_of(model, self.opened.manifest.task)
-        self._parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        with torch.inference_mode():
-            tensors = {
-                name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in inputs.items()
-            }
-            output = self._model(**tensors)
         name = self.outputs[0].name
-        return {name: getattr(output, name).float().numpy()}
-
-    def unload(self) -> None:
-        self._model = None
-
-    @property
-    def memory_bytes(self) -> int:
-        return getattr(self, "_parameter_bytes", 0) or super().memory_bytes
+        return {name: getattr(self._forward(inputs), name).float().numpy()}
 
     def _from_decrypted_state(self, auto):
         from safetensors.torch import load
