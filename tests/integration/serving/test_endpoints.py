@@ -286,3 +286,27 @@ def test_unknown_embedding_model_is_404(served):
     openai_error(
         served.post("/v1/embeddings", json={"model": "nope", "input": "x"}), 404, "model_not_found"
     )
+
+
+def test_a_full_queue_answers_503_with_retry_after(served, monkeypatch):
+    import time as clock
+
+    from maas.runtime.classic.onnx import OnnxRuntime
+
+    served.patch(
+        "/api/v1/models/linear", json={"serving": {"max_batch_size": 1, "max_queue_rows": 1}}
+    )
+    real_predict = OnnxRuntime.predict
+
+    def slow_predict(self, inputs):
+        clock.sleep(0.2)
+        return real_predict(self, inputs)
+
+    monkeypatch.setattr(OnnxRuntime, "predict", slow_predict)
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    responses = concurrently(served, [("POST", "/v2/models/linear/infer", {"json": body})] * 6)
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}
+    refused = next(r for r in responses if r.status_code == 503)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "queue is full" in refused.json()["error"]
