@@ -95,6 +95,25 @@ class Settings(BaseSettings):
     max_queue_rows: int = Field(default=4096, ge=1)
     """Default rows that may wait for a model; past it, requests get 503 with Retry-After."""
 
+    llm_dtype: str = Field(default="float32", pattern="^(float32|bfloat16)$")
+    """Weights and KV cache of text-generation models: float32 or bfloat16."""
+
+    llm_max_sequences: int = Field(default=32, ge=1, le=1024)
+    """Sequences a text-generation model runs at once (KV slots); more wait for a slot."""
+
+    llm_max_model_len: int = Field(default=4096, ge=16)
+    """Prompt plus output tokens per sequence, at most (capped by the model's context)."""
+
+    llm_kv_cache_bytes: int = Field(default=2 * GiB, gt=0)
+    """Memory the KV cache of one text-generation model may take; fewer slots are made if the
+    slots would not fit."""
+
+    llm_max_batch_tokens: int = Field(default=512, ge=16)
+    """Tokens in one engine step: every decoding sequence's next token, then prompt chunks."""
+
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """A generation still running after this long is stopped with a timeout error."""
+
     encryption_key_file: Path | None = None
     """Master key file for weights encrypted at rest (``maas keys init-master`` makes one).
     Empty means ``master.keys`` under ``home`` if that file exists, else no encryption."""

@@ -4,6 +4,7 @@
 
     MaasError
      ├── InvalidRequest          the caller sent something we cannot accept
+     │    ├── ContextTooLong     prompt plus output do not fit the model's context
      │    ├── InvalidName        a model or alias name breaks the naming rules
      │    ├── InvalidReference   "name", "name:3" or "name@alias" is malformed
      │    ├── UnsupportedFormat  no importer recognises the files
@@ -21,7 +22,8 @@
      │    └── QuotaExceeded      the key's monthly token budget is spent
      ├── ArtifactCorrupted       files on disk no longer match the version's manifest
      └── Unavailable             the server cannot take the request now (starting, draining)
-          └── Overloaded         a queue is full; ``retry_after`` says when to come back
+          ├── Overloaded         a queue is full; ``retry_after`` says when to come back
+          └── TimedOut           the work passed its deadline
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class MaasError(Exception):
 
 
 class InvalidRequest(MaasError):
+    pass
+
+
+class ContextTooLong(InvalidRequest):
     pass
 
 
@@ -112,6 +118,10 @@ class ArtifactCorrupted(MaasError):
 
 
 class Unavailable(MaasError):
+    pass
+
+
+class TimedOut(Unavailable):
     pass
 
 

@@ -28,3 +28,57 @@ class UsageEvent:
 
     def to_row(self) -> dict[str, Any]:
         return {**asdict(self), "day": self.at.date().isoformat()}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence picks its tokens and when it stops (OpenAI's and vLLM's fields)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    """0 is greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k cut."""
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """Strings that end the output; they are never part of it."""
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence tokens (benchmarks)."""
+    min_tokens: int = 0
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the chosen token's and the k most likely."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """What one sequence of a generation request produced in one engine step."""
+
+    index: int
+    """Which of the request's ``n`` sequences."""
+    text: str = ""
+    """New visible text (stop strings and end-of-sequence tokens are never in it)."""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    """``stop``, ``length`` or ``abort`` once the sequence is done."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    """Set when the sequence failed (e.g. its deadline passed); finish_reason is then ``abort``."""

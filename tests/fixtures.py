@@ -357,3 +357,54 @@ def make_vit_classifier(folder: Path, *, seed: int = 0) -> Path:
         )
     )
     return folder
+
+
+LLAMA_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "the cat sat on the mat and the dog ran to the park",
+    "paris is the capital of france and berlin is the capital of germany",
+    "hello world, how are you today? fine thanks, and you?",
+    "numbers like 12345 and words like ünïcödé also appear here",
+] * 20
+
+
+def make_tiny_llama(
+    folder: Path, *, seed: int = 0, vocab_target: int = 320, **config_extra
+) -> Path:
+    """A random Llama (2 layers, hidden 32, grouped-query attention) with a byte-level BPE
+    tokenizer, special tokens and a chat template, as a Hugging Face folder."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer = ByteLevelBPETokenizer()
+    specials = ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<s>"]
+    trainer.train_from_iterator(CORPUS, vocab_size=vocab_target, special_tokens=specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=trainer._tokenizer, eos_token="<|end|>", bos_token="<s>"
+    )
+    tokenizer.chat_template = LLAMA_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+        **config_extra,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper logits than the default init, so argmax ties are rare
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -50,6 +50,8 @@ ERROR_TABLE: dict[type[errors.MaasError], ErrorKind] = {
     errors.PayloadTooLarge: ErrorKind(413, "invalid_request_error", "payload_too_large"),
     errors.ArtifactCorrupted: ErrorKind(500, "server_error", "artifact_corrupted"),
     errors.Unavailable: ErrorKind(503, "server_error", "service_unavailable"),
+    errors.TimedOut: ErrorKind(504, "server_error", "timeout"),
+    errors.ContextTooLong: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
     errors.MaasError: ErrorKind(500, "server_error"),
 }
 

@@ -57,6 +57,14 @@ class Deployment:
         )
 
     @property
+    def memory_bytes(self) -> int:
+        return self.runtime.memory_bytes
+
+    @property
+    def queued_rows(self) -> int:
+        return self.batcher.queued_rows
+
+    @property
     def inputs(self) -> list[TensorSpec]:
         return self.runtime.inputs
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -14,6 +14,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 class ServingMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         labels = ["model", "version"]
         self.requests = Counter(
             "maas_inference_requests",
@@ -62,7 +63,89 @@ class PoolCollector(Collector):
         )
         for deployment in self._deployments():
             labels = [deployment.record.name, str(deployment.record.version)]
-            queue.add_metric(labels, deployment.batcher.queued_rows)
-            memory.add_metric(labels, deployment.runtime.memory_bytes)
+            queue.add_metric(labels, deployment.queued_rows)
+            memory.add_metric(labels, deployment.memory_bytes)
         yield queue
         yield memory
+
+
+class GenerationMetrics:
+    """Text-generation metrics under vLLM's names, so existing dashboards work."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model_name"]
+        self.running = Gauge(
+            "vllm:num_requests_running",
+            "Sequences in the running batch.",
+            labels,
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "vllm:num_requests_waiting",
+            "Sequences waiting for a KV slot.",
+            labels,
+            registry=registry,
+        )
+        self.kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc",
+            "Share of KV slots in use (0 to 1).",
+            labels,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=registry
+        )
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Tokens generated.", labels, registry=registry
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to the first token.",
+            labels,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between two tokens of a sequence.",
+            labels,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Time from arrival to the last token.",
+            labels,
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
+            registry=registry,
+        )
+
+    def observer(self, model_name: str) -> EngineObserver:
+        return EngineObserver(self, model_name)
+
+
+class EngineObserver:
+    """What the engine thread reports, turned into metrics for one model."""
+
+    def __init__(self, metrics: GenerationMetrics, model_name: str) -> None:
+        self.m = metrics
+        self.name = model_name
+
+    def on_step(self, engine) -> None:
+        scheduler = engine.scheduler
+        self.m.running.labels(self.name).set(len(scheduler.running))
+        self.m.waiting.labels(self.name).set(len(scheduler.waiting))
+        self.m.kv_usage.labels(self.name).set(scheduler.slots.usage)
+
+    def on_token(self, sequence) -> None:
+        self.m.generation_tokens.labels(self.name).inc()
+        if len(sequence.output_ids) == 1:
+            self.m.prompt_tokens.labels(self.name).inc(len(sequence.prompt_ids))
+            self.m.ttft.labels(self.name).observe(sequence.first_token_at - sequence.arrival)
+        elif sequence.previous_token_at is not None:
+            gap = sequence.last_token_at - sequence.previous_token_at
+            self.m.itl.labels(self.name).observe(gap)
+
+    def on_finish(self, sequence) -> None:
+        end = sequence.last_token_at or sequence.arrival
+        self.m.e2e.labels(self.name).observe(end - sequence.arrival)

@@ -24,6 +24,8 @@ from maas.runtime.classic import runtime_for
 
 log = logging.getLogger(__name__)
 
+GENERATION_TASKS = ("chat", "text-generation")
+
 Key = tuple[str, int]
 
 
@@ -49,6 +51,8 @@ class ModelPool:
         self._options = options
         self.pinned = pinned
         self._deployments: OrderedDict[Key, Deployment] = OrderedDict()
+        self.generators = None
+        """Builds the deployment of a chat or text-generation version (set by Serving)."""
         self._loading: dict[Key, asyncio.Task[Deployment]] = {}
         self._lock = asyncio.Lock()
 
@@ -97,27 +101,33 @@ class ModelPool:
         opened = await run_in_threadpool(self._registry.open_version, record.reference)
         async with self._lock:
             await self._make_room(opened.manifest.size_bytes, record)
-            runtime = runtime_for(opened, self._options)
             try:
-                await run_in_threadpool(runtime.load)
+                if opened.manifest.task in GENERATION_TASKS:
+                    deployment = await run_in_threadpool(self._generator, opened)
+                else:
+                    deployment = await self._classic(opened)
             except MaasError:
                 raise
             except Exception as err:
                 log.exception("loading %s failed", record.reference)
                 raise Unavailable(f"model {record.reference} failed to load: {err}") from None
-            config = await run_in_threadpool(self._serving, record)
-            deployment = Deployment(
-                record,
-                opened.manifest,
-                runtime,
-                config,
-                on_batch=batch_stats_recorder(self._metrics, record),
-            )
             self._deployments[key_of(record)] = deployment
         seconds = time.perf_counter() - started
         self._metrics.load_seconds.labels(record.name, str(record.version)).observe(seconds)
         log.info("loaded %s in %.2fs", record.reference, seconds)
         return deployment
+
+    async def _classic(self, opened) -> Deployment:
+        runtime = runtime_for(opened, self._options)
+        await run_in_threadpool(runtime.load)
+        config = await run_in_threadpool(self._serving, opened.record)
+        on_batch = batch_stats_recorder(self._metrics, opened.record)
+        return Deployment(opened.record, opened.manifest, runtime, config, on_batch=on_batch)
+
+    def _generator(self, opened):
+        if self.generators is None:
+            raise Unavailable("text generation is not set up in this server")
+        return self.generators(opened)
 
     async def _make_room(self, needed: int, record: VersionRecord) -> None:
         """Unload least-recently-used idle versions until ``needed`` bytes fit the budget."""
@@ -146,7 +156,7 @@ class ModelPool:
             await deployment.close()
 
     def _used(self) -> int:
-        return sum(d.runtime.memory_bytes for d in self._deployments.values())
+        return sum(d.memory_bytes for d in self._deployments.values())
 
     @staticmethod
     async def _drain_and_close(deployment: Deployment) -> None:

@@ -18,9 +18,11 @@ from maas.errors import Conflict, MaasError
 from maas.registry import Registry, VersionRecord
 from maas.registry.service import ANY_OWNER, Owner
 from maas.routing.deployment import Deployment, ServingConfig
-from maas.routing.metrics import ServingMetrics
+from maas.routing.llm_deployment import EngineOptions, LLMDeployment
+from maas.routing.metrics import GenerationMetrics, ServingMetrics
 from maas.routing.pool import ModelPool, key_of
 from maas.runtime.base import RuntimeOptions
+from maas.runtime.llm.runner import RunnerOptions
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,21 @@ class Serving:
             metrics=metrics,
             options=RuntimeOptions(threads=settings.inference_threads),
         )
+        generation = GenerationMetrics(metrics.registry)
+        engine_options = EngineOptions(
+            runner=RunnerOptions(
+                dtype=settings.llm_dtype,
+                max_sequences=settings.llm_max_sequences,
+                max_model_len=settings.llm_max_model_len,
+                kv_cache_bytes=settings.llm_kv_cache_bytes,
+                threads=settings.inference_threads,
+            ),
+            max_batch_tokens=settings.llm_max_batch_tokens,
+        )
+        self.pool.generators = lambda opened: LLMDeployment(
+            opened, engine_options, generation.observer(opened.record.reference)
+        )
+        self.request_timeout = settings.request_timeout_s
         self._last_served: dict[str, VersionRecord] = {}
 
     async def start(self, pinned: list[str]) -> None:
@@ -103,9 +120,9 @@ class Serving:
             {
                 "model": d.record.name,
                 "version": d.record.version,
-                "memory_bytes": d.runtime.memory_bytes,
+                "memory_bytes": d.memory_bytes,
                 "in_flight": d.in_flight,
-                "queued_rows": d.batcher.queued_rows,
+                "queued_rows": d.queued_rows,
                 "pinned": key_of(d.record) in self.pool.pinned,
             }
             for d in self.pool.deployments()

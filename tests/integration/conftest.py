@@ -8,7 +8,13 @@ from fastapi.testclient import TestClient
 from maas.api.app import build_app
 from maas.auth.principal import Limits, Role
 from maas.auth.store import KeySpec
-from tests.fixtures import make_bert_embedder, make_cnn_folder, make_gguf, make_onnx
+from tests.fixtures import (
+    make_bert_embedder,
+    make_cnn_folder,
+    make_gguf,
+    make_onnx,
+    make_tiny_llama,
+)
 
 MakeKey = Callable[..., str]
 
@@ -94,6 +100,7 @@ class World:
         registry.import_model(sources / "linear.onnx", "acme-linear", owner=tenants["acme"])
         registry.import_model(sources / "cnn", "acme-cnn", owner=tenants["acme"])
         registry.import_model(sources / "bert", "acme-embedder", owner=tenants["acme"])
+        registry.import_model(sources / "llama", "acme-chat", owner=tenants["acme"])
         self.gguf = gguf
         self.keys = {
             "user": make_key(Role.user, tenant="acme"),
@@ -120,6 +127,7 @@ def model_sources(tmp_path_factory):
     make_onnx(folder / "linear.onnx")
     make_cnn_folder(folder / "cnn")
     make_bert_embedder(folder / "bert")
+    make_tiny_llama(folder / "llama")
     return folder
 
 

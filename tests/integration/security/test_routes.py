@@ -15,6 +15,7 @@ PUBLIC = {("GET", "/v2/health/live"), ("GET", "/v2/health/ready")}
 
 ROLES = ("none", "bad", "user", "maintainer", "admin")
 INFER = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+CHAT = {"model": "acme-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 PREDICT = {"instances": [{"b64": base64.b64encode(make_png()).decode()}]}
 
 # (method, route template) -> (concrete request, {role: expected status})
@@ -139,6 +140,11 @@ MATRIX = {
         MAINTAINER,
     ),
     ("GET", "/api/v1/deployments"): (("GET", "/api/v1/deployments", None), MAINTAINER),
+    ("POST", "/v1/chat/completions"): (("POST", "/v1/chat/completions", CHAT), ANY_KEY),
+    ("POST", "/v1/completions"): (
+        ("POST", "/v1/completions", {"model": "acme-chat", "prompt": "hi", "max_tokens": 2}),
+        ANY_KEY,
+    ),
 }
 
 

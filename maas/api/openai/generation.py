@@ -1,0 +1,117 @@
+"""What chat and text completions share: the model, the limits, running the engine, and
+streaming its output as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from maas.api.errors import error_body, kind_of
+from maas.api.governance import meter
+from maas.errors import ContextTooLong, InvalidRequest, MaasError, TimedOut
+from maas.messages import GenerationDelta, SamplingParams
+from maas.routing.llm_deployment import LLMDeployment
+
+GENERATION_TASKS = ("chat", "text-generation")
+
+
+def generator_of(deployment, model: str) -> LLMDeployment:
+    if not isinstance(deployment, LLMDeployment):
+        raise InvalidRequest(
+            f"{model} is a {deployment.manifest.task} model; it does not generate text",
+            param="model",
+        )
+    return deployment
+
+
+def output_budget(deployment: LLMDeployment, prompt_tokens: int, asked: int | None) -> int:
+    """max_tokens for a prompt: what was asked, or what is left of the context; too long is 400."""
+    limit = deployment.max_len
+    if prompt_tokens >= limit:
+        raise ContextTooLong(
+            f"This model's maximum context length is {limit} tokens. However, your prompt has "
+            f"{prompt_tokens} tokens. Please reduce the length of the messages or prompt.",
+            param="messages",
+        )
+    if asked is not None and prompt_tokens + asked > limit:
+        raise ContextTooLong(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, {asked} for the "
+            "completion). Please reduce the length of the prompt or of max_tokens.",
+            param="max_tokens",
+        )
+    return asked if asked is not None else limit - prompt_tokens
+
+
+class Generation:
+    """One prompt's run on the engine: its deltas, and usage kept on the request for metering."""
+
+    def __init__(self, request: Request, deployment: LLMDeployment, timeout: float) -> None:
+        self.request = request
+        self.deployment = deployment
+        self.timeout = timeout
+        self.id = uuid.uuid4().hex
+        self.created = int(time.time())
+
+    async def run(
+        self, prompt_ids: list[int], params: SamplingParams, n: int
+    ) -> AsyncIterator[GenerationDelta]:
+        completion = [0] * n
+        usage = self.request.state.__dict__.setdefault(
+            "generation_usage", {"prompt": 0, "completion": 0}
+        )
+        usage["prompt"] += len(prompt_ids)
+        try:
+            async for delta in self.deployment.engine.generate(
+                prompt_ids, params, n=n, timeout=self.timeout
+            ):
+                if delta.error:
+                    raise (
+                        TimedOut(delta.error)
+                        if "deadline" in delta.error
+                        else MaasError(delta.error)
+                    )
+                usage["completion"] += delta.completion_tokens - completion[delta.index]
+                completion[delta.index] = delta.completion_tokens
+                yield delta
+        finally:
+            meter(
+                self.request, prompt_tokens=usage["prompt"], completion_tokens=usage["completion"]
+            )
+
+
+async def watch_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Run ``work``; if the client goes away first, cancel it (which aborts the generation)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            raise asyncio.CancelledError("client disconnected")
+    return task.result()
+
+
+def sse(chunks: Callable[[], AsyncIterator[dict]], request: Request) -> StreamingResponse:
+    """Server-sent events: one ``data:`` line per chunk, an error event if one comes up, then
+    ``data: [DONE]``."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks():
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except MaasError as err:
+            kind = kind_of(err)
+            body = error_body(request.url.path, err.message, type_=kind.type, code=kind.code)
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

@@ -1,0 +1,196 @@
+"""The generation engine: ``add_request``, ``step``, ``abort`` and nothing clever around them.
+
+``step`` is schedule -> run -> postprocess: the scheduler picks the tokens of this step, the
+runner computes their logits in one forward pass, the sampler picks a next token for every
+sequence that needs one, and each sequence's new text goes to its sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from maas.engine.detokenizer import Detokenizer
+from maas.engine.kv_cache import SlotAllocator
+from maas.engine.scheduler import Plan, Scheduler
+from maas.engine.sequence import Sequence, Status
+from maas.messages import SamplingParams, TokenLogprob
+from maas.runtime.llm.model import DecodeRows, PrefillRows, StepInput
+from maas.runtime.llm.runner import ModelRunner
+from maas.runtime.llm.sampler import SampleRow, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    sink: object
+    """Callable taking a GenerationDelta (called from the engine's thread)."""
+    deadline: float | None = None
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, *, max_batch_tokens: int, observer=None) -> None:
+        self.runner = runner
+        self.tokenizer = runner.tokenizer
+        self.scheduler = Scheduler(
+            SlotAllocator(runner.cache.num_slots, runner.cache.copy_prefix), max_batch_tokens
+        )
+        self.observer = observer
+        """Gets on_step(engine), on_token(sequence), on_finish(sequence) for metrics."""
+        self._sequences: dict[str, list[Sequence]] = {}
+
+    def add_request(self, request: GenerationRequest) -> None:
+        sequences = [
+            Sequence(
+                request.request_id,
+                index,
+                list(request.prompt_ids),
+                request.params,
+                request.sink,
+                Detokenizer(self.tokenizer, request.params.stop),
+                deadline=request.deadline,
+            )
+            for index in range(request.n)
+        ]
+        self._sequences[request.request_id] = sequences
+        for sequence in sequences:
+            self.scheduler.add(sequence)
+
+    def abort(self, request_id: str, reason: str | None = None) -> None:
+        """Stop a request's sequences and free their slots at once."""
+        for sequence in self._sequences.pop(request_id, []):
+            if sequence.status is not Status.FINISHED:
+                self.scheduler.finish(sequence)
+                if reason:
+                    sequence.fail(reason)
+                sequence.status = Status.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def step(self) -> None:
+        self._expire()
+        plan = self.scheduler.schedule()
+        if self.observer:
+            self.observer.on_step(self)
+        if plan.empty:
+            return
+        step_input, sampling = self._inputs(plan)
+        logits = self.runner.forward(step_input)
+        for sequence, _, end in plan.prefill:
+            sequence.computed = end
+        for sequence in plan.decode:
+            sequence.computed += 1
+        rows = [self._sample_row(s) for s in sampling]
+        for sequence, picked in zip(sampling, sample(logits, rows), strict=True):
+            self._advance(sequence, picked)
+        if self.observer:
+            self.observer.on_step(self)
+
+    def _inputs(self, plan: Plan) -> tuple[StepInput, list[Sequence]]:
+        ids, positions, slots, sampling, logits_rows = [], [], [], [], []
+        for sequence in plan.decode:
+            ids.append(sequence.output_ids[-1])
+            positions.append(sequence.computed)
+            slots.append(sequence.slot)
+            logits_rows.append(len(ids) - 1)
+            sampling.append(sequence)
+        decode = None
+        if plan.decode:
+            decode = DecodeRows(
+                len(plan.decode),
+                torch.tensor(slots),
+                torch.tensor([s.computed + 1 for s in plan.decode]),
+            )
+        prefills = []
+        for sequence, start, end in plan.prefill:
+            first = len(ids)
+            ids.extend(sequence.prompt_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend([sequence.slot] * (end - start))
+            prefills.append(PrefillRows(first, len(ids), sequence.slot, start))
+            if end == len(sequence.prompt_ids):  # the prompt is complete: pick a first token
+                logits_rows.append(len(ids) - 1)
+                sampling.append(sequence)
+        step_input = StepInput(
+            torch.tensor(ids),
+            torch.tensor(positions),
+            torch.tensor(slots),
+            decode,
+            prefills,
+            torch.tensor(logits_rows, dtype=torch.long),
+        )
+        return step_input, sampling
+
+    def _sample_row(self, sequence: Sequence) -> SampleRow:
+        params = sequence.params
+        banned = ()
+        if not params.ignore_eos and len(sequence.output_ids) < params.min_tokens:
+            banned = tuple(self.tokenizer.eos_token_ids)
+        return SampleRow(params, sequence.generator, sequence.history, sequence.seen, banned)
+
+    def _advance(self, sequence: Sequence, picked) -> None:
+        token = picked.token
+        sequence.status = Status.DECODE
+        sequence.output_ids.append(token)
+        sequence.history[token] += 1
+        sequence.seen.add(token)
+        now = time.monotonic()
+        sequence.first_token_at = sequence.first_token_at or now
+        sequence.previous_token_at = sequence.last_token_at
+        sequence.last_token_at = now
+        logprob = None
+        if sequence.params.logprobs is not None:
+            logprob = TokenLogprob(token, picked.logprob, picked.top)
+        if self.observer:
+            self.observer.on_token(sequence)
+        text = self._text_and_finish(sequence, token)
+        sequence.emit(text, token, logprob)
+        if sequence.finish_reason is not None:
+            self._finish(sequence)
+
+    def _text_and_finish(self, sequence: Sequence, token: int) -> str:
+        params = sequence.params
+        ends = token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.tokenizer.eos_token_ids
+        )
+        if ends and len(sequence.output_ids) > params.min_tokens:
+            sequence.finish_reason = "stop"
+            return sequence.detokenizer.flush()
+        text = sequence.detokenizer.add(token)
+        if sequence.detokenizer.stopped and len(sequence.output_ids) >= params.min_tokens:
+            sequence.finish_reason = "stop"
+        elif len(sequence.output_ids) >= params.max_tokens or (
+            sequence.computed + 1 >= self.runner.cache.max_len
+        ):
+            sequence.finish_reason = "length"
+            text += sequence.detokenizer.flush()
+        return text
+
+    def _finish(self, sequence: Sequence) -> None:
+        sequence.status = Status.FINISHED
+        self.scheduler.finish(sequence)
+        if self.observer:
+            self.observer.on_finish(sequence)
+        siblings = self._sequences.get(sequence.request_id, [])
+        if all(s.status is Status.FINISHED for s in siblings):
+            self._sequences.pop(sequence.request_id, None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for request_id, sequences in list(self._sequences.items()):
+            deadline = sequences[0].deadline
+            if deadline is not None and now > deadline:
+                self.abort(request_id, "the request's deadline passed before it finished")
+
+    def fail_all(self, message: str) -> None:
+        for request_id in list(self._sequences):
+            self.abort(request_id, message)

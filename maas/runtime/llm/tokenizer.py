@@ -1,0 +1,87 @@
+"""Tokenizer and chat template of a model, from its Hugging Face files or its GGUF metadata.
+
+Both go through ``transformers``' fast tokenizers (the GGUF vocabulary is converted the way
+``AutoTokenizer.from_pretrained(..., gguf_file=...)`` does it), so special tokens and the
+chat template behave as they do in ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from maas.errors import InvalidRequest, UnsupportedFormat
+from maas.registry.records import OpenedVersion
+
+
+class ChatTokenizer:
+    def __init__(self, tokenizer: Any, chat_template: str | None, eos_token_ids: set[int]) -> None:
+        self._tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.eos_token_ids = eos_token_ids
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a plain prompt, with the BOS token when the model expects one."""
+        return list(self._tokenizer.encode(text, add_special_tokens=True))
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        if not self.chat_template:
+            raise InvalidRequest(
+                "this model has no chat template; use /v1/completions", param="model"
+            )
+        try:
+            return self._tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except Exception as err:  # jinja errors from the model's template, e.g. raise_exception
+            raise InvalidRequest(f"the model's chat template refused the messages: {err}") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.render_chat(messages)
+        # The template writes BOS itself where the model wants one.
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """What one token reads as on its own (for logprobs)."""
+        return self._tokenizer.decode([token_id])
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return self._tokenizer.convert_ids_to_tokens(ids)
+
+
+def load_tokenizer(opened: OpenedVersion) -> ChatTokenizer:
+    from transformers import AutoTokenizer
+
+    manifest = opened.manifest
+    if manifest.format == "gguf":
+        gguf_file = next(e.path for e in manifest.files if e.path.endswith(".gguf"))
+        with opened.open_file(gguf_file) as path:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        eos = {manifest.tokenizer.get("eos_token_id")} if manifest.tokenizer else set()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            opened.folder, local_files_only=True, trust_remote_code=False
+        )
+        eos = _eos_ids(opened)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    eos.discard(None)
+    if not eos:
+        raise UnsupportedFormat("the tokenizer names no end-of-sequence token")
+    return ChatTokenizer(tokenizer, manifest.chat_template, set(eos))
+
+
+def _eos_ids(opened: OpenedVersion) -> set[int]:
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        if any(entry.path == name for entry in opened.manifest.files):
+            value = json.loads(opened.read_bytes(name)).get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return ids
