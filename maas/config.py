@@ -101,15 +101,19 @@ class Settings(BaseSettings):
     llm_max_sequences: int = Field(default=32, ge=1, le=1024)
     """Sequences a text-generation model runs at once (KV slots); more wait for a slot."""
 
-    llm_max_model_len: int = Field(default=4096, ge=16)
+    llm_max_model_len: int = Field(default=2048, ge=16)
     """Prompt plus output tokens per sequence, at most (capped by the model's context)."""
 
-    llm_kv_cache_bytes: int = Field(default=2 * GiB, gt=0)
+    llm_kv_cache_bytes: int = Field(default=4 * GiB, gt=0)
     """Memory the KV cache of one text-generation model may take; fewer slots are made if the
-    slots would not fit."""
+    slots would not fit. Pages are committed as sequences grow, not up front."""
 
     llm_max_batch_tokens: int = Field(default=512, ge=16)
     """Tokens in one engine step: every decoding sequence's next token, then prompt chunks."""
+
+    llm_engine_process: bool = True
+    """Run each text-generation model's engine in a process of its own (faster on a CPU: no
+    contention with the server for the GIL). false runs it on a thread of the server."""
 
     request_timeout_s: float = Field(default=600.0, gt=0)
     """A generation still running after this long is stopped with a timeout error."""
@@ -157,11 +161,13 @@ def settings_table() -> str:
     """The Markdown table of every setting, for docs/configuration.md (a test keeps them equal)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = "" if field.default in (None, "") else str(field.default)
+        value = field.get_default(call_default_factory=True)
+        if isinstance(value, list):
+            shown = f"`{','.join(map(str, value))}`" if value else "(empty)"
+        else:
+            shown = "(derived)" if value in (None, "") else f"`{value}`"
         meaning = " ".join((field.description or "").split())
-        rows.append(
-            f"| `MAAS_{name.upper()}` | {f'`{default}`' if default else '(derived)'} | {meaning} |"
-        )
+        rows.append(f"| `MAAS_{name.upper()}` | {shown} | {meaning} |")
     return "\n".join(rows) + "\n"
 
 

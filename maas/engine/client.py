@@ -23,12 +23,17 @@ log = logging.getLogger(__name__)
 
 
 class EngineClient:
-    def __init__(self, engine: LLMEngine, name: str = "llm") -> None:
+    def __init__(self, engine: LLMEngine, name: str = "llm", on_stats=None) -> None:
+        """``on_stats(EngineStats)`` is called after each step when the engine's observer is
+        a ``StatsObserver``."""
         self.engine = engine
+        self._on_stats = on_stats
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
         self._ids = itertools.count()
+        self.dead = False
+        self.stats = None
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -87,6 +92,10 @@ class EngineClient:
             except Exception:  # a broken step fails its requests, not the server
                 log.exception("engine step failed")
                 self.engine.fail_all("the model failed while generating; see the server log")
+            if self.engine.observer is not None:
+                self.stats = self.engine.observer.take()
+                if self._on_stats:
+                    self._on_stats(self.stats)
 
     def _drain(self) -> bool:
         while True:

@@ -120,32 +120,23 @@ class GenerationMetrics:
             registry=registry,
         )
 
-    def observer(self, model_name: str) -> EngineObserver:
-        return EngineObserver(self, model_name)
+    def recorder(self, model_name: str):
+        """A callback that turns one engine step's figures into metrics for one model."""
 
+        def record(stats) -> None:
+            self.running.labels(model_name).set(stats.running)
+            self.waiting.labels(model_name).set(stats.waiting)
+            self.kv_usage.labels(model_name).set(stats.kv_usage)
+            if stats.prompt_tokens:
+                self.prompt_tokens.labels(model_name).inc(stats.prompt_tokens)
+            if stats.generation_tokens:
+                self.generation_tokens.labels(model_name).inc(stats.generation_tokens)
+            for histogram, samples in (
+                (self.ttft, stats.ttft),
+                (self.itl, stats.itl),
+                (self.e2e, stats.e2e),
+            ):
+                for sample in samples:
+                    histogram.labels(model_name).observe(sample)
 
-class EngineObserver:
-    """What the engine thread reports, turned into metrics for one model."""
-
-    def __init__(self, metrics: GenerationMetrics, model_name: str) -> None:
-        self.m = metrics
-        self.name = model_name
-
-    def on_step(self, engine) -> None:
-        scheduler = engine.scheduler
-        self.m.running.labels(self.name).set(len(scheduler.running))
-        self.m.waiting.labels(self.name).set(len(scheduler.waiting))
-        self.m.kv_usage.labels(self.name).set(scheduler.slots.usage)
-
-    def on_token(self, sequence) -> None:
-        self.m.generation_tokens.labels(self.name).inc()
-        if len(sequence.output_ids) == 1:
-            self.m.prompt_tokens.labels(self.name).inc(len(sequence.prompt_ids))
-            self.m.ttft.labels(self.name).observe(sequence.first_token_at - sequence.arrival)
-        elif sequence.previous_token_at is not None:
-            gap = sequence.last_token_at - sequence.previous_token_at
-            self.m.itl.labels(self.name).observe(gap)
-
-    def on_finish(self, sequence) -> None:
-        end = sequence.last_token_at or sequence.arrival
-        self.m.e2e.labels(self.name).observe(end - sequence.arrival)
+        return record

@@ -66,6 +66,11 @@ class ModelPool:
         """The deployment of a version, loading it if needed (once, however many callers)."""
         key = key_of(record)
         deployment = self._deployments.get(key)
+        if deployment is not None and getattr(deployment, "dead", False):
+            log.error("the engine of %s stopped; loading it again", record.reference)
+            self._deployments.pop(key)
+            await deployment.close()
+            deployment = None
         if deployment is not None:
             self._deployments.move_to_end(key)
             return deployment

@@ -55,9 +55,10 @@ class Serving:
                 threads=settings.inference_threads,
             ),
             max_batch_tokens=settings.llm_max_batch_tokens,
+            separate_process=settings.llm_engine_process,
         )
         self.pool.generators = lambda opened: LLMDeployment(
-            opened, engine_options, generation.observer(opened.record.reference)
+            opened, engine_options, generation.recorder(opened.record.reference)
         )
         self.request_timeout = settings.request_timeout_s
         self._last_served: dict[str, VersionRecord] = {}

@@ -27,7 +27,7 @@ def maas_env(home: Path) -> dict[str, str]:
 class Server:
     """A real `maas serve` process on a free loopback port; stopped by its PID."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -44,7 +44,7 @@ class Server:
                 "--port",
                 str(self.port),
             ],
-            env=maas_env(home),
+            env={**maas_env(home), **(env or {})},
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,8 +62,8 @@ class KVCache:
 
     def __init__(self, config: LlamaConfig, num_slots: int, max_len: int, dtype: torch.dtype):
         shape = (num_slots, config.num_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
+        self.k = [_untouched_zeros(shape, dtype) for _ in range(config.num_layers)]
+        self.v = [_untouched_zeros(shape, dtype) for _ in range(config.num_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
 
@@ -76,6 +77,15 @@ class KVCache:
         for k, v in zip(self.k, self.v, strict=True):
             k[target, :, :length] = k[source, :, :length]
             v[target, :, :length] = v[source, :, :length]
+
+
+def _untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Zeros whose pages are committed only when written (calloc), unlike ``torch.zeros``,
+    which writes every byte: a cache sized for long sequences costs only what is used."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    count = math.prod(shape)
+    raw = torch.from_numpy(np.zeros(count * element, dtype=np.uint8))
+    return raw.view(dtype).view(shape)
 
 
 class RMSNorm(nn.Module):

@@ -34,7 +34,7 @@ class RunnerOptions:
 
 
 class ModelRunner:
-    def __init__(self, opened: OpenedVersion, options: RunnerOptions) -> None:
+    def __init__(self, opened: OpenedVersion, options: RunnerOptions, tokenizer=None) -> None:
         started = time.perf_counter()
         if options.threads:
             torch.set_num_threads(options.threads)
@@ -44,7 +44,7 @@ class ModelRunner:
         weights = _parameter_bytes(self.model)
         if options.pack_weights and pack_linears(self.model) and dtype == torch.float32:
             weights *= 2  # float32 packing keeps the plain weight beside the packed one
-        self.tokenizer = load_tokenizer(opened)
+        self.tokenizer = tokenizer or load_tokenizer(opened)
         max_len = min(options.max_model_len, self.config.max_position_embeddings)
         per_slot = KVCache.bytes_per_slot(self.config, max_len, dtype)
         slots = max(1, min(options.max_sequences, options.kv_cache_bytes // per_slot))
