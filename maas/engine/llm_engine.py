@@ -17,10 +17,10 @@ from maas.engine.detokenizer import Detokenizer
 from maas.engine.kv_cache import SlotAllocator
 from maas.engine.scheduler import Plan, Scheduler
 from maas.engine.sequence import Sequence, Status
-from maas.messages import SamplingParams, TokenLogprob
+from maas.messages import SamplingParams
 from maas.runtime.llm.model import DecodeRows, PrefillRows, StepInput
 from maas.runtime.llm.runner import ModelRunner
-from maas.runtime.llm.sampler import SampleRow, sample
+from maas.runtime.llm.sampler import sample
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class LLMEngine:
             sequence.computed = end
         for sequence in plan.decode:
             sequence.computed += 1
-        rows = [self._sample_row(s) for s in sampling]
+        rows = [s.sample_row(self.tokenizer.eos_token_ids) for s in sampling]
         for sequence, picked in zip(sampling, sample(logits, rows), strict=True):
             self._advance(sequence, picked)
         if self.observer:
@@ -130,50 +130,13 @@ class LLMEngine:
         )
         return step_input, sampling
 
-    def _sample_row(self, sequence: Sequence) -> SampleRow:
-        params = sequence.params
-        banned = ()
-        if not params.ignore_eos and len(sequence.output_ids) < params.min_tokens:
-            banned = tuple(self.tokenizer.eos_token_ids)
-        return SampleRow(params, sequence.generator, sequence.history, sequence.seen, banned)
-
     def _advance(self, sequence: Sequence, picked) -> None:
-        token = picked.token
         sequence.status = Status.DECODE
-        sequence.output_ids.append(token)
-        sequence.history[token] += 1
-        sequence.seen.add(token)
-        now = time.monotonic()
-        sequence.first_token_at = sequence.first_token_at or now
-        sequence.previous_token_at = sequence.last_token_at
-        sequence.last_token_at = now
-        logprob = None
-        if sequence.params.logprobs is not None:
-            logprob = TokenLogprob(token, picked.logprob, picked.top)
+        sequence.append(picked, self.tokenizer.eos_token_ids, self.runner.cache.max_len)
         if self.observer:
             self.observer.on_token(sequence)
-        text = self._text_and_finish(sequence, token)
-        sequence.emit(text, token, logprob)
         if sequence.finish_reason is not None:
             self._finish(sequence)
-
-    def _text_and_finish(self, sequence: Sequence, token: int) -> str:
-        params = sequence.params
-        ends = token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.tokenizer.eos_token_ids
-        )
-        if ends and len(sequence.output_ids) > params.min_tokens:
-            sequence.finish_reason = "stop"
-            return sequence.detokenizer.flush()
-        text = sequence.detokenizer.add(token)
-        if sequence.detokenizer.stopped and len(sequence.output_ids) >= params.min_tokens:
-            sequence.finish_reason = "stop"
-        elif len(sequence.output_ids) >= params.max_tokens or (
-            sequence.computed + 1 >= self.runner.cache.max_len
-        ):
-            sequence.finish_reason = "length"
-            text += sequence.detokenizer.flush()
-        return text
 
     def _finish(self, sequence: Sequence) -> None:
         sequence.status = Status.FINISHED

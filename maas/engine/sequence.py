@@ -12,6 +12,7 @@ import torch
 
 from maas.engine.detokenizer import Detokenizer
 from maas.messages import GenerationDelta, SamplingParams, TokenLogprob
+from maas.runtime.llm.sampler import Sampled, SampleRow
 
 
 class Status(Enum):
@@ -58,6 +59,46 @@ class Sequence:
     @property
     def remaining_prompt(self) -> int:
         return len(self.prompt_ids) - self.computed
+
+    def sample_row(self, eos_token_ids: set[int]) -> SampleRow:
+        """What the sampler needs to pick this sequence's next token."""
+        banned = ()
+        if len(self.output_ids) < self.params.min_tokens:  # as vLLM: no stop token before
+            eos = () if self.params.ignore_eos else tuple(eos_token_ids)
+            banned = self.params.stop_token_ids + eos
+        return SampleRow(self.params, self.generator, self.history, self.seen, banned)
+
+    def append(self, picked: Sampled, eos_token_ids: set[int], max_len: int) -> None:
+        """Take the next token: count and time it, decide whether the sequence ends with it
+        (``max_len`` counts prompt and output), and send the text it makes visible."""
+        token = picked.token
+        self.output_ids.append(token)
+        self.history[token] += 1
+        self.seen.add(token)
+        now = time.monotonic()
+        self.first_token_at = self.first_token_at or now
+        self.previous_token_at = self.last_token_at
+        self.last_token_at = now
+        logprob = None
+        if self.params.logprobs is not None:
+            logprob = TokenLogprob(token, picked.logprob, picked.top)
+        self.emit(self._text_and_finish(token, eos_token_ids, max_len), token, logprob)
+
+    def _text_and_finish(self, token: int, eos_token_ids: set[int], max_len: int) -> str:
+        params = self.params
+        ends = token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids)
+        if ends and len(self.output_ids) > params.min_tokens:
+            self.finish_reason = "stop"
+            return self.detokenizer.flush()
+        text = self.detokenizer.add(token)
+        if self.detokenizer.stopped and len(self.output_ids) >= params.min_tokens:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= params.max_tokens or (
+            len(self.prompt_ids) + len(self.output_ids) >= max_len
+        ):
+            self.finish_reason = "length"
+            text += self.detokenizer.flush()
+        return text
 
     def emit(self, text: str, token: int | None, logprob: TokenLogprob | None) -> None:
         self.sink(

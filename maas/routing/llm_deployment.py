@@ -1,5 +1,9 @@
 """A loaded text-generation model: its tokenizer here, its engine in a process of its own
-(or, with MAAS_LLM_ENGINE_PROCESS=false, on a thread of the server)."""
+(or, with MAAS_LLM_ENGINE_PROCESS=false, on a thread of the server).
+
+maas's engine runs the Llama family; any other causal LM in a Hugging Face folder runs on the
+``transformers`` fallback (a thread of the server, one request at a time).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from maas.engine.client import EngineClient
+from maas.engine.hf_generator import TransformersGenerator
 from maas.engine.llm_engine import LLMEngine
 from maas.engine.process import EngineProcess
 from maas.engine.stats import EngineStats, StatsObserver
+from maas.errors import UnsupportedFormat
 from maas.registry.manifest import Manifest, TensorSpec
 from maas.registry.records import OpenedVersion, VersionRecord
+from maas.runtime.llm.config import LLAMA_FAMILY
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions
 from maas.runtime.llm.tokenizer import load_tokenizer
+from maas.runtime.llm.transformers_lm import TransformersLM
 
 
 @dataclass(frozen=True)
@@ -33,11 +41,16 @@ class LLMDeployment:
         options: EngineOptions,
         on_stats: Callable[[EngineStats], None] | None = None,
     ) -> None:
+        on_engine = runs_on_engine(opened.manifest)
         self.record: VersionRecord = opened.record
         self.manifest: Manifest = opened.manifest
         self.tokenizer = load_tokenizer(opened)
         name = opened.record.reference
-        if options.separate_process:
+        if not on_engine:
+            model = TransformersLM(opened, options.runner)
+            self.engine = TransformersGenerator(model, self.tokenizer, name=name, on_stats=on_stats)
+            self.memory_bytes, self.max_len = model.memory_bytes, model.max_len
+        elif options.separate_process:
             self.engine = EngineProcess(
                 opened, options, self.tokenizer, name=name, on_stats=on_stats
             )
@@ -79,3 +92,17 @@ class LLMDeployment:
 
     async def close(self) -> None:
         self.engine.close()
+
+
+def runs_on_engine(manifest: Manifest) -> bool:
+    """Whether maas's own engine runs the model (else the transformers fallback does)."""
+    if manifest.format != "gguf":
+        return manifest.config.get("model_type") in LLAMA_FAMILY
+    architecture = manifest.config.get("general.architecture")
+    if architecture not in LLAMA_FAMILY:
+        raise UnsupportedFormat(
+            f"GGUF models of architecture {architecture!r} cannot be served: maas's engine runs "
+            f"{', '.join(LLAMA_FAMILY)}, and other architectures need a Hugging Face folder "
+            "(config.json with safetensors weights) for the transformers fallback"
+        )
+    return True

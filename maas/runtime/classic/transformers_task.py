@@ -9,9 +9,11 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
+import torch
 
 from maas.errors import UnsupportedFormat
 from maas.registry.manifest import TensorSpec
+from maas.registry.records import OpenedVersion
 from maas.runtime.classic.torch_base import TorchRuntime
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -31,15 +33,7 @@ class TransformersRuntime(TorchRuntime):
             raise UnsupportedFormat(
                 f"the transformers runtime cannot serve {self.opened.manifest.task!r}"
             )
-        if self.opened.data_keys:
-            model = self._from_decrypted_state(auto)
-        else:
-            model = auto.from_pretrained(
-                self.opened.folder,
-                use_safetensors=True,
-                local_files_only=True,
-                trust_remote_code=False,
-            )
+        model = load_pretrained(self.opened, auto)
         self._use(model)
         self.inputs, self.outputs = signature_of(model, self.opened.manifest.task)
 
@@ -47,30 +41,56 @@ class TransformersRuntime(TorchRuntime):
         name = self.outputs[0].name
         return {name: getattr(self._forward(inputs), name).float().numpy()}
 
-    def _from_decrypted_state(self, auto):
-        from safetensors.torch import load
-        from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(
-            self.opened.folder, local_files_only=True, trust_remote_code=False
+def load_pretrained(opened: OpenedVersion, auto, dtype: torch.dtype | None = None):
+    """The version's model as the ``transformers`` class ``auto`` builds it: safetensors only,
+    never the model's own code. ``dtype`` None keeps the dtype config.json names."""
+    options = {} if dtype is None else {"dtype": dtype}
+    if opened.data_keys:
+        return _from_decrypted_state(opened, auto, options)
+    return auto.from_pretrained(
+        opened.folder,
+        use_safetensors=True,
+        local_files_only=True,
+        trust_remote_code=False,
+        **options,
+    )
+
+
+def _from_decrypted_state(opened: OpenedVersion, auto, options: dict):
+    """Build the model from its config, then load a state dict decrypted in memory."""
+    from safetensors.torch import load
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        opened.folder, local_files_only=True, trust_remote_code=False
+    )
+    model = auto.from_config(config, **options)
+    state: dict = {}
+    for relpath in opened.data_keys:
+        if relpath.endswith(".safetensors"):
+            state.update(load(opened.read_bytes(relpath)))
+    prefix = f"{model.base_model_prefix}."
+    if not any(key.startswith(prefix) for key in model.state_dict()):
+        state = {key.removeprefix(prefix): value for key, value in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_to_loaded(model, state)
+    missing = [key for key in missing if not key.endswith("position_ids") and key not in tied]
+    if missing or unexpected:
+        raise UnsupportedFormat(
+            f"the weights do not fit {type(model).__name__}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
         )
-        model = auto.from_config(config)
-        state: dict = {}
-        for relpath in self.opened.data_keys:
-            if relpath.endswith(".safetensors"):
-                state.update(load(self.opened.read_bytes(relpath)))
-        prefix = f"{model.base_model_prefix}."
-        if not any(key.startswith(prefix) for key in model.state_dict()):
-            state = {key.removeprefix(prefix): value for key, value in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [key for key in missing if not key.endswith("position_ids")]
-        if missing or unexpected:
-            raise UnsupportedFormat(
-                f"the weights do not fit {type(model).__name__}: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}"
-            )
-        model.tie_weights()
-        return model
+    model.tie_weights()
+    return model
+
+
+def _tied_to_loaded(model, state: dict) -> set[str]:
+    """Parameters that share their tensor with one the checkpoint holds (GPT-2's lm_head is
+    its token embedding), so the checkpoint need not hold them."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {parameters[name].data_ptr() for name in state if name in parameters}
+    return {name for name, tensor in parameters.items() if tensor.data_ptr() in loaded}
 
 
 def signature_of(model, task: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
