@@ -24,19 +24,25 @@ class Detokenizer:
     def add(self, token_id: int) -> str:
         """Take one token; return the text that may now be shown."""
         self._ids.append(token_id)
-        before = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
-        after = self._tokenizer.decode(self._ids[self._prefix_offset :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before) :]
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
-        self._find_stop()
+        self._decode(complete=False)
         limit = len(self.text) if self.stopped else len(self.text) - self._holdback
         return self._take(limit)
 
     def flush(self) -> str:
-        """The rest of the text, when the sequence ends for another reason."""
+        """The rest of the text, when the sequence ends for another reason (a character left
+        incomplete reads as U+FFFD, as in a decode of all the tokens)."""
+        if not self.stopped:
+            self._decode(complete=True)
         return self._take(len(self.text))
+
+    def _decode(self, *, complete: bool) -> None:
+        before = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+        after = self._tokenizer.decode(self._ids[self._prefix_offset :])
+        if len(after) > len(before) and (complete or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+        self._find_stop()
 
     def _find_stop(self) -> None:
         if not self._stop:

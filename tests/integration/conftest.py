@@ -29,7 +29,10 @@ def app_client(settings):
 @pytest.fixture
 def make_key(app_client) -> MakeKey:
     """Create a key directly in the store: make_key(role, tenant=..., limits=..., ...)."""
+    return key_maker(app_client)
 
+
+def key_maker(app_client) -> MakeKey:
     def make(
         role: Role | str = Role.user,
         *,
@@ -54,6 +57,10 @@ def make_key(app_client) -> MakeKey:
 
 @pytest.fixture
 def make_tenant(app_client):
+    return tenant_maker(app_client)
+
+
+def tenant_maker(app_client):
     def make(name: str, industry: str = "finance") -> str:
         app_client.app.state.tenants.create(name, industry)
         return name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from maas.api import governance
@@ -16,6 +16,7 @@ from maas.api.openai.generation import (
     Generation,
     generator_of,
     output_budget,
+    request_id_header,
     sse,
     watch_disconnect,
 )
@@ -28,7 +29,11 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(governan
 
 @router.post("/chat/completions")
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, key: InferenceKey, serving: ServingDep
+    body: ChatCompletionRequest,
+    request: Request,
+    response: Response,
+    key: InferenceKey,
+    serving: ServingDep,
 ):
     _refuse_unsupported(body)
     record = resolve_for(serving.registry, key, body.model)
@@ -42,7 +47,7 @@ async def create_chat_completion(
     prompt = await run_in_threadpool(deployment.tokenizer.encode_chat, messages)
     asked = body.max_completion_tokens or body.max_tokens
     params = body.sampling(
-        output_budget(deployment, len(prompt), asked),
+        output_budget(deployment, len(prompt), asked, prompt_param="messages"),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     generation = Generation(request, deployment, min(body.timeout or 1e9, serving.request_timeout))
@@ -52,6 +57,7 @@ async def create_chat_completion(
         return sse(lambda: _chunks(generation, body.model, prompt, params, n, usage), request)
     async with deployment.use():
         deltas = await watch_disconnect(request, _collect(generation.run(prompt, params, n)))
+    response.headers.update(request_id_header(request))
     return _response(generation, body.model, deltas, len(prompt), n, deployment.tokenizer)
 
 

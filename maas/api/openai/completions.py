@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from maas.api import governance
@@ -18,6 +18,7 @@ from maas.api.openai.generation import (
     Generation,
     generator_of,
     output_budget,
+    request_id_header,
     sse,
     watch_disconnect,
 )
@@ -32,7 +33,11 @@ MAX_PROMPTS = 64
 
 @router.post("/completions")
 async def create_completion(
-    body: CompletionRequest, request: Request, key: InferenceKey, serving: ServingDep
+    body: CompletionRequest,
+    request: Request,
+    response: Response,
+    key: InferenceKey,
+    serving: ServingDep,
 ):
     if body.suffix:
         raise InvalidRequest("suffix is not supported", param="suffix")
@@ -42,7 +47,10 @@ async def create_completion(
     deployment = generator_of(await serving.deployment(record, body.model), body.model)
     meter(request, model=deployment.record)
     prompts = await run_in_threadpool(_prompts, body.prompt, deployment)
-    budgets = [output_budget(deployment, len(p), body.max_tokens or 16) for p in prompts]
+    budgets = [
+        output_budget(deployment, len(p), body.max_tokens or 16, prompt_param="prompt")
+        for p in prompts
+    ]
     n = body.n or 1
     generation = Generation(request, deployment, min(body.timeout or 1e9, serving.request_timeout))
     runs = [
@@ -56,6 +64,7 @@ async def create_completion(
         results = await watch_disconnect(
             request, asyncio.gather(*(_collect(generation, p, params, n) for _, p, params in runs))
         )
+    response.headers.update(request_id_header(request))
     return _response(generation, body, runs, results, n)
 
 
@@ -191,6 +200,15 @@ def _logprobs(items: tuple[TokenLogprob, ...] | list[TokenLogprob], tokenizer) -
     return {
         "tokens": tokens,
         "token_logprobs": [item.logprob for item in items],
-        "top_logprobs": [{tokenizer.token_text(t): lp for t, lp in item.top} for item in items],
+        "top_logprobs": [_top(item, tokenizer) for item in items],
         "text_offset": offsets,
     }
+
+
+def _top(item: TokenLogprob, tokenizer) -> dict[str, float]:
+    """Text -> logprob of the likeliest tokens; where two read the same (e.g. two partial
+    characters, both U+FFFD), the likelier one is kept."""
+    top: dict[str, float] = {}
+    for token, logprob in item.top:
+        top.setdefault(tokenizer.token_text(token), logprob)
+    return top

@@ -31,14 +31,17 @@ def generator_of(deployment, model: str) -> LLMDeployment:
     return deployment
 
 
-def output_budget(deployment: LLMDeployment, prompt_tokens: int, asked: int | None) -> int:
-    """max_tokens for a prompt: what was asked, or what is left of the context; too long is 400."""
+def output_budget(
+    deployment: LLMDeployment, prompt_tokens: int, asked: int | None, *, prompt_param: str
+) -> int:
+    """max_tokens for a prompt: what was asked, or what is left of the context; too long is 400.
+    ``prompt_param`` names the request field the prompt came in (``messages``, ``prompt``)."""
     limit = deployment.max_len
     if prompt_tokens >= limit:
         raise ContextTooLong(
             f"This model's maximum context length is {limit} tokens. However, your prompt has "
             f"{prompt_tokens} tokens. Please reduce the length of the messages or prompt.",
-            param="messages",
+            param=prompt_param,
         )
     if asked is not None and prompt_tokens + asked > limit:
         raise ContextTooLong(
@@ -98,6 +101,12 @@ async def watch_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
+def request_id_header(request: Request) -> dict[str, str]:
+    """The caller's ``X-Request-Id``, to send back with the answer (as vLLM does)."""
+    value = request.headers.get("x-request-id")
+    return {"x-request-id": value} if value else {}
+
+
 def sse(chunks: Callable[[], AsyncIterator[dict]], request: Request) -> StreamingResponse:
     """Server-sent events: one ``data:`` line per chunk, an error event if one comes up, then
     ``data: [DONE]``."""
@@ -113,5 +122,7 @@ def sse(chunks: Callable[[], AsyncIterator[dict]], request: Request) -> Streamin
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", **request_id_header(request)},
     )

@@ -2,6 +2,7 @@
 
 Each model appears under its name (what a bare name resolves to), under each alias
 (``name@production``) and under each version (``name:3``): all are valid ``model`` values.
+Text-generation models also show ``max_model_len`` (vLLM's field): prompt plus output tokens.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from pydantic import BaseModel
 
 from maas.api import governance
 from maas.api.access import resolve_for, usable_models
-from maas.api.deps import CurrentKey, RegistryDep
-from maas.registry import ModelRecord, VersionRecord
+from maas.api.deps import CurrentKey, RegistryDep, SettingsDep
+from maas.api.openai.generation import GENERATION_TASKS
+from maas.config import Settings
+from maas.registry import ModelRecord, Registry, VersionRecord
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(governance.current_key)])
 
@@ -29,6 +32,8 @@ class ModelCard(BaseModel):
     """The concrete version this id resolves to now (``name:3``)."""
     parent: str | None = None
     task: str
+    max_model_len: int | None = None
+    """Prompt plus output tokens a request may have (text-generation models only)."""
 
 
 class ModelList(BaseModel):
@@ -37,35 +42,58 @@ class ModelList(BaseModel):
 
 
 @router.get("/models")
-def list_models(key: CurrentKey, registry: RegistryDep) -> ModelList:
+def list_models(key: CurrentKey, registry: RegistryDep, settings: SettingsDep) -> ModelList:
     """The models this key may use."""
-    cards = [card for model in usable_models(registry, key) for card in _cards(model)]
+    cards = [
+        card
+        for model in usable_models(registry, key)
+        for card in _cards(model, lambda record: _max_model_len(registry, settings, record))
+    ]
     return ModelList(data=cards)
 
 
 @router.get("/models/{model}")
-def retrieve_model(model: str, key: CurrentKey, registry: RegistryDep) -> ModelCard:
+def retrieve_model(
+    model: str, key: CurrentKey, registry: RegistryDep, settings: SettingsDep
+) -> ModelCard:
     record = resolve_for(registry, key, model)
     owner = registry.get_model(record.name).tenant
-    return _card(model, record, parent=None if model == record.name else record.name, owner=owner)
+    return _card(
+        model,
+        record,
+        parent=None if model == record.name else record.name,
+        owner=owner,
+        max_model_len=_max_model_len(registry, settings, record),
+    )
 
 
-def _cards(model: ModelRecord) -> list[ModelCard]:
+def _cards(model: ModelRecord, max_model_len) -> list[ModelCard]:
     if model.default is None:
         return []
     by_number = {v.version: v for v in model.versions}
+    lengths = {v.version: max_model_len(v) for v in model.versions}
     owner = model.tenant
-    cards = [_card(model.name, model.default, parent=None, owner=owner)]
+
+    def card(model_id: str, record: VersionRecord, parent: str | None) -> ModelCard:
+        length = lengths.get(record.version)
+        return _card(model_id, record, parent=parent, owner=owner, max_model_len=length)
+
+    cards = [card(model.name, model.default, None)]
     cards += [
-        _card(f"{model.name}@{alias}", by_number[number], parent=model.name, owner=owner)
+        card(f"{model.name}@{alias}", by_number[number], model.name)
         for alias, number in sorted(model.aliases.items())
     ]
-    cards += [_card(v.reference, v, parent=model.name, owner=owner) for v in model.versions]
+    cards += [card(v.reference, v, model.name) for v in model.versions]
     return cards
 
 
 def _card(
-    model_id: str, record: VersionRecord, *, parent: str | None, owner: str | None
+    model_id: str,
+    record: VersionRecord,
+    *,
+    parent: str | None,
+    owner: str | None,
+    max_model_len: int | None,
 ) -> ModelCard:
     return ModelCard(
         id=model_id,
@@ -74,4 +102,13 @@ def _card(
         root=record.reference,
         parent=parent,
         task=record.task,
+        max_model_len=max_model_len,
     )
+
+
+def _max_model_len(registry: Registry, settings: Settings, record: VersionRecord) -> int | None:
+    """The model's context, capped by the server's MAAS_LLM_MAX_MODEL_LEN, as the engine caps it."""
+    if record.task not in GENERATION_TASKS:
+        return None
+    context = registry.read_manifest(record).context_length
+    return min(context or settings.llm_max_model_len, settings.llm_max_model_len)

@@ -74,7 +74,8 @@ def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     logits = logits / temperature
     top_k = [p.top_k for p in params]
     if any(k > 0 for k in top_k):
-        k = torch.tensor([k if k > 0 else logits.shape[-1] for k in top_k])
+        vocab = logits.shape[-1]
+        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k])
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)

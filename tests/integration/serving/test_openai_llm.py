@@ -1,0 +1,612 @@
+"""Chat and text completions over HTTP on the tiny Llama: the OpenAI shapes, streaming,
+sampling fields, errors, keys, metering, metrics and deadlines.
+
+Most tests share one app whose engine runs on a thread of the server; one app runs the engine
+in a process of its own, as the server does by default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from maas.api.app import build_app
+from maas.config import Settings
+from maas.db.tables import UsageRecord
+from maas.runtime.llm.tokenizer import load_tokenizer
+from tests.integration.conftest import World, bearer, key_maker, tenant_maker
+
+MODEL = "acme-chat"
+MESSAGES = [{"role": "user", "content": "where is paris?"}]
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def llm_settings(home, **fields) -> Settings:
+    """Test settings, read while no MAAS_* variable of the developer's is set."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("MAAS_")]:
+            patch.delenv(name)
+        return Settings(home=home, allowed_hosts=["testserver"], inference_threads=1, **fields)
+
+
+def start_world(home, model_sources, **fields):
+    threads = torch.get_num_threads()
+    with TestClient(build_app(llm_settings(home, **fields))) as client:
+        yield World(client, key_maker(client), tenant_maker(client), model_sources)
+    torch.set_num_threads(threads)  # the engine set it to inference_threads
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, model_sources):
+    """One app for the module, its engine on a thread of the server."""
+    yield from start_world(
+        tmp_path_factory.mktemp("llm") / "maas-home", model_sources, llm_engine_process=False
+    )
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(world):
+    return load_tokenizer(world.client.app.state.registry.open_version(MODEL))
+
+
+def chat(world, role="user", **fields):
+    body = {"model": MODEL, "messages": MESSAGES, **fields}
+    return world.client.post("/v1/chat/completions", json=body, headers=world.as_(role))
+
+
+def complete(world, prompt, role="user", **fields):
+    body = {"model": MODEL, "prompt": prompt, **fields}
+    return world.client.post("/v1/completions", json=body, headers=world.as_(role))
+
+
+def ok(response) -> dict:
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def openai_error(response, status: int, *, code=None, param=None, type_=None) -> dict:
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"}
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    for name, expected in (("code", code), ("param", param), ("type", type_)):
+        if expected is not None:
+            assert error[name] == expected, error
+    return error
+
+
+def events(response) -> list[dict]:
+    """The JSON of each server-sent event; the stream must end with ``data: [DONE]``."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in response.text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def stream_chat(world, role="user", **fields) -> list[dict]:
+    return events(chat(world, role, stream=True, **fields))
+
+
+def content_of(chunks: list[dict], index: int = 0) -> str:
+    return "".join(
+        c["choices"][0]["delta"].get("content", "")
+        for c in chunks
+        if c["choices"] and c["choices"][0]["index"] == index
+    )
+
+
+def usage_rows(world, key_id: str) -> list:
+    world.client.app.state.recorder.flush()
+    with world.client.app.state.registry.engine.connect() as connection:
+        query = select(UsageRecord).where(UsageRecord.key_id == key_id).order_by(UsageRecord.id)
+        return list(connection.execute(query))
+
+
+def engine_of(world):
+    """The loaded deployment's LLMEngine (thread engine)."""
+    [deployment] = [
+        d for d in world.client.app.state.serving.pool.deployments() if d.record.name == MODEL
+    ]
+    return deployment.engine.engine
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def metric(world, name: str) -> float:
+    text = world.client.get("/metrics", headers=world.as_("admin")).text
+    found = re.search(rf'^{re.escape(name)}{{model_name="{MODEL}:1"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+# Chat completions
+
+
+def test_chat_completion_answers_in_the_openai_shape(world, chat_tokenizer):
+    body = ok(chat(world, max_tokens=8, **GREEDY))
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == MODEL and isinstance(body["created"], int)
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length"
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+    assert choice["logprobs"] is None
+    prompt_tokens = len(chat_tokenizer.encode_chat(MESSAGES))
+    assert body["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 8,
+        "total_tokens": prompt_tokens + 8,
+    }
+    again = ok(chat(world, max_tokens=8, **GREEDY))
+    assert again["choices"][0]["message"] == choice["message"]  # greedy: the same answer
+    assert again["id"] != body["id"]
+
+
+def test_max_completion_tokens_and_max_tokens_bound_the_answer(world):
+    by_old_name = ok(chat(world, max_tokens=5, **GREEDY))
+    by_new_name = ok(chat(world, max_completion_tokens=5, **GREEDY))
+    both = ok(chat(world, max_tokens=9, max_completion_tokens=5, **GREEDY))
+    for body in (by_old_name, by_new_name, both):
+        assert body["usage"]["completion_tokens"] == 5
+        assert body["choices"][0]["finish_reason"] == "length"
+    assert by_new_name["choices"] == by_old_name["choices"] == both["choices"]
+
+
+def test_a_stop_string_ends_the_answer_with_stop(world):
+    full = ok(chat(world, max_tokens=16, **GREEDY))["choices"][0]["message"]["content"]
+    start = next(i for i in range(3, len(full) - 1) if "\ufffd" not in full[i : i + 2])
+    stop = full[start : start + 2]
+    body = ok(chat(world, max_tokens=16, stop=[stop, "never-generated"], **GREEDY))
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"]["content"] == full[: full.index(stop)]
+    assert body["usage"]["completion_tokens"] < 16
+
+
+def test_streamed_chat_sends_role_then_content_then_done(world):
+    expected = ok(chat(world, max_tokens=8, **GREEDY))["choices"][0]["message"]["content"]
+    chunks = stream_chat(world, max_tokens=8, **GREEDY)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+    assert len(chunks) > 3  # the answer arrives in pieces
+    assert content_of(chunks) == expected
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert all("usage" not in c for c in chunks)
+
+
+def test_streamed_chat_with_include_usage_ends_with_a_usage_chunk(world):
+    expected = ok(chat(world, max_tokens=6, **GREEDY))["usage"]
+    chunks = stream_chat(world, max_tokens=6, stream_options={"include_usage": True}, **GREEDY)
+    *answer, last = chunks
+    assert last["choices"] == [] and last["usage"] == expected
+    assert all(c["usage"] is None for c in answer)
+
+
+def test_n_gives_n_choices_with_their_indexes(world):
+    body = ok(chat(world, n=2, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True))
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(c["finish_reason"] == "length" for c in body["choices"])
+    assert body["usage"]["completion_tokens"] == 12
+    first, second = (c["message"]["content"] for c in body["choices"])
+    assert first != second
+    chunks = stream_chat(world, n=2, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+    assert [content_of(chunks, 0), content_of(chunks, 1)] == [first, second]
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(finished) == [0, 1]
+
+
+def test_logprobs_and_top_logprobs(world):
+    body = ok(chat(world, max_tokens=5, logprobs=True, top_logprobs=3, **GREEDY))
+    entries = body["choices"][0]["logprobs"]["content"]
+    assert len(entries) == 5
+    for entry in entries:
+        assert entry["logprob"] <= 0 and entry["bytes"] == list(entry["token"].encode())
+        top = entry["top_logprobs"]
+        assert len(top) == 3
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        # greedy: the chosen token is the most likely one
+        assert (entry["token"], entry["logprob"]) == (top[0]["token"], top[0]["logprob"])
+    plain = ok(chat(world, max_tokens=5, **GREEDY))
+    assert plain["choices"][0]["message"] == body["choices"][0]["message"]
+    chunks = stream_chat(world, max_tokens=5, logprobs=True, top_logprobs=3, **GREEDY)
+    streamed = [e for c in chunks[1:] for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == entries
+
+
+def test_a_seed_reproduces_a_sampled_answer(world):
+    def answer(seed):
+        body = ok(chat(world, max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True))
+        return body["choices"][0]["message"]["content"]
+
+    assert answer(42) == answer(42)
+    assert answer(42) != answer(43)
+
+
+def test_the_request_id_the_caller_sends_comes_back(world):
+    headers = {**world.as_("user"), "x-request-id": "trace-1234"}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    response = world.client.post("/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 200 and response.headers["x-request-id"] == "trace-1234"
+    streamed = world.client.post(
+        "/v1/chat/completions", json={**body, "stream": True}, headers=headers
+    )
+    assert streamed.headers["x-request-id"] == "trace-1234"
+    completion = world.client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, headers=headers
+    )
+    assert completion.headers["x-request-id"] == "trace-1234"
+
+
+def test_unknown_fields_are_ignored_and_nulls_mean_default(world):
+    messages = [
+        {"role": "system", "content": "be brief", "name": None},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": "where is paris?"}]},
+    ]
+    body = ok(
+        chat(
+            world,
+            messages=messages,
+            max_tokens=None,
+            max_completion_tokens=3,
+            temperature=None,
+            top_p=None,
+            n=None,
+            stop=None,
+            stream=None,
+            seed=None,
+            logprobs=None,
+            stream_options=None,
+            presence_penalty=None,
+            frequency_penalty=None,
+            user=None,
+            response_format=None,
+            tools=None,
+            tool_choice=None,
+            parallel_tool_calls=True,
+            metadata={"anything": 1},
+            store=False,
+            some_future_field={"nested": [1, 2]},
+        )
+    )
+    assert body["usage"]["completion_tokens"] <= 3
+    assert len(body["choices"]) == 1
+
+
+def test_a_top_k_beyond_the_vocabulary_is_accepted(world):
+    body = ok(chat(world, max_tokens=4, top_k=100_000, seed=1, ignore_eos=True))
+    assert body["usage"]["completion_tokens"] == 4
+
+
+# Text completions
+
+
+def test_completion_of_a_string_prompt(world, chat_tokenizer):
+    body = ok(complete(world, "the cat sat", max_tokens=6, **GREEDY))
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length" and choice["text"]
+    assert choice["logprobs"] is None
+    prompt_tokens = len(chat_tokenizer.encode("the cat sat"))
+    assert body["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 6,
+        "total_tokens": prompt_tokens + 6,
+    }
+
+
+def test_completion_of_several_prompts_answers_each_as_if_alone(world, chat_tokenizer):
+    prompts = ["the cat sat", "paris is the capital"]
+    alone = [ok(complete(world, p, max_tokens=6, **GREEDY))["choices"][0]["text"] for p in prompts]
+    body = ok(complete(world, prompts, max_tokens=6, **GREEDY))
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert [c["text"] for c in body["choices"]] == alone
+    assert body["usage"]["completion_tokens"] == 12
+    as_ids = ok(complete(world, chat_tokenizer.encode(prompts[1]), max_tokens=6, **GREEDY))
+    assert as_ids["choices"][0]["text"] == alone[1]
+    with_n = ok(complete(world, prompts, n=2, max_tokens=3, **GREEDY))
+    assert [c["index"] for c in with_n["choices"]] == [0, 1, 2, 3]
+
+
+def test_echo_puts_the_prompt_before_the_completion(world):
+    plain = ok(complete(world, "the cat sat", max_tokens=4, **GREEDY))["choices"][0]["text"]
+    echoed = ok(complete(world, "the cat sat", max_tokens=4, echo=True, **GREEDY))
+    assert echoed["choices"][0]["text"] == "the cat sat" + plain
+    chunks = events(complete(world, "the cat sat", max_tokens=4, echo=True, stream=True, **GREEDY))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "the cat sat" + plain
+
+
+def test_completion_logprobs(world):
+    body = ok(complete(world, "the cat sat", max_tokens=5, logprobs=2, **GREEDY))
+    logprobs = body["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 5
+    assert all(lp <= 0 for lp in logprobs["token_logprobs"])
+    assert len(logprobs["top_logprobs"]) == 5
+    for token, chosen, top in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+    ):
+        assert 1 <= len(top) <= 2 and top[token] == pytest.approx(chosen)  # greedy: the best
+        assert chosen == pytest.approx(max(top.values()))
+    offsets = logprobs["text_offset"]
+    assert offsets[0] == 0
+    assert offsets == [sum(len(t) for t in logprobs["tokens"][:i]) for i in range(5)]
+
+
+# Models
+
+
+def test_models_show_the_context_length(world):
+    cards = ok(world.client.get("/v1/models", headers=world.as_("user")))["data"]
+    [card] = [c for c in cards if c["id"] == MODEL]
+    assert card["max_model_len"] == 256  # the model's own context, below the server's cap
+    assert card["root"] == f"{MODEL}:1" and card["owned_by"] == "acme"
+    one = ok(world.client.get(f"/v1/models/{MODEL}", headers=world.as_("user")))
+    assert one["max_model_len"] == 256
+    [gguf] = [c for c in cards if c["id"] == "acme-model@staging"]
+    assert gguf["max_model_len"] == 128  # a chat model too, with a shorter context
+    [embedder] = [c for c in cards if c["id"] == "acme-embedder"]
+    assert embedder["max_model_len"] is None
+
+
+# Errors
+
+
+BAD_REQUESTS = {
+    "negative max_tokens": ("chat/completions", {"max_tokens": -1}, "max_tokens", None),
+    "zero max_completion_tokens": ("chat/completions", {"max_completion_tokens": 0}, None, None),
+    "no messages": ("chat/completions", {"messages": []}, "messages", None),
+    "unknown role": (
+        "chat/completions",
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        None,
+        None,
+    ),
+    "image parts": (
+        "chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages",
+        None,
+    ),
+    "n too large": ("chat/completions", {"n": 17}, "n", None),
+    "temperature too high": ("chat/completions", {"temperature": 3}, "temperature", None),
+    "top_logprobs too many": (
+        "chat/completions",
+        {"logprobs": True, "top_logprobs": 21},
+        None,
+        None,
+    ),
+    "five stop strings": ("chat/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+    "json response_format": (
+        "chat/completions",
+        {"response_format": {"type": "json_object"}},
+        "response_format",
+        None,
+    ),
+    "tools": (
+        "chat/completions",
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        "tools",
+        None,
+    ),
+    "prompt longer than the context": (
+        "chat/completions",
+        {"messages": [{"role": "user", "content": "word " * 400}]},
+        "messages",
+        "context_length_exceeded",
+    ),
+    "prompt and max_tokens over the context": (
+        "chat/completions",
+        {"max_tokens": 250},
+        "max_tokens",
+        "context_length_exceeded",
+    ),
+    "completion prompt over the context": (
+        "completions",
+        {"prompt": list(range(300))},
+        "prompt",
+        "context_length_exceeded",
+    ),
+    "echo with logprobs": (
+        "completions",
+        {"prompt": "hi", "echo": True, "logprobs": 1},
+        "echo",
+        None,
+    ),
+    "token id outside the vocabulary": (
+        "completions",
+        {"prompt": [[1, 2, 100_000]]},
+        "prompt",
+        None,
+    ),
+    "empty prompt": ("completions", {"prompt": []}, "prompt", None),
+    "suffix": ("completions", {"prompt": "hi", "suffix": "bye"}, "suffix", None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_requests_get_400_in_the_openai_shape(world, case):
+    route, fields, param, code = BAD_REQUESTS[case]
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, **fields}
+    if route == "completions":
+        del body["messages"]
+    response = world.client.post(f"/v1/{route}", json=body, headers=world.as_("user"))
+    openai_error(response, 400, type_="invalid_request_error", param=param, code=code)
+
+
+def test_an_unknown_model_is_404(world):
+    error = openai_error(chat(world, model="no-such-model"), 404, code="model_not_found")
+    assert error["param"] == "model"
+    response = complete(world, "hi", model="no-such-model")
+    openai_error(response, 404, code="model_not_found")
+
+
+def test_a_model_that_does_not_generate_text_is_400(world):
+    error = openai_error(chat(world, model="acme-embedder"), 400, param="model")
+    assert "does not generate text" in error["message"]
+
+
+# Keys
+
+
+def test_no_key_is_401(world):
+    response = chat(world, role="none", max_tokens=2)
+    openai_error(response, 401, type_="authentication_error", code="invalid_api_key")
+    openai_error(chat(world, role="bad", max_tokens=2), 401)
+
+
+def test_another_tenants_model_is_not_found_and_a_disallowed_one_forbidden(world):
+    openai_error(chat(world, role="globex", max_tokens=2), 404, code="model_not_found")
+    restricted = key_maker(world.client)("user", tenant="acme", allowed_models=["shared-model"])
+    response = world.client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2},
+        headers=bearer(restricted),
+    )
+    openai_error(response, 403, type_="permission_error", param="model")
+    ok(chat(world, role="maintainer", max_tokens=2))
+    ok(chat(world, role="admin", max_tokens=2))
+
+
+# Metering and metrics
+
+
+def fresh_key(world) -> tuple[dict[str, str], str]:
+    """Headers of a new acme user key, and its id (so usage rows are this test's alone)."""
+    key = key_maker(world.client)("user", tenant="acme")
+    return bearer(key), key[5:17]
+
+
+def test_usage_is_metered_for_answers_and_streams(world):
+    headers, key_id = fresh_key(world)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 7, **GREEDY}
+    answer = ok(world.client.post("/v1/chat/completions", json=body, headers=headers))
+    streamed = world.client.post(
+        "/v1/chat/completions",
+        json={**body, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}},
+        headers=headers,
+    )
+    stream_usage = events(streamed)[-1]["usage"]
+    completion = {"model": MODEL, "prompt": ["a", "b c"], "max_tokens": 3, **GREEDY}
+    completed = ok(world.client.post("/v1/completions", json=completion, headers=headers))
+    rows = usage_rows(world, key_id)
+    assert [(r.endpoint, r.status, r.model, r.version) for r in rows] == [
+        ("POST /v1/chat/completions", 200, MODEL, 1),
+        ("POST /v1/chat/completions", 200, MODEL, 1),
+        ("POST /v1/completions", 200, MODEL, 1),
+    ]
+    for row, usage in zip(rows, (answer["usage"], stream_usage, completed["usage"]), strict=True):
+        assert (row.prompt_tokens, row.completion_tokens) == (
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+        )
+    assert (rows[1].completion_tokens, rows[2].completion_tokens) == (5, 6)
+
+
+def test_an_abandoned_stream_is_metered_for_what_was_generated_and_stopped(world):
+    headers, key_id = fresh_key(world)
+    generated_before = metric(world, "vllm:generation_tokens_total")
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "stream": True, **GREEDY}
+    with world.client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        received = [line for line, _ in zip(lines, range(6), strict=False) if line]
+    assert received and all(line.startswith("data: {") for line in received)
+    engine = engine_of(world)
+    assert wait_until(lambda: not engine.has_work())
+    time.sleep(0.1)  # the engine thread reports a step's figures just after it
+    generated = metric(world, "vllm:generation_tokens_total") - generated_before
+    assert generated < 100, "the abandoned generation kept running"
+    assert wait_until(lambda: len(usage_rows(world, key_id)) == 1)
+    [row] = usage_rows(world, key_id)
+    assert row.endpoint == "POST /v1/chat/completions" and row.model == MODEL
+    assert row.prompt_tokens > 0 and 0 < row.completion_tokens < 200
+
+
+def test_generation_metrics_carry_the_model_name(world):
+    before = metric(world, "vllm:generation_tokens_total")
+    prompt_before = metric(world, "vllm:prompt_tokens_total")
+    body = ok(chat(world, max_tokens=7, **GREEDY))
+    assert wait_until(lambda: metric(world, "vllm:generation_tokens_total") - before == 7)
+    assert (
+        metric(world, "vllm:prompt_tokens_total") - prompt_before
+        == (body["usage"]["prompt_tokens"])
+    )
+    text = world.client.get("/metrics", headers=world.as_("admin")).text
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+    ):
+        assert f'{name}{{model_name="{MODEL}:1"}}' in text, name
+    assert metric(world, "vllm:e2e_request_latency_seconds_count") >= 1
+
+
+# Deadlines
+
+
+@pytest.fixture(scope="module")
+def hurried(tmp_path_factory, model_sources):
+    """An app whose generations may take 50 ms at most."""
+    yield from start_world(
+        tmp_path_factory.mktemp("hurried") / "maas-home",
+        model_sources,
+        llm_engine_process=False,
+        request_timeout_s=0.05,
+    )
+
+
+def test_a_generation_past_the_servers_deadline_is_a_504_in_the_openai_shape(hurried):
+    long = {"max_tokens": 200, **GREEDY}
+    openai_error(chat(hurried, **long), 504, type_="server_error", code="timeout")
+    openai_error(complete(hurried, "the cat", **long), 504, code="timeout")
+    chunks = stream_chat(hurried, **long)  # the stream has begun: the error is its last event
+    assert chunks[-1]["error"]["code"] == "timeout"
+    assert wait_until(lambda: not engine_of(hurried).has_work())
+
+
+def test_a_request_timeout_shorter_than_the_servers_applies(world):
+    openai_error(chat(world, max_tokens=200, timeout=0.05, **GREEDY), 504, code="timeout")
+    assert ok(chat(world, max_tokens=2, timeout=30, **GREEDY))["usage"]["completion_tokens"] == 2
+
+
+# The engine in a process of its own (the server's default)
+
+
+@pytest.fixture(scope="module")
+def separate(tmp_path_factory, model_sources):
+    yield from start_world(
+        tmp_path_factory.mktemp("separate") / "maas-home", model_sources, llm_engine_process=True
+    )
+
+
+def test_the_engine_in_its_own_process_answers_as_the_one_on_a_thread(world, separate):
+    on_thread = ok(chat(world, max_tokens=12, **GREEDY))
+    in_process = ok(chat(separate, max_tokens=12, **GREEDY))
+    assert in_process["choices"] == on_thread["choices"]
+    assert in_process["usage"] == on_thread["usage"]
+    chunks = stream_chat(separate, max_tokens=12, stream_options={"include_usage": True}, **GREEDY)
+    assert content_of(chunks) == on_thread["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"] == on_thread["usage"]
+    # the deadline crosses the process boundary too
+    openai_error(chat(separate, max_tokens=200, timeout=0.05, **GREEDY), 504, code="timeout")
+    assert wait_until(lambda: metric(separate, "vllm:generation_tokens_total") >= 24)

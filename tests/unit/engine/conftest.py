@@ -1,0 +1,108 @@
+"""A tiny random Llama in a registry of its own, and helpers that drive an ``LLMEngine``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from maas.config import Settings
+from maas.engine.llm_engine import GenerationRequest, LLMEngine
+from maas.messages import GenerationDelta, SamplingParams
+from maas.registry import open_registry
+from maas.registry.records import OpenedVersion
+from maas.runtime.llm.runner import ModelRunner, RunnerOptions
+from maas.runtime.llm.tokenizer import ChatTokenizer, load_tokenizer
+from tests.fixtures import make_tiny_llama
+
+MakeEngine = Callable[..., LLMEngine]
+
+
+@pytest.fixture(scope="package")
+def llama_version(tmp_path_factory) -> OpenedVersion:
+    """The tiny Llama imported into a temporary registry, opened and checked, once."""
+    threads = torch.get_num_threads()
+    root = tmp_path_factory.mktemp("llm")
+    registry = open_registry(Settings(home=root / "maas-home"))
+    registry.import_model(make_tiny_llama(root / "llama"), "tiny")
+    yield registry.open_version("tiny")
+    registry.close()
+    torch.set_num_threads(threads)  # the runners set it to 1
+
+
+@pytest.fixture(scope="package")
+def llama_tokenizer(llama_version) -> ChatTokenizer:
+    return load_tokenizer(llama_version)
+
+
+@pytest.fixture
+def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
+    """make_engine(max_batch_tokens=64, max_sequences=4, max_model_len=128, tokenizer=None):
+    a fresh engine (fresh KV cache), float32, one thread."""
+
+    def make(
+        *,
+        max_batch_tokens: int = 64,
+        max_sequences: int = 4,
+        max_model_len: int = 128,
+        tokenizer: ChatTokenizer | None = None,
+    ) -> LLMEngine:
+        options = RunnerOptions(
+            dtype="float32", max_sequences=max_sequences, max_model_len=max_model_len, threads=1
+        )
+        runner = ModelRunner(llama_version, options, tokenizer or llama_tokenizer)
+        return LLMEngine(runner, max_batch_tokens=max_batch_tokens)
+
+    return make
+
+
+def greedy(max_tokens: int = 16, **fields) -> SamplingParams:
+    """Greedy and blind to end-of-sequence, so every run has the same length."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **fields)
+
+
+def submit(
+    engine: LLMEngine,
+    request_id: str,
+    prompt: list[int],
+    params: SamplingParams,
+    *,
+    n: int = 1,
+    deadline: float | None = None,
+) -> list[GenerationDelta]:
+    """Add a request; returns the list its deltas are appended to."""
+    deltas: list[GenerationDelta] = []
+    engine.add_request(GenerationRequest(request_id, prompt, params, n, deltas.append, deadline))
+    return deltas
+
+
+def run_to_end(engine: LLMEngine, max_steps: int = 2000) -> int:
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < max_steps, "the engine never ran out of work"
+    return steps
+
+
+def token_ids(deltas: list[GenerationDelta], index: int = 0) -> list[int]:
+    return [t for d in deltas if d.index == index for t in d.token_ids]
+
+
+def text_of(deltas: list[GenerationDelta], index: int = 0) -> str:
+    return "".join(d.text for d in deltas if d.index == index)
+
+
+def finish_reason(deltas: list[GenerationDelta], index: int = 0) -> str | None:
+    return [d for d in deltas if d.index == index][-1].finish_reason
+
+
+def generate_alone(
+    make_engine: MakeEngine, prompt: list[int], params: SamplingParams, **options
+) -> list[GenerationDelta]:
+    """A request's deltas on a fresh engine with nothing else to do."""
+    engine = make_engine(**options)
+    deltas = submit(engine, "alone", prompt, params)
+    run_to_end(engine)
+    return deltas

@@ -1,0 +1,305 @@
+"""The LLM engine driven step by step: continuous batching, chunked prefill, slots, aborts,
+deadlines and prefix reuse never change what a request generates."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import maas.engine.llm_engine as llm_engine
+from maas.engine.kv_cache import MIN_REUSE, Allocation, SlotAllocator
+from maas.engine.scheduler import Plan
+from tests.fixtures import CORPUS
+from tests.unit.engine.conftest import (
+    finish_reason,
+    generate_alone,
+    greedy,
+    run_to_end,
+    submit,
+    token_ids,
+)
+
+TEXTS = [
+    "the cat sat on the mat",
+    "paris is the capital of france and berlin",
+    "hello world, how are you today?",
+    "numbers like 12345 and words",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(llama_tokenizer) -> list[list[int]]:
+    """Four different prompts of different lengths."""
+    encoded = [llama_tokenizer.encode(text) for text in TEXTS]
+    assert len({len(p) for p in encoded}) == len(encoded)
+    return encoded
+
+
+@pytest.fixture(scope="module")
+def long_prompt(llama_tokenizer) -> list[int]:
+    ids = llama_tokenizer.encode(" ".join(CORPUS[:4]))
+    assert len(ids) >= 50
+    return ids[:50]
+
+
+def alone_ids(make_engine, prompt, params, **options) -> list[int]:
+    return token_ids(generate_alone(make_engine, prompt, params, **options))
+
+
+def spy_on_allocations(engine, monkeypatch) -> list[Allocation]:
+    allocations: list[Allocation] = []
+    allocate = engine.scheduler.slots.allocate
+
+    def recording(prompt, busy):
+        allocations.append(allocate(prompt, busy))
+        return allocations[-1]
+
+    monkeypatch.setattr(engine.scheduler.slots, "allocate", recording)
+    return allocations
+
+
+def spy_on_plans(engine, monkeypatch) -> list[Plan]:
+    plans: list[Plan] = []
+    schedule = engine.scheduler.schedule
+
+    def recording() -> Plan:
+        plans.append(schedule())
+        return plans[-1]
+
+    monkeypatch.setattr(engine.scheduler, "schedule", recording)
+    return plans
+
+
+def test_greedy_tokens_equal_transformers_greedy_decoding(make_engine, llama_version, prompts):
+    ours = alone_ids(make_engine, prompts[0], greedy(12))
+    model = LlamaForCausalLM.from_pretrained(llama_version.folder, dtype=torch.float32).eval()
+    ids = list(prompts[0])
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert ours == ids[len(prompts[0]) :]
+
+
+def test_greedy_tokens_do_not_depend_on_the_rest_of_the_batch(make_engine, prompts):
+    alone = [alone_ids(make_engine, p, greedy(24)) for p in prompts]
+    engine = make_engine(max_sequences=4)
+    outputs = [submit(engine, f"r{i}", p, greedy(24)) for i, p in enumerate(prompts)]
+    engine.step()
+    assert len(engine.scheduler.running) == 4  # one batch: every prompt prefilled together
+    run_to_end(engine)
+    assert [token_ids(d) for d in outputs] == alone
+    assert all(len(ids) == 24 for ids in alone)
+    assert len({tuple(ids) for ids in alone}) == 4  # different prompts, different outputs
+
+
+def test_requests_join_and_leave_the_batch_without_changing_their_tokens(make_engine, prompts):
+    engine = make_engine()
+    first = submit(engine, "first", prompts[0], greedy(30))
+    for _ in range(5):
+        engine.step()
+    second = submit(engine, "second", prompts[1], greedy(6))
+    for _ in range(2):
+        engine.step()
+    third = submit(engine, "third", prompts[2], greedy(20))
+    engine.step()
+    assert len(engine.scheduler.running) == 3
+    assert 0 < len(token_ids(first)) < 30 and 0 < len(token_ids(second)) < 6
+    while finish_reason(second) is None:
+        engine.step()
+    # the short one has left; the others are still mid-generation
+    assert len(engine.scheduler.running) == 2
+    assert finish_reason(first) is None and finish_reason(third) is None
+    run_to_end(engine)
+    assert token_ids(first) == alone_ids(make_engine, prompts[0], greedy(30))
+    assert token_ids(second) == alone_ids(make_engine, prompts[1], greedy(6))
+    assert token_ids(third) == alone_ids(make_engine, prompts[2], greedy(20))
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(
+    make_engine, prompts, long_prompt, monkeypatch
+):
+    engine = make_engine(max_batch_tokens=16)
+    plans = spy_on_plans(engine, monkeypatch)
+    short = submit(engine, "short", prompts[0], greedy(20))
+    engine.step()
+    assert len(token_ids(short)) == 1  # decoding now
+    long = submit(engine, "long", long_prompt, greedy(10))
+    [long_sequence] = engine.scheduler.waiting
+    prefill_steps = 0
+    while not long:
+        before = len(token_ids(short))
+        engine.step()
+        prefill_steps += 1
+        assert len(token_ids(short)) == before + 1, "decoding stalled during the long prefill"
+    # one token of every step goes to the decoding sequence: 15 + 15 + 15 + 5 prompt tokens
+    assert prefill_steps == 4
+    run_to_end(engine)
+    for plan in plans:
+        assert len(plan.decode) + sum(end - start for _, start, end in plan.prefill) <= 16
+    chunks = [
+        (start, end) for plan in plans for s, start, end in plan.prefill if s is long_sequence
+    ]
+    assert chunks == [(0, 15), (15, 30), (30, 45), (45, 50)]
+    one_pass = alone_ids(make_engine, long_prompt, greedy(10), max_batch_tokens=512)
+    assert token_ids(long) == one_pass
+    assert token_ids(short) == alone_ids(make_engine, prompts[0], greedy(20))
+
+
+def test_requests_beyond_the_slots_wait_and_then_run_as_if_alone(make_engine, prompts, long_prompt):
+    engine = make_engine(max_sequences=2)
+    everyone = [*prompts, long_prompt[:30]]
+    lengths = [12, 4, 9, 6, 7]
+    outputs = [
+        submit(engine, f"r{i}", p, greedy(n))
+        for i, (p, n) in enumerate(zip(everyone, lengths, strict=True))
+    ]
+    engine.step()
+    assert (len(engine.scheduler.running), len(engine.scheduler.waiting)) == (2, 3)
+    assert [len(d) for d in outputs] == [1, 1, 0, 0, 0]
+    while engine.has_work():
+        engine.step()
+        assert len(engine.scheduler.running) <= 2
+    for deltas, prompt, n in zip(outputs, everyone, lengths, strict=True):
+        assert all(d.error is None for d in deltas)
+        assert finish_reason(deltas) == "length"
+        assert token_ids(deltas) == alone_ids(make_engine, prompt, greedy(n))
+
+
+def test_abort_frees_the_slot_for_the_next_waiting_request(make_engine, prompts):
+    engine = make_engine(max_sequences=1)
+    running = submit(engine, "running", prompts[0], greedy(100))
+    waiting = submit(engine, "waiting", prompts[1], greedy(5))
+    for _ in range(3):
+        engine.step()
+    assert len(token_ids(running)) == 3 and not waiting
+    assert len(engine.scheduler.waiting) == 1
+    engine.abort("running")
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["waiting"]
+    assert len(token_ids(waiting)) == 1
+    run_to_end(engine)
+    assert len(token_ids(running)) == 3  # nothing more after the abort
+    assert token_ids(waiting) == alone_ids(make_engine, prompts[1], greedy(5))
+
+
+def test_abort_with_a_reason_tells_the_caller(make_engine, prompts):
+    engine = make_engine()
+    deltas = submit(engine, "r", prompts[0], greedy(50), n=2)
+    engine.step()
+    engine.abort("r", "the model was unloaded")
+    assert [(d.index, d.finish_reason, d.error) for d in deltas[-2:]] == [
+        (0, "abort", "the model was unloaded"),
+        (1, "abort", "the model was unloaded"),
+    ]
+    assert not engine.has_work()
+
+
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """The engine's clock, set by the test."""
+    now = [1000.0]
+    monkeypatch.setattr(llm_engine, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def test_a_request_past_its_deadline_ends_with_an_error_before_running(make_engine, prompts, clock):
+    engine = make_engine()
+    deltas = submit(engine, "late", prompts[0], greedy(10), deadline=clock[0] - 1)
+    engine.step()
+    [delta] = deltas
+    assert (delta.finish_reason, delta.token_ids) == ("abort", ())
+    assert "deadline" in delta.error
+    assert not engine.has_work() and engine.scheduler.slots.free_slots == 4
+
+
+def test_a_deadline_stops_a_running_request_and_spares_the_others(make_engine, prompts, clock):
+    engine = make_engine()
+    timed = submit(engine, "timed", prompts[0], greedy(50), n=2, deadline=clock[0] + 5)
+    other = submit(engine, "other", prompts[1], greedy(12))
+    for _ in range(4):
+        engine.step()
+    clock[0] += 10
+    engine.step()
+    ends = [d for d in timed if d.finish_reason is not None]
+    assert sorted(d.index for d in ends) == [0, 1]
+    assert all(d.finish_reason == "abort" and "deadline" in d.error for d in ends)
+    assert all(d.completion_tokens == 4 for d in ends)
+    assert [s.request_id for s in engine.scheduler.running] == ["other"]
+    run_to_end(engine)
+    assert token_ids(other) == alone_ids(make_engine, prompts[1], greedy(12))
+
+
+def test_a_prompt_sharing_a_prefix_with_a_finished_one_reuses_its_slot(
+    make_engine, long_prompt, prompts, monkeypatch
+):
+    shared = long_prompt[:40]
+    first_prompt, second_prompt = shared + prompts[0], shared + prompts[1]
+    engine = make_engine()
+    allocations = spy_on_allocations(engine, monkeypatch)
+    first = submit(engine, "first", first_prompt, greedy(8))
+    run_to_end(engine)
+    second = submit(engine, "second", second_prompt, greedy(8))
+    run_to_end(engine)
+    again = submit(engine, "again", second_prompt, greedy(8))
+    run_to_end(engine)
+    assert [a.reused for a in allocations] == [0, 40, len(second_prompt) - 1]
+    assert allocations[1].slot == allocations[0].slot
+    assert token_ids(first) == alone_ids(make_engine, first_prompt, greedy(8))
+    expected = alone_ids(make_engine, second_prompt, greedy(8))
+    assert token_ids(second) == expected and token_ids(again) == expected
+
+
+def test_a_prefix_is_copied_from_a_running_sequence(make_engine, long_prompt, prompts, monkeypatch):
+    shared = long_prompt[:40]
+    first_prompt, second_prompt = shared + prompts[0], shared + prompts[1]
+    engine = make_engine()
+    allocations = spy_on_allocations(engine, monkeypatch)
+    first = submit(engine, "first", first_prompt, greedy(20))
+    for _ in range(3):
+        engine.step()
+    second = submit(engine, "second", second_prompt, greedy(8))
+    run_to_end(engine)
+    assert allocations[1].reused == 40 and allocations[1].slot != allocations[0].slot
+    assert token_ids(first) == alone_ids(make_engine, first_prompt, greedy(20))
+    assert token_ids(second) == alone_ids(make_engine, second_prompt, greedy(8))
+
+
+class CopyLog:
+    def __init__(self) -> None:
+        self.copies: list[tuple[int, int, int]] = []
+
+    def __call__(self, source: int, target: int, length: int) -> None:
+        self.copies.append((source, target, length))
+
+
+def test_slot_allocator_takes_the_free_slot_with_the_longest_shared_prefix():
+    copies = CopyLog()
+    slots = SlotAllocator(3, copies)
+    prompt = list(range(100, 140))
+    assert [slots.allocate([slot], {}).slot for slot in range(3)] == [0, 1, 2]
+    for slot, held in ((0, prompt[:20]), (1, prompt[:30]), (2, [7] * 30)):
+        slots.release(slot, held)
+    assert slots.allocate(prompt, {}) == Allocation(slot=1, reused=30)
+    assert copies.copies == []
+
+
+def test_slot_allocator_copies_a_longer_prefix_from_a_busy_slot():
+    copies = CopyLog()
+    slots = SlotAllocator(2, copies)
+    prompt = list(range(40))
+    busy = {slots.allocate(list(range(500, 520)), {}).slot: prompt[:35] + [9, 9]}
+    assert slots.allocate(prompt, busy) == Allocation(slot=1, reused=35)
+    assert copies.copies == [(0, 1, 35)]
+
+
+def test_slot_allocator_recomputes_short_prefixes_and_the_last_prompt_token():
+    slots = SlotAllocator(2, CopyLog())
+    prompt = list(range(40))
+    slots.release(slots.allocate([1, 2, 3], {}).slot, prompt[: MIN_REUSE - 1])
+    assert slots.allocate(prompt, {}).reused == 0
+    slots = SlotAllocator(1, CopyLog())
+    slots.release(slots.allocate([1, 2, 3], {}).slot, prompt + [1, 2])
+    assert slots.allocate(prompt, {}).reused == len(prompt) - 1
