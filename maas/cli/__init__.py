@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from maas.cli import access, db, demo, models, server
+from maas.cli import access, db, demo, generate, models, server
 from maas.cli.output import err_console
 from maas.errors import MaasError
 
@@ -26,6 +26,8 @@ app.add_typer(access.tenants_app, name="tenants")
 app.add_typer(access.artifacts_app, name="artifacts")
 app.add_typer(db.app, name="db")
 app.command("usage")(access.usage)
+app.command("generate")(generate.generate)
+app.command("chat")(generate.chat)
 app.command("serve")(server.serve)
 app.command("version")(server.version)
 app.command("demo")(demo.demo)

@@ -8,25 +8,7 @@ import sys
 
 import pytest
 
-from maas.cli import main
 from tests.fixtures import make_gguf, make_hf_folder
-
-
-def run(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["maas", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    try:
-        main()
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    return lambda *args: run(capsys, monkeypatch, *args)
 
 
 def test_import_list_show_alias_rm(cli, tmp_path):
@@ -112,6 +94,8 @@ def test_help_everywhere(cli):
         ("serve",),
         ("demo",),
         ("db",),
+        ("generate",),
+        ("chat",),
     ]:
         code, out, _ = cli(*args, "--help")
         assert code == 0 and "Usage" in out
