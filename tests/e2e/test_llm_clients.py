@@ -1,0 +1,146 @@
+"""Real LLM clients against a real `maas serve` with the demo model (SmolLM2-135M-Instruct,
+Q4_1 GGUF): the `openai` SDK, LangChain and LlamaIndex, unchanged, with a tenant's user key.
+Greedy answers to one question: the model knows the capital of France."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from langchain_openai import ChatOpenAI
+from llama_index.core.llms import ChatMessage
+from llama_index.llms.openai_like import OpenAILike
+
+from maas.config import Settings
+from maas.registry import demo, open_registry
+from tests.e2e.conftest import Server
+
+# Loading the GGUF model takes 15 to 30 s on a busy 2-core machine; it is part of the first
+# test's time, so the module gets more than the default two minutes.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+SMOLLM2 = demo.DEMO_MODELS[0]
+MODEL = SMOLLM2.name
+QUESTION = "What is the capital of France?"
+MAX_TOKENS = 32
+
+
+def start(root, env: dict[str, str] | None = None) -> Server:
+    """A server whose registry holds the demo LLM, loaded, with a user key of tenant acme."""
+    registry = open_registry(Settings(home=root / "home"))
+    try:
+        registry.import_model(demo.locate(SMOLLM2), MODEL, task="chat")
+    finally:
+        registry.close()
+    server = Server(root / "home", env=env)
+    try:
+        server.wait_ready()
+        admin = server.admin
+        tenant = {"name": "acme", "industry": "retail"}
+        assert admin.post("/api/v1/tenants", json=tenant).status_code == 201
+        key = admin.post("/api/v1/keys", json={"name": "apps", "tenant": "acme", "role": "user"})
+        server.user_key = key.json()["key"]
+        loaded = admin.post(f"/v2/repository/models/{MODEL}/load", timeout=240)
+        assert loaded.status_code == 200, loaded.text
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = start(tmp_path_factory.mktemp("llm-clients"))
+    yield running
+    running.stop()
+
+
+def sdk(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.user_key, max_retries=0)
+
+
+def ask_greedily(client: openai.OpenAI, **options):
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        **options,
+    )
+
+
+def test_openai_chat_answers_greedily(server):
+    completion = ask_greedily(sdk(server))
+    choice = completion.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.model == MODEL
+    assert 0 < completion.usage.completion_tokens <= MAX_TOKENS
+
+
+def test_openai_chat_streams_the_same_answer(server):
+    client = sdk(server)
+    whole = ask_greedily(client).choices[0].message.content
+    chunks = list(ask_greedily(client, stream=True, stream_options={"include_usage": True}))
+    with_choices = [chunk for chunk in chunks if chunk.choices]
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in with_choices)
+    assert text == whole and "Paris" in text
+    assert with_choices[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(chunk.choices[0].finish_reason is None for chunk in with_choices[:-1])
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage is not None
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert 0 < usage.completion_tokens <= MAX_TOKENS
+
+
+def test_openai_completions(server):
+    completion = sdk(server).completions.create(
+        model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8
+    )
+    assert "Paris" in completion.choices[0].text
+    assert completion.usage.completion_tokens <= 8
+
+
+def test_langchain_invokes_and_streams(server):
+    llm = ChatOpenAI(
+        base_url=f"{server.url}/v1",
+        api_key=server.user_key,
+        model=MODEL,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        max_retries=0,
+    )
+    answer = llm.invoke(QUESTION)
+    assert "Paris" in answer.content
+    streamed = "".join(chunk.content for chunk in llm.stream(QUESTION))
+    assert streamed == answer.content
+
+
+def test_llamaindex_chats_and_completes(server):
+    llm = OpenAILike(
+        model=MODEL,
+        api_base=f"{server.url}/v1",
+        api_key=server.user_key,
+        is_chat_model=True,
+        context_window=2048,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        max_retries=0,
+    )
+    reply = llm.chat([ChatMessage(role="user", content=QUESTION)])
+    assert "Paris" in reply.message.content
+    assert "Paris" in llm.complete(QUESTION).text
+
+
+def memory_bytes(server) -> int:
+    (deployment,) = server.admin.get("/api/v1/deployments").json()["data"]
+    return deployment["memory_bytes"]
+
+
+def test_bfloat16_weights_answer_the_same_question(server, tmp_path):
+    bf16 = start(tmp_path, env={"MAAS_LLM_DTYPE": "bfloat16"})
+    try:
+        assert "Paris" in ask_greedily(sdk(bf16)).choices[0].message.content
+        assert memory_bytes(bf16) < 0.75 * memory_bytes(server)
+    finally:
+        bf16.stop()
