@@ -95,8 +95,10 @@ class Settings(BaseSettings):
     max_queue_rows: int = Field(default=4096, ge=1)
     """Default rows that may wait for a model; past it, requests get 503 with Retry-After."""
 
-    llm_dtype: str = Field(default="float32", pattern="^(float32|bfloat16)$")
-    """Weights and KV cache of text-generation models: float32 or bfloat16."""
+    llm_dtype: str = Field(default="float32", pattern="^(float32|bfloat16|int8)$")
+    """Compute type of text-generation models: float32, bfloat16, or int8 (W8A8 linear
+    layers on the CPU's int8 units, as CTranslate2's int8; faster, slightly less exact; the
+    KV cache stays float32)."""
 
     llm_max_sequences: int = Field(default=32, ge=1, le=1024)
     """Sequences a text-generation model runs at once (KV slots); more wait for a slot."""
@@ -104,9 +106,9 @@ class Settings(BaseSettings):
     llm_max_model_len: int = Field(default=2048, ge=16)
     """Prompt plus output tokens per sequence, at most (capped by the model's context)."""
 
-    llm_kv_cache_bytes: int = Field(default=4 * GiB, gt=0)
-    """Memory the KV cache of one text-generation model may take; fewer slots are made if the
-    slots would not fit. Pages are committed as sequences grow, not up front."""
+    llm_kv_cache_bytes: int = Field(default=2 * GiB, gt=0)
+    """Memory the KV cache of one text-generation model may take, allocated when it loads;
+    fewer slots are made if ``llm_max_sequences`` slots would not fit."""
 
     llm_max_batch_tokens: int = Field(default=512, ge=16)
     """Tokens in one engine step: every decoding sequence's next token, then prompt chunks."""

@@ -23,7 +23,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         weight = linear.weight.detach()
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         self.bf16 = weight.dtype == torch.bfloat16
         if self.bf16:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
@@ -32,10 +32,63 @@ class PackedLinear(nn.Module):
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, BATCH_HINT)
             self.weight = weight  # the op wants the plain weight beside the packed one
 
+    @property
+    def memory_bytes(self) -> int:
+        out_features, in_features = self.out_features, self.in_features
+        element = 2 if self.bf16 else 4 * 2  # float32 keeps the plain weight beside the packed
+        return out_features * in_features * element + _bytes(self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.bf16:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, BATCH_HINT)
+
+
+class Int8Linear(nn.Module):
+    """W8A8, as CTranslate2's int8: weights int8 per output channel, activations int8 per
+    token (row), both symmetric; the products run on the CPU's VNNI int8 units
+    (``torch._int_mm``, int32 sums, exact) and are rescaled to float32. A row's result does not
+    depend on the other rows, so batching never changes a sequence's output."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.weight = torch.round(weight / scale[:, None]).to(torch.int8)  # [out, in]
+        self.scale = scale
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.out_features = weight.shape[0]
+
+    @property
+    def memory_bytes(self) -> int:
+        return _bytes(self.weight) + _bytes(self.scale) + _bytes(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        x_scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)
+        quantized = (x / x_scale).round_().to(torch.int8)
+        out = torch.mul(torch._int_mm(quantized, self.weight.t()), x_scale).mul_(self.scale)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*shape[:-1], self.out_features)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Memory of the model's weights, the swapped-in kernels' own layouts included."""
+    kernels = [m for m in model.modules() if isinstance(m, (PackedLinear, Int8Linear))]
+    inside = {id(p) for kernel in kernels for p in kernel.parameters()}
+    shared = {id(p): p for p in model.parameters() if id(p) not in inside}
+    return sum(_bytes(p) for p in shared.values()) + sum(k.memory_bytes for k in kernels)
+
+
+def _bytes(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def quantize_linears(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` in ``model`` by an ``Int8Linear``; returns how many."""
+    return _swap(model, Int8Linear)
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -43,6 +96,10 @@ def pack_linears(model: nn.Module) -> int:
     if not _available(next(model.parameters()).dtype):
         log.info("packed linear kernels are not available; using F.linear")
         return 0
+    return _swap(model, PackedLinear)
+
+
+def _swap(model: nn.Module, kind: type[nn.Module]) -> int:
     targets = [
         (parent, name, child)
         for parent in model.modules()
@@ -50,7 +107,7 @@ def pack_linears(model: nn.Module) -> int:
         if isinstance(child, nn.Linear)
     ]
     for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child))
+        setattr(parent, name, kind(child))
     return len(targets)
 
 

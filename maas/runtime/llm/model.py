@@ -10,13 +10,13 @@ preallocated slot cache (``KVCache``): one slot per sequence, ``max_len`` positi
 from __future__ import annotations
 
 import math
+import mmap
+import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
 
 from maas.runtime.llm.config import LlamaConfig
 
@@ -58,12 +58,15 @@ class StepInput:
 
 
 class KVCache:
-    """Keys and values of every layer: [slots, kv_heads, max_len, head_dim] each."""
+    """Keys and values of every layer. Values are [slots, kv_heads, max_len, head_dim]; keys
+    are stored transposed, [slots, kv_heads, head_dim, max_len], so that a decoding query's
+    scores are a plain matrix product over contiguous rows (measured 1.7x faster)."""
 
     def __init__(self, config: LlamaConfig, num_slots: int, max_len: int, dtype: torch.dtype):
-        shape = (num_slots, config.num_kv_heads, max_len, config.head_dim)
-        self.k = [_untouched_zeros(shape, dtype) for _ in range(config.num_layers)]
-        self.v = [_untouched_zeros(shape, dtype) for _ in range(config.num_layers)]
+        values = (num_slots, config.num_kv_heads, max_len, config.head_dim)
+        keys = (num_slots, config.num_kv_heads, config.head_dim, max_len)
+        self.k = [_committed_zeros(keys, dtype) for _ in range(config.num_layers)]
+        self.v = [_committed_zeros(values, dtype) for _ in range(config.num_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
 
@@ -75,17 +78,23 @@ class KVCache:
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Reuse ``length`` cached positions of one slot in another (a shared prompt prefix)."""
         for k, v in zip(self.k, self.v, strict=True):
-            k[target, :, :length] = k[source, :, :length]
+            k[target, :, :, :length] = k[source, :, :, :length]
             v[target, :, :length] = v[source, :, :length]
 
 
-def _untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Zeros whose pages are committed only when written (calloc), unlike ``torch.zeros``,
-    which writes every byte: a cache sized for long sequences costs only what is used."""
+def _committed_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Zeros in memory committed now, at load, as vLLM and llama.cpp do: first writes into fresh
+    pages cost ~3 s a GiB on the development VM, which would otherwise fall on the first
+    requests. Transparent huge pages are asked for (fewer faults now, fewer TLB misses later)."""
     element = torch.tensor([], dtype=dtype).element_size()
-    count = math.prod(shape)
-    raw = torch.from_numpy(np.zeros(count * element, dtype=np.uint8))
-    return raw.view(dtype).view(shape)
+    size = max(1, math.prod(shape) * element)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    with warnings.catch_warnings():  # torch warns about any Python buffer; this one is ours
+        warnings.simplefilter("ignore")
+        raw = torch.frombuffer(memory, dtype=torch.uint8)
+    return raw.zero_().view(dtype).view(shape)
 
 
 class RMSNorm(nn.Module):
@@ -95,10 +104,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)  # as transformers:
+        return self.weight * normed.to(x.dtype)  # normalise in float32, scale in the dtype
 
 
 class Block(nn.Module):
@@ -118,19 +127,18 @@ class Block(nn.Module):
         self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, step: StepInput, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, rope: Rope, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor
     ) -> Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv(self.input_norm(x)).split(self.sizes, dim=-1)
-        q = q.view(tokens, self.heads, self.head_dim)
-        k = k.view(tokens, self.kv_heads, self.head_dim)
-        v = v.view(tokens, self.kv_heads, self.head_dim)
+        qkv = self.qkv(self.input_norm(x))
+        v = qkv[:, self.sizes[0] + self.sizes[1] :].view(tokens, self.kv_heads, self.head_dim)
+        qk = qkv[:, : self.sizes[0] + self.sizes[1]].view(tokens, -1, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        k_cache[step.slots, :, step.positions] = k
-        v_cache[step.slots, :, step.positions] = v
-        attended = attention(q, step, k_cache, v_cache)
+            qk = torch.cat((self.q_norm(qk[:, : self.heads]), self.k_norm(qk[:, self.heads :])), 1)
+        qk = rope.apply(qk)  # q and k in one go
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        plan.write(k, v, k_cache, v_cache)
+        attended = attention(q, plan, k_cache, v_cache)
         x = x + self.o(attended.reshape(tokens, -1))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -154,66 +162,126 @@ class LlamaModel(nn.Module):
         """Logits (float32) of the tokens in ``step.logits_rows``, writing every token's
         keys and values into the cache."""
         x = self.embed(step.input_ids)
-        angles = step.positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos = torch.cos(angles).to(x.dtype)
-        sin = torch.sin(angles).to(x.dtype)
+        rope = Rope(step.positions, self.inv_freq, x.dtype)
+        plan = AttentionPlan(step)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, step, cache.k[layer], cache.v[layer])
+            x = block(x, rope, plan, cache.k[layer], cache.v[layer])
         x = self.norm(x[step.logits_rows])
         return self.lm_head(x).float()
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding, in the half-split layout of Hugging Face checkpoints."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+class Rope:
+    """Rotary position embedding of one step's tokens, in the half-split layout of Hugging Face
+    checkpoints: x * cos + rotate_half(x) * sin, with the sign folded into the sine table."""
+
+    def __init__(self, positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> None:
+        angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        self.cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype)
+        self.sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``x``: [tokens, heads, head_dim]."""
+        swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
+        return torch.addcmul(x * self.cos, swapped, self.sin)
 
 
-def attention(q: Tensor, step: StepInput, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+class AttentionPlan:
+    """What every layer's attention needs to know about the step, worked out once per step."""
+
+    def __init__(self, step: StepInput) -> None:
+        self.decode = _DecodePlan(step.decode) if step.decode is not None else None
+        rows = step.decode.count if step.decode is not None else 0
+        self.decode_slots, self.decode_positions = step.slots[:rows], step.positions[:rows]
+        self.prefills = step.prefills
+
+    def write(self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
+        """Put the step's new keys and values ([T, kv_heads, head_dim]) into the cache: one
+        scattered write for the decoding tokens, a slice copy for each prompt chunk."""
+        if self.decode is not None:
+            rows = self.decode.count
+            k_cache[self.decode_slots, :, :, self.decode_positions] = k[:rows]
+            v_cache[self.decode_slots, :, self.decode_positions] = v[:rows]
+        for chunk in self.prefills:
+            begin, end = chunk.past, chunk.past + chunk.end - chunk.start
+            k_cache[chunk.slot, :, :, begin:end] = k[chunk.start : chunk.end].permute(1, 2, 0)
+            v_cache[chunk.slot, :, begin:end] = v[chunk.start : chunk.end].transpose(0, 1)
+
+
+class _DecodePlan:
+    """The decoding sequences read a contiguous range of slots (a view of the cache, never a
+    copy); slots in the range that are not decoding, and positions past each sequence's
+    length, are masked out."""
+
+    def __init__(self, decode: DecodeRows) -> None:
+        self.count = decode.count
+        slots = decode.slots.tolist()
+        self.low, self.high = min(slots), max(slots) + 1
+        span = self.high - self.low
+        self.longest = int(decode.lengths.max())
+        rows = decode.slots - self.low
+        contiguous = span == self.count and slots == list(range(self.low, self.high))
+        self.rows = None if contiguous else rows
+        lengths = torch.ones(span, dtype=torch.long)
+        lengths[rows] = decode.lengths
+        self.bias = None
+        if bool((lengths < self.longest).any()):
+            visible = torch.arange(self.longest)[None, :] < lengths[:, None]
+            bias = torch.zeros(span, 1, 1, self.longest)
+            self.bias = bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
+
+
+def attention(q: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
     """[T, heads, head_dim] attention outputs for the flattened batch."""
+    if plan.decode is not None and not plan.prefills:
+        return _decode_attention(q, plan.decode, k_cache, v_cache)
     out = torch.empty_like(q)
-    if step.decode is not None:
-        rows = step.decode.count
-        out[:rows] = _decode_attention(q[:rows], step.decode, k_cache, v_cache)
-    for chunk in step.prefills:
+    if plan.decode is not None:
+        rows = plan.decode.count
+        out[:rows] = _decode_attention(q[:rows], plan.decode, k_cache, v_cache)
+    for chunk in plan.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(
             q[chunk.start : chunk.end], chunk, k_cache, v_cache
         )
     return out
 
 
-def _decode_attention(q: Tensor, decode: DecodeRows, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-    """All decoding sequences in one call, over the range of slots they use (a view of the
-    cache, not a copy), masking positions past each sequence's length."""
-    low = int(decode.slots.min())
-    high = int(decode.slots.max()) + 1
-    longest = int(decode.lengths.max())
-    keys = k_cache[low:high, :, :longest]
-    values = v_cache[low:high, :, :longest]
-    rows = decode.slots - low
-    span = high - low
-    lengths = torch.ones(span, dtype=torch.long)  # slots in the range that are not decoding
-    lengths[rows] = decode.lengths
-    mask = torch.arange(longest)[None, :] < lengths[:, None]
-    queries = q.new_zeros((span, q.shape[1], q.shape[2]))
-    queries[rows] = q
-    result = F.scaled_dot_product_attention(
-        queries[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :], enable_gqa=True
-    )
-    return result[rows, :, 0, :]
+def _decode_attention(q: Tensor, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    """One query per sequence: two batched matrix products over (slot, kv head), each kv
+    head's group of query heads together. Much cheaper than SDPA for a single query."""
+    keys = k_cache[plan.low : plan.high, :, :, : plan.longest]  # [S, kv_heads, D, L]
+    values = v_cache[plan.low : plan.high, :, : plan.longest]  # [S, kv_heads, L, D]
+    span, kv_heads, head_dim, _ = keys.shape
+    heads = q.shape[1]
+    if plan.rows is not None:
+        q = q.new_zeros((span, heads, head_dim)).index_copy_(0, plan.rows, q)
+    q = (q * head_dim**-0.5).view(span, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.matmul(q, keys)  # [S, kv_heads, group, L]
+    if plan.bias is not None:
+        scores = scores + plan.bias
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.matmul(probs, values).view(span, heads, head_dim)
+    return out if plan.rows is None else out.index_select(0, plan.rows)
 
 
 def _prefill_attention(q: Tensor, chunk: PrefillRows, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-    length = chunk.past + (chunk.end - chunk.start)
-    keys = k_cache[chunk.slot : chunk.slot + 1, :, :length]
-    values = v_cache[chunk.slot : chunk.slot + 1, :, :length]
-    mask = causal_lower_right(chunk.end - chunk.start, length)
-    result = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], keys, values, attn_mask=mask, enable_gqa=True
-    )
-    return result[0].transpose(0, 1)
+    """A chunk of one prompt against everything its sequence has cached, causally: per kv
+    head, one product for all the queries of its group."""
+    tokens = chunk.end - chunk.start
+    length = chunk.past + tokens
+    keys = k_cache[chunk.slot, :, :, :length]  # [kv_heads, D, L]
+    values = v_cache[chunk.slot, :, :length]  # [kv_heads, L, D]
+    kv_heads, head_dim, _ = keys.shape
+    heads = q.shape[1]
+    group = heads // kv_heads
+    q = (q * head_dim**-0.5).transpose(0, 1).reshape(kv_heads, group * tokens, head_dim)
+    scores = torch.bmm(q, keys).view(kv_heads, group, tokens, length)
+    if tokens > 1:
+        future = torch.ones(tokens, length, dtype=torch.bool).triu_(chunk.past + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.bmm(probs.view(kv_heads, group * tokens, length), values)
+    return out.view(heads, tokens, head_dim).transpose(0, 1)
 
 
 def rope_frequencies(config: LlamaConfig) -> Tensor:

@@ -10,14 +10,16 @@ import torch
 from torch import Tensor
 
 from maas.registry.records import OpenedVersion
-from maas.runtime.llm.kernels import pack_linears
+from maas.runtime.llm.kernels import pack_linears, quantize_linears, weight_bytes
 from maas.runtime.llm.model import KVCache, StepInput
 from maas.runtime.llm.tokenizer import load_tokenizer
 from maas.runtime.llm.weights import load_model
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+"""int8 runs the linear layers W8A8 (see kernels.Int8Linear); the rest, and the KV cache, in
+float32."""
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,11 @@ class ModelRunner:
         dtype = DTYPES[options.dtype]
         self.model = load_model(opened, dtype)
         self.config = self.model.config
-        weights = _parameter_bytes(self.model)
-        if options.pack_weights and pack_linears(self.model) and dtype == torch.float32:
-            weights *= 2  # float32 packing keeps the plain weight beside the packed one
+        if options.dtype == "int8":
+            quantize_linears(self.model)
+        elif options.pack_weights:
+            pack_linears(self.model)
+        weights = weight_bytes(self.model)
         self.tokenizer = tokenizer or load_tokenizer(opened)
         max_len = min(options.max_model_len, self.config.max_position_embeddings)
         per_slot = KVCache.bytes_per_slot(self.config, max_len, dtype)
@@ -65,7 +69,3 @@ class ModelRunner:
 
     def forward(self, step: StepInput) -> Tensor:
         return self.model(step, self.cache)
-
-
-def _parameter_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())

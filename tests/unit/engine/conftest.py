@@ -38,8 +38,8 @@ def llama_tokenizer(llama_version) -> ChatTokenizer:
 
 @pytest.fixture
 def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
-    """make_engine(max_batch_tokens=64, max_sequences=4, max_model_len=128, tokenizer=None):
-    a fresh engine (fresh KV cache), float32, one thread."""
+    """make_engine(max_batch_tokens=64, max_sequences=4, max_model_len=128, tokenizer=None,
+    dtype="float32"): a fresh engine (fresh KV cache), one thread."""
 
     def make(
         *,
@@ -47,9 +47,10 @@ def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
         max_sequences: int = 4,
         max_model_len: int = 128,
         tokenizer: ChatTokenizer | None = None,
+        dtype: str = "float32",
     ) -> LLMEngine:
         options = RunnerOptions(
-            dtype="float32", max_sequences=max_sequences, max_model_len=max_model_len, threads=1
+            dtype=dtype, max_sequences=max_sequences, max_model_len=max_model_len, threads=1
         )
         runner = ModelRunner(llama_version, options, tokenizer or llama_tokenizer)
         return LLMEngine(runner, max_batch_tokens=max_batch_tokens)
