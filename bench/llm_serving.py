@@ -20,7 +20,8 @@ as a Hugging Face folder) and the same prompts:
 Offline baselines get all prompts at once, with no HTTP, tokenizer or streaming cost: they are
 the easier case.
 
-    .venv/bin/python bench/llm_serving.py [--clients 32] [--requests 64] [--dtypes float32,bfloat16,int8]
+    .venv/bin/python bench/llm_serving.py [--clients 32] [--requests 64]
+        [--dtypes float32,bfloat16,int8]
 
 Needs the bench extra (``pip install -e .[bench]``): ctranslate2, accelerate (transformers'
 GGUF loader) and geventhttpclient. Takes about 15 minutes; run it with nothing else busy.

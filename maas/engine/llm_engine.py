@@ -154,6 +154,23 @@ class LLMEngine:
             if deadline is not None and now > deadline:
                 self.abort(request_id, "the request's deadline passed before it finished")
 
+    def warm_up(self, prompt_len: int = 16, max_tokens: int = 4) -> None:
+        """Run one short generation, unobserved, before serving: the first pass through the
+        CPU kernels (oneDNN and MKL set up a primitive per shape) takes seconds that would
+        otherwise fall on the first user's time to first token."""
+        observer, self.observer = self.observer, None
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        prompt = list(range(min(prompt_len, self.runner.max_len - max_tokens)))
+        try:
+            self.add_request(GenerationRequest("warm-up", prompt, params, 1, lambda _: None))
+            for _ in range(prompt_len + max_tokens):
+                if not self.has_work():
+                    break
+                self.step()
+        finally:
+            self.abort("warm-up")
+            self.observer = observer
+
     def fail_all(self, message: str) -> None:
         for request_id in list(self._sequences):
             self.abort(request_id, message)

@@ -147,6 +147,7 @@ def _serve(conn, opened, options, tokenizer) -> None:
         return
     observer = StatsObserver()
     engine = LLMEngine(runner, max_batch_tokens=options.max_batch_tokens, observer=observer)
+    engine.warm_up()
     conn.send(("ready", {"memory_bytes": runner.memory_bytes, "max_len": runner.max_len}))
     outbox: list = []
     while True:

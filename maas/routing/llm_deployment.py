@@ -61,6 +61,7 @@ class LLMDeployment:
             engine = LLMEngine(
                 runner, max_batch_tokens=options.max_batch_tokens, observer=StatsObserver()
             )
+            engine.warm_up()
             self.engine = EngineClient(engine, name=name, on_stats=on_stats)
             self.memory_bytes = runner.memory_bytes
             self.max_len = runner.max_len

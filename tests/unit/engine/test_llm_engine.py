@@ -185,6 +185,29 @@ def test_abort_frees_the_slot_for_the_next_waiting_request(make_engine, prompts)
     assert token_ids(waiting) == alone_ids(make_engine, prompts[1], greedy(5))
 
 
+def test_warm_up_runs_the_model_and_leaves_the_engine_as_it_found_it(
+    make_engine, prompts, monkeypatch
+):
+    engine = make_engine(max_sequences=2)
+    forwards = []
+    forward = engine.runner.forward
+    monkeypatch.setattr(engine.runner, "forward", lambda step: forwards.append(1) or forward(step))
+    observer = SimpleNamespace(
+        on_step=lambda e: pytest.fail("warm-up observed"),
+        on_token=lambda s: pytest.fail("warm-up observed"),
+        on_finish=lambda s: pytest.fail("warm-up observed"),
+    )
+    engine.observer = observer
+    engine.warm_up()
+    assert len(forwards) >= 2  # a prefill and at least one decode step
+    assert engine.observer is observer and not engine.has_work()
+    assert engine.scheduler.slots.free_slots == 2
+    engine.observer = None
+    deltas = submit(engine, "r", prompts[0], greedy(8))
+    run_to_end(engine)
+    assert token_ids(deltas) == alone_ids(make_engine, prompts[0], greedy(8))
+
+
 def test_abort_with_a_reason_tells_the_caller(make_engine, prompts):
     engine = make_engine()
     deltas = submit(engine, "r", prompts[0], greedy(50), n=2)
