@@ -124,7 +124,20 @@ class TransformersGenerator:
 
     def _serve(self, request: _Request) -> None:
         """Run one request to its end: the prompt once, then one token per live sequence."""
-        live = self._sequences(request)
+        try:
+            live = self._sequences(request)
+        except Exception:  # a request that cannot start fails alone
+            log.exception("request %s could not start", request.request_id)
+            for index in range(request.n):
+                request.sink(
+                    GenerationDelta(
+                        index=index,
+                        finish_reason="abort",
+                        prompt_tokens=len(request.prompt_ids),
+                        error="the request could not start; see the server log",
+                    )
+                )
+            return
         cache = None
         try:
             while live and not self._must_stop(request, live):

@@ -17,7 +17,7 @@ from maas.engine.detokenizer import Detokenizer
 from maas.engine.kv_cache import SlotAllocator
 from maas.engine.scheduler import Plan, Scheduler
 from maas.engine.sequence import Sequence, Status
-from maas.messages import SamplingParams
+from maas.messages import GenerationDelta, SamplingParams
 from maas.runtime.llm.model import DecodeRows, PrefillRows, StepInput
 from maas.runtime.llm.runner import ModelRunner
 from maas.runtime.llm.sampler import sample
@@ -48,6 +48,23 @@ class LLMEngine:
         self._sequences: dict[str, list[Sequence]] = {}
 
     def add_request(self, request: GenerationRequest) -> None:
+        """Queue a request; one that cannot even start ends at once with an error delta per
+        sequence, and the engine carries on."""
+        try:
+            self._add(request)
+        except Exception:
+            log.exception("request %s could not start", request.request_id)
+            for index in range(request.n):
+                request.sink(
+                    GenerationDelta(
+                        index=index,
+                        finish_reason="abort",
+                        prompt_tokens=len(request.prompt_ids),
+                        error="the request could not start; see the server log",
+                    )
+                )
+
+    def _add(self, request: GenerationRequest) -> None:
         sequences = [
             Sequence(
                 request.request_id,

@@ -50,7 +50,9 @@ class Sequence:
     def __post_init__(self) -> None:
         self.seen = set(self.prompt_ids)
         if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+            # torch takes seeds in [-2**63, 2**64): wrap, so seed + index never overflows
+            seed = (self.params.seed + self.index) % 2**64
+            self.generator = torch.Generator().manual_seed(seed)
 
     @property
     def tokens(self) -> list[int]:

@@ -49,6 +49,7 @@ async def create_chat_completion(
     params = body.sampling(
         output_budget(deployment, len(prompt), asked, prompt_param="messages"),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        vocab_size=deployment.tokenizer.vocab_size,
     )
     generation = Generation(request, deployment, min(body.timeout or 1e9, serving.request_timeout))
     n = body.n or 1

@@ -54,7 +54,7 @@ async def create_completion(
     n = body.n or 1
     generation = Generation(request, deployment, min(body.timeout or 1e9, serving.request_timeout))
     runs = [
-        (index, prompt, body.sampling(budget, logprobs=body.logprobs))
+        (index, prompt, body.sampling(budget, body.logprobs, deployment.tokenizer.vocab_size))
         for index, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True))
     ]
     if body.stream:
@@ -81,7 +81,9 @@ def _prompts(prompt, deployment) -> list[list[int]]:
     encoded = []
     for item in prompt:
         ids = deployment.tokenizer.encode(item) if isinstance(item, str) else list(item)
-        if not ids or min(ids) < 0 or max(ids) >= vocab:
+        if not ids:
+            raise InvalidRequest("a prompt is empty: it encodes to no tokens", param="prompt")
+        if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequest(
                 f"prompt token ids must be between 0 and {vocab - 1}", param="prompt"
             )

@@ -32,7 +32,7 @@ class GenerationFields(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None
     # vLLM's extensions
     top_k: int | None = Field(default=None, ge=-1)
@@ -51,8 +51,12 @@ class GenerationFields(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return value
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not 0 <= token < vocab_size for token in self.stop_token_ids or ()):
+            raise InvalidRequest(
+                f"stop_token_ids must be between 0 and {vocab_size - 1}", param="stop_token_ids"
+            )
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,

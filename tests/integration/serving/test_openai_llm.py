@@ -239,6 +239,12 @@ def test_a_seed_reproduces_a_sampled_answer(world):
     assert answer(42) != answer(43)
 
 
+def test_the_extreme_seeds_work_with_several_choices(world):
+    for seed in (2**63 - 1, -(2**63)):  # seed + choice index leaves torch's seed range
+        body = ok(chat(world, max_tokens=4, temperature=1.0, seed=seed, n=2, ignore_eos=True))
+        assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+
+
 def test_the_request_id_the_caller_sends_comes_back(world):
     headers = {**world.as_("user"), "x-request-id": "trace-1234"}
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
@@ -436,6 +442,14 @@ BAD_REQUESTS = {
         None,
     ),
     "empty prompt": ("completions", {"prompt": []}, "prompt", None),
+    "prompt of no tokens": ("completions", {"prompt": ["hi", ""]}, "prompt", None),
+    "seed beyond 64 bits": ("chat/completions", {"seed": 2**70}, "seed", None),
+    "stop token id outside the vocabulary": (
+        "chat/completions",
+        {"stop_token_ids": [5, 10**9], "min_tokens": 2},
+        "stop_token_ids",
+        None,
+    ),
     "suffix": ("completions", {"prompt": "hi", "suffix": "bye"}, "suffix", None),
 }
 

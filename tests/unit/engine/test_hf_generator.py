@@ -13,6 +13,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+import maas.engine.hf_generator as hf_generator
 from maas.api.app import build_app
 from maas.artifacts.keyring import MasterKeyring
 from maas.auth.bootstrap import ensure_admin_key
@@ -233,6 +234,22 @@ def test_leaving_the_stream_early_stops_the_request(generator):
     assert len(tokens_of(follow_up)) == 2
     assert len([t for t in steps if t > left_at]) <= 2  # one step in flight, one follow-up step
     assert len(steps) < 10
+
+
+def test_a_request_that_cannot_start_fails_alone(generator, monkeypatch):
+    real = hf_generator.Sequence
+
+    def broken(request_id, index, prompt_ids, params, *args, **kwargs):
+        if params.seed == 666:
+            raise ValueError("cannot build this sequence")
+        return real(request_id, index, prompt_ids, params, *args, **kwargs)
+
+    monkeypatch.setattr(hf_generator, "Sequence", broken)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    failed = run(generator, PROMPT, replace(params, seed=666), n=2)
+    assert [(d.index, d.finish_reason) for d in failed] == [(0, "abort"), (1, "abort")]
+    assert all(d.error for d in failed)
+    assert len(tokens_of(run(generator, PROMPT, params))) == 4  # the generator carries on
 
 
 def test_a_deadline_fails_the_request_with_a_timeout_message(generator):

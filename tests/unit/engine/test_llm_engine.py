@@ -208,6 +208,25 @@ def test_warm_up_runs_the_model_and_leaves_the_engine_as_it_found_it(
     assert token_ids(deltas) == alone_ids(make_engine, prompts[0], greedy(8))
 
 
+def test_a_request_that_cannot_start_fails_alone(make_engine, prompts, monkeypatch):
+    engine = make_engine()
+    running = submit(engine, "running", prompts[0], greedy(6))
+    engine.step()
+    real = llm_engine.Sequence
+
+    def broken(request_id, *args, **kwargs):
+        if request_id == "broken":
+            raise ValueError("cannot build this sequence")
+        return real(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(llm_engine, "Sequence", broken)
+    failed = submit(engine, "broken", prompts[1], greedy(6), n=2)
+    assert [(d.index, d.finish_reason) for d in failed] == [(0, "abort"), (1, "abort")]
+    assert all(d.error for d in failed)
+    run_to_end(engine)
+    assert token_ids(running) == alone_ids(make_engine, prompts[0], greedy(6))
+
+
 def test_abort_with_a_reason_tells_the_caller(make_engine, prompts):
     engine = make_engine()
     deltas = submit(engine, "r", prompts[0], greedy(50), n=2)
