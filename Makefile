@@ -9,12 +9,15 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# make serve loads the demo models before it answers, so the first chat does not wait for a
+# load; a MAAS_PIN_MODELS of your own (even empty) wins
+DEMO_PINS := smollm2-135m-instruct,all-minilm-l6-v2
 
 .PHONY: serve test install install-dev demo clean
 
 serve: $(VENV)/.installed
 	$(BIN)/maas demo
-	$(BIN)/maas serve --host $(HOST) --port $(PORT)
+	MAAS_PIN_MODELS="$${MAAS_PIN_MODELS-$(DEMO_PINS)}" $(BIN)/maas serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
