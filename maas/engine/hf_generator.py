@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from maas.engine.detokenizer import Detokenizer
-from maas.engine.sequence import Sequence
+from maas.engine.sequence import Sequence, fail_unstarted
 from maas.engine.stats import EngineStats, StatsObserver
 from maas.errors import Unavailable
 from maas.messages import GenerationDelta, SamplingParams
@@ -128,15 +128,7 @@ class TransformersGenerator:
             live = self._sequences(request)
         except Exception:  # a request that cannot start fails alone
             log.exception("request %s could not start", request.request_id)
-            for index in range(request.n):
-                request.sink(
-                    GenerationDelta(
-                        index=index,
-                        finish_reason="abort",
-                        prompt_tokens=len(request.prompt_ids),
-                        error="the request could not start; see the server log",
-                    )
-                )
+            fail_unstarted(request.sink, request.n, len(request.prompt_ids))
             return
         cache = None
         try:

@@ -16,8 +16,8 @@ import torch
 from maas.engine.detokenizer import Detokenizer
 from maas.engine.kv_cache import SlotAllocator
 from maas.engine.scheduler import Plan, Scheduler
-from maas.engine.sequence import Sequence, Status
-from maas.messages import GenerationDelta, SamplingParams
+from maas.engine.sequence import Sequence, Status, fail_unstarted
+from maas.messages import SamplingParams
 from maas.runtime.llm.model import DecodeRows, PrefillRows, StepInput
 from maas.runtime.llm.runner import ModelRunner
 from maas.runtime.llm.sampler import sample
@@ -54,15 +54,7 @@ class LLMEngine:
             self._add(request)
         except Exception:
             log.exception("request %s could not start", request.request_id)
-            for index in range(request.n):
-                request.sink(
-                    GenerationDelta(
-                        index=index,
-                        finish_reason="abort",
-                        prompt_tokens=len(request.prompt_ids),
-                        error="the request could not start; see the server log",
-                    )
-                )
+            fail_unstarted(request.sink, request.n, len(request.prompt_ids))
 
     def _add(self, request: GenerationRequest) -> None:
         sequences = [

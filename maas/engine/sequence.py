@@ -127,3 +127,16 @@ class Sequence:
                 error=message,
             )
         )
+
+
+def fail_unstarted(sink: Callable[[GenerationDelta], None], n: int, prompt_tokens: int) -> None:
+    """End a request whose sequences could not even be made: one error delta per sequence."""
+    for index in range(n):
+        sink(
+            GenerationDelta(
+                index=index,
+                finish_reason="abort",
+                prompt_tokens=prompt_tokens,
+                error="the request could not start; see the server log",
+            )
+        )
