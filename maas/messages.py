@@ -30,13 +30,18 @@ class UsageEvent:
         return {**asdict(self), "day": self.at.date().isoformat()}
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures under this are greedy, as in vLLM: dividing float32 logits by a tinier one
+overflows them to infinities (and the probabilities to NaN)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence picks its tokens and when it stops (OpenAI's and vLLM's fields)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
-    """0 is greedy."""
+    """Below ``GREEDY_BELOW`` (0 included) is greedy."""
     top_p: float = 1.0
     top_k: int = 0
     """0 means no top-k cut."""
@@ -56,7 +61,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 @dataclass(frozen=True)

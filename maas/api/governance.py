@@ -7,6 +7,7 @@ when the last byte is sent, also when the client goes away.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -107,6 +108,10 @@ maintainer_key = role_key(Role.maintainer)
 admin_key = role_key(Role.admin)
 
 
+CLIENT_CLOSED_REQUEST = 499
+"""Status recorded for a request whose client hung up before the answer began."""
+
+
 class GovernanceMiddleware:
     """Adds ``x-ratelimit-*`` headers, then releases and meters each admitted request."""
 
@@ -119,7 +124,7 @@ class GovernanceMiddleware:
             return
         state = scope.setdefault("state", {})
         started = time.perf_counter()
-        status = 500
+        status = None
         limiter = scope["app"].state.limiter
 
         async def send_with_headers(message: Message) -> None:
@@ -136,8 +141,12 @@ class GovernanceMiddleware:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:
+            if status is None:  # no answer started: the client went away (nginx's 499)
+                status = CLIENT_CLOSED_REQUEST
+            raise
         finally:
-            self._finish(scope, state, status, time.perf_counter() - started)
+            self._finish(scope, state, status or 500, time.perf_counter() - started)
 
     @staticmethod
     def _finish(scope: Scope, state: dict, status: int, seconds: float) -> None:

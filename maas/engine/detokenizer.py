@@ -21,10 +21,11 @@ class Detokenizer:
         self._emitted = 0
         self.stopped = False
 
-    def add(self, token_id: int) -> str:
-        """Take one token; return the text that may now be shown."""
+    def add(self, token_id: int, *, find_stops: bool = True) -> str:
+        """Take one token; return the text that may now be shown. ``find_stops=False`` (before
+        min_tokens) lets stop strings pass, as vLLM does."""
         self._ids.append(token_id)
-        self._decode(complete=False)
+        self._decode(complete=False, find_stops=find_stops)
         limit = len(self.text) if self.stopped else len(self.text) - self._holdback
         return self._take(limit)
 
@@ -35,14 +36,15 @@ class Detokenizer:
             self._decode(complete=True)
         return self._take(len(self.text))
 
-    def _decode(self, *, complete: bool) -> None:
+    def _decode(self, *, complete: bool, find_stops: bool = True) -> None:
         before = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
         after = self._tokenizer.decode(self._ids[self._prefix_offset :])
         if len(after) > len(before) and (complete or not after.endswith("\ufffd")):
             self.text += after[len(before) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
-        self._find_stop()
+        if find_stops:
+            self._find_stop()
 
     def _find_stop(self) -> None:
         if not self._stop:

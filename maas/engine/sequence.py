@@ -92,8 +92,8 @@ class Sequence:
         if ends and len(self.output_ids) > params.min_tokens:
             self.finish_reason = "stop"
             return self.detokenizer.flush()
-        text = self.detokenizer.add(token)
-        if self.detokenizer.stopped and len(self.output_ids) >= params.min_tokens:
+        text = self.detokenizer.add(token, find_stops=len(self.output_ids) >= params.min_tokens)
+        if self.detokenizer.stopped:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= params.max_tokens or (
             len(self.prompt_ids) + len(self.output_ids) >= max_len

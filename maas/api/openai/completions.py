@@ -134,9 +134,9 @@ async def _chunks(generation, body, runs, n, include_usage) -> AsyncIterator[dic
 
     async def pump(index, prompt, params) -> None:
         if body.echo:
-            await queue.put(
-                (index, GenerationDelta(index=0, text=tokenizer.decode(prompt)), params, True)
-            )
+            text = tokenizer.decode(prompt)
+            for choice in range(n):
+                await queue.put((index, GenerationDelta(index=choice, text=text), params, True))
         async for delta in generation.run(prompt, params, n):
             await queue.put((index, delta, params, False))
 

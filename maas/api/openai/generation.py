@@ -4,6 +4,7 @@ streaming its output as server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -96,7 +97,9 @@ async def watch_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     while not task.done():
         done, _ = await asyncio.wait({task}, timeout=0.25)
         if not done and await request.is_disconnected():
-            task.cancel()
+            task.cancel()  # aborts the generation; its cleanup meters what was generated
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # before the governance middleware records the request
             raise asyncio.CancelledError("client disconnected")
     return task.result()
 

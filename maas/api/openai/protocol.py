@@ -100,7 +100,7 @@ class ChatMessage(BaseModel):
                     f"message parts of type {part.get('type')!r} are not supported; send text",
                     param="messages",
                 )
-            parts.append(str(part.get("text", "")))
+            parts.append(str(part.get("text") or ""))
         return "".join(parts)
 
 

@@ -42,7 +42,7 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
     for i, row in enumerate(rows):
         _penalise(logits[i], row)
         if row.banned:
-            logits[i, list(row.banned)] = float("-inf")
+            _ban(logits[i], row.banned)
     tokens = torch.empty(len(rows), dtype=torch.long)
     greedy = [i for i, row in enumerate(rows) if row.params.greedy]
     if greedy:
@@ -53,6 +53,14 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
         for j, i in enumerate(sampled):
             tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)
     return _with_logprobs(raw, tokens, rows)
+
+
+def _ban(logits: Tensor, banned: tuple[int, ...]) -> None:
+    """Rule out ``banned`` tokens, unless that would rule out every token (stop_token_ids
+    covering the vocabulary before min_tokens): then nothing is banned."""
+    ids = torch.tensor(banned, dtype=torch.long).unique()
+    if len(ids) < logits.shape[-1]:
+        logits[ids] = float("-inf")
 
 
 def _penalise(logits: Tensor, row: SampleRow) -> None:

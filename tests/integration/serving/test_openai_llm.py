@@ -7,6 +7,8 @@ in a process of its own, as the server does by default.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -296,6 +298,15 @@ def test_unknown_fields_are_ignored_and_nulls_mean_default(world):
     assert len(body["choices"]) == 1
 
 
+def test_text_parts_read_as_the_plain_message_a_null_text_as_nothing(world):
+    plain = ok(chat(world, max_tokens=4, **GREEDY))
+    parts = [{"type": "text", "text": None}, {"type": "text", "text": MESSAGES[0]["content"]}]
+    messages = [{"role": "user", "content": parts}]
+    in_parts = ok(chat(world, messages=messages, max_tokens=4, **GREEDY))
+    assert in_parts["usage"] == plain["usage"]
+    assert in_parts["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
 def test_a_top_k_beyond_the_vocabulary_is_accepted(world):
     body = ok(chat(world, max_tokens=4, top_k=100_000, seed=1, ignore_eos=True))
     assert body["usage"]["completion_tokens"] == 4
@@ -337,6 +348,12 @@ def test_echo_puts_the_prompt_before_the_completion(world):
     assert echoed["choices"][0]["text"] == "the cat sat" + plain
     chunks = events(complete(world, "the cat sat", max_tokens=4, echo=True, stream=True, **GREEDY))
     assert "".join(c["choices"][0]["text"] for c in chunks) == "the cat sat" + plain
+    both = events(
+        complete(world, "the cat sat", max_tokens=4, echo=True, stream=True, n=2, **GREEDY)
+    )
+    for index in (0, 1):
+        text = "".join(c["choices"][0]["text"] for c in both if c["choices"][0]["index"] == index)
+        assert text == "the cat sat" + plain
 
 
 def test_completion_logprobs(world):
@@ -551,6 +568,59 @@ def test_an_abandoned_stream_is_metered_for_what_was_generated_and_stopped(world
     [row] = usage_rows(world, key_id)
     assert row.endpoint == "POST /v1/chat/completions" and row.model == MODEL
     assert row.prompt_tokens > 0 and 0 < row.completion_tokens < 200
+
+
+def test_an_answer_the_client_hung_up_on_is_metered_for_what_was_generated(world, monkeypatch):
+    headers, key_id = fresh_key(world)
+    body = {"model": MODEL, "prompt": ["hello world"] * 4, "n": 4, "max_tokens": 200, **GREEDY}
+    raw = json.dumps(body).encode()
+    app = world.client.app
+    ok(complete(world, "load the model", max_tokens=1))
+    step = engine_of(world).step
+    monkeypatch.setattr(engine_of(world), "step", lambda: time.sleep(0.01) or step())
+
+    async def call_and_hang_up() -> list[dict]:
+        """The request over raw ASGI, its client gone once the generation has begun."""
+        hang_up_at, messages = [], []
+
+        async def receive() -> dict:
+            if not hang_up_at:
+                hang_up_at.append(time.monotonic() + 0.5)  # some tokens, far from all
+                return {"type": "http.request", "body": raw, "more_body": False}
+            # starlette probes for a disconnect with a receive it cancels at once
+            while time.monotonic() < hang_up_at[0]:
+                await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            messages.append(message)
+
+        header_list = [(b"host", b"testserver"), (b"content-type", b"application/json")]
+        header_list += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/completions",
+            "raw_path": b"/v1/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": header_list,
+            "client": ("127.0.0.1", 1),
+            "server": ("testserver", 80),
+        }
+        with contextlib.suppress(BaseException):  # the app may re-raise the cancellation
+            await app(scope, receive, send)
+        return messages
+
+    world.client.portal.call(call_and_hang_up)
+    assert wait_until(lambda: not engine_of(world).has_work())
+    assert wait_until(lambda: len(usage_rows(world, key_id)) == 1)
+    [row] = usage_rows(world, key_id)
+    assert row.prompt_tokens > 0 and 0 < row.completion_tokens < 4 * 4 * 200, row.status
+    assert row.status == 499  # nginx's "client closed request"
 
 
 def test_generation_metrics_carry_the_model_name(world):

@@ -333,6 +333,53 @@ def test_a_stop_string_ends_the_output_and_is_never_shown(make_engine, prompt):
     assert token_ids(deltas) == token_ids(reference)[: len(token_ids(deltas))]
 
 
+def test_stop_strings_count_only_from_min_tokens_on(make_engine, prompt):
+    reference = generate_alone(make_engine, prompt, greedy(24))
+    full, pieces = text_of(reference), [d.text for d in reference]
+    early = next(i for i in range(1, 6) if pieces[i].strip() and "\ufffd" not in pieces[i])
+    stop = pieces[early]  # shown within the first tokens
+    deltas = generate_alone(make_engine, prompt, greedy(24, stop=(stop,), min_tokens=12))
+    text = text_of(deltas)
+    # the early stop string passes, untouched; a later one (if any) ends the output
+    assert full.startswith(text) and text.startswith("".join(pieces[:12]))
+    assert len(token_ids(deltas)) >= 12
+    if finish_reason(deltas) == "stop":
+        assert full[len(text) :].startswith(stop)
+    else:
+        assert text == full
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 0.5]] * 2)
+    rows = [row(temperature=1e-40), row(temperature=1e-6, seed=1)]
+    assert [s.token for s in sample(logits, rows)] == [1, 1]
+
+
+def test_a_ban_on_every_token_is_lifted_rather_than_leave_nothing_to_pick():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 0.5], [0.1, 3.0, -1.0, 0.5]])
+    rows = [row(temperature=1.0, banned=(0, 1, 2, 3, 3)), row(temperature=0.0, banned=(1,))]
+    tokens = [s.token for s in sample(logits, rows)]
+    assert tokens[0] in range(4) and tokens[1] == 3
+
+
+def test_parameters_that_break_sampling_do_not_touch_the_rest_of_the_batch(
+    make_engine, prompt, other_prompt, llama_tokenizer
+):
+    everything = tuple(range(llama_tokenizer.vocab_size))
+    odd = [
+        SamplingParams(max_tokens=8, temperature=1e-40, ignore_eos=True),
+        SamplingParams(max_tokens=8, stop_token_ids=everything, min_tokens=4),
+    ]
+    engine = make_engine()
+    normal = submit(engine, "normal", prompt, greedy(12))
+    odd_deltas = [submit(engine, f"odd{i}", other_prompt, p) for i, p in enumerate(odd)]
+    run_to_end(engine)
+    assert token_ids(normal) == token_ids(generate_alone(make_engine, prompt, greedy(12)))
+    assert all(not d.error for deltas in odd_deltas for d in deltas)
+    assert len(token_ids(odd_deltas[0])) == 8
+    assert len(token_ids(odd_deltas[1])) == 5  # min_tokens, then any token is a stop token
+
+
 def test_max_tokens_ends_the_output_with_length(make_engine, prompt):
     deltas = generate_alone(make_engine, prompt, greedy(7))
     assert len(token_ids(deltas)) == 7
