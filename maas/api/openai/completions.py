@@ -131,6 +131,7 @@ async def _chunks(generation, body, runs, n, include_usage) -> AsyncIterator[dic
     tokenizer = generation.deployment.tokenizer
     queue: asyncio.Queue = asyncio.Queue()
     completion: dict[tuple[int, int], int] = {}
+    offsets: dict[tuple[int, int], int] = {}  # text_offset runs on across a choice's chunks
 
     async def pump(index, prompt, params) -> None:
         if body.echo:
@@ -170,11 +171,11 @@ async def _chunks(generation, body, runs, n, include_usage) -> AsyncIterator[dic
                 index, delta, params, echo = getter.result()
                 if not echo:
                     completion[(index, delta.index)] = delta.completion_tokens
-                logprobs = (
-                    _logprobs(delta.logprobs, tokenizer)
-                    if params.logprobs is not None and not echo
-                    else None
-                )
+                logprobs = None
+                if params.logprobs is not None and not echo:
+                    start = offsets.get((index, delta.index), 0)
+                    logprobs = _logprobs(delta.logprobs, tokenizer, start)
+                    offsets[(index, delta.index)] = start + sum(map(len, logprobs["tokens"]))
                 yield chunk(
                     [
                         {
@@ -193,9 +194,12 @@ async def _chunks(generation, body, runs, n, include_usage) -> AsyncIterator[dic
         yield chunk([], _usage(prompt_tokens, sum(completion.values())))
 
 
-def _logprobs(items: tuple[TokenLogprob, ...] | list[TokenLogprob], tokenizer) -> dict:
+def _logprobs(
+    items: tuple[TokenLogprob, ...] | list[TokenLogprob], tokenizer, start: int = 0
+) -> dict:
+    """OpenAI's completion logprobs; ``text_offset`` counts from ``start``."""
     tokens = [tokenizer.token_text(item.token) for item in items]
-    offsets, position = [], 0
+    offsets, position = [], start
     for token in tokens:
         offsets.append(position)
         position += len(token)

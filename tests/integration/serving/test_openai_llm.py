@@ -370,6 +370,9 @@ def test_completion_logprobs(world):
     offsets = logprobs["text_offset"]
     assert offsets[0] == 0
     assert offsets == [sum(len(t) for t in logprobs["tokens"][:i]) for i in range(5)]
+    chunks = events(complete(world, "the cat sat", max_tokens=5, logprobs=2, stream=True, **GREEDY))
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert [o for lp in streamed for o in lp["text_offset"]] == offsets  # runs on across chunks
 
 
 # Models
