@@ -156,7 +156,7 @@ async def _chunks(generation, model, prompt, params, n, include_usage) -> AsyncI
 def _logprob(item: TokenLogprob, tokenizer) -> dict:
     def entry(token: int, logprob: float) -> dict:
         text = tokenizer.token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
 
     return {**entry(item.token, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top]}
 

@@ -7,7 +7,9 @@ chat template behave as they do in ``transformers``.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from typing import Any
 
 from maas.errors import InvalidRequest, UnsupportedFormat
@@ -52,6 +54,23 @@ class ChatTokenizer:
         """What one token reads as on its own (for logprobs)."""
         return self._tokenizer.decode([token_id])
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (OpenAI's logprobs ``bytes``): part of a character where a
+        character spans tokens, which its text (U+FFFD) cannot tell."""
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if self._byte_level and all(c in _byte_of() for c in piece):
+                return bytes(_byte_of()[c] for c in piece)
+            if match := _BYTE_FALLBACK.fullmatch(piece):  # SentencePiece's <0xE6>
+                return bytes([int(match.group(1), 16)])
+        return self.token_text(token_id).encode("utf-8")
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        """Whether tokens are GPT-2's byte-level pieces (each byte spelled as one character)."""
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self._tokenizer.convert_ids_to_tokens(ids)
 
@@ -85,3 +104,14 @@ def _eos_ids(opened: OpenedVersion) -> set[int]:
             value = json.loads(opened.read_bytes(name)).get("eos_token_id")
             ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     return ids
+
+
+@functools.cache
+def _byte_of() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {character: byte for byte, character in bytes_to_unicode().items()}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")

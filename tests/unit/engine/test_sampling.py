@@ -220,6 +220,14 @@ def test_a_character_split_across_tokens_is_shown_only_when_whole(llama_tokenize
     assert "".join(shown) + detokenizer.flush() == "日本 ok"
 
 
+def test_token_bytes_are_the_bytes_of_the_text_even_within_a_character(llama_tokenizer):
+    text = "ok 日本 and ünïcödé"
+    ids = llama_tokenizer.encode(text)
+    pieces = [llama_tokenizer.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode("utf-8")
+    assert any("\ufffd" in llama_tokenizer.token_text(i) for i in ids)  # partial characters
+
+
 def test_the_text_shown_up_to_any_end_is_the_decoded_tokens(llama_tokenizer):
     ids = llama_tokenizer.encode("ok 日本 and ünïcödé")
     for end in range(1, len(ids) + 1):
