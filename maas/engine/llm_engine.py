@@ -165,8 +165,8 @@ class LLMEngine:
 
     def warm_up(self, prompt_len: int = 16, max_tokens: int = 4) -> None:
         """Run one short generation, unobserved, before serving: the first pass through the
-        CPU kernels (oneDNN and MKL set up a primitive per shape) takes seconds that would
-        otherwise fall on the first user's time to first token."""
+        CPU kernels (oneDNN and MKL set up their primitives) is slower, and would fall on the
+        first user's time to first token (on the demo model in int8, 100 ms instead of 54)."""
         observer, self.observer = self.observer, None
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         prompt = list(range(min(prompt_len, self.runner.max_len - max_tokens)))
