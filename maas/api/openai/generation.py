@@ -72,6 +72,15 @@ class Generation:
             "generation_usage", {"prompt": 0, "completion": 0}
         )
         usage["prompt"] += len(prompt_ids)
+
+        def metered() -> None:
+            meter(
+                self.request, prompt_tokens=usage["prompt"], completion_tokens=usage["completion"]
+            )
+
+        # Metered as tokens come, not only at the end: when a streaming client goes away while
+        # its chunk is being sent, this generator is closed later than the request is recorded.
+        metered()
         try:
             async for delta in self.deployment.engine.generate(
                 prompt_ids, params, n=n, timeout=self.timeout
@@ -84,11 +93,10 @@ class Generation:
                     )
                 usage["completion"] += delta.completion_tokens - completion[delta.index]
                 completion[delta.index] = delta.completion_tokens
+                metered()
                 yield delta
         finally:
-            meter(
-                self.request, prompt_tokens=usage["prompt"], completion_tokens=usage["completion"]
-            )
+            metered()
 
 
 async def watch_disconnect(request: Request, work: Awaitable[Any]) -> Any:

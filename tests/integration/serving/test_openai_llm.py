@@ -578,57 +578,82 @@ def test_an_abandoned_stream_is_metered_for_what_was_generated_and_stopped(world
     assert row.prompt_tokens > 0 and 0 < row.completion_tokens < 200
 
 
-def test_an_answer_the_client_hung_up_on_is_metered_for_what_was_generated(world, monkeypatch):
+def hang_up(world, headers, body: dict, *, after: float, stall_after: int | None = None):
+    """``body`` to /v1/completions over raw ASGI, its client gone ``after`` seconds after
+    sending it; with ``stall_after``, the connection stops taking data after that many body
+    messages (a slow socket: the server is left waiting in ``send`` when the client goes)."""
+    raw, messages, hang_up_at = json.dumps(body).encode(), [], []
+
+    async def receive() -> dict:
+        if not hang_up_at:
+            hang_up_at.append(time.monotonic() + after)
+            return {"type": "http.request", "body": raw, "more_body": False}
+        # starlette probes for a disconnect with a receive it cancels at once
+        while time.monotonic() < hang_up_at[0]:
+            await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+        bodies = sum(m["type"] == "http.response.body" for m in messages)
+        if stall_after is not None and bodies >= stall_after:
+            await asyncio.sleep(30)  # cancelled when the server sees the client go
+
+    header_list = [(b"host", b"testserver"), (b"content-type", b"application/json")]
+    header_list += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": header_list,
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+
+    async def call() -> None:
+        with contextlib.suppress(BaseException):  # the app may re-raise the cancellation
+            await world.client.app(scope, receive, send)
+
+    world.client.portal.call(call)
+    return messages
+
+
+@pytest.fixture
+def slowed_engine(world, monkeypatch):
+    """The loaded engine, 10 ms slower a step: hang-ups land mid-generation."""
+    ok(complete(world, "load the model", max_tokens=1))
+    engine = engine_of(world)
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.01) or step())
+    return engine
+
+
+def test_an_answer_the_client_hung_up_on_is_metered_for_what_was_generated(world, slowed_engine):
     headers, key_id = fresh_key(world)
     body = {"model": MODEL, "prompt": ["hello world"] * 4, "n": 4, "max_tokens": 200, **GREEDY}
-    raw = json.dumps(body).encode()
-    app = world.client.app
-    ok(complete(world, "load the model", max_tokens=1))
-    step = engine_of(world).step
-    monkeypatch.setattr(engine_of(world), "step", lambda: time.sleep(0.01) or step())
-
-    async def call_and_hang_up() -> list[dict]:
-        """The request over raw ASGI, its client gone once the generation has begun."""
-        hang_up_at, messages = [], []
-
-        async def receive() -> dict:
-            if not hang_up_at:
-                hang_up_at.append(time.monotonic() + 0.5)  # some tokens, far from all
-                return {"type": "http.request", "body": raw, "more_body": False}
-            # starlette probes for a disconnect with a receive it cancels at once
-            while time.monotonic() < hang_up_at[0]:
-                await asyncio.sleep(0.01)
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            messages.append(message)
-
-        header_list = [(b"host", b"testserver"), (b"content-type", b"application/json")]
-        header_list += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/completions",
-            "raw_path": b"/v1/completions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": header_list,
-            "client": ("127.0.0.1", 1),
-            "server": ("testserver", 80),
-        }
-        with contextlib.suppress(BaseException):  # the app may re-raise the cancellation
-            await app(scope, receive, send)
-        return messages
-
-    world.client.portal.call(call_and_hang_up)
-    assert wait_until(lambda: not engine_of(world).has_work())
+    hang_up(world, headers, body, after=0.5)  # some tokens, far from all
+    assert wait_until(lambda: not slowed_engine.has_work())
     assert wait_until(lambda: len(usage_rows(world, key_id)) == 1)
     [row] = usage_rows(world, key_id)
     assert row.prompt_tokens > 0 and 0 < row.completion_tokens < 4 * 4 * 200, row.status
     assert row.status == 499  # nginx's "client closed request"
+
+
+def test_a_stream_whose_client_went_while_a_chunk_was_sent_is_metered(world, slowed_engine):
+    headers, key_id = fresh_key(world)
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 200, "stream": True, **GREEDY}
+    messages = hang_up(world, headers, body, after=0.5, stall_after=3)
+    assert [m["status"] for m in messages if m["type"] == "http.response.start"] == [200]
+    assert wait_until(lambda: not slowed_engine.has_work())
+    assert wait_until(lambda: len(usage_rows(world, key_id)) == 1)
+    [row] = usage_rows(world, key_id)
+    assert row.prompt_tokens > 0 and 0 < row.completion_tokens < 200
 
 
 def test_generation_metrics_carry_the_model_name(world):
