@@ -62,6 +62,7 @@ class EngineProcess:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self.dead = False
+        self._closing = False
         self._reader = threading.Thread(
             target=self._read, name=f"engine-reader-{name}", daemon=True
         )
@@ -75,13 +76,19 @@ class EngineProcess:
         n: int = 1,
         timeout: float | None = None,
     ) -> AsyncIterator[GenerationDelta]:
+        if self._closing:  # the pool unloaded the model between finding it and this call
+            raise Unavailable("the model is being unloaded; retry the request")
         if self.dead:
             raise Unavailable("the model's engine has stopped; it is reloaded on the next request")
         request_id = f"req-{next(self._ids)}"
         deltas: asyncio.Queue[GenerationDelta] = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), deltas)
         deadline = time.monotonic() + timeout if timeout else None
-        self._send(("add", (request_id, prompt_ids, params, n, deadline)))
+        try:
+            self._send(("add", (request_id, prompt_ids, params, n, deadline)))
+        except OSError:  # closed under us
+            self._queues.pop(request_id, None)
+            raise Unavailable("the model is being unloaded; retry the request") from None
         finished = 0
         try:
             while finished < n:
@@ -91,9 +98,11 @@ class EngineProcess:
         finally:
             self._queues.pop(request_id, None)
             if finished < n and not self.dead:
-                self._send(("abort", request_id))
+                with contextlib.suppress(OSError):  # closed: nothing left to abort
+                    self._send(("abort", request_id))
 
     def close(self) -> None:
+        self._closing = True
         if self._process.is_alive():
             with contextlib.suppress(OSError):
                 self._send(("stop", None))

@@ -1,0 +1,41 @@
+"""The engine in a process of its own: it answers as the engine does, and a request that
+races an unload gets a clear Unavailable, never a broken pipe."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from maas.engine.process import EngineProcess
+from maas.errors import Unavailable
+from maas.routing.llm_deployment import EngineOptions
+from maas.runtime.llm.runner import RunnerOptions
+from tests.unit.engine.conftest import generate_alone, greedy, token_ids
+
+# Spawning the process imports torch again and loads the model: seconds, not milliseconds.
+pytestmark = pytest.mark.timeout(180)
+
+
+def collect(engine: EngineProcess, prompt: list[int], params) -> list:
+    async def run() -> list:
+        return [delta async for delta in engine.generate(prompt, params)]
+
+    return asyncio.run(run())
+
+
+def test_a_request_after_an_unload_is_unavailable(llama_version, llama_tokenizer, make_engine):
+    options = EngineOptions(RunnerOptions(max_sequences=2, max_model_len=64, threads=1))
+    engine = EngineProcess(llama_version, options, llama_tokenizer, name="tiny")
+    prompt = llama_tokenizer.encode("the cat sat on the mat")
+    try:
+        deltas = collect(engine, prompt, greedy(6))
+        assert token_ids(deltas) == token_ids(generate_alone(make_engine, prompt, greedy(6)))
+    finally:
+        engine.close()
+    with pytest.raises(Unavailable, match="unloaded"):
+        collect(engine, prompt, greedy(6))
+    # as if close() had begun just after the checks: the pipe is shut under the request
+    engine._closing = engine.dead = False
+    with pytest.raises(Unavailable, match="unloaded"):
+        collect(engine, prompt, greedy(6))
