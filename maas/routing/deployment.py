@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 
@@ -30,7 +31,25 @@ class ServingConfig:
     """Rows waiting at most; past it requests get 503 with Retry-After."""
 
 
-class Deployment:
+class InFlight:
+    """Requests running on a loaded version: an unload waits for them and eviction skips a
+    version that has any. Subclasses set ``in_flight = 0`` and ``last_used`` when loaded."""
+
+    in_flight: int
+    last_used: float
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[Self]:
+        """Count a request as running on this deployment (an unload waits for it)."""
+        self.in_flight += 1
+        self.last_used = time.monotonic()
+        try:
+            yield self
+        finally:
+            self.in_flight -= 1
+
+
+class Deployment(InFlight):
     def __init__(
         self,
         record: VersionRecord,
@@ -84,16 +103,6 @@ class Deployment:
         chunk = {name: array for name, array in inputs.items() if name in wanted}
         rows = len(next(iter(chunk.values()))) if self.runtime.batchable else 1
         return await self.batcher.submit(chunk, rows)
-
-    @asynccontextmanager
-    async def use(self) -> AsyncIterator[Deployment]:
-        """Count a request as running on this deployment (an unload waits for it)."""
-        self.in_flight += 1
-        self.last_used = time.monotonic()
-        try:
-            yield self
-        finally:
-            self.in_flight -= 1
 
     async def close(self) -> None:
         await self.batcher.close()

@@ -8,8 +8,7 @@ maas's engine runs the Llama family; any other causal LM in a Hugging Face folde
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from maas.engine.client import EngineClient
@@ -20,6 +19,7 @@ from maas.engine.stats import EngineStats, StatsObserver
 from maas.errors import UnsupportedFormat
 from maas.registry.manifest import Manifest, TensorSpec
 from maas.registry.records import OpenedVersion, VersionRecord
+from maas.routing.deployment import InFlight
 from maas.runtime.llm.config import LLAMA_FAMILY
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions
 from maas.runtime.llm.tokenizer import load_tokenizer
@@ -34,7 +34,7 @@ class EngineOptions:
     separate_process: bool = True
 
 
-class LLMDeployment:
+class LLMDeployment(InFlight):
     def __init__(
         self,
         opened: OpenedVersion,
@@ -81,15 +81,6 @@ class LLMDeployment:
 
     def configure(self, config) -> None:
         """Batching settings are for classic models; the engine batches continuously."""
-
-    @asynccontextmanager
-    async def use(self) -> AsyncIterator[LLMDeployment]:
-        self.in_flight += 1
-        self.last_used = time.monotonic()
-        try:
-            yield self
-        finally:
-            self.in_flight -= 1
 
     async def close(self) -> None:
         self.engine.close()
