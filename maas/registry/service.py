@@ -10,6 +10,7 @@ database it could be someone's model.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +87,9 @@ class Registry:
         self.vault = vault or KeyVault(None)
         self._models: dict[str, tuple[float, ModelRecord]] = {}
         """A short cache of model records: serving resolves a reference per request."""
+        self._writes = 0
+        """Writes finished by this process: a read that began before one is not cached."""
+        self._cache_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Registry:
@@ -123,9 +127,12 @@ class Registry:
         cached = self._models.get(name)
         if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
             return cached[1]
+        writes = self._writes
         with self._sessions() as session:
             record = rows.model_record(rows.load_model(session, name))
-        self._models[name] = (time.monotonic(), record)
+        with self._cache_lock:  # a write that finished meanwhile may be missing from record
+            if writes == self._writes:
+                self._models[name] = (time.monotonic(), record)
         return record
 
     @contextmanager
@@ -135,7 +142,9 @@ class Registry:
             with write_transaction(self._sessions) as session:
                 yield session
         finally:
-            self._models.clear()
+            with self._cache_lock:
+                self._writes += 1
+                self._models.clear()
 
     def resolve(self, reference: str | Reference) -> VersionRecord:
         """The version a reference points at: ``name``, ``name:3`` or ``name@alias``."""

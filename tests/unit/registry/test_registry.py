@@ -339,6 +339,33 @@ def test_concurrent_imports_get_distinct_versions(registry, gguf):
         registry.open_version(record.reference)
 
 
+def test_a_read_overtaken_by_a_write_is_not_cached(registry, gguf, monkeypatch):
+    import threading
+
+    import maas.registry.rows as rows
+
+    registry.import_model(gguf, "tiny")
+    registry._models.clear()
+    read_done, write_done = threading.Event(), threading.Event()
+    load_model = rows.load_model
+
+    def slow_for_the_reader(session, name):
+        model = load_model(session, name)
+        if threading.current_thread().name == "reader":
+            read_done.set()  # read before the write commits ...
+            assert write_done.wait(10)  # ... stored in the cache after it
+        return model
+
+    monkeypatch.setattr(rows, "load_model", slow_for_the_reader)
+    reader = threading.Thread(target=registry.get_model, args=("tiny",), name="reader")
+    reader.start()
+    assert read_done.wait(10)
+    registry.import_model(gguf, "tiny")
+    write_done.set()
+    reader.join(10)
+    assert [v.version for v in registry.get_model("tiny").versions] == [1, 2]
+
+
 def test_sweep_leaves_everything_when_the_database_looks_wrong(registry, gguf, settings):
     registry.import_model(gguf, "tiny")
     from maas.config import Settings
