@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from maas.auth import policy
-from maas.auth.principal import Principal
+from maas.auth.principal import Principal, Role
 from maas.registry import ModelRecord, Reference, Registry, VersionRecord, parse_reference
 
 
@@ -25,6 +25,22 @@ def resolve_for(registry: Registry, viewer: Principal, reference: str | Referenc
     ref = parse_reference(reference) if isinstance(reference, str) else reference
     visible_model(registry, viewer, ref.name)
     return registry.resolve(ref)
+
+
+def resolve_managed(
+    registry: Registry, viewer: Principal, reference: str | Reference
+) -> VersionRecord:
+    """The version, if the caller may manage its model (load, unload): its own tenant's
+    maintainers or admins; shared models, which other tenants use, only admins."""
+    ref = parse_reference(reference) if isinstance(reference, str) else reference
+    managed_model(registry, viewer, ref.name)
+    return registry.resolve(ref)
+
+
+def check_force(viewer: Principal, force: bool) -> None:
+    """``force`` (unload a pinned model) is an admin's decision."""
+    if force:
+        policy.require_role(viewer, Role.admin)
 
 
 def usable_models(registry: Registry, viewer: Principal) -> list[ModelRecord]:

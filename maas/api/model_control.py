@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from maas.api import governance
-from maas.api.access import resolve_for, usable_models
+from maas.api.access import check_force, resolve_managed, usable_models
 from maas.api.deps import MaintainerKey
 from maas.api.inference import ServingDep
 
@@ -41,11 +41,13 @@ def index(key: MaintainerKey, serving: ServingDep) -> list[RepositoryModel]:
 
 @router.post("/models/{model}/load")
 async def load(model: str, key: MaintainerKey, serving: ServingDep) -> dict:
-    await serving.pool.get(resolve_for(serving.registry, key, model))
+    await serving.pool.get(resolve_managed(serving.registry, key, model))
     return {}
 
 
 @router.post("/models/{model}/unload")
-async def unload(model: str, key: MaintainerKey, serving: ServingDep) -> dict:
-    await serving.pool.unload(resolve_for(serving.registry, key, model))
+async def unload(model: str, key: MaintainerKey, serving: ServingDep, force: bool = False) -> dict:
+    """Unload once running requests finish; a pinned model needs an admin and ``force``."""
+    check_force(key, force)
+    await serving.pool.unload(resolve_managed(serving.registry, key, model), force=force)
     return {}

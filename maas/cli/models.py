@@ -231,9 +231,15 @@ def load(reference: Annotated[str, typer.Argument(help="NAME, NAME:V or NAME@ALI
 
 
 @app.command("unload")
-def unload(reference: Annotated[str, typer.Argument(help="NAME, NAME:V or NAME@ALIAS.")]) -> None:
+def unload(
+    reference: Annotated[str, typer.Argument(help="NAME, NAME:V or NAME@ALIAS.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Unload a pinned model too (admin keys only).")
+    ] = False,
+) -> None:
     """Unload a version from the running server once its requests finish."""
-    ServerClient().request("POST", f"/v2/repository/models/{reference}/unload")
+    params = {"force": "true"} if force else None
+    ServerClient().request("POST", f"/v2/repository/models/{reference}/unload", params=params)
     console.print(f"unloaded {reference}")
 
 

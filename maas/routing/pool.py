@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from maas.errors import MaasError, Unavailable
+from maas.errors import Conflict, MaasError, Unavailable
 from maas.registry import Registry, VersionRecord
 from maas.routing.deployment import Deployment, ServingConfig, batch_stats_recorder
 from maas.routing.metrics import ServingMetrics
@@ -80,8 +80,14 @@ class ModelPool:
             task.add_done_callback(lambda _: self._loading.pop(key, None))
         return await asyncio.shield(task)
 
-    async def unload(self, record: VersionRecord) -> bool:
-        """Unload a version once its running requests finish; False if it was not loaded."""
+    async def unload(self, record: VersionRecord, *, force: bool = False) -> bool:
+        """Unload a version once its running requests finish; False if it was not loaded.
+        A pinned version stays loaded unless ``force`` is given."""
+        if key_of(record) in self.pinned and not force:
+            raise Conflict(
+                f"{record.reference} is pinned (MAAS_PIN_MODELS) and stays loaded; "
+                "an admin can unload it with force=true"
+            )
         deployment = self._deployments.pop(key_of(record), None)
         if deployment is None:
             return False

@@ -13,7 +13,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from maas.api import governance
-from maas.api.access import managed_model, resolve_for, usable_models, visible_model
+from maas.api.access import (
+    check_force,
+    managed_model,
+    resolve_for,
+    resolve_managed,
+    usable_models,
+    visible_model,
+)
 from maas.api.deps import AdminKey, MaintainerKey, RegistryDep, SettingsDep, TenantsDep
 from maas.api.inference import ServingDep
 from maas.api.manage.schemas import (
@@ -174,7 +181,7 @@ async def load_version(
     name: str, version: int, key: MaintainerKey, serving: ServingDep
 ) -> DeploymentPublic:
     """Load a version now (in the style of Triton's model-control API)."""
-    record = resolve_for(
+    record = resolve_managed(
         serving.registry, key, Reference(validate_model_name(name), version=version)
     )
     await serving.pool.get(record)
@@ -183,13 +190,15 @@ async def load_version(
 
 @router.post("/models/{name}/versions/{version}/unload")
 async def unload_version(
-    name: str, version: int, key: MaintainerKey, serving: ServingDep
+    name: str, version: int, key: MaintainerKey, serving: ServingDep, force: bool = False
 ) -> dict[str, bool]:
-    """Unload a version once its running requests finish."""
-    record = resolve_for(
+    """Unload a version once its running requests finish; a pinned version needs an admin
+    key and ``force=true``."""
+    check_force(key, force)
+    record = resolve_managed(
         serving.registry, key, Reference(validate_model_name(name), version=version)
     )
-    return {"unloaded": await serving.pool.unload(record)}
+    return {"unloaded": await serving.pool.unload(record, force=force)}
 
 
 @router.get("/deployments")
