@@ -28,9 +28,31 @@ CONVERT_HINT = (
 )
 
 
+MAX_NAME_BYTES = 255
+"""Longest file or folder name (one path component) on common file systems."""
+MAX_PATH_BYTES = 4096
+
+
+def check_path_text(relpath: str, what: str = "file name", *, param: str | None = None) -> None:
+    """Refuse a name from outside that the file system would choke on (a NUL or control
+    character, a component over 255 bytes, a path over 4096 bytes, text that is not UTF-8),
+    before it reaches ``open``."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in relpath):
+        raise RefusedArtifact(f"{what} {relpath!r} has a NUL or control character", param=param)
+    try:
+        encoded = relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RefusedArtifact(f"{what} {relpath!r} is not valid UTF-8", param=param) from None
+    if len(encoded) > MAX_PATH_BYTES:
+        raise RefusedArtifact(f"{what} is longer than {MAX_PATH_BYTES} bytes", param=param)
+    if any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in relpath.split("/")):
+        raise RefusedArtifact(f"{what} has a part longer than {MAX_NAME_BYTES} bytes", param=param)
+
+
 def check_file_names(relpaths: Iterable[str]) -> None:
     """Refuse by name alone; cheap enough to run before anything is copied."""
     for relpath in relpaths:
+        check_path_text(relpath)
         suffix = PurePosixPath(relpath).suffix.lower()
         if suffix in PICKLE_SUFFIXES:
             raise RefusedArtifact(

@@ -196,6 +196,10 @@ def test_upload_errors(client, tmp_path):
         client.post(f"{url}?filename=model.pt", content=b"\x80\x04K\x01."), 400, "refused_artifact"
     )
     openai_error(client.post(f"{url}?filename=../x.gguf", content=b"x"), 400)
+    # names the file system would choke on are refused at the edge, not with a 500
+    for odd in ("m%00.gguf", "x" * 251 + ".gguf", "m%0A.gguf"):
+        body = client.post(f"{url}?filename={odd}", content=b"GGUF").json()["error"]
+        assert body["code"] == "refused_artifact" and body["param"] == "filename", body
     openai_error(client.post(f"{url}?filename=model.txt", content=b"x"), 400, "unsupported_format")
     openai_error(client.post(f"{url}?filename=model.gguf", content=b""), 400)
     openai_error(
@@ -212,6 +216,15 @@ def test_upload_errors(client, tmp_path):
     openai_error(
         client.post(f"{url}?filename=evil.tar.gz", content=evil.getvalue()), 400, "unsafe_archive"
     )
+    assert client.get("/api/v1/models").json()["count"] == 0
+
+
+def test_upload_of_onnx_with_a_nul_in_its_external_data_location_is_400(client, tmp_path):
+    model = make_onnx(tmp_path / "m.onnx", external_location="weights\x00.data")
+    response = client.post(
+        "/api/v1/models/m/versions/upload?filename=m.onnx", content=model.read_bytes()
+    )
+    assert "NUL" in openai_error(response, 400, "refused_artifact")["message"]
     assert client.get("/api/v1/models").json()["count"] == 0
 
 

@@ -48,7 +48,7 @@ from maas.errors import (
 from maas.registry import Reference, Registry
 from maas.registry.manifest import Task
 from maas.registry.names import validate_alias_name, validate_model_name
-from maas.registry.policy import check_file_names
+from maas.registry.policy import check_file_names, check_path_text
 from maas.registry.service import ANY_OWNER, Owner
 from maas.routing.serving import Serving
 
@@ -237,6 +237,7 @@ def _upload_owner(
 
 
 def _check_upload_name(filename: str) -> None:
+    check_path_text(filename, "filename", param="filename")
     if PurePosixPath(filename).name != filename or filename.startswith(".") or "\\" in filename:
         raise InvalidRequest("filename must be a plain file name", param="filename")
     check_file_names([filename])

@@ -12,6 +12,7 @@ from onnx import TensorProto
 from maas.errors import RefusedArtifact, UnsupportedFormat
 from maas.registry.formats.info import FormatInfo
 from maas.registry.manifest import TASKS, TensorSpec
+from maas.registry.policy import check_path_text
 
 V2_DATATYPES = {
     TensorProto.BOOL: "BOOL",
@@ -51,6 +52,7 @@ def external_data_files(model: onnx.ModelProto, model_path: Path, folder: Path) 
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        check_path_text(location, f"{model_path.name}: external data location of {tensor.name!r}")
         pure = PurePosixPath(location)
         if not location or "\\" in location or pure.is_absolute() or ".." in pure.parts:
             raise RefusedArtifact(

@@ -22,6 +22,16 @@ def test_onnx_external_data_outside_the_folder_is_refused(registry, tmp_path, lo
     assert files_under(registry.store.root) == {".staging"}
 
 
+@pytest.mark.parametrize("location", ["w\x00.data", "w\n.data", "x" * 256, "a/" * 2100])
+def test_onnx_external_data_location_the_file_system_cannot_take_is_refused(
+    registry, tmp_path, location
+):
+    model = make_onnx(tmp_path / "model" / "model.onnx", external_location=location)
+    with pytest.raises(RefusedArtifact, match="external data location"):
+        registry.import_model(model, "linear")
+    assert registry.list_models() == []
+
+
 def test_onnx_external_data_linked_outside_is_refused(registry, tmp_path):
     (tmp_path / "secret.data").write_bytes(bytes(64))
     model = make_onnx(tmp_path / "model" / "model.onnx", external_location="weights.data")
