@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     llm_max_batch_tokens: int = Field(default=512, ge=16)
     """Tokens in one engine step: every decoding sequence's next token, then prompt chunks."""
 
+    llm_max_request_sequences: int = Field(default=64, ge=1, le=100_000)
+    """Sequences one completion request may start (prompts x n); more is a 400."""
+
     llm_engine_process: bool = True
     """Run each text-generation model's engine in a process of its own (faster on a CPU: no
     contention with the server for the GIL). false runs it on a thread of the server."""

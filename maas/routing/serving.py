@@ -61,6 +61,7 @@ class Serving:
             opened, engine_options, generation.recorder(opened.record.reference)
         )
         self.request_timeout = settings.request_timeout_s
+        self.max_request_sequences = settings.llm_max_request_sequences
         self._last_served: dict[str, VersionRecord] = {}
 
     async def start(self, pinned: list[str]) -> None:

@@ -14,6 +14,7 @@ from maas.api.governance import meter
 from maas.api.inference import ServingDep
 from maas.api.openai.generation import (
     Generation,
+    check_sequences,
     generator_of,
     output_budget,
     request_id_header,
@@ -35,7 +36,8 @@ async def create_chat_completion(
     key: InferenceKey,
     serving: ServingDep,
 ):
-    _refuse_unsupported(body)
+    body.check_honoured()
+    check_sequences(body.n or 1, serving.max_request_sequences)
     record = resolve_for(serving.registry, key, body.model)
     deployment = generator_of(await serving.deployment(record, body.model), body.model)
     meter(request, model=deployment.record)
@@ -60,17 +62,6 @@ async def create_chat_completion(
         deltas = await watch_disconnect(request, _collect(generation.run(prompt, params, n)))
     response.headers.update(request_id_header(request))
     return _response(generation, body.model, deltas, len(prompt), n, deployment.tokenizer)
-
-
-def _refuse_unsupported(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise InvalidRequest("tool calling is not supported yet", param="tools")
-    kind = (body.response_format or {}).get("type", "text")
-    if kind != "text":
-        raise InvalidRequest(
-            f"response_format {kind!r} is not supported yet; ask for JSON in the prompt",
-            param="response_format",
-        )
 
 
 async def _collect(deltas: AsyncIterator[GenerationDelta]) -> list[GenerationDelta]:

@@ -16,6 +16,7 @@ from maas.api.inference import ServingDep
 from maas.api.openai.chat import _usage
 from maas.api.openai.generation import (
     Generation,
+    check_sequences,
     generator_of,
     output_budget,
     request_id_header,
@@ -39,19 +40,19 @@ async def create_completion(
     key: InferenceKey,
     serving: ServingDep,
 ):
-    if body.suffix:
-        raise InvalidRequest("suffix is not supported", param="suffix")
+    body.check_honoured()
     if body.echo and body.logprobs is not None:
         raise InvalidRequest("echo together with logprobs is not supported", param="echo")
     record = resolve_for(serving.registry, key, body.model)
     deployment = generator_of(await serving.deployment(record, body.model), body.model)
     meter(request, model=deployment.record)
+    n = body.n or 1
+    check_sequences(_count(body.prompt) * n, serving.max_request_sequences)
     prompts = await run_in_threadpool(_prompts, body.prompt, deployment)
     budgets = [
         output_budget(deployment, len(p), body.max_tokens or 16, prompt_param="prompt")
         for p in prompts
     ]
-    n = body.n or 1
     generation = Generation(request, deployment, min(body.timeout or 1e9, serving.request_timeout))
     runs = [
         (index, prompt, body.sampling(budget, body.logprobs, deployment.tokenizer.vocab_size))
@@ -66,6 +67,13 @@ async def create_completion(
         )
     response.headers.update(request_id_header(request))
     return _response(generation, body, runs, results, n)
+
+
+def _count(prompt) -> int:
+    """How many prompts a request's ``prompt`` field holds."""
+    if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+        return 1
+    return len(prompt)
 
 
 def _prompts(prompt, deployment) -> list[list[int]]:

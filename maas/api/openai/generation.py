@@ -54,6 +54,16 @@ def output_budget(
     return asked if asked is not None else limit - prompt_tokens
 
 
+def check_sequences(count: int, limit: int) -> None:
+    """A request may start at most ``limit`` sequences (prompts x n)."""
+    if count > limit:
+        raise InvalidRequest(
+            f"this request would start {count} sequences (prompts x n); the limit is {limit} "
+            "(MAAS_LLM_MAX_REQUEST_SEQUENCES)",
+            param="n",
+        )
+
+
 class Generation:
     """One prompt's run on the engine: its deltas, and usage kept on the request for metering."""
 

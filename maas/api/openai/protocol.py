@@ -2,12 +2,16 @@
 
 Unknown fields are ignored and nulls mean "default", as OpenAI's own server does. A few of
 vLLM's extensions are accepted too (top_k, min_p, repetition_penalty, min_tokens,
-stop_token_ids, ignore_eos), so clients written for vLLM keep working.
+stop_token_ids, ignore_eos), so clients written for vLLM keep working. A known OpenAI or vLLM
+field that would change the output but that maas does not honour yet (``best_of``,
+``guided_regex``, ``logit_bias``...) is refused with a 400 naming it, never ignored; the
+``NOT_HONOURED`` tables list them with the values that change nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -16,11 +20,53 @@ from maas.messages import SamplingParams
 
 MAX_N = 16
 
+Harmless = Callable[[Any, "GenerationFields"], bool]
+"""Whether a field's value changes nothing (so leaving the field unhonoured is right)."""
+
+
+def _one_of(*values: Any) -> Harmless:
+    return lambda value, request: (
+        any(value == harmless and type(value) is type(harmless) for harmless in values)
+        or value is None
+    )
+
+
+def _text_format(value: Any, request: GenerationFields) -> bool:
+    return value is None or (isinstance(value, dict) and value.get("type", "text") == "text")
+
+
+NOT_HONOURED: dict[str, Harmless] = {
+    # OpenAI
+    "logit_bias": _one_of({}),
+    # vLLM's sampling and structured-output extensions
+    "guided_json": _one_of(),
+    "guided_regex": _one_of(),
+    "guided_choice": _one_of(),
+    "guided_grammar": _one_of(),
+    "guided_decoding_backend": _one_of(),
+    "guided_whitespace_pattern": _one_of(),
+    "structural_tag": _one_of(),
+    "structured_outputs": _one_of(),
+    "use_beam_search": _one_of(False),
+    "length_penalty": _one_of(1.0, 1),
+    "prompt_logprobs": _one_of(),
+    "allowed_token_ids": _one_of(),
+    "bad_words": _one_of([]),
+    "include_stop_str_in_output": _one_of(False),
+    "skip_special_tokens": _one_of(True),
+    "spaces_between_special_tokens": _one_of(True),
+    "truncate_prompt_tokens": _one_of(),
+    "logits_processors": _one_of([]),
+    "return_tokens_as_token_ids": _one_of(False),
+}
+"""Known fields maas does not honour yet, each with a test of the values that change nothing."""
+
 
 class GenerationFields(BaseModel):
     """What chat and text completion requests share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
+    not_honoured: ClassVar[dict[str, Harmless]] = NOT_HONOURED
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -43,6 +89,15 @@ class GenerationFields(BaseModel):
     ignore_eos: bool | None = False
     timeout: float | None = Field(default=None, gt=0)
     """maas: stop the generation after this many seconds (capped by the server's limit)."""
+
+    def check_honoured(self) -> None:
+        """400 for a field that would change the output but that maas does not honour."""
+        fields = {**self.__dict__, **(self.model_extra or {})}
+        for name, harmless in self.not_honoured.items():
+            if name in fields and not harmless(fields[name], self):
+                raise InvalidRequest(
+                    f"{name} is not supported (yet); leave it out or use its default", param=name
+                )
 
     @field_validator("stop")
     @classmethod
@@ -104,22 +159,47 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+CHAT_NOT_HONOURED: dict[str, Harmless] = {
+    **NOT_HONOURED,
+    "tools": _one_of([]),
+    "tool_choice": _one_of("none", "auto"),
+    "functions": _one_of([]),
+    "function_call": _one_of("none", "auto"),
+    "response_format": _text_format,
+    "audio": _one_of(),
+    "modalities": _one_of(["text"]),
+    "reasoning_effort": _one_of(),
+    # vLLM's chat extensions
+    "echo": _one_of(False),
+    "add_generation_prompt": _one_of(True),
+    "continue_final_message": _one_of(False),
+    "chat_template": _one_of(),
+    "chat_template_kwargs": _one_of({}),
+    "documents": _one_of([]),
+}
+
+COMPLETION_NOT_HONOURED: dict[str, Harmless] = {
+    **NOT_HONOURED,
+    "best_of": lambda value, request: value is None or value == (request.n or 1),
+    "suffix": _one_of(""),
+}
+
+
 class ChatCompletionRequest(GenerationFields):
+    not_honoured: ClassVar[dict[str, Harmless]] = CHAT_NOT_HONOURED
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
 
 
 class CompletionRequest(GenerationFields):
+    not_honoured: ClassVar[dict[str, Harmless]] = COMPLETION_NOT_HONOURED
+
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    suffix: str | None = None
-    best_of: int | None = None
 
 
 class Usage(BaseModel):

@@ -476,6 +476,41 @@ BAD_REQUESTS = {
         None,
     ),
     "suffix": ("completions", {"prompt": "hi", "suffix": "bye"}, "suffix", None),
+    # known fields that would change the output but are not honoured: refused, never ignored
+    "best_of": ("completions", {"prompt": "hi", "best_of": 3}, "best_of", None),
+    "guided_regex": (
+        "completions",
+        {"prompt": "hi", "guided_regex": "[a-z]+"},
+        "guided_regex",
+        None,
+    ),
+    "guided_json in chat": ("chat/completions", {"guided_json": {}}, "guided_json", None),
+    "logit_bias": ("chat/completions", {"logit_bias": {"5": 100}}, "logit_bias", None),
+    "beam search": (
+        "completions",
+        {"prompt": "hi", "use_beam_search": True},
+        "use_beam_search",
+        None,
+    ),
+    "custom chat template": (
+        "chat/completions",
+        {"chat_template": "{{ x }}"},
+        "chat_template",
+        None,
+    ),
+    "skip_special_tokens off": (
+        "chat/completions",
+        {"skip_special_tokens": False},
+        "skip_special_tokens",
+        None,
+    ),
+    "audio output": ("chat/completions", {"modalities": ["text", "audio"]}, "modalities", None),
+    "too many sequences": (
+        "completions",
+        {"prompt": ["a", "b", "c", "d", "e"], "n": 16},
+        "n",
+        None,
+    ),
 }
 
 
@@ -487,6 +522,48 @@ def test_bad_requests_get_400_in_the_openai_shape(world, case):
         del body["messages"]
     response = world.client.post(f"/v1/{route}", json=body, headers=world.as_("user"))
     openai_error(response, 400, type_="invalid_request_error", param=param, code=code)
+
+
+HARMLESS = {
+    "chat/completions": {
+        "logit_bias": {},
+        "skip_special_tokens": True,
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "modalities": ["text"],
+        "guided_regex": None,
+        "add_generation_prompt": True,
+        "echo": False,
+    },
+    "completions": {"prompt": "hi", "best_of": 2, "n": 2, "suffix": "", "use_beam_search": False},
+}
+
+
+@pytest.mark.parametrize("route", HARMLESS)
+def test_unhonoured_fields_at_values_that_change_nothing_are_accepted(world, route):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, **HARMLESS[route]}
+    if route == "completions":
+        del body["messages"]
+    response = world.client.post(f"/v1/{route}", json=body, headers=world.as_("user"))
+    assert response.status_code == 200, response.text
+
+
+def test_the_sequences_per_request_cap_is_a_setting(world, monkeypatch):
+    monkeypatch.setattr(world.client.app.state.serving, "max_request_sequences", 3)
+    body = {"model": MODEL, "prompt": ["a", "b"], "n": 2, "max_tokens": 1}
+    response = world.client.post("/v1/completions", json=body, headers=world.as_("user"))
+    error = openai_error(response, 400, param="n")
+    assert (
+        "4 sequences" in error["message"] and "MAAS_LLM_MAX_REQUEST_SEQUENCES" in error["message"]
+    )
+    body["n"] = 1
+    assert (
+        world.client.post("/v1/completions", json=body, headers=world.as_("user")).status_code
+        == 200
+    )
+    chat_body = {"model": MODEL, "messages": MESSAGES, "n": 4, "max_tokens": 1}
+    response = world.client.post("/v1/chat/completions", json=chat_body, headers=world.as_("user"))
+    openai_error(response, 400, param="n")
 
 
 def test_an_unknown_model_is_404(world):
