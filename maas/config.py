@@ -44,13 +44,21 @@ class Settings(BaseSettings):
     log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug)$")
     """Server log level: critical, error, warning, info or debug."""
 
-    max_archive_bytes: int = Field(default=64 * GiB, gt=0)
-    """Largest total uncompressed size accepted when importing a .tar.gz or .zip archive."""
+    # 16 GiB holds a 7B model in 16 bits, yet an import (upload, unpacked copy, version) still
+    # fits on a laptop's free disk. Raise both for bigger models on a bigger disk.
+    max_archive_bytes: int = Field(default=16 * GiB, gt=0)
+    """Largest total uncompressed size accepted when importing a .tar.gz or .zip archive;
+    counted while unpacking, so a header that understates a size does not get past it."""
 
     max_archive_members: int = Field(default=100_000, gt=0)
     """Largest number of entries accepted in an imported archive."""
 
-    max_upload_bytes: int = Field(default=64 * GiB, gt=0)
+    max_archive_ratio: int = Field(default=200, ge=1)
+    """Largest compression ratio (unpacked / packed size) of an imported archive, per zip entry
+    and for the whole archive, against decompression bombs. Sizes up to 1 MiB pass whatever
+    their ratio (small JSON files compress very well); model weights rarely pass 2."""
+
+    max_upload_bytes: int = Field(default=16 * GiB, gt=0)
     """Largest model file accepted by the upload route of the management API."""
 
     max_request_bytes: int = Field(default=32 * MiB, gt=0)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,41 @@ def make_zip(path: Path, members: dict[str, bytes], symlinks: dict[str, str] | N
             info.external_attr = 0o120777 << 16
             zf.writestr(info, target)
     return path
+
+
+def make_zip_bomb(
+    path: Path, size: int, *, name: str = "zeros.safetensors", declared: int | None = None
+) -> Path:
+    """A zip of one entry of ``size`` zeros (a multiple of 1 MiB), about ``size / 1000`` bytes.
+
+    Built without compressing it all: one deflated MiB of zeros, flushed so that the next MiB
+    deflates to the same bytes, is repeated. ``declared`` is the size its headers claim
+    (default: the truth), for bombs that lie about their size.
+    """
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate, as zip stores it
+    zeros = b"\0" * 1024**2
+    block = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    data = block * (size // len(zeros)) + compressor.flush()
+    crc = 0
+    for _ in range(size // len(zeros)):
+        crc = zlib.crc32(zeros, crc)
+    encoded = name.encode()
+    sizes = (crc, len(data), size if declared is None else declared)
+    # version 20, no flags, deflate (8), time 0, date 1980-01-01 (33)
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 8, 0, 33, *sizes, len(encoded), 0)
+    central = struct.pack(
+        "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 8, 0, 33, *sizes, len(encoded), 0, 0, 0, 0, 0, 0
+    )
+    directory = central + encoded
+    offset = len(local) + len(encoded) + len(data)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(directory), offset, 0)
+    path.write_bytes(local + encoded + data + directory + end)
+    return path
+
+
+def disk_use(folder: Path) -> int:
+    """Bytes in the regular files under ``folder``."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def files_under(folder: Path) -> set[str]:

@@ -85,7 +85,7 @@ def stage_version(
     if is_archive(source):
         unpacked = staging / "unpacked"
         progress.start(f"Unpacking {source.name}", 0)
-        extract_archive(source, unpacked, limits)
+        extract_archive(source, unpacked, limits, check_names=check_file_names)
         files = collect_files(_model_root(unpacked), contained=True)
         consume = True
     else:

@@ -96,7 +96,9 @@ class Registry:
         """Open the registry of ``settings``, bringing the database schema up to date."""
         engine = engine or make_engine(settings.database_url)
         upgrade(engine)
-        limits = ArchiveLimits(settings.max_archive_bytes, settings.max_archive_members)
+        limits = ArchiveLimits(
+            settings.max_archive_bytes, settings.max_archive_members, settings.max_archive_ratio
+        )
         vault = KeyVault(settings.encryption_key_file)
         return cls(engine, ArtifactStore(settings.artifacts), limits, vault)
 

@@ -15,9 +15,20 @@ from maas.errors import (
     InvalidName,
     InvalidRequest,
     ModelNotFound,
+    RefusedArtifact,
+    UnsafeArchive,
     VersionNotFound,
 )
-from tests.fixtures import files_under, make_gguf, make_hf_folder, make_onnx
+from maas.registry.policy import check_file_names
+from tests.fixtures import (
+    disk_use,
+    files_under,
+    make_gguf,
+    make_hf_folder,
+    make_onnx,
+    make_zip_bomb,
+    tar_folder,
+)
 
 
 @pytest.fixture
@@ -198,6 +209,45 @@ def test_failure_after_rename_leaves_nothing(registry, gguf, monkeypatch):
     assert registry.list_models() == []
     assert files_under(registry.store.root) <= {".staging", "tiny"}
     assert not any((registry.store.root / "tiny").iterdir())
+
+
+def test_an_archive_bomb_never_fills_the_staging_folder(registry, tmp_path, monkeypatch):
+    from maas.artifacts import archive
+
+    written = []
+    empty = archive._empty
+
+    def measure_then_empty(target):
+        written.append(disk_use(target))
+        empty(target)
+
+    monkeypatch.setattr(archive, "_empty", measure_then_empty)
+    bomb = make_zip_bomb(tmp_path / "model.zip", 1024**3)  # 1 MB that unpacks to 1 GiB
+    with pytest.raises(UnsafeArchive, match="MAAS_MAX_ARCHIVE_RATIO"):
+        registry.import_model(bomb, "bomb")
+    assert written == [0]
+    assert registry.list_models() == []
+    assert files_under(registry.store.root) == {".staging"}
+
+
+def test_a_pickle_in_an_archive_is_refused_before_it_is_unpacked(registry, tmp_path, monkeypatch):
+    import maas.registry.importer as importer
+
+    folder = make_hf_folder(tmp_path / "hf")
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    archive = tar_folder(tmp_path / "hf.tar.gz", folder, "my-model")
+    staged_bytes = []
+
+    def policy(relpaths):
+        staged_bytes.append(disk_use(registry.store.staging_root))
+        check_file_names(relpaths)
+
+    monkeypatch.setattr(importer, "check_file_names", policy)
+    with pytest.raises(RefusedArtifact, match="pickle"):
+        registry.import_model(archive, "pickled")
+    assert staged_bytes and set(staged_bytes) == {0}
+    assert registry.list_models() == []
+    assert files_under(registry.store.root) == {".staging"}
 
 
 def test_sweep_removes_leftovers_of_a_crash(registry, gguf):
