@@ -9,6 +9,7 @@ from typing import Any
 from gguf import GGUFReader, GGUFValueType, LlamaFileType
 
 from maas.errors import UnsupportedFormat
+from maas.registry.formats.gguf_header import read_header
 from maas.registry.formats.info import LLAMA_FAMILY, FormatInfo, generation_tasks
 
 SKIPPED_ARRAYS = frozenset(
@@ -23,6 +24,7 @@ SKIPPED_ARRAYS = frozenset(
 
 def inspect(path: Path) -> FormatInfo:
     try:
+        read_header(path)  # GGUFReader trusts every count in the header; it sees checked files only
         reader = GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError) as err:
         raise UnsupportedFormat(f"{path.name} is not a valid GGUF file: {err}") from None
