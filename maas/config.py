@@ -121,12 +121,20 @@ class Settings(BaseSettings):
     llm_max_batch_tokens: int = Field(default=512, ge=16)
     """Tokens in one engine step: every decoding sequence's next token, then prompt chunks."""
 
+    llm_max_waiting_sequences: int = Field(default=256, ge=0, le=1_000_000)
+    """Sequences of a text-generation model that may wait for a KV slot; past it, new
+    requests get 503 with Retry-After at once instead of queueing until their deadline."""
+
     llm_max_request_sequences: int = Field(default=64, ge=1, le=100_000)
     """Sequences one completion request may start (prompts x n); more is a 400."""
 
     llm_engine_process: bool = True
     """Run each text-generation model's engine in a process of its own (faster on a CPU: no
     contention with the server for the GIL). false runs it on a thread of the server."""
+
+    shutdown_timeout: float = Field(default=30.0, ge=0, le=86_400)
+    """Seconds that running requests, streams included, get to finish after a stop signal
+    (SIGTERM or Ctrl-C) while new ones get 503; a second signal stops at once."""
 
     request_timeout_s: float = Field(default=600.0, gt=0)
     """A generation still running after this long is stopped with a timeout error."""

@@ -21,8 +21,10 @@
      ├── RateLimited             a per-key limit (requests, tokens, concurrency) is reached
      │    └── QuotaExceeded      the key's monthly token budget is spent
      ├── ArtifactCorrupted       files on disk no longer match the version's manifest
-     └── Unavailable             the server cannot take the request now (starting, draining)
-          ├── Overloaded         a queue is full; ``retry_after`` says when to come back
+     ├── ClientGone              the client hung up before its answer; nobody reads the error
+     └── Unavailable             the server cannot take the request now (starting, draining,
+          │                      a model restarting); ``retry_after`` says when to come back
+          ├── Overloaded         a queue is full
           └── TimedOut           the work passed its deadline
 """
 
@@ -117,8 +119,17 @@ class ArtifactCorrupted(MaasError):
     pass
 
 
-class Unavailable(MaasError):
+class ClientGone(MaasError):
     pass
+
+
+class Unavailable(MaasError):
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+        """Seconds after which a retry can succeed, when that is known."""
 
 
 class TimedOut(Unavailable):
@@ -127,5 +138,4 @@ class TimedOut(Unavailable):
 
 class Overloaded(Unavailable):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        super().__init__(message, retry_after=retry_after)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 
@@ -64,6 +65,32 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
+class FailureKind(StrEnum):
+    """Why a sequence failed; the API answers each kind with its own status."""
+
+    TIMEOUT = "timeout"
+    """Its deadline passed (504)."""
+    UNAVAILABLE = "unavailable"
+    """The engine stopped or the model is being unloaded; a retry can succeed (503)."""
+    FAILED = "failed"
+    """The model raised while generating (500)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: FailureKind
+    message: str
+
+
+DEADLINE_PASSED = Failure(FailureKind.TIMEOUT, "the request's deadline passed before it finished")
+MODEL_UNLOADED = Failure(FailureKind.UNAVAILABLE, "the model was unloaded; retry the request")
+ENGINE_STOPPED = Failure(
+    FailureKind.UNAVAILABLE, "the model's engine stopped; it is restarting, retry the request"
+)
+MODEL_FAILED = Failure(FailureKind.FAILED, "the model failed while generating; see the server log")
+NOT_STARTED = Failure(FailureKind.FAILED, "the request could not start; see the server log")
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     token: int
@@ -87,3 +114,5 @@ class GenerationDelta:
     completion_tokens: int = 0
     error: str | None = None
     """Set when the sequence failed (e.g. its deadline passed); finish_reason is then ``abort``."""
+    error_kind: FailureKind | None = None
+    """Why it failed, with ``error``."""

@@ -23,6 +23,7 @@ from maas.api import (
     predict,
 )
 from maas.api.deps import CurrentKey, NothingLoaded
+from maas.api.drain import Drain, DrainMiddleware
 from maas.api.errors import install_error_handlers
 from maas.api.hardening import BodyLimitMiddleware, HostCheckMiddleware, allowed_hosts
 from maas.api.manage.models import UPLOAD_PATH
@@ -70,7 +71,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         for collector in collectors:
             metrics_registry.register(collector)
         try:
-            await serving.start(settings.pin_models)
+            serving.start(settings.pin_models)  # loads in the background: live answers now
             yield
         finally:
             for collector in collectors:
@@ -90,6 +91,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.readiness = NothingLoaded()
+    app.state.drain = Drain(settings.shutdown_timeout)
     app.state.metrics_registry = metrics_registry
     install_error_handlers(app)
     _add_middleware(app, settings, http_metrics)
@@ -114,8 +116,9 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _add_middleware(app: FastAPI, settings: Settings, http_metrics: metrics.HttpMetrics) -> None:
-    """Outermost first: Host check, CORS, metrics, governance, body limit, then the routes.
-    Metrics and governance sit outside the body limit so a 413 is counted as a 413."""
+    """Outermost first: Host check, CORS, metrics, drain, governance, body limit, then the
+    routes. Metrics and governance sit outside the body limit so a 413 is counted as a 413;
+    metrics outside the drain, so a 503 while draining is counted too."""
     app.add_middleware(
         BodyLimitMiddleware,
         limit=settings.max_request_bytes,
@@ -123,6 +126,7 @@ def _add_middleware(app: FastAPI, settings: Settings, http_metrics: metrics.Http
         upload_path=UPLOAD_PATH,
     )
     app.add_middleware(governance.GovernanceMiddleware)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(metrics.MetricsMiddleware, metrics=http_metrics)
     if settings.cors_origins:
         app.add_middleware(

@@ -49,6 +49,8 @@ ERROR_TABLE: dict[type[errors.MaasError], ErrorKind] = {
     errors.QuotaExceeded: ErrorKind(429, "insufficient_quota", "insufficient_quota"),
     errors.PayloadTooLarge: ErrorKind(413, "invalid_request_error", "payload_too_large"),
     errors.ArtifactCorrupted: ErrorKind(500, "server_error", "artifact_corrupted"),
+    # nginx's "client closed request": never seen by the client, but metered and logged as such
+    errors.ClientGone: ErrorKind(499, "client_closed_request"),
     errors.Unavailable: ErrorKind(503, "server_error", "service_unavailable"),
     errors.TimedOut: ErrorKind(504, "server_error", "timeout"),
     errors.ContextTooLong: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
@@ -96,12 +98,17 @@ def error_response(
 
 
 async def send_error(
-    scope: Scope, send: Send, status: int, message: str, code: str | None = None
+    scope: Scope,
+    send: Send,
+    status: int,
+    message: str,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> None:
     """Answer from ASGI middleware, before any route runs, in the protocol's error shape."""
-    type_ = HTTP_KINDS.get(status, "invalid_request_error")
+    type_ = HTTP_KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = error_body(scope["path"], message, type_=type_, code=code)
-    await JSONResponse(body, status_code=status)(scope, _no_receive, send)
+    await JSONResponse(body, status_code=status, headers=headers)(scope, _no_receive, send)
 
 
 async def _no_receive() -> Message:
@@ -111,7 +118,7 @@ async def _no_receive() -> Message:
 def _headers_of(err: errors.MaasError) -> dict[str, str] | None:
     if isinstance(err, errors.Unauthenticated):
         return {"WWW-Authenticate": "Bearer"}
-    if isinstance(err, errors.Overloaded):
+    if isinstance(err, errors.Unavailable) and err.retry_after is not None:
         return {"Retry-After": str(max(1, math.ceil(err.retry_after)))}
     if isinstance(err, errors.RateLimited):
         headers = {"Retry-After": str(max(1, math.ceil(err.retry_after)))}

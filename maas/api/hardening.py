@@ -131,12 +131,18 @@ class RedactKeys(logging.Filter):
         return True
 
 
-def uvicorn_log_config() -> dict:
-    """uvicorn's logging set-up with API keys redacted from every line."""
+def uvicorn_log_config(level: str = "info") -> dict:
+    """uvicorn's logging set-up with API keys redacted from every line, and maas's own log
+    (loads, restarts, the drain) on the same handler at ``level``."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config.setdefault("filters", {})["redact_keys"] = {"()": RedactKeys}
     for handler in config["handlers"].values():
         handler.setdefault("filters", []).append("redact_keys")
+    config["loggers"]["maas"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
     return config

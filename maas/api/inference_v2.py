@@ -6,9 +6,12 @@ through the registry, so it slots in beside them.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+import logging
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from maas import __version__
 from maas.api import governance
@@ -17,6 +20,8 @@ from maas.api.deps import CurrentKey, ModelReadiness, ReadinessDep, RegistryDep
 from maas.registry import Reference, Registry, VersionRecord
 from maas.registry.manifest import TensorSpec
 from maas.registry.names import parse_reference
+
+log = logging.getLogger(__name__)
 
 health_router = APIRouter(prefix="/v2/health", tags=["inference v2"])
 """Liveness and readiness: the only routes that need no key (load balancers call them)."""
@@ -55,10 +60,36 @@ def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@health_router.get("/ready")
-def ready(registry: RegistryDep) -> dict[str, bool]:
-    registry.ping()  # the database answers
-    return {"ready": True}
+class ServerReady(BaseModel):
+    ready: bool
+    reason: str | None = None
+    """Why not, when not ready."""
+
+
+@health_router.get("/ready", response_model=ServerReady, responses={503: {"model": ServerReady}})
+async def ready(request: Request) -> JSONResponse:
+    """200 when the server can take traffic; 503 while pinned models load or restart, while
+    draining, or when the database does not answer (orchestrators route around it)."""
+    reasons = await run_in_threadpool(_not_ready_because, request.app.state)
+    body = ServerReady(ready=not reasons, reason="; ".join(reasons) or None)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=503 if reasons else 200)
+
+
+def _not_ready_because(state) -> list[str]:
+    reasons = []
+    if state.drain.draining:
+        reasons.append("the server is shutting down")
+    try:
+        state.registry.ping()
+    except Exception as err:  # any failure of the database is "not ready", never a 500
+        log.warning("readiness: the database does not answer: %s", err)
+        reasons.append("the database does not answer")
+    serving = getattr(state, "serving", None)
+    loading = serving.pool.not_ready_pinned() if serving is not None else []
+    if loading:
+        names = ", ".join(f"{name}:{version}" for name, version in loading)
+        reasons.append(f"pinned models are loading: {names}")
+    return reasons
 
 
 @router.get("/models/{model}")

@@ -12,11 +12,27 @@ from rich.table import Table
 from maas.cli.context import open_access, open_registry
 from maas.cli.output import console, progress_bar
 from maas.cli.remote import ServerClient
-from maas.errors import InvalidReference
+from maas.errors import InvalidReference, InvalidRequest
 from maas.registry import TASKS, ModelRecord, VersionRecord, parse_reference
+from maas.registry.manifest import GENERATION_TASKS
 from maas.registry.service import ANY_OWNER
+from maas.tasks.sampling import (
+    checked,
+    effective_defaults,
+    parse_assignments,
+)
 
 app = typer.Typer(help="Import, list, show, alias and remove models.", no_args_is_help=True)
+
+DefaultsArgument = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="[FIELD=VALUE]...",
+        help="temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty, "
+        "repetition_penalty or max_tokens; FIELD= unsets one.",
+        show_default=False,
+    ),
+]
 
 TaskOption = Annotated[
     str | None,
@@ -52,8 +68,17 @@ def import_(
         str | None,
         typer.Option(help="Tenant that owns a new model (left out: shared with all tenants)."),
     ] = None,
+    default: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--default",
+            help="A default sampling parameter of a text-generation model, FIELD=VALUE "
+            "(e.g. temperature=0.2); repeat for more. Requests override them.",
+        ),
+    ] = None,
 ) -> None:
     """Import model files as the next version of NAME (atomic: all or nothing)."""
+    sampling = checked(parse_assignments(default or [])) or None
     with open_access() as access, progress_bar() as progress:
         owner = access.tenants.get_id(tenant) if tenant else ANY_OWNER
         record = access.registry.import_model(
@@ -64,6 +89,7 @@ def import_(
             description=description,
             progress=progress,
             owner=owner,
+            sampling=sampling,
         )
     console.print(
         f"imported [bold]{record.reference}[/] ({record.task}, {record.format}, "
@@ -121,6 +147,35 @@ def show(
     for entry in manifest.files:
         files.add_row(entry.path, _size(entry.size), entry.sha256[:16] + "…")
     console.print(files)
+
+
+@app.command("defaults")
+def defaults(
+    name: Annotated[str, typer.Argument(help="Model name.")], assignments: DefaultsArgument = None
+) -> None:
+    """Show or change a text-generation model's default sampling parameters.
+
+    With no FIELD=VALUE, shows them: the model's own, then those of its latest version's
+    generation_config.json. Requests override every one; the running server uses a change
+    within 2 seconds.
+    """
+    with open_registry() as registry:
+        model = registry.get_model(name)
+        if model.task not in GENERATION_TASKS:
+            raise InvalidRequest(f"{name} is a {model.task} model; only text generation samples")
+        if assignments:
+            wanted = {**model.sampling, **parse_assignments(assignments)}
+            model = registry.set_sampling(name, checked(wanted))
+        manifest = registry.read_manifest(model.latest) if model.latest else None
+    generation_config = manifest.generation_config if manifest else None
+    table = Table("field", "default", "from")
+    for field, value in sorted(effective_defaults(generation_config, model.sampling).items()):
+        source = "model" if field in model.sampling else "generation_config.json"
+        table.add_row(field, str(value), source)
+    if not table.rows:
+        console.print(f"{name} has no default sampling parameters: OpenAI's defaults apply")
+        return
+    console.print(table)
 
 
 @app.command("alias")

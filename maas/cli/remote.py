@@ -9,18 +9,23 @@ from typing import Any
 
 import httpx
 
+from maas.cli.address import recorded_url, url_of
 from maas.cli.context import load_settings
 from maas.errors import InvalidRequest, MaasError, Unavailable
 
 
 class ServerClient:
-    """The server at MAAS_URL (default: this machine's MAAS_HOST and MAAS_PORT), with the key
-    in MAAS_API_KEY or else the admin key file. ``needs`` names the key a command needs, for
-    the message when there is none."""
+    """The server at MAAS_URL; else the one running on this MAAS_HOME (wherever it listens);
+    else MAAS_HOST and MAAS_PORT. The key is MAAS_API_KEY, or else the admin key file.
+    ``needs`` names the key a command needs, for the message when there is none."""
 
     def __init__(self, needs: str = "a maintainer or admin key") -> None:
         settings = load_settings()
-        self.url = os.environ.get("MAAS_URL") or f"http://{settings.host}:{settings.port}"
+        self.url = (
+            os.environ.get("MAAS_URL")
+            or recorded_url(settings)
+            or url_of(settings.host, settings.port)
+        )
         key = os.environ.get("MAAS_API_KEY")
         if not key:
             key_file = settings.home / "admin.key"

@@ -8,6 +8,7 @@ import typer
 
 from maas import __version__
 from maas.auth.bootstrap import admin_key_path, ensure_admin_key
+from maas.cli import address
 from maas.cli.context import load_settings, open_access
 from maas.cli.output import console
 
@@ -25,6 +26,7 @@ def serve(
     import uvicorn
 
     from maas.api.app import build_app
+    from maas.api.drain import DrainingServer
     from maas.api.hardening import uvicorn_log_config
 
     settings = load_settings(host=host, port=port)
@@ -33,7 +35,7 @@ def serve(
         for reference in settings.pin_models:  # a typo stops here, with one clear line
             access.registry.resolve(reference)
     key_file = admin_key_path(settings)
-    base = f"http://{settings.host}:{settings.port}"
+    base = address.url_of(settings.host, settings.port)
     console.print(f"maas {__version__} on {base}  (data in {settings.home})")
     if created:
         console.print("  first start: created an admin API key; it is shown only now and kept in")
@@ -44,13 +46,18 @@ def serve(
     console.print(f"  OpenAI clients:   base_url={base}/v1  api_key=<your key>")
     console.print(f"  tritonclient:     url={settings.host}:{settings.port}")
     console.print(f"  management API:   {base}/api/v1/models   metrics: {base}/metrics")
-    uvicorn.run(
-        build_app(settings),
+    app = build_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=uvicorn_log_config(),
+        log_config=uvicorn_log_config(settings.log_level),
     )
+    try:  # once bound, note where, so that the CLI finds this server on any port
+        DrainingServer(config, app.state.drain, lambda: address.record(settings)).run()
+    finally:
+        address.forget(settings)
 
 
 def version() -> None:

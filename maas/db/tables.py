@@ -82,6 +82,8 @@ class Model(Base):
     """Version numbers are never reused, even after a version is removed."""
     serving: Mapped[dict | None] = mapped_column(JSON)
     """Batching settings for this model (max_batch_size, max_delay_ms, max_queue_rows)."""
+    sampling: Mapped[dict | None] = mapped_column(JSON)
+    """Default sampling parameters of a text-generation model (temperature, max_tokens...)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from maas.engine.llm_engine import GenerationRequest, LLMEngine
 from maas.errors import Unavailable
-from maas.messages import GenerationDelta, SamplingParams
+from maas.messages import MODEL_FAILED, MODEL_UNLOADED, GenerationDelta, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class EngineClient:
                 self.engine.step()
             except Exception:  # a broken step fails its requests, not the server
                 log.exception("engine step failed")
-                self.engine.fail_all("the model failed while generating; see the server log")
+                self.engine.fail_all(MODEL_FAILED)
             if self.engine.observer is not None:
                 self.stats = self.engine.observer.take()
                 if self._on_stats:
@@ -108,5 +108,5 @@ class EngineClient:
             elif kind == "abort":
                 self.engine.abort(payload)
             elif kind == "stop":
-                self.engine.fail_all("the model was unloaded")
+                self.engine.fail_all(MODEL_UNLOADED)
                 return False

@@ -27,7 +27,14 @@ from maas.engine.detokenizer import Detokenizer
 from maas.engine.sequence import Sequence, fail_unstarted
 from maas.engine.stats import EngineStats, StatsObserver
 from maas.errors import Unavailable
-from maas.messages import GenerationDelta, SamplingParams
+from maas.messages import (
+    DEADLINE_PASSED,
+    MODEL_FAILED,
+    MODEL_UNLOADED,
+    Failure,
+    GenerationDelta,
+    SamplingParams,
+)
 from maas.runtime.llm.sampler import sample
 from maas.runtime.llm.transformers_lm import TransformersLM
 
@@ -120,7 +127,7 @@ class TransformersGenerator:
             except queue.Empty:
                 return
             if request is not None:
-                _fail(self._sequences(request), "the model was unloaded")
+                _fail(self._sequences(request), MODEL_UNLOADED)
 
     def _serve(self, request: _Request) -> None:
         """Run one request to its end: the prompt once, then one token per live sequence."""
@@ -141,7 +148,7 @@ class TransformersGenerator:
                 self._report(len(live))
         except Exception:  # a broken model fails its request, not the server
             log.exception("generation failed")
-            _fail(live, "the model failed while generating; see the server log")
+            _fail(live, MODEL_FAILED)
         finally:
             self._report(0)
 
@@ -165,10 +172,10 @@ class TransformersGenerator:
         if request.cancelled.is_set():
             return True
         if self._stopping:
-            _fail(live, "the model was unloaded")
+            _fail(live, MODEL_UNLOADED)
             return True
         if request.deadline is not None and time.monotonic() > request.deadline:
-            _fail(live, "the request's deadline passed before it finished")
+            _fail(live, DEADLINE_PASSED)
             return True
         return False
 
@@ -194,7 +201,7 @@ class TransformersGenerator:
             self._on_stats(self.stats)
 
 
-def _fail(sequences: list[Sequence], message: str) -> None:
+def _fail(sequences: list[Sequence], failure: Failure) -> None:
     for sequence in sequences:
         if sequence.finish_reason is None:
-            sequence.fail(message)
+            sequence.fail(failure)

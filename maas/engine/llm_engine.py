@@ -17,7 +17,7 @@ from maas.engine.detokenizer import Detokenizer
 from maas.engine.kv_cache import SlotAllocator
 from maas.engine.scheduler import Plan, Scheduler
 from maas.engine.sequence import Sequence, Status, fail_unstarted
-from maas.messages import SamplingParams
+from maas.messages import DEADLINE_PASSED, Failure, SamplingParams
 from maas.runtime.llm.model import DecodeRows, PrefillRows, StepInput
 from maas.runtime.llm.runner import ModelRunner
 from maas.runtime.llm.sampler import sample
@@ -73,13 +73,14 @@ class LLMEngine:
         for sequence in sequences:
             self.scheduler.add(sequence)
 
-    def abort(self, request_id: str, reason: str | None = None) -> None:
-        """Stop a request's sequences and free their slots at once."""
+    def abort(self, request_id: str, failure: Failure | None = None) -> None:
+        """Stop a request's sequences and free their slots at once; with a ``failure``, each
+        sequence ends with an error delta."""
         for sequence in self._sequences.pop(request_id, []):
             if sequence.status is not Status.FINISHED:
                 self.scheduler.finish(sequence)
-                if reason:
-                    sequence.fail(reason)
+                if failure:
+                    sequence.fail(failure)
                 sequence.status = Status.FINISHED
 
     def has_work(self) -> bool:
@@ -161,7 +162,7 @@ class LLMEngine:
         for request_id, sequences in list(self._sequences.items()):
             deadline = sequences[0].deadline
             if deadline is not None and now > deadline:
-                self.abort(request_id, "the request's deadline passed before it finished")
+                self.abort(request_id, DEADLINE_PASSED)
 
     def warm_up(self, prompt_len: int = 16, max_tokens: int = 4) -> None:
         """Run one short generation, unobserved, before serving: the first pass through the
@@ -180,6 +181,6 @@ class LLMEngine:
             self.abort("warm-up")
             self.observer = observer
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, failure: Failure) -> None:
         for request_id in list(self._sequences):
-            self.abort(request_id, message)
+            self.abort(request_id, failure)

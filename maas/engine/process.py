@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 
 from maas.engine.stats import EngineStats, StatsObserver
 from maas.errors import Unavailable
-from maas.messages import GenerationDelta, SamplingParams
+from maas.messages import ENGINE_STOPPED, MODEL_FAILED, GenerationDelta, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class EngineProcess:
             raise Unavailable(f"{name} failed to load: {info}")
         self.memory_bytes: int = info["memory_bytes"]
         self.max_len: int = info["max_len"]
+        self.num_slots: int = info["num_slots"]
+        self.on_dead: Callable[[], None] | None = None
+        """Called (from a reader thread) when the process dies without being closed."""
         self.stats = EngineStats()
         self._on_stats = on_stats
         self._send_lock = threading.Lock()
@@ -129,13 +132,21 @@ class EngineProcess:
         except (EOFError, OSError):
             pass
         self.dead = True
+        if not self._closing:
+            self._process.join(timeout=5)
+            log.error("%s stopped (exit code %s)", self._process.name, self._process.exitcode)
         for request_id in list(self._queues):
             self._deliver(
                 request_id,
                 GenerationDelta(
-                    index=-1, finish_reason="abort", error="the model's engine stopped"
+                    index=-1,
+                    finish_reason="abort",
+                    error=ENGINE_STOPPED.message,
+                    error_kind=ENGINE_STOPPED.kind,
                 ),
             )
+        if not self._closing and self.on_dead is not None:
+            self.on_dead()
 
     def _deliver(self, request_id: str, delta: GenerationDelta) -> None:
         target = self._queues.get(request_id)
@@ -157,7 +168,12 @@ def _serve(conn, opened, options, tokenizer) -> None:
     observer = StatsObserver()
     engine = LLMEngine(runner, max_batch_tokens=options.max_batch_tokens, observer=observer)
     engine.warm_up()
-    conn.send(("ready", {"memory_bytes": runner.memory_bytes, "max_len": runner.max_len}))
+    info = {
+        "memory_bytes": runner.memory_bytes,
+        "max_len": runner.max_len,
+        "num_slots": runner.cache.num_slots,
+    }
+    conn.send(("ready", info))
     outbox: list = []
     while True:
         wait = 0.0 if engine.has_work() else 1.0
@@ -180,7 +196,7 @@ def _serve(conn, opened, options, tokenizer) -> None:
                 engine.step()
             except Exception:
                 log.exception("engine step failed")
-                engine.fail_all("the model failed while generating; see the server log")
+                engine.fail_all(MODEL_FAILED)
         if outbox or engine.has_work():
             conn.send(("out", (outbox, observer.take())))  # pickled here, so clearing is safe
             outbox.clear()

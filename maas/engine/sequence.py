@@ -11,7 +11,7 @@ from enum import Enum
 import torch
 
 from maas.engine.detokenizer import Detokenizer
-from maas.messages import GenerationDelta, SamplingParams, TokenLogprob
+from maas.messages import NOT_STARTED, Failure, GenerationDelta, SamplingParams, TokenLogprob
 from maas.runtime.llm.sampler import Sampled, SampleRow
 
 
@@ -115,7 +115,7 @@ class Sequence:
             )
         )
 
-    def fail(self, message: str) -> None:
+    def fail(self, failure: Failure) -> None:
         self.status = Status.FINISHED
         self.finish_reason = "abort"
         self.sink(
@@ -124,7 +124,8 @@ class Sequence:
                 finish_reason="abort",
                 prompt_tokens=len(self.prompt_ids),
                 completion_tokens=len(self.output_ids),
-                error=message,
+                error=failure.message,
+                error_kind=failure.kind,
             )
         )
 
@@ -137,6 +138,7 @@ def fail_unstarted(sink: Callable[[GenerationDelta], None], n: int, prompt_token
                 index=index,
                 finish_reason="abort",
                 prompt_tokens=prompt_tokens,
-                error="the request could not start; see the server log",
+                error=NOT_STARTED.message,
+                error_kind=NOT_STARTED.kind,
             )
         )

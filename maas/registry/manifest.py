@@ -29,6 +29,8 @@ Task = Literal[
     "tensor",
 ]
 TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
+GENERATION_TASKS = ("chat", "text-generation")
+"""The tasks whose models generate text (served by the LLM engines)."""
 
 
 class TensorSpec(BaseModel):

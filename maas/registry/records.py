@@ -55,6 +55,8 @@ class ModelRecord(BaseModel):
     """Alias name -> version number."""
     serving: dict[str, Any] = {}
     """Batching settings set for this model (they override the defaults)."""
+    sampling: dict[str, Any] = {}
+    """Default sampling parameters set for this model (requests override them)."""
 
     @property
     def latest(self) -> VersionRecord | None:

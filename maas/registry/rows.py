@@ -115,4 +115,5 @@ def model_record(row: Model) -> ModelRecord:
         versions=versions,
         aliases=aliases,
         serving=row.serving or {},
+        sampling=row.sampling or {},
     )

@@ -202,12 +202,15 @@ class Registry:
         consume: bool = False,
         source_label: str | None = None,
         owner: Owner = ANY_OWNER,
+        sampling: dict | None = None,
     ) -> VersionRecord:
         """Import the files at ``source`` as the next version of model ``name``.
 
         Atomic: on any error nothing is visible and the staging folder is removed. ``owner``
         is the tenant id a new model belongs to (None: shared) and must be the owner of an
         existing model; ``ANY_OWNER`` makes a new model shared and keeps an existing one's.
+        ``sampling`` (validated by the caller) sets some of the model's default sampling
+        parameters in the same transaction.
         """
         validate_model_name(name)
         if alias is not None:
@@ -228,7 +231,14 @@ class Registry:
             )
             task = choose_task(staged.info, task or existing_task)
             number = self._commit(
-                staged, name, task, alias, description, source_label or str(source), owner
+                staged,
+                name,
+                task,
+                alias,
+                description,
+                source_label or str(source),
+                owner,
+                sampling,
             )
         return self.resolve(Reference(name, version=number))
 
@@ -255,9 +265,12 @@ class Registry:
         description: str | None,
         source: str,
         owner: Owner,
+        sampling: dict | None = None,
     ) -> int:
         with self._write() as session:
             model = self._model_for_import(session, name, task, description, owner)
+            if sampling:
+                model.sampling = {**(model.sampling or {}), **sampling}
             number = model.next_version
             model.next_version = number + 1
             manifest = rows.build_manifest(staged, name, number, task, description, source)
@@ -320,6 +333,13 @@ class Registry:
         with self._write() as session:
             model = _owned(session, name, owner)
             model.serving = serving or None
+        return self.get_model(name)
+
+    def set_sampling(self, name: str, sampling: dict, *, owner: Owner = ANY_OWNER) -> ModelRecord:
+        """Store a model's default sampling parameters (validated by the caller)."""
+        with self._write() as session:
+            model = _owned(session, name, owner)
+            model.sampling = sampling or None
         return self.get_model(name)
 
     def delete_alias(self, name: str, alias: str, *, owner: Owner = ANY_OWNER) -> None:

@@ -8,7 +8,7 @@ maas's engine runs the Llama family; any other causal LM in a Hugging Face folde
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from maas.engine.client import EngineClient
@@ -16,7 +16,8 @@ from maas.engine.hf_generator import TransformersGenerator
 from maas.engine.llm_engine import LLMEngine
 from maas.engine.process import EngineProcess
 from maas.engine.stats import EngineStats, StatsObserver
-from maas.errors import UnsupportedFormat
+from maas.errors import Overloaded, UnsupportedFormat
+from maas.messages import GenerationDelta, SamplingParams
 from maas.registry.manifest import Manifest, TensorSpec
 from maas.registry.records import OpenedVersion, VersionRecord
 from maas.routing.deployment import InFlight
@@ -32,6 +33,8 @@ class EngineOptions:
     max_batch_tokens: int = 512
     """Tokens in one step: every decoding sequence's next token, then prompt chunks."""
     separate_process: bool = True
+    max_waiting: int = 256
+    """Sequences that may wait for a KV slot; past it, requests get 503 with Retry-After."""
 
 
 class LLMDeployment(InFlight):
@@ -50,12 +53,14 @@ class LLMDeployment(InFlight):
             model = TransformersLM(opened, options.runner)
             self.engine = TransformersGenerator(model, self.tokenizer, name=name, on_stats=on_stats)
             self.memory_bytes, self.max_len = model.memory_bytes, model.max_len
+            slots = 1  # one request at a time
         elif options.separate_process:
             self.engine = EngineProcess(
                 opened, options, self.tokenizer, name=name, on_stats=on_stats
             )
             self.memory_bytes = self.engine.memory_bytes
             self.max_len = self.engine.max_len
+            slots = self.engine.num_slots
         else:
             runner = ModelRunner(opened, options.runner, tokenizer=self.tokenizer)
             engine = LLMEngine(
@@ -65,6 +70,11 @@ class LLMDeployment(InFlight):
             self.engine = EngineClient(engine, name=name, on_stats=on_stats)
             self.memory_bytes = runner.memory_bytes
             self.max_len = runner.max_len
+            slots = runner.cache.num_slots
+        self.capacity = slots + options.max_waiting
+        """Sequences running and waiting at most."""
+        self.sequences = 0
+        """Sequences submitted to the engine and not finished."""
         self.in_flight = 0
         self.last_used = time.monotonic()
         self.helpers: dict[str, object] = {}
@@ -74,6 +84,32 @@ class LLMDeployment(InFlight):
     @property
     def dead(self) -> bool:
         return self.engine.dead
+
+    def watch(self, on_dead: Callable[[], None]) -> None:
+        """Have ``on_dead()`` called (from another thread) if the engine dies unasked."""
+        if isinstance(self.engine, EngineProcess):
+            self.engine.on_dead = on_dead
+
+    def check_room(self, sequences: int) -> None:
+        """503 with Retry-After, at once, when ``sequences`` more would pass the waiting cap
+        (a request that alone is bigger than the cap still runs when nothing waits)."""
+        if self.sequences and self.sequences + sequences > self.capacity:
+            raise Overloaded(
+                f"{self.record.reference} is at capacity ({self.sequences} sequences running "
+                "or waiting, MAAS_LLM_MAX_WAITING_SEQUENCES); try again shortly",
+                retry_after=1.0,
+            )
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, n: int, timeout: float | None
+    ) -> AsyncIterator[GenerationDelta]:
+        """The engine's deltas for one prompt's ``n`` sequences, counted against the cap."""
+        self.sequences += n
+        try:
+            async for delta in self.engine.generate(prompt_ids, params, n=n, timeout=timeout):
+                yield delta
+        finally:
+            self.sequences -= n
 
     @property
     def queued_rows(self) -> int:

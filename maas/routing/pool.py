@@ -3,11 +3,18 @@
 A version loads on its first request (or at start when pinned), exactly once however many
 requests arrive together, and the least recently used idle version is unloaded when the
 memory budget would be exceeded. Loading reads and verifies the files off the event loop.
+
+The pool keeps versions up: when a deployment's engine dies, the version leaves the pool at
+once (not ready), and a supervisor loads it again in the background, backing off between
+failed attempts; pinned versions are brought up the same way at start. A request that comes
+while an attempt runs waits for it; one that comes during a back-off gets 503 with
+``Retry-After``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -17,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from maas.errors import Conflict, MaasError, Unavailable
 from maas.registry import Registry, VersionRecord
+from maas.registry.manifest import GENERATION_TASKS
 from maas.routing.deployment import Deployment, ServingConfig, batch_stats_recorder
 from maas.routing.metrics import ServingMetrics
 from maas.runtime.base import RuntimeOptions
@@ -24,9 +32,10 @@ from maas.runtime.classic import runtime_for
 
 log = logging.getLogger(__name__)
 
-GENERATION_TASKS = ("chat", "text-generation")
-
 Key = tuple[str, int]
+
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 60.0
 
 
 def key_of(record: VersionRecord) -> Key:
@@ -54,26 +63,83 @@ class ModelPool:
         self.generators = None
         """Builds the deployment of a chat or text-generation version (set by Serving)."""
         self._loading: dict[Key, asyncio.Task[Deployment]] = {}
+        self._supervisors: dict[Key, asyncio.Task[None]] = {}
+        """Versions being brought up in the background (pinned at start, or restarting)."""
+        self._backoff_until: dict[Key, float] = {}
         self._lock = asyncio.Lock()
 
     def deployments(self) -> list[Deployment]:
         return list(self._deployments.values())
 
     def is_ready(self, record: VersionRecord) -> bool:
-        return key_of(record) in self._deployments
+        deployment = self._deployments.get(key_of(record))
+        return deployment is not None and not getattr(deployment, "dead", False)
+
+    def not_ready_pinned(self) -> list[Key]:
+        """Pinned versions not loaded now (still loading at start, or restarting)."""
+        return [
+            key
+            for key in sorted(self.pinned)
+            if key not in self._deployments or getattr(self._deployments[key], "dead", False)
+        ]
 
     async def get(self, record: VersionRecord) -> Deployment:
         """The deployment of a version, loading it if needed (once, however many callers)."""
         key = key_of(record)
         deployment = self._deployments.get(key)
         if deployment is not None and getattr(deployment, "dead", False):
-            log.error("the engine of %s stopped; loading it again", record.reference)
-            self._deployments.pop(key)
-            await deployment.close()
+            self._on_dead(key, deployment)  # noticed here before its watcher said so
             deployment = None
         if deployment is not None:
             self._deployments.move_to_end(key)
             return deployment
+        wait = self._backoff_until.get(key, 0.0) - time.monotonic()
+        if wait > 0 and key not in self._loading:
+            raise Unavailable(
+                f"model {record.reference} failed to load; the next attempt is in {wait:.0f}s",
+                retry_after=wait,
+            )
+        return await self._load_once(record)
+
+    def keep_up(self, record: VersionRecord) -> None:
+        """Load a version in the background, trying again with back-off until it is up."""
+        key = key_of(record)
+        if key not in self._supervisors:
+            task = asyncio.get_running_loop().create_task(self._supervise(record))
+            self._supervisors[key] = task
+            task.add_done_callback(lambda _: self._supervisors.pop(key, None))
+
+    async def _supervise(self, record: VersionRecord) -> None:
+        key, delay = key_of(record), FIRST_BACKOFF_S
+        while not self.is_ready(record):
+            try:
+                await self._load_once(record)
+            except MaasError as err:
+                log.error("%s: %s; trying again in %.0fs", record.reference, err.message, delay)
+                self._backoff_until[key] = time.monotonic() + delay
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, MAX_BACKOFF_S)
+                continue
+        self._backoff_until.pop(key, None)
+
+    def _on_dead(self, key: Key, deployment: Deployment) -> None:
+        """A deployment's engine died: out of the pool now (not ready), and up again soon."""
+        if self._deployments.get(key) is not deployment:
+            return  # unloaded or replaced meanwhile
+        log.error("the engine of %s stopped; restarting it", deployment.record.reference)
+        del self._deployments[key]
+        closing = asyncio.get_running_loop().create_task(deployment.close())
+        closing.add_done_callback(lambda _: self.keep_up(deployment.record))
+
+    def _watch(self, key: Key, deployment: Deployment) -> None:
+        """Be told, on the event loop, when the deployment's engine dies."""
+        watch = getattr(deployment, "watch", None)
+        if watch is not None:
+            loop = asyncio.get_running_loop()
+            watch(lambda: loop.call_soon_threadsafe(self._on_dead, key, deployment))
+
+    async def _load_once(self, record: VersionRecord) -> Deployment:
+        key = key_of(record)
         task = self._loading.get(key)
         if task is None:
             task = self._loading[key] = asyncio.get_running_loop().create_task(self._load(record))
@@ -88,9 +154,13 @@ class ModelPool:
                 f"{record.reference} is pinned (MAAS_PIN_MODELS) and stays loaded; "
                 "an admin can unload it with force=true"
             )
+        supervisor = self._supervisors.pop(key_of(record), None)
+        if supervisor is not None:  # it was restarting: stop trying
+            supervisor.cancel()
+        self._backoff_until.pop(key_of(record), None)
         deployment = self._deployments.pop(key_of(record), None)
         if deployment is None:
-            return False
+            return supervisor is not None
         await self._drain_and_close(deployment)
         return True
 
@@ -101,8 +171,10 @@ class ModelPool:
                 deployment.configure(self._serving(deployment.record))
 
     async def close(self) -> None:
-        for task in list(self._loading.values()):
+        for task in [*self._supervisors.values(), *self._loading.values()]:
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, MaasError):
+                await task
         while self._deployments:
             _, deployment = self._deployments.popitem()
             await deployment.close()
@@ -123,6 +195,7 @@ class ModelPool:
                 log.exception("loading %s failed", record.reference)
                 raise Unavailable(f"model {record.reference} failed to load: {err}") from None
             self._deployments[key_of(record)] = deployment
+            self._watch(key_of(record), deployment)
         seconds = time.perf_counter() - started
         self._metrics.load_seconds.labels(record.name, str(record.version)).observe(seconds)
         log.info("loaded %s in %.2fs", record.reference, seconds)

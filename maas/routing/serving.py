@@ -56,6 +56,7 @@ class Serving:
             ),
             max_batch_tokens=settings.llm_max_batch_tokens,
             separate_process=settings.llm_engine_process,
+            max_waiting=settings.llm_max_waiting_sequences,
         )
         self.pool.generators = lambda opened: LLMDeployment(
             opened, engine_options, generation.recorder(opened.record.reference)
@@ -64,12 +65,14 @@ class Serving:
         self.max_request_sequences = settings.llm_max_request_sequences
         self._last_served: dict[str, VersionRecord] = {}
 
-    async def start(self, pinned: list[str]) -> None:
-        """Load the pinned models (at server start); they are never unloaded for room."""
+    def start(self, pinned: list[str]) -> None:
+        """Start loading the pinned models in the background (the server answers meanwhile,
+        and is ready once they are up); they are never unloaded for room. A reference that
+        does not resolve raises here."""
         records = [self.registry.resolve(reference) for reference in pinned]
         self.pool.pinned = frozenset(key_of(record) for record in records)
         for record in records:
-            await self.pool.get(record)
+            self.pool.keep_up(record)
 
     def config_for(self, record: VersionRecord) -> ServingConfig:
         """Settings defaults, then the manifest's, then the model's own settings."""

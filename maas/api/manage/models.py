@@ -79,6 +79,7 @@ def import_model(
         alias=body.alias,
         description=body.description,
         owner=owner,
+        sampling=body.sampling.set_fields() if body.sampling else None,
     )
     return VersionPublic.of(record)
 
@@ -168,11 +169,19 @@ async def set_alias(
 async def update_model(
     name: str, body: ModelUpdate, key: MaintainerKey, serving: ServingDep
 ) -> ModelPublic:
-    """Change a model's batching settings; loaded versions use them from the next batch."""
-    owner = managed_model(serving.registry, key, name).tenant_id
-    settings = body.serving.model_dump(exclude_none=True) if body.serving else {}
-    record = await run_in_threadpool(serving.registry.set_serving, name, settings, owner=owner)
-    await run_in_threadpool(serving.pool.configure, name)
+    """Change a model's batching settings (loaded versions use them from the next batch) or
+    its default sampling parameters (from the next request); each part left out stays."""
+    record = managed_model(serving.registry, key, name)
+    if body.serving is not None:
+        settings = body.serving.model_dump(exclude_none=True)
+        record = await run_in_threadpool(
+            serving.registry.set_serving, name, settings, owner=record.tenant_id
+        )
+        await run_in_threadpool(serving.pool.configure, name)
+    if body.sampling is not None:
+        record = await run_in_threadpool(
+            serving.registry.set_sampling, name, body.sampling.set_fields(), owner=record.tenant_id
+        )
     return ModelPublic.of(record)
 
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from maas.registry import Manifest, ModelRecord, VersionRecord
 from maas.registry.manifest import Task
+from maas.tasks.sampling import SamplingDefaults
 
 
 class ModelImport(BaseModel):
@@ -24,6 +25,8 @@ class ModelImport(BaseModel):
     description: str | None = None
     tenant: str | None = None
     """Owning tenant of a new model; empty means shared with every tenant."""
+    sampling: SamplingDefaults | None = None
+    """Default sampling parameters of a text-generation model (requests override them)."""
 
 
 class AliasUpdate(BaseModel):
@@ -67,6 +70,9 @@ class ModelPublic(BaseModel):
     name: str
     serving: dict[str, Any]
     """Batching settings set for this model (defaults apply to the rest)."""
+    sampling: dict[str, Any]
+    """Default sampling parameters set for this model (a text-generation model's
+    generation_config.json, then OpenAI's defaults, apply to the rest)."""
     tenant: str | None
     """The owning tenant; null for a model shared with every tenant."""
     task: str
@@ -82,6 +88,7 @@ class ModelPublic(BaseModel):
         return cls(
             name=record.name,
             serving=record.serving,
+            sampling=record.sampling,
             tenant=record.tenant,
             task=record.task,
             description=record.description,
@@ -115,6 +122,8 @@ class ModelUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     serving: ServingUpdate | None = None
+    sampling: SamplingDefaults | None = None
+    """Replaces the model's default sampling parameters ({} clears them)."""
 
 
 class DeploymentPublic(BaseModel):

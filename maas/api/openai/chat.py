@@ -18,6 +18,7 @@ from maas.api.openai.generation import (
     generator_of,
     output_budget,
     request_id_header,
+    sampling_defaults,
     sse,
     watch_disconnect,
 )
@@ -48,13 +49,23 @@ async def create_chat_completion(
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = await run_in_threadpool(deployment.tokenizer.encode_chat, messages)
     asked = body.max_completion_tokens or body.max_tokens
+    defaults = sampling_defaults(serving, deployment)
+    budget = output_budget(
+        deployment,
+        len(prompt),
+        asked,
+        prompt_param="messages",
+        default=defaults.get("max_tokens"),
+    )
     params = body.sampling(
-        output_budget(deployment, len(prompt), asked, prompt_param="messages"),
+        budget,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         vocab_size=deployment.tokenizer.vocab_size,
+        defaults=defaults,
     )
-    generation = Generation(request, deployment, min(body.timeout or 1e9, serving.request_timeout))
     n = body.n or 1
+    deployment.check_room(n)  # 503 now, before a stream starts
+    generation = Generation(request, deployment, min(body.timeout or 1e9, serving.request_timeout))
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse(lambda: _chunks(generation, body.model, prompt, params, n, usage), request)

@@ -20,6 +20,7 @@ from maas.api.openai.generation import (
     generator_of,
     output_budget,
     request_id_header,
+    sampling_defaults,
     sse,
     watch_disconnect,
 )
@@ -30,6 +31,8 @@ from maas.messages import GenerationDelta, TokenLogprob
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(governance.inference_key)])
 
 MAX_PROMPTS = 64
+OPENAI_MAX_TOKENS = 16
+"""What OpenAI's text completions produce when neither the request nor the model says."""
 
 
 @router.post("/completions")
@@ -49,13 +52,22 @@ async def create_completion(
     n = body.n or 1
     check_sequences(_count(body.prompt) * n, serving.max_request_sequences)
     prompts = await run_in_threadpool(_prompts, body.prompt, deployment)
+    defaults = sampling_defaults(serving, deployment)
+    default_max = defaults.get("max_tokens", OPENAI_MAX_TOKENS)
     budgets = [
-        output_budget(deployment, len(p), body.max_tokens or 16, prompt_param="prompt")
+        output_budget(
+            deployment, len(p), body.max_tokens, prompt_param="prompt", default=default_max
+        )
         for p in prompts
     ]
+    deployment.check_room(len(prompts) * n)  # 503 now, before a stream starts
     generation = Generation(request, deployment, min(body.timeout or 1e9, serving.request_timeout))
     runs = [
-        (index, prompt, body.sampling(budget, body.logprobs, deployment.tokenizer.vocab_size))
+        (
+            index,
+            prompt,
+            body.sampling(budget, body.logprobs, deployment.tokenizer.vocab_size, defaults),
+        )
         for index, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True))
     ]
     if body.stream:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,11 +17,19 @@ from fastapi.responses import StreamingResponse
 
 from maas.api.errors import error_body, kind_of
 from maas.api.governance import meter
-from maas.errors import ContextTooLong, InvalidRequest, MaasError, TimedOut
-from maas.messages import GenerationDelta, SamplingParams
+from maas.errors import (
+    ClientGone,
+    ContextTooLong,
+    InvalidRequest,
+    MaasError,
+    TimedOut,
+    Unavailable,
+)
+from maas.messages import FailureKind, GenerationDelta, SamplingParams
 from maas.routing.llm_deployment import LLMDeployment
+from maas.tasks.sampling import effective_defaults
 
-GENERATION_TASKS = ("chat", "text-generation")
+log = logging.getLogger(__name__)
 
 
 def generator_of(deployment, model: str) -> LLMDeployment:
@@ -33,10 +42,16 @@ def generator_of(deployment, model: str) -> LLMDeployment:
 
 
 def output_budget(
-    deployment: LLMDeployment, prompt_tokens: int, asked: int | None, *, prompt_param: str
+    deployment: LLMDeployment,
+    prompt_tokens: int,
+    asked: int | None,
+    *,
+    prompt_param: str,
+    default: int | None = None,
 ) -> int:
-    """max_tokens for a prompt: what was asked, or what is left of the context; too long is 400.
-    ``prompt_param`` names the request field the prompt came in (``messages``, ``prompt``)."""
+    """max_tokens for a prompt: what was asked (too long is 400), else the ``default`` cut to
+    what is left of the context, else all that is left. ``prompt_param`` names the request
+    field the prompt came in (``messages``, ``prompt``)."""
     limit = deployment.max_len
     if prompt_tokens >= limit:
         raise ContextTooLong(
@@ -51,7 +66,15 @@ def output_budget(
             "completion). Please reduce the length of the prompt or of max_tokens.",
             param="max_tokens",
         )
-    return asked if asked is not None else limit - prompt_tokens
+    if asked is not None:
+        return asked
+    return min(default or limit, limit - prompt_tokens)
+
+
+def sampling_defaults(serving, deployment: LLMDeployment) -> dict[str, Any]:
+    """The model's default sampling parameters (its own over its generation_config.json)."""
+    model = serving.registry.get_model(deployment.record.name)
+    return effective_defaults(deployment.manifest.generation_config, model.sampling)
 
 
 def check_sequences(count: int, limit: int) -> None:
@@ -62,6 +85,13 @@ def check_sequences(count: int, limit: int) -> None:
             "(MAAS_LLM_MAX_REQUEST_SEQUENCES)",
             param="n",
         )
+
+
+FAILURE_ERRORS: dict[FailureKind, type[MaasError]] = {
+    FailureKind.TIMEOUT: TimedOut,
+    FailureKind.UNAVAILABLE: Unavailable,
+    FailureKind.FAILED: MaasError,
+}
 
 
 class Generation:
@@ -92,15 +122,11 @@ class Generation:
         # its chunk is being sent, this generator is closed later than the request is recorded.
         metered()
         try:
-            async for delta in self.deployment.engine.generate(
+            async for delta in self.deployment.generate(
                 prompt_ids, params, n=n, timeout=self.timeout
             ):
                 if delta.error:
-                    raise (
-                        TimedOut(delta.error)
-                        if "deadline" in delta.error
-                        else MaasError(delta.error)
-                    )
+                    raise FAILURE_ERRORS[delta.error_kind or FailureKind.FAILED](delta.error)
                 usage["completion"] += delta.completion_tokens - completion[delta.index]
                 completion[delta.index] = delta.completion_tokens
                 metered()
@@ -110,7 +136,9 @@ class Generation:
 
 
 async def watch_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Run ``work``; if the client goes away first, cancel it (which aborts the generation)."""
+    """Run ``work``; if the client goes away first, cancel it (which aborts the generation)
+    and answer 499, which nobody reads but the log and the usage record show. Hanging up is
+    normal traffic, so no traceback: an exception out of the app would make uvicorn log one."""
     task = asyncio.ensure_future(work)
     while not task.done():
         done, _ = await asyncio.wait({task}, timeout=0.25)
@@ -118,7 +146,8 @@ async def watch_disconnect(request: Request, work: Awaitable[Any]) -> Any:
             task.cancel()  # aborts the generation; its cleanup meters what was generated
             with contextlib.suppress(asyncio.CancelledError):
                 await task  # before the governance middleware records the request
-            raise asyncio.CancelledError("client disconnected")
+            log.info("%s: the client hung up; generation stopped", request.url.path)
+            raise ClientGone("the client closed the connection before the answer")
     return task.result()
 
 

@@ -2,12 +2,14 @@
 
 Each model appears under its name (what a bare name resolves to), under each alias
 (``name@production``) and under each version (``name:3``): all are valid ``model`` values.
-Text-generation models also show ``max_model_len`` (vLLM's field): prompt plus output tokens.
+Text-generation models also show ``max_model_len`` (vLLM's field): prompt plus output tokens,
+and ``sampling_defaults``: what a request that leaves a sampling field out gets.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import partial
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
@@ -15,9 +17,10 @@ from pydantic import BaseModel
 from maas.api import governance
 from maas.api.access import resolve_for, usable_models
 from maas.api.deps import CurrentKey, RegistryDep, SettingsDep
-from maas.api.openai.generation import GENERATION_TASKS
 from maas.config import Settings
 from maas.registry import ModelRecord, Registry, VersionRecord
+from maas.registry.manifest import GENERATION_TASKS
+from maas.tasks.sampling import effective_defaults
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(governance.current_key)])
 
@@ -34,6 +37,8 @@ class ModelCard(BaseModel):
     task: str
     max_model_len: int | None = None
     """Prompt plus output tokens a request may have (text-generation models only)."""
+    sampling_defaults: dict[str, Any] | None = None
+    """The model's default sampling parameters (text-generation models only)."""
 
 
 class ModelList(BaseModel):
@@ -47,7 +52,7 @@ def list_models(key: CurrentKey, registry: RegistryDep, settings: SettingsDep) -
     cards = [
         card
         for model in usable_models(registry, key)
-        for card in _cards(model, lambda record: _max_model_len(registry, settings, record))
+        for card in _cards(model, partial(_generation, registry, settings, model))
     ]
     return ModelList(data=cards)
 
@@ -57,26 +62,26 @@ def retrieve_model(
     model: str, key: CurrentKey, registry: RegistryDep, settings: SettingsDep
 ) -> ModelCard:
     record = resolve_for(registry, key, model)
-    owner = registry.get_model(record.name).tenant
+    owner = registry.get_model(record.name)
     return _card(
         model,
         record,
         parent=None if model == record.name else record.name,
-        owner=owner,
-        max_model_len=_max_model_len(registry, settings, record),
+        owner=owner.tenant,
+        generation=_generation(registry, settings, owner, record),
     )
 
 
-def _cards(model: ModelRecord, max_model_len) -> list[ModelCard]:
+def _cards(model: ModelRecord, generation) -> list[ModelCard]:
     if model.default is None:
         return []
     by_number = {v.version: v for v in model.versions}
-    lengths = {v.version: max_model_len(v) for v in model.versions}
+    per_version = {v.version: generation(v) for v in model.versions}
     owner = model.tenant
 
     def card(model_id: str, record: VersionRecord, parent: str | None) -> ModelCard:
-        length = lengths.get(record.version)
-        return _card(model_id, record, parent=parent, owner=owner, max_model_len=length)
+        info = per_version[record.version]
+        return _card(model_id, record, parent=parent, owner=owner, generation=info)
 
     cards = [card(model.name, model.default, None)]
     cards += [
@@ -93,8 +98,9 @@ def _card(
     *,
     parent: str | None,
     owner: str | None,
-    max_model_len: int | None,
+    generation: tuple[int | None, dict[str, Any] | None],
 ) -> ModelCard:
+    max_model_len, defaults = generation
     return ModelCard(
         id=model_id,
         created=int(record.created_at.timestamp()),
@@ -103,12 +109,17 @@ def _card(
         parent=parent,
         task=record.task,
         max_model_len=max_model_len,
+        sampling_defaults=defaults,
     )
 
 
-def _max_model_len(registry: Registry, settings: Settings, record: VersionRecord) -> int | None:
-    """The model's context, capped by the server's MAAS_LLM_MAX_MODEL_LEN, as the engine caps it."""
+def _generation(
+    registry: Registry, settings: Settings, model: ModelRecord, record: VersionRecord
+) -> tuple[int | None, dict[str, Any] | None]:
+    """A text-generation version's context (capped by MAAS_LLM_MAX_MODEL_LEN, as the engine
+    caps it) and default sampling parameters; (None, None) for other tasks."""
     if record.task not in GENERATION_TASKS:
-        return None
-    context = registry.read_manifest(record).context_length
-    return min(context or settings.llm_max_model_len, settings.llm_max_model_len)
+        return None, None
+    manifest = registry.read_manifest(record)
+    context = min(manifest.context_length or settings.llm_max_model_len, settings.llm_max_model_len)
+    return context, effective_defaults(manifest.generation_config, model.sampling)

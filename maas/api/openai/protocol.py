@@ -106,7 +106,20 @@ class GenerationFields(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return value
 
-    def sampling(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+    def sampling(
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        vocab_size: int,
+        defaults: dict[str, Any] | None = None,
+    ) -> SamplingParams:
+        """The engine's parameters: the request's fields, else the model's ``defaults``, else
+        OpenAI's."""
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return (defaults or {}).get(name, fallback) if value is None else value
+
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not 0 <= token < vocab_size for token in self.stop_token_ids or ()):
             raise InvalidRequest(
@@ -114,13 +127,13 @@ class GenerationFields(BaseModel):
             )
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(0, self.top_k or 0),
-            min_p=self.min_p or 0.0,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=max(0, pick("top_k", 0)),
+            min_p=pick("min_p", 0.0),
+            presence_penalty=pick("presence_penalty", 0.0),
+            frequency_penalty=pick("frequency_penalty", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
             seed=self.seed,
             stop=tuple(stops),
             stop_token_ids=tuple(self.stop_token_ids or ()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from maas.registry.manifest import TensorSpec
+from maas.registry.manifest import GENERATION_TASKS, TensorSpec
 
 
 @dataclass
@@ -30,7 +30,6 @@ class FormatInfo:
     """Files holding the weights (encrypted at rest when a master key is configured)."""
 
 
-GENERATION_TASKS = ("chat", "text-generation")
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 """Architectures maas's own engine runs (the rest of the causal LMs go to transformers)."""
 

@@ -8,8 +8,8 @@ in a process of its own, as the server does by default.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -694,8 +694,10 @@ def hang_up(world, headers, body: dict, *, after: float, stall_after: int | None
     }
 
     async def call() -> None:
-        with contextlib.suppress(BaseException):  # the app may re-raise the cancellation
+        try:
             await world.client.app(scope, receive, send)
+        except BaseException as err:  # recorded: uvicorn would log it with a traceback
+            messages.append({"type": "app.raised", "error": err})
 
     world.client.portal.call(call)
     return messages
@@ -711,10 +713,17 @@ def slowed_engine(world, monkeypatch):
     return engine
 
 
-def test_an_answer_the_client_hung_up_on_is_metered_for_what_was_generated(world, slowed_engine):
+def test_an_answer_the_client_hung_up_on_is_metered_for_what_was_generated(
+    world, slowed_engine, caplog
+):
     headers, key_id = fresh_key(world)
     body = {"model": MODEL, "prompt": ["hello world"] * 4, "n": 4, "max_tokens": 200, **GREEDY}
-    hang_up(world, headers, body, after=0.5)  # some tokens, far from all
+    with caplog.at_level(logging.INFO):
+        messages = hang_up(world, headers, body, after=0.5)  # some tokens, far from all
+    # normal traffic: no exception out of the app (uvicorn would log its traceback), no ERROR
+    assert [m for m in messages if m["type"] == "app.raised"] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("the client hung up" in r.getMessage() for r in caplog.records)
     assert wait_until(lambda: not slowed_engine.has_work())
     assert wait_until(lambda: len(usage_rows(world, key_id)) == 1)
     [row] = usage_rows(world, key_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi.testclient import TestClient
 
 from maas.api.app import build_app
@@ -17,6 +19,11 @@ def test_pinned_models_are_loaded_at_start(settings, model_sources):
     pinned = settings.model_copy(update={"pin_models": ["linear"]})
     with TestClient(build_app(pinned)) as client:
         key = ensure_admin_key(pinned, client.app.state.keys)
+        # pinned models load in the background; the server is ready once they are up
+        deadline = time.monotonic() + 30
+        while client.get("/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/v2/health/ready").text
+            time.sleep(0.05)
         assert client.get("/v2/models/linear/ready", headers=bearer(key)).status_code == 200
         [deployment] = client.get("/api/v1/deployments", headers=bearer(key)).json()["data"]
         assert deployment["model"] == "linear" and deployment["pinned"] is True

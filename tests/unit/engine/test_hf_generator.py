@@ -22,7 +22,7 @@ from maas.engine.client import EngineClient
 from maas.engine.hf_generator import TransformersGenerator
 from maas.engine.llm_engine import LLMEngine
 from maas.errors import InvalidRequest, UnsupportedFormat
-from maas.messages import SamplingParams
+from maas.messages import MODEL_UNLOADED, FailureKind, SamplingParams
 from maas.registry import open_registry
 from maas.routing.llm_deployment import runs_on_engine
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions
@@ -270,7 +270,8 @@ def test_close_fails_what_is_running(gpt2):
         return [d async for d in stream]
 
     rest = asyncio.run(close_midway())
-    assert rest[-1].error == "the model was unloaded" and not generator.dead
+    assert rest[-1].error == MODEL_UNLOADED.message and not generator.dead
+    assert rest[-1].error_kind is FailureKind.UNAVAILABLE
 
 
 def test_the_fallback_agrees_with_maas_engine_on_a_llama(registry, sources):

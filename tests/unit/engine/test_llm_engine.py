@@ -12,6 +12,7 @@ from transformers import LlamaForCausalLM
 import maas.engine.llm_engine as llm_engine
 from maas.engine.kv_cache import MIN_REUSE, Allocation, SlotAllocator
 from maas.engine.scheduler import Plan
+from maas.messages import MODEL_UNLOADED, FailureKind
 from tests.fixtures import CORPUS
 from tests.unit.engine.conftest import (
     finish_reason,
@@ -231,10 +232,10 @@ def test_abort_with_a_reason_tells_the_caller(make_engine, prompts):
     engine = make_engine()
     deltas = submit(engine, "r", prompts[0], greedy(50), n=2)
     engine.step()
-    engine.abort("r", "the model was unloaded")
-    assert [(d.index, d.finish_reason, d.error) for d in deltas[-2:]] == [
-        (0, "abort", "the model was unloaded"),
-        (1, "abort", "the model was unloaded"),
+    engine.abort("r", MODEL_UNLOADED)
+    assert [(d.index, d.finish_reason, d.error, d.error_kind) for d in deltas[-2:]] == [
+        (0, "abort", MODEL_UNLOADED.message, FailureKind.UNAVAILABLE),
+        (1, "abort", MODEL_UNLOADED.message, FailureKind.UNAVAILABLE),
     ]
     assert not engine.has_work()
 
