@@ -13,6 +13,11 @@ against the limits below) before it is read, skipped or iterated; arrays of fixe
 are skipped in O(1). So nothing is allocated or looped over because a header claims it: a header
 that lies costs time and memory in proportion to the bytes really there, up to the limits, and
 ends in a ``HeaderError`` that says what is wrong and where.
+
+The walk keeps what readers of the file need, so that none of them has to walk it again: every
+key's value (an array of more than ``MAX_KEPT_ARRAY`` elements, such as the vocabulary, as its
+element type and length only) and every tensor's name, type, shape and place. What is kept is
+bounded too: ``MAX_STRING_BYTES`` of strings and ``MAX_KEPT_ELEMENTS`` array elements in all.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import codecs
 import mmap
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from gguf.constants import (
@@ -36,9 +43,16 @@ MAX_KV_PAIRS = 1 << 16
 """Real files carry a few dozen key/value pairs; 200 would be a lot."""
 MAX_ARRAY_ELEMENTS = 1 << 20
 """Over all arrays, nested ones included. The largest real vocabularies (Gemma 3: 262,208
-tokens, with scores and token types) come to about 790k elements. ``gguf.GGUFReader``, which
-reads the file after us, spends about 10 us and 0.7 kB on every element (more on strings), so
-this limit also bounds what it can be made to spend."""
+tokens, with scores and token types) come to about 790k elements. Strings are checked one by
+one (2^20 of them in about half a second), fixed-size elements are skipped at no cost."""
+MAX_KEPT_ARRAY = 64
+"""Arrays up to this many elements are kept as lists; longer ones by element type and length."""
+MAX_KEPT_ELEMENTS = 1 << 16
+"""Elements of the arrays kept as lists, in all (each becomes a Python object of 30 to 60 bytes).
+Real files keep a few dozen: per-layer settings, special token lists."""
+MAX_STRING_BYTES = 16 << 20
+"""Bytes of the strings kept (keys, string values, strings in kept arrays, tensor names), in all.
+The largest part of a real header is its chat template, a few hundred kB at most."""
 MAX_ARRAY_DEPTH = 2
 """An array of arrays at most; ggml itself accepts no nested arrays at all."""
 MAX_NESTED_ARRAYS = 1 << 12
@@ -53,19 +67,21 @@ GGML_MAX_DIMS = 4
 MAX_DIM = (1 << 63) - 1
 """ggml stores dimensions as int64."""
 
-FIXED_SIZES = {
-    GGUFValueType.UINT8: 1,
-    GGUFValueType.INT8: 1,
-    GGUFValueType.BOOL: 1,
-    GGUFValueType.UINT16: 2,
-    GGUFValueType.INT16: 2,
-    GGUFValueType.UINT32: 4,
-    GGUFValueType.INT32: 4,
-    GGUFValueType.FLOAT32: 4,
-    GGUFValueType.UINT64: 8,
-    GGUFValueType.INT64: 8,
-    GGUFValueType.FLOAT64: 8,
+STRUCT_CODES = {
+    GGUFValueType.UINT8: "B",
+    GGUFValueType.INT8: "b",
+    GGUFValueType.BOOL: "?",
+    GGUFValueType.UINT16: "H",
+    GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I",
+    GGUFValueType.INT32: "i",
+    GGUFValueType.FLOAT32: "f",
+    GGUFValueType.UINT64: "Q",
+    GGUFValueType.INT64: "q",
+    GGUFValueType.FLOAT64: "d",
 }
+"""How ``struct`` reads each fixed-size value type."""
+FIXED_SIZES = {value_type: struct.calcsize(code) for value_type, code in STRUCT_CODES.items()}
 MIN_SIZES = {**FIXED_SIZES, GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
 """The fewest bytes one value of each type takes: a string or array header with no content."""
 MIN_KV_SIZE = 8 + 4 + 1
@@ -78,10 +94,23 @@ class HeaderError(ValueError):
 
 
 @dataclass(frozen=True)
+class LongArray:
+    """An array of more than ``MAX_KEPT_ARRAY`` elements, kept as what it holds and how many."""
+
+    element_type: GGUFValueType
+    length: int
+
+
+Value = bool | int | float | str | LongArray | list["Value"]
+"""A key's value: scalars as Python numbers, strings decoded, short arrays as lists."""
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     ggml_type: GGMLQuantizationType
     dims: tuple[int, ...]
+    """In GGUF order: the length of a row first (numpy's shape is the reverse)."""
     offset: int
     """From the start of the data section."""
     num_bytes: int
@@ -90,10 +119,11 @@ class TensorInfo:
 @dataclass(frozen=True)
 class GGUFHeader:
     version: int
-    num_kv: int
     alignment: int
     data_offset: int
     """Where the data section starts in the file."""
+    metadata: dict[str, Value]
+    """Every key's value, in the file's order."""
     tensors: tuple[TensorInfo, ...]
 
 
@@ -118,11 +148,14 @@ class _HeaderReader:
         self.buffer = buffer
         self.size = size
         self.pos = 0
+        self.byte_order = "<"
         self.u32_format = struct.Struct("<I")
         self.u64_format = struct.Struct("<Q")
         self.elements_left = MAX_ARRAY_ELEMENTS
         self.nested_arrays_left = MAX_NESTED_ARRAYS
-        self.keys: set[str] = set()
+        self.kept_elements_left = MAX_KEPT_ELEMENTS
+        self.string_bytes_left = MAX_STRING_BYTES
+        self.metadata: dict[str, Value] = {}
         self.tensor_names: set[str] = set()
         self.alignment = GGUF_DEFAULT_ALIGNMENT
 
@@ -140,7 +173,7 @@ class _HeaderReader:
         data_offset = -(-self.pos // self.alignment) * self.alignment
         for tensor in tensors:
             self._check_inside(tensor, data_offset)
-        return GGUFHeader(version, num_kv, self.alignment, data_offset, tensors)
+        return GGUFHeader(version, self.alignment, data_offset, self.metadata, tensors)
 
     # reading
 
@@ -161,11 +194,24 @@ class _HeaderReader:
     def u64(self, what: str) -> int:
         return self.u64_format.unpack_from(self.buffer, self.take(8, what))[0]
 
-    def string(self, max_length: int) -> str:
+    def fixed(self, value_type: GGUFValueType, count: int = 1) -> tuple[bool | int | float, ...]:
+        """``count`` values of a fixed-size type, as Python numbers."""
+        start = self.take(count * FIXED_SIZES[value_type], value_type.name)
+        code = f"{self.byte_order}{count}{STRUCT_CODES[value_type]}"
+        return struct.unpack_from(code, self.buffer, start)
+
+    def string(self, max_length: int = MAX_STRING_BYTES) -> str:
+        """A string to keep: it counts against ``MAX_STRING_BYTES``."""
         length = self.u64("a string length")
+        start = self.take(length, "a string")
         if length > max_length:
             raise HeaderError(f"a string of {length} bytes is longer than {max_length}")
-        start = self.take(length, "a string")
+        if length > self.string_bytes_left:
+            raise HeaderError(
+                f"a string of {length} bytes goes over the limit of {MAX_STRING_BYTES} bytes "
+                "of strings kept in all"
+            )
+        self.string_bytes_left -= length
         return _decode(self.buffer[start : start + length])
 
     def skip_string(self) -> None:
@@ -183,6 +229,7 @@ class _HeaderReader:
             raise HeaderError("the file does not start with the magic bytes 'GGUF'")
         if self.u32_format.unpack_from(self.buffer, self.pos)[0] & 0xFFFF == 0:
             # written on a machine of the other byte order, as gguf.GGUFReader guesses it
+            self.byte_order = ">"
             self.u32_format, self.u64_format = struct.Struct(">I"), struct.Struct(">Q")
         version = self.u32("the version")
         if version not in SUPPORTED_VERSIONS:
@@ -206,17 +253,16 @@ class _HeaderReader:
             key = self.string(MAX_KEY_LENGTH)
         except HeaderError as err:
             raise HeaderError(f"key {index}: {err}") from None
-        if key in self.keys:
+        if key in self.metadata:
             raise HeaderError(f"key {key!r} appears twice")
-        self.keys.add(key)
         try:
             value_type = self._value_type()
+            value = self._value(value_type, depth=0)
             if key == "general.alignment":
-                self._alignment(value_type)
-            else:
-                self._skip_value(value_type, depth=0)
+                self._set_alignment(value_type, value)
         except HeaderError as err:
             raise HeaderError(f"{key!r}: {err}") from None
+        self.metadata[key] = value
 
     def _value_type(self) -> GGUFValueType:
         raw = self.u32("a value type")
@@ -225,23 +271,39 @@ class _HeaderReader:
         except ValueError:
             raise HeaderError(f"value type {raw} is not a GGUF value type") from None
 
-    def _alignment(self, value_type: GGUFValueType) -> None:
+    def _set_alignment(self, value_type: GGUFValueType, alignment: Value) -> None:
         if value_type != GGUFValueType.UINT32:
             raise HeaderError(f"the alignment is {value_type.name}, not UINT32")
-        alignment = self.u32("the alignment")
         if alignment == 0 or alignment & (alignment - 1):
             raise HeaderError(f"the alignment {alignment} is not a power of two")
         self.alignment = alignment
 
-    def _skip_value(self, value_type: GGUFValueType, depth: int) -> None:
+    def _value(self, value_type: GGUFValueType, depth: int) -> Value:
         if value_type == GGUFValueType.STRING:
-            self.skip_string()
-        elif value_type == GGUFValueType.ARRAY:
-            self._skip_array(depth + 1)
-        else:
-            self.take(FIXED_SIZES[value_type], value_type.name)
+            return self.string()
+        if value_type == GGUFValueType.ARRAY:
+            return self._array(depth + 1)
+        return self.fixed(value_type)[0]
+
+    def _array(self, depth: int) -> Value:
+        """A short array as a list of its values, a long one as a ``LongArray``."""
+        element_type, count = self._array_header(depth)
+        if count > MAX_KEPT_ARRAY:
+            self._skip_elements(element_type, count, depth)
+            return LongArray(element_type, count)
+        self._charge_kept(count)
+        if element_type in FIXED_SIZES:
+            return list(self.fixed(element_type, count))
+        if element_type == GGUFValueType.STRING:
+            return list(self._each(count, self.string))
+        return list(self._each(count, partial(self._array, depth + 1)))
 
     def _skip_array(self, depth: int) -> None:
+        element_type, count = self._array_header(depth)
+        self._skip_elements(element_type, count, depth)
+
+    def _array_header(self, depth: int) -> tuple[GGUFValueType, int]:
+        """The element type and count, checked and charged before any element is read."""
         if depth > MAX_ARRAY_DEPTH:
             raise HeaderError(f"arrays nest deeper than {MAX_ARRAY_DEPTH} levels")
         element_type = self._value_type()
@@ -253,12 +315,7 @@ class _HeaderReader:
                 f"but only {self.remaining} remain"
             )
         self._charge(element_type, count)
-        if element_type in FIXED_SIZES:
-            self.pos += least
-        elif element_type == GGUFValueType.STRING:
-            self._skip_strings(count)
-        else:
-            self._skip_arrays(count, depth)
+        return element_type, count
 
     def _charge(self, element_type: GGUFValueType, count: int) -> None:
         """Count the elements against the limits before any of them is walked."""
@@ -276,17 +333,29 @@ class _HeaderReader:
                 )
             self.nested_arrays_left -= count
 
-    def _skip_strings(self, count: int) -> None:
-        for index in range(count):
-            try:
-                self.skip_string()
-            except HeaderError as err:
-                raise HeaderError(f"element {index}: {err}") from None
+    def _charge_kept(self, count: int) -> None:
+        if count > self.kept_elements_left:
+            raise HeaderError(
+                f"an array of {count} elements goes over the limit of {MAX_KEPT_ELEMENTS} "
+                "array elements kept in all"
+            )
+        self.kept_elements_left -= count
 
-    def _skip_arrays(self, count: int, depth: int) -> None:
+    def _skip_elements(self, element_type: GGUFValueType, count: int, depth: int) -> None:
+        if element_type in FIXED_SIZES:
+            self.pos += count * FIXED_SIZES[element_type]  # _array_header checked they are there
+        elif element_type == GGUFValueType.STRING:
+            for _ in self._each(count, self.skip_string):
+                pass
+        else:
+            for _ in self._each(count, partial(self._skip_array, depth + 1)):
+                pass
+
+    def _each(self, count: int, read: Callable[[], Value | None]) -> Iterator[Value | None]:
+        """``read()`` ``count`` times; an error names the element it happened in."""
         for index in range(count):
             try:
-                self._skip_array(depth + 1)
+                yield read()
             except HeaderError as err:
                 raise HeaderError(f"element {index}: {err}") from None
 

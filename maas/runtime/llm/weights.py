@@ -1,7 +1,8 @@
 """Weights for ``LlamaModel`` from Hugging Face safetensors or a GGUF file.
 
-GGUF tensors are dequantised with the ``gguf`` package (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, F16, F32
-and the rest it knows). llama.cpp stores the q and k projections of ``llama`` models permuted
+GGUF tensors are found through the checked header walk (``read_header``) and read from a memory
+map of the file, then dequantised with the ``gguf`` package (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, F16,
+F32 and the rest it knows). llama.cpp stores the q and k projections of ``llama`` models permuted
 for its interleaved rotary layout; they are permuted back to the half-split layout.
 """
 
@@ -11,9 +12,11 @@ import json
 
 import numpy as np
 import torch
+from gguf.quants import dequantize, quant_shape_to_byte_shape
 from torch import Tensor
 
 from maas.errors import UnsupportedFormat
+from maas.registry.formats.gguf_header import TensorInfo, read_header
 from maas.registry.records import OpenedVersion
 from maas.runtime.llm.config import LlamaConfig
 from maas.runtime.llm.model import LlamaModel
@@ -131,29 +134,39 @@ def _fuse(config: LlamaConfig, get) -> dict[str, Tensor]:
 
 
 def _from_gguf(opened: OpenedVersion) -> tuple[LlamaConfig, dict[str, Tensor]]:
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
     gguf_file = next(e.path for e in opened.manifest.files if e.path.endswith(".gguf"))
     with opened.open_file(gguf_file) as path:
-        reader = GGUFReader(path)
-        tensors = {t.name: t for t in reader.tensors}
+        header = read_header(path)
+        tensors = {t.name: t for t in header.tensors}
+        if "token_embd.weight" not in tensors:
+            raise UnsupportedFormat("the checkpoint has no tensor for embed")
         metadata = opened.manifest.config
-        vocab = tensors["token_embd.weight"].shape[-1]
-        config = LlamaConfig.from_gguf(metadata, int(vocab), tied="output.weight" not in tensors)
+        vocab = tensors["token_embd.weight"].dims[-1]
+        config = LlamaConfig.from_gguf(metadata, vocab, tied="output.weight" not in tensors)
         permute = metadata.get("general.architecture") == "llama"
+        data = np.memmap(path, mode="r")
 
         def get(name) -> Tensor | None:
             tensor = tensors.get(_GGUF_NAMES[name[0]].format(*name[1:]))
             if tensor is None:
                 return None
-            array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+            rows = tensor_bytes(data, header.data_offset, tensor)
+            array = dequantize(rows, tensor.ggml_type).astype(np.float32, copy=False)
             if permute and name[0] in ("q", "k"):
                 heads = config.num_heads if name[0] == "q" else config.num_kv_heads
                 array = _unpermute(array, heads)
             return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
 
         return config, _fuse(config, get)
+
+
+def tensor_bytes(data: np.ndarray, data_offset: int, tensor: TensorInfo) -> np.ndarray:
+    """The tensor's bytes in ``data`` (the whole file) shaped (rows..., bytes per row), as
+    ``gguf.quants.dequantize`` takes quantised tensors. ``gguf.GGUFReader`` hands it F32 and F16
+    ones as float arrays (rows..., row) instead, which it only views as floats: the same bits."""
+    start = data_offset + tensor.offset
+    shape = quant_shape_to_byte_shape(tensor.dims[::-1] or (1,), tensor.ggml_type)
+    return data[start : start + tensor.num_bytes].reshape(shape)
 
 
 def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
