@@ -114,9 +114,14 @@ class Settings(BaseSettings):
     llm_max_model_len: int = Field(default=2048, ge=16)
     """Prompt plus output tokens per sequence, at most (capped by the model's context)."""
 
-    llm_kv_cache_bytes: int = Field(default=2 * GiB, gt=0)
-    """Memory the KV cache of one text-generation model may take, allocated when it loads;
-    fewer slots are made if ``llm_max_sequences`` slots would not fit."""
+    llm_kv_cache_bytes: int = Field(default=0, ge=0)
+    """Memory the KV cache of one text-generation model may take; fewer slots are made if
+    ``llm_max_sequences`` slots would not fit. 0 means what those slots need (sequences x
+    context x bytes per token), at most a quarter of the machine's memory."""
+
+    llm_kv_cache_commit: bool = False
+    """Commit the whole KV cache when a model loads (first requests never wait for page faults,
+    but an idle model holds it all) instead of as tokens fill it."""
 
     llm_max_batch_tokens: int = Field(default=512, ge=16)
     """Tokens in one engine step: every decoding sequence's next token, then prompt chunks."""

@@ -82,7 +82,7 @@ class EngineProcess:
         if self._closing:  # the pool unloaded the model between finding it and this call
             raise Unavailable("the model is being unloaded; retry the request")
         if self.dead:
-            raise Unavailable("the model's engine has stopped; it is reloaded on the next request")
+            raise Unavailable("the model's engine has stopped; it is restarting, retry the request")
         request_id = f"req-{next(self._ids)}"
         deltas: asyncio.Queue[GenerationDelta] = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), deltas)

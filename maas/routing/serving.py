@@ -52,6 +52,7 @@ class Serving:
                 max_sequences=settings.llm_max_sequences,
                 max_model_len=settings.llm_max_model_len,
                 kv_cache_bytes=settings.llm_kv_cache_bytes,
+                commit_kv_cache=settings.llm_kv_cache_commit,
                 threads=settings.inference_threads,
             ),
             max_batch_tokens=settings.llm_max_batch_tokens,
