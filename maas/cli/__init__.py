@@ -29,6 +29,7 @@ app.command("usage")(access.usage)
 app.command("generate")(generate.generate)
 app.command("chat")(generate.chat)
 app.command("serve")(server.serve)
+app.command("url")(server.url)
 app.command("version")(server.version)
 app.command("demo")(demo.demo)
 

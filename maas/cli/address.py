@@ -21,6 +21,16 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def server_url(settings: Settings) -> str:
+    """The server the CLI talks to: MAAS_URL; else the one running on ``settings.home``,
+    wherever it listens; else MAAS_HOST and MAAS_PORT."""
+    return (
+        os.environ.get("MAAS_URL")
+        or recorded_url(settings)
+        or url_of(settings.host, settings.port)
+    )
+
+
 def record(settings: Settings) -> None:
     """Note this process as the server of ``settings.home``."""
     entry = {"url": url_of(settings.host, settings.port), "pid": os.getpid()}

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from maas.cli.address import recorded_url, url_of
+from maas.cli.address import server_url
 from maas.cli.context import load_settings
 from maas.errors import InvalidRequest, MaasError, Unavailable
 
@@ -21,11 +21,7 @@ class ServerClient:
 
     def __init__(self, needs: str = "a maintainer or admin key") -> None:
         settings = load_settings()
-        self.url = (
-            os.environ.get("MAAS_URL")
-            or recorded_url(settings)
-            or url_of(settings.host, settings.port)
-        )
+        self.url = server_url(settings)
         key = os.environ.get("MAAS_API_KEY")
         if not key:
             key_file = settings.home / "admin.key"

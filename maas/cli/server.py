@@ -60,6 +60,14 @@ def serve(
         address.forget(settings)
 
 
+def url() -> None:
+    """Print the URL of the server the other commands talk to (for scripts: curl $(maas url)/v2).
+
+    MAAS_URL if set; else the server running on this MAAS_HOME, wherever it listens; else
+    MAAS_HOST and MAAS_PORT."""
+    print(address.server_url(load_settings()))
+
+
 def version() -> None:
     """Print the maas version."""
     console.print(f"maas {__version__}")
