@@ -140,6 +140,27 @@ def stream_one(port: int, key: str, prompt: list[int], output_len: int) -> Strea
     return result
 
 
+def drive(
+    server: Server, prompts: list[list[int]], clients: int, output_len: int
+) -> tuple[list[StreamResult], float]:
+    """``clients`` streams, each sending the next prompt when its last one ends; the results
+    and the seconds the whole load took."""
+    results: list[StreamResult] = []
+    queue = list(prompts)
+
+    def client() -> None:
+        while queue:
+            prompt = queue.pop()
+            results.append(stream_one(server.port, server.admin_key, prompt, output_len))
+
+    pool = Pool(clients)
+    started = time.perf_counter()
+    for _ in range(clients):
+        pool.spawn(client)
+    pool.join()
+    return results, time.perf_counter() - started
+
+
 def run_maas(home: Path, dtype: str, prompts: list[list[int]], args) -> dict:
     env = {
         "MAAS_LLM_DTYPE": dtype,
@@ -153,20 +174,7 @@ def run_maas(home: Path, dtype: str, prompts: list[list[int]], args) -> dict:
         warm = stream_one(server.port, server.admin_key, prompts[0], 8)
         if not warm.ok:
             raise SystemExit(f"maas warm-up failed: {warm.error}\n{server.log.read_text()}")
-        results: list[StreamResult] = []
-        queue = list(prompts)
-
-        def client() -> None:
-            while queue:
-                prompt = queue.pop()
-                results.append(stream_one(server.port, server.admin_key, prompt, args.output_len))
-
-        pool = Pool(args.clients)
-        started = time.perf_counter()
-        for _ in range(args.clients):
-            pool.spawn(client)
-        pool.join()
-        elapsed = time.perf_counter() - started
+        results, elapsed = drive(server, prompts, args.clients, args.output_len)
         single = [
             stream_one(server.port, server.admin_key, prompts[i], args.output_len)
             for i in range(args.single_runs)
