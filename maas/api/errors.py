@@ -1,19 +1,25 @@
 """One table from ``maas.errors`` to HTTP, and the error body each protocol expects.
 
-``/v2/...`` (Open Inference Protocol) answers ``{"error": "message"}``; everything else answers
-the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``. No handler lets a stack
-trace or a file path reach the client.
+``/v2/...`` (Open Inference Protocol) answers ``{"error": "message"}`` (``V2ErrorBody``);
+everything else answers the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``
+(``OpenAIErrorBody``). No handler lets a stack trace or a file path reach the client.
+
+The OpenAPI schema says the same: each route lists the error statuses it can answer, made by
+``error_responses`` from one table of descriptions, with the body its protocol uses.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Scope, Send
 
@@ -67,6 +73,75 @@ HTTP_KINDS = {
 }
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    """The request field the error is about, when there is one."""
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """The error body everywhere but under ``/v2`` (OpenAI's shape)."""
+
+    error: OpenAIErrorDetail
+
+
+class V2ErrorBody(BaseModel):
+    """The error body under ``/v2`` (the Open Inference Protocol's shape)."""
+
+    error: str
+
+
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "The request is malformed: bad JSON, a field missing, of the wrong type or out of "
+    "range, a bad name or model reference, input the model cannot take",
+    401: "No API key, or one that is unknown, revoked or expired",
+    403: "The key's role or allowed models do not cover this request",
+    404: "The model, version, alias, tenant or key does not exist, or this key cannot see it",
+    409: "The request clashes with what exists: a name taken, an alias still pointing at the "
+    "version, a pinned model, an alias target that failed to load",
+    413: "The request body is over the limit (MAAS_MAX_REQUEST_BYTES, MAAS_MAX_UPLOAD_BYTES)",
+    429: "A limit of the key is reached (requests, tokens or concurrency per minute, or the "
+    "monthly token budget); Retry-After says when to try again",
+    503: "The server is shutting down, or the model is loading, restarting, at capacity or "
+    "failed to load; Retry-After says when to try again, when that is known",
+    504: "The generation passed its deadline (MAAS_REQUEST_TIMEOUT_S or the request's timeout)",
+}
+"""Every error status a route documents, and what it means."""
+
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again",
+        "schema": {"type": "integer"},
+    }
+}
+ERROR_HEADERS: dict[int, dict[str, Any]] = {429: RETRY_AFTER, 503: RETRY_AFTER}
+
+KEYED_STATUSES = (401, 429, 503)
+"""What every route behind a key can answer: the key refused, one of its limits reached, the
+server draining."""
+
+
+def is_v2(path: str) -> bool:
+    """Whether a path speaks the Open Inference Protocol (and its error body)."""
+    return path.startswith("/v2")
+
+
+def error_responses(prefix: str, *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a router or route under ``prefix`` that answers ``statuses``:
+    each with its description and the error body of the prefix's protocol."""
+    body = V2ErrorBody if is_v2(prefix) else OpenAIErrorBody
+    return {
+        status: {
+            "model": body,
+            "description": ERROR_DESCRIPTIONS[status],
+            **({"headers": ERROR_HEADERS[status]} if status in ERROR_HEADERS else {}),
+        }
+        for status in statuses
+    }
+
+
 def kind_of(err: errors.MaasError) -> ErrorKind:
     for cls in type(err).__mro__:
         if cls in ERROR_TABLE:
@@ -78,9 +153,10 @@ def error_body(
     path: str, message: str, *, type_: str, code: str | None = None, param: str | None = None
 ) -> dict:
     """The error body the caller's protocol expects, chosen by the request path."""
-    if path.startswith("/v2"):
-        return {"error": message}
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    if is_v2(path):
+        return V2ErrorBody(error=message).model_dump()
+    detail = OpenAIErrorDetail(message=message, type=type_, param=param, code=code)
+    return OpenAIErrorBody(error=detail).model_dump()
 
 
 def error_response(
@@ -144,6 +220,10 @@ async def _maas_error(request: Request, err: errors.MaasError) -> JSONResponse:
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
     first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        reason = first.get("ctx", {}).get("error", first["msg"])
+        message = f"the body is not valid JSON: {reason}"
+        return error_response(request, 400, message, type_="invalid_request_error")
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
     param = ".".join(location) or None
     message = f"{param}: {first['msg']}" if param else str(first["msg"])
@@ -173,8 +253,27 @@ async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
     )
 
 
+def _openapi_without_422(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` without the 422 FastAPI documents for every route with parameters:
+    validation errors are answered 400 here (``_validation_error``), which routes document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()  # cached by FastAPI as app.openapi_schema
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    return openapi
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.MaasError, _maas_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.openapi = _openapi_without_422(app)

@@ -1,13 +1,19 @@
-"""Request hardening in front of every route: the Host check and the body size limit."""
+"""Request hardening in front of every route: the Host check, the body size limit, and JSON
+bodies that must be text."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import re
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from maas.api import strict_json
 from maas.api.errors import send_error
 from maas.config import Settings
 
@@ -111,6 +117,26 @@ class _StreamGuard:
 async def _too_large(scope: Scope, send: Send, limit: int) -> None:
     message = f"request body is over the {limit}-byte limit"
     await send_error(scope, send, 413, message, "payload_too_large")
+
+
+class StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = strict_json.loads(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """The route class of every router whose routes take a JSON body: the body is parsed by
+    ``strict_json``, so text that is not Unicode is a 400 before the route runs."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler
 
 
 KEY_PATTERN = re.compile(r"(maas-[a-z0-9]{12}_)[A-Za-z0-9_\-]+")

@@ -33,17 +33,29 @@ def get_serving(request: Request) -> Serving:
 ServingDep = Annotated[Serving, Depends(get_serving)]
 
 
+def tensor_model_of(deployment) -> Deployment:
+    """The deployment, if it is a classic model (tensors in and out); a text-generation model
+    answers on the generation routes only."""
+    if not isinstance(deployment, Deployment):
+        raise InvalidRequest(
+            f"{deployment.record.reference} is a {deployment.manifest.task} model; send it "
+            "to /v1/chat/completions or /v1/completions",
+            param="model",
+        )
+    return deployment
+
+
 @asynccontextmanager
 async def serve(
     request: Request, serving: Serving, key: Principal, reference: str | Reference
 ) -> AsyncIterator[Deployment]:
-    """The deployment for ``reference``, counted as in use while the block runs."""
+    """The classic deployment for ``reference``, counted as in use while the block runs."""
     record = resolve_for(serving.registry, key, reference)
     started = time.perf_counter()
     outcome = "server_error"
     labels = (record.name, str(record.version))
     try:
-        deployment = await serving.deployment(record, str(reference))
+        deployment = tensor_model_of(await serving.deployment(record, str(reference)))
         meter(request, model=deployment.record)
         labels = (deployment.record.name, str(deployment.record.version))
         async with deployment.use():

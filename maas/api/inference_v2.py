@@ -17,6 +17,7 @@ from maas import __version__
 from maas.api import governance
 from maas.api.access import resolve_for
 from maas.api.deps import CurrentKey, ModelReadiness, ReadinessDep, RegistryDep
+from maas.api.errors import KEYED_STATUSES, V2ErrorBody, error_responses
 from maas.registry import Reference, Registry, VersionRecord
 from maas.registry.manifest import TensorSpec
 from maas.registry.names import parse_reference
@@ -26,7 +27,10 @@ log = logging.getLogger(__name__)
 health_router = APIRouter(prefix="/v2/health", tags=["inference v2"])
 """Liveness and readiness: the only routes that need no key (load balancers call them)."""
 router = APIRouter(
-    prefix="/v2", tags=["inference v2"], dependencies=[Depends(governance.current_key)]
+    prefix="/v2",
+    tags=["inference v2"],
+    dependencies=[Depends(governance.current_key)],
+    responses=error_responses("/v2", *KEYED_STATUSES),
 )
 
 
@@ -48,6 +52,17 @@ class ModelReady(BaseModel):
     name: str
     version: str
     ready: bool
+
+
+LOOKUP = error_responses(router.prefix, 400, 403, 404)
+"""A model reference in the path: malformed, not allowed to this key, or unknown."""
+READY_LOOKUP = LOOKUP | {
+    400: {
+        "model": ModelReady | V2ErrorBody,
+        "description": "The model is not ready (a ModelReady body, as the v2 protocol has it), "
+        "or the reference is malformed",
+    }
+}
 
 
 @router.get("")
@@ -92,26 +107,28 @@ def _not_ready_because(state) -> list[str]:
     return reasons
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", responses=LOOKUP)
 def model_metadata(model: str, key: CurrentKey, registry: RegistryDep) -> ModelMetadata:
     return _metadata(registry, resolve_for(registry, key, model))
 
 
-@router.get("/models/{model}/versions/{version}")
+@router.get("/models/{model}/versions/{version}", responses=LOOKUP)
 def version_metadata(
     model: str, version: str, key: CurrentKey, registry: RegistryDep
 ) -> ModelMetadata:
     return _metadata(registry, resolve_for(registry, key, versioned(model, version)))
 
 
-@router.get("/models/{model}/ready", response_model=ModelReady)
+@router.get("/models/{model}/ready", response_model=ModelReady, responses=READY_LOOKUP)
 def model_ready(
     model: str, key: CurrentKey, registry: RegistryDep, readiness: ReadinessDep
 ) -> JSONResponse:
     return _ready(resolve_for(registry, key, model), readiness)
 
 
-@router.get("/models/{model}/versions/{version}/ready", response_model=ModelReady)
+@router.get(
+    "/models/{model}/versions/{version}/ready", response_model=ModelReady, responses=READY_LOOKUP
+)
 def version_ready(
     model: str, version: str, key: CurrentKey, registry: RegistryDep, readiness: ReadinessDep
 ) -> JSONResponse:

@@ -9,12 +9,14 @@ from pydantic import BaseModel
 from maas.api import governance
 from maas.api.access import check_force, resolve_managed, usable_models
 from maas.api.deps import MaintainerKey
+from maas.api.errors import KEYED_STATUSES, error_responses
 from maas.api.inference import ServingDep
 
 router = APIRouter(
     prefix="/v2/repository",
     tags=["inference v2"],
     dependencies=[Depends(governance.maintainer_key)],
+    responses=error_responses("/v2/repository", *KEYED_STATUSES, 403),
 )
 
 
@@ -39,13 +41,13 @@ def index(key: MaintainerKey, serving: ServingDep) -> list[RepositoryModel]:
     ]
 
 
-@router.post("/models/{model}/load")
+@router.post("/models/{model}/load", responses=error_responses(router.prefix, 400, 404))
 async def load(model: str, key: MaintainerKey, serving: ServingDep) -> dict:
     await serving.pool.get(resolve_managed(serving.registry, key, model))
     return {}
 
 
-@router.post("/models/{model}/unload")
+@router.post("/models/{model}/unload", responses=error_responses(router.prefix, 400, 404, 409))
 async def unload(model: str, key: MaintainerKey, serving: ServingDep, force: bool = False) -> dict:
     """Unload once running requests finish; a pinned model needs an admin and ``force``."""
     check_force(key, force)

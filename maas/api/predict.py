@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from maas.api import governance
 from maas.api.deps import InferenceKey
+from maas.api.errors import KEYED_STATUSES, error_responses
 from maas.api.governance import meter
 from maas.api.inference import ServingDep, serve
 from maas.errors import InvalidRequest, UnsupportedFormat
@@ -25,7 +26,12 @@ from maas.routing.deployment import Deployment
 from maas.tasks.classification import classify_images, classify_texts
 from maas.tasks.embeddings import embed
 
-router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(governance.inference_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["predict"],
+    dependencies=[Depends(governance.inference_key)],
+    responses=error_responses("/v1", *KEYED_STATUSES, 400, 403, 404, 413),
+)
 
 MAX_INSTANCES = 2048
 
@@ -37,12 +43,33 @@ class PredictRequest(BaseModel):
     top_k: int = Field(default=5, ge=1, le=1000)
 
 
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": PredictRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                }
+            },
+        },
+    }
+}
+"""The body ``:predict`` reads itself (JSON, or images as multipart parts), documented by hand."""
+
+
 class PredictResponse(BaseModel):
     model: str
     predictions: list[Any]
 
 
-@router.post("/models/{model}:predict")
+@router.post("/models/{model}:predict", openapi_extra=PREDICT_BODY)
 async def predict(
     model: str, request: Request, key: InferenceKey, serving: ServingDep
 ) -> PredictResponse:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from maas.api import strict_json
 from maas.errors import InvalidRequest, MaasError
 from maas.registry.manifest import TensorSpec
 
@@ -45,6 +46,8 @@ _DTYPES: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(object),
 }
+DATATYPES = tuple(_DTYPES)
+"""The v2 datatypes an input may have (BF16 is sent as FP32)."""
 _SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size")
 
 
@@ -169,7 +172,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 
 def _load_json(header: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(header)
+        doc = strict_json.loads(header)
     except (ValueError, RecursionError) as err:
         raise InvalidRequest(f"the request is not valid JSON: {err}") from None
     return _object(doc, "request")
@@ -349,11 +352,8 @@ def _from_values(values: list[Any], datatype: str, name: str, param: str) -> np.
             raise InvalidRequest(message, param=param)
     if datatype != "BYTES":
         return np.array(values, dtype=_DTYPES[datatype])
-    try:
-        return _object_array([value.encode() for value in values], [len(values)])
-    except UnicodeEncodeError:  # a lone surrogate such as "\ud800"
-        message = f"input '{name}' holds a string that is not valid Unicode"
-        raise InvalidRequest(message, param=param) from None
+    # strings are Unicode text: strict_json refused any holding half a surrogate pair
+    return _object_array([value.encode() for value in values], [len(values)])
 
 
 def _value_rule(datatype: str) -> tuple[Callable[[Any], bool], str]:

@@ -107,9 +107,13 @@ def collect_files(source: Path, *, contained: bool) -> list[SourceFile]:
     With ``contained``, a symbolic link must resolve inside ``source`` (archives); a user's own
     folder may link elsewhere (the Hugging Face cache links to its blob store).
     """
-    if source.is_dir():
+    try:
+        is_dir, is_file = source.is_dir(), source.is_file()
+    except OSError as err:  # a name too long, no permission to look
+        raise InvalidRequest(f"cannot read {source}: {err.strerror}", param="path") from None
+    if is_dir:
         return _collect_folder(source, contained)
-    if not source.is_file():
+    if not is_file:
         raise InvalidRequest(f"{source} does not exist or is not a file or folder", param="path")
     if source.name == MANIFEST:
         raise InvalidRequest("import the folder, not its manifest.json", param="path")

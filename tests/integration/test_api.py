@@ -70,6 +70,32 @@ def test_v2_errors_have_the_v2_shape(client, models):
     v2_error(client.get("/v2/nothing-here"), 404)
 
 
+def test_the_schema_lists_each_routes_error_statuses_and_bodies(client):
+    schema = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            route, responses = f"{method.upper()} {path}", operation["responses"]
+            assert "422" not in responses, route  # validation errors are 400 here
+            if not path.startswith("/v2/health"):
+                assert {"401", "429", "503"} <= set(responses), route
+            if operation.get("parameters") or "requestBody" in operation:
+                assert "400" in responses, route
+            body = "V2ErrorBody" if path.startswith("/v2") else "OpenAIErrorBody"
+            for status in set(responses) - {"200", "201", "204"}:
+                assert responses[status]["description"], (route, status)
+                if not path.startswith("/v2/health"):
+                    assert body in str(responses[status]["content"]), (route, status)
+
+
+def test_generation_routes_document_504_and_bodies_413(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "504" in paths["/v1/chat/completions"]["post"]["responses"]
+    assert "504" not in paths["/v1/embeddings"]["post"]["responses"]
+    assert "413" in paths["/api/v1/models/{name}/versions/upload"]["post"]["responses"]
+    assert "413" not in paths["/api/v1/models/{name}"]["get"]["responses"]
+
+
 def test_openai_models_list(client, models):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"

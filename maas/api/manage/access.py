@@ -12,6 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from maas.api import governance
 from maas.api.deps import AdminKey, CurrentKey, KeysDep, MaintainerKey, TenantsDep
+from maas.api.errors import KEYED_STATUSES, error_responses
+from maas.api.hardening import StrictJSONRoute
 from maas.auth.principal import Limits, Role
 from maas.auth.store import KeyRecord, KeySpec, TenantRecord
 from maas.errors import InvalidRequest
@@ -20,7 +22,11 @@ from maas.metering.usage import UsageRow, aggregate
 log = logging.getLogger(__name__)
 
 router = APIRouter(
-    prefix="/api/v1", tags=["access"], dependencies=[Depends(governance.current_key)]
+    prefix="/api/v1",
+    tags=["access"],
+    dependencies=[Depends(governance.current_key)],
+    responses=error_responses("/api/v1", *KEYED_STATUSES),
+    route_class=StrictJSONRoute,
 )
 
 
@@ -88,40 +94,42 @@ class UsagePublic(BaseModel):
     group_by: list[str]
 
 
-@router.post("/tenants", status_code=201)
+@router.post(
+    "/tenants", status_code=201, responses=error_responses(router.prefix, 400, 403, 409, 413)
+)
 def create_tenant(body: TenantCreate, key: AdminKey, tenants: TenantsDep) -> TenantRecord:
     return tenants.create(body.name, body.industry, body.description)
 
 
-@router.get("/tenants")
+@router.get("/tenants", responses=error_responses(router.prefix, 403))
 def list_tenants(key: MaintainerKey, tenants: TenantsDep) -> TenantsPublic:
     data = tenants.list(key)
     return TenantsPublic(data=data, count=len(data))
 
 
-@router.get("/tenants/{name}")
+@router.get("/tenants/{name}", responses=error_responses(router.prefix, 400, 403, 404))
 def get_tenant(name: str, key: MaintainerKey, tenants: TenantsDep) -> TenantRecord:
     return tenants.get(name, key)
 
 
-@router.post("/keys", status_code=201)
+@router.post("/keys", status_code=201, responses=error_responses(router.prefix, 400, 403, 404, 413))
 def create_key(body: KeyCreate, key: MaintainerKey, keys: KeysDep) -> KeyCreated:
     record, plaintext = keys.create(body.spec(), key)
     return KeyCreated(**record.model_dump(), key=plaintext)
 
 
-@router.get("/keys")
+@router.get("/keys", responses=error_responses(router.prefix, 403))
 def list_keys(key: MaintainerKey, keys: KeysDep) -> KeysPublic:
     data = keys.list(key)
     return KeysPublic(data=data, count=len(data))
 
 
-@router.get("/keys/{key_id}")
+@router.get("/keys/{key_id}", responses=error_responses(router.prefix, 400, 403, 404))
 def get_key(key_id: str, key: MaintainerKey, keys: KeysDep) -> KeyRecord:
     return keys.get(key_id, key)
 
 
-@router.delete("/keys/{key_id}")
+@router.delete("/keys/{key_id}", responses=error_responses(router.prefix, 400, 403, 404))
 def revoke_key(key_id: str, key: MaintainerKey, keys: KeysDep, request: Request) -> KeyRecord:
     record = keys.revoke(key_id, key)
     for revoked in keys.subtree(key_id):  # it and the keys made under it
@@ -129,7 +137,7 @@ def revoke_key(key_id: str, key: MaintainerKey, keys: KeysDep, request: Request)
     return record
 
 
-@router.get("/usage")
+@router.get("/usage", responses=error_responses(router.prefix, 400))
 async def usage(
     key: CurrentKey,
     request: Request,

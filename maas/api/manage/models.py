@@ -22,6 +22,8 @@ from maas.api.access import (
     visible_model,
 )
 from maas.api.deps import AdminKey, MaintainerKey, RegistryDep, SettingsDep, TenantsDep
+from maas.api.errors import KEYED_STATUSES, error_responses
+from maas.api.hardening import StrictJSONRoute
 from maas.api.inference import ServingDep
 from maas.api.manage.schemas import (
     AliasUpdate,
@@ -53,11 +55,22 @@ from maas.registry.service import ANY_OWNER, Owner
 from maas.routing.serving import Serving
 
 router = APIRouter(
-    prefix="/api/v1", tags=["management"], dependencies=[Depends(governance.maintainer_key)]
+    prefix="/api/v1",
+    tags=["management"],
+    dependencies=[Depends(governance.maintainer_key)],
+    responses=error_responses("/api/v1", *KEYED_STATUSES, 403),
+    route_class=StrictJSONRoute,
 )
 
 UPLOAD_SUFFIXES = (".gguf", ".onnx", *ARCHIVE_SUFFIXES)
 UPLOAD_PATH = r"/api/v1/models/[^/]+/versions/upload"
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The model file itself: a .gguf, .onnx, or an archive of a folder",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 @router.get("/models")
@@ -66,7 +79,9 @@ def list_models(key: MaintainerKey, registry: RegistryDep) -> ModelsPublic:
     return ModelsPublic(data=models, count=len(models))
 
 
-@router.post("/models", status_code=201)
+@router.post(
+    "/models", status_code=201, responses=error_responses(router.prefix, 400, 404, 409, 413)
+)
 def import_model(
     body: ModelImport, key: AdminKey, registry: RegistryDep, tenants: TenantsDep
 ) -> VersionPublic:
@@ -84,7 +99,12 @@ def import_model(
     return VersionPublic.of(record)
 
 
-@router.post("/models/{name}/versions/upload", status_code=201)
+@router.post(
+    "/models/{name}/versions/upload",
+    status_code=201,
+    responses=error_responses(router.prefix, 400, 404, 409, 413),
+    openapi_extra=UPLOAD_BODY,
+)
 async def upload_version(
     name: str,
     filename: str,
@@ -121,25 +141,27 @@ async def upload_version(
     return VersionPublic.of(record)
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", responses=error_responses(router.prefix, 400, 404))
 def get_model(name: str, key: MaintainerKey, registry: RegistryDep) -> ModelPublic:
     return ModelPublic.of(visible_model(registry, key, name))
 
 
-@router.delete("/models/{name}", status_code=204)
+@router.delete(
+    "/models/{name}", status_code=204, responses=error_responses(router.prefix, 400, 404)
+)
 def delete_model(name: str, key: MaintainerKey, registry: RegistryDep) -> Response:
     owner = managed_model(registry, key, name).tenant_id
     registry.delete_model(name, owner=owner)
     return Response(status_code=204)
 
 
-@router.get("/models/{name}/versions")
+@router.get("/models/{name}/versions", responses=error_responses(router.prefix, 400, 404))
 def list_versions(name: str, key: MaintainerKey, registry: RegistryDep) -> VersionsPublic:
     versions = [VersionPublic.of(v) for v in visible_model(registry, key, name).versions]
     return VersionsPublic(data=versions, count=len(versions))
 
 
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}/versions/{version}", responses=error_responses(router.prefix, 400, 404))
 def get_version(
     name: str, version: int, key: MaintainerKey, registry: RegistryDep
 ) -> VersionDetail:
@@ -147,7 +169,11 @@ def get_version(
     return VersionDetail.of_manifest(record, registry.read_manifest(record))
 
 
-@router.delete("/models/{name}/versions/{version}", status_code=204)
+@router.delete(
+    "/models/{name}/versions/{version}",
+    status_code=204,
+    responses=error_responses(router.prefix, 400, 404, 409),
+)
 def delete_version(
     name: str, version: int, key: MaintainerKey, registry: RegistryDep, force: bool = False
 ) -> Response:
@@ -156,7 +182,9 @@ def delete_version(
     return Response(status_code=204)
 
 
-@router.put("/models/{name}/aliases/{alias}")
+@router.put(
+    "/models/{name}/aliases/{alias}", responses=error_responses(router.prefix, 400, 404, 409, 413)
+)
 async def set_alias(
     name: str, alias: str, body: AliasUpdate, key: MaintainerKey, serving: ServingDep
 ) -> VersionPublic:
@@ -165,7 +193,7 @@ async def set_alias(
     return VersionPublic.of(await serving.move_alias(name, alias, body.version, owner))
 
 
-@router.patch("/models/{name}")
+@router.patch("/models/{name}", responses=error_responses(router.prefix, 400, 404, 413))
 async def update_model(
     name: str, body: ModelUpdate, key: MaintainerKey, serving: ServingDep
 ) -> ModelPublic:
@@ -185,7 +213,9 @@ async def update_model(
     return ModelPublic.of(record)
 
 
-@router.post("/models/{name}/versions/{version}/load")
+@router.post(
+    "/models/{name}/versions/{version}/load", responses=error_responses(router.prefix, 400, 404)
+)
 async def load_version(
     name: str, version: int, key: MaintainerKey, serving: ServingDep
 ) -> DeploymentPublic:
@@ -197,7 +227,10 @@ async def load_version(
     return next(d for d in _deployments(serving, key) if d.model == name and d.version == version)
 
 
-@router.post("/models/{name}/versions/{version}/unload")
+@router.post(
+    "/models/{name}/versions/{version}/unload",
+    responses=error_responses(router.prefix, 400, 404, 409),
+)
 async def unload_version(
     name: str, version: int, key: MaintainerKey, serving: ServingDep, force: bool = False
 ) -> dict[str, bool]:
@@ -222,7 +255,11 @@ def _deployments(serving: Serving, key: Principal) -> list[DeploymentPublic]:
     return [DeploymentPublic(**d) for d in serving.loaded() if d["model"] in visible]
 
 
-@router.delete("/models/{name}/aliases/{alias}", status_code=204)
+@router.delete(
+    "/models/{name}/aliases/{alias}",
+    status_code=204,
+    responses=error_responses(router.prefix, 400, 404),
+)
 def delete_alias(name: str, alias: str, key: MaintainerKey, registry: RegistryDep) -> Response:
     owner = managed_model(registry, key, name).tenant_id
     registry.delete_alias(name, alias, owner=owner)

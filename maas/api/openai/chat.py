@@ -10,9 +10,12 @@ from starlette.concurrency import run_in_threadpool
 from maas.api import governance
 from maas.api.access import resolve_for
 from maas.api.deps import InferenceKey
+from maas.api.errors import error_responses
 from maas.api.governance import meter
+from maas.api.hardening import StrictJSONRoute
 from maas.api.inference import ServingDep
 from maas.api.openai.generation import (
+    GENERATION_STATUSES,
     Generation,
     check_sequences,
     generator_of,
@@ -26,7 +29,13 @@ from maas.api.openai.protocol import ChatCompletionRequest
 from maas.errors import InvalidRequest
 from maas.messages import GenerationDelta, TokenLogprob
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(governance.inference_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(governance.inference_key)],
+    responses=error_responses("/v1", *GENERATION_STATUSES),
+    route_class=StrictJSONRoute,
+)
 
 
 @router.post("/chat/completions")

@@ -10,12 +10,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from maas.api import governance
 from maas.api.deps import InferenceKey
+from maas.api.errors import KEYED_STATUSES, error_responses
 from maas.api.governance import meter
+from maas.api.hardening import StrictJSONRoute
 from maas.api.inference import ServingDep, serve
 from maas.errors import InvalidRequest
 from maas.tasks.embeddings import dimension, embed
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(governance.inference_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(governance.inference_key)],
+    responses=error_responses("/v1", *KEYED_STATUSES, 400, 403, 404, 413),
+    route_class=StrictJSONRoute,
+)
 
 MAX_INPUTS = 2048
 

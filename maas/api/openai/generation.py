@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from maas.api.errors import error_body, kind_of
+from maas.api.errors import KEYED_STATUSES, error_body, kind_of
 from maas.api.governance import meter
 from maas.errors import (
     ClientGone,
@@ -30,6 +30,10 @@ from maas.routing.llm_deployment import LLMDeployment
 from maas.tasks.sampling import effective_defaults
 
 log = logging.getLogger(__name__)
+
+GENERATION_STATUSES = (*KEYED_STATUSES, 400, 403, 404, 413, 504)
+"""What a generation route answers besides 200: an inference route's errors, and 504 when
+the generation passes its deadline (a stream reports it as an error event instead)."""
 
 
 def generator_of(deployment, model: str) -> LLMDeployment:

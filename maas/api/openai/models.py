@@ -17,12 +17,18 @@ from pydantic import BaseModel
 from maas.api import governance
 from maas.api.access import resolve_for, usable_models
 from maas.api.deps import CurrentKey, RegistryDep, SettingsDep
+from maas.api.errors import KEYED_STATUSES, error_responses
 from maas.config import Settings
 from maas.registry import ModelRecord, Registry, VersionRecord
 from maas.registry.manifest import GENERATION_TASKS
 from maas.tasks.sampling import effective_defaults
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(governance.current_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(governance.current_key)],
+    responses=error_responses("/v1", *KEYED_STATUSES),
+)
 
 
 class ModelCard(BaseModel):
@@ -57,7 +63,7 @@ def list_models(key: CurrentKey, registry: RegistryDep, settings: SettingsDep) -
     return ModelList(data=cards)
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", responses=error_responses(router.prefix, 400, 403, 404))
 def retrieve_model(
     model: str, key: CurrentKey, registry: RegistryDep, settings: SettingsDep
 ) -> ModelCard:

@@ -9,6 +9,7 @@ from fastapi.routing import APIRoute
 
 from maas.api import governance, metrics
 from maas.api.app import build_app
+from maas.api.hardening import StrictJSONRoute
 from tests.fixtures import make_png
 
 PUBLIC = {("GET", "/v2/health/live"), ("GET", "/v2/health/ready")}
@@ -148,19 +149,25 @@ MATRIX = {
 }
 
 
-def _api_routes(app):
-    """(method, full path, dependant) of every route, through included routers.
+def _route_contexts(app):
+    """Every API route, through included routers, as (route with its full path, the route).
 
     FastAPI >= 0.16x keeps included routers as objects whose routes carry the full path in
     ``effective_route_contexts()``; older versions flattened them into ``app.routes``.
     """
     for item in app.routes:
         contexts = getattr(item, "effective_route_contexts", None)
-        routes = contexts() if contexts else [item]
-        for route in routes:
-            if isinstance(getattr(route, "original_route", route), APIRoute):
-                for method in route.methods:
-                    yield method, route.path, route.dependant
+        for route in contexts() if contexts else [item]:
+            original = getattr(route, "original_route", route)
+            if isinstance(original, APIRoute):
+                yield route, original
+
+
+def _api_routes(app):
+    """(method, full path, dependant) of every route."""
+    for route, _ in _route_contexts(app):
+        for method in route.methods:
+            yield method, route.path, route.dependant
 
 
 def _routes(app) -> set[tuple[str, str]]:
@@ -187,6 +194,13 @@ def test_every_route_is_authenticated_or_explicitly_public(settings):
         assert governance.current_key in calls or governance.inference_key in calls, (
             f"{method} {path} is neither authenticated nor on the public list"
         )
+
+
+def test_every_json_body_is_parsed_strictly(settings):
+    """Half of a surrogate pair in a JSON body is a 400 before any route sees it."""
+    for route, original in _route_contexts(build_app(settings)):
+        if original.body_field is not None:
+            assert isinstance(original, StrictJSONRoute), f"{route.path} reads json.loads"
 
 
 def test_the_matrix_covers_every_route(settings):

@@ -308,12 +308,6 @@ INPUT_ERRORS = {
         spec("x", "BYTES", [2]),
         "'x' element 1 is 0; BYTES needs strings",
     ),
-    "lone surrogate": (
-        [entry(["\ud800"], shape=[1], datatype="BYTES")],
-        None,
-        spec("x", "BYTES", [1]),
-        "'x' holds a string that is not valid Unicode",
-    ),
     "binary size": ([binary_entry(4)], b"\0" * 4, X, "which is 8 bytes, but binary_data_size is 4"),
     "binary beyond body": ([binary_entry(8)], b"\0" * 4, X, "'x' has binary_data_size 8 but only"),
     "binary without header": ([binary_entry(8)], None, X, "needs the Inference-Header"),
@@ -383,6 +377,11 @@ OK_INPUT = {"inputs": [entry([1, 2])]}
 BODY_ERRORS = {
     "invalid json": (b'{"inputs": [', None, "not valid JSON"),
     "not utf-8": (b'{"id": "\xff"}', None, "not valid JSON"),
+    "lone surrogate": (
+        json.dumps({"inputs": [entry(["\ud800"], shape=[1], datatype="BYTES")]}).encode(),
+        None,
+        "half of a surrogate pair",
+    ),
     "deep nesting": (b"[" * 100_000, None, "not valid JSON"),
     "not an object": (b"[]", None, "'request' must be a JSON object"),
     "no inputs": (b"{}", None, "needs an 'inputs' list"),

@@ -367,6 +367,8 @@ def test_onnx_with_external_data(registry, tmp_path):
 def test_missing_and_unrecognised_sources(registry, tmp_path):
     with pytest.raises(InvalidRequest, match="does not exist"):
         registry.import_model(tmp_path / "nothing-here", "x")
+    with pytest.raises(InvalidRequest, match="cannot read"):  # the OS cannot even look
+        registry.import_model(tmp_path / ("a" * 5000), "x")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("hi")
     with pytest.raises(InvalidRequest, match="no model found"):
