@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Self
@@ -33,10 +33,17 @@ class ServingConfig:
 
 class InFlight:
     """Requests running on a loaded version: an unload waits for them and eviction skips a
-    version that has any. Subclasses set ``in_flight = 0`` and ``last_used`` when loaded."""
+    version that has any. Subclasses set ``in_flight = 0`` and ``last_used`` when loaded.
+
+    A deployment whose work runs elsewhere (an engine process) can die on its own: it then
+    reports ``dead`` and calls what ``watch`` gave it; one that runs in the server cannot."""
 
     in_flight: int
     last_used: float
+    dead: bool = False
+
+    def watch(self, on_dead: Callable[[], None]) -> None:
+        """Have ``on_dead()`` called (from any thread) if this deployment dies unasked."""
 
     @asynccontextmanager
     async def use(self) -> AsyncIterator[Self]:

@@ -67,27 +67,28 @@ class ModelPool:
         """Versions being brought up in the background (pinned at start, or restarting)."""
         self._backoff_until: dict[Key, float] = {}
         self._lock = asyncio.Lock()
+        self._closed = False
 
     def deployments(self) -> list[Deployment]:
         return list(self._deployments.values())
 
     def is_ready(self, record: VersionRecord) -> bool:
         deployment = self._deployments.get(key_of(record))
-        return deployment is not None and not getattr(deployment, "dead", False)
+        return deployment is not None and not deployment.dead
 
     def not_ready_pinned(self) -> list[Key]:
         """Pinned versions not loaded now (still loading at start, or restarting)."""
         return [
             key
             for key in sorted(self.pinned)
-            if key not in self._deployments or getattr(self._deployments[key], "dead", False)
+            if key not in self._deployments or self._deployments[key].dead
         ]
 
     async def get(self, record: VersionRecord) -> Deployment:
         """The deployment of a version, loading it if needed (once, however many callers)."""
         key = key_of(record)
         deployment = self._deployments.get(key)
-        if deployment is not None and getattr(deployment, "dead", False):
+        if deployment is not None and deployment.dead:
             self._on_dead(key, deployment)  # noticed here before its watcher said so
             deployment = None
         if deployment is not None:
@@ -129,14 +130,12 @@ class ModelPool:
         log.error("the engine of %s stopped; restarting it", deployment.record.reference)
         del self._deployments[key]
         closing = asyncio.get_running_loop().create_task(deployment.close())
-        closing.add_done_callback(lambda _: self.keep_up(deployment.record))
+        closing.add_done_callback(lambda _: self._closed or self.keep_up(deployment.record))
 
     def _watch(self, key: Key, deployment: Deployment) -> None:
         """Be told, on the event loop, when the deployment's engine dies."""
-        watch = getattr(deployment, "watch", None)
-        if watch is not None:
-            loop = asyncio.get_running_loop()
-            watch(lambda: loop.call_soon_threadsafe(self._on_dead, key, deployment))
+        loop = asyncio.get_running_loop()
+        deployment.watch(lambda: loop.call_soon_threadsafe(self._on_dead, key, deployment))
 
     async def _load_once(self, record: VersionRecord) -> Deployment:
         key = key_of(record)
@@ -171,6 +170,7 @@ class ModelPool:
                 deployment.configure(self._serving(deployment.record))
 
     async def close(self) -> None:
+        self._closed = True
         for task in [*self._supervisors.values(), *self._loading.values()]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, MaasError):
