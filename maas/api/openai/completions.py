@@ -5,21 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from maas.api import governance
 from maas.api.access import resolve_for
 from maas.api.deps import InferenceKey
-from maas.api.errors import error_responses
 from maas.api.governance import meter
-from maas.api.hardening import StrictJSONRoute
 from maas.api.inference import ServingDep
 from maas.api.openai.chat import _usage
 from maas.api.openai.generation import (
-    GENERATION_STATUSES,
     Generation,
     check_sequences,
+    generation_router,
     generator_of,
     output_budget,
     request_id_header,
@@ -31,13 +28,7 @@ from maas.api.openai.protocol import CompletionRequest
 from maas.errors import InvalidRequest
 from maas.messages import GenerationDelta, TokenLogprob
 
-router = APIRouter(
-    prefix="/v1",
-    tags=["openai"],
-    dependencies=[Depends(governance.inference_key)],
-    responses=error_responses("/v1", *GENERATION_STATUSES),
-    route_class=StrictJSONRoute,
-)
+router = generation_router()
 
 MAX_PROMPTS = 64
 OPENAI_MAX_TOKENS = 16

@@ -12,11 +12,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from maas.api.errors import KEYED_STATUSES, error_body, kind_of
+from maas.api import governance
+from maas.api.errors import KEYED_STATUSES, error_body, error_responses, kind_of
 from maas.api.governance import meter
+from maas.api.hardening import StrictJSONRoute
 from maas.errors import (
     ClientGone,
     ContextTooLong,
@@ -32,6 +34,19 @@ from maas.tasks.sampling import effective_defaults
 log = logging.getLogger(__name__)
 
 GENERATION_STATUSES = (*KEYED_STATUSES, 400, 403, 404, 413, 504)
+
+
+def generation_router() -> APIRouter:
+    """A router for a generation route: inference keys, strict JSON, the statuses it answers."""
+    return APIRouter(
+        prefix="/v1",
+        tags=["openai"],
+        dependencies=[Depends(governance.inference_key)],
+        responses=error_responses("/v1", *GENERATION_STATUSES),
+        route_class=StrictJSONRoute,
+    )
+
+
 """What a generation route answers besides 200: an inference route's errors, and 504 when
 the generation passes its deadline (a stream reports it as an error event instead)."""
 
