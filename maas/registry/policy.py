@@ -11,14 +11,13 @@ Refused, because loading them can run code chosen by whoever made the file:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
+from maas.artifacts.json_files import load_json
 from maas.errors import RefusedArtifact
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 CONVERT_HINT = (
     "Convert it to safetensors on a machine where you trust the file, for example "
@@ -77,12 +76,10 @@ def check_load_policy(folder: Path) -> None:
 
 
 def _check_config(path: Path, relpath: str) -> None:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise RefusedArtifact(f"refusing {relpath!r}: a config file over 16 MiB")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RefusedArtifact(f"refusing {relpath!r}: not valid JSON ({err})") from None
+        config = load_json(path)
+    except ValueError as err:
+        raise RefusedArtifact(f"refusing {relpath!r}: {err}") from None
     if isinstance(config, dict) and "auto_map" in config:
         raise RefusedArtifact(
             f"refusing {relpath!r}: it has 'auto_map', so loading it would run Python code "

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from maas.artifacts.json_files import load_json
 from maas.errors import RefusedArtifact, UnsupportedFormat
 from maas.registry.formats.info import LLAMA_FAMILY, FormatInfo, generation_tasks
 from maas.registry.manifest import TensorSpec
@@ -195,9 +195,9 @@ def read_json(path: Path, *, missing_ok: bool = False, kind: type = dict) -> Any
             return kind()
         raise UnsupportedFormat(f"{path.name} is missing")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UnsupportedFormat(f"{path.name} is not valid JSON: {err}") from None
+        data = load_json(path)
+    except ValueError as err:
+        raise UnsupportedFormat(f"{path.name} cannot be read: {err}") from None
     if not isinstance(data, kind):
         raise UnsupportedFormat(f"{path.name} should hold a JSON {kind.__name__}")
     return data

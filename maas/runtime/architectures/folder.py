@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from maas.artifacts.json_files import load_json
 from maas.errors import RefusedArtifact, UnsupportedFormat
 from maas.runtime.architectures import ARCHITECTURES, build, resolve_arguments
 
@@ -64,9 +65,9 @@ def read_architecture(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UnsupportedFormat(f"{ARCHITECTURE_FILE} is missing")
     try:
-        description = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UnsupportedFormat(f"{ARCHITECTURE_FILE} is not valid JSON: {err}") from None
+        description = load_json(path)
+    except ValueError as err:
+        raise UnsupportedFormat(f"{ARCHITECTURE_FILE} cannot be read: {err}") from None
     return _validated(description)
 
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from maas.errors import RefusedArtifact
+from maas.errors import RefusedArtifact, UnsupportedFormat
 from maas.registry.policy import check_load_policy
 from tests.fixtures import files_under, make_hf_folder, make_zip, tar_folder
 
@@ -109,3 +109,27 @@ def test_linked_folders_are_refused(registry, tmp_path):
     os.symlink(tmp_path, source / "escape")
     with pytest.raises(RefusedArtifact, match="symbolic links to folders"):
         registry.import_model(source, "m")
+
+
+# JSON files from outside are parsed in bounded memory and depth: a nesting bomb was a
+# RecursionError (a 500), an oversize index or template was read whole.
+JSON_BOMBS = {
+    "config.json": ("[" * 200_000, RefusedArtifact, "nested too deep"),
+    "tokenizer_config.json": ('{"a": "' + "x" * (17 * 2**20) + '"}', RefusedArtifact, "16 MiB"),
+    "model.safetensors.index.json": ("[" * 200_000, UnsupportedFormat, "nested too deep"),
+    "chat_template.json": (
+        '{"chat_template": "' + "x" * (17 * 2**20) + '"}',
+        UnsupportedFormat,
+        "16 MiB",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JSON_BOMBS))
+def test_json_files_of_a_model_are_parsed_in_bounded_memory_and_depth(registry, tmp_path, name):
+    text, error, message = JSON_BOMBS[name]
+    source = make_hf_folder(tmp_path / "hf")
+    (source / name).write_text(text)
+    with pytest.raises(error, match=message):
+        registry.import_model(source, "m")
+    assert registry.list_models() == []

@@ -255,7 +255,7 @@ def test_read_architecture_refuses_missing_and_broken_files(tmp_path):
     with pytest.raises(UnsupportedFormat, match=f"{ARCHITECTURE_FILE} is missing"):
         read_architecture(tmp_path)
     (tmp_path / ARCHITECTURE_FILE).write_text("{not json")
-    with pytest.raises(UnsupportedFormat, match="is not valid JSON"):
+    with pytest.raises(UnsupportedFormat, match="cannot be read: not valid JSON"):
         read_architecture(tmp_path)
 
 
