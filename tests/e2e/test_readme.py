@@ -103,11 +103,13 @@ def test_the_readme_use_block_runs_as_written_on_a_non_default_port(tmp_path):
     assert "Paris" in answer and len(answer) < 400, answer  # brief and right, not rambling
     assert "Paris" in output("maas chat")
     assert "my-llama" in output("maas models list")
-    assert "temperature" in output("maas models defaults") and "0.2" in output(
-        "maas models defaults"
-    )
+    assert "repetition_penalty" in output("maas models defaults")
     cards = {c["id"]: c for c in json.loads(output("curl -s $(maas url)/v1/models"))["data"]}
-    assert cards["smollm2-135m-instruct"]["sampling_defaults"]["temperature"] == 0.2
+    assert cards["smollm2-135m-instruct"]["sampling_defaults"] == {
+        "temperature": 0.0,
+        "repetition_penalty": 1.1,
+        "max_tokens": 256,
+    }
     assert cards["my-llama@production"]["root"] == "my-llama:2"
     embedding = json.loads(output("curl -s $(maas url)/v1/embeddings"))
     assert len(embedding["data"][0]["embedding"]) == 384
