@@ -83,8 +83,9 @@ class Settings(BaseSettings):
     ``secret.key`` under ``home`` (mode 0600); set it when several servers share a database."""
 
     model_memory_bytes: int = Field(default=0, ge=0)
-    """Memory that loaded classic models may take together; the least recently used idle
-    model is unloaded to make room. 0 means half of the machine's memory."""
+    """Memory that loaded models (classic and text-generation, weights and KV cache) may take
+    together; the least recently used idle model is unloaded to make room. 0 means half of the
+    machine's memory."""
 
     pin_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Model references loaded at start and never unloaded, comma-separated

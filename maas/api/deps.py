@@ -15,10 +15,8 @@ from maas.registry import Registry, VersionRecord
 
 
 class ModelReadiness(Protocol):
-    """Answers whether a version is loaded and can take inference requests.
-
-    The model pool (``routing/``) implements it once runtimes exist; until then nothing is.
-    """
+    """Answers whether a version is loaded and can take inference requests: the model pool
+    (``routing/``) once the server has started, ``NothingLoaded`` before."""
 
     def is_ready(self, record: VersionRecord) -> bool: ...
 

@@ -1,7 +1,5 @@
-"""Open Inference Protocol v2 (KServe / Triton): health, server and model metadata.
-
-Inference (``/infer``) joins when runtimes exist; the routes here already resolve models
-through the registry, so it slots in beside them.
+"""Open Inference Protocol v2 (KServe / Triton): health (liveness and readiness), server and
+model metadata, and per-model readiness. Inference (``/infer``) is in ``inference_v2_infer``.
 """
 
 from __future__ import annotations
