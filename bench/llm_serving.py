@@ -165,7 +165,8 @@ def run_maas(home: Path, dtype: str, prompts: list[list[int]], args) -> dict:
     env = {
         "MAAS_LLM_DTYPE": dtype,
         "MAAS_LLM_MAX_SEQUENCES": str(max(32, args.clients)),
-        # Slots only as long as the workload needs: the whole cache is committed at load.
+        # Slots only as long as the workload needs, as in the runs docs/performance.md quotes
+        # (when the cache was committed at load), so that new runs compare with them.
         "MAAS_LLM_MAX_MODEL_LEN": str(args.prompt_len + args.output_len + 16),
     }
     server = Server(home, env=env)

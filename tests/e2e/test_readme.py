@@ -92,7 +92,11 @@ def test_the_readme_use_block_runs_as_written_on_a_non_default_port(tmp_path):
             outputs[command] = done.stdout
     finally:
         server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
+        try:
+            code = server.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # never leave it running: stop it by its PID
+            server.kill()
+            code = server.wait(timeout=10)
         log.close()
     assert code == 0
 
