@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maas.config import Settings  # noqa: E402
-from maas.engine.llm_engine import GenerationRequest, LLMEngine  # noqa: E402
-from maas.messages import SamplingParams  # noqa: E402
+from maas.engine.llm_engine import LLMEngine  # noqa: E402
+from maas.messages import EngineRequest, SamplingParams  # noqa: E402
 from maas.registry import demo, open_registry  # noqa: E402
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions  # noqa: E402
 
@@ -51,7 +51,7 @@ def main() -> None:
     params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
     for i in range(args.sequences):
         prompt = [rng.randrange(100, runner.config.vocab_size) for _ in range(128)]
-        engine.add_request(GenerationRequest(f"r{i}", prompt, params, 1, lambda _: None))
+        engine.add_request(EngineRequest(f"r{i}", tuple(prompt), params), lambda _: None)
     for _ in range(WARM_STEPS):  # prefill done, decoding under way
         engine.step()
     steps = []

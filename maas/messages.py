@@ -65,6 +65,19 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
+@dataclass(frozen=True)
+class EngineRequest:
+    """A generation request as every engine back-end takes it (and the engine process
+    receives it): the prompt's token ids and how to sample ``n`` sequences from it."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    n: int = 1
+    deadline: float | None = None
+    """``time.monotonic()`` after which the request fails with ``DEADLINE_PASSED``."""
+
+
 class FailureKind(StrEnum):
     """Why a sequence failed; the API answers each kind with its own status."""
 

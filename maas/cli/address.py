@@ -25,9 +25,7 @@ def server_url(settings: Settings) -> str:
     """The server the CLI talks to: MAAS_URL; else the one running on ``settings.home``,
     wherever it listens; else MAAS_HOST and MAAS_PORT."""
     return (
-        os.environ.get("MAAS_URL")
-        or recorded_url(settings)
-        or url_of(settings.host, settings.port)
+        os.environ.get("MAAS_URL") or recorded_url(settings) or url_of(settings.host, settings.port)
     )
 
 

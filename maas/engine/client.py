@@ -15,9 +15,15 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from maas.engine.llm_engine import GenerationRequest, LLMEngine
+from maas.engine.llm_engine import LLMEngine
 from maas.errors import Unavailable
-from maas.messages import MODEL_FAILED, MODEL_UNLOADED, GenerationDelta, SamplingParams
+from maas.messages import (
+    MODEL_FAILED,
+    MODEL_UNLOADED,
+    EngineRequest,
+    GenerationDelta,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +57,15 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[GenerationDelta] = asyncio.Queue()
         request_id = f"req-{next(self._ids)}"
-        request = GenerationRequest(
+        request = EngineRequest(
             request_id,
-            prompt_ids,
+            tuple(prompt_ids),
             params,
             n,
-            lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta),
             deadline=time.monotonic() + timeout if timeout else None,
         )
-        self._send(("add", request))
+        sink = lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta)  # noqa: E731
+        self._send(("add", (request, sink)))
         finished = 0
         try:
             while finished < n:
@@ -104,7 +110,7 @@ class EngineClient:
             except queue.Empty:
                 return True
             if kind == "add":
-                self.engine.add_request(payload)
+                self.engine.add_request(*payload)
             elif kind == "abort":
                 self.engine.abort(payload)
             elif kind == "stop":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
@@ -17,23 +17,18 @@ from maas.engine.detokenizer import Detokenizer
 from maas.engine.kv_cache import SlotAllocator
 from maas.engine.scheduler import Plan, Scheduler
 from maas.engine.sequence import Sequence, Status, fail_unstarted
-from maas.messages import DEADLINE_PASSED, Failure, SamplingParams
+from maas.messages import (
+    DEADLINE_PASSED,
+    EngineRequest,
+    Failure,
+    GenerationDelta,
+    SamplingParams,
+)
 from maas.runtime.llm.model import DecodeRows, PrefillRows, StepInput
 from maas.runtime.llm.runner import ModelRunner
 from maas.runtime.llm.sampler import sample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    n: int
-    sink: object
-    """Callable taking a GenerationDelta (called from the engine's thread)."""
-    deadline: float | None = None
 
 
 class LLMEngine:
@@ -47,23 +42,24 @@ class LLMEngine:
         """Gets on_step(engine), on_token(sequence), on_finish(sequence) for metrics."""
         self._sequences: dict[str, list[Sequence]] = {}
 
-    def add_request(self, request: GenerationRequest) -> None:
-        """Queue a request; one that cannot even start ends at once with an error delta per
-        sequence, and the engine carries on."""
+    def add_request(self, request: EngineRequest, sink: Callable[[GenerationDelta], None]) -> None:
+        """Queue a request; ``sink`` gets its deltas (called from the engine's thread). One
+        that cannot even start ends at once with an error delta per sequence, and the engine
+        carries on."""
         try:
-            self._add(request)
+            self._add(request, sink)
         except Exception:
             log.exception("request %s could not start", request.request_id)
-            fail_unstarted(request.sink, request.n, len(request.prompt_ids))
+            fail_unstarted(sink, request.n, len(request.prompt_ids))
 
-    def _add(self, request: GenerationRequest) -> None:
+    def _add(self, request: EngineRequest, sink: Callable[[GenerationDelta], None]) -> None:
         sequences = [
             Sequence(
                 request.request_id,
                 index,
                 list(request.prompt_ids),
                 request.params,
-                request.sink,
+                sink,
                 Detokenizer(self.tokenizer, request.params.stop),
                 deadline=request.deadline,
             )
@@ -172,7 +168,7 @@ class LLMEngine:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         prompt = list(range(min(prompt_len, self.runner.max_len - max_tokens)))
         try:
-            self.add_request(GenerationRequest("warm-up", prompt, params, 1, lambda _: None))
+            self.add_request(EngineRequest("warm-up", tuple(prompt), params), lambda _: None)
             for _ in range(prompt_len + max_tokens):
                 if not self.has_work():
                     break

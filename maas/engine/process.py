@@ -20,7 +20,13 @@ from collections.abc import AsyncIterator, Callable
 
 from maas.engine.stats import EngineStats, StatsObserver
 from maas.errors import Unavailable
-from maas.messages import ENGINE_STOPPED, MODEL_FAILED, GenerationDelta, SamplingParams
+from maas.messages import (
+    ENGINE_STOPPED,
+    MODEL_FAILED,
+    EngineRequest,
+    GenerationDelta,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +94,8 @@ class EngineProcess:
         self._queues[request_id] = (asyncio.get_running_loop(), deltas)
         deadline = time.monotonic() + timeout if timeout else None
         try:
-            self._send(("add", (request_id, prompt_ids, params, n, deadline)))
+            request = EngineRequest(request_id, tuple(prompt_ids), params, n, deadline)
+            self._send(("add", request))
         except OSError:  # closed under us
             self._queues.pop(request_id, None)
             raise Unavailable("the model is being unloaded; retry the request") from None
@@ -157,7 +164,7 @@ class EngineProcess:
 
 def _serve(conn, opened, options, tokenizer) -> None:
     """The engine process: load, say ready, then step until told to stop."""
-    from maas.engine.llm_engine import GenerationRequest, LLMEngine
+    from maas.engine.llm_engine import LLMEngine
     from maas.runtime.llm.runner import ModelRunner
 
     try:
@@ -185,12 +192,7 @@ def _serve(conn, opened, options, tokenizer) -> None:
             if kind == "abort":
                 engine.abort(payload)
                 continue
-            request_id, prompt, params, n, deadline = payload
-            engine.add_request(
-                GenerationRequest(
-                    request_id, prompt, params, n, _sink(outbox, request_id), deadline
-                )
-            )
+            engine.add_request(payload, _sink(outbox, payload.request_id))
         if engine.has_work():
             try:
                 engine.step()

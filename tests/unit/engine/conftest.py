@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from maas.config import Settings
-from maas.engine.llm_engine import GenerationRequest, LLMEngine
-from maas.messages import GenerationDelta, SamplingParams
+from maas.engine.llm_engine import LLMEngine
+from maas.messages import EngineRequest, GenerationDelta, SamplingParams
 from maas.registry import open_registry
 from maas.registry.records import OpenedVersion
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions
@@ -74,7 +74,7 @@ def submit(
 ) -> list[GenerationDelta]:
     """Add a request; returns the list its deltas are appended to."""
     deltas: list[GenerationDelta] = []
-    engine.add_request(GenerationRequest(request_id, prompt, params, n, deltas.append, deadline))
+    engine.add_request(EngineRequest(request_id, tuple(prompt), params, n, deadline), deltas.append)
     return deltas
 
 
