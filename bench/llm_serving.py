@@ -1,35 +1,54 @@
-"""LLM serving over HTTP, measured the way `vllm bench serve` does, beside two baselines.
+"""LLM serving over HTTP, measured the way `vllm bench serve` does, beside three baselines.
 
 maas: a real `maas serve` process serves the demo SmolLM2-135M-Instruct (GGUF). C clients
 (greenlets with ``geventhttpclient``, light on the 2 cores the server also uses) each keep one
 streaming ``/v1/completions`` request open at a time until ``--requests`` have been sent; every
 prompt is ``--prompt-len`` random token ids and every request produces exactly
-``--output-len`` tokens (greedy, ``ignore_eos``). Output tokens/s is counted over the whole run,
-prefill included; time to first token (TTFT) and inter-token latency (ITL, the gap between
-streamed chunks) are per request, reported as p50 and p99. A single stream is then timed alone.
+``--output-len`` tokens (greedy, ``ignore_eos``; the final usage chunk must report that many
+completion tokens and the prompt's length, or the request counts as failed). Output tokens/s
+is counted over the whole run, prefill included; time to first token (TTFT) and inter-token
+latency (ITL, the gap between streamed chunks) are per request, reported as p50 and p99. A
+single stream is then timed alone (decode tokens/s, median of ``--single-runs``). The peak
+resident memory of the server's whole process tree (maas and its engine process) is sampled
+from /proc every 100 ms during the C-stream run.
 
-Baselines, in the same run, on the same weights (the GGUF loaded by ``transformers`` and saved
-as a Hugging Face folder) and the same prompts:
+Baselines, in the same run, on the same weights and the same prompts:
 
-- ``transformers`` continuous batching (``generate_batch``), its KV cache bounded with
-  ``ContinuousBatchingConfig(num_blocks, max_batch_tokens)``, under ``torch.no_grad()``, EOS off;
-  single stream: ``generate`` with ``min_new_tokens``.
+- llama.cpp's ``llama-server``, a server like maas, driven by the same client code with the
+  same requests, on Q8_0 and F16 GGUF files made from the demo GGUF with ``llama-quantize
+  --allow-requantize``. It is built once from the llama.cpp that the ``llama-cpp-python`` sdist
+  vendors, into ``~/.cache/maas-bench/llama.cpp/<version>/`` (see bench/llama_cpp.py for the
+  build and its CPU flags), and started with ``-t <cores> -np C --cont-batching`` and a context
+  of C slots of prompt + output + 16 tokens, rounded up to 256 as llama.cpp does per slot
+  (its KV cache is written at start, so its RSS counts all of it); ``--cache-ram 0`` turns
+  off its host-memory prompt cache, which random prompts never hit and which would count
+  saved slots in its resident memory (maas reuses prefixes only in its KV slots, as
+  llama.cpp still does).
+- ``transformers`` continuous batching (``generate_batch``) on the GGUF loaded by
+  ``transformers`` and saved as a Hugging Face folder, its KV cache bounded with
+  ``ContinuousBatchingConfig(num_blocks, max_batch_tokens)``, under ``torch.no_grad()``, EOS
+  off; per-token times from ``record_timestamps``, TTFT counted from when a request is
+  scheduled. Single stream: ``generate`` with ``min_new_tokens``.
 - CTranslate2 ``Generator.generate_batch`` in float32 and int8 (default backend), converted
-  from that folder; single stream: ``generate_tokens``.
+  from that folder, in batches of C; per-token times from its ``callback``, TTFT counted from
+  when the example's batch could start (the run's start, or the end of the batch before it).
+  Single stream: ``generate_tokens``.
 
-Offline baselines get all prompts at once, with no HTTP, tokenizer or streaming cost: they are
-the easier case.
+``transformers`` and CTranslate2 get all prompts at once, with no HTTP, tokenizer or streaming
+cost: they are the easier case. Their memory is that of this process, not measured.
 
     .venv/bin/python bench/llm_serving.py [--clients 32] [--requests 64]
-        [--dtypes float32,bfloat16,int8]
+        [--dtypes float32,bfloat16,int8] [--engines maas,llama.cpp,transformers,ctranslate2]
 
 Needs the bench extra (``pip install -e .[bench]``): ctranslate2, accelerate (transformers'
-GGUF loader) and geventhttpclient. Takes about 15 minutes; run it with nothing else busy.
+GGUF loader) and geventhttpclient; cmake and a C++ compiler for the first llama.cpp build
+(about 5 minutes on 2 cores). Takes about 20 minutes; run it with nothing else busy.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import random
@@ -37,20 +56,28 @@ import statistics
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 from gevent.pool import Pool
 from geventhttpclient import HTTPClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import llama_cpp  # noqa: E402
+from process_memory import PeakRss  # noqa: E402
 
 from maas.config import Settings  # noqa: E402
 from maas.registry import demo, open_registry  # noqa: E402
-from tests.e2e.conftest import Server  # noqa: E402
+from tests.e2e.conftest import Server, free_port  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "llm_serving.json"
 MODEL = "smollm2-135m-instruct"
 THREADS = os.cpu_count() or 2
+ENGINES = ("maas", "llama.cpp", "transformers", "ctranslate2")
+LLAMA_CPP_TYPES = ("Q8_0", "F16")
+MiB = 1024**2
 
 
 # ----------------------------------------------------------------------------- workload
@@ -69,7 +96,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-# ----------------------------------------------------------------------------- maas
+def latencies(ttfts: list[float], gaps: list[float]) -> dict:
+    """TTFT and ITL p50 and p99, in milliseconds."""
+    return {
+        "ttft_p50_ms": round(percentile(ttfts, 0.5) * 1000, 1),
+        "ttft_p99_ms": round(percentile(ttfts, 0.99) * 1000, 1),
+        "itl_p50_ms": round(percentile(gaps, 0.5) * 1000, 1),
+        "itl_p99_ms": round(percentile(gaps, 0.99) * 1000, 1),
+    }
+
+
+def median_or_nan(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------- HTTP servers
 
 
 class StreamResult:
@@ -79,10 +120,13 @@ class StreamResult:
         self.ttft = 0.0
         self.gaps: list[float] = []
         self.output_tokens = 0
+        self.prompt_tokens = 0
         self.decode_seconds = 0.0
 
 
-def stream_one(port: int, key: str, prompt: list[int], output_len: int) -> StreamResult:
+def stream_one(port: int, key: str | None, prompt: list[int], output_len: int) -> StreamResult:
+    """One streaming completion; ok when the final usage reports ``output_len`` completion
+    tokens and the prompt's length (the token ids were taken as they are)."""
     result = StreamResult()
     body = json.dumps(
         {
@@ -95,7 +139,9 @@ def stream_one(port: int, key: str, prompt: list[int], output_len: int) -> Strea
             "stream_options": {"include_usage": True},
         }
     )
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     http = HTTPClient("127.0.0.1", port, concurrency=1, network_timeout=600)
     started = time.perf_counter()
     last = None
@@ -113,9 +159,15 @@ def stream_one(port: int, key: str, prompt: list[int], output_len: int) -> Strea
                 continue
             data = line[6:]
             if data == b"[DONE]":
-                result.ok = result.output_tokens == output_len
+                result.ok = (result.output_tokens, result.prompt_tokens) == (
+                    output_len,
+                    len(prompt),
+                )
                 if not result.ok:
-                    result.error = f"{result.output_tokens} of {output_len} tokens"
+                    result.error = (
+                        f"{result.output_tokens} of {output_len} tokens, "
+                        f"prompt {result.prompt_tokens} of {len(prompt)}"
+                    )
                 break
             chunk = json.loads(data)
             if "error" in chunk:
@@ -123,6 +175,7 @@ def stream_one(port: int, key: str, prompt: list[int], output_len: int) -> Strea
                 break
             if chunk.get("usage"):
                 result.output_tokens = chunk["usage"]["completion_tokens"]
+                result.prompt_tokens = chunk["usage"]["prompt_tokens"]
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 now = time.perf_counter()
                 if last is None:
@@ -141,7 +194,7 @@ def stream_one(port: int, key: str, prompt: list[int], output_len: int) -> Strea
 
 
 def drive(
-    server: Server, prompts: list[list[int]], clients: int, output_len: int
+    port: int, key: str | None, prompts: list[list[int]], clients: int, output_len: int
 ) -> tuple[list[StreamResult], float]:
     """``clients`` streams, each sending the next prompt when its last one ends; the results
     and the seconds the whole load took."""
@@ -151,7 +204,7 @@ def drive(
     def client() -> None:
         while queue:
             prompt = queue.pop()
-            results.append(stream_one(server.port, server.admin_key, prompt, output_len))
+            results.append(stream_one(port, key, prompt, output_len))
 
     pool = Pool(clients)
     started = time.perf_counter()
@@ -159,6 +212,31 @@ def drive(
         pool.spawn(client)
     pool.join()
     return results, time.perf_counter() - started
+
+
+def measure_server(port: int, key: str | None, pid: int, prompts: list[list[int]], args) -> dict:
+    """A warm-up request, the C-stream load (with the peak RSS of ``pid``'s process tree),
+    then single streams: the row's figures."""
+    warm = stream_one(port, key, prompts[0], 8)
+    if not warm.ok:
+        raise RuntimeError(f"warm-up failed: {warm.error}")
+    with PeakRss(pid) as rss:
+        results, elapsed = drive(port, key, prompts, args.clients, args.output_len)
+    single = [stream_one(port, key, prompts[i], args.output_len) for i in range(args.single_runs)]
+    good = [r for r in results if r.ok]
+    failures = [r.error for r in results if not r.ok] + [r.error for r in single if not r.ok]
+    return {
+        "requests": len(results),
+        "failed": len(failures),
+        "errors": failures[:5],
+        "output_tokens_per_s": round(sum(r.output_tokens for r in good) / elapsed, 1),
+        **latencies([r.ttft for r in good], [gap for r in good for gap in r.gaps]),
+        "single_stream_tokens_per_s": round(
+            median_or_nan([(r.output_tokens - 1) / r.decode_seconds for r in single if r.ok]), 1
+        ),
+        "peak_rss_mib": round(rss.peak / MiB),
+        "seconds": round(elapsed, 1),
+    }
 
 
 def run_maas(home: Path, dtype: str, prompts: list[list[int]], args) -> dict:
@@ -171,39 +249,37 @@ def run_maas(home: Path, dtype: str, prompts: list[list[int]], args) -> dict:
     }
     server = Server(home, env=env)
     try:
-        server.wait_ready(timeout=120)
-        warm = stream_one(server.port, server.admin_key, prompts[0], 8)
-        if not warm.ok:
-            raise SystemExit(f"maas warm-up failed: {warm.error}\n{server.log.read_text()}")
-        results, elapsed = drive(server, prompts, args.clients, args.output_len)
-        single = [
-            stream_one(server.port, server.admin_key, prompts[i], args.output_len)
-            for i in range(args.single_runs)
-        ]
+        server.wait_ready(timeout=900)  # auto times each dtype and compiles at load
+        row = measure_server(server.port, server.admin_key, server.process.pid, prompts, args)
+    except RuntimeError as err:
+        raise SystemExit(f"maas {dtype}: {err}\n{server.log.read_text()}") from None
     finally:
         server.stop()
-    good = [r for r in results if r.ok]
-    failures = [r.error for r in results if not r.ok] + [r.error for r in single if not r.ok]
-    gaps = [gap for r in good for gap in r.gaps]
-    return {
-        "engine": "maas",
-        "dtype": dtype,
-        "requests": len(results),
-        "failed": len(failures),
-        "errors": failures[:5],
-        "output_tokens_per_s": round(sum(r.output_tokens for r in good) / elapsed, 1),
-        "ttft_p50_ms": round(percentile([r.ttft for r in good], 0.5) * 1000, 1),
-        "ttft_p99_ms": round(percentile([r.ttft for r in good], 0.99) * 1000, 1),
-        "itl_p50_ms": round(percentile(gaps, 0.5) * 1000, 1),
-        "itl_p99_ms": round(percentile(gaps, 0.99) * 1000, 1),
-        "single_stream_tokens_per_s": round(
-            statistics.median((r.output_tokens - 1) / r.decode_seconds for r in single if r.ok), 1
-        ),
-        "seconds": round(elapsed, 1),
-    }
+    return {"engine": "maas", "dtype": dtype, **row}
 
 
-# ----------------------------------------------------------------------------- baselines
+def run_llama_cpp(binaries: Path, gguf: Path, kind: str, prompts: list[list[int]], args) -> dict:
+    # llama-server splits -c evenly across its -np slots and pads each slot to 256 tokens.
+    slot = -(-(args.prompt_len + args.output_len + 16) // 256) * 256
+    server = llama_cpp.LlamaServer(
+        binaries,
+        gguf,
+        free_port(),
+        gguf.parent / f"llama-server-{kind}.log",
+        *("-t", str(THREADS), "-np", str(args.clients), "--cont-batching"),
+        *("-c", str(slot * args.clients), "--cache-ram", "0"),
+    )
+    try:
+        server.wait_ready()
+        row = measure_server(server.port, None, server.process.pid, prompts, args)
+    except RuntimeError as err:
+        raise SystemExit(f"llama.cpp {kind}: {err}\n{server.log.read_text()}") from None
+    finally:
+        server.stop()
+    return {"engine": "llama.cpp (llama-server)", "dtype": kind, **row}
+
+
+# ----------------------------------------------------------------------------- offline baselines
 
 
 def export_hf_folder(gguf: Path, folder: Path) -> None:
@@ -241,7 +317,7 @@ def run_transformers(folder: Path, dtype: str, prompts: list[list[int]], args) -
     with torch.no_grad():
         model.generate_batch(prompts[:2], generation, config, max_new_tokens=4)  # warm-up
         started = time.perf_counter()
-        outputs = model.generate_batch(prompts, generation, config)
+        outputs = model.generate_batch(prompts, generation, config, record_timestamps=True)
         elapsed = time.perf_counter() - started
         produced = sum(len(o.generated_tokens) for o in outputs.values())
         single = []
@@ -257,12 +333,16 @@ def run_transformers(folder: Path, dtype: str, prompts: list[list[int]], args) -
                 pad_token_id=0,
             )
             single.append(args.output_len / (time.perf_counter() - begun))
+    # lifespan[0] is when the request left the queue, the moment a server would take it up.
+    stamps = [o.timestamps for o in outputs.values() if o.timestamps]
+    ttfts = [o.timestamps[0] - o.lifespan[0] for o in outputs.values() if o.timestamps]
     return {
         "engine": "transformers (generate_batch)",
         "dtype": dtype,
         "requests": len(outputs),
         "failed": sum(len(o.generated_tokens) != args.output_len for o in outputs.values()),
         "output_tokens_per_s": round(produced / elapsed, 1),
+        **latencies(ttfts, token_gaps(stamps)),
         "single_stream_tokens_per_s": round(statistics.median(single), 1),
         "seconds": round(elapsed, 1),
     }
@@ -289,8 +369,14 @@ def run_ctranslate2(folder: Path, compute_type: str, prompts: list[list[int]], a
         "max_batch_size": args.clients,
     }
     generator.generate_batch(tokens[:2], **{**options, "max_length": 4, "min_length": 4})
+    stamps: dict[int, list[float]] = {i: [] for i in range(len(tokens))}
+
+    def on_token(step) -> bool:
+        stamps[step.batch_id].append(time.perf_counter())
+        return False  # True would stop this example
+
     started = time.perf_counter()
-    results = generator.generate_batch(tokens, **options)
+    results = generator.generate_batch(tokens, **options, callback=on_token)
     elapsed = time.perf_counter() - started
     produced = sum(len(r.sequences_ids[0]) for r in results)
     single = []
@@ -303,46 +389,60 @@ def run_ctranslate2(folder: Path, compute_type: str, prompts: list[list[int]], a
             )
         )
         single.append(count / (time.perf_counter() - begun))
+    streams = [times for times in stamps.values() if times]
     return {
         "engine": "CTranslate2 (generate_batch)",
         "dtype": compute_type,
         "requests": len(results),
         "failed": sum(len(r.sequences_ids[0]) != args.output_len for r in results),
         "output_tokens_per_s": round(produced / elapsed, 1),
+        **latencies(batch_ttfts(streams, started), token_gaps(streams)),
         "single_stream_tokens_per_s": round(statistics.median(single), 1),
         "seconds": round(elapsed, 1),
     }
 
 
+def token_gaps(streams: list[list[float]]) -> list[float]:
+    """The gaps between consecutive token times of each stream."""
+    return [later - earlier for times in streams for earlier, later in pairwise(times)]
+
+
+def batch_ttfts(streams: list[list[float]], started: float) -> list[float]:
+    """Each stream's first token time, counted from when its batch could start: the end of the
+    last stream to finish before that token, or ``started``."""
+    ends = sorted(times[-1] for times in streams)
+    ttfts = []
+    for times in streams:
+        before = bisect.bisect_left(ends, times[0])
+        ttfts.append(times[0] - (ends[before - 1] if before else started))
+    return ttfts
+
+
 # ----------------------------------------------------------------------------- report
 
 
-def report(rows: list[dict], args) -> None:
+def report(rows: list[dict], args, build: dict | None) -> None:
     print(
         f"\n{args.clients} concurrent streams, {args.requests} requests, "
         f"{args.prompt_len} prompt + {args.output_len} output tokens\n"
     )
-    header = (
+    print(
         f"{'engine':<30} {'dtype':<9} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} "
-        f"{'ITL p50':>8} {'p99':>6} {'failed':>6} {'1-stream':>8}"
+        f"{'ITL p50':>8} {'p99':>6} {'failed':>6} {'1-stream':>8} {'peak RSS':>9}"
     )
-    print(header)
     for row in rows:
+        rss = f"{row['peak_rss_mib']} MiB" if "peak_rss_mib" in row else "-"
         print(
             f"{row['engine']:<30} {row['dtype']:<9} {row['output_tokens_per_s']:>7} "
-            f"{row.get('ttft_p50_ms', '-'):>9} {row.get('ttft_p99_ms', '-'):>7} "
-            f"{row.get('itl_p50_ms', '-'):>8} {row.get('itl_p99_ms', '-'):>6} "
-            f"{row['failed']:>6} {row['single_stream_tokens_per_s']:>8}"
+            f"{row['ttft_p50_ms']:>9} {row['ttft_p99_ms']:>7} "
+            f"{row['itl_p50_ms']:>8} {row['itl_p99_ms']:>6} "
+            f"{row['failed']:>6} {row['single_stream_tokens_per_s']:>8} {rss:>9}"
         )
-    best = max((r for r in rows if r["engine"] == "maas"), key=lambda r: r["output_tokens_per_s"])
-    ratios = {}
-    for row in rows:
-        if row["engine"] != "maas":
-            ratio = best["output_tokens_per_s"] / row["output_tokens_per_s"]
-            ratios[f"{row['engine']} {row['dtype']}"] = round(ratio, 2)
-            print(f"maas {best['dtype']} / {row['engine']} {row['dtype']}: {ratio:.2f}x")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
+    ratios = {**best_maas_ratios(rows), **llama_cpp_ratios(rows, args.clients)}
+    for name, ratio in ratios.items():
+        print(f"{name}: {ratio:.2f}x")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(
         json.dumps(
             {
                 "benchmark": "llm_serving",
@@ -351,8 +451,9 @@ def report(rows: list[dict], args) -> None:
                 "requests": args.requests,
                 "prompt_len": args.prompt_len,
                 "output_len": args.output_len,
+                "llama_cpp_build": build,
                 "results": rows,
-                "maas_best_over_baseline": ratios,
+                "ratios": ratios,
             },
             indent=2,
         )
@@ -360,41 +461,107 @@ def report(rows: list[dict], args) -> None:
     )
 
 
+def best_maas_ratios(rows: list[dict]) -> dict[str, float]:
+    """The best maas row's tokens/s over each offline baseline's."""
+    maas = [r for r in rows if r["engine"] == "maas"]
+    if not maas:
+        return {}
+    best = max(maas, key=lambda r: r["output_tokens_per_s"])
+    return {
+        f"maas {best['dtype']} / {r['engine']} {r['dtype']}": round(
+            best["output_tokens_per_s"] / r["output_tokens_per_s"], 2
+        )
+        for r in rows
+        if r["engine"] not in ("maas", "llama.cpp (llama-server)")
+    }
+
+
+def llama_cpp_ratios(rows: list[dict], clients: int) -> dict[str, float]:
+    """Each maas row against llama.cpp Q8_0 (C streams, 1 stream, peak RSS), and maas float32
+    against llama.cpp F16 on one stream."""
+    llama = {r["dtype"]: r for r in rows if r["engine"] == "llama.cpp (llama-server)"}
+    ratios = {}
+    for row in (r for r in rows if r["engine"] == "maas"):
+        name = f"maas {row['dtype']} / llama.cpp"
+        if "Q8_0" in llama:
+            q8 = llama["Q8_0"]
+            for label, key in (
+                (f"{clients} streams", "output_tokens_per_s"),
+                ("1 stream", "single_stream_tokens_per_s"),
+                ("peak RSS", "peak_rss_mib"),
+            ):
+                ratios[f"{name} Q8_0, {label}"] = round(row[key] / q8[key], 2)
+        if "F16" in llama and row["dtype"] == "float32":
+            single = row["single_stream_tokens_per_s"] / llama["F16"]["single_stream_tokens_per_s"]
+            ratios[f"{name} F16, 1 stream"] = round(single, 2)
+    return ratios
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def engine_list(value: str) -> list[str]:
+    engines = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown or not engines:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(ENGINES)}; got {value!r}")
+    return engines
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtypes", default="float32,bfloat16,int8", help="maas dtypes to run")
+    parser.add_argument(
+        "--engines",
+        type=engine_list,
+        default=list(ENGINES),
+        help=f"comma list of engines to run (default: all of {','.join(ENGINES)})",
+    )
     parser.add_argument("--single-runs", type=int, default=3)
-    parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args()
     model = demo.DEMO_MODELS[0]
     gguf = demo.locate(model)
-    rows = []
-    with tempfile.TemporaryDirectory() as root:
-        home = Path(root) / "home"
-        registry = open_registry(Settings(home=home))
-        registry.import_model(gguf, MODEL, task=model.task)
-        registry.close()
-        from gguf import GGUFReader
+    build = None
+    if "llama.cpp" in args.engines:
+        binaries = llama_cpp.build()
+        build = llama_cpp.build_info()
+        ggufs = {kind: llama_cpp.quantize(binaries, gguf, kind) for kind in LLAMA_CPP_TYPES}
+    from gguf import GGUFReader
 
-        vocab = len(GGUFReader(gguf).fields["tokenizer.ggml.tokens"].data)
-        prompts = make_prompts(args.requests, args.prompt_len, vocab)
-        for dtype in args.dtypes.split(","):
-            rows.append(run_maas(home, dtype, prompts, args))
-            print(rows[-1], flush=True)
-        if not args.skip_baselines:
-            folder = Path(root) / "hf"
+    vocab = len(GGUFReader(gguf).fields["tokenizer.ggml.tokens"].data)
+    prompts = make_prompts(args.requests, args.prompt_len, vocab)
+    rows = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(row, flush=True)
+
+    with tempfile.TemporaryDirectory() as root:
+        if "maas" in args.engines:
+            home = Path(root) / "home"
+            registry = open_registry(Settings(home=home))
+            registry.import_model(gguf, MODEL, task=model.task)
+            registry.close()
+            for dtype in args.dtypes.split(","):
+                add(run_maas(home, dtype, prompts, args))
+        if "llama.cpp" in args.engines:
+            for kind, path in ggufs.items():
+                add(run_llama_cpp(binaries, path, kind, prompts, args))
+        folder = Path(root) / "hf"
+        if {"transformers", "ctranslate2"} & set(args.engines):
             export_hf_folder(gguf, folder)
+        if "transformers" in args.engines:
             for dtype in ("float32", "bfloat16"):
-                rows.append(run_transformers(folder, dtype, prompts, args))
-                print(rows[-1], flush=True)
+                add(run_transformers(folder, dtype, prompts, args))
+        if "ctranslate2" in args.engines:
             for compute_type in ("float32", "int8"):
-                rows.append(run_ctranslate2(folder, compute_type, prompts, args))
-                print(rows[-1], flush=True)
-    report(rows, args)
+                add(run_ctranslate2(folder, compute_type, prompts, args))
+    report(rows, args, build)
 
 
 if __name__ == "__main__":

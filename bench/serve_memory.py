@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_serving import drive, make_prompts, percentile  # noqa: E402
+from process_memory import tree_rss  # noqa: E402
 
 from maas.config import Settings  # noqa: E402
 from maas.registry import demo, open_registry  # noqa: E402
@@ -46,30 +46,6 @@ CONFIGURATIONS = {
     "derived, committed at load": {"MAAS_LLM_KV_CACHE_COMMIT": "true"},
     "derived, committed on use (new default)": {},
 }
-
-
-def tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and every process under it."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        stack += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                line = next(line for line in status if line.startswith("VmRSS:"))
-            total += int(line.split()[1]) * 1024
-        except (OSError, StopIteration):
-            continue
-    return total
 
 
 def settle(pid: int, seconds: float = 3.0) -> int:
@@ -93,7 +69,9 @@ def measure(home: Path, env: dict[str, str], prompts: list[list[int]], args) -> 
                 gevent.sleep(0.25)
 
         sampler = gevent.spawn(sample)
-        results, elapsed = drive(server, prompts, args.clients, args.output_len)
+        results, elapsed = drive(
+            server.port, server.admin_key, prompts, args.clients, args.output_len
+        )
         sampling = False
         sampler.join()
         after = settle(pid)
