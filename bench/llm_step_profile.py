@@ -2,6 +2,7 @@
 128 prompt tokens decoding greedily, one step timed then profiled with ``torch.profiler``.
 
     .venv/bin/python bench/llm_step_profile.py [--dtype int8] [--sequences 32] [--rows 25]
+        [--eager] [--no-profile]
 
 Prints the median decode step (and the tokens/s it implies) and the ops that took the most
 time over 10 steps. No baseline: this explains the figures of bench/llm_serving.py, it does
@@ -33,16 +34,22 @@ WARM_STEPS, TIMED_STEPS, PROFILED_STEPS = 30, 20, 10
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dtype", default="int8", choices=("float32", "bfloat16", "int8"))
+    parser.add_argument("--dtype", default="int8", choices=("float32", "bfloat16", "int8-weight", "int8"))
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--rows", type=int, default=25, help="ops to list")
+    parser.add_argument("--eager", action="store_true", help="do not compile the decode step")
+    parser.add_argument("--no-profile", action="store_true", help="only time the step")
     args = parser.parse_args()
     model = demo.DEMO_MODELS[0]
     with tempfile.TemporaryDirectory() as home:
         registry = open_registry(Settings(home=Path(home)))
         registry.import_model(demo.locate(model), model.name, task=model.task)
         options = RunnerOptions(
-            dtype=args.dtype, max_sequences=args.sequences, max_model_len=512, threads=0
+            dtype=args.dtype,
+            max_sequences=args.sequences,
+            max_model_len=512,
+            threads=0,
+            compile=not args.eager,
         )
         runner = ModelRunner(registry.open_version(model.name), options)
         registry.close()
@@ -60,10 +67,13 @@ def main() -> None:
         engine.step()
         steps.append(time.perf_counter() - started)
     step = statistics.median(steps)
+    mode = "compiled" if runner.compiled else "eager"
     print(
-        f"{args.dtype}, {args.sequences} sequences: decode step {step * 1000:.1f} ms "
+        f"{args.dtype}, {args.sequences} sequences, {mode}: decode step {step * 1000:.1f} ms "
         f"({args.sequences / step:.0f} tokens/s decoding), {torch.get_num_threads()} threads"
     )
+    if args.no_profile:
+        return
     with torch.profiler.profile() as profile:
         for _ in range(PROFILED_STEPS):
             engine.step()

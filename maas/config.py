@@ -104,31 +104,40 @@ class Settings(BaseSettings):
     max_queue_rows: int = Field(default=4096, ge=1)
     """Default rows that may wait for a model; past it, requests get 503 with Retry-After."""
 
-    llm_dtype: str = Field(default="float32", pattern="^(float32|bfloat16|int8)$")
-    """Compute type of text-generation models: float32, bfloat16, or int8 (W8A8 linear
-    layers on the CPU's int8 units, as CTranslate2's int8; faster, slightly less exact; the
-    KV cache stays float32)."""
+    llm_dtype: str = Field(default="auto", pattern="^(auto|float32|bfloat16|int8-weight|int8)$")
+    """Compute type of text-generation models: auto (time each of the others at load and keep
+    the fastest that keeps float32's next-token choices on a probe text), float32, bfloat16,
+    int8-weight (int8 weights, float32 activations), or int8 (W8A8 linear layers on the CPU's
+    int8 units, as CTranslate2's int8). The KV cache is bfloat16 for bfloat16, else float32."""
+
+    llm_compile: bool = True
+    """Compile each text-generation model's decode step with torch.compile (inductor, needs a
+    C++ compiler) at load; false, or a failed compilation, runs it eagerly."""
 
     llm_max_sequences: int = Field(default=32, ge=1, le=1024)
-    """Sequences a text-generation model runs at once (KV slots); more wait for a slot."""
+    """Sequences a text-generation model runs at once; more wait."""
 
     llm_max_model_len: int = Field(default=2048, ge=16)
     """Prompt plus output tokens per sequence, at most (capped by the model's context)."""
 
     llm_kv_cache_bytes: int = Field(default=0, ge=0)
-    """Memory the KV cache of one text-generation model may take; fewer slots are made if
-    ``llm_max_sequences`` slots would not fit. 0 means what those slots need (sequences x
-    context x bytes per token), at most a quarter of the machine's memory."""
+    """Memory the paged KV cache of one text-generation model may take. 0 means what
+    ``llm_max_sequences`` sequences of the whole context need, at most a quarter of the
+    machine's memory. When blocks run out, the newest sequence is preempted and recomputed
+    later; a sequence may not outgrow the whole cache."""
+
+    llm_kv_block_size: int = Field(default=16, ge=1, le=1024)
+    """Positions per KV cache block (and per prefix-cache entry)."""
 
     llm_kv_cache_commit: bool = False
     """Commit the whole KV cache when a model loads (first requests never wait for page faults,
-    but an idle model holds it all) instead of as tokens fill it."""
+    but an idle model holds it all) instead of as blocks are first written."""
 
     llm_max_batch_tokens: int = Field(default=512, ge=16)
     """Tokens in one engine step: every decoding sequence's next token, then prompt chunks."""
 
     llm_max_waiting_sequences: int = Field(default=256, ge=0, le=1_000_000)
-    """Sequences of a text-generation model that may wait for a KV slot; past it, new
+    """Sequences of a text-generation model that may wait to run; past it, new
     requests get 503 with Retry-After at once instead of queueing until their deadline."""
 
     llm_max_request_sequences: int = Field(default=64, ge=1, le=100_000)

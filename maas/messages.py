@@ -76,6 +76,25 @@ class EngineRequest:
     n: int = 1
     deadline: float | None = None
     """``time.monotonic()`` after which the request fails with ``DEADLINE_PASSED``."""
+    cache_salt: str = ""
+    """Scope of the prefix cache: requests share cached prompt blocks only within one salt
+    (the API passes the tenant, so one tenant never learns another's prompts from timing)."""
+
+
+@dataclass(frozen=True)
+class EngineAbort:
+    """Stop a request's sequences and free their slots: its caller stopped listening."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class EngineStop:
+    """Stop the engine; what is running or waiting fails as unavailable."""
+
+
+EngineMessage = EngineRequest | EngineAbort | EngineStop
+"""What the server sends an engine, through a thread's inbox or the engine process's pipe."""
 
 
 class FailureKind(StrEnum):
@@ -129,3 +148,86 @@ class GenerationDelta:
     """Set when the sequence failed (e.g. its deadline passed); finish_reason is then ``abort``."""
     error_kind: FailureKind | None = None
     """Why it failed, with ``error``."""
+
+
+@dataclass(frozen=True)
+class RequestDelta:
+    """A delta and the request it belongs to, as the engine process sends it."""
+
+    request_id: str
+    delta: GenerationDelta
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What an engine reports after a step, for metrics and the pool: gauges as they are now,
+    and tokens and latency samples since its previous report."""
+
+    running: int = 0
+    """Sequences in the running batch."""
+    waiting: int = 0
+    """Sequences waiting to run (or, on the transformers fallback, requests queued)."""
+    kv_usage: float = 0.0
+    """Share of the KV cache's blocks held by sequences, 0 to 1."""
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached (not computed again)."""
+    preemptions: int = 0
+    """Sequences preempted for want of KV blocks (to be recomputed)."""
+    ttft: tuple[float, ...] = ()
+    """Seconds from arrival to the first token, one sample per sequence that got it."""
+    itl: tuple[float, ...] = ()
+    """Seconds between two tokens of a sequence."""
+    e2e: tuple[float, ...] = ()
+    """Seconds from arrival to the last token, one sample per finished sequence."""
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """One step of the engine process: every delta it produced, and its figures."""
+
+    deltas: tuple[RequestDelta, ...]
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class EngineDescription:
+    """How an engine runs its model, for operators (``GET /api/v1/deployments``)."""
+
+    runtime: str
+    """``maas`` (maas's engine) or ``transformers`` (the fallback)."""
+    dtype: str
+    dtype_trials: tuple[dict[str, Any], ...] = ()
+    """With ``MAAS_LLM_DTYPE=auto``: each candidate's step times and agreement."""
+    compiled: bool = False
+    """Decode steps run through the compiled step (else eagerly)."""
+    kv_blocks: int = 0
+    kv_block_size: int = 0
+
+
+@dataclass(frozen=True)
+class EngineReady:
+    """The engine loaded its model and takes requests: what the server plans with."""
+
+    memory_bytes: int
+    """Weights and KV cache."""
+    max_len: int
+    """Positions one sequence may use, prompt and output together."""
+    num_slots: int
+    """Sequences that run at once."""
+    description: EngineDescription | None = None
+
+
+@dataclass(frozen=True)
+class EngineLoadError:
+    """The engine process could not load its model; the server raises ``message``."""
+
+    message: str
+
+
+EngineReply = EngineReady | EngineLoadError | EngineOutput
+"""What the engine process sends back: once ``EngineReady`` or ``EngineLoadError``, then an
+``EngineOutput`` after each step."""

@@ -6,31 +6,35 @@ is sampled, stopped and streamed exactly as on the main engine: the same ``Seque
 sampler and detokenizer decide every token and every delta. A request's ``n`` sequences are
 the rows of one batch and share one pass over the prompt.
 
-It has ``EngineClient``'s surface: ``generate``, ``close``, ``dead`` and ``stats``. Leaving
+It is a ``GenerationEngine`` (``maas/engine/protocol.py``), like ``EngineClient``. Leaving
 ``generate`` early (a client disconnect) stops the request before its next token.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import queue
 import threading
 import time
+from collections import abc
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from maas.engine.detokenizer import Detokenizer
 from maas.engine.sequence import Sequence, fail_unstarted
-from maas.engine.stats import EngineStats, StatsObserver
+from maas.engine.stats import StatsObserver
+from maas.engine.streams import DeltaStream, DeltaStreams
 from maas.errors import Unavailable
 from maas.messages import (
     DEADLINE_PASSED,
+    ENGINE_STOPPED,
     MODEL_FAILED,
     MODEL_UNLOADED,
+    EngineDescription,
+    EngineRequest,
+    EngineStats,
+    EngineStop,
     Failure,
     GenerationDelta,
     SamplingParams,
@@ -39,19 +43,6 @@ from maas.runtime.llm.sampler import sample
 from maas.runtime.llm.transformers_lm import TransformersLM
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    n: int
-    sink: Callable[[GenerationDelta], None]
-    deadline: float | None
-    arrival: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    """Set when the caller stopped listening: the request ends before its next token."""
 
 
 class TransformersGenerator:
@@ -63,14 +54,21 @@ class TransformersGenerator:
         name: str = "llm",
         on_stats: Callable[[EngineStats], None] | None = None,
     ) -> None:
-        """``on_stats(EngineStats)`` is called after each step, as the engines do."""
+        """``on_stats(EngineStats)`` is called from the worker after each step, as the
+        engines do."""
         self.model = model
         self.tokenizer = tokenizer
-        self.stats: EngineStats | None = None
+        self.memory_bytes = model.memory_bytes
+        self.max_len = model.max_len
+        self.num_slots = 1
+        """One request at a time (its ``n`` sequences run together)."""
+        self.description = EngineDescription(runtime="transformers", dtype=model.dtype_name)
+        self.stats = EngineStats()
+        self.on_dead: Callable[[], None] | None = None
         self._on_stats = on_stats
         self._observer = StatsObserver()
-        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._ids = itertools.count()
+        self._inbox: queue.SimpleQueue[EngineRequest | EngineStop] = queue.SimpleQueue()
+        self._streams = DeltaStreams()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"generator-{name}", daemon=True)
         self._thread.start()
@@ -82,66 +80,54 @@ class TransformersGenerator:
 
     async def generate(
         self,
-        prompt_ids: list[int],
+        prompt_ids: abc.Sequence[int],
         params: SamplingParams,
         *,
         n: int = 1,
         timeout: float | None = None,
+        cache_salt: str = "",
     ) -> AsyncIterator[GenerationDelta]:
-        """Deltas of all ``n`` sequences as they come, until each has finished."""
-        if self._stopping:
-            raise Unavailable("the model is being unloaded")
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[GenerationDelta] = asyncio.Queue()
-        request = _Request(
-            f"req-{next(self._ids)}",
-            list(prompt_ids),
-            params,
-            n,
-            lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta),
-            deadline=time.monotonic() + timeout if timeout else None,
-        )
-        self._inbox.put(request)
-        finished = 0
-        try:
-            while finished < n:
-                delta = await deltas.get()
-                finished += delta.finish_reason is not None
-                yield delta
-        finally:
-            if finished < n:
-                request.cancelled.set()
+        # No abort message: the worker sees the stream's ``left`` before each token.
+        stream = self._streams.open(prompt_ids, params, n=n, timeout=timeout, cache_salt=cache_salt)
+        async for delta in stream.follow(self._submit):
+            yield delta
 
     def close(self) -> None:
         """Fail what is running and waiting ("the model was unloaded") and stop the worker."""
         self._stopping = True
-        self._inbox.put(None)
+        self._inbox.put(EngineStop())
         self._thread.join(timeout=30)
 
-    def _run(self) -> None:
-        while (request := self._inbox.get()) is not None:
-            self._serve(request)
-        while True:  # requests that raced with close()
-            try:
-                request = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if request is not None:
-                _fail(self._sequences(request), MODEL_UNLOADED)
+    def _submit(self, request: EngineRequest) -> None:
+        if self._stopping:
+            raise Unavailable("the model is being unloaded; retry the request")
+        self._inbox.put(request)
 
-    def _serve(self, request: _Request) -> None:
-        """Run one request to its end: the prompt once, then one token per live sequence."""
+    def _run(self) -> None:
         try:
-            live = self._sequences(request)
+            while isinstance(request := self._inbox.get(), EngineRequest):
+                stream = self._streams.get(request.request_id)
+                if stream is not None:  # else its caller left before it started
+                    self._serve(stream)
+        finally:  # requests that raced with close(), or all of them if the worker broke
+            self._streams.fail_all(MODEL_UNLOADED if self._stopping else ENGINE_STOPPED)
+            if not self._stopping and self.on_dead is not None:
+                self.on_dead()
+
+    def _serve(self, stream: DeltaStream) -> None:
+        """Run one request to its end: the prompt once, then one token per live sequence."""
+        request = stream.request
+        try:
+            live = self._sequences(stream)
         except Exception:  # a request that cannot start fails alone
             log.exception("request %s could not start", request.request_id)
-            fail_unstarted(request.sink, request.n, len(request.prompt_ids))
+            fail_unstarted(stream.put, request.n, len(request.prompt_ids))
             return
         cache = None
         try:
-            while live and not self._must_stop(request, live):
+            while live and not self._must_stop(stream, live):
                 if cache is None:
-                    logits, cache = self.model.prefill(request.prompt_ids, len(live))
+                    logits, cache = self.model.prefill(list(request.prompt_ids), len(live))
                 else:
                     logits = self.model.decode([s.output_ids[-1] for s in live], cache)
                 live = self._advance(live, logits, cache)
@@ -152,29 +138,31 @@ class TransformersGenerator:
         finally:
             self._report(0)
 
-    def _sequences(self, request: _Request) -> list[Sequence]:
+    def _sequences(self, stream: DeltaStream) -> list[Sequence]:
+        request = stream.request
         return [
             Sequence(
                 request.request_id,
                 index,
-                request.prompt_ids,
+                list(request.prompt_ids),
                 request.params,
-                request.sink,
+                stream.put,
                 Detokenizer(self.tokenizer, request.params.stop),
                 deadline=request.deadline,
-                arrival=request.arrival,
+                arrival=stream.arrival,
             )
             for index in range(request.n)
         ]
 
-    def _must_stop(self, request: _Request, live: list[Sequence]) -> bool:
+    def _must_stop(self, stream: DeltaStream, live: list[Sequence]) -> bool:
         """Whether the request ends now; its sequences are failed when someone is listening."""
-        if request.cancelled.is_set():
+        if stream.left:
             return True
         if self._stopping:
             _fail(live, MODEL_UNLOADED)
             return True
-        if request.deadline is not None and time.monotonic() > request.deadline:
+        deadline = stream.request.deadline
+        if deadline is not None and time.monotonic() > deadline:
             _fail(live, DEADLINE_PASSED)
             return True
         return False
@@ -194,8 +182,8 @@ class TransformersGenerator:
         return [live[i] for i in going]
 
     def _report(self, running: int) -> None:
-        self._observer.stats.running = running
-        self._observer.stats.waiting = self._inbox.qsize()
+        self._observer.running = running
+        self._observer.waiting = self._inbox.qsize()
         self.stats = self._observer.take()
         if self._on_stats:
             self._on_stats(self.stats)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from maas.engine.detokenizer import Detokenizer
-from maas.engine.kv_cache import SlotAllocator
+from maas.engine.kv_cache import NULL_BLOCK, BlockPool
 from maas.engine.scheduler import Plan, Scheduler
 from maas.engine.sequence import Sequence, Status, fail_unstarted
 from maas.messages import (
@@ -24,19 +24,25 @@ from maas.messages import (
     GenerationDelta,
     SamplingParams,
 )
+from maas.runtime.llm.compiled import MIN_BLOCKS
 from maas.runtime.llm.model import DecodeRows, PrefillRows, StepInput
 from maas.runtime.llm.runner import ModelRunner
 from maas.runtime.llm.sampler import sample
 
 log = logging.getLogger(__name__)
 
+MIN_TABLE_BLOCKS = MIN_BLOCKS
+"""Decode block tables are padded to at least this width (see compiled.WARM_SHAPES)."""
+
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, *, max_batch_tokens: int, observer=None) -> None:
         self.runner = runner
         self.tokenizer = runner.tokenizer
+        cache = runner.cache
+        self.block_size = cache.block_size
         self.scheduler = Scheduler(
-            SlotAllocator(runner.cache.num_slots, runner.cache.copy_prefix), max_batch_tokens
+            BlockPool(cache.num_blocks, cache.block_size), runner.max_sequences, max_batch_tokens
         )
         self.observer = observer
         """Gets on_step(engine), on_token(sequence), on_finish(sequence) for metrics."""
@@ -62,6 +68,7 @@ class LLMEngine:
                 sink,
                 Detokenizer(self.tokenizer, request.params.stop),
                 deadline=request.deadline,
+                salt=request.cache_salt,
             )
             for index in range(request.n)
         ]
@@ -93,8 +100,10 @@ class LLMEngine:
         logits = self.runner.forward(step_input)
         for sequence, _, end in plan.prefill:
             sequence.computed = end
+            self.scheduler.computed(sequence)
         for sequence in plan.decode:
             sequence.computed += 1
+            self.scheduler.computed(sequence)
         rows = [s.sample_row(self.tokenizer.eos_token_ids) for s in sampling]
         for sequence, picked in zip(sampling, sample(logits, rows), strict=True):
             self._advance(sequence, picked)
@@ -102,34 +111,37 @@ class LLMEngine:
             self.observer.on_step(self)
 
     def _inputs(self, plan: Plan) -> tuple[StepInput, list[Sequence]]:
-        ids, positions, slots, sampling, logits_rows = [], [], [], [], []
+        size = self.block_size
+        ids, positions, index, sampling, logits_rows = [], [], [], [], []
         for sequence in plan.decode:
+            position = sequence.computed
             ids.append(sequence.output_ids[-1])
-            positions.append(sequence.computed)
-            slots.append(sequence.slot)
+            positions.append(position)
+            index.append(sequence.blocks[position // size] * size + position % size)
             logits_rows.append(len(ids) - 1)
             sampling.append(sequence)
         decode = None
         if plan.decode:
-            decode = DecodeRows(
-                len(plan.decode),
-                torch.tensor(slots),
-                torch.tensor([s.computed + 1 for s in plan.decode]),
-            )
+            width = max(MIN_TABLE_BLOCKS, max(len(s.blocks) for s in plan.decode))
+            tables = [s.blocks + [NULL_BLOCK] * (width - len(s.blocks)) for s in plan.decode]
+            lengths = [s.computed + 1 for s in plan.decode]
+            decode = DecodeRows(len(plan.decode), torch.tensor(tables), torch.tensor(lengths))
         prefills = []
         for sequence, start, end in plan.prefill:
             first = len(ids)
-            ids.extend(sequence.prompt_ids[start:end])
+            tokens = sequence.tokens
+            ids.extend(tokens[start:end])
             positions.extend(range(start, end))
-            slots.extend([sequence.slot] * (end - start))
-            prefills.append(PrefillRows(first, len(ids), sequence.slot, start))
-            if end == len(sequence.prompt_ids):  # the prompt is complete: pick a first token
+            blocks = sequence.blocks
+            index.extend(blocks[p // size] * size + p % size for p in range(start, end))
+            prefills.append(PrefillRows(first, len(ids), torch.tensor(blocks), start))
+            if end == len(tokens):  # all it holds is computed: pick its next token
                 logits_rows.append(len(ids) - 1)
                 sampling.append(sequence)
         step_input = StepInput(
             torch.tensor(ids),
             torch.tensor(positions),
-            torch.tensor(slots),
+            torch.tensor(index),
             decode,
             prefills,
             torch.tensor(logits_rows, dtype=torch.long),
@@ -138,7 +150,7 @@ class LLMEngine:
 
     def _advance(self, sequence: Sequence, picked) -> None:
         sequence.status = Status.DECODE
-        sequence.append(picked, self.tokenizer.eos_token_ids, self.runner.cache.max_len)
+        sequence.append(picked, self.tokenizer.eos_token_ids, self.runner.max_len)
         if self.observer:
             self.observer.on_token(sequence)
         if sequence.finish_reason is not None:
@@ -163,12 +175,16 @@ class LLMEngine:
     def warm_up(self, prompt_len: int = 16, max_tokens: int = 4) -> None:
         """Run one short generation, unobserved, before serving: the first pass through the
         CPU kernels (oneDNN and MKL set up their primitives) is slower, and would fall on the
-        first user's time to first token (on the demo model in int8, 100 ms instead of 54)."""
+        first user's time to first token (on the demo model in int8, 100 ms instead of 54).
+        Its blocks are named under a salt of its own and the cache counters are restored."""
         observer, self.observer = self.observer, None
+        pool = self.scheduler.pool
+        counters = pool.queries, pool.hits
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        prompt = list(range(min(prompt_len, self.runner.max_len - max_tokens)))
+        prompt = tuple(range(min(prompt_len, self.runner.max_len - max_tokens)))
+        request = EngineRequest("warm-up", prompt, params, cache_salt="maas:warm-up")
         try:
-            self.add_request(EngineRequest("warm-up", tuple(prompt), params), lambda _: None)
+            self.add_request(request, lambda _: None)
             for _ in range(prompt_len + max_tokens):
                 if not self.has_work():
                     break
@@ -176,6 +192,7 @@ class LLMEngine:
         finally:
             self.abort("warm-up")
             self.observer = observer
+            pool.queries, pool.hits = counters
 
     def fail_all(self, failure: Failure) -> None:
         for request_id in list(self._sequences):

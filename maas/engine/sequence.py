@@ -17,9 +17,10 @@ from maas.runtime.llm.sampler import Sampled, SampleRow
 
 class Status(Enum):
     WAITING = "waiting"
-    """No KV slot yet."""
+    """Not running: new, or preempted (its blocks given back, to be recomputed)."""
     PREFILL = "prefill"
-    """Has a slot; some prompt tokens are not in the cache yet."""
+    """Running; some of its tokens (prompt, or prompt and output after a preemption) are not
+    in the cache yet."""
     DECODE = "decode"
     FINISHED = "finished"
 
@@ -34,10 +35,17 @@ class Sequence:
     detokenizer: Detokenizer
     deadline: float | None = None
     arrival: float = field(default_factory=time.monotonic)
+    salt: str = ""
+    """Prefix-cache scope: only sequences with the same salt share cached blocks."""
     status: Status = Status.WAITING
-    slot: int | None = None
+    blocks: list[int] = field(default_factory=list)
+    """Block table: the KV blocks holding this sequence's positions, in order."""
+    block_names: list[bytes] = field(default_factory=list)
+    """Prefix-cache names of its full blocks (see kv_cache.extend_names)."""
+    named_blocks: int = 0
+    """Blocks of the table already given their name in the pool."""
     computed: int = 0
-    """Tokens whose keys and values are in the slot."""
+    """Tokens whose keys and values are in the cache."""
     output_ids: list[int] = field(default_factory=list)
     history: Counter[int] = field(default_factory=Counter)
     seen: set[int] = field(default_factory=set)
@@ -59,8 +67,9 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
-    def remaining_prompt(self) -> int:
-        return len(self.prompt_ids) - self.computed
+    def remaining_prefill(self) -> int:
+        """Tokens to compute before the next one can be sampled."""
+        return len(self.prompt_ids) + len(self.output_ids) - self.computed
 
     def sample_row(self, eos_token_ids: set[int]) -> SampleRow:
         """What the sampler needs to pick this sequence's next token."""

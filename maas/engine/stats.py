@@ -1,47 +1,67 @@
-"""What the engine reports after each step: gauges and latency samples for metrics."""
+"""``StatsObserver``: the engine's observer, which turns its steps into ``EngineStats``.
+
+The engine calls ``on_step``, ``on_token`` and ``on_finish``; whoever drives it calls
+``take()`` after a step and hands the figures to the metrics (``EngineStats`` lives in
+``maas/messages.py`` because the engine process sends it over its pipe).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from maas.messages import EngineStats
 
-
-@dataclass
-class EngineStats:
-    """What the engine process reports after each step, for metrics and the pool."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-    e2e: list[float] = field(default_factory=list)
+__all__ = ["EngineStats", "StatsObserver"]
 
 
 class StatsObserver:
-    """The engine's observer inside the engine process: collects one step's figures."""
-
     def __init__(self) -> None:
-        self.stats = EngineStats()
+        self.running = 0
+        self.waiting = 0
+        self.kv_usage = 0.0
+        self._cache_totals = (0, 0, 0)
+        """Cumulative prefix-cache queries, hits and preemptions at the last ``take``."""
+        self._cache_now = (0, 0, 0)
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._ttft: list[float] = []
+        self._itl: list[float] = []
+        self._e2e: list[float] = []
 
     def take(self) -> EngineStats:
-        stats, self.stats = self.stats, EngineStats()
+        """The gauges now, and the counts and samples since the last ``take``."""
+        stats = EngineStats(
+            running=self.running,
+            waiting=self.waiting,
+            kv_usage=self.kv_usage,
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            ttft=tuple(self._ttft),
+            itl=tuple(self._itl),
+            e2e=tuple(self._e2e),
+            prefix_cache_queries=self._cache_now[0] - self._cache_totals[0],
+            prefix_cache_hits=self._cache_now[1] - self._cache_totals[1],
+            preemptions=self._cache_now[2] - self._cache_totals[2],
+        )
+        self._cache_totals = self._cache_now
+        self._reset_counts()
         return stats
 
     def on_step(self, engine) -> None:
         scheduler = engine.scheduler
-        self.stats.running = len(scheduler.running)
-        self.stats.waiting = len(scheduler.waiting)
-        self.stats.kv_usage = scheduler.slots.usage
+        self.running = len(scheduler.running)
+        self.waiting = len(scheduler.waiting)
+        self.kv_usage = scheduler.pool.usage
+        self._cache_now = (scheduler.pool.queries, scheduler.pool.hits, scheduler.preemptions)
 
     def on_token(self, sequence) -> None:
-        self.stats.generation_tokens += 1
+        self._generation_tokens += 1
         if len(sequence.output_ids) == 1:
-            self.stats.prompt_tokens += len(sequence.prompt_ids)
-            self.stats.ttft.append(sequence.first_token_at - sequence.arrival)
+            self._prompt_tokens += len(sequence.prompt_ids)
+            self._ttft.append(sequence.first_token_at - sequence.arrival)
         elif sequence.previous_token_at is not None:
-            self.stats.itl.append(sequence.last_token_at - sequence.previous_token_at)
+            self._itl.append(sequence.last_token_at - sequence.previous_token_at)
 
     def on_finish(self, sequence) -> None:
-        self.stats.e2e.append((sequence.last_token_at or sequence.arrival) - sequence.arrival)
+        self._e2e.append((sequence.last_token_at or sequence.arrival) - sequence.arrival)

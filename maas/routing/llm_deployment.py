@@ -15,15 +15,16 @@ from maas.engine.client import EngineClient
 from maas.engine.hf_generator import TransformersGenerator
 from maas.engine.llm_engine import LLMEngine
 from maas.engine.process import EngineProcess
-from maas.engine.stats import EngineStats, StatsObserver
+from maas.engine.protocol import GenerationEngine
+from maas.engine.stats import StatsObserver
 from maas.errors import Overloaded, UnsupportedFormat
-from maas.messages import GenerationDelta, SamplingParams
+from maas.messages import EngineDescription, EngineStats, GenerationDelta, SamplingParams
 from maas.registry.manifest import Manifest, TensorSpec
 from maas.registry.records import OpenedVersion, VersionRecord
 from maas.routing.deployment import InFlight
 from maas.runtime.llm.config import LLAMA_FAMILY
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions
-from maas.runtime.llm.tokenizer import load_tokenizer
+from maas.runtime.llm.tokenizer import ChatTokenizer, load_tokenizer
 from maas.runtime.llm.transformers_lm import TransformersLM
 
 
@@ -44,34 +45,11 @@ class LLMDeployment(InFlight):
         options: EngineOptions,
         on_stats: Callable[[EngineStats], None] | None = None,
     ) -> None:
-        on_engine = runs_on_engine(opened.manifest)
         self.record: VersionRecord = opened.record
         self.manifest: Manifest = opened.manifest
         self.tokenizer = load_tokenizer(opened)
-        name = opened.record.reference
-        if not on_engine:
-            model = TransformersLM(opened, options.runner)
-            self.engine = TransformersGenerator(model, self.tokenizer, name=name, on_stats=on_stats)
-            self.memory_bytes, self.max_len = model.memory_bytes, model.max_len
-            slots = 1  # one request at a time
-        elif options.separate_process:
-            self.engine = EngineProcess(
-                opened, options, self.tokenizer, name=name, on_stats=on_stats
-            )
-            self.memory_bytes = self.engine.memory_bytes
-            self.max_len = self.engine.max_len
-            slots = self.engine.num_slots
-        else:
-            runner = ModelRunner(opened, options.runner, tokenizer=self.tokenizer)
-            engine = LLMEngine(
-                runner, max_batch_tokens=options.max_batch_tokens, observer=StatsObserver()
-            )
-            engine.warm_up()
-            self.engine = EngineClient(engine, name=name, on_stats=on_stats)
-            self.memory_bytes = runner.memory_bytes
-            self.max_len = runner.max_len
-            slots = runner.cache.num_slots
-        self.capacity = slots + options.max_waiting
+        self.engine: GenerationEngine = start_engine(opened, options, self.tokenizer, on_stats)
+        self.capacity = self.engine.num_slots + options.max_waiting
         """Sequences running and waiting at most."""
         self.sequences = 0
         """Sequences submitted to the engine and not finished."""
@@ -85,10 +63,22 @@ class LLMDeployment(InFlight):
     def dead(self) -> bool:
         return self.engine.dead
 
+    @property
+    def memory_bytes(self) -> int:
+        return self.engine.memory_bytes
+
+    @property
+    def description(self) -> EngineDescription | None:
+        return self.engine.description
+
+    @property
+    def max_len(self) -> int:
+        """Positions a sequence may use, prompt and output together."""
+        return self.engine.max_len
+
     def watch(self, on_dead: Callable[[], None]) -> None:
         """Have ``on_dead()`` called (from another thread) if the engine dies unasked."""
-        if isinstance(self.engine, EngineProcess):
-            self.engine.on_dead = on_dead
+        self.engine.on_dead = on_dead
 
     def check_room(self, sequences: int) -> None:
         """503 with Retry-After, at once, when ``sequences`` more would pass the waiting cap
@@ -101,25 +91,54 @@ class LLMDeployment(InFlight):
             )
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, *, n: int, timeout: float | None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        n: int,
+        timeout: float | None,
+        cache_salt: str = "",
     ) -> AsyncIterator[GenerationDelta]:
         """The engine's deltas for one prompt's ``n`` sequences, counted against the cap."""
         self.sequences += n
         try:
-            async for delta in self.engine.generate(prompt_ids, params, n=n, timeout=timeout):
+            deltas = self.engine.generate(
+                prompt_ids, params, n=n, timeout=timeout, cache_salt=cache_salt
+            )
+            async for delta in deltas:
                 yield delta
         finally:
             self.sequences -= n
 
     @property
     def queued_rows(self) -> int:
-        return (self.engine.stats or EngineStats()).waiting
+        return self.engine.stats.waiting
 
     def configure(self, config) -> None:
         """Batching settings are for classic models; the engine batches continuously."""
 
     async def close(self) -> None:
         self.engine.close()
+
+
+def start_engine(
+    opened: OpenedVersion,
+    options: EngineOptions,
+    tokenizer: ChatTokenizer,
+    on_stats: Callable[[EngineStats], None] | None = None,
+) -> GenerationEngine:
+    """The back-end for a version: maas's engine for the Llama family, in a process of its
+    own or on a thread; the ``transformers`` fallback for other causal LMs."""
+    name = opened.record.reference
+    if not runs_on_engine(opened.manifest):
+        model = TransformersLM(opened, options.runner)
+        return TransformersGenerator(model, tokenizer, name=name, on_stats=on_stats)
+    if options.separate_process:
+        return EngineProcess(opened, options, tokenizer, name=name, on_stats=on_stats)
+    runner = ModelRunner(opened, options.runner, tokenizer=tokenizer)
+    engine = LLMEngine(runner, max_batch_tokens=options.max_batch_tokens, observer=StatsObserver())
+    engine.warm_up()
+    return EngineClient(engine, name=name, on_stats=on_stats)
 
 
 def runs_on_engine(manifest: Manifest) -> bool:

@@ -82,13 +82,13 @@ class GenerationMetrics:
         )
         self.waiting = Gauge(
             "vllm:num_requests_waiting",
-            "Sequences waiting for a KV slot.",
+            "Sequences waiting to run.",
             labels,
             registry=registry,
         )
         self.kv_usage = Gauge(
             "vllm:kv_cache_usage_perc",
-            "Share of KV slots in use (0 to 1).",
+            "Share of the KV cache's blocks in use (0 to 1).",
             labels,
             registry=registry,
         )
@@ -97,6 +97,24 @@ class GenerationMetrics:
         )
         self.generation_tokens = Counter(
             "vllm:generation_tokens", "Tokens generated.", labels, registry=registry
+        )
+        self.prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            labels,
+            registry=registry,
+        )
+        self.prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            labels,
+            registry=registry,
+        )
+        self.preemptions = Counter(
+            "vllm:num_preemptions",
+            "Sequences preempted for want of KV cache blocks (recomputed later).",
+            labels,
+            registry=registry,
         )
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds",
@@ -129,8 +147,14 @@ class GenerationMetrics:
             self.kv_usage.labels(model_name).set(stats.kv_usage)
             if stats.prompt_tokens:
                 self.prompt_tokens.labels(model_name).inc(stats.prompt_tokens)
-            if stats.generation_tokens:
-                self.generation_tokens.labels(model_name).inc(stats.generation_tokens)
+            for counter, count in (
+                (self.generation_tokens, stats.generation_tokens),
+                (self.prefix_cache_queries, stats.prefix_cache_queries),
+                (self.prefix_cache_hits, stats.prefix_cache_hits),
+                (self.preemptions, stats.preemptions),
+            ):
+                if count:
+                    counter.labels(model_name).inc(count)
             for histogram, samples in (
                 (self.ttft, stats.ttft),
                 (self.itl, stats.itl),

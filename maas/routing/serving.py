@@ -10,11 +10,13 @@ reference keeps serving it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import replace
 
 from maas.config import Settings
 from maas.errors import Conflict, MaasError
+from maas.messages import EngineDescription
 from maas.registry import Registry, VersionRecord
 from maas.registry.service import ANY_OWNER, Owner
 from maas.routing.deployment import Deployment, ServingConfig
@@ -52,7 +54,9 @@ class Serving:
                 max_sequences=settings.llm_max_sequences,
                 max_model_len=settings.llm_max_model_len,
                 kv_cache_bytes=settings.llm_kv_cache_bytes,
+                block_size=settings.llm_kv_block_size,
                 commit_kv_cache=settings.llm_kv_cache_commit,
+                compile=settings.llm_compile,
                 threads=settings.inference_threads,
             ),
             max_batch_tokens=settings.llm_max_batch_tokens,
@@ -130,6 +134,11 @@ class Serving:
                 "in_flight": d.in_flight,
                 "queued_rows": d.queued_rows,
                 "pinned": key_of(d.record) in self.pool.pinned,
+                "engine": _described(getattr(d, "description", None)),
             }
             for d in self.pool.deployments()
         ]
+
+
+def _described(description: EngineDescription | None) -> dict | None:
+    return None if description is None else dataclasses.asdict(description)

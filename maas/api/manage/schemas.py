@@ -126,6 +126,31 @@ class ModelUpdate(BaseModel):
     """Replaces the model's default sampling parameters ({} clears them)."""
 
 
+class DtypeTrialPublic(BaseModel):
+    dtype: str
+    one_ms: float
+    """Median decode step of one sequence."""
+    batch_ms: float
+    """Median decode step of ``batch`` sequences."""
+    batch: int
+    agreement: float
+    """Share of a probe text's next-token choices equal to float32's."""
+
+
+class EngineDescriptionPublic(BaseModel):
+    """How a text-generation model runs."""
+
+    runtime: str
+    """``maas`` (maas's engine) or ``transformers`` (the fallback)."""
+    dtype: str
+    dtype_trials: list[DtypeTrialPublic]
+    """With ``MAAS_LLM_DTYPE=auto``: what was measured at load to choose ``dtype``."""
+    compiled: bool
+    """Decode steps run compiled (else eagerly)."""
+    kv_blocks: int
+    kv_block_size: int
+
+
 class DeploymentPublic(BaseModel):
     model: str
     version: int
@@ -133,6 +158,8 @@ class DeploymentPublic(BaseModel):
     in_flight: int
     queued_rows: int
     pinned: bool
+    engine: EngineDescriptionPublic | None = None
+    """Text-generation models only."""
 
 
 class DeploymentsPublic(BaseModel):

@@ -1,5 +1,6 @@
-"""What chat and text completions share: the model, the limits, running the engine, and
-streaming its output as server-sent events."""
+"""Running a request's prompts on the engine and sending back what comes: usage metered as
+tokens come, engine failures raised as errors, several prompts' deltas merged into one
+stream, server-sent events, and what happens when the client hangs up."""
 
 from __future__ import annotations
 
@@ -9,102 +10,23 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
-from maas.api import governance
-from maas.api.errors import KEYED_STATUSES, error_body, error_responses, kind_of
+from maas.api.errors import error_body, kind_of
 from maas.api.governance import meter
-from maas.api.hardening import StrictJSONRoute
-from maas.errors import (
-    ClientGone,
-    ContextTooLong,
-    InvalidRequest,
-    MaasError,
-    TimedOut,
-    Unavailable,
-)
+from maas.api.inference import InferenceCount
+from maas.errors import ClientGone, MaasError, TimedOut, Unavailable
 from maas.messages import FailureKind, GenerationDelta, SamplingParams
 from maas.routing.llm_deployment import LLMDeployment
-from maas.tasks.sampling import effective_defaults
 
 log = logging.getLogger(__name__)
 
-GENERATION_STATUSES = (*KEYED_STATUSES, 400, 403, 404, 413, 504)
-
-
-def generation_router() -> APIRouter:
-    """A router for a generation route: inference keys, strict JSON, the statuses it answers."""
-    return APIRouter(
-        prefix="/v1",
-        tags=["openai"],
-        dependencies=[Depends(governance.inference_key)],
-        responses=error_responses("/v1", *GENERATION_STATUSES),
-        route_class=StrictJSONRoute,
-    )
-
-
-"""What a generation route answers besides 200: an inference route's errors, and 504 when
-the generation passes its deadline (a stream reports it as an error event instead)."""
-
-
-def generator_of(deployment, model: str) -> LLMDeployment:
-    if not isinstance(deployment, LLMDeployment):
-        raise InvalidRequest(
-            f"{model} is a {deployment.manifest.task} model; it does not generate text",
-            param="model",
-        )
-    return deployment
-
-
-def output_budget(
-    deployment: LLMDeployment,
-    prompt_tokens: int,
-    asked: int | None,
-    *,
-    prompt_param: str,
-    default: int | None = None,
-) -> int:
-    """max_tokens for a prompt: what was asked (too long is 400), else the ``default`` cut to
-    what is left of the context, else all that is left. ``prompt_param`` names the request
-    field the prompt came in (``messages``, ``prompt``)."""
-    limit = deployment.max_len
-    if prompt_tokens >= limit:
-        raise ContextTooLong(
-            f"This model's maximum context length is {limit} tokens. However, your prompt has "
-            f"{prompt_tokens} tokens. Please reduce the length of the messages or prompt.",
-            param=prompt_param,
-        )
-    if asked is not None and prompt_tokens + asked > limit:
-        raise ContextTooLong(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, {asked} for the "
-            "completion). Please reduce the length of the prompt or of max_tokens.",
-            param="max_tokens",
-        )
-    if asked is not None:
-        return asked
-    return min(default or limit, limit - prompt_tokens)
-
-
-def sampling_defaults(serving, deployment: LLMDeployment) -> dict[str, Any]:
-    """The model's default sampling parameters (its own over its generation_config.json)."""
-    model = serving.registry.get_model(deployment.record.name)
-    return effective_defaults(deployment.manifest.generation_config, model.sampling)
-
-
-def check_sequences(count: int, limit: int) -> None:
-    """A request may start at most ``limit`` sequences (prompts x n)."""
-    if count > limit:
-        raise InvalidRequest(
-            f"this request would start {count} sequences (prompts x n); the limit is {limit} "
-            "(MAAS_LLM_MAX_REQUEST_SEQUENCES)",
-            param="n",
-        )
-
+T = TypeVar("T")
 
 FAILURE_ERRORS: dict[FailureKind, type[MaasError]] = {
     FailureKind.TIMEOUT: TimedOut,
@@ -114,7 +36,8 @@ FAILURE_ERRORS: dict[FailureKind, type[MaasError]] = {
 
 
 class Generation:
-    """One prompt's run on the engine: its deltas, and usage kept on the request for metering."""
+    """One request's prompts on the engine: their deltas, and usage kept on the request for
+    metering."""
 
     def __init__(self, request: Request, deployment: LLMDeployment, timeout: float) -> None:
         self.request = request
@@ -126,6 +49,7 @@ class Generation:
     async def run(
         self, prompt_ids: list[int], params: SamplingParams, n: int
     ) -> AsyncIterator[GenerationDelta]:
+        """One prompt's ``n`` sequences; a failed sequence raises its error here."""
         completion = [0] * n
         usage = self.request.state.__dict__.setdefault(
             "generation_usage", {"prompt": 0, "completion": 0}
@@ -141,8 +65,14 @@ class Generation:
         # its chunk is being sent, this generator is closed later than the request is recorded.
         metered()
         try:
+            principal = getattr(self.request.state, "principal", None)
+            tenant = principal.tenant if principal is not None else None
             async for delta in self.deployment.generate(
-                prompt_ids, params, n=n, timeout=self.timeout
+                prompt_ids,
+                params,
+                n=n,
+                timeout=self.timeout,
+                cache_salt=f"tenant:{tenant}" if tenant else "",
             ):
                 if delta.error:
                     raise FAILURE_ERRORS[delta.error_kind or FailureKind.FAILED](delta.error)
@@ -154,7 +84,43 @@ class Generation:
             metered()
 
 
-async def watch_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+async def collect(deltas: AsyncIterator[T]) -> list[T]:
+    return [delta async for delta in deltas]
+
+
+async def merge(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """The items of several streams as they come, each with its stream's index. The first
+    error of any stream raises here; leaving early, or an error, cancels them all (which
+    aborts their generations)."""
+    queue: asyncio.Queue[tuple[int, T]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        async for item in stream:
+            await queue.put((index, item))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        pending = set(tasks)
+        while pending or not queue.empty():
+            getter = asyncio.ensure_future(queue.get())
+            try:
+                done, _ = await asyncio.wait(
+                    {getter, *pending}, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                if not getter.done():
+                    getter.cancel()  # an item it had not taken stays in the queue
+            for task in done - {getter}:
+                pending.discard(task)
+                task.result()  # a stream's error raises here
+            if getter in done:
+                yield getter.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def watch_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``; if the client goes away first, cancel it (which aborts the generation)
     and answer 499, which nobody reads but the log and the usage record show. Hanging up is
     normal traffic, so no traceback: an exception out of the app would make uvicorn log one."""
@@ -176,18 +142,34 @@ def request_id_header(request: Request) -> dict[str, str]:
     return {"x-request-id": value} if value else {}
 
 
-def sse(chunks: Callable[[], AsyncIterator[dict]], request: Request) -> StreamingResponse:
+def sse(
+    request: Request,
+    chunks: AsyncIterator[BaseModel],
+    *,
+    include_usage: bool,
+    count: InferenceCount,
+) -> StreamingResponse:
     """Server-sent events: one ``data:`` line per chunk, an error event if one comes up, then
-    ``data: [DONE]``."""
+    ``data: [DONE]``. A chunk's ``usage`` is sent only with ``include_usage``. The request is
+    counted in the serving metrics when the stream ends."""
+    exclude = None if include_usage else {"usage"}
 
     async def events() -> AsyncIterator[str]:
+        error: BaseException | None = None
         try:
-            async for chunk in chunks():
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            async for chunk in chunks:
+                data = json.dumps(chunk.model_dump(exclude=exclude), ensure_ascii=False)
+                yield f"data: {data}\n\n"
         except MaasError as err:
+            error = err
             kind = kind_of(err)
             body = error_body(request.url.path, err.message, type_=kind.type, code=kind.code)
             yield f"data: {json.dumps(body)}\n\n"
+        except BaseException as err:  # the client went away, or a bug
+            error = err
+            raise
+        finally:
+            count.finish(error)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(

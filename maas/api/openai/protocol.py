@@ -1,4 +1,5 @@
-"""Request and response shapes of OpenAI's chat and text completions.
+"""Request and response shapes of OpenAI's chat and text completions (as vLLM's
+``protocol.py``): what enters and what leaves are separate classes.
 
 Unknown fields are ignored and nulls mean "default", as OpenAI's own server does. A few of
 vLLM's extensions are accepted too (top_k, min_p, repetition_penalty, min_tokens,
@@ -13,7 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 from maas.errors import InvalidRequest
 from maas.messages import SamplingParams
@@ -106,10 +114,29 @@ class GenerationFields(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return value
 
+    @property
+    def asked_max_tokens(self) -> int | None:
+        """The output limit the request sets, if it sets one."""
+        return self.max_tokens
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """Logprobs as the engine takes them: None, or k for the chosen token's and the k most
+        likely tokens'."""
+        return None
+
+    @property
+    def include_usage(self) -> bool:
+        """A stream ends with a chunk of usage (``stream_options.include_usage``)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def check(self) -> None:
+        """400 for what the fields' types cannot say: a field maas does not honour."""
+        self.check_honoured()
+
     def sampling(
         self,
         max_tokens: int,
-        logprobs: int | None,
         vocab_size: int,
         defaults: dict[str, Any] | None = None,
     ) -> SamplingParams:
@@ -139,7 +166,7 @@ class GenerationFields(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=bool(self.ignore_eos),
             min_tokens=min(self.min_tokens or 0, max_tokens),
-            logprobs=logprobs,
+            logprobs=self.engine_logprobs,
         )
 
 
@@ -206,6 +233,14 @@ class ChatCompletionRequest(GenerationFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
+    @property
+    def asked_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(GenerationFields):
     not_honoured: ClassVar[dict[str, Harmless]] = COMPLETION_NOT_HONOURED
@@ -214,11 +249,142 @@ class CompletionRequest(GenerationFields):
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
+    @property
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def num_prompts(self) -> int:
+        """How many prompts ``prompt`` holds: one text or token list, or a list of them."""
+        if isinstance(self.prompt, str) or all(isinstance(t, int) for t in self.prompt):
+            return 1
+        return len(self.prompt)
+
+    def check(self) -> None:
+        super().check()
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequest("echo together with logprobs is not supported", param="echo")
+
+
+# What leaves: the answers and the chunks of a stream
+
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    """The token's UTF-8 bytes (a token may hold part of a character)."""
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    """``stop`` (end of sequence, a stop string or token) or ``length``."""
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    """What a chunk adds to a choice's message; a field left unset is not sent at all."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {name: value for name, value in handler(self).items() if value is not None}
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: Usage | None = None
+    """Sent only with ``stream_options.include_usage``: null but in the last chunk."""
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    """Per token, the text of each likeliest token and its logprob."""
+    text_offset: list[int]
+    """Where each token starts in the choice's text."""
+
+
+class CompletionChoice(BaseModel):
+    """A choice of an answer, or what a stream's chunk adds to one."""
+
+    index: int
+    """``prompt index x n + sequence index``."""
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    """Sent only with ``stream_options.include_usage``: null but in the last chunk."""
 
 
 GenerationFields.model_rebuild()

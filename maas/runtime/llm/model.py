@@ -2,9 +2,13 @@
 
 Tokens of every sequence in a step are flattened into one batch, so the matmuls (q/k/v, o,
 gate/up, down: fused where the shapes allow) run once per layer over all of them; only
-attention is split: decoding tokens attend together over their KV slots, each prefill chunk
-attends over its own slot with a lower-right causal mask. Keys and values live in a
-preallocated slot cache (``KVCache``): one slot per sequence, ``max_len`` positions each.
+attention is split: decoding tokens attend together over their blocks, each prefill chunk
+attends over its own with a lower-right causal mask. Keys and values live in a paged cache
+(``KVCache``): a pool of fixed-size blocks; each sequence's block table says which hold it.
+
+A step of decoding tokens only (the steady state) can run each layer through one compiled
+function (``Block.decode``, see runner.compile_decode), which reads each sequence's blocks
+in place; the general ``Block.forward`` is the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ class DecodeRows:
     """The first ``count`` tokens of a batch: one decoding token per sequence."""
 
     count: int
-    slots: Tensor
-    """Slot of each decoding sequence (int64 [count])."""
+    block_tables: Tensor
+    """int64 [count, blocks]: each decoding sequence's blocks, padded with block 0."""
     lengths: Tensor
-    """Tokens each sequence has in cache after this step (int64 [count])."""
+    """int64 [count]: tokens each sequence has in cache after this step."""
 
 
 @dataclass
@@ -38,7 +42,8 @@ class PrefillRows:
 
     start: int
     end: int
-    slot: int
+    blocks: Tensor
+    """int64 [n]: the sequence's blocks, enough for every position up to the chunk's end."""
     past: int
     """Tokens of this sequence already in the cache before the chunk."""
 
@@ -49,8 +54,8 @@ class StepInput:
     """int64 [T]: decoding tokens first, then prefill chunks."""
     positions: Tensor
     """int64 [T]."""
-    slots: Tensor
-    """int64 [T]: the slot each token's keys and values go to."""
+    cache_index: Tensor
+    """int64 [T]: where each token's key and value go (block * block_size + offset)."""
     decode: DecodeRows | None
     prefills: list[PrefillRows]
     logits_rows: Tensor
@@ -58,36 +63,35 @@ class StepInput:
 
 
 class KVCache:
-    """Keys and values of every layer. Values are [slots, kv_heads, max_len, head_dim]; keys
-    are stored transposed, [slots, kv_heads, head_dim, max_len], so that a decoding query's
-    scores are a plain matrix product over contiguous rows (measured 1.7x faster)."""
+    """Keys and values of every layer: [blocks, block_size, kv_heads, head_dim] each, block 0
+    the null block that padding rows use (see maas.engine.kv_cache)."""
 
     def __init__(
         self,
         config: LlamaConfig,
-        num_slots: int,
-        max_len: int,
+        num_blocks: int,
+        block_size: int,
         dtype: torch.dtype,
         *,
         commit: bool = False,
     ):
-        values = (num_slots, config.num_kv_heads, max_len, config.head_dim)
-        keys = (num_slots, config.num_kv_heads, config.head_dim, max_len)
-        self.k = [_zeros(keys, dtype, commit) for _ in range(config.num_layers)]
-        self.v = [_zeros(values, dtype, commit) for _ in range(config.num_layers)]
-        self.num_slots = num_slots
-        self.max_len = max_len
+        """``num_blocks`` usable blocks; one more, the null block, is made."""
+        shape = (num_blocks + 1, block_size, config.num_kv_heads, config.head_dim)
+        self.k = [_zeros(shape, dtype, commit) for _ in range(config.num_layers)]
+        self.v = [_zeros(shape, dtype, commit) for _ in range(config.num_layers)]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
 
     @staticmethod
-    def bytes_per_slot(config: LlamaConfig, max_len: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(config: LlamaConfig, block_size: int, dtype: torch.dtype) -> int:
         element = torch.tensor([], dtype=dtype).element_size()
-        return 2 * config.num_layers * config.num_kv_heads * max_len * config.head_dim * element
+        return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * element
 
-    def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Reuse ``length`` cached positions of one slot in another (a shared prompt prefix)."""
-        for k, v in zip(self.k, self.v, strict=True):
-            k[target, :, :, :length] = k[source, :, :, :length]
-            v[target, :, :length] = v[source, :, :length]
+    @property
+    def capacity(self) -> int:
+        """Positions the pool holds in all."""
+        return self.num_blocks * self.block_size
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, commit: bool) -> Tensor:
@@ -144,19 +148,58 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, rope: Rope, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor
     ) -> Tensor:
+        q, k, v = self._qkv(x, rope.cos, rope.sin)
+        write_cache(k_cache, v_cache, plan.cache_index, k, v)
+        return self._out(x, attention(q, plan, k_cache, v_cache))
+
+    def decode(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        cache_index: Tensor,
+        block_tables: Tensor,
+        lengths: Tensor,
+    ) -> Tensor:
+        """One decoding token per sequence, all tensors in and out, so that torch.compile can
+        fuse the layer whole; attention then reads each block where it lies (``fused``)."""
+        q, k, v = self._qkv(x, cos, sin)
+        write_cache(k_cache, v_cache, cache_index, k, v)
+        attended = decode_attention(q, k_cache, v_cache, block_tables, lengths, fused=True)
+        return self._out(x, attended)
+
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values ([tokens, heads, head_dim]), rotated."""
         tokens = x.shape[0]
         qkv = self.qkv(self.input_norm(x))
         v = qkv[:, self.sizes[0] + self.sizes[1] :].view(tokens, self.kv_heads, self.head_dim)
         qk = qkv[:, : self.sizes[0] + self.sizes[1]].view(tokens, -1, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, : self.heads]), self.k_norm(qk[:, self.heads :])), 1)
-        qk = rope.apply(qk)  # q and k in one go
-        q, k = qk[:, : self.heads], qk[:, self.heads :]
-        plan.write(k, v, k_cache, v_cache)
-        attended = attention(q, plan, k_cache, v_cache)
-        x = x + self.o(attended.reshape(tokens, -1))
+        qk = rotate(qk, cos, sin)  # q and k in one go
+        return qk[:, : self.heads], qk[:, self.heads :], v
+
+    def _out(self, x: Tensor, attended: Tensor) -> Tensor:
+        x = x + self.o(attended.reshape(x.shape[0], -1))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+
+def decode_layer(
+    block: Block,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_index: Tensor,
+    block_tables: Tensor,
+    lengths: Tensor,
+) -> Tensor:
+    """``block.decode`` as a free function: compiled once, it serves every layer."""
+    return block.decode(x, cos, sin, k_cache, v_cache, cache_index, block_tables, lengths)
 
 
 class LlamaModel(nn.Module):
@@ -171,6 +214,8 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed.weight
         inv_freq = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.decode_layer = None
+        """``decode_layer`` compiled (set by the runner); decode-only steps then use it."""
 
     @torch.inference_mode()
     def forward(self, step: StepInput, cache: KVCache) -> Tensor:
@@ -178,9 +223,24 @@ class LlamaModel(nn.Module):
         keys and values into the cache."""
         x = self.embed(step.input_ids)
         rope = Rope(step.positions, self.inv_freq, x.dtype)
-        plan = AttentionPlan(step)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, rope, plan, cache.k[layer], cache.v[layer])
+        if self.decode_layer is not None and step.decode is not None and not step.prefills:
+            decode = step.decode
+            for layer, block in enumerate(self.blocks):
+                x = self.decode_layer(
+                    block,
+                    x,
+                    rope.cos,
+                    rope.sin,
+                    cache.k[layer],
+                    cache.v[layer],
+                    step.cache_index,
+                    decode.block_tables,
+                    decode.lengths,
+                )
+        else:
+            plan = AttentionPlan(step)
+            for layer, block in enumerate(self.blocks):
+                x = block(x, rope, plan, cache.k[layer], cache.v[layer])
         x = self.norm(x[step.logits_rows])
         return self.lm_head(x).float()
 
@@ -195,65 +255,39 @@ class Rope:
         self.cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype)
         self.sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
 
-    def apply(self, x: Tensor) -> Tensor:
-        """``x``: [tokens, heads, head_dim]."""
-        swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
-        return torch.addcmul(x * self.cos, swapped, self.sin)
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x``: [tokens, heads, head_dim]; ``cos``, ``sin``: [tokens, 1, head_dim] (Rope's)."""
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+def write_cache(k_cache: Tensor, v_cache: Tensor, index: Tensor, k: Tensor, v: Tensor) -> None:
+    """Put the step's keys and values ([T, kv_heads, head_dim]) at their flat positions."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, index, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, index, v)
 
 
 class AttentionPlan:
-    """What every layer's attention needs to know about the step, worked out once per step."""
+    """What every layer's attention needs to know about the step."""
 
     def __init__(self, step: StepInput) -> None:
-        self.decode = _DecodePlan(step.decode) if step.decode is not None else None
-        rows = step.decode.count if step.decode is not None else 0
-        self.decode_slots, self.decode_positions = step.slots[:rows], step.positions[:rows]
+        self.decode = step.decode
         self.prefills = step.prefills
-
-    def write(self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
-        """Put the step's new keys and values ([T, kv_heads, head_dim]) into the cache: one
-        scattered write for the decoding tokens, a slice copy for each prompt chunk."""
-        if self.decode is not None:
-            rows = self.decode.count
-            k_cache[self.decode_slots, :, :, self.decode_positions] = k[:rows]
-            v_cache[self.decode_slots, :, self.decode_positions] = v[:rows]
-        for chunk in self.prefills:
-            begin, end = chunk.past, chunk.past + chunk.end - chunk.start
-            k_cache[chunk.slot, :, :, begin:end] = k[chunk.start : chunk.end].permute(1, 2, 0)
-            v_cache[chunk.slot, :, begin:end] = v[chunk.start : chunk.end].transpose(0, 1)
-
-
-class _DecodePlan:
-    """The decoding sequences read a contiguous range of slots (a view of the cache, never a
-    copy); slots in the range that are not decoding, and positions past each sequence's
-    length, are masked out."""
-
-    def __init__(self, decode: DecodeRows) -> None:
-        self.count = decode.count
-        slots = decode.slots.tolist()
-        self.low, self.high = min(slots), max(slots) + 1
-        span = self.high - self.low
-        self.longest = int(decode.lengths.max())
-        rows = decode.slots - self.low
-        contiguous = span == self.count and slots == list(range(self.low, self.high))
-        self.rows = None if contiguous else rows
-        lengths = torch.ones(span, dtype=torch.long)
-        lengths[rows] = decode.lengths
-        self.bias = None
-        if bool((lengths < self.longest).any()):
-            visible = torch.arange(self.longest)[None, :] < lengths[:, None]
-            bias = torch.zeros(span, 1, 1, self.longest)
-            self.bias = bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
+        self.cache_index = step.cache_index
 
 
 def attention(q: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
     """[T, heads, head_dim] attention outputs for the flattened batch."""
-    if plan.decode is not None and not plan.prefills:
-        return _decode_attention(q, plan.decode, k_cache, v_cache)
+    decode = plan.decode
+    if decode is not None and not plan.prefills:
+        return decode_attention(q, k_cache, v_cache, decode.block_tables, decode.lengths)
     out = torch.empty_like(q)
-    if plan.decode is not None:
-        rows = plan.decode.count
-        out[:rows] = _decode_attention(q[:rows], plan.decode, k_cache, v_cache)
+    if decode is not None:
+        rows = decode.count
+        out[:rows] = decode_attention(
+            q[:rows], k_cache, v_cache, decode.block_tables, decode.lengths
+        )
     for chunk in plan.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(
             q[chunk.start : chunk.end], chunk, k_cache, v_cache
@@ -261,22 +295,40 @@ def attention(q: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) 
     return out
 
 
-def _decode_attention(q: Tensor, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-    """One query per sequence: two batched matrix products over (slot, kv head), each kv
-    head's group of query heads together. Much cheaper than SDPA for a single query."""
-    keys = k_cache[plan.low : plan.high, :, :, : plan.longest]  # [S, kv_heads, D, L]
-    values = v_cache[plan.low : plan.high, :, : plan.longest]  # [S, kv_heads, L, D]
-    span, kv_heads, head_dim, _ = keys.shape
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    lengths: Tensor,
+    *,
+    fused: bool = False,
+) -> Tensor:
+    """One query per sequence ([S, heads, head_dim]) over its first ``lengths`` cached
+    positions, each kv head's group of query heads together.
+
+    ``fused`` writes the products as multiply-and-sum, which torch.compile turns into loops
+    that read each block in place, once; run eagerly, that form would build the whole
+    product, so the eager path gathers the blocks and uses two batched matrix products."""
+    count, blocks = block_tables.shape
+    block_size, kv_heads, head_dim = k_cache.shape[1:]
     heads = q.shape[1]
-    if plan.rows is not None:
-        q = q.new_zeros((span, heads, head_dim)).index_copy_(0, plan.rows, q)
-    q = (q * head_dim**-0.5).view(span, kv_heads, heads // kv_heads, head_dim)
-    scores = torch.matmul(q, keys)  # [S, kv_heads, group, L]
-    if plan.bias is not None:
-        scores = scores + plan.bias
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-    out = torch.matmul(probs, values).view(span, heads, head_dim)
-    return out if plan.rows is None else out.index_select(0, plan.rows)
+    span = blocks * block_size
+    keys = k_cache[block_tables].view(count, span, kv_heads, head_dim)
+    values = v_cache[block_tables].view(count, span, kv_heads, head_dim)
+    q = (q * head_dim**-0.5).view(count, kv_heads, heads // kv_heads, head_dim)
+    hidden = torch.arange(span, device=lengths.device)[None, :] >= lengths[:, None]  # [S, L]
+    if fused:
+        scores = (q[:, None] * keys[:, :, :, None]).sum(-1)  # [S, L, kv_heads, group]
+        scores = scores.masked_fill(hidden[:, :, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=1, dtype=torch.float32).to(values.dtype)
+        out = (probs[..., None] * values[:, :, :, None]).sum(1)  # [S, kv_heads, group, D]
+    else:
+        scores = torch.matmul(q, keys.permute(0, 2, 3, 1))  # [S, kv_heads, group, L]
+        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        out = torch.matmul(probs, values.transpose(1, 2))
+    return out.reshape(count, heads, head_dim)
 
 
 def _prefill_attention(q: Tensor, chunk: PrefillRows, k_cache: Tensor, v_cache: Tensor) -> Tensor:
@@ -284,18 +336,18 @@ def _prefill_attention(q: Tensor, chunk: PrefillRows, k_cache: Tensor, v_cache: 
     head, one product for all the queries of its group."""
     tokens = chunk.end - chunk.start
     length = chunk.past + tokens
-    keys = k_cache[chunk.slot, :, :, :length]  # [kv_heads, D, L]
-    values = v_cache[chunk.slot, :, :length]  # [kv_heads, L, D]
-    kv_heads, head_dim, _ = keys.shape
+    keys = k_cache[chunk.blocks].flatten(0, 1)[:length]  # [L, kv_heads, D]
+    values = v_cache[chunk.blocks].flatten(0, 1)[:length]
+    kv_heads, head_dim = keys.shape[1:]
     heads = q.shape[1]
     group = heads // kv_heads
     q = (q * head_dim**-0.5).transpose(0, 1).reshape(kv_heads, group * tokens, head_dim)
-    scores = torch.bmm(q, keys).view(kv_heads, group, tokens, length)
+    scores = torch.bmm(q, keys.permute(1, 2, 0)).view(kv_heads, group, tokens, length)
     if tokens > 1:
         future = torch.ones(tokens, length, dtype=torch.bool).triu_(chunk.past + 1)
         scores = scores.masked_fill(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-    out = torch.bmm(probs.view(kv_heads, group * tokens, length), values)
+    out = torch.bmm(probs.view(kv_heads, group * tokens, length), values.transpose(0, 1))
     return out.view(heads, tokens, head_dim).transpose(0, 1)
 
 

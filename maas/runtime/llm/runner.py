@@ -10,29 +10,45 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from maas.errors import InvalidRequest
 from maas.registry.records import OpenedVersion
-from maas.runtime.llm.kernels import pack_linears, quantize_linears, weight_bytes
+from maas.runtime.llm.compiled import CompileReport, compile_decode
+from maas.runtime.llm.dtypes import (
+    ACTIVATIONS,
+    PROBE,
+    QUESTION,
+    DtypeChoice,
+    choose,
+    convert,
+)
+from maas.runtime.llm.kernels import pack_linears, weight_bytes
 from maas.runtime.llm.model import KVCache, StepInput
 from maas.runtime.llm.tokenizer import load_tokenizer
 from maas.runtime.llm.weights import load_model
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
-"""int8 runs the linear layers W8A8 (see kernels.Int8Linear); the rest, and the KV cache, in
-float32."""
+
+AUTO_BATCH = 32
+"""The full batch ``auto`` times (or max_sequences, if fewer)."""
 
 
 @dataclass(frozen=True)
 class RunnerOptions:
     dtype: str = "float32"
+    """float32, bfloat16, int8-weight, int8 (W8A8), or auto (see dtypes.py)."""
     max_sequences: int = 32
-    """KV slots: sequences that run at once; more wait for a slot."""
+    """Sequences that run at once; more wait."""
     max_model_len: int = 4096
-    """Positions per slot (prompt plus output); capped by the model's context."""
+    """Positions per sequence (prompt plus output); capped by the model's context and by
+    what the KV cache holds."""
     kv_cache_bytes: int = 0
-    """The most the KV cache may take; fewer slots are made if needed. 0: what the slots
-    need (``kv_cache_budget``)."""
+    """The most the KV cache may take. 0: what ``max_sequences`` sequences of
+    ``max_model_len`` need (``kv_cache_budget``)."""
+    block_size: int = 16
+    """Positions per KV block."""
+    compile: bool = True
+    """Compile the decode step (see compiled.py); eager if compilation fails."""
     commit_kv_cache: bool = False
     """Touch every KV page at load (first writes then cost nothing) instead of as tokens fill
     them (the memory is then held only once used)."""
@@ -44,13 +60,14 @@ KV_CACHE_SHARE = 4
 """A derived KV budget takes at most 1/KV_CACHE_SHARE of the machine's memory."""
 
 
-def kv_cache_budget(options: RunnerOptions, per_slot: int) -> int:
-    """The KV cache's size: the set budget, else what ``max_sequences`` slots of the context
-    need (sequences x positions x bytes per position), at most a quarter of the memory."""
+def kv_cache_budget(options: RunnerOptions, per_sequence: int) -> int:
+    """The KV cache's size: the set budget, else what ``max_sequences`` sequences of the
+    whole context need (sequences x positions x bytes per position), at most a quarter of the
+    memory. Blocks are committed as they are first written, so an idle cache holds little."""
     if options.kv_cache_bytes:
         return options.kv_cache_bytes
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(options.max_sequences * per_slot, memory // KV_CACHE_SHARE)
+    return min(options.max_sequences * per_sequence, memory // KV_CACHE_SHARE)
 
 
 class ModelRunner:
@@ -58,33 +75,56 @@ class ModelRunner:
         started = time.perf_counter()
         if options.threads:
             torch.set_num_threads(options.threads)
-        dtype = DTYPES[options.dtype]
-        self.model = load_model(opened, dtype)
-        self.config = self.model.config
-        if options.dtype == "int8":
-            quantize_linears(self.model)
-        elif options.pack_weights:
-            pack_linears(self.model)
-        weights = weight_bytes(self.model)
         self.tokenizer = tokenizer or load_tokenizer(opened)
-        max_len = min(options.max_model_len, self.config.max_position_embeddings)
-        per_slot = KVCache.bytes_per_slot(self.config, max_len, dtype)
-        budget = kv_cache_budget(options, per_slot)
-        slots = max(1, min(options.max_sequences, budget // per_slot))
-        self.cache = KVCache(self.config, slots, max_len, dtype, commit=options.commit_kv_cache)
-        self.memory_bytes = weights + slots * per_slot
+        self.dtype_choice: DtypeChoice | None = None
+        """With ``dtype="auto"``: what was measured and chosen."""
+        self.dtype = options.dtype
+        pack = options.pack_weights and not options.compile
+        if options.dtype == "auto":
+            self.model = load_model(opened, torch.float32)
+            probe = self.tokenizer.encode(PROBE)
+            question = _question_ids(self.tokenizer)
+            batch = min(options.max_sequences, AUTO_BATCH)
+            self.dtype_choice = choose(self.model, probe, question, batch=batch, pack=pack)
+            self.dtype = self.dtype_choice.dtype
+        else:
+            self.model = load_model(opened, ACTIVATIONS[options.dtype])
+        convert(self.model, self.dtype, pack=pack)
+        self.config = self.model.config
+        dtype = ACTIVATIONS[self.dtype]
+        self.compiled: CompileReport | None = None
+        context = min(options.max_model_len, self.config.max_position_embeddings)
+        size = options.block_size
+        per_block = KVCache.bytes_per_block(self.config, size, dtype)
+        budget = kv_cache_budget(options, per_block * -(-context // size))
+        blocks = max(1, budget // per_block)
+        self.cache = KVCache(self.config, blocks, size, dtype, commit=options.commit_kv_cache)
+        self.max_len = min(context, self.cache.capacity)
+        """Positions one sequence may reach (prompt plus output)."""
+        self.max_sequences = options.max_sequences
+        if options.compile:
+            self.compiled = compile_decode(self.model, self.cache)
+        if self.compiled is None and options.compile and options.pack_weights:
+            pack_linears(self.model)  # eager steps gain from packed weights; compiled ones
+            # take the plain weights as inputs (inductor packs only constant weights)
+        self.memory_bytes = weight_bytes(self.model) + (blocks + 1) * per_block
         log.info(
-            "%s ready in %.1fs: %s, %d slots of %d positions",
+            "%s ready in %.1fs: %s, %d KV blocks of %d positions, decode step %s",
             opened.record.reference,
             time.perf_counter() - started,
-            options.dtype,
-            slots,
-            max_len,
+            self.dtype,
+            blocks,
+            size,
+            "compiled" if self.compiled else "eager",
         )
-
-    @property
-    def max_len(self) -> int:
-        return self.cache.max_len
 
     def forward(self, step: StepInput) -> Tensor:
         return self.model(step, self.cache)
+
+
+def _question_ids(tokenizer) -> list[int]:
+    """The probe question as the model's chat template has it (plain text without one)."""
+    try:
+        return tokenizer.encode_chat(QUESTION)
+    except InvalidRequest:  # no chat template, or one that refuses it: the question alone
+        return tokenizer.encode(QUESTION[0]["content"])

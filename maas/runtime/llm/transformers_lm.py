@@ -17,7 +17,8 @@ from torch import Tensor
 
 from maas.registry.records import OpenedVersion
 from maas.runtime.classic.transformers_task import load_pretrained
-from maas.runtime.llm.runner import DTYPES, RunnerOptions
+from maas.runtime.llm.dtypes import ACTIVATIONS
+from maas.runtime.llm.runner import RunnerOptions
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,10 @@ class TransformersLM:
         transformers.utils.logging.disable_progress_bar()
         if options.threads:
             torch.set_num_threads(options.threads)
-        dtype = DTYPES[options.dtype]
+        # int8 choices quantise maas's own Llama layers; here they, and auto, run in float32
+        dtype = ACTIVATIONS.get(options.dtype, torch.float32)
         self.model = load_pretrained(opened, transformers.AutoModelForCausalLM, dtype).eval()
+        self.dtype_name = str(dtype).removeprefix("torch.")
         context = opened.manifest.context_length
         self.max_len = min(options.max_model_len, context) if context else options.max_model_len
         """Prompt plus output tokens of a sequence, at most."""

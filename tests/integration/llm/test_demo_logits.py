@@ -38,7 +38,7 @@ def runner(gguf, tmp_path_factory):
     try:
         registry.import_model(gguf, SMOLLM2.name, task="chat")
         opened = registry.open_version(SMOLLM2.name)
-        options = RunnerOptions(dtype="float32", max_sequences=1, max_model_len=128)
+        options = RunnerOptions(dtype="float32", max_sequences=1, max_model_len=128, compile=False)
         yield ModelRunner(opened, options)
     finally:
         registry.close()
@@ -55,14 +55,17 @@ def reference(gguf):
 
 
 def prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
-    """Next-token logits at every position of ``ids``, prefilled in one chunk into slot 0."""
+    """Next-token logits at every position of ``ids``, prefilled in one chunk into the first
+    blocks of the cache."""
     count = len(ids)
+    size = runner.cache.block_size
+    blocks = torch.arange(1, 1 + -(-count // size))
     step = StepInput(
         input_ids=torch.tensor(ids),
         positions=torch.arange(count),
-        slots=torch.zeros(count, dtype=torch.long),
+        cache_index=torch.arange(count) + size,  # block 1 onwards: block 0 is the null block
         decode=None,
-        prefills=[PrefillRows(start=0, end=count, slot=0, past=0)],
+        prefills=[PrefillRows(start=0, end=count, blocks=blocks, past=0)],
         logits_rows=torch.arange(count),
     )
     with torch.inference_mode():

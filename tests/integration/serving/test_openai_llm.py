@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from maas.api.app import build_app
@@ -764,6 +765,33 @@ def test_generation_metrics_carry_the_model_name(world):
     assert metric(world, "vllm:e2e_request_latency_seconds_count") >= 1
 
 
+def inference_counts(world) -> dict[str, float]:
+    """The model's ``maas_inference_requests_total`` by outcome, and its timed requests."""
+    text = world.client.get("/metrics", headers=world.as_("admin")).text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") != MODEL or sample.labels.get("version") != "1":
+                continue
+            if sample.name == "maas_inference_requests_total":
+                counts[sample.labels["outcome"]] = sample.value
+            elif sample.name == "maas_inference_request_duration_seconds_count":
+                counts["timed"] = sample.value
+    return counts
+
+
+def test_generation_is_counted_in_the_inference_metrics_like_any_inference(world):
+    before = inference_counts(world)
+    ok(chat(world, max_tokens=2, **GREEDY))
+    events(chat(world, max_tokens=2, stream=True, **GREEDY))
+    ok(complete(world, ["the cat", "a dog"], max_tokens=2, **GREEDY))
+    openai_error(complete(world, "the cat", max_tokens=10**6), 400)  # past the context
+    openai_error(chat(world, max_tokens=200, timeout=0.01, **GREEDY), 504)
+    after = inference_counts(world)
+    added = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    assert added == {"success": 3, "client_error": 1, "server_error": 1, "timed": 5}
+
+
 # Deadlines
 
 
@@ -813,3 +841,63 @@ def test_the_engine_in_its_own_process_answers_as_the_one_on_a_thread(world, sep
     # the deadline crosses the process boundary too
     openai_error(chat(separate, max_tokens=200, timeout=0.05, **GREEDY), 504, code="timeout")
     assert wait_until(lambda: metric(separate, "vllm:generation_tokens_total") >= 24)
+
+
+# The engine: how it runs, and its prefix cache
+
+
+def test_deployments_show_how_the_engine_runs_the_model(world):
+    ok(chat(world, max_tokens=1, **GREEDY))
+    data = world.client.get("/api/v1/deployments", headers=world.as_("admin")).json()["data"]
+    [engine] = [d["engine"] for d in data if d["model"] == MODEL]
+    candidates = ["float32", "bfloat16", "int8-weight", "int8"]
+    assert engine["runtime"] == "maas" and engine["dtype"] in candidates
+    trials = engine["dtype_trials"]  # MAAS_LLM_DTYPE=auto, the default, measured each
+    assert [t["dtype"] for t in trials] == candidates
+    assert all(t["one_ms"] > 0 and t["batch_ms"] > 0 and 0 <= t["agreement"] <= 1 for t in trials)
+    assert engine["compiled"] is True  # MAAS_LLM_COMPILE=true, the default, and a C++ compiler
+    assert engine["kv_blocks"] > 0 and engine["kv_block_size"] == 16
+
+
+LONG_SYSTEM = "You answer in one short sentence, politely. " * 2
+
+
+SHARED = "shared-chat"
+"""Seen by every tenant."""
+
+
+@pytest.fixture(scope="module")
+def shared_chat(world, model_sources) -> str:
+    """The tiny chat Llama as a model of no tenant."""
+    world.client.app.state.registry.import_model(model_sources / "llama", SHARED)
+    return SHARED
+
+
+def prefix_cache(world) -> tuple[float, float]:
+    text = world.client.get("/metrics", headers=world.as_("admin")).text
+
+    def counter(name: str) -> float:
+        found = re.search(rf'^{name}{{model_name="{SHARED}:1"}} (\S+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    return counter("vllm:prefix_cache_queries_total"), counter("vllm:prefix_cache_hits_total")
+
+
+def test_a_repeated_system_prompt_comes_from_the_prefix_cache_of_its_own_tenant_only(
+    world, shared_chat
+):
+    messages = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "hi"}]
+
+    def ask(role: str) -> tuple[float, float]:
+        before = prefix_cache(world)
+        body = {"model": SHARED, "messages": messages, "max_tokens": 2, **GREEDY}
+        ok(world.client.post("/v1/chat/completions", json=body, headers=world.as_(role)))
+        assert wait_until(lambda: prefix_cache(world)[0] > before[0])
+        after = prefix_cache(world)
+        return after[0] - before[0], after[1] - before[1]
+
+    queried, _ = ask("user")
+    assert queried > 48  # the prompt is several blocks long
+    assert ask("globex") == (queried, 0)  # another tenant: nothing shared
+    queried_again, hits = ask("maintainer")  # acme again
+    assert queried_again == queried and hits >= 48

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -12,6 +13,8 @@ from maas.engine.llm_engine import LLMEngine
 from maas.messages import EngineRequest, GenerationDelta, SamplingParams
 from maas.registry import open_registry
 from maas.registry.records import OpenedVersion
+from maas.runtime.llm.config import LlamaConfig
+from maas.runtime.llm.model import KVCache
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions
 from maas.runtime.llm.tokenizer import ChatTokenizer, load_tokenizer
 from tests.fixtures import make_tiny_llama
@@ -39,7 +42,9 @@ def llama_tokenizer(llama_version) -> ChatTokenizer:
 @pytest.fixture
 def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
     """make_engine(max_batch_tokens=64, max_sequences=4, max_model_len=128, tokenizer=None,
-    dtype="float32"): a fresh engine (fresh KV cache), one thread."""
+    dtype="float32", kv_cache_blocks=0, compile=False): a fresh engine (fresh KV cache of
+    16-position blocks: ``kv_cache_blocks`` of them, or enough for every sequence), one
+    thread, eager unless ``compile``."""
 
     def make(
         *,
@@ -48,9 +53,19 @@ def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
         max_model_len: int = 128,
         tokenizer: ChatTokenizer | None = None,
         dtype: str = "float32",
+        kv_cache_blocks: int = 0,
+        compile: bool = False,
     ) -> LLMEngine:
+        config = LlamaConfig.from_hf(json.loads((llama_version.folder / "config.json").read_text()))
+        block_bytes = KVCache.bytes_per_block(config, 16, torch.float32)  # float32 and int8
         options = RunnerOptions(
-            dtype=dtype, max_sequences=max_sequences, max_model_len=max_model_len, threads=1
+            dtype=dtype,
+            max_sequences=max_sequences,
+            max_model_len=max_model_len,
+            kv_cache_bytes=kv_cache_blocks * block_bytes,
+            block_size=16,
+            compile=compile,
+            threads=1,
         )
         runner = ModelRunner(llama_version, options, tokenizer or llama_tokenizer)
         return LLMEngine(runner, max_batch_tokens=max_batch_tokens)

@@ -15,6 +15,8 @@ from maas.runtime.llm.model import (
     PrefillRows,
     StepInput,
     attention,
+    decode_attention,
+    write_cache,
 )
 from tests.unit.engine.conftest import greedy, run_to_end, submit, token_ids
 
@@ -69,52 +71,54 @@ def reference_attention(q, k, v, length: int, causal_from: int | None = None):
     return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
 
 
-def test_attention_of_a_step_mixing_decodes_in_scattered_slots_and_a_prompt_chunk():
+CONFIG = type("C", (), {"num_kv_heads": 2, "head_dim": 8, "num_layers": 1})()
+
+
+def test_attention_of_a_step_mixing_decodes_in_scattered_blocks_and_a_prompt_chunk():
     torch.manual_seed(1)
-    config = type("C", (), {"num_kv_heads": 2, "head_dim": 8, "num_layers": 1})()
-    cache = KVCache(config, num_slots=5, max_len=16, dtype=torch.float32)
-    keys, values = torch.randn(5, 16, 2, 8), torch.randn(5, 16, 2, 8)  # [slot, pos, kv, D]
-    for slot in range(5):
-        cache.k[0][slot] = keys[slot].permute(1, 2, 0)
-        cache.v[0][slot] = values[slot].transpose(0, 1)
-    # decoding: slot 3 at length 5 and slot 1 at length 9 (slot 2 in the range is idle);
-    # a 3-token chunk of slot 0's prompt after 4 cached positions
+    cache = KVCache(CONFIG, num_blocks=12, block_size=4, dtype=torch.float32)
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    tables = {"a": [7, 2], "b": [3, 11, 5], "c": [9, 4]}  # out of order, as a pool hands out
+
+    def held(name):  # [positions, kv heads, D] of a sequence, in order
+        blocks = torch.tensor(tables[name])
+        return cache.k[0][blocks].flatten(0, 1), cache.v[0][blocks].flatten(0, 1)
+
+    # decoding: a at length 5, b at length 9; a 3-token chunk of c after 4 cached positions
     step = StepInput(
         input_ids=torch.zeros(5, dtype=torch.long),
         positions=torch.tensor([4, 8, 4, 5, 6]),
-        slots=torch.tensor([3, 1, 0, 0, 0]),
-        decode=DecodeRows(2, torch.tensor([3, 1]), torch.tensor([5, 9])),
-        prefills=[PrefillRows(start=2, end=5, slot=0, past=4)],
+        cache_index=torch.zeros(5, dtype=torch.long),
+        decode=DecodeRows(2, torch.tensor([[7, 2, 0], [3, 11, 5]]), torch.tensor([5, 9])),
+        prefills=[PrefillRows(start=2, end=5, blocks=torch.tensor(tables["c"]), past=4)],
         logits_rows=torch.tensor([0, 1, 4]),
     )
     q = torch.randn(5, 4, 8)
     got = attention(q, AttentionPlan(step), cache.k[0], cache.v[0])
     expected = torch.cat(
         [
-            reference_attention(q[0:1], keys[3], values[3], 5),
-            reference_attention(q[1:2], keys[1], values[1], 9),
-            reference_attention(q[2:5], keys[0], values[0], 7, causal_from=4),
+            reference_attention(q[0:1], *held("a"), 5),
+            reference_attention(q[1:2], *held("b"), 9),
+            reference_attention(q[2:5], *held("c"), 7, causal_from=4),
         ]
     )
     assert torch.allclose(got, expected, atol=1e-5)
-
-
-def test_plan_writes_new_keys_and_values_where_attention_reads_them():
-    config = type("C", (), {"num_kv_heads": 2, "head_dim": 8, "num_layers": 1})()
-    cache = KVCache(config, num_slots=3, max_len=16, dtype=torch.float32)
-    step = StepInput(
-        input_ids=torch.zeros(4, dtype=torch.long),
-        positions=torch.tensor([7, 0, 1, 2]),
-        slots=torch.tensor([2, 1, 1, 1]),
-        decode=DecodeRows(1, torch.tensor([2]), torch.tensor([8])),
-        prefills=[PrefillRows(start=1, end=4, slot=1, past=0)],
-        logits_rows=torch.tensor([0, 3]),
+    decode = step.decode
+    fused = decode_attention(
+        q[:2], cache.k[0], cache.v[0], decode.block_tables, decode.lengths, fused=True
     )
+    assert torch.allclose(fused, expected[:2], atol=1e-5)
+
+
+def test_keys_and_values_are_written_where_attention_reads_them():
+    cache = KVCache(CONFIG, num_blocks=4, block_size=4, dtype=torch.float32)
+    index = torch.tensor([2 * 4 + 3, 3 * 4 + 0, 3 * 4 + 1, 1 * 4 + 2])  # (block, offset)
     k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
-    AttentionPlan(step).write(k, v, cache.k[0], cache.v[0])
-    for token, (slot, position) in enumerate([(2, 7), (1, 0), (1, 1), (1, 2)]):
-        assert torch.equal(cache.k[0][slot, :, :, position], k[token])
-        assert torch.equal(cache.v[0][slot, :, position], v[token])
+    write_cache(cache.k[0], cache.v[0], index, k, v)
+    for token, (block, offset) in enumerate([(2, 3), (3, 0), (3, 1), (1, 2)]):
+        assert torch.equal(cache.k[0][block, offset], k[token])
+        assert torch.equal(cache.v[0][block, offset], v[token])
     assert int((cache.k[0] != 0).sum()) == 4 * 2 * 8  # nothing else written
 
 

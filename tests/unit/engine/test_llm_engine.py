@@ -1,5 +1,5 @@
-"""The LLM engine driven step by step: continuous batching, chunked prefill, slots, aborts,
-deadlines and prefix reuse never change what a request generates."""
+"""The LLM engine driven step by step: continuous batching, chunked prefill, paged KV blocks,
+preemption, aborts, deadlines and prefix caching never change what a request generates."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 import maas.engine.llm_engine as llm_engine
-from maas.engine.kv_cache import MIN_REUSE, Allocation, SlotAllocator
+from maas.engine.kv_cache import BlockPool, extend_names
 from maas.engine.scheduler import Plan
-from maas.messages import MODEL_UNLOADED, FailureKind
+from maas.messages import MODEL_UNLOADED, EngineRequest, FailureKind
 from tests.fixtures import CORPUS
 from tests.unit.engine.conftest import (
     finish_reason,
@@ -50,16 +50,19 @@ def alone_ids(make_engine, prompt, params, **options) -> list[int]:
     return token_ids(generate_alone(make_engine, prompt, params, **options))
 
 
-def spy_on_allocations(engine, monkeypatch) -> list[Allocation]:
-    allocations: list[Allocation] = []
-    allocate = engine.scheduler.slots.allocate
+def spy_on_admissions(engine, monkeypatch) -> list[tuple[str, int, list[int]]]:
+    """(request, tokens found in the prefix cache, blocks shared) of each admission."""
+    admissions: list[tuple[str, int, list[int]]] = []
+    admit = engine.scheduler._admit
 
-    def recording(prompt, busy):
-        allocations.append(allocate(prompt, busy))
-        return allocations[-1]
+    def recording(sequence):
+        admitted = admit(sequence)
+        if admitted:
+            admissions.append((sequence.request_id, sequence.computed, list(sequence.blocks)))
+        return admitted
 
-    monkeypatch.setattr(engine.scheduler.slots, "allocate", recording)
-    return allocations
+    monkeypatch.setattr(engine.scheduler, "_admit", recording)
+    return admissions
 
 
 def spy_on_plans(engine, monkeypatch) -> list[Plan]:
@@ -202,7 +205,8 @@ def test_warm_up_runs_the_model_and_leaves_the_engine_as_it_found_it(
     engine.warm_up()
     assert len(forwards) >= 2  # a prefill and at least one decode step
     assert engine.observer is observer and not engine.has_work()
-    assert engine.scheduler.slots.free_slots == 2
+    pool = engine.scheduler.pool
+    assert pool.free_blocks == pool.num_blocks and (pool.queries, pool.hits) == (0, 0)
     engine.observer = None
     deltas = submit(engine, "r", prompts[0], greedy(8))
     run_to_end(engine)
@@ -255,7 +259,7 @@ def test_a_request_past_its_deadline_ends_with_an_error_before_running(make_engi
     [delta] = deltas
     assert (delta.finish_reason, delta.token_ids) == ("abort", ())
     assert "deadline" in delta.error
-    assert not engine.has_work() and engine.scheduler.slots.free_slots == 4
+    assert not engine.has_work() and engine.scheduler.pool.usage == 0
 
 
 def test_a_deadline_stops_a_running_request_and_spares_the_others(make_engine, prompts, clock):
@@ -275,74 +279,131 @@ def test_a_deadline_stops_a_running_request_and_spares_the_others(make_engine, p
     assert token_ids(other) == alone_ids(make_engine, prompts[1], greedy(12))
 
 
-def test_a_prompt_sharing_a_prefix_with_a_finished_one_reuses_its_slot(
+def test_a_prompt_sharing_a_prefix_with_a_finished_one_reuses_its_blocks(
     make_engine, long_prompt, prompts, monkeypatch
 ):
-    shared = long_prompt[:40]
+    shared = long_prompt[:40]  # two full blocks of 16, and 8 tokens more
     first_prompt, second_prompt = shared + prompts[0], shared + prompts[1]
     engine = make_engine()
-    allocations = spy_on_allocations(engine, monkeypatch)
+    admissions = spy_on_admissions(engine, monkeypatch)
     first = submit(engine, "first", first_prompt, greedy(8))
     run_to_end(engine)
     second = submit(engine, "second", second_prompt, greedy(8))
     run_to_end(engine)
     again = submit(engine, "again", second_prompt, greedy(8))
     run_to_end(engine)
-    assert [a.reused for a in allocations] == [0, 40, len(second_prompt) - 1]
-    assert allocations[1].slot == allocations[0].slot
+    whole = (len(second_prompt) - 1) // 16 * 16  # all full blocks but the last token's
+    assert [cached for _, cached, _ in admissions] == [0, 32, whole]
+    assert admissions[1][2] == [1, 2]  # first's blocks (the pool's lowest), not copies
+    assert admissions[2][2][:2] == [1, 2]
+    pool = engine.scheduler.pool
+    queried = len(first_prompt) + 2 * len(second_prompt)
+    assert (pool.queries, pool.hits) == (queried, 32 + whole)
     assert token_ids(first) == alone_ids(make_engine, first_prompt, greedy(8))
     expected = alone_ids(make_engine, second_prompt, greedy(8))
     assert token_ids(second) == expected and token_ids(again) == expected
 
 
-def test_a_prefix_is_copied_from_a_running_sequence(make_engine, long_prompt, prompts, monkeypatch):
+def test_a_prefix_is_shared_with_a_running_sequence(make_engine, long_prompt, prompts, monkeypatch):
     shared = long_prompt[:40]
     first_prompt, second_prompt = shared + prompts[0], shared + prompts[1]
     engine = make_engine()
-    allocations = spy_on_allocations(engine, monkeypatch)
+    admissions = spy_on_admissions(engine, monkeypatch)
     first = submit(engine, "first", first_prompt, greedy(20))
     for _ in range(3):
         engine.step()
     second = submit(engine, "second", second_prompt, greedy(8))
+    engine.step()
+    running = {s.request_id: s for s in engine.scheduler.running}
+    assert admissions[1][1] == 32
+    assert running["second"].blocks[:2] == running["first"].blocks[:2]
     run_to_end(engine)
-    assert allocations[1].reused == 40 and allocations[1].slot != allocations[0].slot
     assert token_ids(first) == alone_ids(make_engine, first_prompt, greedy(20))
     assert token_ids(second) == alone_ids(make_engine, second_prompt, greedy(8))
 
 
-class CopyLog:
-    def __init__(self) -> None:
-        self.copies: list[tuple[int, int, int]] = []
-
-    def __call__(self, source: int, target: int, length: int) -> None:
-        self.copies.append((source, target, length))
-
-
-def test_slot_allocator_takes_the_free_slot_with_the_longest_shared_prefix():
-    copies = CopyLog()
-    slots = SlotAllocator(3, copies)
-    prompt = list(range(100, 140))
-    assert [slots.allocate([slot], {}).slot for slot in range(3)] == [0, 1, 2]
-    for slot, held in ((0, prompt[:20]), (1, prompt[:30]), (2, [7] * 30)):
-        slots.release(slot, held)
-    assert slots.allocate(prompt, {}) == Allocation(slot=1, reused=30)
-    assert copies.copies == []
+def test_the_prefix_cache_is_not_shared_across_salts(make_engine, long_prompt, monkeypatch):
+    engine = make_engine()
+    admissions = spy_on_admissions(engine, monkeypatch)
+    for request_id, salt in (("a", "tenant-a"), ("b", "tenant-b"), ("a2", "tenant-a")):
+        request = EngineRequest(request_id, tuple(long_prompt), greedy(2), cache_salt=salt)
+        engine.add_request(request, lambda _: None)
+        run_to_end(engine)
+    assert [cached for _, cached, _ in admissions] == [0, 0, 48]
 
 
-def test_slot_allocator_copies_a_longer_prefix_from_a_busy_slot():
-    copies = CopyLog()
-    slots = SlotAllocator(2, copies)
-    prompt = list(range(40))
-    busy = {slots.allocate(list(range(500, 520)), {}).slot: prompt[:35] + [9, 9]}
-    assert slots.allocate(prompt, busy) == Allocation(slot=1, reused=35)
-    assert copies.copies == [(0, 1, 35)]
+def test_when_blocks_run_out_the_newest_sequence_is_preempted_and_recomputed(
+    make_engine, prompts, long_prompt
+):
+    # 10 blocks of 16 positions: the four sequences below need 16 blocks at their longest
+    engine = make_engine(max_sequences=4, kv_cache_blocks=10)
+    everyone = [long_prompt[:30], prompts[1], prompts[2], prompts[3]]
+    lengths = [40, 30, 24, 20]
+    outputs = [
+        submit(engine, f"r{i}", p, greedy(n))
+        for i, (p, n) in enumerate(zip(everyone, lengths, strict=True))
+    ]
+    preempted = []
+    while engine.has_work():
+        before = engine.scheduler.preemptions
+        engine.step()
+        if engine.scheduler.preemptions > before:
+            preempted.append([s.request_id for s in engine.scheduler.waiting])
+        assert engine.scheduler.pool.free_blocks >= 0
+    assert engine.scheduler.preemptions > 0
+    assert all(ids[0] != "r0" for ids in preempted)  # the oldest is never the one to go
+    for deltas, prompt, n in zip(outputs, everyone, lengths, strict=True):
+        assert all(d.error is None for d in deltas)
+        assert finish_reason(deltas) == "length"
+        assert token_ids(deltas) == alone_ids(make_engine, prompt, greedy(n))
 
 
-def test_slot_allocator_recomputes_short_prefixes_and_the_last_prompt_token():
-    slots = SlotAllocator(2, CopyLog())
-    prompt = list(range(40))
-    slots.release(slots.allocate([1, 2, 3], {}).slot, prompt[: MIN_REUSE - 1])
-    assert slots.allocate(prompt, {}).reused == 0
-    slots = SlotAllocator(1, CopyLog())
-    slots.release(slots.allocate([1, 2, 3], {}).slot, prompt + [1, 2])
-    assert slots.allocate(prompt, {}).reused == len(prompt) - 1
+def test_a_sequence_alone_can_use_the_whole_cache(make_engine, long_prompt):
+    engine = make_engine(max_sequences=2, kv_cache_blocks=4, max_model_len=128)
+    assert engine.runner.max_len == 64  # capped by the cache, not the 128 asked for
+    deltas = submit(engine, "r", long_prompt[:20], greedy(100))
+    run_to_end(engine)
+    assert finish_reason(deltas) == "length" and len(token_ids(deltas)) == 64 - 20
+
+
+def test_block_pool_hands_out_low_blocks_and_never_the_null_block():
+    pool = BlockPool(num_blocks=3, block_size=4)
+    taken = [pool.allocate() for _ in range(3)]
+    assert taken == [1, 2, 3] and pool.allocate() is None and pool.usage == 1
+    pool.release([2])
+    assert pool.allocate() == 2
+    pool.release(taken)
+    assert pool.free_blocks == 3 and pool.usage == 0
+
+
+def test_block_pool_keeps_named_blocks_until_their_memory_is_needed():
+    pool = BlockPool(num_blocks=3, block_size=2)
+    tokens = [5, 6, 7, 8, 9]
+    names: list[bytes] = []
+    extend_names(names, tokens, 2, salt="")
+    assert len(names) == 2  # full blocks only
+    first, second = pool.allocate(), pool.allocate()
+    pool.name(first, names[0])
+    pool.name(second, names[1])
+    pool.release([first, second])
+    assert pool.free_blocks == 3
+    assert pool.cached_prefix(names, len(tokens)) == [first, second]
+    assert (pool.queries, pool.hits) == (5, 4)
+    pool.release([first, second])
+    # the unnamed block goes first, then the tail of the released table before its head
+    assert [pool.allocate() for _ in range(3)] == [3, second, first]
+    assert pool.cached_prefix(names, len(tokens)) == []
+
+
+def test_block_names_chain_the_whole_prefix_and_the_salt():
+    def names(tokens, salt=""):
+        out: list[bytes] = []
+        extend_names(out, tokens, 2, salt)
+        return out
+
+    assert names([1, 2, 3, 4])[0] == names([1, 2, 9, 9])[0]
+    assert names([1, 2, 3, 4])[1] != names([0, 2, 3, 4])[1]  # same block, other prefix
+    assert names([1, 2], "a") != names([1, 2], "b")
+    grown = names([1, 2])
+    extend_names(grown, [1, 2, 3, 4], 2, "")
+    assert grown == names([1, 2, 3, 4])

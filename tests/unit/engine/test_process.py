@@ -36,6 +36,6 @@ def test_a_request_after_an_unload_is_unavailable(llama_version, llama_tokenizer
     with pytest.raises(Unavailable, match="unloaded"):
         collect(engine, prompt, greedy(6))
     # as if close() had begun just after the checks: the pipe is shut under the request
-    engine._closing = engine.dead = False
+    engine._closing = engine._ended = False
     with pytest.raises(Unavailable, match="unloaded"):
         collect(engine, prompt, greedy(6))

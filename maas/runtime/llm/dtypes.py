@@ -1,0 +1,237 @@
+"""What a model's weights and activations run in: a named choice, or ``auto``, measured here.
+
+Which is fastest depends on the CPU: on one with AMX, bfloat16 matrix products run 2.4x
+float32; on one without, bfloat16 was slower than float32. So ``auto`` decodes a few steps in
+each candidate at load (one sequence, and a full batch), checks each against float32, and
+keeps the fastest that meets the quality bar, preferring the higher-quality dtype unless a
+lower one is clearly faster. The bar has two parts: the next-token choices over a probe text
+agree with float32's, and the greedy answer to a probe question is float32's, whether the
+question is computed whole or its start comes from the prefix cache (the demo model in
+bfloat16 answers "What is the capital of France?" right the first time and wrong when it is
+asked again). The choice and every timing are kept (``DtypeChoice``) and shown with the
+deployment.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from maas.runtime.llm.kernels import pack_linears, quantize_linears, quantize_weights
+from maas.runtime.llm.model import (
+    DecodeRows,
+    KVCache,
+    LlamaModel,
+    PrefillRows,
+    StepInput,
+    rope_frequencies,
+)
+
+log = logging.getLogger(__name__)
+
+QUALITY_ORDER = ("float32", "bfloat16", "int8-weight", "int8")
+"""Best first: bfloat16 rounds weights and activations to 8 bits of mantissa; ``int8-weight``
+rounds the weights to int8 per output channel (activations bfloat16); ``int8`` (W8A8) rounds
+the activations to int8 per token too (the rest of the model in float32)."""
+
+ACTIVATIONS = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "int8-weight": torch.bfloat16,
+    "int8": torch.float32,
+}
+"""The dtype of activations and of the KV cache for each choice."""
+
+MIN_AGREEMENT = 0.9
+"""Quality bar: share of the probe's next-token choices (argmax) equal to float32's."""
+
+MIN_GAIN = 0.05
+"""A lower-quality dtype replaces a better one only if it is this much faster."""
+
+PROBE = (
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and "
+    "Berlin is the capital of Germany. Water boils at one hundred degrees Celsius at sea "
+    "level. To make a cup of tea, boil the water, add the leaves and wait three minutes."
+)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+"""The probe question (as a chat): its answer computed whole, and again after ``SPLIT``
+tokens and after its last full block came from the prefix cache."""
+SPLIT = 16
+ANSWER_TOKENS = 12
+CONTEXT = 128
+"""Positions each timed sequence has in cache."""
+WARM_STEPS, TIMED_STEPS = 2, 5
+BLOCK = 16
+
+
+def convert(model: LlamaModel, dtype: str, *, pack: bool) -> LlamaModel:
+    """``model`` (float32, or already bfloat16 for "bfloat16") in ``dtype``, in place;
+    ``pack`` packs float weights for eager steps (see kernels.pack_linears)."""
+    if dtype not in ACTIVATIONS:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(ACTIVATIONS)}")
+    model.inv_freq = rope_frequencies(model.config)
+    model.to(ACTIVATIONS[dtype])  # the rotary frequencies too, as transformers' .to() does:
+    # SmolLM2 in bfloat16 answers the README's question right with them in bfloat16 and
+    # loops with them in float32
+    if dtype == "int8":
+        quantize_linears(model)
+    elif dtype == "int8-weight":
+        quantize_weights(model)
+    elif pack:
+        pack_linears(model)
+    return model
+
+
+@dataclass(frozen=True)
+class Trial:
+    dtype: str
+    one_ms: float
+    """Median decode step of one sequence."""
+    batch_ms: float
+    """Median decode step of ``batch`` sequences."""
+    batch: int
+    agreement: float
+    """Share of the probe's next-token choices equal to float32's."""
+    same_answer: bool = True
+    """Its greedy answer to the probe question is float32's, whole and chunked."""
+
+    @property
+    def score(self) -> float:
+        """Geometric mean of the time per token alone and in a full batch (lower is better)."""
+        return (self.one_ms * self.batch_ms / self.batch) ** 0.5
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str
+    trials: tuple[Trial, ...]
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "trials": [asdict(t) for t in self.trials]}
+
+
+def choose(
+    model: LlamaModel,
+    probe_ids: list[int],
+    question_ids: list[int],
+    *,
+    batch: int,
+    pack: bool,
+    timer: Callable[[], float] = time.perf_counter,
+) -> DtypeChoice:
+    """Measure every candidate against the float32 ``model`` (left unchanged) and pick."""
+    reference = _next_tokens(model, probe_ids)
+    answer = _greedy(model, question_ids, split=0)
+    trials = []
+    for dtype in QUALITY_ORDER:
+        candidate = convert(copy.deepcopy(model), dtype, pack=pack)
+        agreement = float((_next_tokens(candidate, probe_ids) == reference).float().mean())
+        splits = (0, SPLIT, (len(question_ids) - 1) // BLOCK * BLOCK)  # whole, and as a
+        # repeat of the question computes it: after its cached full blocks
+        same = all(_greedy(candidate, question_ids, split) == answer for split in splits)
+        one = _step_ms(candidate, 1, timer)
+        full = _step_ms(candidate, batch, timer)
+        trials.append(Trial(dtype, one, full, batch, agreement, same))
+        del candidate
+    best = trials[0]
+    for trial in trials[1:]:
+        good = trial.agreement >= MIN_AGREEMENT and trial.same_answer
+        if good and trial.score < best.score * (1 - MIN_GAIN):
+            best = trial
+    for trial in trials:
+        log.info(
+            "dtype %s: %.1f ms a step alone, %.1f ms for %d, agreement %.2f, %s answer%s",
+            trial.dtype,
+            trial.one_ms,
+            trial.batch_ms,
+            trial.batch,
+            trial.agreement,
+            "same" if trial.same_answer else "another",
+            " (chosen)" if trial is best else "",
+        )
+    return DtypeChoice(best.dtype, tuple(trials))
+
+
+def _next_tokens(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    """Argmax of the next-token logits at every position of ``ids`` (one prefill)."""
+    cache = _cache(model, -(-len(ids) // BLOCK))
+    step = StepInput(
+        input_ids=torch.tensor(ids),
+        positions=torch.arange(len(ids)),
+        cache_index=torch.arange(len(ids)) + cache.block_size,
+        decode=None,
+        prefills=[PrefillRows(0, len(ids), _blocks(cache, 0, len(ids)), 0)],
+        logits_rows=torch.arange(len(ids)),
+    )
+    return model(step, cache).argmax(dim=-1)
+
+
+def _greedy(model: LlamaModel, ids: list[int], split: int) -> list[int]:
+    """``ANSWER_TOKENS`` greedy tokens after ``ids``. With a ``split``, as a repeated request
+    gets them from the prefix cache: ``ids`` computed whole first, then from ``split`` on
+    again over the first ``split`` positions' cached keys and values."""
+    total = len(ids) + ANSWER_TOKENS
+    cache = _cache(model, -(-total // BLOCK))
+    blocks = _blocks(cache, 0, total)
+    chunks = [(0, len(ids)), (split, len(ids))] if 0 < split < len(ids) else [(0, len(ids))]
+    for start, end in chunks:
+        step = StepInput(
+            input_ids=torch.tensor(ids[start:end]),
+            positions=torch.arange(start, end),
+            cache_index=torch.arange(start, end) + BLOCK,
+            decode=None,
+            prefills=[PrefillRows(0, end - start, blocks, start)],
+            logits_rows=torch.tensor([end - start - 1]),
+        )
+        token = int(model(step, cache).argmax())
+    answer = [token]
+    for position in range(len(ids), total - 1):
+        step = StepInput(
+            input_ids=torch.tensor([token]),
+            positions=torch.tensor([position]),
+            cache_index=torch.tensor([position + BLOCK]),
+            decode=DecodeRows(1, blocks[None, :], torch.tensor([position + 1])),
+            prefills=[],
+            logits_rows=torch.tensor([0]),
+        )
+        token = int(model(step, cache).argmax())
+        answer.append(token)
+    return answer
+
+
+def _step_ms(model: LlamaModel, sequences: int, timer: Callable[[], float]) -> float:
+    """Median decode step of ``sequences`` sequences with ``CONTEXT`` positions cached."""
+    per = -(-(CONTEXT + 1) // BLOCK)
+    cache = _cache(model, sequences * per)
+    tables = torch.stack([_blocks(cache, s * per, CONTEXT + 1) for s in range(sequences)])
+    step = StepInput(
+        input_ids=torch.arange(sequences) % model.config.vocab_size,
+        positions=torch.full((sequences,), CONTEXT),
+        cache_index=tables[:, CONTEXT // cache.block_size] * cache.block_size
+        + CONTEXT % cache.block_size,
+        decode=DecodeRows(sequences, tables, torch.full((sequences,), CONTEXT + 1)),
+        prefills=[],
+        logits_rows=torch.arange(sequences),
+    )
+    times = []
+    for index in range(WARM_STEPS + TIMED_STEPS):
+        started = timer()
+        model(step, cache)
+        if index >= WARM_STEPS:
+            times.append((timer() - started) * 1000)
+    return statistics.median(times)
+
+
+def _cache(model: LlamaModel, blocks: int) -> KVCache:
+    return KVCache(model.config, blocks, BLOCK, model.embed.weight.dtype)
+
+
+def _blocks(cache: KVCache, first: int, positions: int) -> torch.Tensor:
+    """Consecutive blocks from ``first`` (after the null block) for ``positions``."""
+    return torch.arange(-(-positions // cache.block_size)) + 1 + first

@@ -1,0 +1,70 @@
+"""The compiled decode step: the same greedy tokens as the eager reference, and the eager path
+whenever compilation is not possible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import maas.runtime.llm.compiled as compiled
+from tests.unit.engine.conftest import greedy, run_to_end, submit, token_ids
+
+TEXTS = ["the cat sat on the mat", "paris is the capital of", "one two three four five six"]
+
+
+@pytest.fixture(scope="module")
+def prompts(llama_tokenizer) -> list[list[int]]:
+    return [llama_tokenizer.encode(text) for text in TEXTS]
+
+
+def generate_staggered(engine, prompts, lengths) -> list[list[int]]:
+    """Requests joining a running batch one step apart, so steps mix prefill and decoding
+    and decode-only steps see 1, 2 and 3 sequences and growing block tables."""
+    outputs = []
+    for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True)):
+        outputs.append(submit(engine, f"r{i}", prompt, greedy(n)))
+        for _ in range(3):
+            engine.step()
+    run_to_end(engine)
+    return [token_ids(deltas) for deltas in outputs]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_compiled_and_eager_steps_give_the_same_greedy_tokens(make_engine, prompts, dtype):
+    lengths = [40, 25, 30]  # past two 16-position blocks, so the tables grow mid-run
+    eager = generate_staggered(make_engine(dtype=dtype), prompts, lengths)
+    engine = make_engine(dtype=dtype, compile=True)
+    assert engine.runner.compiled is not None
+    calls = []
+    layer = engine.runner.model.decode_layer
+    engine.runner.model.decode_layer = lambda *args: calls.append(1) or layer(*args)
+    assert generate_staggered(engine, prompts, lengths) == eager
+    layers = engine.runner.config.num_layers
+    assert len(calls) >= layers * 30  # most steps were decode-only, through the compiled layer
+    assert all(len(ids) == n for ids, n in zip(eager, lengths, strict=True))
+
+
+def test_a_failed_compilation_falls_back_to_the_packed_eager_path(
+    make_engine, prompts, monkeypatch
+):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no inductor here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    engine = make_engine(compile=True)
+    assert engine.runner.compiled is None and engine.runner.model.decode_layer is None
+    deltas = submit(engine, "r", prompts[0], greedy(8))
+    run_to_end(engine)
+    assert token_ids(deltas) == token_ids(_alone(make_engine, prompts[0]))
+
+
+def test_without_a_cpp_compiler_nothing_is_compiled(make_engine, monkeypatch):
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    assert make_engine(compile=True).runner.compiled is None
+
+
+def _alone(make_engine, prompt):
+    engine = make_engine()
+    deltas = submit(engine, "r", prompt, greedy(8))
+    run_to_end(engine)
+    return deltas

@@ -1,0 +1,145 @@
+"""``dtype="auto"``: every candidate timed and checked against float32, the fastest that keeps
+float32's choices kept, quality first when the gain is small."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import maas.runtime.llm.dtypes as dtypes
+from maas.runtime.llm.dtypes import QUALITY_ORDER, choose, convert
+from maas.runtime.llm.kernels import Int8Linear, Int8WeightOnlyLinear
+from maas.runtime.llm.runner import ModelRunner, RunnerOptions
+from tests.unit.engine.conftest import greedy, run_to_end, submit, token_ids
+
+QUESTION_IDS = list(range(50, 80))
+
+
+class FakeTimer:
+    """Every reading is ``step_ms`` of the dtype being tried later than the last, so each
+    timed step takes exactly that, whatever the machine does."""
+
+    def __init__(self, step_ms: dict[str, float]) -> None:
+        self.step_ms = step_ms
+        self.now = 0.0
+        self.current = "float32"
+
+    def __call__(self) -> float:
+        self.now += self.step_ms[self.current] / 1000
+        return self.now
+
+
+@pytest.fixture
+def float32_model(llama_version):
+    from maas.runtime.llm.weights import load_model
+
+    return load_model(llama_version, torch.float32)
+
+
+def fake_timed(
+    monkeypatch,
+    step_ms: dict[str, float],
+    agreement: dict[str, float],
+    chunk_sensitive: frozenset[str] = frozenset(),
+):
+    """Each dtype's timings and next-token agreement as given; those in ``chunk_sensitive``
+    answer the probe question otherwise when it is computed in chunks."""
+    timer = FakeTimer(step_ms)
+    real_convert = dtypes.convert
+
+    def tracking_convert(model, dtype, *, pack):
+        timer.current = dtype
+        return real_convert(model, dtype, pack=pack)
+
+    reference = torch.arange(40)
+
+    def next_tokens(model, ids):
+        share = agreement.get(timer.current, 1.0) if model_is_candidate[0] else 1.0
+        model_is_candidate[0] = True
+        agreeing = int(len(reference) * share)
+        return torch.cat((reference[:agreeing], reference[agreeing:] + 1))
+
+    def greedy(model, ids, split):
+        return [9, 9] if split and timer.current in chunk_sensitive else [1, 2]
+
+    model_is_candidate = [False]
+    monkeypatch.setattr(dtypes, "convert", tracking_convert)
+    monkeypatch.setattr(dtypes, "_next_tokens", next_tokens)
+    monkeypatch.setattr(dtypes, "_greedy", greedy)
+    return timer
+
+
+def test_auto_keeps_the_fastest_candidate_that_meets_the_quality_bar(float32_model, monkeypatch):
+    timer = fake_timed(
+        monkeypatch,
+        step_ms={"float32": 30, "bfloat16": 20, "int8-weight": 12, "int8": 8},
+        agreement={"bfloat16": 1.0, "int8-weight": 0.95, "int8": 0.5},  # int8 fails the bar
+    )
+    choice = choose(float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, timer=timer)
+    assert choice.dtype == "int8-weight"
+    assert [t.dtype for t in choice.trials] == list(QUALITY_ORDER)
+    by_dtype = {t.dtype: t for t in choice.trials}
+    assert by_dtype["bfloat16"].one_ms == pytest.approx(20)
+    assert by_dtype["int8"].agreement == pytest.approx(0.5)
+    assert choice.to_dict()["trials"][0]["dtype"] == "float32"
+    assert next(float32_model.parameters()).dtype == torch.float32  # left as it was
+
+
+def test_auto_refuses_a_dtype_whose_answer_changes_when_the_prompt_is_chunked(
+    float32_model, monkeypatch
+):
+    timer = fake_timed(
+        monkeypatch,
+        step_ms={"float32": 30, "bfloat16": 10, "int8-weight": 20, "int8": 40},
+        agreement={},
+        chunk_sensitive=frozenset({"bfloat16"}),
+    )
+    choice = choose(float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, timer=timer)
+    assert choice.dtype == "int8-weight"
+    assert [t.same_answer for t in choice.trials] == [True, False, True, True]
+
+
+def test_auto_prefers_quality_when_a_lower_dtype_is_barely_faster(float32_model, monkeypatch):
+    timer = fake_timed(
+        monkeypatch,
+        step_ms={"float32": 10, "bfloat16": 9.8, "int8-weight": 9.7, "int8": 9.6},
+        agreement={},
+    )
+    assert choose(
+        float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, timer=timer
+    ).dtype == ("float32")
+
+
+def test_auto_times_real_steps_and_the_runner_serves_its_choice(llama_version, llama_tokenizer):
+    options = RunnerOptions(dtype="auto", max_sequences=4, max_model_len=128, compile=False)
+    runner = ModelRunner(llama_version, options, llama_tokenizer)
+    choice = runner.dtype_choice
+    assert choice is not None and runner.dtype == choice.dtype in QUALITY_ORDER
+    assert all(t.one_ms > 0 and t.batch_ms > 0 and t.batch == 4 for t in choice.trials)
+    assert next(t for t in choice.trials if t.dtype == "float32").agreement == 1.0
+    expected_kernel = {"int8": Int8Linear, "int8-weight": Int8WeightOnlyLinear}.get(runner.dtype)
+    if expected_kernel:
+        assert isinstance(runner.model.blocks[0].qkv, expected_kernel)
+
+
+@pytest.mark.parametrize("dtype", ["int8-weight", "bfloat16"])
+def test_each_dtype_generates_close_to_float32(make_engine, llama_tokenizer, dtype):
+    prompt = llama_tokenizer.encode("the quick brown fox")
+
+    def tokens(dtype):
+        engine = make_engine(dtype=dtype)
+        deltas = submit(engine, "r", prompt, greedy(12))
+        run_to_end(engine)
+        return token_ids(deltas)
+
+    reference, got = tokens("float32"), tokens(dtype)
+    assert len(got) == len(reference) == 12
+    pairs = zip(reference, got, strict=True)
+    assert sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], pairs)) >= 4
+
+
+def test_an_unknown_dtype_is_refused(float32_model):
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        convert(float32_model, "int4", pack=False)
