@@ -38,7 +38,8 @@ Baselines, in the same run, on the same weights and the same prompts:
 cost: they are the easier case. Their memory is that of this process, not measured.
 
     .venv/bin/python bench/llm_serving.py [--clients 32] [--requests 64]
-        [--dtypes float32,bfloat16,int8] [--engines maas,llama.cpp,transformers,ctranslate2]
+        [--dtypes auto,float32,bfloat16,int8-weight,int8]
+        [--engines maas,llama.cpp,transformers,ctranslate2]
 
 Needs the bench extra (``pip install -e .[bench]``): ctranslate2, accelerate (transformers'
 GGUF loader) and geventhttpclient; cmake and a C++ compiler for the first llama.cpp build
@@ -514,7 +515,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--dtypes", default="float32,bfloat16,int8", help="maas dtypes to run")
+    parser.add_argument(
+        "--dtypes", default="auto,float32,bfloat16,int8-weight,int8", help="maas dtypes to run"
+    )
     parser.add_argument(
         "--engines",
         type=engine_list,

@@ -204,6 +204,8 @@ class EngineDescription:
     """With ``MAAS_LLM_DTYPE=auto``: each candidate's step times and agreement."""
     compiled: bool = False
     """Decode steps run through the compiled step (else eagerly)."""
+    compiled_rows: int = 0
+    """Compiled steps are used for batches of at most this many sequences."""
     kv_blocks: int = 0
     kv_block_size: int = 0
 

@@ -35,6 +35,7 @@ def engine_ready(engine: LLMEngine) -> EngineReady:
         dtype=runner.dtype,
         dtype_trials=tuple(choice.to_dict()["trials"]) if choice else (),
         compiled=runner.compiled is not None,
+        compiled_rows=runner.compiled.rows if runner.compiled else 0,
         kv_blocks=runner.cache.num_blocks,
         kv_block_size=runner.cache.block_size,
     )

@@ -147,6 +147,8 @@ class EngineDescriptionPublic(BaseModel):
     """With ``MAAS_LLM_DTYPE=auto``: what was measured at load to choose ``dtype``."""
     compiled: bool
     """Decode steps run compiled (else eagerly)."""
+    compiled_rows: int
+    """Compiled for batches of at most this many sequences (measured faster there)."""
     kv_blocks: int
     kv_block_size: int
 

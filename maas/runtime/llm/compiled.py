@@ -7,15 +7,19 @@ loops, and attention reads each cached block where it lies, once. One compiled f
 serves every layer (same code, same shapes: compiled once, not once per layer), with the
 batch size and the context as symbolic sizes, so a step's shape never triggers a compile
 while serving: the two specialisations inductor makes (one sequence, and several) are built
-at load, and checked against the eager path before use. Where compilation is not possible
-(no C++ compiler, an op inductor refuses), the eager path runs, as it always can.
+at load, and checked against the eager path before use. Both paths are then timed at a few
+batch sizes, and compiled steps are used up to the largest at which they were faster. Where
+compilation is not possible (no C++ compiler, an op inductor refuses), or is nowhere faster,
+the eager path runs, as it always can.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,19 +42,38 @@ several are compiled apart. Block tables are padded to at least ``MIN_BLOCKS`` b
 MIN_BLOCKS = 2
 
 
+TIMED_ROWS = (1, 4, 16, 32)
+"""Batch sizes at which compiled and eager steps are timed at load (up to max_sequences)."""
+TIMED_STEPS = 3
+
+
 @dataclass(frozen=True)
 class CompileReport:
     seconds: float
     max_difference: float
+    rows: int
+    """Compiled steps are used for at most this many sequences: up to the largest timed batch
+    at which they were faster than eager (eager packs float32 weights for the CPU's matmul
+    library, which inductor cannot for weights passed in, so big float32 batches can be
+    faster eagerly)."""
+    timings: tuple[tuple[int, float, float], ...]
+    """(rows, eager ms, compiled ms) of each timed batch size."""
 
 
-def compile_decode(model: LlamaModel, cache: KVCache) -> CompileReport | None:
-    """Compile the model's decode step and warm it up; None (eager kept) if that fails."""
+def compile_decode(
+    model: LlamaModel,
+    cache: KVCache,
+    max_sequences: int = TIMED_ROWS[-1],
+    timer: Callable[[], float] = time.perf_counter,
+) -> CompileReport | None:
+    """Compile the model's decode step, warm it up, check it against eager, and time both;
+    None (eager kept) if compilation fails, differs, or is nowhere faster."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         log.info("no C++ compiler on PATH: decode steps run eagerly")
         return None
     started = time.perf_counter()
     worst = 0.0
+    model.compiled_rows = max_sequences
     try:
         compiled = torch.compile(decode_layer, dynamic=True, fullgraph=True)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
@@ -62,6 +85,7 @@ def compile_decode(model: LlamaModel, cache: KVCache) -> CompileReport | None:
                 got = model(step, cache)
                 scale = float(expected.abs().max()) or 1.0
                 worst = max(worst, float((got - expected).abs().max()) / scale)
+            timings = _timings(model, cache, compiled, max_sequences, timer)
     except Exception as err:  # inductor raises many kinds; the eager path always works
         model.decode_layer = None
         log.warning("compiling the decode step failed, running eagerly: %s", err, exc_info=True)
@@ -70,9 +94,48 @@ def compile_decode(model: LlamaModel, cache: KVCache) -> CompileReport | None:
         model.decode_layer = None
         log.warning("compiled decode step differs from eager by %.2g: running eagerly", worst)
         return None
-    report = CompileReport(time.perf_counter() - started, worst)
-    log.info("decode step compiled in %.1fs (max difference %.1g)", report.seconds, worst)
+    rows = 0
+    for size, eager_ms, compiled_ms in timings:
+        if compiled_ms >= eager_ms:
+            break
+        rows = size
+    for size, eager_ms, compiled_ms in timings:
+        log.info("decode step of %d: %.1f ms eager, %.1f ms compiled", size, eager_ms, compiled_ms)
+    if rows == 0:
+        model.decode_layer = None
+        log.info("the compiled decode step is not faster here: running eagerly")
+        return None
+    model.compiled_rows = max_sequences if rows == timings[-1][0] else rows
+    report = CompileReport(time.perf_counter() - started, worst, model.compiled_rows, timings)
+    log.info(
+        "decode step compiled in %.1fs (max difference %.1g), used up to %d sequences",
+        report.seconds,
+        worst,
+        model.compiled_rows,
+    )
     return report
+
+
+def _timings(
+    model: LlamaModel, cache: KVCache, compiled, max_sequences: int, timer
+) -> tuple[tuple[int, float, float], ...]:
+    sizes = [size for size in TIMED_ROWS if size <= max_sequences] or [max_sequences]
+    timings = []
+    for size in sizes:
+        step = _null_step(model, size, MIN_BLOCKS)
+        measured = []
+        for layer in (None, compiled):
+            model.decode_layer = layer
+            model(step, cache)  # warm
+            times = []
+            for _ in range(TIMED_STEPS):
+                begun = timer()
+                model(step, cache)
+                times.append((timer() - begun) * 1000)
+            measured.append(statistics.median(times))
+        timings.append((size, measured[0], measured[1]))
+    model.decode_layer = compiled
+    return tuple(timings)
 
 
 def _null_step(model: LlamaModel, sequences: int, blocks: int) -> StepInput:

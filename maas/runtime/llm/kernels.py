@@ -39,6 +39,9 @@ class PackedLinear(nn.Module):
         return out_features * in_features * element + _bytes(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and self.weight is not None:
+            # inductor packs only constant weights; a compiled step takes the plain one
+            return torch.nn.functional.linear(x, self.weight, self.bias)
         if self.bf16:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, BATCH_HINT)

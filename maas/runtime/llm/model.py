@@ -215,7 +215,9 @@ class LlamaModel(nn.Module):
         inv_freq = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.decode_layer = None
-        """``decode_layer`` compiled (set by the runner); decode-only steps then use it."""
+        """``decode_layer`` compiled (set by the runner); decode-only steps of at most
+        ``compiled_rows`` sequences then use it (where it was measured faster than eager)."""
+        self.compiled_rows = 0
 
     @torch.inference_mode()
     def forward(self, step: StepInput, cache: KVCache) -> Tensor:
@@ -223,8 +225,9 @@ class LlamaModel(nn.Module):
         keys and values into the cache."""
         x = self.embed(step.input_ids)
         rope = Rope(step.positions, self.inv_freq, x.dtype)
-        if self.decode_layer is not None and step.decode is not None and not step.prefills:
-            decode = step.decode
+        decode = step.decode
+        compiled = decode is not None and not step.prefills and decode.count <= self.compiled_rows
+        if self.decode_layer is not None and compiled:
             for layer, block in enumerate(self.blocks):
                 x = self.decode_layer(
                     block,

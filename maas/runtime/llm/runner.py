@@ -102,11 +102,13 @@ class ModelRunner:
         self.max_len = min(context, self.cache.capacity)
         """Positions one sequence may reach (prompt plus output)."""
         self.max_sequences = options.max_sequences
+        if options.compile and options.pack_weights and self.dtype == "float32":
+            pack_linears(self.model)  # eager float32 steps gain from packed weights; compiled
+            # ones use the plain weights packing keeps beside them (see kernels.PackedLinear)
         if options.compile:
-            self.compiled = compile_decode(self.model, self.cache)
+            self.compiled = compile_decode(self.model, self.cache, options.max_sequences)
         if self.compiled is None and options.compile and options.pack_weights:
-            pack_linears(self.model)  # eager steps gain from packed weights; compiled ones
-            # take the plain weights as inputs (inductor packs only constant weights)
+            pack_linears(self.model)  # eager only: every dtype's float weights packed
         self.memory_bytes = weight_bytes(self.model) + (blocks + 1) * per_block
         log.info(
             "%s ready in %.1fs: %s, %d KV blocks of %d positions, decode step %s",

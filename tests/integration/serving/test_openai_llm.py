@@ -855,7 +855,9 @@ def test_deployments_show_how_the_engine_runs_the_model(world):
     trials = engine["dtype_trials"]  # MAAS_LLM_DTYPE=auto, the default, measured each
     assert [t["dtype"] for t in trials] == candidates
     assert all(t["one_ms"] > 0 and t["batch_ms"] > 0 and 0 <= t["agreement"] <= 1 for t in trials)
-    assert engine["compiled"] is True  # MAAS_LLM_COMPILE=true, the default, and a C++ compiler
+    # MAAS_LLM_COMPILE=true, the default: compiled, and used up to the batch where it was
+    # measured faster (test_compiled.py checks both on their own)
+    assert engine["compiled"] is (engine["compiled_rows"] > 0)
     assert engine["kv_blocks"] > 0 and engine["kv_block_size"] == 16
 
 

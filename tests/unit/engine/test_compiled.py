@@ -34,7 +34,9 @@ def test_compiled_and_eager_steps_give_the_same_greedy_tokens(make_engine, promp
     lengths = [40, 25, 30]  # past two 16-position blocks, so the tables grow mid-run
     eager = generate_staggered(make_engine(dtype=dtype), prompts, lengths)
     engine = make_engine(dtype=dtype, compile=True)
-    assert engine.runner.compiled is not None
+    report = engine.runner.compiled
+    assert report is not None and [size for size, _, _ in report.timings] == [1, 4]
+    engine.runner.model.compiled_rows = 4  # whatever the timings said: compiled every step
     calls = []
     layer = engine.runner.model.decode_layer
     engine.runner.model.decode_layer = lambda *args: calls.append(1) or layer(*args)
@@ -56,6 +58,33 @@ def test_a_failed_compilation_falls_back_to_the_packed_eager_path(
     deltas = submit(engine, "r", prompts[0], greedy(8))
     run_to_end(engine)
     assert token_ids(deltas) == token_ids(_alone(make_engine, prompts[0]))
+
+
+def test_compiled_steps_are_used_only_up_to_the_batch_where_they_were_faster(
+    make_engine, prompts, monkeypatch
+):
+    readings = iter([0, 5, 0, 1] * 3 + [0, 5, 0, 1] * 3 + [0, 1, 0, 5] * 3)
+    monkeypatch.setattr(compiled, "TIMED_ROWS", (1, 2, 4))
+    # each timed step (readings in seconds): eager 5 s, compiled 1 s at 1 and 2 sequences;
+    # at 4, the reverse
+    clock = lambda: next(readings)  # noqa: E731
+    engine = make_engine(compile=False)
+    model, cache = engine.runner.model, engine.runner.cache
+    report = compiled.compile_decode(model, cache, max_sequences=4, timer=clock)
+    assert report.rows == 2 == model.compiled_rows
+    assert report.timings == ((1, 5000, 1000), (2, 5000, 1000), (4, 1000, 5000))
+    calls = []
+    layer = model.decode_layer
+    model.decode_layer = lambda *args: calls.append(1) or layer(*args)
+    outputs = [submit(engine, f"r{i}", p, greedy(6)) for i, p in enumerate(prompts)]
+    engine.step()  # three prompts prefilled: eager
+    engine.step()  # three decoding: more than 2, eager
+    assert calls == []
+    engine.abort("r2")
+    engine.step()  # two decoding: compiled
+    assert len(calls) == engine.runner.config.num_layers
+    run_to_end(engine)
+    assert all(len(token_ids(deltas)) == 6 for deltas in outputs[:2])
 
 
 def test_without_a_cpp_compiler_nothing_is_compiled(make_engine, monkeypatch):
