@@ -77,10 +77,9 @@ class BlockPool:
                 else:
                     self._free.append(block)
 
-    def cached_prefix(self, names: list[bytes], tokens: int) -> list[int]:
+    def cached_prefix(self, names: list[bytes]) -> list[int]:
         """The blocks holding the longest cached run of ``names`` (the prompt's full blocks,
-        in order), each now also held by the caller; ``tokens`` is the prompt's length, for
-        the hit-rate counters."""
+        in order), each now also held by the caller."""
         found = []
         for name in names:
             block = self._by_name.get(name)
@@ -88,9 +87,13 @@ class BlockPool:
                 break
             self._hold(block)
             found.append(block)
-        self.queries += tokens
-        self.hits += len(found) * self.block_size
         return found
+
+    def count_lookup(self, tokens: int, blocks_found: int) -> None:
+        """Count one admitted prompt of ``tokens`` tokens, ``blocks_found`` of whose blocks
+        came from the cache (a prompt looked up but not admitted is counted when it is)."""
+        self.queries += tokens
+        self.hits += blocks_found * self.block_size
 
     def name(self, block: int, name: bytes) -> None:
         """Record that ``block``, now full, holds the prefix ``name`` stands for. If another

@@ -31,9 +31,6 @@ from maas.runtime.llm.sampler import sample
 
 log = logging.getLogger(__name__)
 
-MIN_TABLE_BLOCKS = MIN_BLOCKS
-"""Decode block tables are padded to at least this width (see compiled.WARM_SHAPES)."""
-
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, *, max_batch_tokens: int, observer=None) -> None:
@@ -122,7 +119,8 @@ class LLMEngine:
             sampling.append(sequence)
         decode = None
         if plan.decode:
-            width = max(MIN_TABLE_BLOCKS, max(len(s.blocks) for s in plan.decode))
+            # padded to MIN_BLOCKS wide: a one-block table would make inductor compile anew
+            width = max(MIN_BLOCKS, max(len(s.blocks) for s in plan.decode))
             tables = [s.blocks + [NULL_BLOCK] * (width - len(s.blocks)) for s in plan.decode]
             lengths = [s.computed + 1 for s in plan.decode]
             decode = DecodeRows(len(plan.decode), torch.tensor(tables), torch.tensor(lengths))

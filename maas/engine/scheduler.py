@@ -92,13 +92,12 @@ class Scheduler:
         size = self.pool.block_size
         cacheable = (len(tokens) - 1) // size  # the last token is computed for its logits
         extend_names(sequence.block_names, tokens[: cacheable * size], size, sequence.salt)
-        hit = self.pool.cached_prefix(sequence.block_names[:cacheable], len(tokens))
+        hit = self.pool.cached_prefix(sequence.block_names[:cacheable])
         needed = -(-len(tokens) // size) - len(hit)
         if needed > self.pool.free_blocks:
             self.pool.release(hit)
-            self.pool.queries -= len(tokens)  # not admitted: it will be looked up again
-            self.pool.hits -= len(hit) * size
             return False
+        self.pool.count_lookup(len(tokens), len(hit))
         sequence.blocks = hit
         sequence.named_blocks = len(hit)
         sequence.computed = len(hit) * size

@@ -387,12 +387,13 @@ def test_block_pool_keeps_named_blocks_until_their_memory_is_needed():
     pool.name(second, names[1])
     pool.release([first, second])
     assert pool.free_blocks == 3
-    assert pool.cached_prefix(names, len(tokens)) == [first, second]
+    assert pool.cached_prefix(names) == [first, second]
+    pool.count_lookup(len(tokens), 2)
     assert (pool.queries, pool.hits) == (5, 4)
     pool.release([first, second])
     # the unnamed block goes first, then the tail of the released table before its head
     assert [pool.allocate() for _ in range(3)] == [3, second, first]
-    assert pool.cached_prefix(names, len(tokens)) == []
+    assert pool.cached_prefix(names) == []
 
 
 def test_block_names_chain_the_whole_prefix_and_the_salt():
