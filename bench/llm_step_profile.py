@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="int8", choices=("float32", "bfloat16", "int8-weight", "int8"))
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--rows", type=int, default=25, help="ops to list")
+    parser.add_argument("--threads", type=int, default=0, help="0: every core")
     parser.add_argument("--eager", action="store_true", help="do not compile the decode step")
     parser.add_argument("--no-profile", action="store_true", help="only time the step")
     args = parser.parse_args()
@@ -48,7 +49,7 @@ def main() -> None:
             dtype=args.dtype,
             max_sequences=args.sequences,
             max_model_len=512,
-            threads=0,
+            threads=args.threads,
             compile=not args.eager,
         )
         runner = ModelRunner(registry.open_version(model.name), options)
@@ -61,16 +62,29 @@ def main() -> None:
         engine.add_request(EngineRequest(f"r{i}", tuple(prompt), params), lambda _: None)
     for _ in range(WARM_STEPS):  # prefill done, decoding under way
         engine.step()
-    steps = []
+    steps, forwards = [], []
+    forward = runner.forward
+
+    def timed_forward(step_input):
+        started = time.perf_counter()
+        try:
+            return forward(step_input)
+        finally:
+            forwards.append(time.perf_counter() - started)
+
+    runner.forward = timed_forward
     for _ in range(TIMED_STEPS):
         started = time.perf_counter()
         engine.step()
         steps.append(time.perf_counter() - started)
-    step = statistics.median(steps)
+    runner.forward = forward
+    step, model = statistics.median(steps), statistics.median(forwards)
     mode = "compiled" if runner.compiled else "eager"
     print(
         f"{args.dtype}, {args.sequences} sequences, {mode}: decode step {step * 1000:.1f} ms "
-        f"({args.sequences / step:.0f} tokens/s decoding), {torch.get_num_threads()} threads"
+        f"({args.sequences / step:.0f} tokens/s decoding), {torch.get_num_threads()} threads; "
+        f"the model's forward {model * 1000:.1f} ms, the engine's own work (scheduling, "
+        f"inputs, sampling, text) {(step - model) * 1000:.1f} ms"
     )
     if args.no_profile:
         return
