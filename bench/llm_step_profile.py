@@ -34,7 +34,9 @@ WARM_STEPS, TIMED_STEPS, PROFILED_STEPS = 30, 20, 10
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dtype", default="int8", choices=("float32", "bfloat16", "int8-weight", "int8"))
+    parser.add_argument(
+        "--dtype", default="int8", choices=("float32", "bfloat16", "int8-weight", "int8")
+    )
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--rows", type=int, default=25, help="ops to list")
     parser.add_argument("--threads", type=int, default=0, help="0: every core")

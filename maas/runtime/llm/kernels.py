@@ -7,11 +7,7 @@ changes the memory layout, not the arithmetic. Where the ops are missing, nothin
 
 from __future__ import annotations
 
-import functools
 import logging
-import warnings
-import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -52,15 +48,10 @@ class PackedLinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """W8A8: weights int8 per output channel (symmetric), activations uint8 per token (row,
-    asymmetric, as fbgemm's dynamic linear quantises them), int32 sums, rescaled to float32.
-
-    A lone row (one sequence decoding) runs fbgemm's dynamic int8 kernel, which reads the
-    weights at about twice the speed of ``torch._int_mm`` here; several rows run
-    ``torch._int_mm`` on the VNNI units. Both sum the same integers exactly and rescale them
-    the same way, so a row's result is bit for bit the same alone or in a batch: batching
-    never changes a sequence's output. Whether this CPU's fbgemm agrees with that exactly is
-    checked once (``row_kernel``); where it does not, lone rows take ``_int_mm`` too."""
+    """W8A8, as CTranslate2's int8: weights int8 per output channel, activations int8 per
+    token (row), both symmetric; the products run on the CPU's VNNI int8 units
+    (``torch._int_mm``, int32 sums, exact) and are rescaled to float32. A row's result does not
+    depend on the other rows, so batching never changes a sequence's output."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -68,151 +59,22 @@ class Int8Linear(nn.Module):
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.weight = torch.round(weight / scale[:, None]).to(torch.int8)  # [out, in]
         self.scale = scale
-        self.column_sums = self.weight.sum(dim=1, dtype=torch.int32)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
         self.out_features = weight.shape[0]
-        self.levels = row_kernel().levels
-        self.row_packed = _register_row_weights(self.weight, self.scale)
 
     @property
     def memory_bytes(self) -> int:
-        own = _bytes(self.weight) + _bytes(self.scale) + _bytes(self.bias)
-        # fbgemm's packed copy of the weights (a byte each) for lone rows
-        return own + _bytes(self.column_sums) + (_bytes(self.weight) if self.row_packed else 0)
+        return _bytes(self.weight) + _bytes(self.scale) + _bytes(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        if rows.shape[0] == 1 and self.row_packed:
-            out = torch.ops.maas.int8_row_linear(rows, self.weight)
-        else:
-            out = _int8_rows(rows, self.weight, self.scale, self.column_sums, self.levels)
+        x = x.reshape(-1, shape[-1])
+        x_scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)
+        quantized = (x / x_scale).round_().to(torch.int8)
+        out = torch.mul(torch._int_mm(quantized, self.weight.t()), x_scale).mul_(self.scale)
         if self.bias is not None:
-            out = out + self.bias
+            out += self.bias
         return out.view(*shape[:-1], self.out_features)
-
-
-SMALLEST_SCALE = 6.1e-5
-"""fbgemm's (and ATen's) smallest activation scale: rows of tinier values are widened to it."""
-
-
-def quantize_rows(x: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Each row of ``x`` (float32) as integers in [0, levels], asymmetric, with the scale and
-    zero point ATen's ``ChooseQuantizationParams`` picks for a tensor of that row alone and
-    the rounding fbgemm's quantiser does (one fused multiply-add, then round half to even).
-    Returns (integers as int32, scale [rows, 1] float32, zero point [rows, 1] int32)."""
-    low = x.amin(dim=1, keepdim=True).clamp(max=0)
-    high = x.amax(dim=1, keepdim=True).clamp(min=0)
-    scale = ((high.double() - low.double()) / levels).float()
-    small = scale < SMALLEST_SCALE
-    widen = SMALLEST_SCALE / scale
-    low, high = (
-        torch.where(
-            small,
-            torch.where(
-                low == 0, low, torch.where(high == 0, -SMALLEST_SCALE * levels, low * widen)
-            ),
-            low,
-        ),
-        torch.where(
-            small,
-            torch.where(
-                low == 0, SMALLEST_SCALE * levels, torch.where(high == 0, high, high * widen)
-            ),
-            high,
-        ),
-    )
-    scale = torch.where(small, SMALLEST_SCALE, scale)
-    exact = scale.double()
-    from_low, from_high = -low.double() / exact, levels - high.double() / exact
-    low_error, high_error = -from_low.abs(), levels - (high.double() / exact).abs()
-    zero = torch.where(low_error < high_error, from_low, from_high).clamp(0, levels).round()
-    # x * (1 / scale) + zero in double is exact, so casting it rounds once, as an FMA does
-    inverse = (1.0 / scale).double()
-    values = (x.double() * inverse + zero).float().round().clamp(0, levels)
-    return values.to(torch.int32), scale, zero.to(torch.int32)
-
-
-def _int8_rows(
-    x: Tensor, weight: Tensor, scale: Tensor, column_sums: Tensor, levels: int
-) -> Tensor:
-    values, x_scale, zero = quantize_rows(x.float(), levels)
-    shift = 128 if levels > 127 else 0  # int8 holds [0, 127]; a full byte is moved down 128
-    sums = torch._int_mm((values - shift).to(torch.int8), weight.t())
-    sums = sums + (shift - zero) * column_sums
-    return sums.float() * (x_scale * scale)
-
-
-@dataclass(frozen=True)
-class RowKernel:
-    """How lone rows are multiplied on this machine: ``levels`` is the activations' top
-    integer (255: a full byte, where the CPU sums uint8 x int8 products without saturating;
-    127 otherwise), ``fbgemm`` whether fbgemm's kernel agreed bit for bit with ``_int_mm``."""
-
-    levels: int
-    fbgemm: bool
-
-
-@functools.cache
-def row_kernel() -> RowKernel:
-    """Checked once per process, on random weights and rows of varied scale."""
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(48, 256, generator=generator)
-    scale = weight.abs().amax(dim=1) / 127
-    weight = torch.round(weight / scale[:, None]).to(torch.int8)
-    sums = weight.sum(dim=1, dtype=torch.int32)
-    rows = torch.randn(16, 256, generator=generator) * torch.logspace(-5, 2, 16)[:, None]
-    for levels in (255, 127):
-        try:
-            packed = _pack(weight, scale)
-            for row in rows.split(1):
-                got = torch.ops.quantized.linear_dynamic(row, packed, levels == 127)
-                if not torch.equal(got, _int8_rows(row, weight, scale, sums, levels)):
-                    break
-            else:
-                return RowKernel(levels, fbgemm=True)
-        except (RuntimeError, AttributeError) as err:  # no fbgemm in this build or on this CPU
-            log.info("fbgemm's dynamic int8 linear is not available: %s", err)
-            return RowKernel(127, fbgemm=False)
-    log.info("fbgemm's dynamic int8 linear differs from _int_mm here: lone rows use _int_mm")
-    return RowKernel(127, fbgemm=False)
-
-
-def _pack(weight: Tensor, scale: Tensor):
-    zeros = torch.zeros(weight.shape[0], dtype=torch.long)
-    with warnings.catch_warnings():  # quantized tensors are deprecated upstream; torch is
-        # pinned, and where they are gone row_kernel() finds no fbgemm and _int_mm serves
-        warnings.simplefilter("ignore", UserWarning)
-        quantized = torch._make_per_channel_quantized_tensor(weight, scale.double(), zeros, 0)
-    return torch.ops.quantized.linear_prepack(quantized, None)
-
-
-_ROW_WEIGHTS: dict[int, object] = {}
-"""fbgemm's packing of each Int8Linear's weights, by the address of the int8 weights (what a
-compiled graph passes the op), dropped when those weights are freed."""
-
-
-def _register_row_weights(weight: Tensor, scale: Tensor) -> bool:
-    if not row_kernel().fbgemm:
-        return False
-    address = weight.data_ptr()
-    _ROW_WEIGHTS[address] = _pack(weight, scale)
-    weakref.finalize(weight, _ROW_WEIGHTS.pop, address, None)
-    return True
-
-
-@torch.library.custom_op("maas::int8_row_linear", mutates_args=())
-def _int8_row_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """One row through fbgemm's dynamic int8 kernel (an op of its own, so that a compiled
-    step calls it as it is: dynamo cannot trace fbgemm's packed weights)."""
-    return torch.ops.quantized.linear_dynamic(
-        x.float(), _ROW_WEIGHTS[weight.data_ptr()], row_kernel().levels == 127
-    )
-
-
-@_int8_row_linear.register_fake
-def _(x: Tensor, weight: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
 class Int8WeightOnlyLinear(nn.Module):

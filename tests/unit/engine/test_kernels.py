@@ -7,15 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maas.runtime.llm.kernels import (
-    SMALLEST_SCALE,
-    Int8Linear,
-    PackedLinear,
-    quantize_linears,
-    quantize_rows,
-    row_kernel,
-    weight_bytes,
-)
+from maas.runtime.llm.kernels import Int8Linear, PackedLinear, quantize_linears, weight_bytes
 from maas.runtime.llm.model import (
     AttentionPlan,
     DecodeRows,
@@ -58,71 +50,13 @@ def test_int8_linear_rows_do_not_depend_on_the_other_rows(linear):
         assert torch.equal(layer(batch[row : row + 1]), together[row : row + 1])
 
 
-EDGE_ROWS = [
-    torch.zeros(64),  # all zeros
-    torch.rand(64) * 1e-6,  # values below the smallest scale, all positive
-    -torch.rand(64) * 1e-6,  # the same, all negative
-    torch.randn(64) * 1e-6,  # both signs, tiny
-    torch.rand(64) + 0.5,  # positive only: the zero point sits at the bottom
-    torch.cat([torch.randn(63), torch.tensor([300.0])]),  # one outlier
-]
-
-
-def test_a_lone_int8_row_equals_the_same_row_in_a_batch_at_the_edges(linear):
-    """A lone row takes fbgemm's kernel where it agreed with _int_mm at start; rows of every
-    kind (zeros, tiny, one-signed, outliers) must still match the batched result bit for bit."""
-    torch.manual_seed(2)
-    layer = Int8Linear(linear)
-    batch = torch.stack(EDGE_ROWS)
-    together = layer(batch)
-    for row in range(len(EDGE_ROWS)):
-        assert torch.equal(layer(batch[row : row + 1]), together[row : row + 1])
-
-
-def test_a_lone_int8_row_runs_fbgemms_kernel_where_it_agrees(linear):
-    if not row_kernel().fbgemm:
-        pytest.skip("fbgemm's dynamic int8 linear did not match _int_mm on this CPU")
-    layer = Int8Linear(linear)
-    x = torch.randn(1, 64)
-    called = []
-    original = torch.ops.quantized.linear_dynamic
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            torch.ops.quantized,
-            "linear_dynamic",
-            lambda *args: called.append(args[0].shape) or original(*args),
-        )
-        layer(x)
-        layer(torch.randn(3, 64))
-    assert called == [torch.Size([1, 64])]  # the lone row only
-
-
-def test_rows_are_quantised_each_to_its_own_range():
-    torch.manual_seed(3)
-    x = torch.randn(5, 64) * torch.tensor([1e-2, 0.1, 1.0, 10.0, 1e3])[:, None]
-    x[2] = x[2].abs()
-    for levels in (127, 255):
-        values, scale, zero = quantize_rows(x, levels)
-        assert values.min() >= 0 and values.max() <= levels
-        # each row spans its own range: its extremes hit (or nearly hit) both ends
-        assert (values.amax(dim=1) - values.amin(dim=1) >= levels - 2).all()
-        back = (values - zero).float() * scale
-        assert ((back - x).abs() <= scale / 2 + 1e-6 * x.abs()).all()
-        zeros, _, zero = quantize_rows(torch.zeros(1, 64), levels)
-        assert (zeros == zero).all()  # zero is exactly representable
-        _, tiny_scale, _ = quantize_rows(torch.randn(1, 64) * 1e-6, levels)
-        assert tiny_scale.item() == pytest.approx(SMALLEST_SCALE)  # widened, as fbgemm does
-
-
 def test_int8_linears_are_counted_at_a_byte_a_weight(linear):
     model = nn.Sequential(linear, nn.LayerNorm(48))
     floats = weight_bytes(model)
     assert quantize_linears(model) == 1
     assert isinstance(model[0], Int8Linear)
-    # 64*48 weights: 4 bytes each before, 1 after, plus the 48 scales (float32) and the 48
-    # column sums (int32); lone rows' fbgemm copy is another byte a weight where it is used
-    row_copy = 64 * 48 if row_kernel().fbgemm else 0
-    assert weight_bytes(model) == floats - 64 * 48 * 3 + 48 * 4 + 48 * 4 + row_copy
+    # 64*48 weights: 4 bytes each before, 1 after; the 48 scales and the rest stay float32
+    assert weight_bytes(model) == floats - 64 * 48 * 3 + 48 * 4
 
 
 def reference_attention(q, k, v, length: int, causal_from: int | None = None):
