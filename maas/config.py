@@ -154,6 +154,21 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=600.0, gt=0)
     """A generation still running after this long is stopped with a timeout error."""
 
+    job_workers: int = Field(default=1, ge=0, le=64)
+    """Worker processes ``maas serve`` starts for jobs (training, fine-tuning); 0 starts none
+    (run ``maas worker`` elsewhere). Each takes one job at a time."""
+
+    job_lease_seconds: float = Field(default=30.0, ge=1, le=3600)
+    """How long a worker's claim on a job lasts without a heartbeat (sent every third of it).
+    A worker that dies loses the job this long after its last heartbeat; another then resumes
+    it from its last checkpoint."""
+
+    job_max_attempts: int = Field(default=3, ge=1, le=100)
+    """Claims a job may have: a job whose workers died this many times fails."""
+
+    job_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    """How often an idle worker looks for a job."""
+
     encryption_key_file: Path | None = None
     """Master key file for weights encrypted at rest (``maas keys init-master`` makes one).
     Empty means ``master.keys`` under ``home`` if that file exists, else no encryption."""

@@ -53,3 +53,21 @@ def cli(
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the whole session (started on first use)."""
+    from tests.postgres import PostgresServer, binaries
+
+    if binaries() is None:
+        pytest.fail("PostgreSQL's server binaries are missing: run `make install-dev`")
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()

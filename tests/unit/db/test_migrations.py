@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -13,14 +11,13 @@ from maas.db import make_engine, upgrade
 from maas.db.migrate import current_revision, downgrade, head_revision
 from maas.db.tables import Base
 
-# Read at import: the autouse fixture clears MAAS_* variables before each test.
-POSTGRES_URL = os.environ.get("MAAS_TEST_POSTGRES_URL")
-URLS = ["sqlite", "postgres"] if POSTGRES_URL else ["sqlite"]
 
-
-@pytest.fixture(params=URLS)
+@pytest.fixture(params=["sqlite", "postgres"])
 def engine(request, tmp_path):
-    url = f"sqlite:///{tmp_path / 'fresh.db'}" if request.param == "sqlite" else POSTGRES_URL
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    else:  # a real server, started by the tests (tests/postgres.py)
+        url = request.getfixturevalue("postgres_url")
     engine = make_engine(url)
     yield engine
     if request.param != "sqlite":
