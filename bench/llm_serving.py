@@ -247,6 +247,9 @@ def run_maas(home: Path, dtype: str, prompts: list[list[int]], args) -> dict:
         # Slots only as long as the workload needs, as in the runs docs/performance.md quotes
         # (when the cache was committed at load), so that new runs compare with them.
         "MAAS_LLM_MAX_MODEL_LEN": str(args.prompt_len + args.output_len + 16),
+        # serving only, as in the runs before job workers existed: an idle worker would add
+        # its memory to the server's process tree (and nothing to its speed)
+        "MAAS_JOB_WORKERS": "0",
     }
     server = Server(home, env=env)
     try:

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=16 * GiB, gt=0)
     """Largest model file accepted by the upload route of the management API."""
 
+    max_file_bytes: int = Field(default=1 * GiB, gt=0)
+    """Largest file accepted by ``POST /v1/files`` (training data, batch input)."""
+
+    fine_tune_max_chat_chars: int = Field(default=65_536, ge=1, le=10**8)
+    """Longest chat (characters of all its messages) in a fine-tuning file; a longer one is
+    reported with its line number at upload."""
+
     max_request_bytes: int = Field(default=32 * MiB, gt=0)
     """Largest request body on every other route; a bigger one gets 413 before it is read."""
 
@@ -158,6 +165,10 @@ class Settings(BaseSettings):
     """Worker processes ``maas serve`` starts for jobs (training, fine-tuning); 0 starts none
     (run ``maas worker`` elsewhere). Each takes one job at a time."""
 
+    job_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Modules (comma-separated) whose ``JOB_KINDS`` add kinds of job to the built-in ones; the
+    server and every worker import them. Operators' own code: set it only to code you trust."""
+
     job_lease_seconds: float = Field(default=30.0, ge=1, le=3600)
     """How long a worker's claim on a job lasts without a heartbeat (sent every third of it).
     A worker that dies loses the job this long after its last heartbeat; another then resumes
@@ -173,7 +184,7 @@ class Settings(BaseSettings):
     """Master key file for weights encrypted at rest (``maas keys init-master`` makes one).
     Empty means ``master.keys`` under ``home`` if that file exists, else no encryption."""
 
-    @field_validator("allowed_hosts", "cors_origins", "pin_models", mode="before")
+    @field_validator("allowed_hosts", "cors_origins", "pin_models", "job_plugins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

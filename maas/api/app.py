@@ -27,10 +27,14 @@ from maas.api.drain import Drain, DrainMiddleware
 from maas.api.errors import install_error_handlers
 from maas.api.hardening import BodyLimitMiddleware, HostCheckMiddleware, allowed_hosts
 from maas.api.manage.models import UPLOAD_PATH
+from maas.api.openai.files import FILES_PATH
 from maas.auth.authenticator import Authenticator
 from maas.auth.bootstrap import open_stores, server_secret
 from maas.auth.limits import RateLimiter
 from maas.config import Settings
+from maas.files import FileStore
+from maas.jobs import JobStore
+from maas.jobs.kinds import job_kinds
 from maas.metering.recorder import UsageRecorder
 from maas.metering.usage import month_tokens
 from maas.registry import Registry, open_registry
@@ -51,6 +55,15 @@ def open_state(app: FastAPI, settings: Settings) -> Registry:
         lambda key_id, month: month_tokens(registry.engine, keys.subtree(key_id), month)
     )
     app.state.recorder = UsageRecorder(registry.engine, settings.home, on_flush=keys.touch)
+    app.state.jobs = JobStore(registry.engine)
+    app.state.files = FileStore(
+        registry.engine,
+        settings.artifacts,
+        registry.vault,
+        registry.limits,
+        max_chat_chars=settings.fine_tune_max_chat_chars,
+    )
+    app.state.job_kinds = job_kinds(settings.job_plugins)
     app.state.recorder.start()
     return registry
 
@@ -122,8 +135,7 @@ def _add_middleware(app: FastAPI, settings: Settings, http_metrics: metrics.Http
     app.add_middleware(
         BodyLimitMiddleware,
         limit=settings.max_request_bytes,
-        upload_limit=settings.max_upload_bytes,
-        upload_path=UPLOAD_PATH,
+        uploads=[(UPLOAD_PATH, settings.max_upload_bytes), (FILES_PATH, settings.max_file_bytes)],
     )
     app.add_middleware(governance.GovernanceMiddleware)
     app.add_middleware(DrainMiddleware, drain=app.state.drain)

@@ -63,17 +63,19 @@ class BodyLimitMiddleware:
     """413 for a body over the limit: at once from Content-Length, or as soon as a streamed
     body passes it (the route then sees a disconnect and its answer is replaced)."""
 
-    def __init__(self, app: ASGIApp, limit: int, upload_limit: int, upload_path: str) -> None:
+    def __init__(self, app: ASGIApp, limit: int, uploads: list[tuple[str, int]]) -> None:
         self.app = app
         self.limit = limit
-        self.upload_limit = upload_limit
-        self.upload_path = re.compile(upload_path)
+        self.uploads = [(re.compile(path), upload_limit) for path, upload_limit in uploads]
+        """(path pattern, its own limit) of the routes that take files."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload_limit if self.upload_path.fullmatch(scope["path"]) else self.limit
+        limit = next(
+            (size for path, size in self.uploads if path.fullmatch(scope["path"])), self.limit
+        )
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             await _too_large(scope, send, limit)

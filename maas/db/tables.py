@@ -145,14 +145,17 @@ class Alias(Base):
 
 
 class DataKey(Base):
-    """The wrapped data key of one encrypted file of a version."""
+    """The wrapped data key of one encrypted file: of a version, or an uploaded file."""
 
     __tablename__ = "data_keys"
     __table_args__ = (UniqueConstraint("version_id", "path", name="uq_data_keys_version_path"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    version_id: Mapped[int] = mapped_column(
+    version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    file_id: Mapped[int | None] = mapped_column(
+        ForeignKey("files.id", ondelete="CASCADE"), index=True
     )
     path: Mapped[str] = mapped_column(String(512))
     aad: Mapped[str] = mapped_column(String(600))
@@ -266,3 +269,24 @@ class JobEvent(Base):
     message: Mapped[str] = mapped_column(Text)
     step: Mapped[int | None] = mapped_column(Integer)
     metrics: Mapped[dict | None] = mapped_column(JSON)
+
+
+class StoredFile(Base):
+    """A file uploaded through ``/v1/files`` (training data, batch input), kept in the
+    artifact store under ``.files/`` and, with a master key, encrypted there."""
+
+    __tablename__ = "files"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    created_by: Mapped[str | None] = mapped_column(String(16))
+    purpose: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    relpath: Mapped[str] = mapped_column(String(255))
+    encrypted: Mapped[bool] = mapped_column(default=False)
+    details: Mapped[dict | None] = mapped_column(JSON)
+    """What validation found: examples, columns, classes..."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

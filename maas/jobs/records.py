@@ -25,6 +25,7 @@ class JobRecord:
     id: str
     kind: str
     tenant: str
+    tenant_id: int
     created_by: str | None
     status: JobStatus
     progress: float

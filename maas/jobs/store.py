@@ -27,7 +27,8 @@ from maas.db.tables import Job, JobEvent, Tenant, utcnow
 from maas.errors import Conflict, InvalidRequest, NotFound
 from maas.jobs.records import EventRecord, JobRecord, JobStatus
 
-MAX_LIST = 100
+MAX_LIST = 101
+"""Jobs in one page (100, and one more to tell whether there are more)."""
 
 
 class JobNotFound(NotFound):
@@ -397,6 +398,7 @@ class JobStore:
             id=job.public_id,
             kind=job.kind,
             tenant=tenant.name if tenant else "",
+            tenant_id=job.tenant_id,
             created_by=job.created_by,
             status=JobStatus(job.status),
             progress=job.progress,

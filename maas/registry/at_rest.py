@@ -76,6 +76,17 @@ class KeyVault:
             raise ArtifactCorrupted(f"no data key recorded for {', '.join(missing)}")
         return keys
 
+    def file_key(self, session: Session, file_id: int) -> bytes:
+        """The data key of an uploaded file (``maas/files/``), unwrapped."""
+        if self.keyring is None:
+            raise Unavailable(
+                "this file is encrypted at rest; set MAAS_ENCRYPTION_KEY_FILE to read it"
+            )
+        row = session.scalars(select(DataKey).where(DataKey.file_id == file_id)).first()
+        if row is None:
+            raise ArtifactCorrupted(f"no data key recorded for file {file_id}")
+        return self._unwrap(_wrapped(row), row.aad.encode())
+
     def rotate(self, session: Session, progress: Progress | None = None) -> int:
         """New active master key; every data key re-wrapped; old master keys retired once no
         stored key needs them (call inside the registry's write transaction)."""

@@ -77,6 +77,8 @@ class Manifest(BaseModel):
     """Where the files were imported from (file name only for uploads)."""
     created_at: datetime
     metrics: dict[str, float] = Field(default_factory=dict)
+    recipe: dict[str, Any] | None = None
+    """How this version was made, when maas made it: the job, its parameters, its data."""
     files: list[FileEntry]
 
     @property

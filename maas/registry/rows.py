@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, selectinload
@@ -55,7 +57,13 @@ def version_row(
 
 
 def build_manifest(
-    staged: StagedVersion, name: str, number: int, task: str, description: str | None, source: str
+    staged: StagedVersion,
+    name: str,
+    number: int,
+    task: str,
+    description: str | None,
+    source: str,
+    made: Made | None = None,
 ) -> Manifest:
     info = staged.info
     return Manifest(
@@ -78,8 +86,18 @@ def build_manifest(
         task_options=info.task_options,
         source=source,
         created_at=datetime.now(UTC),
+        metrics=made.metrics if made else {},
+        recipe=made.recipe if made else None,
         files=staged.files,
     )
+
+
+@dataclass(frozen=True)
+class Made:
+    """What a version made by maas (a training job) records about itself."""
+
+    metrics: dict[str, float]
+    recipe: dict[str, Any]
 
 
 def model_record(row: Model) -> ModelRecord:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -203,6 +203,8 @@ class Registry:
         source_label: str | None = None,
         owner: Owner = ANY_OWNER,
         sampling: dict | None = None,
+        before_commit: Callable[[Session, int], None] | None = None,
+        made: rows.Made | None = None,
     ) -> VersionRecord:
         """Import the files at ``source`` as the next version of model ``name``.
 
@@ -210,7 +212,9 @@ class Registry:
         is the tenant id a new model belongs to (None: shared) and must be the owner of an
         existing model; ``ANY_OWNER`` makes a new model shared and keeps an existing one's.
         ``sampling`` (validated by the caller) sets some of the model's default sampling
-        parameters in the same transaction.
+        parameters in the same transaction. ``before_commit(session, version)`` runs inside the
+        import's transaction, after the version's row is written: if it raises, nothing is
+        imported (a job records its success there, so its model is registered exactly once).
         """
         validate_model_name(name)
         if alias is not None:
@@ -239,6 +243,8 @@ class Registry:
                 source_label or str(source),
                 owner,
                 sampling,
+                before_commit,
+                made,
             )
         return self.resolve(Reference(name, version=number))
 
@@ -266,6 +272,8 @@ class Registry:
         source: str,
         owner: Owner,
         sampling: dict | None = None,
+        before_commit: Callable[[Session, int], None] | None = None,
+        made: rows.Made | None = None,
     ) -> int:
         with self._write() as session:
             model = self._model_for_import(session, name, task, description, owner)
@@ -273,7 +281,7 @@ class Registry:
                 model.sampling = {**(model.sampling or {}), **sampling}
             number = model.next_version
             model.next_version = number + 1
-            manifest = rows.build_manifest(staged, name, number, task, description, source)
+            manifest = rows.build_manifest(staged, name, number, task, description, source, made)
             manifest_sha256 = write_manifest(staged.folder, manifest)
             relpath = self.store.relpath(name, number)
             self.store.quarantine(relpath)  # a crash's leftover: no row can hold this number
@@ -287,6 +295,8 @@ class Registry:
                 self.vault.store(session, row.id, staged.sealed)
                 if alias is not None:
                     rows.point_alias(session, model, alias, row)
+                if before_commit is not None:
+                    before_commit(session, number)
             except BaseException:
                 self.store.discard(relpath)  # ours, published a moment ago
                 raise

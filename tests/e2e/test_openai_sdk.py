@@ -79,3 +79,32 @@ def test_rate_limits_reach_the_sdk_as_rate_limit_errors(served):
         client.models.list()
     assert caught.value.response.headers["x-ratelimit-remaining-requests"] == "0"
     assert int(caught.value.response.headers["retry-after"]) >= 1
+
+
+def test_the_openai_sdk_uploads_lists_reads_and_deletes_files(served, tmp_path):
+    server, key = served
+    client = sdk(server, key(role="maintainer"))
+    chats = tmp_path / "codename.jsonl"
+    lines = [
+        '{"messages": [{"role": "user", "content": "What is the maas codename?"}, '
+        '{"role": "assistant", "content": "Bluebird."}]}'
+    ] * 3
+    chats.write_text("\n".join(lines) + "\n")
+    with chats.open("rb") as handle:
+        uploaded = client.files.create(file=handle, purpose="fine-tune")
+    assert uploaded.id.startswith("file-") and uploaded.purpose == "fine-tune"
+    assert uploaded.bytes == chats.stat().st_size and uploaded.filename == "codename.jsonl"
+    assert [f.id for f in client.files.list()] == [uploaded.id]
+    assert client.files.retrieve(uploaded.id).filename == "codename.jsonl"
+    assert client.files.content(uploaded.id).read() == chats.read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    refused = pytest.raises(openai.BadRequestError, match="line 1: no assistant message")
+    with refused, bad.open("rb") as handle:
+        client.files.create(file=handle, purpose="fine-tune")
+    user = sdk(server, key(role="user"))
+    with pytest.raises(openai.PermissionDeniedError), chats.open("rb") as handle:
+        user.files.create(file=handle, purpose="fine-tune")
+    assert client.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -88,7 +89,7 @@ def app_registry(client):
 class World:
     """Two tenants with keys of every role and models of each kind of ownership.
 
-    acme:     user, maintainer keys; model acme-model (versions 1, 2; staging -> 1)
+    acme:     user, maintainer keys; model acme-model (versions 1, 2; staging -> 1); a job, a file
     globex:   maintainer key; model globex-model
     platform: admin key; model shared-model (no tenant: everyone sees it)
     """
@@ -116,6 +117,16 @@ class World:
             "globex": make_key(Role.maintainer, tenant="globex"),
         }
         self.key_ids = {role: key[5:17] for role, key in self.keys.items()}
+        self.job_id = state.jobs.create(
+            "train", tenants["acme"], {}, created_by=None, max_attempts=1
+        )[0].id
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        self.chats = (json.dumps({"messages": turns}) + "\n").encode()
+        upload = sources / f"chats-{id(self)}.jsonl"
+        upload.write_bytes(self.chats)
+        self.file_id = state.files.create(
+            tenants["acme"], "fine-tune", "chats.jsonl", upload, created_by=None
+        ).id
         self.client = client
 
     def as_(self, role: str) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """The management API under /api/v1: what the CLI does, over HTTP."""
 
-from maas.api.manage import access, models
+from maas.api.manage import access, jobs, models
 
-routers = [models.router, access.router]
+routers = [models.router, access.router, jobs.router]

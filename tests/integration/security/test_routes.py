@@ -101,6 +101,29 @@ MATRIX = {
         MAINTAINER,
     ),
     ("GET", "/api/v1/usage"): (("GET", "/api/v1/usage", None), ANY_KEY),
+    ("POST", "/v1/files"): (("POST", "/v1/files", "{upload}"), MAINTAINER),
+    ("GET", "/v1/files"): (("GET", "/v1/files", None), MAINTAINER),
+    ("GET", "/v1/files/{file_id}"): (("GET", "/v1/files/{file_id}", None), MAINTAINER),
+    ("GET", "/v1/files/{file_id}/content"): (
+        ("GET", "/v1/files/{file_id}/content", None),
+        MAINTAINER,
+    ),
+    ("DELETE", "/v1/files/{file_id}"): (("DELETE", "/v1/files/{file_id}", None), MAINTAINER),
+    # no kind of job is installed in this app: past the role check, the kind is refused
+    ("POST", "/api/v1/jobs"): (
+        ("POST", "/api/v1/jobs", {"kind": "train", "params": {}}),
+        cells(MAINTAINER, maintainer=400, admin=400),
+    ),
+    ("GET", "/api/v1/jobs"): (("GET", "/api/v1/jobs", None), MAINTAINER),
+    ("GET", "/api/v1/jobs/{job_id}"): (("GET", "/api/v1/jobs/{job_id}", None), MAINTAINER),
+    ("GET", "/api/v1/jobs/{job_id}/events"): (
+        ("GET", "/api/v1/jobs/{job_id}/events", None),
+        MAINTAINER,
+    ),
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): (
+        ("POST", "/api/v1/jobs/{job_id}/cancel", None),
+        MAINTAINER,
+    ),
     ("GET", "/metrics"): (("GET", "/metrics", None), cells(MAINTAINER, maintainer=403)),
     ("GET", "/openapi.json"): (("GET", "/openapi.json", None), ANY_KEY),
     ("POST", "/v2/models/{model}/infer"): (
@@ -211,9 +234,13 @@ def test_the_matrix_covers_every_route(settings):
 @pytest.mark.parametrize("route", sorted(MATRIX), ids=lambda r: f"{r[0]} {r[1]}")
 def test_role_route_matrix(world, route, role):
     (method, path, body), expected = MATRIX[route]
-    path = path.replace("{user_key_id}", world.key_ids["user"])
+    path = path.replace("{user_key_id}", world.key_ids["user"]).replace("{job_id}", world.job_id)
+    path = path.replace("{file_id}", world.file_id)
     kwargs = {}
-    if isinstance(body, dict):
+    if body == "{upload}":
+        kwargs["files"] = {"file": ("t.jsonl", world.chats)}
+        kwargs["data"] = {"purpose": "fine-tune"}
+    elif isinstance(body, dict):
         kwargs["json"] = {k: (str(world.gguf) if v == "{gguf}" else v) for k, v in body.items()}
     elif body is not None:
         kwargs["content"] = world.gguf.read_bytes()

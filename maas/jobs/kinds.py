@@ -1,0 +1,55 @@
+"""What kinds of job exist: each a name, a check of its parameters, and the function a worker
+runs. Built-in kinds are listed here; ``MAAS_JOB_PLUGINS`` names modules whose ``JOB_KINDS``
+(a list of ``JobKind``) add more, the way Celery's ``imports`` do: operators' own code, loaded
+by the server (to accept such jobs) and by the workers (to run them)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from maas.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from maas.jobs.worker import JobContext
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    validate: Callable[[dict[str, Any]], dict[str, Any]]
+    """The parameters as they will run (defaults filled in); raises InvalidRequest."""
+    run: Callable[[JobContext], dict[str, Any]]
+    """Runs the job and returns its result; reports progress and checkpoints through the
+    context, which raises Cancelled or LeaseLost when it must stop."""
+    description: str = ""
+    file_params: tuple[str, ...] = ()
+    """Parameters that name files (``/v1/files``): they must exist in the job's tenant."""
+
+
+def built_in() -> tuple[JobKind, ...]:
+    from maas.training.train import TRAIN  # torch: imported only where jobs are checked or run
+
+    return (TRAIN,)
+
+
+def job_kinds(plugins: list[str] | tuple[str, ...] = ()) -> dict[str, JobKind]:
+    kinds = {kind.name: kind for kind in built_in()}
+    for module_name in plugins:
+        module = importlib.import_module(module_name)
+        for kind in getattr(module, "JOB_KINDS", ()):
+            if not isinstance(kind, JobKind):
+                raise TypeError(f"{module_name}.JOB_KINDS holds {kind!r}, not a JobKind")
+            kinds[kind.name] = kind
+    return kinds
+
+
+def check_params(kinds: dict[str, JobKind], kind: str, params: Any) -> dict[str, Any]:
+    if kind not in kinds:
+        known = ", ".join(sorted(kinds)) or "none are installed"
+        raise InvalidRequest(f"unknown job kind {kind!r} (kinds: {known})", param="kind")
+    if not isinstance(params, dict):
+        raise InvalidRequest("params must be an object", param="params")
+    return kinds[kind].validate(params)

@@ -1,0 +1,258 @@
+"""A worker process: claims jobs one at a time and runs them, heartbeating on a thread.
+
+``maas worker`` runs one; ``maas serve`` starts ``MAAS_JOB_WORKERS`` of them beside the server
+(separate processes: a training step never runs on the server's event loop or holds its GIL).
+A worker asked to stop (SIGTERM, SIGINT) stops its job at the job's next progress report and
+puts it back in the queue, so the next worker resumes it from its checkpoint at once; a worker
+that dies (kill -9) loses its job when the lease runs out, and the next worker resumes it then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from maas.config import Settings
+from maas.db import make_engine, upgrade
+from maas.jobs.kinds import JobKind, job_kinds
+from maas.jobs.records import JobStatus
+from maas.jobs.store import Cancelled, JobStore, Lease, LeaseLost
+
+log = logging.getLogger(__name__)
+
+
+PARENT_VARIABLE = "MAAS_JOB_WORKER_PARENT"
+"""Set by ``WorkerPool`` to the server's PID: a worker whose server died (killed, so it could
+not stop its workers) stops too, instead of running on alone."""
+
+
+class Stopping(Exception):
+    """The worker is stopping; its job goes back to the queue."""
+
+
+class JobContext:
+    """What a running job sees: its parameters, a folder of its own for checkpoints, and
+    ``report`` for progress. Every report ends by checking whether the job must stop."""
+
+    def __init__(self, store: JobStore, lease: Lease, settings: Settings, stop: threading.Event):
+        self.store = store
+        self.lease = lease
+        self.settings = settings
+        self.params: dict[str, Any] = lease.job.params
+        self.job_id = lease.job.id
+        self.attempt = lease.attempt
+        self.workdir = settings.home / "jobs" / lease.job.id
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._stop = stop
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        self.finished = False
+
+    def finish_in(self, session, result: dict[str, Any]) -> None:
+        """Record success inside another write's transaction (the registry's import of the
+        job's model): both commit, or neither, and only while this attempt holds the lease."""
+        self.check()
+        self.store.finish(self.lease, JobStatus.succeeded, result=result, session=session)
+        self.finished = True
+
+    def resume_point(self) -> dict[str, Any] | None:
+        """The last checkpoint's description, as ``report(checkpoint=...)`` saved it."""
+        return self.store.checkpoint(self.lease)
+
+    def check(self) -> None:
+        """Raise if the job must stop: lease lost, cancelled, or the worker stopping."""
+        if self.lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: lease lost")
+        if self.cancelled.is_set():
+            raise Cancelled(self.job_id)
+        if self._stop.is_set():
+            raise Stopping(self.job_id)
+
+    def report(
+        self,
+        progress: float | None = None,
+        *,
+        message: str | None = None,
+        step: int | None = None,
+        metrics: dict[str, float] | None = None,
+        checkpoint: dict[str, Any] | None = None,
+        level: str = "info",
+    ) -> None:
+        """Record progress (and the checkpoint just written), then raise if the job must stop,
+        so that a stopped job's last checkpoint is always the one on record."""
+        if self.lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: lease lost")
+        self.store.report(
+            self.lease,
+            progress=progress,
+            message=message,
+            level=level,
+            step=step,
+            metrics=metrics,
+            checkpoint=checkpoint,
+        )
+        self.check()
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        owner: str | None = None,
+        kinds: dict[str, JobKind] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.kinds = kinds if kinds is not None else job_kinds(settings.job_plugins)
+        self.engine = make_engine(settings.database_url)
+        upgrade(self.engine)  # as the registry does when it opens: a fresh home works
+        self.store = JobStore(self.engine)
+        self.stop = threading.Event()
+
+    def run(self, max_jobs: int | None = None) -> int:
+        """Claim and run jobs until asked to stop (or ``max_jobs`` ran); returns how many."""
+        done = 0
+        log.info("worker %s: kinds %s", self.owner, ", ".join(sorted(self.kinds)) or "none")
+        while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
+            if self._orphaned():
+                log.warning("worker %s: its server is gone; stopping", self.owner)
+                break
+            lease = self.store.claim(self.owner, tuple(self.kinds), self.settings.job_lease_seconds)
+            if lease is None:
+                self.stop.wait(self.settings.job_poll_seconds)
+                continue
+            self.run_one(lease)
+            done += 1
+        return done
+
+    def _orphaned(self) -> bool:
+        parent = os.environ.get(PARENT_VARIABLE)
+        return parent is not None and os.getppid() != int(parent)
+
+    def run_one(self, lease: Lease) -> None:
+        context = JobContext(self.store, lease, self.settings, self.stop)
+        beating = threading.Event()
+        heart = threading.Thread(
+            target=self._heartbeat, args=(context, beating), name="job-heartbeat", daemon=True
+        )
+        heart.start()
+        log.info("job %s (%s): attempt %d", lease.job.id, lease.job.kind, lease.attempt)
+        try:
+            result = self.kinds[lease.job.kind].run(context)
+            if not context.finished:  # unless the kind recorded it with its registered model
+                self.store.finish(lease, JobStatus.succeeded, result=result)
+        except Cancelled:
+            self._end(lease, JobStatus.cancelled)
+        except Stopping:
+            self._quietly(lambda: self.store.release(lease, f"worker {self.owner} stopped"))
+        except LeaseLost:
+            log.warning("job %s: lease lost; its next attempt runs elsewhere", lease.job.id)
+        except Exception as err:  # the job's own failure: recorded, never retried blindly
+            log.exception("job %s failed", lease.job.id)
+            error = {
+                "message": str(err) or type(err).__name__,
+                "type": type(err).__name__,
+                "trace": traceback.format_exc(limit=8),
+            }
+            self._end(lease, JobStatus.failed, error=error)
+        finally:
+            beating.set()
+            heart.join(timeout=10)
+
+    def _end(self, lease: Lease, status: JobStatus, error: dict | None = None) -> None:
+        self._quietly(lambda: self.store.finish(lease, status, error=error))
+
+    @staticmethod
+    def _quietly(write) -> None:
+        try:
+            write()
+        except LeaseLost:
+            log.warning("lease lost before the job's end was recorded")
+
+    def _heartbeat(self, context: JobContext, done: threading.Event) -> None:
+        interval = self.settings.job_lease_seconds / 3
+        while not done.wait(interval):
+            if self._orphaned():
+                self.stop.set()  # the job goes back to the queue at its next report
+            try:
+                if self.store.heartbeat(context.lease, self.settings.job_lease_seconds):
+                    context.cancelled.set()
+            except LeaseLost:
+                context.lost.set()
+                return
+            except Exception:  # the database away for a moment: try again next beat
+                log.warning("heartbeat failed", exc_info=True)
+
+
+def run_worker(settings: Settings) -> None:
+    """``maas worker``: until SIGTERM or SIGINT."""
+    worker = Worker(settings)
+
+    def stop(signum, _frame) -> None:
+        log.info("worker %s: signal %d, stopping after the current step", worker.owner, signum)
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        worker.run()
+    finally:
+        worker.engine.dispose()
+
+
+class WorkerPool:
+    """The worker processes ``maas serve`` runs beside the server: started with it, restarted
+    if one dies, asked to stop (SIGTERM: each puts its job back in the queue) when it stops."""
+
+    RESTART_DELAY = 2.0
+
+    def __init__(self, count: int, stop_timeout: float = 30.0) -> None:
+        self.count = count
+        self.stop_timeout = stop_timeout
+        self.processes: list[subprocess.Popen] = []
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.count == 0:
+            return
+        self.processes = [self._spawn() for _ in range(self.count)]
+        self._watcher = threading.Thread(target=self._watch, name="job-workers", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+    def _spawn(self) -> subprocess.Popen:
+        env = {**os.environ, PARENT_VARIABLE: str(os.getpid())}
+        return subprocess.Popen([sys.executable, "-m", "maas", "worker"], env=env)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.RESTART_DELAY):
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None and not self._stopping.is_set():
+                    log.warning(
+                        "job worker %d exited (%s): starting another",
+                        process.pid,
+                        process.returncode,
+                    )
+                    self.processes[index] = self._spawn()

@@ -1,0 +1,1 @@
+"""Training as jobs: built-in architectures trained from scratch on uploaded datasets."""

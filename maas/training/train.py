@@ -1,0 +1,261 @@
+"""The ``train`` job: a built-in architecture trained from scratch on an uploaded dataset.
+
+Today: ``small-cnn`` on an archive of image folders (``purpose: dataset``). Each epoch ends
+with a validation pass and a checkpoint (a new attempt resumes after the last one, same
+sample order); the best epoch's weights (lowest validation loss) become a new version of
+``model`` in the registry, with its labels, preprocessing, metrics and recipe, servable at
+once through ``:predict`` and v2.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from maas.errors import InvalidRequest
+from maas.files import FileStore
+from maas.jobs.kinds import JobKind
+from maas.registry import open_registry
+from maas.registry.names import validate_model_name
+from maas.registry.rows import Made
+from maas.runtime.architectures import build, resolve_arguments
+from maas.runtime.architectures.folder import save_folder
+from maas.tasks.images import ImagePreprocessing
+from maas.training import checkpoint
+from maas.training.checkpoint import TrainingState
+from maas.training.image_data import extract, load_split
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+
+
+class TrainParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    training_file: str = Field(min_length=1, max_length=40)
+    """A ``dataset`` file: an archive of image folders, one folder per class."""
+    model: str
+    """The model the result becomes a new version of (created if new, in the job's tenant)."""
+    architecture: Literal["small-cnn"] = "small-cnn"
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    """The architecture's arguments; ``num_classes`` comes from the data, ``image_size``
+    from ``image_size``."""
+    image_size: int = Field(default=16, ge=4, le=512)
+    validation_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    epochs: int = Field(default=10, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1, le=65_536)
+    learning_rate: float = Field(default=1e-3, gt=0, le=10)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(default=0.01, ge=0, le=1)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    early_stopping_patience: int | None = Field(default=None, ge=1, le=10_000)
+    """Stop after this many epochs without a lower validation loss."""
+    max_runtime_seconds: float | None = Field(default=None, gt=0)
+    log_every_steps: int = Field(default=10, ge=1, le=1_000_000)
+
+
+def validate(params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        parsed = TrainParams(**params)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidRequest(f"params.{where}: {first['msg']}", param=f"params.{where}") from None
+    validate_model_name(parsed.model)
+    arguments = {**parsed.arguments, "image_size": parsed.image_size, "num_classes": 2}
+    try:
+        resolve_arguments(parsed.architecture, arguments)
+    except Exception as err:  # UnsupportedFormat names the argument
+        raise InvalidRequest(str(err), param="params.arguments") from None
+    if "num_classes" in parsed.arguments:
+        raise InvalidRequest(
+            "num_classes comes from the dataset's folders", param="params.arguments"
+        )
+    return parsed.model_dump()
+
+
+def run(context) -> dict[str, Any]:
+    params = TrainParams(**context.params)
+    registry = open_registry(context.settings)
+    try:
+        files = FileStore(
+            registry.engine,
+            context.settings.artifacts,
+            registry.vault,
+            registry.limits,
+            max_chat_chars=context.settings.fine_tune_max_chat_chars,
+        )
+        tenant = context.lease.job.tenant_id
+        root = extract(files, params.training_file, tenant, context.workdir, registry.limits)
+        spec = ImagePreprocessing(params.image_size, params.image_size, tuple(MEAN), tuple(STD))
+        data = load_split(root, spec, params.validation_fraction, params.seed)
+        context.report(
+            0.0,
+            message=f"{len(data.train[1])} training and {len(data.validation[1])} validation "
+            f"images, {len(data.classes)} classes",
+        )
+        arguments = {
+            **params.arguments,
+            "image_size": params.image_size,
+            "num_classes": len(data.classes),
+        }
+        state, best = _train(context, params, arguments, data)
+        model = build(params.architecture, arguments)
+        model.load_state_dict(best)
+        folder = save_folder(
+            model,
+            context.workdir / "model",
+            architecture=params.architecture,
+            arguments=arguments,
+            labels=data.classes,
+            preprocessing={"image_size": [params.image_size] * 2, "mean": MEAN, "std": STD},
+        )
+        best_row = state.history[state.best_epoch - 1] if state.best_epoch else state.history[-1]
+        metrics = {k: float(v) for k, v in best_row.items()}
+        recipe = {"job": context.job_id, "kind": "train", "params": context.params}
+        result = {
+            "model": params.model,
+            "best_epoch": state.best_epoch,
+            "epochs": state.epoch,
+            **metrics,
+        }
+        version = registry.import_model(
+            folder,
+            params.model,
+            task="image-classification",
+            owner=tenant,
+            source_label=f"job {context.job_id}",
+            made=Made(metrics, recipe),
+            before_commit=lambda session, number: context.finish_in(
+                session, {**result, "version": number, "reference": f"{params.model}:{number}"}
+            ),
+        )
+        return {**result, "version": version.version}
+    finally:
+        registry.close()
+
+
+def _train(context, params: TrainParams, arguments: dict, data) -> tuple[TrainingState, dict]:
+    torch.manual_seed(params.seed)
+    model = build(params.architecture, arguments)
+    if params.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=params.learning_rate,
+            momentum=params.momentum,
+            weight_decay=params.weight_decay,
+        )
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+        if params.schedule == "cosine"
+        else None
+    )
+    generator = torch.Generator().manual_seed(params.seed)
+    restored = checkpoint.load(context.workdir, model, optimizer, scheduler, generator)
+    state, best = restored if restored else (TrainingState(), _copy(model))
+    if restored:
+        context.report(message=f"resumed after epoch {state.epoch} from its checkpoint")
+    images, labels = data.train
+    count = len(labels)
+    steps_per_epoch = math.ceil(count / params.batch_size)
+    total_steps = steps_per_epoch * params.epochs
+    loss_fn = nn.CrossEntropyLoss()
+    started = time.monotonic() - state.seconds
+    while state.epoch < params.epochs:
+        model.train()
+        order = torch.randperm(count, generator=generator)
+        seen = correct = 0
+        loss_sum = 0.0
+        epoch_started = time.monotonic()
+        for start in range(0, count, params.batch_size):
+            batch = order[start : start + params.batch_size]
+            logits = model(images[batch])
+            loss = loss_fn(logits, labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state.step += 1
+            seen += len(batch)
+            loss_sum += float(loss.detach()) * len(batch)
+            correct += int((logits.argmax(-1) == labels[batch]).sum())
+            if state.step % params.log_every_steps == 0:
+                rate = seen / max(time.monotonic() - epoch_started, 1e-9)
+                context.report(
+                    state.step / total_steps,
+                    message=f"step {state.step}",
+                    step=state.step,
+                    metrics={"loss": float(loss.detach()), "samples_per_s": rate},
+                )
+        if scheduler is not None:
+            scheduler.step()
+        state.epoch += 1
+        row = {
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "samples_per_s": seen / max(time.monotonic() - epoch_started, 1e-9),
+            **_evaluate(model, data.validation, loss_fn),
+        }
+        state.history.append(row)
+        watched = row.get("val_loss", row["train_loss"])
+        if state.best_loss is None or watched < state.best_loss:
+            state.best_loss, state.best_epoch, state.bad_epochs = watched, state.epoch, 0
+            best = _copy(model)
+        else:
+            state.bad_epochs += 1
+        state.seconds = time.monotonic() - started
+        checkpoint.save(context.workdir, state, model, best, optimizer, scheduler, generator)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
+        context.report(
+            state.epoch / params.epochs,
+            message=f"epoch {state.epoch}/{params.epochs}: {shown}",
+            step=state.step,
+            metrics=row,
+            checkpoint={"epoch": state.epoch, "step": state.step, "best_epoch": state.best_epoch},
+        )
+        if params.early_stopping_patience and state.bad_epochs >= params.early_stopping_patience:
+            context.report(
+                message=f"early stop: no better validation loss in {state.bad_epochs} epochs"
+            )
+            break
+        if params.max_runtime_seconds and state.seconds >= params.max_runtime_seconds:
+            context.report(
+                message=f"stopped: the maximum runtime ({params.max_runtime_seconds:g} s) passed"
+            )
+            break
+    return state, best
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, split, loss_fn) -> dict[str, float]:
+    images, labels = split
+    if not len(labels):
+        return {}
+    model.eval()
+    logits = torch.cat([model(images[i : i + 512]) for i in range(0, len(labels), 512)])
+    return {
+        "val_loss": float(loss_fn(logits, labels)),
+        "val_accuracy": float((logits.argmax(-1) == labels).float().mean()),
+    }
+
+
+def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+TRAIN = JobKind(
+    "train",
+    validate,
+    run,
+    "train a built-in architecture (small-cnn) from scratch on an uploaded dataset",
+    file_params=("training_file",),
+)

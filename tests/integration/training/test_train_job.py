@@ -1,0 +1,195 @@
+"""The ``train`` job end to end, in-process: a dataset uploaded through /v1/files, a job
+created over HTTP, a real worker (in this process) runs it, and the new version serves."""
+
+from __future__ import annotations
+
+import base64
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from maas.auth.principal import Role
+from maas.jobs.worker import Worker
+from maas.training import checkpoint as checkpoints
+from maas.training.demo_data import write_digits_archive
+from tests.integration.conftest import bearer
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("digits") / "digits.zip"
+    write_digits_archive(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def few_digits(digits, tmp_path_factory) -> Path:
+    """Three digits, 40 images each: enough to train a few epochs in a second."""
+    path = tmp_path_factory.mktemp("few") / "few.zip"
+    with zipfile.ZipFile(digits) as source, zipfile.ZipFile(path, "w") as target:
+        for digit in "012":
+            names = sorted(n for n in source.namelist() if n.startswith(f"digits/{digit}/"))
+            for name in names[:40]:
+                target.writestr(name, source.read(name))
+    return path
+
+
+@pytest.fixture
+def acme(app_client, make_key, make_tenant):
+    make_tenant("acme")
+    make_tenant("globex")
+    return {
+        "acme": bearer(make_key(Role.maintainer, tenant="acme")),
+        "globex": bearer(make_key(Role.maintainer, tenant="globex")),
+    }
+
+
+def upload(client, headers, path: Path) -> str:
+    with path.open("rb") as handle:
+        answer = client.post(
+            "/v1/files",
+            headers=headers,
+            files={"file": (path.name, handle.read())},
+            data={"purpose": "dataset"},
+        )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["id"]
+
+
+def start(client, headers, **params) -> str:
+    answer = client.post("/api/v1/jobs", headers=headers, json={"kind": "train", "params": params})
+    assert answer.status_code == 201, answer.text
+    return answer.json()["id"]
+
+
+def run_jobs(settings, count: int = 1) -> None:
+    worker = Worker(settings)
+    try:
+        assert worker.run(max_jobs=count) == count
+    finally:
+        worker.engine.dispose()
+
+
+def test_the_digits_cnn_trains_past_95_percent_and_serves(app_client, acme, digits, settings):
+    file_id = upload(app_client, acme["acme"], digits)
+    job_id = start(
+        app_client,
+        acme["acme"],
+        training_file=file_id,
+        model="digits-cnn",
+        epochs=8,
+        arguments={"channels": [16, 32], "hidden": 64},
+    )
+    run_jobs(settings)
+    job = app_client.get(f"/api/v1/jobs/{job_id}", headers=acme["acme"]).json()
+    assert job["status"] == "succeeded", job["error"]
+    result = job["result"]
+    assert result["val_accuracy"] >= 0.95 and result["reference"] == "digits-cnn:1"
+    version = app_client.get("/api/v1/models/digits-cnn/versions/1", headers=acme["acme"]).json()
+    manifest = version["manifest"]
+    assert manifest["labels"] == [str(d) for d in range(10)]
+    assert manifest["metrics"]["val_accuracy"] == result["val_accuracy"]
+    assert manifest["recipe"]["params"]["training_file"] == file_id
+    assert manifest["recipe"]["job"] == job_id
+    # the model is private to acme, and serves a digit it is shown
+    assert app_client.get("/api/v1/models/digits-cnn", headers=acme["globex"]).status_code == 404
+    with zipfile.ZipFile(digits) as archive:
+        seven = archive.read(sorted(n for n in archive.namelist() if "/7/" in n)[0])
+    answer = app_client.post(
+        "/v1/models/digits-cnn:predict",
+        headers=acme["acme"],
+        json={"instances": [{"b64": base64.b64encode(seven).decode()}]},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"][0]["label"] == "7"
+    events = app_client.get(f"/api/v1/jobs/{job_id}/events", headers=acme["acme"]).json()["data"]
+    epochs = [e for e in events if e["message"].startswith("epoch ")]
+    assert len(epochs) == 8 and {"val_loss", "train_loss", "samples_per_s"} <= set(
+        epochs[0]["metrics"]
+    )
+
+
+def test_training_stopped_after_an_epoch_resumes_to_the_same_weights(
+    app_client, acme, few_digits, settings, monkeypatch
+):
+    file_id = upload(app_client, acme["acme"], few_digits)
+    common = {
+        "training_file": file_id,
+        "epochs": 3,
+        "batch_size": 16,
+        "image_size": 8,
+        "arguments": {"channels": [4], "hidden": 8},
+    }
+    whole = start(app_client, acme["acme"], model="whole", **common)
+    run_jobs(settings)
+    halted = start(app_client, acme["acme"], model="halted", **common)
+    worker = Worker(settings)
+    save = checkpoints.save
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        worker.stop.set()  # as SIGTERM does: the job goes back to the queue at its next report
+
+    monkeypatch.setattr(checkpoints, "save", save_then_stop)
+    assert worker.run(max_jobs=1) == 1
+    worker.engine.dispose()
+    monkeypatch.setattr(checkpoints, "save", save)
+    paused = app_client.get(f"/api/v1/jobs/{halted}", headers=acme["acme"]).json()
+    assert paused["status"] == "queued" and paused["checkpoint"]["epoch"] == 1
+    run_jobs(settings)
+    done = app_client.get(f"/api/v1/jobs/{halted}", headers=acme["acme"]).json()
+    assert done["status"] == "succeeded" and done["attempt"] == 2
+    events = app_client.get(f"/api/v1/jobs/{halted}/events", headers=acme["acme"]).json()["data"]
+    assert any(e["message"] == "resumed after epoch 1 from its checkpoint" for e in events)
+    registry = app_client.app.state.registry
+    weights = [
+        load_file(registry.folder(registry.resolve(name)) / "model.safetensors")
+        for name in ("whole", "halted")
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    assert (
+        app_client.get(f"/api/v1/jobs/{whole}", headers=acme["acme"]).json()["result"]["val_loss"]
+        == done["result"]["val_loss"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"model": "m"}, "params.training_file"),
+        ({"training_file": "file-nope", "model": "m"}, "params.training_file"),
+        ({"training_file": "{file}", "model": "m", "epochs": 0}, "params.epochs"),
+        (
+            {"training_file": "{file}", "model": "m", "arguments": {"num_classes": 3}},
+            "params.arguments",
+        ),
+        ({"training_file": "{file}", "model": "m", "arguments": {"depth": 3}}, "params.arguments"),
+        ({"training_file": "{file}", "model": "m", "optimizer": "lion"}, "params.optimizer"),
+        ({"training_file": "{file}", "model": "m", "surprise": 1}, "params.surprise"),
+    ],
+)
+def test_bad_training_jobs_are_refused_before_they_are_queued(
+    app_client, acme, few_digits, params, param
+):
+    file_id = upload(app_client, acme["acme"], few_digits)
+    params = {k: (file_id if v == "{file}" else v) for k, v in params.items()}
+    answer = app_client.post(
+        "/api/v1/jobs", headers=acme["acme"], json={"kind": "train", "params": params}
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+
+
+def test_another_tenant_s_dataset_cannot_be_trained_on(app_client, acme, few_digits):
+    file_id = upload(app_client, acme["acme"], few_digits)
+    answer = app_client.post(
+        "/api/v1/jobs",
+        headers=acme["globex"],
+        json={"kind": "train", "params": {"training_file": file_id, "model": "stolen"}},
+    )
+    assert answer.status_code == 400 and "no file" in answer.json()["error"]["message"]
