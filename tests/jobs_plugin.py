@@ -51,6 +51,7 @@ def run(context) -> dict:
     model = make_onnx(context.workdir / "model.onnx")
     result = {"started_from": started_from, "steps": steps}
     registry = open_registry(context.settings)
+    context.flush()
     try:
         version = registry.import_model(
             model,

@@ -45,6 +45,19 @@ class Cancelled(Exception):
 
 
 @dataclass(frozen=True)
+class Report:
+    """What a running job says: any of progress, an event, a checkpoint."""
+
+    at: datetime
+    progress: float | None = None
+    message: str | None = None
+    level: str = "info"
+    step: int | None = None
+    metrics: dict[str, float] | None = None
+    checkpoint: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class Lease:
     """A worker's hold on one job: what each of its writes names."""
 
@@ -214,36 +227,38 @@ class JobStore:
             )
             return bool(session.scalar(select(Job.cancel_requested).where(Job.id == lease.row_id)))
 
-    def report(
-        self,
-        lease: Lease,
-        *,
-        progress: float | None = None,
-        message: str | None = None,
-        level: str = "info",
-        step: int | None = None,
-        metrics: dict[str, float] | None = None,
-        checkpoint: dict[str, Any] | None = None,
+    def report(self, lease: Lease, **fields: Any) -> None:
+        """Progress (0..1), an event (``message``, ``level``, ``step``, ``metrics``) and the
+        checkpoint a new attempt would resume from, in one fenced write."""
+        self.report_many(lease, [Report(at=self._clock(), **fields)])
+
+    def report_many(
+        self, lease: Lease, reports: list[Report], *, session: Session | None = None
     ) -> None:
-        """Progress (0..1), an event, and the checkpoint a new attempt would resume from, in
-        one fenced write."""
+        """Several reports in one fenced write: the last progress and checkpoint, and every
+        event, in order, at the time it was made; in ``session``'s transaction if given."""
+        if session is None:
+            with self._transaction() as own:
+                self.report_many(lease, reports, session=own)
+            return
         values: dict[str, Any] = {}
-        if progress is not None:
-            values["progress"] = min(1.0, max(0.0, float(progress)))
-        if checkpoint is not None:
-            values["checkpoint"] = checkpoint
-        with self._transaction() as session:
-            self._fenced(session, lease, **values)
-            if message is not None:
+        for report in reports:
+            if report.progress is not None:
+                values["progress"] = min(1.0, max(0.0, float(report.progress)))
+            if report.checkpoint is not None:
+                values["checkpoint"] = report.checkpoint
+        self._fenced(session, lease, **values)
+        for report in reports:
+            if report.message is not None:
                 session.add(
                     JobEvent(
                         job_id=lease.row_id,
-                        at=self._clock(),
+                        at=report.at,
                         attempt=lease.attempt,
-                        level=level,
-                        message=message,
-                        step=step,
-                        metrics=metrics,
+                        level=report.level,
+                        message=report.message,
+                        step=report.step,
+                        metrics=report.metrics,
                     )
                 )
 

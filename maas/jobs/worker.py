@@ -22,9 +22,10 @@ from typing import Any
 
 from maas.config import Settings
 from maas.db import make_engine, upgrade
+from maas.db.tables import utcnow
 from maas.jobs.kinds import JobKind, job_kinds
 from maas.jobs.records import JobStatus
-from maas.jobs.store import Cancelled, JobStore, Lease, LeaseLost
+from maas.jobs.store import Cancelled, JobStore, Lease, LeaseLost, Report
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 PARENT_VARIABLE = "MAAS_JOB_WORKER_PARENT"
 """Set by ``WorkerPool`` to the server's PID: a worker whose server died (killed, so it could
 not stop its workers) stops too, instead of running on alone."""
+
+
+FLUSH_SECONDS = 0.5
+"""How often a running job's queued reports are written."""
 
 
 class Stopping(Exception):
@@ -55,11 +60,14 @@ class JobContext:
         self.cancelled = threading.Event()
         self.lost = threading.Event()
         self.finished = False
+        self._pending: list[Report] = []
+        self._lock = threading.Lock()
 
     def finish_in(self, session, result: dict[str, Any]) -> None:
         """Record success inside another write's transaction (the registry's import of the
         job's model): both commit, or neither, and only while this attempt holds the lease."""
         self.check()
+        self.flush(session)
         self.store.finish(self.lease, JobStatus.succeeded, result=result, session=session)
         self.finished = True
 
@@ -86,20 +94,34 @@ class JobContext:
         checkpoint: dict[str, Any] | None = None,
         level: str = "info",
     ) -> None:
-        """Record progress (and the checkpoint just written), then raise if the job must stop,
-        so that a stopped job's last checkpoint is always the one on record."""
+        """Queue progress, an event and the checkpoint just written for the job's reporter
+        thread (the training loop never waits on the database), then raise if the job must
+        stop. The queue is flushed before the job ends or is handed back, so a stopped
+        job's last checkpoint is always the one on record."""
         if self.lost.is_set():
             raise LeaseLost(f"job {self.job_id}: lease lost")
-        self.store.report(
-            self.lease,
-            progress=progress,
-            message=message,
-            level=level,
-            step=step,
-            metrics=metrics,
-            checkpoint=checkpoint,
-        )
+        report = Report(utcnow(), progress, message, level, step, metrics, checkpoint)
+        with self._lock:
+            self._pending.append(report)
         self.check()
+
+    def flush(self, session=None) -> None:
+        """Write the queued reports now, in one transaction (``session``'s, if given: a
+        second writer would wait on SQLite's lock that session holds); LeaseLost if fenced
+        out."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            self.store.report_many(self.lease, pending, session=session)
+        except LeaseLost:
+            self.lost.set()
+            raise
+        except Exception:
+            with self._lock:  # the database away for a moment: keep them for the next flush
+                self._pending[:0] = pending
+            raise
 
 
 class Worker:
@@ -149,10 +171,13 @@ class Worker:
         try:
             result = self.kinds[lease.job.kind].run(context)
             if not context.finished:  # unless the kind recorded it with its registered model
+                context.flush()
                 self.store.finish(lease, JobStatus.succeeded, result=result)
         except Cancelled:
+            self._quietly(context.flush)
             self._end(lease, JobStatus.cancelled)
         except Stopping:
+            self._quietly(context.flush)
             self._quietly(lambda: self.store.release(lease, f"worker {self.owner} stopped"))
         except LeaseLost:
             log.warning("job %s: lease lost; its next attempt runs elsewhere", lease.job.id)
@@ -179,17 +204,22 @@ class Worker:
             log.warning("lease lost before the job's end was recorded")
 
     def _heartbeat(self, context: JobContext, done: threading.Event) -> None:
+        """Flush the job's reports every ``FLUSH_SECONDS``; heartbeat every third of the lease."""
         interval = self.settings.job_lease_seconds / 3
-        while not done.wait(interval):
+        last_beat = time.monotonic()
+        while not done.wait(min(FLUSH_SECONDS, interval)):
             if self._orphaned():
                 self.stop.set()  # the job goes back to the queue at its next report
             try:
-                if self.store.heartbeat(context.lease, self.settings.job_lease_seconds):
-                    context.cancelled.set()
+                context.flush()
+                if time.monotonic() - last_beat >= interval:
+                    last_beat = time.monotonic()
+                    if self.store.heartbeat(context.lease, self.settings.job_lease_seconds):
+                        context.cancelled.set()
             except LeaseLost:
                 context.lost.set()
                 return
-            except Exception:  # the database away for a moment: try again next beat
+            except Exception:  # the database away for a moment: try again next time
                 log.warning("heartbeat failed", exc_info=True)
 
 

@@ -58,6 +58,10 @@ class TrainParams(BaseModel):
     """Stop after this many epochs without a lower validation loss."""
     max_runtime_seconds: float | None = Field(default=None, gt=0)
     log_every_steps: int = Field(default=10, ge=1, le=1_000_000)
+    checkpoint_every_seconds: float = Field(default=10.0, ge=0, le=86_400)
+    """A checkpoint after an epoch once this long has passed since the last one (0: after
+    every epoch): a crash loses at most this much work, and short epochs do not spend their
+    time writing checkpoints."""
 
 
 def validate(params: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +129,7 @@ def run(context) -> dict[str, Any]:
             "epochs": state.epoch,
             **metrics,
         }
+        context.flush()  # the epochs' events on record before the import takes the write lock
         version = registry.import_model(
             folder,
             params.model,
@@ -171,6 +176,7 @@ def _train(context, params: TrainParams, arguments: dict, data) -> tuple[Trainin
     total_steps = steps_per_epoch * params.epochs
     loss_fn = nn.CrossEntropyLoss()
     started = time.monotonic() - state.seconds
+    last_saved = time.monotonic()
     while state.epoch < params.epochs:
         model.train()
         order = torch.randperm(count, generator=generator)
@@ -213,14 +219,18 @@ def _train(context, params: TrainParams, arguments: dict, data) -> tuple[Trainin
         else:
             state.bad_epochs += 1
         state.seconds = time.monotonic() - started
-        checkpoint.save(context.workdir, state, model, best, optimizer, scheduler, generator)
+        saved = None
+        if time.monotonic() - last_saved >= params.checkpoint_every_seconds:
+            checkpoint.save(context.workdir, state, model, best, optimizer, scheduler, generator)
+            last_saved = time.monotonic()
+            saved = {"epoch": state.epoch, "step": state.step, "best_epoch": state.best_epoch}
         shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
         context.report(
             state.epoch / params.epochs,
             message=f"epoch {state.epoch}/{params.epochs}: {shown}",
             step=state.step,
             metrics=row,
-            checkpoint={"epoch": state.epoch, "step": state.step, "best_epoch": state.best_epoch},
+            checkpoint=saved,
         )
         if params.early_stopping_patience and state.bad_epochs >= params.early_stopping_patience:
             context.report(

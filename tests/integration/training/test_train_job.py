@@ -122,6 +122,7 @@ def test_training_stopped_after_an_epoch_resumes_to_the_same_weights(
         "batch_size": 16,
         "image_size": 8,
         "arguments": {"channels": [4], "hidden": 8},
+        "checkpoint_every_seconds": 0,
     }
     whole = start(app_client, acme["acme"], model="whole", **common)
     run_jobs(settings)
