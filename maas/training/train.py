@@ -1,6 +1,8 @@
 """The ``train`` job: a built-in architecture trained from scratch on an uploaded dataset.
 
-Today: ``small-cnn`` on an archive of image folders (``purpose: dataset``). Each epoch ends
+``small-cnn`` learns from an archive of image folders; ``lstm-classifier`` and
+``transformer-classifier`` from a CSV of texts and labels, with a word-level tokenizer learnt
+from the training texts (``purpose: dataset`` files both). Each epoch ends
 with a validation pass and a checkpoint (a new attempt resumes after the last one, same
 sample order); the best epoch's weights (lowest validation loss) become a new version of
 ``model`` in the registry, with its labels, preprocessing, metrics and recipe, servable at
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -26,7 +29,7 @@ from maas.registry.rows import Made
 from maas.runtime.architectures import build, resolve_arguments
 from maas.runtime.architectures.folder import save_folder
 from maas.tasks.images import ImagePreprocessing
-from maas.training import checkpoint
+from maas.training import checkpoint, text_data
 from maas.training.checkpoint import TrainingState
 from maas.training.image_data import extract, load_split
 
@@ -37,14 +40,21 @@ class TrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     training_file: str = Field(min_length=1, max_length=40)
-    """A ``dataset`` file: an archive of image folders, one folder per class."""
+    """A ``dataset`` file: an archive of image folders, one folder per class (small-cnn), or
+    a CSV with a text column and a label column (the text classifiers)."""
     model: str
     """The model the result becomes a new version of (created if new, in the job's tenant)."""
-    architecture: Literal["small-cnn"] = "small-cnn"
+    architecture: Literal["small-cnn", "lstm-classifier", "transformer-classifier"] = "small-cnn"
     arguments: dict[str, Any] = Field(default_factory=dict)
-    """The architecture's arguments; ``num_classes`` comes from the data, ``image_size``
-    from ``image_size``."""
+    """The architecture's arguments, but for those the data sets (see ``FROM_DATA``)."""
     image_size: int = Field(default=16, ge=4, le=512)
+    """small-cnn: images are resized to this square."""
+    text_column: str = Field(default="text", min_length=1, max_length=255)
+    label_column: str = Field(default="label", min_length=1, max_length=255)
+    max_length: int = Field(default=128, ge=1, le=4096)
+    """Text classifiers: tokens kept of each text (as serving will keep)."""
+    max_vocab: int = Field(default=20_000, ge=10, le=1_000_000)
+    """Text classifiers: the learnt vocabulary's size, at most."""
     validation_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     epochs: int = Field(default=10, ge=1, le=10_000)
@@ -64,6 +74,14 @@ class TrainParams(BaseModel):
     time writing checkpoints."""
 
 
+FROM_DATA = {
+    "small-cnn": ("num_classes", "image_size", "in_channels"),
+    "lstm-classifier": ("num_classes", "vocab_size", "padding_idx"),
+    "transformer-classifier": ("num_classes", "vocab_size", "padding_idx", "max_length"),
+}
+"""Arguments the data (or another parameter) decides, refused in ``arguments``."""
+
+
 def validate(params: dict[str, Any]) -> dict[str, Any]:
     try:
         parsed = TrainParams(**params)
@@ -71,17 +89,31 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise InvalidRequest(f"params.{where}: {first['msg']}", param=f"params.{where}") from None
-    validate_model_name(parsed.model)
-    arguments = {**parsed.arguments, "image_size": parsed.image_size, "num_classes": 2}
     try:
-        resolve_arguments(parsed.architecture, arguments)
+        validate_model_name(parsed.model)
+    except InvalidRequest as err:
+        raise InvalidRequest(str(err), param="params.model") from None
+    decided = [name for name in FROM_DATA[parsed.architecture] if name in parsed.arguments]
+    if decided:
+        raise InvalidRequest(
+            f"{decided[0]} is set from the dataset and the job's parameters, not in arguments",
+            param="params.arguments",
+        )
+    try:
+        resolve_arguments(parsed.architecture, _arguments(parsed, classes=2, vocab=100))
     except Exception as err:  # UnsupportedFormat names the argument
         raise InvalidRequest(str(err), param="params.arguments") from None
-    if "num_classes" in parsed.arguments:
-        raise InvalidRequest(
-            "num_classes comes from the dataset's folders", param="params.arguments"
-        )
     return parsed.model_dump()
+
+
+def _arguments(params: TrainParams, *, classes: int, vocab: int) -> dict[str, Any]:
+    if params.architecture == "small-cnn":
+        extra = {"image_size": params.image_size, "in_channels": 3}
+    else:
+        extra = {"vocab_size": vocab, "padding_idx": 0}
+        if params.architecture == "transformer-classifier":
+            extra["max_length"] = params.max_length
+    return {**params.arguments, **extra, "num_classes": classes}
 
 
 def run(context) -> dict[str, Any]:
@@ -96,19 +128,13 @@ def run(context) -> dict[str, Any]:
             max_chat_chars=context.settings.fine_tune_max_chat_chars,
         )
         tenant = context.lease.job.tenant_id
-        root = extract(files, params.training_file, tenant, context.workdir, registry.limits)
-        spec = ImagePreprocessing(params.image_size, params.image_size, tuple(MEAN), tuple(STD))
-        data = load_split(root, spec, params.validation_fraction, params.seed)
+        data = _load(files, registry.limits, params, tenant, context.workdir)
         context.report(
             0.0,
             message=f"{len(data.train[1])} training and {len(data.validation[1])} validation "
-            f"images, {len(data.classes)} classes",
+            f"examples, {len(data.classes)} classes",
         )
-        arguments = {
-            **params.arguments,
-            "image_size": params.image_size,
-            "num_classes": len(data.classes),
-        }
+        arguments = _arguments(params, classes=len(data.classes), vocab=data.vocab_size)
         state, best = _train(context, params, arguments, data)
         model = build(params.architecture, arguments)
         model.load_state_dict(best)
@@ -118,8 +144,10 @@ def run(context) -> dict[str, Any]:
             architecture=params.architecture,
             arguments=arguments,
             labels=data.classes,
-            preprocessing={"image_size": [params.image_size] * 2, "mean": MEAN, "std": STD},
+            preprocessing=data.preprocessing,
         )
+        for name, text in data.files.items():
+            (folder / name).write_text(text)
         best_row = state.history[state.best_epoch - 1] if state.best_epoch else state.history[-1]
         metrics = {k: float(v) for k, v in best_row.items()}
         recipe = {"job": context.job_id, "kind": "train", "params": context.params}
@@ -133,7 +161,7 @@ def run(context) -> dict[str, Any]:
         version = registry.import_model(
             folder,
             params.model,
-            task="image-classification",
+            task=data.task,
             owner=tenant,
             source_label=f"job {context.job_id}",
             made=Made(metrics, recipe),
@@ -144,6 +172,53 @@ def run(context) -> dict[str, Any]:
         return {**result, "version": version.version}
     finally:
         registry.close()
+
+
+@dataclass(frozen=True)
+class Data:
+    task: str
+    classes: list[str]
+    train: tuple[torch.Tensor, torch.Tensor]
+    validation: tuple[torch.Tensor, torch.Tensor]
+    preprocessing: dict[str, Any]
+    files: dict[str, str]
+    """Files the model's folder needs beside its weights (a text model's tokenizer.json)."""
+    vocab_size: int = 0
+
+
+def _load(files: FileStore, limits, params: TrainParams, tenant: int, folder) -> Data:
+    if params.architecture == "small-cnn":
+        root = extract(files, params.training_file, tenant, folder, limits)
+        spec = ImagePreprocessing(params.image_size, params.image_size, tuple(MEAN), tuple(STD))
+        images = load_split(root, spec, params.validation_fraction, params.seed)
+        preprocessing = {"image_size": [params.image_size] * 2, "mean": MEAN, "std": STD}
+        return Data(
+            "image-classification",
+            images.classes,
+            images.train,
+            images.validation,
+            preprocessing,
+            {},
+        )
+    path = text_data.fetch(files, params.training_file, tenant, folder)
+    texts = text_data.load_split(
+        path,
+        params.text_column,
+        params.label_column,
+        params.validation_fraction,
+        params.seed,
+        params.max_length,
+        params.max_vocab,
+    )
+    return Data(
+        "text-classification",
+        texts.classes,
+        texts.train,
+        texts.validation,
+        {"max_length": params.max_length},
+        {"tokenizer.json": texts.tokenizer_json},
+        texts.vocab_size,
+    )
 
 
 def _train(context, params: TrainParams, arguments: dict, data) -> tuple[TrainingState, dict]:
@@ -170,7 +245,7 @@ def _train(context, params: TrainParams, arguments: dict, data) -> tuple[Trainin
     state, best = restored if restored else (TrainingState(), _copy(model))
     if restored:
         context.report(message=f"resumed after epoch {state.epoch} from its checkpoint")
-    images, labels = data.train
+    inputs, labels = data.train
     count = len(labels)
     steps_per_epoch = math.ceil(count / params.batch_size)
     total_steps = steps_per_epoch * params.epochs
@@ -185,7 +260,7 @@ def _train(context, params: TrainParams, arguments: dict, data) -> tuple[Trainin
         epoch_started = time.monotonic()
         for start in range(0, count, params.batch_size):
             batch = order[start : start + params.batch_size]
-            logits = model(images[batch])
+            logits = model(inputs[batch])
             loss = loss_fn(logits, labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -266,6 +341,7 @@ TRAIN = JobKind(
     "train",
     validate,
     run,
-    "train a built-in architecture (small-cnn) from scratch on an uploaded dataset",
+    "train a built-in architecture (small-cnn, lstm-classifier, transformer-classifier) from "
+    "scratch on an uploaded dataset",
     file_params=("training_file",),
 )

@@ -172,6 +172,17 @@ def test_training_stopped_after_an_epoch_resumes_to_the_same_weights(
         ({"training_file": "{file}", "model": "m", "arguments": {"depth": 3}}, "params.arguments"),
         ({"training_file": "{file}", "model": "m", "optimizer": "lion"}, "params.optimizer"),
         ({"training_file": "{file}", "model": "m", "surprise": 1}, "params.surprise"),
+        (
+            {
+                "training_file": "{file}",
+                "model": "m",
+                "architecture": "lstm-classifier",
+                "arguments": {"vocab_size": 10},
+            },
+            "params.arguments",
+        ),
+        ({"training_file": "{file}", "model": "m", "architecture": "gpt"}, "params.architecture"),
+        ({"training_file": "{file}", "model": "Bad Name!"}, "params.model"),
     ],
 )
 def test_bad_training_jobs_are_refused_before_they_are_queued(
@@ -194,3 +205,73 @@ def test_another_tenant_s_dataset_cannot_be_trained_on(app_client, acme, few_dig
         json={"kind": "train", "params": {"training_file": file_id, "model": "stolen"}},
     )
     assert answer.status_code == 400 and "no file" in answer.json()["error"]["message"]
+
+
+def sentiment_csv(rows: int = 120) -> bytes:
+    good = ["good", "great", "love", "fine", "happy"]
+    bad = ["bad", "awful", "hate", "poor", "sad"]
+    filler = ["the", "film", "was", "really", "so", "a", "day", "movie"]
+    lines = ["text,label"]
+    for n in range(rows):
+        words = (good if n % 2 else bad)[n % 5 :: 2] + filler[n % 8 : n % 8 + 3]
+        label = "positive" if n % 2 else "negative"
+        lines.append(f"{' '.join(sorted(words, key=lambda w: (n * 7 + len(w)) % 5))},{label}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize("architecture", ["lstm-classifier", "transformer-classifier"])
+def test_a_text_classifier_trains_from_a_csv_and_serves(
+    app_client, acme, settings, architecture, tmp_path
+):
+    csv_path = tmp_path / "reviews.csv"
+    csv_path.write_bytes(sentiment_csv())
+    file_id = upload(app_client, acme["acme"], csv_path)
+    arguments = (
+        {"embedding_dim": 16, "hidden_size": 16}
+        if architecture == "lstm-classifier"
+        else {"d_model": 16, "nhead": 2, "num_layers": 1, "dim_feedforward": 32}
+    )
+    job_id = start(
+        app_client,
+        acme["acme"],
+        training_file=file_id,
+        model="reviews",
+        architecture=architecture,
+        arguments=arguments,
+        epochs=15,
+        batch_size=16,
+        learning_rate=0.01,
+        max_length=16,
+    )
+    run_jobs(settings)
+    job = app_client.get(f"/api/v1/jobs/{job_id}", headers=acme["acme"]).json()
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"]["val_accuracy"] >= 0.9
+    manifest = app_client.get("/api/v1/models/reviews/versions/1", headers=acme["acme"]).json()[
+        "manifest"
+    ]
+    assert manifest["task"] == "text-classification"
+    assert manifest["labels"] == ["negative", "positive"]
+    answer = app_client.post(
+        "/v1/models/reviews:predict",
+        headers=acme["acme"],
+        json={"instances": ["a great film, love it", "awful, I hate it"]},
+    )
+    assert answer.status_code == 200, answer.text
+    assert [p["label"] for p in answer.json()["predictions"]] == ["positive", "negative"]
+
+
+def test_a_csv_without_the_named_columns_fails_the_job_with_a_clear_error(
+    app_client, acme, settings, tmp_path
+):
+    csv_path = tmp_path / "other.csv"
+    csv_path.write_bytes(b"sentence,sentiment\nok,pos\nbad,neg\n")
+    file_id = upload(app_client, acme["acme"], csv_path)
+    job_id = start(
+        app_client, acme["acme"], training_file=file_id, model="m2", architecture="lstm-classifier"
+    )
+    run_jobs(settings)
+    job = app_client.get(f"/api/v1/jobs/{job_id}", headers=acme["acme"]).json()
+    assert job["status"] == "failed"
+    assert job["error"]["message"] == "the CSV has no column 'text'; it has sentence, sentiment"
+    assert "trace" not in job["error"]

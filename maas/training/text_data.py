@@ -1,0 +1,103 @@
+"""A text-classification dataset from an uploaded CSV (a text column and a label column):
+split by a seed, a word-level tokenizer (``tokenizers``) learnt from the training texts, and
+the texts encoded as the served model will encode them (``maas.tasks.text``: the same
+``tokenizer.json``, truncated to ``max_length``), right-padded with id 0."""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from maas.files import FileStore
+
+PAD, UNK = "[PAD]", "[UNK]"
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    classes: list[str]
+    tokenizer_json: str
+    vocab_size: int
+    train: tuple[torch.Tensor, torch.Tensor]
+    """(token ids [N, T] int64, right-padded with 0; labels [N] int64)"""
+    validation: tuple[torch.Tensor, torch.Tensor]
+
+
+def fetch(files: FileStore, file_id: str, tenant_id: int, folder: Path) -> Path:
+    """The CSV, decrypted into the job's folder (once)."""
+    target = folder / "data.csv"
+    if target.exists():
+        return target
+    record = files.get(file_id, tenant_id)
+    if record.purpose != "dataset" or (record.details or {}).get("format") != "csv":
+        raise ValueError(f"{file_id} is not a CSV dataset")
+    partial = folder / "data.csv.partial"
+    files.copy_to(file_id, tenant_id, partial)
+    partial.replace(target)
+    return target
+
+
+def load_split(
+    path: Path,
+    text_column: str,
+    label_column: str,
+    validation_fraction: float,
+    seed: int,
+    max_length: int,
+    max_vocab: int,
+) -> TextSplit:
+    texts, labels = _read(path, text_column, label_column)
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise ValueError(f"column {label_column!r} has {len(classes)} label(s); at least 2 needed")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(len(texts) * validation_fraction)) if validation_fraction > 0 else 0
+    held, kept = order[:cut], order[cut:]
+    tokenizer = _learn_tokenizer([texts[i] for i in kept], max_length, max_vocab)
+    index = {name: i for i, name in enumerate(classes)}
+
+    def tensors(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = [tokenizer.encode(texts[i]).ids or [0] for i in rows]
+        width = max((len(ids) for ids in encoded), default=1)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for row, sequence in enumerate(encoded):
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+        return ids, torch.tensor([index[labels[i]] for i in rows], dtype=torch.long)
+
+    return TextSplit(
+        classes,
+        tokenizer.to_str(),
+        tokenizer.get_vocab_size(with_added_tokens=True),
+        tensors(kept),
+        tensors(held),
+    )
+
+
+def _read(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    with path.open(encoding="utf-8-sig", newline="") as source:
+        reader = csv.DictReader(source)
+        missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"the CSV has no column {missing[0]!r}; it has {', '.join(reader.fieldnames or [])}"
+            )
+        rows = [(row[text_column], row[label_column].strip()) for row in reader]
+    rows = [(text, label) for text, label in rows if label]
+    return [text for text, _ in rows], [label for _, label in rows]
+
+
+def _learn_tokenizer(texts: list[str], max_length: int, max_vocab: int):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=max_vocab, special_tokens=[PAD, UNK])
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
