@@ -244,11 +244,18 @@ class WorkerPool:
     if one dies, asked to stop (SIGTERM: each puts its job back in the queue) when it stops."""
 
     RESTART_DELAY = 2.0
+    MAX_RESTART_DELAY = 60.0
+    SHORT_LIFE = 10.0
+    """A worker that exits sooner than this after its start waits twice as long before the
+    next restart (a worker that cannot start, say a broken plugin, is not respawned in a
+    tight loop)."""
 
     def __init__(self, count: int, stop_timeout: float = 30.0) -> None:
         self.count = count
         self.stop_timeout = stop_timeout
         self.processes: list[subprocess.Popen] = []
+        self._started: list[float] = []
+        self._delays: list[float] = []
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -256,6 +263,8 @@ class WorkerPool:
         if self.count == 0:
             return
         self.processes = [self._spawn() for _ in range(self.count)]
+        self._started = [time.monotonic()] * self.count
+        self._delays = [self.RESTART_DELAY] * self.count
         self._watcher = threading.Thread(target=self._watch, name="job-workers", daemon=True)
         self._watcher.start()
 
@@ -277,12 +286,26 @@ class WorkerPool:
         return subprocess.Popen([sys.executable, "-m", "maas", "worker"], env=env)
 
     def _watch(self) -> None:
-        while not self._stopping.wait(self.RESTART_DELAY):
-            for index, process in enumerate(self.processes):
-                if process.poll() is not None and not self._stopping.is_set():
-                    log.warning(
-                        "job worker %d exited (%s): starting another",
-                        process.pid,
-                        process.returncode,
-                    )
-                    self.processes[index] = self._spawn()
+        while not self._stopping.wait(1.0):
+            self.restart_exited(time.monotonic())
+
+    def restart_exited(self, now: float) -> None:
+        """Start a new worker in each slot whose worker exited, once the slot's delay since
+        its last start has passed."""
+        for index, process in enumerate(self.processes):
+            if process.poll() is None or self._stopping.is_set():
+                continue
+            lived = now - self._started[index]
+            if lived < self._delays[index]:
+                continue
+            log.warning(
+                "job worker %d exited (%s): starting another", process.pid, process.returncode
+            )
+            short = lived < self.SHORT_LIFE + self._delays[index]
+            self._delays[index] = (
+                min(self._delays[index] * 2, self.MAX_RESTART_DELAY)
+                if short
+                else self.RESTART_DELAY
+            )
+            self.processes[index] = self._spawn()
+            self._started[index] = now
