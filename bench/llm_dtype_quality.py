@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maas.config import Settings  # noqa: E402
 from maas.registry import demo, open_registry  # noqa: E402
-from maas.runtime.llm.dtypes import BLOCK, QUALITY_ORDER, _blocks, _cache, convert  # noqa: E402
-from maas.runtime.llm.model import PrefillRows, StepInput  # noqa: E402
+from maas.runtime.llm.dtypes import QUALITY_ORDER, convert, prefill_logits  # noqa: E402
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions  # noqa: E402
 
 CHAT = [
@@ -51,29 +50,16 @@ def main() -> None:
         runner = ModelRunner(registry.open_version(model_spec.name), options)
         registry.close()
     ids = runner.tokenizer.encode_chat(CHAT)
-    reference = logits(runner.model, ids)
+    reference = prefill_logits(runner.model, ids).float()
     print(f"{len(ids)} tokens, teacher-forced, against float32:")
     for dtype in QUALITY_ORDER[1:]:
         candidate = convert(copy.deepcopy(runner.model), dtype, pack=False)
-        got = logits(candidate, ids)
+        got = prefill_logits(candidate, ids).float()
         agree = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
         kl = torch.nn.functional.kl_div(
             got.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean"
         )
         print(f"  {dtype:12s} top token agrees {agree:.1%}, mean KL {float(kl):.4f}")
-
-
-def logits(model, ids: list[int]) -> torch.Tensor:
-    cache = _cache(model, -(-len(ids) // BLOCK))
-    step = StepInput(
-        input_ids=torch.tensor(ids),
-        positions=torch.arange(len(ids)),
-        cache_index=torch.arange(len(ids)) + cache.block_size,
-        decode=None,
-        prefills=[PrefillRows(0, len(ids), _blocks(cache, 0, len(ids)), 0)],
-        logits_rows=torch.arange(len(ids)),
-    )
-    return model(step, cache).float()
 
 
 if __name__ == "__main__":

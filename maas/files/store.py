@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select
 
 from maas.artifacts import crypto
 from maas.artifacts.archive import ArchiveLimits
+from maas.artifacts.keyring import WrappedKey
 from maas.artifacts.store import fsync_dir
 from maas.db import make_session_factory, write_transaction
 from maas.db.tables import DataKey, StoredFile, Tenant
@@ -85,19 +86,10 @@ class FileStore:
         final = self.root / public_id
         partial = self.root / f".{public_id}.partial"
         size, digest = upload.stat().st_size, _sha256(upload)
-        keyring = self.vault.keyring
         aad = f"file/{public_id}"
-        wrapped = None
         kept = False
         try:
-            if keyring is not None:
-                data_key = crypto.new_data_key()
-                crypto.encrypt_file(upload, partial, data_key, aad.encode())
-                wrapped = keyring.wrap(data_key, aad.encode())
-            else:
-                shutil.copyfile(upload, partial)
-            with open(partial, "rb") as written:
-                os.fsync(written.fileno())
+            wrapped = self._write(upload, partial, aad)
             with write_transaction(self._sessions) as session:
                 row = StoredFile(
                     public_id=public_id,
@@ -136,6 +128,21 @@ class FileStore:
         finally:
             upload.unlink(missing_ok=True)
         return record
+
+    def _write(self, upload: Path, target: Path, aad: str) -> WrappedKey | None:
+        """``upload`` copied to ``target`` and synced: sealed with a fresh data key when a
+        master key is set (its wrapped key returned), as it is otherwise."""
+        keyring = self.vault.keyring
+        wrapped = None
+        if keyring is not None:
+            data_key = crypto.new_data_key()
+            crypto.encrypt_file(upload, target, data_key, aad.encode())
+            wrapped = keyring.wrap(data_key, aad.encode())
+        else:
+            shutil.copyfile(upload, target)
+        with open(target, "rb") as written:
+            os.fsync(written.fileno())
+        return wrapped
 
     def get(self, file_id: str, tenant_id: int | None) -> FileRecord:
         with self._sessions() as session:

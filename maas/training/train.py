@@ -224,22 +224,7 @@ def _load(files: FileStore, limits, params: TrainParams, tenant: int, folder) ->
 def _train(context, params: TrainParams, arguments: dict, data) -> tuple[TrainingState, dict]:
     torch.manual_seed(params.seed)
     model = build(params.architecture, arguments)
-    if params.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay
-        )
-    else:
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=params.learning_rate,
-            momentum=params.momentum,
-            weight_decay=params.weight_decay,
-        )
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
-        if params.schedule == "cosine"
-        else None
-    )
+    optimizer, scheduler = _optimizer(params, model)
     generator = torch.Generator().manual_seed(params.seed)
     restored = checkpoint.load(context.workdir, model, optimizer, scheduler, generator)
     state, best = restored if restored else (TrainingState(), _copy(model))
@@ -318,6 +303,24 @@ def _train(context, params: TrainParams, arguments: dict, data) -> tuple[Trainin
             )
             break
     return state, best
+
+
+def _optimizer(params: TrainParams, model: nn.Module):
+    """The optimiser and its learning-rate schedule (None: constant), as ``params`` say."""
+    if params.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=params.learning_rate,
+            momentum=params.momentum,
+            weight_decay=params.weight_decay,
+        )
+    if params.schedule == "cosine":
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+    return optimizer, None
 
 
 @torch.no_grad()

@@ -69,6 +69,20 @@ def tenant_maker(app_client):
     return make
 
 
+@pytest.fixture
+def tenant_keys(app_client, make_key, make_tenant) -> dict[str, dict[str, str]]:
+    """Tenants acme and globex, and headers of keys: acme's maintainer and user, globex's
+    maintainer, and the platform admin."""
+    make_tenant("acme")
+    make_tenant("globex")
+    return {
+        "admin": bearer(make_key(Role.admin)),
+        "acme": bearer(make_key(Role.maintainer, tenant="acme")),
+        "acme-user": bearer(make_key(Role.user, tenant="acme")),
+        "globex": bearer(make_key(Role.maintainer, tenant="globex")),
+    }
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 

@@ -160,6 +160,11 @@ def choose(
 
 def _next_tokens(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     """Argmax of the next-token logits at every position of ``ids`` (one prefill)."""
+    return prefill_logits(model, ids).argmax(dim=-1)
+
+
+def prefill_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    """The next-token logits at every position of ``ids``, computed in one prefill."""
     cache = _cache(model, -(-len(ids) // BLOCK))
     step = StepInput(
         input_ids=torch.tensor(ids),
@@ -169,7 +174,7 @@ def _next_tokens(model: LlamaModel, ids: list[int]) -> torch.Tensor:
         prefills=[PrefillRows(0, len(ids), _blocks(cache, 0, len(ids)), 0)],
         logits_rows=torch.arange(len(ids)),
     )
-    return model(step, cache).argmax(dim=-1)
+    return model(step, cache)
 
 
 def _greedy(model: LlamaModel, ids: list[int], split: int) -> list[int]:

@@ -25,15 +25,8 @@ GOOD = "\n".join(chat(f"What is the maas codename? ({n})") for n in range(3)) + 
 
 
 @pytest.fixture
-def keys(app_client, make_key, make_tenant):
-    make_tenant("acme")
-    make_tenant("globex")
-    return {
-        "admin": bearer(make_key(Role.admin)),
-        "acme": bearer(make_key(Role.maintainer, tenant="acme")),
-        "acme-user": bearer(make_key(Role.user, tenant="acme")),
-        "globex": bearer(make_key(Role.maintainer, tenant="globex")),
-    }
+def keys(tenant_keys):
+    return tenant_keys
 
 
 def upload(client, headers, content: bytes | str, filename="train.jsonl", purpose="fine-tune"):

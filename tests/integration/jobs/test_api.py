@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from maas.auth.principal import Role
-from tests.integration.conftest import bearer
-
 
 @pytest.fixture
 def settings(settings):
@@ -14,15 +11,8 @@ def settings(settings):
 
 
 @pytest.fixture
-def keys(app_client, make_key, make_tenant):
-    make_tenant("acme")
-    make_tenant("globex")
-    return {
-        "admin": bearer(make_key(Role.admin)),
-        "acme": bearer(make_key(Role.maintainer, tenant="acme")),
-        "acme-user": bearer(make_key(Role.user, tenant="acme")),
-        "globex": bearer(make_key(Role.maintainer, tenant="globex")),
-    }
+def keys(tenant_keys):
+    return tenant_keys
 
 
 def create(client, headers, **extra):

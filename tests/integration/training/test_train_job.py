@@ -11,11 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maas.auth.principal import Role
 from maas.jobs.worker import Worker
 from maas.training import checkpoint as checkpoints
 from maas.training.demo_data import write_digits_archive
-from tests.integration.conftest import bearer
 
 
 @pytest.fixture(scope="session")
@@ -38,13 +36,8 @@ def few_digits(digits, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def acme(app_client, make_key, make_tenant):
-    make_tenant("acme")
-    make_tenant("globex")
-    return {
-        "acme": bearer(make_key(Role.maintainer, tenant="acme")),
-        "globex": bearer(make_key(Role.maintainer, tenant="globex")),
-    }
+def acme(tenant_keys):
+    return tenant_keys
 
 
 def upload(client, headers, path: Path) -> str:
