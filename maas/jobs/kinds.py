@@ -30,9 +30,27 @@ class JobKind:
 
 
 def built_in() -> tuple[JobKind, ...]:
-    from maas.training.train import TRAIN  # torch: imported only where jobs are checked or run
+    """The kinds maas ships. Their code (and torch) is imported at their first use, so an
+    idle worker stays small."""
+    train = "maas.training.train"
+    return (
+        JobKind(
+            "train",
+            _deferred(train, "validate"),
+            _deferred(train, "run"),
+            "train a built-in architecture (small-cnn, lstm-classifier, "
+            "transformer-classifier) from scratch on an uploaded dataset",
+            file_params=("training_file",),
+        ),
+    )
 
-    return (TRAIN,)
+
+def _deferred(module: str, function: str) -> Callable:
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(module), function)(*args)
+
+    call.__qualname__ = f"{module}.{function}"
+    return call
 
 
 def job_kinds(plugins: list[str] | tuple[str, ...] = ()) -> dict[str, JobKind]:

@@ -22,7 +22,6 @@ from torch import nn
 
 from maas.errors import InvalidRequest
 from maas.files import FileStore
-from maas.jobs.kinds import JobKind
 from maas.registry import open_registry
 from maas.registry.names import validate_model_name
 from maas.registry.rows import Made
@@ -338,13 +337,3 @@ def _evaluate(model: nn.Module, split, loss_fn) -> dict[str, float]:
 
 def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-TRAIN = JobKind(
-    "train",
-    validate,
-    run,
-    "train a built-in architecture (small-cnn, lstm-classifier, transformer-classifier) from "
-    "scratch on an uploaded dataset",
-    file_params=("training_file",),
-)
