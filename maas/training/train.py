@@ -30,6 +30,7 @@ from maas.runtime.architectures.folder import save_folder
 from maas.tasks.images import ImagePreprocessing
 from maas.training import checkpoint, text_data
 from maas.training.checkpoint import TrainingState
+from maas.training.distributed import Team, train_together
 from maas.training.image_data import extract, load_split
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
@@ -67,6 +68,10 @@ class TrainParams(BaseModel):
     """Stop after this many epochs without a lower validation loss."""
     max_runtime_seconds: float | None = Field(default=None, gt=0)
     log_every_steps: int = Field(default=10, ge=1, le=1_000_000)
+    world_size: int = Field(default=1, ge=1, le=8)
+    """Processes training together (data parallel: ``torch.distributed`` with gloo on
+    loopback and ``DistributedDataParallel``). Each global batch of ``batch_size`` is split
+    across them and their gradients summed, so the result equals one process's."""
     checkpoint_every_seconds: float = Field(default=10.0, ge=0, le=86_400)
     """A checkpoint after an epoch once this long has passed since the last one (0: after
     every epoch): a crash loses at most this much work, and short epochs do not spend their
@@ -134,7 +139,10 @@ def run(context) -> dict[str, Any]:
             f"examples, {len(data.classes)} classes",
         )
         arguments = _arguments(params, classes=len(data.classes), vocab=data.vocab_size)
-        state, best = _train(context, params, arguments, data)
+        if params.world_size > 1:
+            state, best = train_together(context, params, arguments, data)
+        else:
+            state, best = _train(context, params, arguments, data)
         model = build(params.architecture, arguments)
         model.load_state_dict(best)
         folder = save_folder(
@@ -220,15 +228,22 @@ def _load(files: FileStore, limits, params: TrainParams, tenant: int, folder) ->
     )
 
 
-def _train(context, params: TrainParams, arguments: dict, data) -> tuple[TrainingState, dict]:
+def _train(
+    context, params: TrainParams, arguments: dict, data, team: Team | None = None
+) -> tuple[TrainingState, dict]:
+    """The training loop. ``team`` is this process's place among ``world_size`` (None: alone);
+    only its rank 0 reports and writes checkpoints, and ``context`` is then a reporter."""
+    team = team or Team()
     torch.manual_seed(params.seed)
     model = build(params.architecture, arguments)
     optimizer, scheduler = _optimizer(params, model)
     generator = torch.Generator().manual_seed(params.seed)
     restored = checkpoint.load(context.workdir, model, optimizer, scheduler, generator)
     state, best = restored if restored else (TrainingState(), _copy(model))
-    if restored:
+    if restored and team.rank == 0:
         context.report(message=f"resumed after epoch {state.epoch} from its checkpoint")
+    trained = model
+    model = team.wrap(model)
     inputs, labels = data.train
     count = len(labels)
     steps_per_epoch = math.ceil(count / params.batch_size)
@@ -244,47 +259,57 @@ def _train(context, params: TrainParams, arguments: dict, data) -> tuple[Trainin
         epoch_started = time.monotonic()
         for start in range(0, count, params.batch_size):
             batch = order[start : start + params.batch_size]
-            logits = model(inputs[batch])
-            loss = loss_fn(logits, labels[batch])
+            if len(batch) < team.world:
+                continue  # too few to give every process one; skipped by all alike
+            team.check()
+            shard = batch[team.rank :: team.world]
+            logits = model(inputs[shard])
+            total = nn.functional.cross_entropy(logits, labels[shard], reduction="sum")
+            loss = total * (team.world / len(batch))  # summed over the team: the batch's mean
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             state.step += 1
-            seen += len(batch)
-            loss_sum += float(loss.detach()) * len(batch)
-            correct += int((logits.argmax(-1) == labels[batch]).sum())
-            if state.step % params.log_every_steps == 0:
+            seen += len(shard)
+            loss_sum += float(total.detach())
+            correct += int((logits.argmax(-1) == labels[shard]).sum())
+            if state.step % params.log_every_steps == 0 and team.rank == 0:
                 rate = seen / max(time.monotonic() - epoch_started, 1e-9)
                 context.report(
                     state.step / total_steps,
                     message=f"step {state.step}",
                     step=state.step,
-                    metrics={"loss": float(loss.detach()), "samples_per_s": rate},
+                    metrics={"loss": float(total.detach()) / len(shard), "samples_per_s": rate},
                 )
         if scheduler is not None:
             scheduler.step()
         state.epoch += 1
+        loss_sum, correct, seen = team.sum([loss_sum, correct, seen])
         row = {
             "train_loss": loss_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1),
             "samples_per_s": seen / max(time.monotonic() - epoch_started, 1e-9),
-            **_evaluate(model, data.validation, loss_fn),
+            **_evaluate(trained, data.validation, loss_fn),
         }
         state.history.append(row)
         watched = row.get("val_loss", row["train_loss"])
         if state.best_loss is None or watched < state.best_loss:
             state.best_loss, state.best_epoch, state.bad_epochs = watched, state.epoch, 0
-            best = _copy(model)
+            best = _copy(trained)
         else:
             state.bad_epochs += 1
         state.seconds = time.monotonic() - started
         saved = None
-        if time.monotonic() - last_saved >= params.checkpoint_every_seconds:
-            checkpoint.save(context.workdir, state, model, best, optimizer, scheduler, generator)
+        if team.agree(time.monotonic() - last_saved >= params.checkpoint_every_seconds):
+            if team.rank == 0:
+                checkpoint.save(
+                    context.workdir, state, trained, best, optimizer, scheduler, generator
+                )
             last_saved = time.monotonic()
             saved = {"epoch": state.epoch, "step": state.step, "best_epoch": state.best_epoch}
         shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
-        context.report(
+        team.report(
+            context,
             state.epoch / params.epochs,
             message=f"epoch {state.epoch}/{params.epochs}: {shown}",
             step=state.step,
@@ -292,13 +317,17 @@ def _train(context, params: TrainParams, arguments: dict, data) -> tuple[Trainin
             checkpoint=saved,
         )
         if params.early_stopping_patience and state.bad_epochs >= params.early_stopping_patience:
-            context.report(
-                message=f"early stop: no better validation loss in {state.bad_epochs} epochs"
+            team.report(
+                context,
+                message=f"early stop: no better validation loss in {state.bad_epochs} epochs",
             )
             break
-        if params.max_runtime_seconds and state.seconds >= params.max_runtime_seconds:
-            context.report(
-                message=f"stopped: the maximum runtime ({params.max_runtime_seconds:g} s) passed"
+        if team.agree(
+            bool(params.max_runtime_seconds) and state.seconds >= (params.max_runtime_seconds or 0)
+        ):
+            team.report(
+                context,
+                message=f"stopped: the maximum runtime ({params.max_runtime_seconds:g} s) passed",
             )
             break
     return state, best

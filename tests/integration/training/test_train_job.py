@@ -268,3 +268,83 @@ def test_a_csv_without_the_named_columns_fails_the_job_with_a_clear_error(
     assert job["status"] == "failed"
     assert job["error"]["message"] == "the CSV has no column 'text'; it has sentence, sentiment"
     assert "trace" not in job["error"]
+
+
+def test_two_processes_train_exactly_what_one_does(app_client, acme, few_digits, settings):
+    """Data parallel (DDP, gloo on loopback): the same seed and global batch give the same
+    losses and weights as one process, within float tolerance."""
+    file_id = upload(app_client, acme["acme"], few_digits)
+    common = {
+        "training_file": file_id,
+        "epochs": 3,
+        "batch_size": 16,
+        "image_size": 8,
+        "arguments": {"channels": [4], "hidden": 8},
+    }
+    alone = start(app_client, acme["acme"], model="alone", **common)
+    pair = start(app_client, acme["acme"], model="pair", world_size=2, **common)
+    run_jobs(settings, count=2)
+    jobs = [app_client.get(f"/api/v1/jobs/{j}", headers=acme["acme"]).json() for j in (alone, pair)]
+    assert [job["status"] for job in jobs] == ["succeeded", "succeeded"], jobs[1]["error"]
+    events = [
+        [
+            e
+            for e in app_client.get(f"/api/v1/jobs/{j}/events", headers=acme["acme"]).json()["data"]
+            if e["message"].startswith("epoch ")
+        ]
+        for j in (alone, pair)
+    ]
+    assert len(events[0]) == len(events[1]) == 3
+    for one, two in zip(*events, strict=True):
+        for metric in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+            assert two["metrics"][metric] == pytest.approx(
+                one["metrics"][metric], rel=1e-4, abs=1e-6
+            )
+    registry = app_client.app.state.registry
+    weights = [
+        load_file(registry.folder(registry.resolve(name)) / "model.safetensors")
+        for name in ("alone", "pair")
+    ]
+    for key in weights[0]:
+        assert torch.allclose(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-6), key
+
+
+def test_a_data_parallel_job_stopped_mid_run_resumes_to_the_same_weights(
+    app_client, acme, few_digits, settings, monkeypatch
+):
+    from maas.jobs.worker import JobContext
+
+    file_id = upload(app_client, acme["acme"], few_digits)
+    common = {
+        "training_file": file_id,
+        "epochs": 3,
+        "batch_size": 16,
+        "image_size": 8,
+        "arguments": {"channels": [4], "hidden": 8},
+        "checkpoint_every_seconds": 0,
+    }
+    start(app_client, acme["acme"], model="alone", **common)
+    run_jobs(settings)
+    pair = start(app_client, acme["acme"], model="pair", world_size=2, **common)
+    report = JobContext.report
+
+    def stop_after_epoch_one(self, *args, **kwargs):
+        if (kwargs.get("message") or "").startswith("epoch 1/"):
+            self._stop.set()  # as SIGTERM does, while both training processes run
+        return report(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobContext, "report", stop_after_epoch_one)
+    run_jobs(settings)
+    monkeypatch.setattr(JobContext, "report", report)
+    paused = app_client.get(f"/api/v1/jobs/{pair}", headers=acme["acme"]).json()
+    assert paused["status"] == "queued" and paused["checkpoint"]["epoch"] == 1
+    run_jobs(settings)
+    done = app_client.get(f"/api/v1/jobs/{pair}", headers=acme["acme"]).json()
+    assert done["status"] == "succeeded" and done["attempt"] == 2, done["error"]
+    registry = app_client.app.state.registry
+    weights = [
+        load_file(registry.folder(registry.resolve(name)) / "model.safetensors")
+        for name in ("alone", "pair")
+    ]
+    for key in weights[0]:
+        assert torch.allclose(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-6), key
