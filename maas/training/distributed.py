@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from maas.training.checkpoint import TrainingState
+
 JOIN_SECONDS = 30
 
 
@@ -128,9 +130,7 @@ def train_together(context, params, arguments: dict, data) -> tuple[Any, dict]:
                 context.report(**payload)
             elif kind == "error":
                 raise RuntimeError(payload)
-            else:
-                from maas.training.checkpoint import TrainingState
-
+            else:  # "done": safetensors bytes, which cannot run code when read
                 return TrainingState(**payload["state"]), safetensors.torch.load(payload["best"])
     except BaseException:
         stop.set()

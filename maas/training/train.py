@@ -244,43 +244,17 @@ def _train(
         context.report(message=f"resumed after epoch {state.epoch} from its checkpoint")
     trained = model
     model = team.wrap(model)
-    inputs, labels = data.train
-    count = len(labels)
-    steps_per_epoch = math.ceil(count / params.batch_size)
-    total_steps = steps_per_epoch * params.epochs
+    count = len(data.train[1])
+    total_steps = math.ceil(count / params.batch_size) * params.epochs
     loss_fn = nn.CrossEntropyLoss()
     started = time.monotonic() - state.seconds
     last_saved = time.monotonic()
     while state.epoch < params.epochs:
-        model.train()
-        order = torch.randperm(count, generator=generator)
-        seen = correct = 0
-        loss_sum = 0.0
         epoch_started = time.monotonic()
-        for start in range(0, count, params.batch_size):
-            batch = order[start : start + params.batch_size]
-            if len(batch) < team.world:
-                continue  # too few to give every process one; skipped by all alike
-            team.check()
-            shard = batch[team.rank :: team.world]
-            logits = model(inputs[shard])
-            total = nn.functional.cross_entropy(logits, labels[shard], reduction="sum")
-            loss = total * (team.world / len(batch))  # summed over the team: the batch's mean
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state.step += 1
-            seen += len(shard)
-            loss_sum += float(total.detach())
-            correct += int((logits.argmax(-1) == labels[shard]).sum())
-            if state.step % params.log_every_steps == 0 and team.rank == 0:
-                rate = seen / max(time.monotonic() - epoch_started, 1e-9)
-                context.report(
-                    state.step / total_steps,
-                    message=f"step {state.step}",
-                    step=state.step,
-                    metrics={"loss": float(total.detach()) / len(shard), "samples_per_s": rate},
-                )
+        order = torch.randperm(count, generator=generator)
+        loss_sum, correct, seen = _epoch(
+            context, params, model, optimizer, data.train, order, state, team, total_steps
+        )
         if scheduler is not None:
             scheduler.step()
         state.epoch += 1
@@ -331,6 +305,41 @@ def _train(
             )
             break
     return state, best
+
+
+def _epoch(context, params, model, optimizer, train, order, state, team, total_steps):
+    """One pass over the training samples in ``order``; returns this process's (loss sum,
+    correct predictions, samples seen). Each process takes its share of every batch."""
+    inputs, labels = train
+    model.train()
+    seen = correct = 0
+    loss_sum = 0.0
+    started = time.monotonic()
+    for start in range(0, len(order), params.batch_size):
+        batch = order[start : start + params.batch_size]
+        if len(batch) < team.world:
+            continue  # too few to give every process one; skipped by all alike
+        team.check()
+        shard = batch[team.rank :: team.world]
+        logits = model(inputs[shard])
+        total = nn.functional.cross_entropy(logits, labels[shard], reduction="sum")
+        loss = total * (team.world / len(batch))  # summed over the team: the batch's mean
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state.step += 1
+        seen += len(shard)
+        loss_sum += float(total.detach())
+        correct += int((logits.argmax(-1) == labels[shard]).sum())
+        if state.step % params.log_every_steps == 0 and team.rank == 0:
+            rate = seen / max(time.monotonic() - started, 1e-9)
+            context.report(
+                state.step / total_steps,
+                message=f"step {state.step}",
+                step=state.step,
+                metrics={"loss": float(total.detach()) / len(shard), "samples_per_s": rate},
+            )
+    return loss_sum, correct, seen
 
 
 def _optimizer(params: TrainParams, model: nn.Module):

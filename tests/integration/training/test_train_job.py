@@ -40,6 +40,18 @@ def acme(tenant_keys):
     return tenant_keys
 
 
+TINY = {"epochs": 3, "batch_size": 16, "image_size": 8, "arguments": {"channels": [4], "hidden": 8}}
+"""A CNN small enough to train three epochs on ``few_digits`` in a second."""
+
+
+def model_weights(client, *names: str) -> list[dict[str, torch.Tensor]]:
+    """The weights of each named model's latest version, as the registry keeps them."""
+    registry = client.app.state.registry
+    return [
+        load_file(registry.folder(registry.resolve(name)) / "model.safetensors") for name in names
+    ]
+
+
 def upload(client, headers, path: Path) -> str:
     with path.open("rb") as handle:
         answer = client.post(
@@ -109,14 +121,7 @@ def test_training_stopped_after_an_epoch_resumes_to_the_same_weights(
     app_client, acme, few_digits, settings, monkeypatch
 ):
     file_id = upload(app_client, acme["acme"], few_digits)
-    common = {
-        "training_file": file_id,
-        "epochs": 3,
-        "batch_size": 16,
-        "image_size": 8,
-        "arguments": {"channels": [4], "hidden": 8},
-        "checkpoint_every_seconds": 0,
-    }
+    common = {"training_file": file_id, **TINY, "checkpoint_every_seconds": 0}
     whole = start(app_client, acme["acme"], model="whole", **common)
     run_jobs(settings)
     halted = start(app_client, acme["acme"], model="halted", **common)
@@ -138,11 +143,7 @@ def test_training_stopped_after_an_epoch_resumes_to_the_same_weights(
     assert done["status"] == "succeeded" and done["attempt"] == 2
     events = app_client.get(f"/api/v1/jobs/{halted}/events", headers=acme["acme"]).json()["data"]
     assert any(e["message"] == "resumed after epoch 1 from its checkpoint" for e in events)
-    registry = app_client.app.state.registry
-    weights = [
-        load_file(registry.folder(registry.resolve(name)) / "model.safetensors")
-        for name in ("whole", "halted")
-    ]
+    weights = model_weights(app_client, "whole", "halted")
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
@@ -274,13 +275,7 @@ def test_two_processes_train_exactly_what_one_does(app_client, acme, few_digits,
     """Data parallel (DDP, gloo on loopback): the same seed and global batch give the same
     losses and weights as one process, within float tolerance."""
     file_id = upload(app_client, acme["acme"], few_digits)
-    common = {
-        "training_file": file_id,
-        "epochs": 3,
-        "batch_size": 16,
-        "image_size": 8,
-        "arguments": {"channels": [4], "hidden": 8},
-    }
+    common = {"training_file": file_id, **TINY}
     alone = start(app_client, acme["acme"], model="alone", **common)
     pair = start(app_client, acme["acme"], model="pair", world_size=2, **common)
     run_jobs(settings, count=2)
@@ -300,11 +295,7 @@ def test_two_processes_train_exactly_what_one_does(app_client, acme, few_digits,
             assert two["metrics"][metric] == pytest.approx(
                 one["metrics"][metric], rel=1e-4, abs=1e-6
             )
-    registry = app_client.app.state.registry
-    weights = [
-        load_file(registry.folder(registry.resolve(name)) / "model.safetensors")
-        for name in ("alone", "pair")
-    ]
+    weights = model_weights(app_client, "alone", "pair")
     for key in weights[0]:
         assert torch.allclose(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-6), key
 
@@ -315,14 +306,7 @@ def test_a_data_parallel_job_stopped_mid_run_resumes_to_the_same_weights(
     from maas.jobs.worker import JobContext
 
     file_id = upload(app_client, acme["acme"], few_digits)
-    common = {
-        "training_file": file_id,
-        "epochs": 3,
-        "batch_size": 16,
-        "image_size": 8,
-        "arguments": {"channels": [4], "hidden": 8},
-        "checkpoint_every_seconds": 0,
-    }
+    common = {"training_file": file_id, **TINY, "checkpoint_every_seconds": 0}
     start(app_client, acme["acme"], model="alone", **common)
     run_jobs(settings)
     pair = start(app_client, acme["acme"], model="pair", world_size=2, **common)
@@ -341,10 +325,6 @@ def test_a_data_parallel_job_stopped_mid_run_resumes_to_the_same_weights(
     run_jobs(settings)
     done = app_client.get(f"/api/v1/jobs/{pair}", headers=acme["acme"]).json()
     assert done["status"] == "succeeded" and done["attempt"] == 2, done["error"]
-    registry = app_client.app.state.registry
-    weights = [
-        load_file(registry.folder(registry.resolve(name)) / "model.safetensors")
-        for name in ("alone", "pair")
-    ]
+    weights = model_weights(app_client, "alone", "pair")
     for key in weights[0]:
         assert torch.allclose(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-6), key
