@@ -1,4 +1,11 @@
-"""Model names, alias names and references (``name``, ``name:3``, ``name@alias``)."""
+"""Model names, alias names and references (``name``, ``name:3``, ``name@alias``).
+
+A fine-tuning job names its model as OpenAI does, ``ft:<base>:<suffix>:<id>`` (the suffix may be
+empty). Such a name holds colons, so a reference to it is read by its shape: the ``ft:`` name is
+its first four colon-separated parts, and a fifth part is the version
+(``ft:base:suffix:id:2``); ``@alias`` follows the name as usual. Only fine-tuning jobs make
+models with these names.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,10 @@ from maas.errors import InvalidName, InvalidReference
 
 MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 ALIAS_NAME = re.compile(r"[a-z][a-z0-9._-]{0,63}")
+FINE_TUNED_PREFIX = "ft:"
+FINE_TUNED_NAME = re.compile(r"ft:[a-z0-9][a-z0-9._-]*:[a-z0-9._-]*:[a-z0-9]+")
+SUFFIX = re.compile(r"[a-z0-9._-]{0,64}")
+MAX_NAME = 128
 
 LATEST = "latest"
 """A built-in alias: always the newest version. It cannot be set by hand."""
@@ -17,12 +28,35 @@ PRODUCTION = "production"
 
 
 def validate_model_name(name: str, *, kind: str = "model") -> str:
-    """Model names (and tenant names, which follow the same rule)."""
+    """Model names (and tenant names, which follow the same rule but for the ``ft:`` form)."""
+    if kind == "model" and is_fine_tuned_name(name):
+        return name
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise InvalidName(
             f"invalid {kind} name {name!r}: use 1 to 128 lowercase letters, digits, '-', '_' "
             "or '.', starting with a letter or digit",
             param="name",
+        )
+    return name
+
+
+def is_fine_tuned_name(name: object) -> bool:
+    return isinstance(name, str) and len(name) <= MAX_NAME and bool(FINE_TUNED_NAME.fullmatch(name))
+
+
+def fine_tuned_name(base: str, suffix: str, job_id: str) -> str:
+    """``ft:<base>:<suffix>:<id>`` for a job's model; InvalidName when it cannot be made."""
+    if not SUFFIX.fullmatch(suffix):
+        raise InvalidName(
+            f"invalid suffix {suffix!r}: use up to 64 lowercase letters, digits, '-', '_' or '.'",
+            param="suffix",
+        )
+    name = f"{FINE_TUNED_PREFIX}{base}:{suffix}:{job_id.replace('-', '')}"
+    if not is_fine_tuned_name(name):
+        raise InvalidName(
+            f"the fine-tuned model's name {name!r} would be {len(name)} characters, over "
+            f"{MAX_NAME}: use a shorter suffix",
+            param="suffix",
         )
     return name
 
@@ -58,11 +92,18 @@ class Reference:
 
 
 def parse_reference(text: str) -> Reference:
-    """Parse ``name``, ``name:3`` or ``name@alias``; raise InvalidReference otherwise."""
+    """Parse ``name``, ``name:3`` or ``name@alias`` (``ft:`` names too, see above); raise
+    InvalidReference otherwise."""
     if not isinstance(text, str) or not text:
         raise InvalidReference("empty model reference", param="model")
-    name, sep_version, version = text.partition(":")
-    name, sep_alias, alias = name.partition("@")
+    if text.startswith(FINE_TUNED_PREFIX):
+        head, sep_alias, alias = text.partition("@")
+        parts = head.split(":")
+        name = ":".join(parts[:4])
+        sep_version, version = (":", ":".join(parts[4:])) if len(parts) > 4 else ("", "")
+    else:
+        name, sep_version, version = text.partition(":")
+        name, sep_alias, alias = name.partition("@")
     if sep_version and sep_alias:
         raise InvalidReference(
             f"invalid model reference {text!r}: give a version (name:3) or an alias "

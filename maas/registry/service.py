@@ -28,6 +28,7 @@ from maas.db.tables import Model, ModelVersion
 from maas.errors import (
     AliasNotFound,
     Conflict,
+    InvalidName,
     InvalidRequest,
     ModelNotFound,
     VersionNotFound,
@@ -40,6 +41,7 @@ from maas.registry.manifest import TASKS, Manifest, read_manifest, verify_files,
 from maas.registry.names import (
     LATEST,
     Reference,
+    is_fine_tuned_name,
     parse_reference,
     validate_alias_name,
     validate_model_name,
@@ -205,6 +207,7 @@ class Registry:
         sampling: dict | None = None,
         before_commit: Callable[[Session, int], None] | None = None,
         made: rows.Made | None = None,
+        fine_tuned: bool = False,
     ) -> VersionRecord:
         """Import the files at ``source`` as the next version of model ``name``.
 
@@ -215,8 +218,17 @@ class Registry:
         parameters in the same transaction. ``before_commit(session, version)`` runs inside the
         import's transaction, after the version's row is written: if it raises, nothing is
         imported (a job records its success there, so its model is registered exactly once).
+        Only a fine-tuning job (``fine_tuned``) may use an ``ft:`` name.
         """
         validate_model_name(name)
+        if is_fine_tuned_name(name) != fine_tuned:
+            raise InvalidName(
+                f"names of the form ft:<base>:<suffix>:<id> are given by fine-tuning jobs; "
+                f"{name!r} cannot be imported"
+                if not fine_tuned
+                else f"{name!r} is not an ft: name",
+                param="name",
+            )
         if alias is not None:
             validate_alias_name(alias)
         if task is not None and task not in TASKS:

@@ -3,6 +3,7 @@ import pytest
 from maas.errors import InvalidName, InvalidReference
 from maas.registry.names import (
     Reference,
+    fine_tuned_name,
     parse_reference,
     validate_alias_name,
     validate_model_name,
@@ -68,6 +69,10 @@ def test_latest_alias_is_reserved():
         ("llama@staging", Reference("llama", alias="staging")),
         ("llama@latest", Reference("llama", alias="latest")),
         ("a.b-c_d:1", Reference("a.b-c_d", version=1)),
+        ("ft:smollm2:bluebird:abc123", Reference("ft:smollm2:bluebird:abc123")),
+        ("ft:smollm2::abc123", Reference("ft:smollm2::abc123")),
+        ("ft:smollm2:bluebird:abc123:2", Reference("ft:smollm2:bluebird:abc123", version=2)),
+        ("ft:smollm2:b:abc123@prod", Reference("ft:smollm2:b:abc123", alias="prod")),
     ],
 )
 def test_reference_forms(text, expected):
@@ -94,8 +99,28 @@ def test_reference_forms(text, expected):
         "Llama",
         "a/b:1",
         "llama:١",
+        "ft:smollm2:bluebird",
+        "ft:smollm2:bluebird:abc123:0",
+        "ft:smollm2:bluebird:abc123:x",
+        "ft:smollm2:bluebird:abc123:1:2",
+        "ft:smollm2:bluebird:abc123:1@prod",
+        "ft:Smollm2:bluebird:abc123",
+        "ft::bluebird:abc123",
+        "ft:smollm2:blue bird:abc123",
     ],
 )
 def test_malformed_references(text):
     with pytest.raises(InvalidReference):
         parse_reference(text)
+
+
+def test_fine_tuned_names():
+    assert fine_tuned_name("smollm2", "bluebird", "job-ab12") == "ft:smollm2:bluebird:jobab12"
+    assert fine_tuned_name("smollm2", "", "job-ab12") == "ft:smollm2::jobab12"
+    assert validate_model_name("ft:smollm2::jobab12") == "ft:smollm2::jobab12"
+    with pytest.raises(InvalidName, match="suffix"):
+        fine_tuned_name("smollm2", "Blue bird", "job-ab12")
+    with pytest.raises(InvalidName, match="shorter suffix"):
+        fine_tuned_name("m" * 100, "s" * 40, "job-ab12")
+    with pytest.raises(InvalidName):  # tenants never take the ft: form
+        validate_model_name("ft:smollm2::jobab12", kind="tenant")

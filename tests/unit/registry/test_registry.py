@@ -56,6 +56,16 @@ def test_import_gguf_records_manifest(registry, gguf):
     assert len(entry.sha256) == 64
 
 
+def test_ft_names_belong_to_fine_tuning_jobs(registry, gguf):
+    with pytest.raises(InvalidName, match="fine-tuning jobs"):
+        registry.import_model(gguf, "ft:tiny:x:job1")
+    with pytest.raises(InvalidName, match="not an ft: name"):
+        registry.import_model(gguf, "tiny", fine_tuned=True)
+    record = registry.import_model(gguf, "ft:tiny:x:job1", fine_tuned=True)
+    assert registry.resolve("ft:tiny:x:job1:1") == record
+    assert registry.resolve("ft:tiny:x:job1@latest") == record
+
+
 def test_versions_count_up_and_references_resolve(registry, gguf):
     for _ in range(3):
         registry.import_model(gguf, "tiny")
