@@ -233,6 +233,9 @@ class Job(Base):
     """key_id of the key that created it; None when made locally with the CLI."""
     status: Mapped[str] = mapped_column(String(16), index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
+    stage: Mapped[str | None] = mapped_column(String(32))
+    """What a running job is doing now, in its kind's words (``validating_files``,
+    ``training``); None until it says."""
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     """How many times a worker has claimed it; a worker's writes name its attempt."""
     max_attempts: Mapped[int] = mapped_column(Integer)

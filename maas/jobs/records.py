@@ -29,6 +29,7 @@ class JobRecord:
     created_by: str | None
     status: JobStatus
     progress: float
+    stage: str | None
     attempt: int
     max_attempts: int
     cancel_requested: bool

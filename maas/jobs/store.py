@@ -55,6 +55,7 @@ class Report:
     step: int | None = None
     metrics: dict[str, float] | None = None
     checkpoint: dict[str, Any] | None = None
+    stage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,8 @@ class JobStore:
                 values["progress"] = min(1.0, max(0.0, float(report.progress)))
             if report.checkpoint is not None:
                 values["checkpoint"] = report.checkpoint
+            if report.stage is not None:
+                values["stage"] = report.stage
         self._fenced(session, lease, **values)
         for report in reports:
             if report.message is not None:
@@ -417,6 +420,7 @@ class JobStore:
             created_by=job.created_by,
             status=JobStatus(job.status),
             progress=job.progress,
+            stage=job.stage,
             attempt=job.attempt,
             max_attempts=job.max_attempts,
             cancel_requested=job.cancel_requested,

@@ -93,6 +93,7 @@ class JobContext:
         metrics: dict[str, float] | None = None,
         checkpoint: dict[str, Any] | None = None,
         level: str = "info",
+        stage: str | None = None,
     ) -> None:
         """Queue progress, an event and the checkpoint just written for the job's reporter
         thread (the training loop never waits on the database), then raise if the job must
@@ -100,7 +101,7 @@ class JobContext:
         job's last checkpoint is always the one on record."""
         if self.lost.is_set():
             raise LeaseLost(f"job {self.job_id}: lease lost")
-        report = Report(utcnow(), progress, message, level, step, metrics, checkpoint)
+        report = Report(utcnow(), progress, message, level, step, metrics, checkpoint, stage)
         with self._lock:
             self._pending.append(report)
         self.check()

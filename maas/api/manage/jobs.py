@@ -47,6 +47,7 @@ class JobPublic(BaseModel):
     created_by: str | None
     status: JobStatus
     progress: float
+    stage: str | None
     attempt: int
     max_attempts: int
     cancel_requested: bool

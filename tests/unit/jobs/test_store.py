@@ -131,6 +131,7 @@ def test_a_dead_workers_job_is_claimed_again_and_its_late_writes_are_fenced(stor
     job = make(store, acme)
     old = store.claim("w1", ("train",), LEASE)
     store.report(old, progress=0.4, checkpoint={"epoch": 2}, message="epoch 2", step=20)
+    store.report(old, stage="training")
     clock.advance(LEASE / 2)
     store.heartbeat(old, LEASE)
     clock.advance(LEASE / 2 + 1)
@@ -140,7 +141,7 @@ def test_a_dead_workers_job_is_claimed_again_and_its_late_writes_are_fenced(stor
     assert new.job.id == job.id and new.attempt == 2 and new.resumed
     assert store.checkpoint(new) == {"epoch": 2}  # resumes where the last attempt got to
     for late_write in (
-        lambda: store.report(old, progress=0.9, checkpoint={"epoch": 9}),
+        lambda: store.report(old, progress=0.9, checkpoint={"epoch": 9}, stage="late"),
         lambda: store.heartbeat(old, LEASE),
         lambda: store.finish(old, JobStatus.succeeded, result={"model": "late"}),
         lambda: store.release(old, "stopping"),
@@ -149,6 +150,7 @@ def test_a_dead_workers_job_is_claimed_again_and_its_late_writes_are_fenced(stor
             late_write()
     now = store.get(job.id, acme)
     assert now.progress == pytest.approx(0.4) and now.checkpoint == {"epoch": 2}
+    assert now.stage == "training"
     assert now.status is JobStatus.running and now.lease_owner == "w2" and now.result is None
     store.finish(new, JobStatus.succeeded, result={"model": "m"})
     done = store.get(job.id, acme)
