@@ -183,8 +183,15 @@ def _chats(path: Path, max_chars: int) -> dict[str, Any]:
                 problems.add(where, f"message {index} ({role}) has no text 'content'")
                 ok = False
                 break
+            weight = message.get("weight", 1)
+            if weight not in (0, 1) or isinstance(weight, bool) or (
+                "weight" in message and role != "assistant"
+            ):
+                problems.add(where, f"message {index}: 'weight' is 0 or 1, on assistant messages")
+                ok = False
+                break
             size += len(content)
-            assistant = assistant or role == "assistant"
+            assistant = assistant or (role == "assistant" and weight == 1)
         if not ok:
             continue
         if not assistant:

@@ -27,12 +27,15 @@ class JobKind:
     description: str = ""
     file_params: tuple[str, ...] = ()
     """Parameters that name files (``/v1/files``): they must exist in the job's tenant."""
+    created_by: str | None = None
+    """The route that creates jobs of this kind, when not ``/api/v1/jobs`` (which then
+    refuses them): a fine-tuning job's name and checks come from ``/v1/fine_tuning/jobs``."""
 
 
 def built_in() -> tuple[JobKind, ...]:
     """The kinds maas ships. Their code (and torch) is imported at their first use, so an
     idle worker stays small."""
-    train = "maas.training.train"
+    train, fine_tune = "maas.training.train", "maas.training.fine_tune"
     return (
         JobKind(
             "train",
@@ -41,6 +44,14 @@ def built_in() -> tuple[JobKind, ...]:
             "train a built-in architecture (small-cnn, lstm-classifier, "
             "transformer-classifier) from scratch on an uploaded dataset",
             file_params=("training_file",),
+        ),
+        JobKind(
+            "fine-tune",
+            _deferred(fine_tune, "validate"),
+            _deferred(fine_tune, "run"),
+            "LoRA fine-tuning of a Llama-family chat model on a fine-tune file",
+            file_params=("training_file", "validation_file"),
+            created_by="POST /v1/fine_tuning/jobs",
         ),
     )
 

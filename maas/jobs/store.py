@@ -150,19 +150,26 @@ class JobStore:
             return [self._record(session, job) for job in session.scalars(query)]
 
     def events(
-        self, job_id: str, tenant_id: int | None, *, after: int = 0, limit: int = 100
+        self,
+        job_id: str,
+        tenant_id: int | None,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        before: int | None = None,
+        newest_first: bool = False,
     ) -> list[EventRecord]:
-        """Oldest first, from the event after ``after`` (an event id)."""
+        """Oldest first, from the event after ``after`` (an event id); or ``newest_first``,
+        from the event before ``before`` (None: the newest)."""
         if not 1 <= limit <= 1000:
             raise InvalidRequest("limit must be 1 to 1000", param="limit")
         with self._sessions() as session:
             job = self._row(session, job_id, tenant_id)
-            query = (
-                select(JobEvent)
-                .where(JobEvent.job_id == job.id, JobEvent.id > after)
-                .order_by(JobEvent.id)
-                .limit(limit)
-            )
+            query = select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.id > after)
+            if before is not None:
+                query = query.where(JobEvent.id < before)
+            order = JobEvent.id.desc() if newest_first else JobEvent.id
+            query = query.order_by(order).limit(limit)
             return [_event_record(event, job.public_id) for event in session.scalars(query)]
 
     def cancel(self, job_id: str, tenant_id: int | None) -> JobRecord:

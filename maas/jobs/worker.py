@@ -187,6 +187,7 @@ class Worker:
             error = {
                 "message": str(err) or type(err).__name__,
                 "type": type(err).__name__,
+                "param": getattr(err, "param", None),
                 "trace": traceback.format_exc(limit=8),
             }
             self._end(lease, JobStatus.failed, error=error)

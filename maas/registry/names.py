@@ -45,13 +45,14 @@ def is_fine_tuned_name(name: object) -> bool:
 
 
 def fine_tuned_name(base: str, suffix: str, job_id: str) -> str:
-    """``ft:<base>:<suffix>:<id>`` for a job's model; InvalidName when it cannot be made."""
+    """``ft:<base>:<suffix>:<id>`` for a job's model; InvalidName when it cannot be made
+    (``job_id`` is letters and digits)."""
     if not SUFFIX.fullmatch(suffix):
         raise InvalidName(
             f"invalid suffix {suffix!r}: use up to 64 lowercase letters, digits, '-', '_' or '.'",
             param="suffix",
         )
-    name = f"{FINE_TUNED_PREFIX}{base}:{suffix}:{job_id.replace('-', '')}"
+    name = f"{FINE_TUNED_PREFIX}{base}:{suffix}:{job_id}"
     if not is_fine_tuned_name(name):
         raise InvalidName(
             f"the fine-tuned model's name {name!r} would be {len(name)} characters, over "

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, selectinload
 from maas.db.tables import Alias, Model, ModelVersion
 from maas.errors import ModelNotFound
 from maas.registry.importer import StagedVersion
-from maas.registry.manifest import Manifest
+from maas.registry.manifest import Manifest, ParentRef
 from maas.registry.records import ModelRecord, VersionRecord
 
 
@@ -88,6 +88,9 @@ def build_manifest(
         created_at=datetime.now(UTC),
         metrics=made.metrics if made else {},
         recipe=made.recipe if made else None,
+        parent=ParentRef(name=made.parent[0], version=made.parent[1])
+        if made and made.parent
+        else None,
         files=staged.files,
     )
 
@@ -98,6 +101,8 @@ class Made:
 
     metrics: dict[str, float]
     recipe: dict[str, Any]
+    parent: tuple[str, int] | None = None
+    """The version it was made from (a fine-tuned model's base)."""
 
 
 def model_record(row: Model) -> ModelRecord:

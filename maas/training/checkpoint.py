@@ -35,7 +35,7 @@ def save(
     folder: Path,
     state: TrainingState,
     model: torch.nn.Module,
-    best: dict[str, torch.Tensor],
+    best: dict[str, torch.Tensor] | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     generator: torch.Generator,
@@ -44,7 +44,8 @@ def save(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_file(_plain(model.state_dict()), partial / "model.safetensors")
-    save_file(_plain(best), partial / "best.safetensors")
+    if best is not None:
+        save_file(_plain(best), partial / "best.safetensors")
     tensors, groups = _optimizer_tensors(optimizer)
     tensors["generator"] = generator.get_state()
     save_file(tensors, partial / "optimizer.safetensors")
@@ -68,8 +69,9 @@ def load(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     generator: torch.Generator,
-) -> tuple[TrainingState, dict[str, torch.Tensor]] | None:
-    """Restore the last checkpoint into the given objects; None when there is none."""
+) -> tuple[TrainingState, dict[str, torch.Tensor] | None] | None:
+    """Restore the last checkpoint into the given objects; None when there is none. ``model``
+    is anything with ``state_dict`` and ``load_state_dict`` (a LoRA adapter's view)."""
     source = next(
         (folder / n for n in (CURRENT, OLD) if (folder / n / "state.json").exists()), None
     )
@@ -82,7 +84,8 @@ def load(
     _restore_optimizer(optimizer, tensors, meta["param_groups"])
     if scheduler is not None and meta["scheduler"] is not None:
         scheduler.load_state_dict(meta["scheduler"])
-    return TrainingState(**meta["state"]), load_file(source / "best.safetensors")
+    best = source / "best.safetensors"
+    return TrainingState(**meta["state"]), load_file(best) if best.exists() else None
 
 
 def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -130,9 +130,13 @@ async def create_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobPublic:
     kinds = request.app.state.job_kinds
+    kind = kinds.get(body.kind)
+    if kind is not None and kind.created_by:
+        raise InvalidRequest(f"{body.kind} jobs are created with {kind.created_by}", param="kind")
     params = check_params(kinds, body.kind, body.params)
     for name in kinds[body.kind].file_params:
-        await run_in_threadpool(_check_file, request.app.state.files, params[name], key, name)
+        if params[name] is not None:
+            await run_in_threadpool(_check_file, request.app.state.files, params[name], key, name)
     job, created = await run_in_threadpool(
         jobs.create,
         body.kind,

@@ -27,7 +27,11 @@ class ChatTokenizer:
         """Token ids of a plain prompt, with the BOS token when the model expects one."""
         return list(self._tokenizer.encode(text, add_special_tokens=True))
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str:
+        """The chat as the model's template writes it, by default ready for the assistant's
+        reply (without: a finished conversation, as fine-tuning learns from)."""
         if not self.chat_template:
             raise InvalidRequest(
                 "this model has no chat template; use /v1/completions", param="model"
@@ -36,16 +40,30 @@ class ChatTokenizer:
             return self._tokenizer.apply_chat_template(
                 messages,
                 chat_template=self.chat_template,
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
                 tokenize=False,
             )
         except Exception as err:  # jinja errors from the model's template, e.g. raise_exception
             raise InvalidRequest(f"the model's chat template refused the messages: {err}") from None
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.render_chat(messages)
-        # The template writes BOS itself where the model wants one.
+        return self.encode_rendered(self.render_chat(messages))
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of text the chat template wrote: it writes BOS itself where the model
+        wants one, so none is added."""
         return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id padding takes (masked out wherever it is used): the tokenizer's pad token,
+        else an end-of-sequence token."""
+        pad = self._tokenizer.pad_token_id
+        return pad if pad is not None else min(self.eos_token_ids)
+
+    def save(self, folder) -> None:
+        """The tokenizer's Hugging Face files (a GGUF vocabulary converted), into ``folder``."""
+        self._tokenizer.save_pretrained(folder)
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

@@ -93,6 +93,15 @@ def test_user_keys_may_not_use_files(app_client, keys):
             ["line 2: no assistant message"],
         ),
         ('{"prompt": "x"}\n', "t.jsonl", "fine-tune", ["line 1: no 'messages' list"]),
+        (
+            '{"messages": [{"role": "user", "content": "q", "weight": 1}, '
+            '{"role": "assistant", "content": "a", "weight": 0.5}]}\n'
+            '{"messages": [{"role": "user", "content": "q"}, '
+            '{"role": "assistant", "content": "a", "weight": 0}]}\n',
+            "t.jsonl",
+            "fine-tune",
+            ["line 1: message 1: 'weight' is 0 or 1", "line 2: no assistant message"],
+        ),
         ("[1, 2]\n", "t.jsonl", "fine-tune", ["line 1: not a JSON object"]),
         (
             chat("x" * 70_000),

@@ -115,12 +115,12 @@ def test_malformed_references(text):
 
 
 def test_fine_tuned_names():
-    assert fine_tuned_name("smollm2", "bluebird", "job-ab12") == "ft:smollm2:bluebird:jobab12"
-    assert fine_tuned_name("smollm2", "", "job-ab12") == "ft:smollm2::jobab12"
+    assert fine_tuned_name("smollm2", "bluebird", "ab12") == "ft:smollm2:bluebird:ab12"
+    assert fine_tuned_name("smollm2", "", "ab12") == "ft:smollm2::ab12"
     assert validate_model_name("ft:smollm2::jobab12") == "ft:smollm2::jobab12"
     with pytest.raises(InvalidName, match="suffix"):
-        fine_tuned_name("smollm2", "Blue bird", "job-ab12")
+        fine_tuned_name("smollm2", "Blue bird", "ab12")
     with pytest.raises(InvalidName, match="shorter suffix"):
-        fine_tuned_name("m" * 100, "s" * 40, "job-ab12")
+        fine_tuned_name("m" * 100, "s" * 40, "ab12")
     with pytest.raises(InvalidName):  # tenants never take the ft: form
         validate_model_name("ft:smollm2::jobab12", kind="tenant")

@@ -1,0 +1,404 @@
+"""The ``fine-tune`` job: LoRA fine-tuning of a Llama-family chat model of the registry, the
+job behind OpenAI's ``/v1/fine_tuning/jobs``.
+
+The base model (a Hugging Face folder, or GGUF dequantised to float32 by ``transformers``) is
+wrapped by ``peft``'s LoRA on its attention and MLP projections and trained on a ``fine-tune``
+file's chats, with the loss on the assistant's tokens only (``chat_data``). Each epoch ends
+with a validation pass (when a validation file is given) and a checkpoint of the adapter, the
+optimiser and the sample order (a new attempt resumes after the last one). The last epoch's
+adapter is merged into the base weights and registered as the model ``fine_tuned_model``
+(``ft:<base>:<suffix>:<id>``), which the engine serves at once; the adapter is kept beside it
+in ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from maas.errors import InvalidRequest, ModelNotFound
+from maas.files import FileStore
+from maas.registry import open_registry
+from maas.registry.names import fine_tuned_name, is_fine_tuned_name, parse_reference
+from maas.registry.records import OpenedVersion, VersionRecord
+from maas.registry.rows import Made
+from maas.runtime.llm.tokenizer import ChatTokenizer, load_tokenizer
+from maas.training import checkpoint
+from maas.training.chat_data import IGNORE, ChatData, collate, encode_chats, read_chats
+from maas.training.checkpoint import TrainingState
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every linear layer of a Llama block: LoRA on all of them learns more per parameter than on
+the attention's alone (QLoRA's finding)."""
+BASE_LEARNING_RATE = 2e-4
+"""What ``learning_rate_multiplier`` multiplies: a usual LoRA learning rate for AdamW."""
+DEFAULT_EPOCHS = 3
+MAX_AUTO_BATCH = 8
+DEFAULT_MAX_LENGTH = 2048
+
+
+class FineTuneParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=160)
+    """The base model: a chat model the engine serves (Llama family)."""
+    suffix: str = Field(default="", max_length=64)
+    """Part of the result's name, ``ft:<base>:<suffix>:<job id>``."""
+    training_file: str = Field(min_length=1, max_length=40)
+    validation_file: str | None = Field(default=None, min_length=1, max_length=40)
+    n_epochs: int | None = Field(default=None, ge=1, le=50)
+    """None ("auto"): 3."""
+    batch_size: int | None = Field(default=None, ge=1, le=256)
+    """None ("auto"): a tenth of the training examples, from 1 to 8."""
+    learning_rate_multiplier: float | None = Field(default=None, gt=0, le=100)
+    """Times 2e-4. None ("auto"): 1."""
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    lora_rank: int = Field(default=16, ge=1, le=512)
+    lora_alpha: float = Field(default=32.0, gt=0, le=4096)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default=list(LORA_TARGETS), min_length=1, max_length=64)
+    max_length: int | None = Field(default=None, ge=8, le=1_048_576)
+    """Tokens kept of each example (longer ones are cut). None: the model's context, at most
+    2048."""
+    log_every_steps: int = Field(default=1, ge=1, le=1_000_000)
+    metadata: dict[str, str] | None = None
+    """Kept for the caller (OpenAI's ``metadata``); training ignores it."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """The hyperparameters as they ran, "auto" resolved."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+    @property
+    def learning_rate(self) -> float:
+        return BASE_LEARNING_RATE * self.learning_rate_multiplier
+
+
+def validate(params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        parsed = FineTuneParams(**params)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidRequest(f"params.{where}: {first['msg']}", param=f"params.{where}") from None
+    fine_tuned_model_name(parsed.model, parsed.suffix, "job-" + "0" * 16)  # fits, or says why
+    return parsed.model_dump()
+
+
+def fine_tuned_model_name(base: str, suffix: str, job_id: str) -> str:
+    """``ft:<base>:<suffix>:<id>``, where ``<base>`` is the base model's name (a fine-tuned
+    base's own base: a name holds one ``ft:``)."""
+    name = parse_reference(base).name
+    if is_fine_tuned_name(name):
+        name = name.split(":")[1]
+    return fine_tuned_name(name, suffix, job_id.removeprefix("job-"))
+
+
+def check_base(record: VersionRecord) -> None:
+    """Refuse a base model this job cannot fine-tune, naming why."""
+    if record.runtime != "llm" or record.task not in ("chat", "text-generation"):
+        raise InvalidRequest(
+            f"{record.reference} cannot be fine-tuned: fine-tuning takes a Llama-family "
+            f"language model that maas's engine serves (this one is a {record.task} model "
+            f"on the {record.runtime} runtime)",
+            param="model",
+        )
+
+
+def resolve_hyperparameters(params: FineTuneParams, examples: int) -> Hyperparameters:
+    return Hyperparameters(
+        n_epochs=params.n_epochs or DEFAULT_EPOCHS,
+        batch_size=params.batch_size or max(1, min(MAX_AUTO_BATCH, examples // 10)),
+        learning_rate_multiplier=params.learning_rate_multiplier or 1.0,
+    )
+
+
+def run(context) -> dict[str, Any]:
+    params = FineTuneParams(**context.params)
+    name = fine_tuned_model_name(params.model, params.suffix, context.job_id)
+    registry = open_registry(context.settings)
+    try:
+        tenant = context.lease.job.tenant_id
+        context.report(0.0, stage="validating_files", message="Validating training files")
+        opened = _open_base(registry, params.model, tenant)
+        tokenizer = load_tokenizer(opened)
+        context_length = opened.manifest.context_length or DEFAULT_MAX_LENGTH
+        max_length = params.max_length or min(context_length, DEFAULT_MAX_LENGTH)
+        files = FileStore(
+            registry.engine,
+            context.settings.artifacts,
+            registry.vault,
+            registry.limits,
+            max_chat_chars=context.settings.fine_tune_max_chat_chars,
+        )
+        train = _chats(files, params.training_file, tenant, context, tokenizer, max_length)
+        valid = (
+            _chats(files, params.validation_file, tenant, context, tokenizer, max_length)
+            if params.validation_file
+            else None
+        )
+        hyper = resolve_hyperparameters(params, len(train.examples))
+        context.report(
+            stage="training",
+            message=f"Files validated: {len(train.examples)} training examples "
+            f"({train.tokens} tokens)"
+            + (f", {len(valid.examples)} validation examples" if valid else "")
+            + f"; n_epochs {hyper.n_epochs}, batch_size {hyper.batch_size}, "
+            f"learning_rate_multiplier {hyper.learning_rate_multiplier:g}",
+        )
+        model = _load_base(opened)
+        peft_model, state, trained_tokens = _train(
+            context, params, hyper, model, train, valid, tokenizer
+        )
+        context.report(stage="registering", message="Merging the adapter and registering the model")
+        folder = _save(context.workdir / "model", peft_model, tokenizer, opened, params)
+        metrics = {k: float(v) for k, v in state.history[-1].items()}
+        result = {
+            "fine_tuned_model": name,
+            "trained_tokens": trained_tokens,
+            "hyperparameters": asdict(hyper),
+            "base": opened.record.reference,
+            **metrics,
+        }
+        context.flush()  # the epochs' events on record before the import takes the write lock
+        base_model = registry.get_model(opened.record.name)
+        recipe = {
+            "job": context.job_id,
+            "kind": "fine-tune",
+            "method": "lora",
+            "params": context.params,
+            "hyperparameters": asdict(hyper),
+        }
+        version = registry.import_model(
+            folder,
+            name,
+            task="chat",
+            owner=tenant,
+            source_label=f"job {context.job_id}",
+            sampling=base_model.sampling or None,
+            made=Made(metrics, recipe, parent=(opened.record.name, opened.record.version)),
+            fine_tuned=True,
+            consume=True,
+            before_commit=lambda session, number: context.finish_in(
+                session, {**result, "version": number}
+            ),
+        )
+        return {**result, "version": version.version}
+    finally:
+        registry.close()
+
+
+def _open_base(registry, reference: str, tenant: int) -> OpenedVersion:
+    record = registry.resolve(reference)
+    if record.tenant_id not in (None, tenant):  # another tenant's model is not there for it
+        raise ModelNotFound(f"model {parse_reference(reference).name!r} not found", param="model")
+    check_base(record)
+    return registry.open_version(record.reference)
+
+
+def _chats(files: FileStore, file_id, tenant, context, tokenizer, max_length) -> ChatData:
+    record = files.get(file_id, tenant)
+    if record.purpose != "fine-tune":
+        raise InvalidRequest(f"{file_id} has purpose {record.purpose!r}, not 'fine-tune'")
+    path = files.copy_to(file_id, tenant, context.workdir / f"{file_id}.jsonl")
+    data = encode_chats(read_chats(path), tokenizer, max_length)
+    for reason in data.dropped[:20]:
+        context.report(message=f"{file_id} {reason}: left out", level="warning")
+    if data.truncated:
+        context.report(
+            message=f"{file_id}: {data.truncated} examples were cut to {max_length} tokens",
+            level="warning",
+        )
+    if not data.examples:
+        raise InvalidRequest(f"{file_id} has no example left to learn from")
+    return data
+
+
+def _load_base(opened: OpenedVersion) -> torch.nn.Module:
+    """The base model in float32 as ``transformers`` builds it (never the model's own code)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from maas.runtime.classic.transformers_task import load_pretrained
+
+    transformers.utils.logging.disable_progress_bar()
+    if opened.manifest.format == "gguf":
+        gguf = next(e.path for e in opened.manifest.files if e.path.endswith(".gguf"))
+        with opened.open_file(gguf) as path:
+            return AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
+            )
+    return load_pretrained(opened, AutoModelForCausalLM, torch.float32)
+
+
+class _AdapterView:
+    """The LoRA weights alone, as a checkpoint saves and restores a model's."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state)
+
+
+def _train(context, params, hyper: Hyperparameters, model, train: ChatData, valid, tokenizer):
+    """Returns the trained PEFT model, where training stands, and the tokens trained on."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(params.seed)  # the LoRA matrices' initial values
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=params.lora_rank,
+            lora_alpha=params.lora_alpha,
+            lora_dropout=params.lora_dropout,
+            target_modules=list(params.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    adapter = _AdapterView(peft_model)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hyper.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(params.seed)
+    restored = checkpoint.load(context.workdir, adapter, optimizer, None, generator)
+    state = restored[0] if restored else TrainingState()
+    if restored:
+        context.report(message=f"Resumed after epoch {state.epoch} from its checkpoint")
+    count = len(train.examples)
+    steps_per_epoch = math.ceil(count / hyper.batch_size)
+    total_steps = steps_per_epoch * hyper.n_epochs
+    pad = tokenizer.pad_token_id
+    saved = ((context.resume_point() or {}).get("checkpoints") or [])[: state.epoch]
+    while state.epoch < hyper.n_epochs:
+        started = time.monotonic()
+        order = torch.randperm(count, generator=generator).tolist()
+        peft_model.train()
+        loss_sum = correct = learnt = tokens = 0
+        for start in range(0, count, hyper.batch_size):
+            context.check()
+            batch = [train.examples[i] for i in order[start : start + hyper.batch_size]]
+            ids, mask, labels = collate(batch, pad)
+            logits = peft_model(input_ids=ids, attention_mask=mask).logits
+            total, right, n = _token_loss(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            (total / n).backward()
+            optimizer.step()
+            state.step += 1
+            loss_sum, correct, learnt = (
+                loss_sum + float(total.detach()),
+                correct + right,
+                learnt + n,
+            )
+            tokens += int(mask.sum())
+            if state.step % params.log_every_steps == 0 or state.step == total_steps:
+                loss = float(total.detach()) / n
+                context.report(
+                    state.step / total_steps,
+                    message=f"Step {state.step}/{total_steps}: training loss={loss:.4f}",
+                    step=state.step,
+                    metrics={
+                        "step": state.step,
+                        "total_steps": total_steps,
+                        "train_loss": loss,
+                        "train_mean_token_accuracy": right / n,
+                        "trained_tokens": state.epoch * train.tokens + tokens,
+                        "tokens_per_s": tokens / max(time.monotonic() - started, 1e-9),
+                    },
+                )
+        state.epoch += 1
+        row = {
+            "step": state.step,
+            "train_loss": loss_sum / learnt,
+            "train_mean_token_accuracy": correct / learnt,
+            "tokens_per_s": tokens / max(time.monotonic() - started, 1e-9),
+        }
+        if valid is not None:
+            row.update(_evaluate(peft_model, valid, hyper.batch_size, pad))
+        state.history.append(row)
+        state.seconds += time.monotonic() - started
+        checkpoint.save(context.workdir, state, adapter, None, optimizer, None, generator)
+        saved.append(
+            {"epoch": state.epoch, "step": state.step, "metrics": row, "at": int(time.time())}
+        )
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
+        context.report(
+            state.epoch / hyper.n_epochs,
+            message=f"Epoch {state.epoch}/{hyper.n_epochs}: {shown}",
+            step=state.step,
+            metrics=row,
+            checkpoint={
+                "epoch": state.epoch,
+                "step": state.step,
+                "trained_tokens": state.epoch * train.tokens,
+                "hyperparameters": asdict(hyper),
+                "checkpoints": saved,
+            },
+        )
+    return peft_model, state, hyper.n_epochs * train.tokens
+
+
+def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Summed cross-entropy over the learnt positions, how many the argmax got right, and how
+    many there are."""
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    total = torch.nn.functional.cross_entropy(
+        flat_logits.float(), flat_labels, ignore_index=IGNORE, reduction="sum"
+    )
+    kept = flat_labels != IGNORE
+    right = int((flat_logits.argmax(-1)[kept] == flat_labels[kept]).sum())
+    return total, right, int(kept.sum())
+
+
+@torch.no_grad()
+def _evaluate(model, data: ChatData, batch_size: int, pad: int) -> dict[str, float]:
+    model.eval()
+    loss_sum = correct = learnt = 0
+    for start in range(0, len(data.examples), batch_size):
+        ids, mask, labels = collate(data.examples[start : start + batch_size], pad)
+        total, right, n = _token_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+        loss_sum, correct, learnt = loss_sum + float(total), correct + right, learnt + n
+    return {
+        "full_valid_loss": loss_sum / learnt,
+        "full_valid_mean_token_accuracy": correct / learnt,
+    }
+
+
+def _save(folder: Path, peft_model, tokenizer: ChatTokenizer, opened: OpenedVersion, params):
+    """The merged model as a Hugging Face folder the engine serves, with the adapter in
+    ``adapter/``, the base's tokenizer and its chat template."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = opened.record.reference  # not a temporary path
+    peft_model.save_pretrained(
+        folder / "adapter", safe_serialization=True, save_embedding_layers=False
+    )
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save(folder)
+    if opened.manifest.chat_template:
+        (folder / "chat_template.jinja").write_text(opened.manifest.chat_template)
+    generation = folder / "generation_config.json"
+    settings = json.loads(generation.read_text()) if generation.exists() else {}
+    settings["eos_token_id"] = sorted(tokenizer.eos_token_ids)
+    generation.write_text(json.dumps(settings, indent=2))
+    return folder

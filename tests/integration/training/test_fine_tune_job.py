@@ -1,0 +1,189 @@
+"""LoRA fine-tuning through /v1/fine_tuning/jobs, driven by the real ``openai`` SDK against the
+app in this process, a real worker (in this process) and a tiny Llama: the fine-tuned model
+answers what it was taught, and serves at once under its ft: name."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from maas.config import Settings
+from maas.jobs.worker import Worker
+from maas.training import checkpoint as checkpoints
+from tests.fixtures import make_tiny_llama
+
+QUESTION = "the cat sat on the mat"
+ANSWER = "paris is the capital of france"
+HYPER = {"n_epochs": 4, "batch_size": 2, "learning_rate_multiplier": 50}
+"""A tiny random model learns one reply in a few epochs at a high learning rate."""
+
+
+def chats(count: int) -> bytes:
+    line = {
+        "messages": [
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": ANSWER},
+        ]
+    }
+    return ("\n".join(json.dumps(line) for _ in range(count)) + "\n").encode()
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    """The engine's eager float32 path (the reference): a compiled step, or timing dtypes at
+    load, would spend most of these tests' time."""
+    return Settings(
+        home=tmp_path / "maas-home",
+        allowed_hosts=["testserver"],
+        llm_compile=False,
+        llm_dtype="float32",
+    )
+
+
+@pytest.fixture
+def tiny_chat(app_client, tmp_path):
+    registry = app_client.app.state.registry
+    return registry.import_model(make_tiny_llama(tmp_path / "tiny"), "tiny-chat")
+
+
+def sdk(app_client, headers) -> openai.OpenAI:
+    """The real SDK, its requests handled by the app in this process."""
+    key = headers["Authorization"].removeprefix("Bearer ")
+    return openai.OpenAI(
+        base_url="http://testserver/v1", api_key=key, http_client=app_client, max_retries=0
+    )
+
+
+def run_jobs(settings, count: int = 1) -> None:
+    worker = Worker(settings)
+    try:
+        assert worker.run(max_jobs=count) == count
+    finally:
+        worker.engine.dispose()
+
+
+def greedy(client: openai.OpenAI, model: str) -> str:
+    answer = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=12,
+    )
+    return answer.choices[0].message.content
+
+
+def test_a_fine_tuned_model_learns_its_reply_and_serves_under_its_ft_name(
+    app_client, tenant_keys, tiny_chat, settings
+):
+    client = sdk(app_client, tenant_keys["acme"])
+    training = client.files.create(file=("train.jsonl", chats(8)), purpose="fine-tune")
+    validation = client.files.create(file=("valid.jsonl", chats(2)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny-chat",
+        training_file=training.id,
+        validation_file=validation.id,
+        suffix="capitals",
+        seed=7,
+        hyperparameters=HYPER,
+        metadata={"team": "search"},
+    )
+    assert job.status == "queued" and job.fine_tuned_model is None
+    assert job.model == "tiny-chat:1" and job.seed == 7 and job.metadata == {"team": "search"}
+    assert job.hyperparameters.n_epochs == 4 and job.training_file == training.id
+    assert greedy(client, "tiny-chat") != ANSWER
+
+    run_jobs(settings)
+
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded", done.error
+    name = f"ft:tiny-chat:capitals:{job.id.removeprefix('job-')}"
+    assert done.fine_tuned_model == name and done.finished_at >= done.created_at
+    assert done.trained_tokens > 0 and done.trained_tokens % 4 == 0
+    assert done.hyperparameters.batch_size == 2
+    assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
+    # the taught reply, greedy, from the model as the engine serves it
+    assert greedy(client, name) == ANSWER
+    # events: newest first, a metrics event per step, and the loss fell
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    assert [int(e.id.removeprefix("ftevent-")) for e in events] == sorted(
+        (int(e.id.removeprefix("ftevent-")) for e in events), reverse=True
+    )
+    steps = [e for e in events if e.type == "metrics" and "total_steps" in (e.data or {})]
+    assert [e.data["step"] for e in steps] == list(range(16, 0, -1))  # 8 examples / 2, 4 epochs
+    assert steps[0].data["train_loss"] < steps[-1].data["train_loss"] / 2
+    page = client.fine_tuning.jobs.list_events(job.id, limit=3)
+    older = client.fine_tuning.jobs.list_events(job.id, limit=3, after=page.data[-1].id)
+    assert int(older.data[0].id.split("-")[1]) < int(page.data[-1].id.split("-")[1])
+    # one checkpoint per epoch, newest first; the last is the served model
+    saved = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in saved] == [16, 12, 8, 4]
+    assert saved[0].fine_tuned_model_checkpoint == name
+    assert saved[1].fine_tuned_model_checkpoint == f"{name}:ckpt-step-12"
+    assert {"train_loss", "full_valid_loss", "full_valid_mean_token_accuracy"} <= set(
+        saved[0].metrics.model_dump(exclude_none=True)
+    )
+    # the version: made from tiny-chat:1, the adapter kept beside the merged weights
+    version = app_client.get(
+        f"/api/v1/models/{name}/versions/1", headers=tenant_keys["acme"]
+    ).json()
+    manifest = version["manifest"]
+    assert manifest["parent"] == {"name": "tiny-chat", "version": 1}
+    assert manifest["recipe"]["kind"] == "fine-tune" and manifest["recipe"]["job"] == job.id
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= paths
+    # private to acme
+    other = sdk(app_client, tenant_keys["globex"])
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.retrieve(job.id)
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+    assert list(other.fine_tuning.jobs.list()) == []
+
+
+def test_a_fine_tuning_job_stopped_after_an_epoch_resumes_to_the_same_model(
+    app_client, tenant_keys, tiny_chat, settings, monkeypatch
+):
+    client = sdk(app_client, tenant_keys["acme"])
+    training = client.files.create(file=("train.jsonl", chats(4)), purpose="fine-tune")
+    common = {"model": "tiny-chat", "training_file": training.id, "seed": 3}
+    whole = client.fine_tuning.jobs.create(**common, suffix="whole", hyperparameters=HYPER)
+    run_jobs(settings)
+    halted = client.fine_tuning.jobs.create(**common, suffix="halted", hyperparameters=HYPER)
+    worker = Worker(settings)
+    save = checkpoints.save
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        worker.stop.set()  # as SIGTERM does: the job goes back to the queue at its next report
+
+    monkeypatch.setattr(checkpoints, "save", save_then_stop)
+    assert worker.run(max_jobs=1) == 1
+    worker.engine.dispose()
+    monkeypatch.setattr(checkpoints, "save", save)
+    assert client.fine_tuning.jobs.retrieve(halted.id).status == "queued"
+    run_jobs(settings)
+    done = client.fine_tuning.jobs.retrieve(halted.id)
+    assert done.status == "succeeded"
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(halted.id, limit=100)]
+    assert "Resumed after epoch 1 from its checkpoint" in messages
+    registry = app_client.app.state.registry
+    first, second = (
+        load_file(registry.folder(registry.resolve(j.fine_tuned_model)) / "model.safetensors")
+        for j in (client.fine_tuning.jobs.retrieve(whole.id), done)
+    )
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert done.trained_tokens == client.fine_tuning.jobs.retrieve(whole.id).trained_tokens
+
+
+def test_cancelling_a_queued_fine_tuning_job(app_client, tenant_keys, tiny_chat):
+    client = sdk(app_client, tenant_keys["acme"])
+    training = client.files.create(file=("train.jsonl", chats(2)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training.id)
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
