@@ -184,8 +184,10 @@ def _chats(path: Path, max_chars: int) -> dict[str, Any]:
                 ok = False
                 break
             weight = message.get("weight", 1)
-            if weight not in (0, 1) or isinstance(weight, bool) or (
-                "weight" in message and role != "assistant"
+            if (
+                weight not in (0, 1)
+                or isinstance(weight, bool)
+                or ("weight" in message and role != "assistant")
             ):
                 problems.add(where, f"message {index}: 'weight' is 0 or 1, on assistant messages")
                 ok = False

@@ -103,7 +103,8 @@ def app_registry(client):
 class World:
     """Two tenants with keys of every role and models of each kind of ownership.
 
-    acme:     user, maintainer keys; model acme-model (versions 1, 2; staging -> 1); a job, a file
+    acme:     user, maintainer keys; model acme-model (versions 1, 2; staging -> 1); a job, a
+              fine-tuning job, a file
     globex:   maintainer key; model globex-model
     platform: admin key; model shared-model (no tenant: everyone sees it)
     """
@@ -141,6 +142,13 @@ class World:
         self.file_id = state.files.create(
             tenants["acme"], "fine-tune", "chats.jsonl", upload, created_by=None
         ).id
+        self.fine_tuning_job_id = state.jobs.create(
+            "fine-tune",
+            tenants["acme"],
+            {"model": "acme-chat:1", "training_file": self.file_id, "seed": 0},
+            created_by=None,
+            max_attempts=1,
+        )[0].id
         self.client = client
 
     def as_(self, role: str) -> dict[str, str]:

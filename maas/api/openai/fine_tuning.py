@@ -285,51 +285,62 @@ async def list_fine_tuning_jobs(
     )
 
 
-@router.get("/fine_tuning/jobs/{job_id}")
-async def retrieve_fine_tuning_job(job_id: str, key: MaintainerKey, jobs: JobsDep) -> FineTuningJob:
-    return _public(await run_in_threadpool(_get, jobs, job_id, key))
+@router.get("/fine_tuning/jobs/{fine_tuning_job_id}")
+async def retrieve_fine_tuning_job(
+    fine_tuning_job_id: str, key: MaintainerKey, jobs: JobsDep
+) -> FineTuningJob:
+    return _public(await run_in_threadpool(_get, jobs, fine_tuning_job_id, key))
 
 
-@router.post("/fine_tuning/jobs/{job_id}/cancel")
-async def cancel_fine_tuning_job(job_id: str, key: MaintainerKey, jobs: JobsDep) -> FineTuningJob:
-    await run_in_threadpool(_get, jobs, job_id, key)
-    return _public(await run_in_threadpool(jobs.cancel, job_id, _scope(key)))
+@router.post("/fine_tuning/jobs/{fine_tuning_job_id}/cancel")
+async def cancel_fine_tuning_job(
+    fine_tuning_job_id: str, key: MaintainerKey, jobs: JobsDep
+) -> FineTuningJob:
+    await run_in_threadpool(_get, jobs, fine_tuning_job_id, key)
+    return _public(await run_in_threadpool(jobs.cancel, fine_tuning_job_id, _scope(key)))
 
 
-@router.get("/fine_tuning/jobs/{job_id}/events")
+@router.get("/fine_tuning/jobs/{fine_tuning_job_id}/events")
 async def list_fine_tuning_events(
-    job_id: str,
+    fine_tuning_job_id: str,
     key: MaintainerKey,
     jobs: JobsDep,
     after: Annotated[str | None, Query(max_length=40)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> FineTuningJobEventList:
     """Newest first; ``after`` is the last event id of the previous page."""
-    await run_in_threadpool(_get, jobs, job_id, key)
+    await run_in_threadpool(_get, jobs, fine_tuning_job_id, key)
     before = _event_number(after) if after else None
     found = await run_in_threadpool(
-        jobs.events, job_id, _scope(key), before=before, limit=limit + 1, newest_first=True
+        jobs.events,
+        fine_tuning_job_id,
+        _scope(key),
+        before=before,
+        limit=limit + 1,
+        newest_first=True,
     )
     return FineTuningJobEventList(
         data=[_event(e) for e in found[:limit]], has_more=len(found) > limit
     )
 
 
-@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+@router.get("/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints")
 async def list_fine_tuning_checkpoints(
-    job_id: str,
+    fine_tuning_job_id: str,
     key: MaintainerKey,
     jobs: JobsDep,
     after: Annotated[str | None, Query(max_length=80)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> FineTuningJobCheckpointList:
     """The checkpoint of each finished epoch, newest first."""
-    job = await run_in_threadpool(_get, jobs, job_id, key)
+    job = await run_in_threadpool(_get, jobs, fine_tuning_job_id, key)
     checkpoints = _checkpoints(job)
     if after:
         ids = [c.id for c in checkpoints]
         if after not in ids:
-            raise InvalidRequest(f"no checkpoint {after!r} in job {job_id}", param="after")
+            raise InvalidRequest(
+                f"no checkpoint {after!r} in job {fine_tuning_job_id}", param="after"
+            )
         checkpoints = checkpoints[ids.index(after) + 1 :]
     data = checkpoints[:limit]
     return FineTuningJobCheckpointList(

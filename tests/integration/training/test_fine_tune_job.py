@@ -187,3 +187,65 @@ def test_cancelling_a_queued_fine_tuning_job(app_client, tenant_keys, tiny_chat)
     job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training.id)
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("changes", "status", "param", "says"),
+    [
+        ({"method": {"type": "dpo"}}, 400, "method.type", "supervised"),
+        ({"model": "a-classifier"}, 400, "model", "cannot be fine-tuned"),
+        ({"model": "nope"}, 404, "model", "not found"),
+        ({"training_file": "{globex_file}"}, 400, "training_file", "no file"),
+        ({"validation_file": "{dataset_file}"}, 400, "validation_file", "purpose 'dataset'"),
+        ({"suffix": "Blue Bird"}, 400, "suffix", "invalid suffix"),
+        ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs", "n_epochs"),
+        ({"hyperparameters": {"lora_rank": 0}}, 400, "hyperparameters.lora_rank", "lora_rank"),
+        (
+            {
+                "hyperparameters": {"n_epochs": 2},
+                "method": {
+                    "type": "supervised",
+                    "supervised": {"hyperparameters": {"n_epochs": 3}},
+                },
+            },
+            400,
+            "hyperparameters",
+            "given twice",
+        ),
+        ({"surprise": 1}, 400, None, "surprise"),
+    ],
+)
+def test_bad_fine_tuning_jobs_are_refused_before_they_are_queued(
+    app_client, tenant_keys, tiny_chat, tmp_path, changes, status, param, says
+):
+    from tests.fixtures import make_bert_classifier
+
+    registry = app_client.app.state.registry
+    registry.import_model(make_bert_classifier(tmp_path / "bert"), "a-classifier")
+    acme, globex = sdk(app_client, tenant_keys["acme"]), sdk(app_client, tenant_keys["globex"])
+    files = {
+        "{file}": acme.files.create(file=("t.jsonl", chats(2)), purpose="fine-tune").id,
+        "{globex_file}": globex.files.create(file=("t.jsonl", chats(2)), purpose="fine-tune").id,
+        "{dataset_file}": acme.files.create(
+            file=("d.csv", b"text,label\na,b\n"), purpose="dataset"
+        ).id,
+    }
+    body = {"model": "tiny-chat", "training_file": "{file}", **changes}
+    body = {k: files.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
+    answer = app_client.post("/v1/fine_tuning/jobs", headers=tenant_keys["acme"], json=body)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert says in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert acme.fine_tuning.jobs.list().data == []
+
+
+def test_fine_tuning_jobs_are_created_only_through_the_openai_route(app_client, tenant_keys):
+    answer = app_client.post(
+        "/api/v1/jobs",
+        headers=tenant_keys["acme"],
+        json={"kind": "fine-tune", "params": {"model": "x", "training_file": "f"}},
+    )
+    assert answer.status_code == 400
+    assert "POST /v1/fine_tuning/jobs" in answer.json()["error"]["message"]
