@@ -235,9 +235,15 @@ def _load_base(opened: OpenedVersion) -> torch.nn.Module:
     if opened.manifest.format == "gguf":
         gguf = next(e.path for e in opened.manifest.files if e.path.endswith(".gguf"))
         with opened.open_file(gguf) as path:
-            return AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
             )
+        # The weights are dequantised already; marked as GGUF-quantised, the model would
+        # refuse to be saved, so it becomes the plain float32 model it is.
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model
     return load_pretrained(opened, AutoModelForCausalLM, torch.float32)
 
 
