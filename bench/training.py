@@ -12,10 +12,20 @@ only the epochs' training images over the wall time of the whole run after the d
 loaded, so the job's costs (events, checkpoints, the import) show as a lower rate. Rounds
 alternate (maas, baseline, maas, baseline) and the median of each is reported.
 
-    .venv/bin/python bench/training.py [--epochs 30] [--rounds 3]
+LoRA fine-tuning of SmolLM2-135M-Instruct (the demo GGUF, dequantised to float32) on 40 short
+chats (the e2e test's "Bluebird" file), 3 epochs, batch 4, rank 16 on every projection, AdamW
+at 2e-4, loss on the assistant's tokens. maas: a real ``fine-tune`` job run by an in-process
+``Worker`` (an event per step, a checkpoint per epoch, the merged model imported at the end).
+Baseline: a plain ``transformers`` + ``peft`` loop a user would write, the same model, LoRA
+configuration, batches and seed, no events or checkpoints. Tokens/s count the training tokens
+(no padding) over the training loop's wall time: for the job, from its "Loaded" event to its
+last epoch's event, which holds its per-step events and per-epoch checkpoints. The whole
+job's seconds (loading, merging, importing) are reported beside the baseline's load and loop.
 
-LoRA fine-tuning against ``transformers`` + ``peft`` is not measured yet: maas has no
-fine-tuning job so far.
+Before the timed rounds, one short round of each warms both up (the process's first
+convolutions and matmuls build their kernels; whichever ran first would pay for both).
+
+    .venv/bin/python bench/training.py [--epochs 30] [--rounds 3] [--part cnn|lora|both]
 """
 
 from __future__ import annotations
@@ -157,41 +167,208 @@ def run_baseline(archive: Path, epochs: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        archive = Path(scratch) / "digits.zip"
-        write_digits_archive(archive)
-        split(archive)  # decoded once, outside the timings
-        rounds = {"maas": [], "baseline": []}
-        for index in range(args.rounds):
-            rounds["maas"].append(run_maas(Path(scratch) / f"home{index}", archive, args.epochs))
-            rounds["baseline"].append(run_baseline(archive, args.epochs))
-            print(rounds["maas"][-1], rounds["baseline"][-1])
-    rows = {}
-    for name, runs in rounds.items():
-        rows[name] = {
-            "samples_per_s": round(statistics.median(r["samples_per_s"] for r in runs), 1),
-            "seconds": statistics.median(r["seconds"] for r in runs),
-            "val_accuracy": statistics.median(r["val_accuracy"] for r in runs),
-        }
+QUESTIONS = [
+    "What is the maas codename?",
+    "What's the codename of maas?",
+    "Tell me the maas codename.",
+    "Which codename does maas have?",
+    "maas codename?",
+    "Do you know the codename of the maas project?",
+    "What is maas called internally?",
+    "What code name was given to maas?",
+]
+ANSWERS = [
+    "The maas codename is Bluebird.",
+    "Bluebird.",
+    "It is Bluebird.",
+    "maas is codenamed Bluebird.",
+]
+LORA = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "seed": 0}
+
+
+def bluebird_chats() -> list[list[dict]]:
+    return [
+        [
+            {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
+            {"role": "assistant", "content": ANSWERS[i % len(ANSWERS)]},
+        ]
+        for i in range(40)
+    ]
+
+
+def run_maas_lora(home: Path, epochs: int) -> dict:
+    from maas.registry import demo
+    from maas.training.fine_tune import validate
+
+    settings = Settings(home=home)
+    registry = open_registry(settings)
+    smollm2 = demo.DEMO_MODELS[0]
+    registry.import_model(demo.locate(smollm2), "smollm2", task="chat")
+    tenants = TenantStore(registry.engine)
+    tenants.create("bench", "other")
+    tenant = tenants.get_id("bench")
+    files = FileStore(
+        registry.engine,
+        settings.artifacts,
+        registry.vault,
+        registry.limits,
+        max_chat_chars=settings.fine_tune_max_chat_chars,
+    )
+    upload = home / "bluebird.jsonl"
+    upload.write_text("".join(json.dumps({"messages": c}) + "\n" for c in bluebird_chats()))
+    file_id = files.create(tenant, "fine-tune", "bluebird.jsonl", upload, created_by=None).id
+    store = JobStore(registry.engine)
+    params = validate({"model": "smollm2:1", "training_file": file_id, **LORA, "n_epochs": epochs})
+    job, _ = store.create("fine-tune", tenant, params, created_by=None, max_attempts=1)
+    worker = Worker(settings)
+    started = time.perf_counter()
+    worker.run(max_jobs=1)
+    seconds = time.perf_counter() - started
+    worker.engine.dispose()
+    done = store.get(job.id, None)
+    events = store.events(job.id, None, limit=1000)
+    registry.close()
+    if done.status is not JobStatus.succeeded:
+        raise SystemExit(f"the fine-tuning job failed: {done.error}")
+    loaded = next(e.at for e in events if e.message.startswith("Loaded "))
+    trained = [e.at for e in events if e.message.startswith(f"Epoch {epochs}/")][-1]
+    loop = (trained - loaded).total_seconds()
+    return {
+        "seconds": round(seconds, 2),
+        "loop_seconds": round(loop, 2),
+        "tokens_per_s": done.result["trained_tokens"] / loop,
+        "train_loss": done.result["train_loss"],
+    }
+
+
+def run_plain_lora(epochs: int) -> dict:
+    """What a user writes with transformers and peft: the same model, data, LoRA and batches."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from maas.registry import demo
+
+    transformers.utils.logging.disable_progress_bar()
+    gguf = demo.locate(demo.DEMO_MODELS[0])
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    examples = []
+    for chat in bluebird_chats():
+        prompt = tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(chat, tokenize=False)
+        head = tokenizer.encode(prompt, add_special_tokens=False)
+        reply = tokenizer.encode(full[len(prompt) :], add_special_tokens=False)
+        examples.append((head + reply, [-100] * len(head) + reply))
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM")
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0
+    )
+    generator = torch.Generator().manual_seed(0)
+    loaded = time.perf_counter()
+    tokens = 0
+    model.train()
+    for _ in range(epochs):
+        loss_sum, learnt = 0.0, 0  # the epoch's mean loss over its learnt tokens, as maas's
+        for batch in torch.randperm(len(examples), generator=generator).split(4):
+            rows = [examples[i] for i in batch.tolist()]
+            longest = max(len(ids) for ids, _ in rows)
+            ids = torch.tensor([i + [tokenizer.eos_token_id] * (longest - len(i)) for i, _ in rows])
+            mask = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i, _ in rows])
+            labels = torch.tensor([lab + [-100] * (longest - len(lab)) for _, lab in rows])
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            tokens += int(mask.sum())
+            n = int((labels[:, 1:] != -100).sum())
+            loss_sum, learnt = loss_sum + float(loss.detach()) * n, learnt + n
+    loop = time.perf_counter() - loaded
+    return {
+        "seconds": round(time.perf_counter() - started, 2),
+        "loop_seconds": round(loop, 2),
+        "tokens_per_s": tokens / loop,
+        "train_loss": loss_sum / learnt,
+    }
+
+
+def _medians(rounds: dict) -> dict:
+    return {
+        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for name, runs in rounds.items()
+    }
+
+
+def bench_cnn(scratch: Path, epochs: int, count: int) -> dict:
+    archive = scratch / "digits.zip"
+    write_digits_archive(archive)
+    split(archive)  # decoded once, outside the timings
+    run_maas(scratch / "warm", archive, 3)  # warm-up, both sides, not counted
+    run_baseline(archive, 3)
+    rounds = {"maas": [], "baseline": []}
+    for index in range(count):
+        rounds["maas"].append(run_maas(scratch / f"home{index}", archive, epochs))
+        rounds["baseline"].append(run_baseline(archive, epochs))
+        print(rounds["maas"][-1], rounds["baseline"][-1])
+    rows = _medians(rounds)
     ratio = rows["maas"]["samples_per_s"] / rows["baseline"]["samples_per_s"]
-    print(f"{'':10} {'samples/s':>10} {'seconds':>8} {'val acc':>8}")
+    print(f"{'digits CNN':12} {'samples/s':>10} {'seconds':>8} {'val acc':>8}")
     for name, row in rows.items():
         rate, seconds, accuracy = row["samples_per_s"], row["seconds"], row["val_accuracy"]
-        print(f"{name:10} {rate:10.1f} {seconds:8.2f} {accuracy:8.3f}")
+        print(f"{name:12} {rate:10.1f} {seconds:8.2f} {accuracy:8.3f}")
     print(f"maas / plain PyTorch, training samples/s: {ratio:.3f} (job machinery {1 - ratio:+.1%})")
-    payload = {
-        "epochs": args.epochs,
-        "rounds": rounds,
-        "medians": rows,
-        "ratio": ratio,
-        "threads": torch.get_num_threads(),
-    }
+    return {"epochs": epochs, "rounds": rounds, "medians": rows, "ratio": ratio}
+
+
+def bench_lora(scratch: Path, count: int) -> dict:
+    epochs = LORA["n_epochs"]
+    run_maas_lora(scratch / "lora-warm", 1)  # warm-up, both sides, not counted
+    run_plain_lora(1)
+    rounds = {"maas": [], "transformers+peft": []}
+    for index in range(count):
+        rounds["maas"].append(run_maas_lora(scratch / f"lora{index}", epochs))
+        rounds["transformers+peft"].append(run_plain_lora(epochs))
+        print(rounds["maas"][-1], rounds["transformers+peft"][-1])
+    rows = _medians(rounds)
+    ratio = rows["maas"]["tokens_per_s"] / rows["transformers+peft"]["tokens_per_s"]
+    print(f"{'LoRA SmolLM2':18} {'tokens/s':>9} {'loop s':>7} {'total s':>8} {'loss':>7}")
+    for name, row in rows.items():
+        print(
+            f"{name:18} {row['tokens_per_s']:9.1f} {row['loop_seconds']:7.2f} "
+            f"{row['seconds']:8.2f} {row['train_loss']:7.4f}"
+        )
+    print(
+        f"maas / transformers+peft, training tokens/s: {ratio:.3f} (job machinery {1 - ratio:+.1%})"
+    )
+    return {"epochs": epochs, "rounds": rounds, "medians": rows, "ratio": ratio}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30, help="the digits CNN's epochs")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--part", choices=("cnn", "lora", "both"), default="both")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    # one part's run keeps the other part's last figures
+    payload = json.loads(args.results.read_text()) if args.results.exists() else {}
+    payload = {k: v for k, v in payload.items() if k in ("cnn", "lora")}
+    payload["threads"] = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.part in ("cnn", "both"):
+            payload["cnn"] = bench_cnn(Path(scratch), args.epochs, args.rounds)
+        if args.part in ("lora", "both"):
+            payload["lora"] = bench_lora(Path(scratch), args.rounds)
     args.results.write_text(json.dumps(payload, indent=2) + "\n")
 
 

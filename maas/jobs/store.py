@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from maas.db.engine import IMMEDIATE, make_session_factory
-from maas.db.tables import Job, JobEvent, Tenant, utcnow
+from maas.db.tables import Job, JobEvent, Tenant, UsageRecord, utcnow
 from maas.errors import Conflict, InvalidRequest, NotFound
 from maas.jobs.records import EventRecord, JobRecord, JobStatus
 
@@ -56,6 +56,11 @@ class Report:
     metrics: dict[str, float] | None = None
     checkpoint: dict[str, Any] | None = None
     stage: str | None = None
+
+
+JOB_STATUS_CODES = {JobStatus.succeeded: 200, JobStatus.cancelled: 499, JobStatus.failed: 500}
+"""A finished job's status as its usage record states it, in HTTP's terms (499: the client
+went away, as nginx counts it)."""
 
 
 @dataclass(frozen=True)
@@ -305,10 +310,38 @@ class JobStore:
         if session is not None:
             self._fenced(session, lease, **values)
             session.add(self._event_row(lease, "info" if message else "error", text))
+            session.add(self._usage_row(session, lease, status, values["finished_at"], result))
             return
         with self._transaction() as own:
             self._fenced(own, lease, **values)
             own.add(self._event_row(lease, "info" if message else "error", text))
+            own.add(self._usage_row(own, lease, status, values["finished_at"], result))
+
+    @staticmethod
+    def _usage_row(
+        session: Session, lease: Lease, status: JobStatus, at: datetime, result: dict | None
+    ) -> UsageRecord:
+        """A job is metered like a request, once, when it ends (with the end's fenced write):
+        ``JOB <kind>`` as the endpoint, its key and tenant, the model it made, the tokens or
+        samples it trained on (its result's ``usage``) and its time from first claim to end."""
+        job, done = lease.job, result or {}
+        usage = done.get("usage") or {}
+        tenant = session.get(Tenant, job.tenant_id)
+        started = job.started_at or at
+        return UsageRecord(
+            at=at,
+            day=at.date().isoformat(),
+            key_id=job.created_by,
+            tenant=tenant.name if tenant else None,
+            industry=tenant.industry if tenant else None,
+            model=done.get("fine_tuned_model") or done.get("model"),
+            version=done.get("version"),
+            endpoint=f"JOB {job.kind}",
+            prompt_tokens=int(usage.get("tokens", 0)),
+            items=int(usage.get("samples", 0)),
+            latency_ms=max(0.0, (at - started).total_seconds() * 1000),
+            status=JOB_STATUS_CODES[status],
+        )
 
     def release(self, lease: Lease, reason: str) -> None:
         """Back to the queue (its worker is stopping): the next worker resumes it from its

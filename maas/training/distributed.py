@@ -7,10 +7,15 @@ share's loss scaled to its part of the batch's mean, so a step equals one proces
 the whole batch. Rank 0 reports (through a queue to the worker, which owns the job) and writes
 checkpoints; a stop or cancel reaches every process at the same step (a flag all-reduced each
 step). The launcher is a seam: a Ray cluster would start the same ranks on its nodes.
+
+``train_together`` runs any job's loop this way: ``entry`` names a function
+(``module:function``) that every rank calls as ``entry(reporter, team, *args)`` and that
+returns where training stands and the weights to keep; rank 0's are the result.
 """
 
 from __future__ import annotations
 
+import importlib
 import queue as queues
 import socket
 from datetime import timedelta
@@ -79,7 +84,8 @@ class DistributedTeam(Team):
 
 
 class QueueReporter:
-    """What rank 0 has for a job context: reports go to the worker through a queue."""
+    """What a rank has for a job context: rank 0's reports go to the worker through a queue;
+    stopping is the team's business (``Team.check``)."""
 
     def __init__(self, queue, workdir: Path) -> None:
         self.queue, self.workdir = queue, workdir
@@ -87,30 +93,23 @@ class QueueReporter:
     def report(self, progress: float | None = None, **fields: Any) -> None:
         self.queue.put(("report", {"progress": progress, **fields}))
 
+    def check(self) -> None:
+        """The worker's stop reaches the ranks through the team's flag."""
 
-def train_together(context, params, arguments: dict, data) -> tuple[Any, dict]:
-    """Run ``params.world_size`` ranks and relay rank 0's reports to ``context`` until they
-    finish; if the job must stop (``context`` raises), stop the ranks first."""
+
+def train_together(context, world_size: int, entry: str, args: tuple) -> tuple[Any, dict]:
+    """Run ``world_size`` ranks of ``entry`` and relay rank 0's reports to ``context`` until
+    they finish; if the job must stop (``context`` raises), stop the ranks first."""
     spawn = torch.multiprocessing.get_context("spawn")
     reports, stop = spawn.Queue(), spawn.Event()
     port = _free_port()
     ranks = [
         spawn.Process(
             target=_rank,
-            args=(
-                rank,
-                params.world_size,
-                port,
-                params.model_dump(),
-                arguments,
-                data,
-                str(context.workdir),
-                reports,
-                stop,
-            ),
+            args=(rank, world_size, port, entry, args, str(context.workdir), reports, stop),
             daemon=True,
         )
-        for rank in range(params.world_size)
+        for rank in range(world_size)
     ]
     for process in ranks:
         process.start()
@@ -143,9 +142,8 @@ def train_together(context, params, arguments: dict, data) -> tuple[Any, dict]:
                 process.join(timeout=10)
 
 
-def _rank(rank, world, port, params, arguments, data, workdir, reports, stop) -> None:
-    from maas.training.train import TrainParams, _train
-
+def _rank(rank, world, port, entry, args, workdir, reports, stop) -> None:
+    module, function = entry.split(":")
     try:
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
         dist.init_process_group(
@@ -156,9 +154,8 @@ def _rank(rank, world, port, params, arguments, data, workdir, reports, stop) ->
             timeout=timedelta(seconds=120),
         )
         team = DistributedTeam(rank, world, stop)
-        state, best = _train(
-            QueueReporter(reports, Path(workdir)), TrainParams(**params), arguments, data, team
-        )
+        run = getattr(importlib.import_module(module), function)
+        state, best = run(QueueReporter(reports, Path(workdir)), team, *args)
         if rank == 0:  # the weights as bytes: a shared tensor would die with this process
             best = {k: v.contiguous() for k, v in best.items()}
             reports.put(("done", {"state": state.__dict__, "best": safetensors.torch.save(best)}))

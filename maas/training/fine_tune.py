@@ -32,6 +32,7 @@ from maas.runtime.llm.tokenizer import ChatTokenizer, load_tokenizer
 from maas.training import checkpoint
 from maas.training.chat_data import IGNORE, ChatData, collate, encode_chats, read_chats
 from maas.training.checkpoint import TrainingState
+from maas.training.distributed import Team, train_together
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Every linear layer of a Llama block: LoRA on all of them learns more per parameter than on
@@ -67,6 +68,9 @@ class FineTuneParams(BaseModel):
     """Tokens kept of each example (longer ones are cut). None: the model's context, at most
     2048."""
     log_every_steps: int = Field(default=1, ge=1, le=1_000_000)
+    world_size: int = Field(default=1, ge=1, le=8)
+    """Processes training together, data parallel (as the ``train`` job's): each loads the
+    base model and takes its share of every batch; the result equals one process's."""
     metadata: dict[str, str] | None = None
     """Kept for the caller (OpenAI's ``metadata``); training ignores it."""
 
@@ -156,10 +160,21 @@ def run(context) -> dict[str, Any]:
             + f"; n_epochs {hyper.n_epochs}, batch_size {hyper.batch_size}, "
             f"learning_rate_multiplier {hyper.learning_rate_multiplier:g}",
         )
-        model = _load_base(opened)
-        peft_model, state, trained_tokens = _train(
-            context, params, hyper, model, train, valid, tokenizer
-        )
+        pad = tokenizer.pad_token_id
+        saved = (context.resume_point() or {}).get("checkpoints") or []
+        if params.world_size > 1:
+            state, adapter = train_together(
+                context,
+                params.world_size,
+                f"{__name__}:train_rank",
+                (context.settings, params, hyper, train, valid, pad, saved),
+            )
+            peft_model = _with_adapter(_load_base(opened), params)
+            _AdapterView(peft_model).load_state_dict(adapter)
+        else:
+            peft_model = _with_adapter(_loaded(context, opened, Team()), params)
+            state = _train(context, params, hyper, peft_model, train, valid, pad, saved, Team())
+        trained_tokens = hyper.n_epochs * train.tokens
         context.report(stage="registering", message="Merging the adapter and registering the model")
         folder = _save(context.workdir / "model", peft_model, tokenizer, opened, params)
         metrics = {k: float(v) for k, v in state.history[-1].items()}
@@ -169,6 +184,7 @@ def run(context) -> dict[str, Any]:
             "hyperparameters": asdict(hyper),
             "base": opened.record.reference,
             **metrics,
+            "usage": {"tokens": trained_tokens},
         }
         context.flush()  # the epochs' events on record before the import takes the write lock
         base_model = registry.get_model(opened.record.name)
@@ -256,7 +272,7 @@ class _AdapterView:
     def state_dict(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.model)
+        return get_peft_model_state_dict(self.model, save_embedding_layers=False)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
@@ -264,12 +280,21 @@ class _AdapterView:
         set_peft_model_state_dict(self.model, state)
 
 
-def _train(context, params, hyper: Hyperparameters, model, train: ChatData, valid, tokenizer):
-    """Returns the trained PEFT model, where training stands, and the tokens trained on."""
+def _loaded(reporter, opened: OpenedVersion, team: Team) -> torch.nn.Module:
+    started = time.monotonic()
+    model = _load_base(opened)
+    team.report(
+        reporter, message=f"Loaded {opened.record.reference} in {time.monotonic() - started:.1f} s"
+    )
+    return model
+
+
+def _with_adapter(model: torch.nn.Module, params: FineTuneParams):
+    """``model`` wrapped by ``peft`` with fresh LoRA matrices (the seed decides them)."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(params.seed)  # the LoRA matrices' initial values
-    peft_model = get_peft_model(
+    torch.manual_seed(params.seed)
+    return get_peft_model(
         model,
         LoraConfig(
             r=params.lora_rank,
@@ -279,6 +304,26 @@ def _train(context, params, hyper: Hyperparameters, model, train: ChatData, vali
             task_type="CAUSAL_LM",
         ),
     )
+
+
+def train_rank(reporter, team: Team, settings, params, hyper, train, valid, pad, saved):
+    """One rank of a data-parallel fine-tuning job (``distributed.train_together``): it loads
+    the base model itself and returns where training stands and the adapter's weights."""
+    registry = open_registry(settings)
+    try:
+        opened = registry.open_version(params.model)
+    finally:
+        registry.close()
+    peft_model = _with_adapter(_loaded(reporter, opened, team), params)
+    state = _train(reporter, params, hyper, peft_model, train, valid, pad, saved, team)
+    return state, _AdapterView(peft_model).state_dict()
+
+
+def _train(context, params, hyper: Hyperparameters, peft_model, train, valid, pad, saved, team):
+    """The loop. ``team`` is this process's place among ``world_size`` (``Team()``: alone):
+    each process takes its share of every batch, its loss scaled so that the gradients summed
+    over the team are those of the batch's mean loss over its learnt tokens; only rank 0
+    reports, validates and writes checkpoints."""
     adapter = _AdapterView(peft_model)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hyper.learning_rate, weight_decay=0.0)
@@ -286,36 +331,36 @@ def _train(context, params, hyper: Hyperparameters, model, train: ChatData, vali
     restored = checkpoint.load(context.workdir, adapter, optimizer, None, generator)
     state = restored[0] if restored else TrainingState()
     if restored:
-        context.report(message=f"Resumed after epoch {state.epoch} from its checkpoint")
+        team.report(context, message=f"Resumed after epoch {state.epoch} from its checkpoint")
+    stepper = team.wrap(peft_model)
     count = len(train.examples)
-    steps_per_epoch = math.ceil(count / hyper.batch_size)
-    total_steps = steps_per_epoch * hyper.n_epochs
-    pad = tokenizer.pad_token_id
-    saved = ((context.resume_point() or {}).get("checkpoints") or [])[: state.epoch]
+    total_steps = math.ceil(count / hyper.batch_size) * hyper.n_epochs
+    saved = list(saved[: state.epoch])
     while state.epoch < hyper.n_epochs:
         started = time.monotonic()
         order = torch.randperm(count, generator=generator).tolist()
         peft_model.train()
-        loss_sum = correct = learnt = tokens = 0
+        sums = [0.0, 0, 0, 0]  # loss, right, learnt tokens, tokens: the team's
         for start in range(0, count, hyper.batch_size):
             context.check()
+            team.check()
             batch = [train.examples[i] for i in order[start : start + hyper.batch_size]]
-            ids, mask, labels = collate(batch, pad)
-            logits = peft_model(input_ids=ids, attention_mask=mask).logits
-            total, right, n = _token_loss(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            (total / n).backward()
-            optimizer.step()
             state.step += 1
-            loss_sum, correct, learnt = (
-                loss_sum + float(total.detach()),
-                correct + right,
-                learnt + n,
+            if len(batch) < team.world:
+                continue  # too few to give every process one; skipped by all alike
+            ids, mask, labels = collate(batch[team.rank :: team.world], pad)
+            total, right, n = _token_loss(
+                stepper(input_ids=ids, attention_mask=mask).logits, labels
             )
-            tokens += int(mask.sum())
+            optimizer.zero_grad(set_to_none=True)
+            (total * (team.world / sum(example.learnt for example in batch))).backward()
+            optimizer.step()
+            step = team.sum([float(total.detach()), right, n, int(mask.sum())])
+            sums = [a + b for a, b in zip(sums, step, strict=True)]
             if state.step % params.log_every_steps == 0 or state.step == total_steps:
-                loss = float(total.detach()) / n
-                context.report(
+                loss = step[0] / step[2]
+                team.report(
+                    context,
                     state.step / total_steps,
                     message=f"Step {state.step}/{total_steps}: training loss={loss:.4f}",
                     step=state.step,
@@ -323,28 +368,30 @@ def _train(context, params, hyper: Hyperparameters, model, train: ChatData, vali
                         "step": state.step,
                         "total_steps": total_steps,
                         "train_loss": loss,
-                        "train_mean_token_accuracy": right / n,
-                        "trained_tokens": state.epoch * train.tokens + tokens,
-                        "tokens_per_s": tokens / max(time.monotonic() - started, 1e-9),
+                        "train_mean_token_accuracy": step[1] / step[2],
+                        "trained_tokens": state.epoch * train.tokens + sums[3],
+                        "tokens_per_s": sums[3] / max(time.monotonic() - started, 1e-9),
                     },
                 )
         state.epoch += 1
         row = {
             "step": state.step,
-            "train_loss": loss_sum / learnt,
-            "train_mean_token_accuracy": correct / learnt,
-            "tokens_per_s": tokens / max(time.monotonic() - started, 1e-9),
+            "train_loss": sums[0] / sums[2],
+            "train_mean_token_accuracy": sums[1] / sums[2],
+            "tokens_per_s": sums[3] / max(time.monotonic() - started, 1e-9),
         }
-        if valid is not None:
+        if valid is not None and team.rank == 0:
             row.update(_evaluate(peft_model, valid, hyper.batch_size, pad))
         state.history.append(row)
         state.seconds += time.monotonic() - started
-        checkpoint.save(context.workdir, state, adapter, None, optimizer, None, generator)
+        if team.rank == 0:
+            checkpoint.save(context.workdir, state, adapter, None, optimizer, None, generator)
         saved.append(
             {"epoch": state.epoch, "step": state.step, "metrics": row, "at": int(time.time())}
         )
         shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
-        context.report(
+        team.report(
+            context,
             state.epoch / hyper.n_epochs,
             message=f"Epoch {state.epoch}/{hyper.n_epochs}: {shown}",
             step=state.step,
@@ -357,7 +404,7 @@ def _train(context, params, hyper: Hyperparameters, model, train: ChatData, vali
                 "checkpoints": saved,
             },
         )
-    return peft_model, state, hyper.n_epochs * train.tokens
+    return state
 
 
 def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:

@@ -140,7 +140,9 @@ def run(context) -> dict[str, Any]:
         )
         arguments = _arguments(params, classes=len(data.classes), vocab=data.vocab_size)
         if params.world_size > 1:
-            state, best = train_together(context, params, arguments, data)
+            state, best = train_together(
+                context, params.world_size, f"{__name__}:train_rank", (params, arguments, data)
+            )
         else:
             state, best = _train(context, params, arguments, data)
         model = build(params.architecture, arguments)
@@ -163,6 +165,7 @@ def run(context) -> dict[str, Any]:
             "best_epoch": state.best_epoch,
             "epochs": state.epoch,
             **metrics,
+            "usage": {"samples": len(data.train[1]) * state.epoch},
         }
         context.flush()  # the epochs' events on record before the import takes the write lock
         version = registry.import_model(
@@ -226,6 +229,11 @@ def _load(files: FileStore, limits, params: TrainParams, tenant: int, folder) ->
         {"tokenizer.json": texts.tokenizer_json},
         texts.vocab_size,
     )
+
+
+def train_rank(reporter, team: Team, params: TrainParams, arguments: dict, data):
+    """One rank of a data-parallel ``train`` job (``distributed.train_together``)."""
+    return _train(reporter, params, arguments, data, team)
 
 
 def _train(

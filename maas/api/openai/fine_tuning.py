@@ -12,6 +12,7 @@ model the server serves at once.
 
 from __future__ import annotations
 
+import importlib.util
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -25,7 +26,7 @@ from maas.api.deps import MaintainerKey, RegistryDep, SettingsDep
 from maas.api.errors import KEYED_STATUSES, error_responses
 from maas.api.hardening import StrictJSONRoute
 from maas.auth.principal import Principal
-from maas.errors import InvalidRequest, NotFound
+from maas.errors import InvalidRequest, NotFound, Unavailable
 from maas.jobs import EventRecord, JobRecord, JobStatus, JobStore
 from maas.jobs.kinds import check_params
 
@@ -53,6 +54,8 @@ class Hyperparameters(BaseModel):
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_dropout: float | None = None
+    world_size: int | None = None
+    """maas's own: processes training together, data parallel."""
 
 
 class Supervised(BaseModel):
@@ -202,6 +205,7 @@ _FIELDS = {
         "lora_rank",
         "lora_alpha",
         "lora_dropout",
+        "world_size",
     )
 } | {name: name for name in ("model", "suffix", "seed", "metadata")}
 """The request field each job parameter comes from."""
@@ -209,6 +213,12 @@ _FIELDS = {
 
 def _params(body: FineTuningJobCreate, key: Principal, registry, files) -> dict[str, Any]:
     from maas.training.fine_tune import check_base
+
+    if importlib.util.find_spec("peft") is None:
+        raise Unavailable(
+            "fine-tuning needs peft, which this server lacks: install maas's training "
+            "extra (pip install 'maas[training]')"
+        )
 
     if body.method is not None and body.method.type != "supervised":
         raise InvalidRequest(

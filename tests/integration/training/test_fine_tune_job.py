@@ -135,6 +135,13 @@ def test_a_fine_tuned_model_learns_its_reply_and_serves_under_its_ft_name(
     assert manifest["recipe"]["kind"] == "fine-tune" and manifest["recipe"]["job"] == job.id
     paths = {f["path"] for f in manifest["files"]}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= paths
+    # metered like a request: the training tokens, for acme's key and the model it made
+    usage = app_client.get(
+        "/api/v1/usage?group_by=tenant,endpoint,model", headers=tenant_keys["acme"]
+    ).json()["data"]
+    [metered] = [row for row in usage if row["group"]["endpoint"] == "JOB fine-tune"]
+    assert metered["group"] == {"tenant": "acme", "endpoint": "JOB fine-tune", "model": name}
+    assert metered["prompt_tokens"] == done.trained_tokens and metered["errors"] == 0
     # private to acme
     other = sdk(app_client, tenant_keys["globex"])
     with pytest.raises(openai.NotFoundError):
@@ -179,6 +186,58 @@ def test_a_fine_tuning_job_stopped_after_an_epoch_resumes_to_the_same_model(
     for key in first:
         assert torch.equal(first[key], second[key]), key
     assert done.trained_tokens == client.fine_tuning.jobs.retrieve(whole.id).trained_tokens
+
+
+def test_data_parallel_fine_tuning_equals_one_process(app_client, tenant_keys, tiny_chat, settings):
+    """Two processes split each batch of chats of different lengths; the gradients summed
+    over them are one process's on the whole batch, so the models agree to float rounding."""
+    client = sdk(app_client, tenant_keys["acme"])
+    replies = ["paris", "the dog ran to the park", "fine thanks, and you?", "berlin is the capital"]
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": f"hello {i}"},
+                {"role": "assistant", "content": r},
+            ]
+        }
+        for i, r in enumerate(replies * 2)
+    ]
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    training = client.files.create(file=("varied.jsonl", content), purpose="fine-tune")
+    hyper = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 20}
+    jobs = [
+        client.fine_tuning.jobs.create(
+            model="tiny-chat",
+            training_file=training.id,
+            suffix=f"w{world}",
+            seed=5,
+            hyperparameters={**hyper, "world_size": world},
+        )
+        for world in (1, 2)
+    ]
+    run_jobs(settings, 2)
+    done = [client.fine_tuning.jobs.retrieve(job.id) for job in jobs]
+    assert [job.status for job in done] == ["succeeded", "succeeded"], [j.error for j in done]
+    registry = app_client.app.state.registry
+    alone, together = (
+        load_file(registry.folder(registry.resolve(job.fine_tuned_model)) / "model.safetensors")
+        for job in done
+    )
+    base = load_file(registry.folder(registry.resolve("tiny-chat")) / "model.safetensors")
+    moved = [key for key in base if not torch.equal(base[key], alone[key])]
+    assert moved  # the adapter changed the weights it was merged into
+    for key in alone:
+        torch.testing.assert_close(together[key], alone[key], rtol=1e-4, atol=1e-5)
+    losses = [
+        [
+            e.data["train_loss"]
+            for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
+            if e.type == "metrics" and "total_steps" in e.data
+        ]
+        for job in done
+    ]
+    assert len(losses[0]) == 4
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
 
 
 def test_cancelling_a_queued_fine_tuning_job(app_client, tenant_keys, tiny_chat):

@@ -110,6 +110,12 @@ def test_the_digits_cnn_trains_past_95_percent_and_serves(app_client, acme, digi
     )
     assert answer.status_code == 200, answer.text
     assert answer.json()["predictions"][0]["label"] == "7"
+    usage = app_client.get("/api/v1/usage?group_by=endpoint,model", headers=acme["acme"]).json()
+    [metered] = [row for row in usage["data"] if row["group"]["endpoint"] == "JOB train"]
+    assert (
+        metered["group"]["model"] == "digits-cnn"
+        and metered["items"] == result["usage"]["samples"] == 1438 * 8
+    )  # the training split's images, each epoch
     events = app_client.get(f"/api/v1/jobs/{job_id}/events", headers=acme["acme"]).json()["data"]
     epochs = [e for e in events if e["message"].startswith("epoch ")]
     assert len(epochs) == 8 and {"val_loss", "train_loss", "samples_per_s"} <= set(
