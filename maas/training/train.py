@@ -328,24 +328,27 @@ def _epoch(context, params, model, optimizer, train, order, state, team, total_s
         if len(batch) < team.world:
             continue  # too few to give every process one; skipped by all alike
         team.check()
-        shard = batch[team.rank :: team.world]
+        shard = batch[team.rank :: team.world] if team.world > 1 else batch
+        target = labels[shard]
         logits = model(inputs[shard])
-        total = nn.functional.cross_entropy(logits, labels[shard], reduction="sum")
-        loss = total * (team.world / len(batch))  # summed over the team: the batch's mean
+        loss = nn.functional.cross_entropy(logits, target)  # the shard's mean
+        if team.world > 1:  # summed over the team: the batch's mean
+            loss = loss * (len(shard) * team.world / len(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         state.step += 1
         seen += len(shard)
-        loss_sum += float(total.detach())
-        correct += int((logits.argmax(-1) == labels[shard]).sum())
+        mean = float(loss.detach()) * len(batch) / (len(shard) * team.world)
+        loss_sum += mean * len(shard)
+        correct += int((logits.detach().argmax(-1) == target).sum())
         if state.step % params.log_every_steps == 0 and team.rank == 0:
             rate = seen / max(time.monotonic() - started, 1e-9)
             context.report(
                 state.step / total_steps,
                 message=f"step {state.step}",
                 step=state.step,
-                metrics={"loss": float(total.detach()) / len(shard), "samples_per_s": rate},
+                metrics={"loss": mean, "samples_per_s": rate},
             )
     return loss_sum, correct, seen
 
