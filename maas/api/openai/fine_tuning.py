@@ -12,7 +12,9 @@ model the server serves at once.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import secrets
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -177,7 +179,9 @@ async def create_fine_tuning_job(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> FineTuningJob:
-    params = await run_in_threadpool(_params, body, key, registry, request.app.state.files)
+    params = await run_in_threadpool(
+        _params, body, key, registry, request.app.state.files, idempotency_key
+    )
     try:
         params = check_params(request.app.state.job_kinds, KIND, params)
     except InvalidRequest as err:  # name the request's field, not the job's parameter
@@ -211,7 +215,9 @@ _FIELDS = {
 """The request field each job parameter comes from."""
 
 
-def _params(body: FineTuningJobCreate, key: Principal, registry, files) -> dict[str, Any]:
+def _params(
+    body: FineTuningJobCreate, key: Principal, registry, files, idempotency_key: str | None
+) -> dict[str, Any]:
     from maas.training.fine_tune import check_base
 
     if importlib.util.find_spec("peft") is None:
@@ -228,6 +234,12 @@ def _params(body: FineTuningJobCreate, key: Principal, registry, files) -> dict[
         )
     hyper = _hyperparameters(body)
     record = resolve_for(registry, key, body.model)
+    if record.tenant_id not in (None, key.tenant_id):  # an admin's view of another tenant's
+        raise InvalidRequest(
+            f"{record.name} belongs to another tenant; a fine-tuning job runs in its key's "
+            "tenant and may use only that tenant's models and shared ones",
+            param="model",
+        )
     check_base(record)
     for name in ("training_file", "validation_file"):
         file_id = getattr(body, name)
@@ -248,7 +260,7 @@ def _params(body: FineTuningJobCreate, key: Principal, registry, files) -> dict[
         "training_file": body.training_file,
         "validation_file": body.validation_file,
         "suffix": body.suffix or "",
-        "seed": body.seed if body.seed is not None else _random_seed(),
+        "seed": body.seed if body.seed is not None else _seed(idempotency_key),
         "metadata": body.metadata,
         **hyper,
     }
@@ -276,10 +288,12 @@ def _hyperparameters(body: FineTuningJobCreate) -> dict[str, Any]:
     return {name: None if value == "auto" else value for name, value in values.items()}
 
 
-def _random_seed() -> int:
-    import secrets
-
-    return secrets.randbelow(2**31)
+def _seed(idempotency_key: str | None) -> int:
+    """A seed for a request that gave none: random, or drawn from its Idempotency-Key, so a
+    retried request asks for the very job it made (and is not a conflict)."""
+    if idempotency_key is None:
+        return secrets.randbelow(2**31)
+    return int.from_bytes(hashlib.sha256(idempotency_key.encode()).digest()[:4]) % 2**31
 
 
 @router.get("/fine_tuning/jobs")

@@ -243,7 +243,13 @@ def test_data_parallel_fine_tuning_equals_one_process(app_client, tenant_keys, t
 def test_cancelling_a_queued_fine_tuning_job(app_client, tenant_keys, tiny_chat):
     client = sdk(app_client, tenant_keys["acme"])
     training = client.files.create(file=("train.jsonl", chats(2)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training.id)
+    job = client.fine_tuning.jobs.create(
+        model="tiny-chat", training_file=training.id, extra_headers={"Idempotency-Key": "k1"}
+    )
+    again = client.fine_tuning.jobs.create(
+        model="tiny-chat", training_file=training.id, extra_headers={"Idempotency-Key": "k1"}
+    )
+    assert again.id == job.id and again.seed == job.seed
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
 
