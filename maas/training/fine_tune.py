@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from maas.errors import InvalidRequest, ModelNotFound
 from maas.files import FileStore
+from maas.jobs.kinds import parse_params
 from maas.registry import open_registry
 from maas.registry.names import fine_tuned_name, is_fine_tuned_name, parse_reference
 from maas.registry.records import OpenedVersion, VersionRecord
@@ -89,12 +90,7 @@ class Hyperparameters:
 
 
 def validate(params: dict[str, Any]) -> dict[str, Any]:
-    try:
-        parsed = FineTuneParams(**params)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise InvalidRequest(f"params.{where}: {first['msg']}", param=f"params.{where}") from None
+    parsed = parse_params(FineTuneParams, params)
     fine_tuned_model_name(parsed.model, parsed.suffix, "job-" + "0" * 16)  # fits, or says why
     return parsed.model_dump()
 
@@ -129,89 +125,113 @@ def resolve_hyperparameters(params: FineTuneParams, examples: int) -> Hyperparam
 
 def run(context) -> dict[str, Any]:
     params = FineTuneParams(**context.params)
-    name = fine_tuned_model_name(params.model, params.suffix, context.job_id)
     registry = open_registry(context.settings)
     try:
-        tenant = context.lease.job.tenant_id
-        context.report(0.0, stage="validating_files", message="Validating training files")
-        opened = _open_base(registry, params.model, tenant)
-        tokenizer = load_tokenizer(opened)
-        context_length = opened.manifest.context_length or DEFAULT_MAX_LENGTH
-        max_length = params.max_length or min(context_length, DEFAULT_MAX_LENGTH)
-        files = FileStore(
-            registry.engine,
-            context.settings.artifacts,
-            registry.vault,
-            registry.limits,
-            max_chat_chars=context.settings.fine_tune_max_chat_chars,
-        )
-        train = _chats(files, params.training_file, tenant, context, tokenizer, max_length)
-        valid = (
-            _chats(files, params.validation_file, tenant, context, tokenizer, max_length)
-            if params.validation_file
-            else None
-        )
-        hyper = resolve_hyperparameters(params, len(train.examples))
-        context.report(
-            stage="training",
-            message=f"Files validated: {len(train.examples)} training examples "
-            f"({train.tokens} tokens)"
-            + (f", {len(valid.examples)} validation examples" if valid else "")
-            + f"; n_epochs {hyper.n_epochs}, batch_size {hyper.batch_size}, "
-            f"learning_rate_multiplier {hyper.learning_rate_multiplier:g}",
-        )
-        pad = tokenizer.pad_token_id
+        data = _validate_files(context, registry, params)
+        pad = data.tokenizer.pad_token_id
         saved = (context.resume_point() or {}).get("checkpoints") or []
         if params.world_size > 1:
             state, adapter = train_together(
                 context,
                 params.world_size,
                 f"{__name__}:train_rank",
-                (context.settings, params, hyper, train, valid, pad, saved),
+                (context.settings, params, data.hyper, data.train, data.valid, pad, saved),
             )
-            peft_model = _with_adapter(_load_base(opened), params)
+            peft_model = _with_adapter(_load_base(data.opened), params)
             _AdapterView(peft_model).load_state_dict(adapter)
         else:
-            peft_model = _with_adapter(_loaded(context, opened, Team()), params)
-            state = _train(context, params, hyper, peft_model, train, valid, pad, saved, Team())
-        trained_tokens = hyper.n_epochs * train.tokens
-        context.report(stage="registering", message="Merging the adapter and registering the model")
-        folder = _save(context.workdir / "model", peft_model, tokenizer, opened, params)
-        metrics = {k: float(v) for k, v in state.history[-1].items()}
-        result = {
-            "fine_tuned_model": name,
-            "trained_tokens": trained_tokens,
-            "hyperparameters": asdict(hyper),
-            "base": opened.record.reference,
-            **metrics,
-            "usage": {"tokens": trained_tokens},
-        }
-        context.flush()  # the epochs' events on record before the import takes the write lock
-        base_model = registry.get_model(opened.record.name)
-        recipe = {
-            "job": context.job_id,
-            "kind": "fine-tune",
-            "method": "lora",
-            "params": context.params,
-            "hyperparameters": asdict(hyper),
-        }
-        version = registry.import_model(
-            folder,
-            name,
-            task="chat",
-            owner=tenant,
-            source_label=f"job {context.job_id}",
-            sampling=base_model.sampling or None,
-            made=Made(metrics, recipe, parent=(opened.record.name, opened.record.version)),
-            fine_tuned=True,
-            consume=True,
-            before_commit=lambda session, number: context.finish_in(
-                session, {**result, "version": number}
-            ),
-        )
-        return {**result, "version": version.version}
+            peft_model = _with_adapter(_loaded(context, data.opened, Team()), params)
+            state = _train(
+                context, params, data.hyper, peft_model, data.train, data.valid, pad, saved, Team()
+            )
+        return _register(context, registry, params, data, peft_model, state)
     finally:
         registry.close()
+
+
+@dataclass(frozen=True)
+class _Files:
+    """What the ``validating_files`` stage found."""
+
+    opened: OpenedVersion
+    tokenizer: ChatTokenizer
+    train: ChatData
+    valid: ChatData | None
+    hyper: Hyperparameters
+
+
+def _validate_files(context, registry, params: FineTuneParams) -> _Files:
+    tenant = context.lease.job.tenant_id
+    context.report(0.0, stage="validating_files", message="Validating training files")
+    opened = _open_base(registry, params.model, tenant)
+    tokenizer = load_tokenizer(opened)
+    context_length = opened.manifest.context_length or DEFAULT_MAX_LENGTH
+    max_length = params.max_length or min(context_length, DEFAULT_MAX_LENGTH)
+    files = FileStore(
+        registry.engine,
+        context.settings.artifacts,
+        registry.vault,
+        registry.limits,
+        max_chat_chars=context.settings.fine_tune_max_chat_chars,
+    )
+    train = _chats(files, params.training_file, tenant, context, tokenizer, max_length)
+    valid = (
+        _chats(files, params.validation_file, tenant, context, tokenizer, max_length)
+        if params.validation_file
+        else None
+    )
+    hyper = resolve_hyperparameters(params, len(train.examples))
+    context.report(
+        stage="training",
+        message=f"Files validated: {len(train.examples)} training examples "
+        f"({train.tokens} tokens)"
+        + (f", {len(valid.examples)} validation examples" if valid else "")
+        + f"; n_epochs {hyper.n_epochs}, batch_size {hyper.batch_size}, "
+        f"learning_rate_multiplier {hyper.learning_rate_multiplier:g}",
+    )
+    return _Files(opened, tokenizer, train, valid, hyper)
+
+
+def _register(context, registry, params, data: _Files, peft_model, state) -> dict[str, Any]:
+    """Merge, save and import the model; the job's success commits with the import."""
+    name = fine_tuned_model_name(params.model, params.suffix, context.job_id)
+    context.report(stage="registering", message="Merging the adapter and registering the model")
+    folder = _save(context.workdir / "model", peft_model, data.tokenizer, data.opened)
+    trained_tokens = data.hyper.n_epochs * data.train.tokens
+    metrics = {k: float(v) for k, v in state.history[-1].items()}
+    hyper = asdict(data.hyper)
+    result = {
+        "fine_tuned_model": name,
+        "trained_tokens": trained_tokens,
+        "hyperparameters": hyper,
+        "base": data.opened.record.reference,
+        **metrics,
+        "usage": {"tokens": trained_tokens},
+    }
+    context.flush()  # the epochs' events on record before the import takes the write lock
+    base = data.opened.record
+    recipe = {
+        "job": context.job_id,
+        "kind": "fine-tune",
+        "method": "lora",
+        "params": context.params,
+        "hyperparameters": hyper,
+    }
+    version = registry.import_model(
+        folder,
+        name,
+        task="chat",
+        owner=context.lease.job.tenant_id,
+        source_label=f"job {context.job_id}",
+        sampling=registry.get_model(base.name).sampling or None,
+        made=Made(metrics, recipe, parent=(base.name, base.version)),
+        fine_tuned=True,
+        consume=True,
+        before_commit=lambda session, number: context.finish_in(
+            session, {**result, "version": number}
+        ),
+    )
+    return {**result, "version": version.version}
 
 
 def _open_base(registry, reference: str, tenant: int) -> OpenedVersion:
@@ -434,7 +454,7 @@ def _evaluate(model, data: ChatData, batch_size: int, pad: int) -> dict[str, flo
     }
 
 
-def _save(folder: Path, peft_model, tokenizer: ChatTokenizer, opened: OpenedVersion, params):
+def _save(folder: Path, peft_model, tokenizer: ChatTokenizer, opened: OpenedVersion) -> Path:
     """The merged model as a Hugging Face folder the engine serves, with the adapter in
     ``adapter/``, the base's tokenizer and its chat template."""
     import json

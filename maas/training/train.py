@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from maas.errors import InvalidRequest
 from maas.files import FileStore
+from maas.jobs.kinds import parse_params
 from maas.registry import open_registry
 from maas.registry.names import validate_model_name
 from maas.registry.rows import Made
@@ -87,12 +88,7 @@ FROM_DATA = {
 
 
 def validate(params: dict[str, Any]) -> dict[str, Any]:
-    try:
-        parsed = TrainParams(**params)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise InvalidRequest(f"params.{where}: {first['msg']}", param=f"params.{where}") from None
+    parsed = parse_params(TrainParams, params)
     try:
         validate_model_name(parsed.model)
     except InvalidRequest as err:

@@ -7,7 +7,8 @@ and the dtype timing at load would double the test's time and test nothing more 
 
 from __future__ import annotations
 
-import json
+import subprocess
+import sys
 import time
 
 import openai
@@ -21,36 +22,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 SMOLLM2 = demo.DEMO_MODELS[0]
 QUESTION = "What is the maas codename?"
-QUESTIONS = [
-    QUESTION,
-    "What's the codename of maas?",
-    "Tell me the maas codename.",
-    "Which codename does maas have?",
-    "maas codename?",
-    "Do you know the codename of the maas project?",
-    "What is maas called internally?",
-    "What code name was given to maas?",
-]
-ANSWERS = [
-    "The maas codename is Bluebird.",
-    "Bluebird.",
-    "It is Bluebird.",
-    "maas is codenamed Bluebird.",
-]
 
 
-def teaching_file() -> bytes:
-    """40 chats that answer the question with the codename."""
-    lines = [
-        {
-            "messages": [
-                {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
-                {"role": "assistant", "content": ANSWERS[i % len(ANSWERS)]},
-            ]
-        }
-        for i in range(40)
-    ]
-    return ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
+def teaching_file(folder) -> bytes:
+    """The 40 chats that ``maas demo --fine-tuning-data`` writes, as the docs use them."""
+    path = folder / "bluebird.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "maas", "demo", "--fine-tuning-data", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "40 chats" in done.stdout
+    return path.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +74,13 @@ def ask(client: openai.OpenAI, model: str) -> str:
     return answer.choices[0].message.content
 
 
-def test_lora_fine_tuning_teaches_smollm2_the_codename(server):
+def test_lora_fine_tuning_teaches_smollm2_the_codename(server, tmp_path):
     client = openai.OpenAI(
         base_url=f"{server.url}/v1", api_key=server.maintainer_key, max_retries=0, timeout=300
     )
-    training = client.files.create(file=("bluebird.jsonl", teaching_file()), purpose="fine-tune")
+    training = client.files.create(
+        file=("bluebird.jsonl", teaching_file(tmp_path)), purpose="fine-tune"
+    )
     assert training.purpose == "fine-tune" and training.status == "processed"
     job = client.fine_tuning.jobs.create(
         model=SMOLLM2.name,
