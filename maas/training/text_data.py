@@ -1,4 +1,5 @@
-"""A text-classification dataset from an uploaded CSV (a text column and a label column):
+"""A text-classification dataset from an uploaded CSV (a text column and a label column) or
+JSON Lines (objects with a text field and a label field):
 split by a seed, a word-level tokenizer (``tokenizers``) learnt from the training texts, and
 the texts encoded as the served model will encode them (``maas.tasks.text``: the same
 ``tokenizer.json``, truncated to ``max_length``), right-padded with id 0."""
@@ -6,6 +7,7 @@ the texts encoded as the served model will encode them (``maas.tasks.text``: the
 from __future__ import annotations
 
 import csv
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +30,15 @@ class TextSplit:
 
 
 def fetch(files: FileStore, file_id: str, tenant_id: int, folder: Path) -> Path:
-    """The CSV, decrypted into the job's folder (once)."""
-    target = folder / "data.csv"
+    """The CSV or JSON Lines file, decrypted into the job's folder (once)."""
+    record = files.get(file_id, tenant_id)
+    kind = (record.details or {}).get("format")
+    if record.purpose != "dataset" or kind not in ("csv", "jsonl"):
+        raise ValueError(f"{file_id} is not a CSV or JSON Lines dataset")
+    target = folder / f"data.{kind}"
     if target.exists():
         return target
-    record = files.get(file_id, tenant_id)
-    if record.purpose != "dataset" or (record.details or {}).get("format") != "csv":
-        raise ValueError(f"{file_id} is not a CSV dataset")
-    partial = folder / "data.csv.partial"
+    partial = folder / f"data.{kind}.partial"
     files.copy_to(file_id, tenant_id, partial)
     partial.replace(target)
     return target
@@ -79,6 +82,8 @@ def load_split(
 
 
 def _read(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, text_column, label_column)
     with path.open(encoding="utf-8-sig", newline="") as source:
         reader = csv.DictReader(source)
         missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
@@ -89,6 +94,32 @@ def _read(path: Path, text_column: str, label_column: str) -> tuple[list[str], l
         rows = [(row[text_column], row[label_column].strip()) for row in reader]
     rows = [(text, label) for text, label in rows if label]
     return [text for text, _ in rows], [label for _, label in rows]
+
+
+def _read_jsonl(path: Path, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
+    """Each line an object with the text and its label (a string, or a number or boolean
+    written as text); lines without a label are left out, as a CSV's rows are."""
+    texts, labels = [], []
+    with path.open(encoding="utf-8") as source:
+        for number, line in enumerate(source, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            missing = [f for f in (text_field, label_field) if f not in row]
+            if missing:
+                raise ValueError(f"line {number} has no field {missing[0]!r}")
+            text, label = row[text_field], row[label_field]
+            if not isinstance(text, str) or isinstance(label, dict | list):
+                raise ValueError(
+                    f"line {number}: {text_field!r} must be text and {label_field!r} a value"
+                )
+            if label is None:
+                continue
+            label = str(label).lower() if isinstance(label, bool) else str(label)
+            if label.strip():
+                texts.append(text)
+                labels.append(label.strip())
+    return texts, labels
 
 
 def _learn_tokenizer(texts: list[str], max_length: int, max_vocab: int):

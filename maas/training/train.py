@@ -1,8 +1,8 @@
 """The ``train`` job: a built-in architecture trained from scratch on an uploaded dataset.
 
 ``small-cnn`` learns from an archive of image folders; ``lstm-classifier`` and
-``transformer-classifier`` from a CSV of texts and labels, with a word-level tokenizer learnt
-from the training texts (``purpose: dataset`` files both). Each epoch ends
+``transformer-classifier`` from a CSV or JSON Lines of texts and labels, with a word-level
+tokenizer learnt from the training texts (``purpose: dataset`` files all). Each epoch ends
 with a validation pass and a checkpoint (a new attempt resumes after the last one, same
 sample order); the best epoch's weights (lowest validation loss) become a new version of
 ``model`` in the registry, with its labels, preprocessing, metrics and recipe, servable at
@@ -42,7 +42,8 @@ class TrainParams(BaseModel):
 
     training_file: str = Field(min_length=1, max_length=40)
     """A ``dataset`` file: an archive of image folders, one folder per class (small-cnn), or
-    a CSV with a text column and a label column (the text classifiers)."""
+    a CSV with a text column and a label column, or JSON Lines with such fields (the text
+    classifiers)."""
     model: str
     """The model the result becomes a new version of (created if new, in the job's tenant)."""
     architecture: Literal["small-cnn", "lstm-classifier", "transformer-classifier"] = "small-cnn"
@@ -51,6 +52,8 @@ class TrainParams(BaseModel):
     image_size: int = Field(default=16, ge=4, le=512)
     """small-cnn: images are resized to this square."""
     text_column: str = Field(default="text", min_length=1, max_length=255)
+    """Text classifiers: the column (CSV) or field (JSON Lines) of the texts; ``label_column``
+    that of their labels."""
     label_column: str = Field(default="label", min_length=1, max_length=255)
     max_length: int = Field(default=128, ge=1, le=4096)
     """Text classifiers: tokens kept of each text (as serving will keep)."""

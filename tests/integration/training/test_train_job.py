@@ -4,6 +4,9 @@ created over HTTP, a real worker (in this process) runs it, and the new version 
 from __future__ import annotations
 
 import base64
+import csv
+import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -219,13 +222,22 @@ def sentiment_csv(rows: int = 120) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-@pytest.mark.parametrize("architecture", ["lstm-classifier", "transformer-classifier"])
-def test_a_text_classifier_trains_from_a_csv_and_serves(
-    app_client, acme, settings, architecture, tmp_path
+def sentiment_jsonl() -> bytes:
+    """The same reviews as JSON Lines objects."""
+    rows = csv.DictReader(io.StringIO(sentiment_csv().decode()))
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+@pytest.mark.parametrize(
+    ("architecture", "data"),
+    [("lstm-classifier", "csv"), ("transformer-classifier", "csv"), ("lstm-classifier", "jsonl")],
+)
+def test_a_text_classifier_trains_from_a_csv_or_jsonl_and_serves(
+    app_client, acme, settings, architecture, data, tmp_path
 ):
-    csv_path = tmp_path / "reviews.csv"
-    csv_path.write_bytes(sentiment_csv())
-    file_id = upload(app_client, acme["acme"], csv_path)
+    path = tmp_path / f"reviews.{data}"
+    path.write_bytes(sentiment_csv() if data == "csv" else sentiment_jsonl())
+    file_id = upload(app_client, acme["acme"], path)
     arguments = (
         {"embedding_dim": 16, "hidden_size": 16}
         if architecture == "lstm-classifier"
