@@ -35,6 +35,10 @@ def server(tmp_path_factory):
         assert running.admin.post("/api/v1/tenants", json=tenant).status_code == 201
         key = {"name": "cli", "tenant": "acme", "role": "user"}
         running.user_key = running.admin.post("/api/v1/keys", json=key).json()["key"]
+        # loaded before the tests: the first load compiles the decode step, which on a busy
+        # 2-core machine with a cold compile cache outlasts a request's 30 s timeout
+        loaded = running.admin.post(f"/v2/repository/models/{MODEL}/load", timeout=240)
+        assert loaded.status_code == 200, loaded.text
         yield running
     finally:
         running.stop()
