@@ -79,13 +79,7 @@ def _tenant_and_files(registry, settings: Settings) -> tuple[int, FileStore]:
     """A tenant for the bench's job, and the file store its data goes into."""
     tenants = TenantStore(registry.engine)
     tenants.create("bench", "other")
-    files = FileStore(
-        registry.engine,
-        settings.artifacts,
-        registry.vault,
-        registry.limits,
-        max_chat_chars=settings.fine_tune_max_chat_chars,
-    )
+    files = FileStore.of_registry(registry, settings)
     return tenants.get_id("bench"), files
 
 

@@ -56,13 +56,7 @@ def open_state(app: FastAPI, settings: Settings) -> Registry:
     )
     app.state.recorder = UsageRecorder(registry.engine, settings.home, on_flush=keys.touch)
     app.state.jobs = JobStore(registry.engine)
-    app.state.files = FileStore(
-        registry.engine,
-        settings.artifacts,
-        registry.vault,
-        registry.limits,
-        max_chat_chars=settings.fine_tune_max_chat_chars,
-    )
+    app.state.files = FileStore.of_registry(registry, settings)
     app.state.job_kinds = job_kinds(settings.job_plugins)
     app.state.recorder.start()
     return registry

@@ -66,6 +66,18 @@ class FileStore:
         self.limits = limits
         self.max_chat_chars = max_chat_chars
 
+    @classmethod
+    def of_registry(cls, registry, settings) -> FileStore:
+        """The files beside ``registry``'s artifacts: its database, key vault and archive
+        limits, and ``settings``' chat size limit."""
+        return cls(
+            registry.engine,
+            settings.artifacts,
+            registry.vault,
+            registry.limits,
+            max_chat_chars=settings.fine_tune_max_chat_chars,
+        )
+
     def create(
         self,
         tenant_id: int,

@@ -167,13 +167,7 @@ def _validate_files(context, registry, params: FineTuneParams) -> _Files:
     tokenizer = load_tokenizer(opened)
     context_length = opened.manifest.context_length or DEFAULT_MAX_LENGTH
     max_length = params.max_length or min(context_length, DEFAULT_MAX_LENGTH)
-    files = FileStore(
-        registry.engine,
-        context.settings.artifacts,
-        registry.vault,
-        registry.limits,
-        max_chat_chars=context.settings.fine_tune_max_chat_chars,
-    )
+    files = FileStore.of_registry(registry, context.settings)
     train = _chats(files, params.training_file, tenant, context, tokenizer, max_length)
     valid = (
         _chats(files, params.validation_file, tenant, context, tokenizer, max_length)

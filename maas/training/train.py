@@ -123,13 +123,7 @@ def run(context) -> dict[str, Any]:
     params = TrainParams(**context.params)
     registry = open_registry(context.settings)
     try:
-        files = FileStore(
-            registry.engine,
-            context.settings.artifacts,
-            registry.vault,
-            registry.limits,
-            max_chat_chars=context.settings.fine_tune_max_chat_chars,
-        )
+        files = FileStore.of_registry(registry, context.settings)
         tenant = context.lease.job.tenant_id
         data = _load(files, registry.limits, params, tenant, context.workdir)
         context.report(
