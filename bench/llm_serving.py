@@ -240,7 +240,9 @@ def measure_server(port: int, key: str | None, pid: int, prompts: list[list[int]
     }
 
 
-def run_maas(home: Path, dtype: str, prompts: list[list[int]], args) -> dict:
+def run_maas(
+    home: Path, dtype: str, prompts: list[list[int]], args, extra_env: dict | None = None
+) -> dict:
     env = {
         "MAAS_LLM_DTYPE": dtype,
         "MAAS_LLM_MAX_SEQUENCES": str(max(32, args.clients)),
@@ -250,6 +252,7 @@ def run_maas(home: Path, dtype: str, prompts: list[list[int]], args) -> dict:
         # serving only, as in the runs before job workers existed: an idle worker would add
         # its memory to the server's process tree (and nothing to its speed)
         "MAAS_JOB_WORKERS": "0",
+        **(extra_env or {}),
     }
     server = Server(home, env=env)
     try:

@@ -154,6 +154,13 @@ class Settings(BaseSettings):
     """Run each text-generation model's engine in a process of its own (faster on a CPU: no
     contention with the server for the GIL). false runs it on a thread of the server."""
 
+    llm_pipeline_stages: int = Field(default=1, ge=1, le=64)
+    """Split each text-generation model served by maas's engine into this many pipeline
+    stages, each a process holding about 1/K of the weights and the KV cache of its own
+    layers (maas.distributed); the engine keeps K micro-batches in flight so the stages work
+    at once. 1 runs the model whole. Needs ``llm_engine_process``; with ``llm_dtype=auto``
+    the stages run float32 (auto measures the whole model in one process)."""
+
     shutdown_timeout: float = Field(default=30.0, ge=0, le=86_400)
     """Seconds that running requests, streams included, get to finish after a stop signal
     (SIGTERM or Ctrl-C) while new ones get 503; a second signal stops at once."""
@@ -207,6 +214,11 @@ class Settings(BaseSettings):
             self.model_memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
         if self.inference_threads == 0:
             self.inference_threads = os.cpu_count() or 1
+        if self.llm_pipeline_stages > 1 and not self.llm_engine_process:
+            raise ValueError(
+                "MAAS_LLM_PIPELINE_STAGES above 1 needs MAAS_LLM_ENGINE_PROCESS=true: "
+                "each stage is a process"
+            )
         return self
 
     @property

@@ -25,7 +25,8 @@
      └── Unavailable             the server cannot take the request now (starting, draining,
           │                      a model restarting); ``retry_after`` says when to come back
           ├── Overloaded         a queue is full
-          └── TimedOut           the work passed its deadline
+          ├── TimedOut           the work passed its deadline
+          └── StageLost          a pipeline stage of a model died; the model is reloaded
 """
 
 from __future__ import annotations
@@ -134,6 +135,10 @@ class Unavailable(MaasError):
 
 class TimedOut(Unavailable):
     pass
+
+
+class StageLost(Unavailable):
+    """A pipeline stage stopped answering: its engine cannot go on, and exits."""
 
 
 class Overloaded(Unavailable):

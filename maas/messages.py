@@ -208,6 +208,9 @@ class EngineDescription:
     """Compiled steps are used for batches of at most this many sequences."""
     kv_blocks: int = 0
     kv_block_size: int = 0
+    pipeline_stages: tuple[dict[str, Any], ...] = ()
+    """With the model split into pipeline stages: each stage's layers, weight bytes, memory
+    and node."""
 
 
 @dataclass(frozen=True)

@@ -409,10 +409,10 @@ CORPUS = [
 
 
 def make_tiny_llama(
-    folder: Path, *, seed: int = 0, vocab_target: int = 320, **config_extra
+    folder: Path, *, seed: int = 0, vocab_target: int = 320, num_layers: int = 2, **config_extra
 ) -> Path:
-    """A random Llama (2 layers, hidden 32, grouped-query attention) with a byte-level BPE
-    tokenizer, special tokens and a chat template, as a Hugging Face folder."""
+    """A random Llama (``num_layers`` layers, hidden 32, grouped-query attention) with a
+    byte-level BPE tokenizer, special tokens and a chat template, as a Hugging Face folder."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -431,7 +431,7 @@ def make_tiny_llama(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,

@@ -149,6 +149,50 @@ def show(
     console.print(files)
 
 
+@app.command("split-plan")
+def split_plan(
+    reference: Annotated[str, typer.Argument(help="NAME, NAME:V or NAME@ALIAS.")],
+    stages: Annotated[int, typer.Option("--stages", "-k", min=1, help="Pipeline stages.")] = 2,
+    dtype: Annotated[
+        str,
+        typer.Option(help="The dtype the weights run in: float32, bfloat16, int8-weight, int8."),
+    ] = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Show how a model is cut into pipeline stages (MAAS_LLM_PIPELINE_STAGES): each stage's
+    layers, parameters and bytes, about 1/K of the model each."""
+    from maas.distributed.stages import plan_for
+    from maas.routing.llm_deployment import runs_on_engine
+
+    with open_registry() as registry, progress_bar() as progress:
+        opened = registry.open_version(reference, progress)
+    if opened.record.task not in GENERATION_TASKS or not runs_on_engine(opened.manifest):
+        raise InvalidRequest(
+            f"{opened.record.reference} is not a Llama-family LLM: pipeline stages split "
+            "models that maas's engine runs"
+        )
+    if dtype not in ("float32", "bfloat16", "int8-weight", "int8"):
+        raise InvalidRequest(f"unknown dtype {dtype!r}", param="dtype")
+    plan = plan_for(opened, stages, dtype)
+    if as_json:
+        console.print_json(json.dumps(plan.to_dict()))
+        return
+    table = Table("stage", "layers", "parameters", "size", "node", title=plan.model)
+    for stage in plan.stages:
+        first, last = stage.unit_range.start, stage.unit_range.stop - 1
+        table.add_row(
+            str(stage.index),
+            f"blocks {first}-{last}",
+            f"{stage.count:,}",
+            _size(stage.bytes),
+            stage.node,
+        )
+    console.print(table)
+    console.print(f"{_size(plan.bytes)} in {dtype}; largest stage {plan.imbalance:.2f}x the mean")
+    for note in plan.notes:
+        console.print(f"note: {note}")
+
+
 @app.command("defaults")
 def defaults(
     name: Annotated[str, typer.Argument(help="Model name.")], assignments: DefaultsArgument = None
@@ -328,14 +372,22 @@ def configure(
     max_queue_rows: Annotated[
         int | None, typer.Option(help="Rows that may wait before 503.", min=1)
     ] = None,
+    pipeline_stages: Annotated[
+        int | None,
+        typer.Option(
+            help="Split an LLM across this many processes from its next load on.", min=1, max=64
+        ),
+    ] = None,
 ) -> None:
-    """Change a model's batching settings on the running server (applies to the next batch)."""
+    """Change a model's serving settings on the running server (batching applies to the next
+    batch, pipeline stages to the next load)."""
     serving = {
         key: value
         for key, value in {
             "max_batch_size": max_batch_size,
             "max_delay_ms": max_delay_ms,
             "max_queue_rows": max_queue_rows,
+            "pipeline_stages": pipeline_stages,
         }.items()
         if value is not None
     }

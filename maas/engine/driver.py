@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from maas.engine.llm_engine import LLMEngine
 from maas.engine.stats import StatsObserver
+from maas.errors import StageLost
 from maas.messages import (
     MODEL_FAILED,
     EngineAbort,
@@ -59,9 +60,12 @@ def apply(engine: LLMEngine, message: EngineMessage, sinks: Sinks) -> bool:
 
 
 def step(engine: LLMEngine) -> None:
-    """One step; a step that raises fails the requests it had, not the loop."""
+    """One step; a step that raises fails the requests it had, not the loop, except when a
+    pipeline stage is lost (``StageLost`` is raised on: the engine cannot go on)."""
     try:
         engine.step()
+    except StageLost:
+        raise
     except Exception:
         log.exception("engine step failed")
         engine.fail_all(MODEL_FAILED)

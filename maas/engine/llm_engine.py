@@ -3,13 +3,20 @@
 ``step`` is schedule -> run -> postprocess: the scheduler picks the tokens of this step, the
 runner computes their logits in one forward pass, the sampler picks a next token for every
 sequence that needs one, and each sequence's new text goes to its sink.
+
+A pipeline's runner (maas.distributed.pipeline) takes ``depth`` steps at once: then ``step``
+submits micro-batches of disjoint sequences until that many are in flight, and postprocesses
+the oldest when no more can start, so that every stage has work.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,6 +51,7 @@ class LLMEngine:
         self.observer = observer
         """Gets on_step(engine), on_token(sequence), on_finish(sequence) for metrics."""
         self._sequences: dict[str, list[Sequence]] = {}
+        self._in_flight: deque[Flight] = deque()
 
     def add_request(self, request: EngineRequest, sink: Callable[[GenerationDelta], None]) -> None:
         """Queue a request; ``sink`` gets its deltas (called from the engine's thread). One
@@ -84,28 +92,60 @@ class LLMEngine:
                 sequence.status = Status.FINISHED
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return bool(self.scheduler.running or self.scheduler.waiting or self._in_flight)
 
     def step(self) -> None:
         self._expire()
-        plan = self.scheduler.schedule()
-        if self.observer:
-            self.observer.on_step(self)
-        if plan.empty:
-            return
+        if len(self._in_flight) < self.runner.depth:
+            plan = self.scheduler.schedule(self._micro_batch_rows())
+            if self.observer:
+                self.observer.on_step(self)
+            if not plan.empty:
+                self._submit(plan)
+                if len(self._in_flight) < self.runner.depth:
+                    return  # room for another micro-batch before waiting on this one
+        if self._in_flight:
+            self._postprocess(self._in_flight.popleft())
+            if self.observer:
+                self.observer.on_step(self)
+
+    def _micro_batch_rows(self) -> int | None:
+        """A pipeline's micro-batch: its share of the sequences that can run (all of them
+        without a pipeline), so that each of the ``depth`` steps in flight has some."""
+        depth = self.runner.depth
+        if depth == 1:
+            return None
+        scheduler = self.scheduler
+        live = min(len(scheduler.running) + len(scheduler.waiting), scheduler.max_sequences)
+        return max(1, -(-live // depth))
+
+    def _submit(self, plan: Plan) -> None:
         step_input, sampling = self._inputs(plan)
-        logits = self.runner.forward(step_input)
+        pending = self.runner.submit(step_input)
+        for sequence in plan.sequences:
+            sequence.busy = True
+        self._in_flight.append(Flight(plan, sampling, pending))
+
+    def _postprocess(self, flight: Flight) -> None:
+        logits = self.runner.result(flight.pending)
+        plan = flight.plan
+        for sequence in plan.sequences:
+            sequence.busy = False
         for sequence, _, end in plan.prefill:
-            sequence.computed = end
-            self.scheduler.computed(sequence)
+            if sequence.status is not Status.FINISHED:  # else aborted while in flight
+                sequence.computed = end
+                self.scheduler.computed(sequence)
         for sequence in plan.decode:
-            sequence.computed += 1
-            self.scheduler.computed(sequence)
+            if sequence.status is not Status.FINISHED:
+                sequence.computed += 1
+                self.scheduler.computed(sequence)
+        live = [i for i, s in enumerate(flight.sampling) if s.status is not Status.FINISHED]
+        if len(live) < len(flight.sampling):
+            logits = logits[live]
+        sampling = [flight.sampling[i] for i in live]
         rows = [s.sample_row(self.tokenizer.eos_token_ids) for s in sampling]
         for sequence, picked in zip(sampling, sample(logits, rows), strict=True):
             self._advance(sequence, picked)
-        if self.observer:
-            self.observer.on_step(self)
 
     def _inputs(self, plan: Plan) -> tuple[StepInput, list[Sequence]]:
         size = self.block_size
@@ -183,7 +223,7 @@ class LLMEngine:
         request = EngineRequest("warm-up", prompt, params, cache_salt="maas:warm-up")
         try:
             self.add_request(request, lambda _: None)
-            for _ in range(prompt_len + max_tokens):
+            for _ in range((prompt_len + max_tokens + 1) * self.runner.depth):
                 if not self.has_work():
                     break
                 self.step()
@@ -193,5 +233,20 @@ class LLMEngine:
             pool.queries, pool.hits = counters
 
     def fail_all(self, failure: Failure) -> None:
+        """End every request with ``failure``; steps in flight are forgotten (after a failed
+        step their results cannot be trusted)."""
+        for flight in self._in_flight:
+            for sequence in flight.plan.sequences:
+                sequence.busy = False
+        self._in_flight.clear()
         for request_id in list(self._sequences):
             self.abort(request_id, failure)
+
+
+@dataclass
+class Flight:
+    """A submitted step: what was scheduled, who samples, and the runner's handle."""
+
+    plan: Plan
+    sampling: list[Sequence]
+    pending: Any

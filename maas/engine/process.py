@@ -9,6 +9,12 @@ The pipe carries the structs of ``maas/messages.py``: the server sends ``EngineR
 ``EngineAbort`` and ``EngineStop``; the engine answers ``EngineReady`` (or
 ``EngineLoadError``) once, then an ``EngineOutput`` after each step, which a reader thread
 hands to the requests' streams.
+
+With ``pipeline_stages`` K > 1 the model is split (maas.distributed): this process is rank 0
+and holds stage 0, and K-1 stage processes, started and watched here, hold the rest. The
+deployment is ready once every stage has loaded and a warm-up has gone through them all; if
+any stage dies, the engine process is stopped too, so its requests fail as unavailable and
+the pool loads the model again.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import contextlib
 import logging
 import multiprocessing
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from multiprocessing.connection import wait as wait_for
 
 from maas.engine.streams import DeltaStreams
 from maas.errors import Unavailable
@@ -25,6 +34,7 @@ from maas.messages import (
     ENGINE_STOPPED,
     MODEL_UNLOADED,
     EngineAbort,
+    EngineDescription,
     EngineLoadError,
     EngineMessage,
     EngineOutput,
@@ -56,19 +66,32 @@ class EngineProcess:
         called from the reader thread after each step."""
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
+        self._stages = None
+        spec = None
+        if options.pipeline_stages > 1:
+            options, spec = self._start_stages(opened, options)
         self._process = context.Process(
             target=_serve,
-            args=(child, opened, options, tokenizer),
+            args=(child, opened, options, tokenizer, spec),
             name=f"engine-{name}",
             daemon=True,
         )
         self._process.start()
         child.close()
-        ready = self._wait_ready(name)
+        try:
+            ready = self._wait_ready(name)
+        except BaseException:
+            self._process.kill()
+            if self._stages:
+                self._stages.kill()
+            raise
         self.memory_bytes = ready.memory_bytes
         self.max_len = ready.max_len
         self.num_slots = ready.num_slots
         self.description = ready.description
+        if self._stages:
+            self.memory_bytes += sum(self._stages.memory_bytes)
+            self.description = _with_stages(ready, self._stages)
         self.stats = EngineStats()
         self.on_dead: Callable[[], None] | None = None
         """Called (from the reader thread) when the process dies without being closed."""
@@ -82,6 +105,32 @@ class EngineProcess:
             target=self._read, name=f"engine-reader-{name}", daemon=True
         )
         self._reader.start()
+        if self._stages:
+            threading.Thread(target=self._watch_stages, name=f"stages-{name}", daemon=True).start()
+
+    def _start_stages(self, opened, options):
+        from maas.distributed.pipeline import PipelineSpec
+        from maas.distributed.stages import (
+            StageProcesses,
+            free_address,
+            plan_for,
+            stage_options,
+        )
+
+        stages = options.pipeline_stages
+        runner = stage_options(options.runner, stages)
+        plan = plan_for(opened, stages, runner.dtype)
+        address = free_address()
+        self._stages = StageProcesses(opened, runner, plan, address)
+        spec = PipelineSpec(0, stages, address, plan.stages[0].unit_range)
+        return replace(options, runner=runner), spec
+
+    def _watch_stages(self) -> None:
+        """A stage that exits unasked takes the engine process with it (see the module)."""
+        wait_for(self._stages.sentinels)
+        if not self._closing:
+            log.error("a pipeline stage of %s exited: stopping its engine", self._process.name)
+            self._process.kill()
 
     @property
     def dead(self) -> bool:
@@ -89,9 +138,12 @@ class EngineProcess:
         return self._ended and not self._closing
 
     def _wait_ready(self, name: str) -> EngineReady:
-        if not self._conn.poll(START_TIMEOUT):
-            self._process.kill()
-            raise Unavailable(f"{name} did not start within {START_TIMEOUT:.0f}s")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._conn.poll(0.5 if self._stages else START_TIMEOUT):
+            if self._stages:
+                self._stages.check_ready(0)  # raises if a stage failed to load
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{name} did not start within {START_TIMEOUT:.0f}s")
         try:
             reply = self._conn.recv()
         except EOFError:  # it died before a word (killed, out of memory)
@@ -102,6 +154,8 @@ class EngineProcess:
         if isinstance(reply, EngineLoadError):
             self._process.join(timeout=10)
             raise Unavailable(f"{name} failed to load: {reply.message}")
+        if self._stages and not self._stages.check_ready(30):
+            raise Unavailable(f"{name}: a pipeline stage did not report after the warm-up")
         return reply
 
     async def generate(
@@ -127,6 +181,8 @@ class EngineProcess:
             self._process.join(timeout=30)
         if self._process.is_alive():
             self._process.kill()
+        if self._stages:
+            self._stages.stop()
         self._conn.close()
 
     def _submit(self, request: EngineRequest) -> None:
@@ -159,6 +215,8 @@ class EngineProcess:
                 if self._on_stats:
                     self._on_stats(output.stats)
         self._ended = True
+        if self._stages and not self._closing:
+            self._stages.kill()
         if not self._closing:
             self._process.join(timeout=5)
             log.error("%s stopped (exit code %s)", self._process.name, self._process.exitcode)
@@ -167,18 +225,33 @@ class EngineProcess:
             self.on_dead()
 
 
-def _serve(conn, opened, options, tokenizer) -> None:
-    """The engine process: load, say ready, then step until told to stop."""
-    from maas.engine import driver
-    from maas.engine.llm_engine import LLMEngine
-    from maas.engine.stats import StatsObserver
+def _serve(conn, opened, options, tokenizer, spec=None) -> None:
+    """The engine process: load, say ready, then step until told to stop. With a pipeline
+    ``spec``, this is rank 0: stage 0 here, and the stages are told to stop at the end."""
     from maas.runtime.llm.runner import ModelRunner
 
     try:
-        runner = ModelRunner(opened, options.runner, tokenizer=tokenizer)
+        if spec is None:
+            runner = ModelRunner(opened, options.runner, tokenizer=tokenizer)
+        else:
+            from maas.distributed.pipeline import PipelineRunner
+
+            runner = PipelineRunner(opened, options.runner, spec, tokenizer=tokenizer)
     except Exception as err:  # reported to the parent, which raises it as Unavailable
         conn.send(EngineLoadError(f"{type(err).__name__}: {err}"))
         return
+    try:
+        _loop(conn, runner, options)
+    finally:
+        if spec is not None:
+            runner.stop()
+
+
+def _loop(conn, runner, options) -> None:
+    from maas.engine import driver
+    from maas.engine.llm_engine import LLMEngine
+    from maas.engine.stats import StatsObserver
+
     observer = StatsObserver()
     engine = LLMEngine(runner, max_batch_tokens=options.max_batch_tokens, observer=observer)
     engine.warm_up()
@@ -199,6 +272,24 @@ def _serve(conn, opened, options, tokenizer) -> None:
             stats = driver.report(engine, observer, stepped=stepped)
             conn.send(EngineOutput(tuple(outbox), stats))
             outbox.clear()
+
+
+def _with_stages(ready: EngineReady, stages) -> EngineDescription | None:
+    """The engine's description with each pipeline stage's layers, bytes, node and memory."""
+    if ready.description is None:
+        return None
+    memory = [ready.memory_bytes, *stages.memory_bytes]
+    rows = tuple(
+        {
+            "stage": stage.index,
+            "layers": f"{stage.first_unit}-{stage.first_unit + len(stage.units) - 1}",
+            "weights_bytes": stage.bytes,
+            "memory_bytes": memory[stage.index],
+            "node": stage.node,
+        }
+        for stage in stages.plan.stages
+    )
+    return replace(ready.description, pipeline_stages=rows)
 
 
 def _sink(outbox: list[RequestDelta], request_id: str) -> Callable[[GenerationDelta], None]:

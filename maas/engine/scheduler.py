@@ -7,6 +7,10 @@ else's decoding. A sequence takes KV blocks as it grows. When none is left, the 
 sequence is preempted: its blocks go back to the pool and it waits at the head of the queue,
 to be recomputed (prompt and output so far, as one prompt) once blocks free up. No request
 fails for want of memory; under pressure the oldest requests finish first.
+
+With a pipeline of stages, several steps (micro-batches) are in flight at once: a sequence in
+one is ``busy``, skipped by ``schedule`` and never chosen for preemption until its step is
+back, and ``max_rows`` keeps each micro-batch to its share of the running sequences.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ class Plan:
     def empty(self) -> bool:
         return not self.decode and not self.prefill
 
+    @property
+    def sequences(self) -> list[Sequence]:
+        return self.decode + [sequence for sequence, _, _ in self.prefill]
+
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_sequences: int, max_batch_tokens: int) -> None:
@@ -42,20 +50,31 @@ class Scheduler:
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
 
-    def schedule(self) -> Plan:
+    def schedule(self, max_rows: int | None = None) -> Plan:
+        """The next step: at most ``max_rows`` sequences (all that fit by default)."""
         plan = Plan()
         budget = self.max_batch_tokens
+        rows = max_rows or self.max_sequences
         index = 0
         while index < len(self.running):  # preemption only ever removes from the end
             sequence = self.running[index]
             index += 1
+            if sequence.busy:
+                continue
+            if len(plan.decode) + len(plan.prefill) >= rows:
+                break
             if sequence.status is Status.DECODE:
                 if self._grow(sequence, sequence.computed + 1):
                     plan.decode.append(sequence)
                     budget -= 1
             elif budget > 0:
                 budget -= self._chunk(plan, sequence, budget)
-        while self.waiting and len(self.running) < self.max_sequences and budget > 0:
+        while (
+            self.waiting
+            and len(self.running) < self.max_sequences
+            and budget > 0
+            and len(plan.decode) + len(plan.prefill) < rows
+        ):
             if not self._admit(self.waiting[0]):
                 break
             sequence = self.waiting.popleft()
@@ -113,11 +132,14 @@ class Scheduler:
 
     def _grow(self, sequence: Sequence, positions: int) -> bool:
         """Blocks for ``positions`` positions of ``sequence``, preempting the newest running
-        sequences if the pool is out. False if ``sequence`` itself had to go."""
+        sequences if the pool is out. False if ``sequence`` itself had to go, or if every
+        newer one is busy (it then waits, keeping its blocks, for a step to come back)."""
         while len(sequence.blocks) * self.pool.block_size < positions:
             block = self.pool.allocate()
             if block is None:
-                victim = self.running[-1]
+                victim = next((s for s in reversed(self.running) if not s.busy), None)
+                if victim is None:
+                    return False
                 self._preempt(victim)
                 if victim is sequence:
                     return False

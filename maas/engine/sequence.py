@@ -46,6 +46,9 @@ class Sequence:
     """Blocks of the table already given their name in the pool."""
     computed: int = 0
     """Tokens whose keys and values are in the cache."""
+    busy: bool = False
+    """In a step still in flight (a pipeline's micro-batch): not scheduled again, and never
+    preempted, until that step's result is back."""
     output_ids: list[int] = field(default_factory=list)
     history: Counter[int] = field(default_factory=Counter)
     seen: set[int] = field(default_factory=set)

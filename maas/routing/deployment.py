@@ -29,6 +29,9 @@ class ServingConfig:
     """How long the oldest request may wait for others to join its batch."""
     max_queue_rows: int = 4096
     """Rows waiting at most; past it requests get 503 with Retry-After."""
+    pipeline_stages: int = 1
+    """Processes a text-generation model is split across (pipeline stages); read when the
+    model loads."""
 
 
 class InFlight:

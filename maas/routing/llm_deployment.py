@@ -36,6 +36,8 @@ class EngineOptions:
     separate_process: bool = True
     max_waiting: int = 256
     """Sequences that may wait for a KV slot; past it, requests get 503 with Retry-After."""
+    pipeline_stages: int = 1
+    """Processes the model is split across (maas.distributed); needs ``separate_process``."""
 
 
 class LLMDeployment(InFlight):
@@ -133,6 +135,8 @@ def start_engine(
     if not runs_on_engine(opened.manifest):
         model = TransformersLM(opened, options.runner)
         return TransformersGenerator(model, tokenizer, name=name, on_stats=on_stats)
+    if options.pipeline_stages > 1 and not options.separate_process:
+        raise ValueError("pipeline stages need the engine in processes of its own")
     if options.separate_process:
         return EngineProcess(opened, options, tokenizer, name=name, on_stats=on_stats)
     runner = ModelRunner(opened, options.runner, tokenizer=tokenizer)

@@ -28,7 +28,7 @@ from maas.runtime.llm.runner import RunnerOptions
 
 log = logging.getLogger(__name__)
 
-SERVING_FIELDS = ("max_batch_size", "max_delay_ms", "max_queue_rows")
+SERVING_FIELDS = ("max_batch_size", "max_delay_ms", "max_queue_rows", "pipeline_stages")
 
 
 class Serving:
@@ -39,6 +39,7 @@ class Serving:
             max_batch_size=settings.max_batch_size,
             max_delay_ms=settings.max_delay_ms,
             max_queue_rows=settings.max_queue_rows,
+            pipeline_stages=settings.llm_pipeline_stages,
         )
         self.pool = ModelPool(
             registry,
@@ -62,9 +63,12 @@ class Serving:
             max_batch_tokens=settings.llm_max_batch_tokens,
             separate_process=settings.llm_engine_process,
             max_waiting=settings.llm_max_waiting_sequences,
+            pipeline_stages=settings.llm_pipeline_stages,
         )
         self.pool.generators = lambda opened: LLMDeployment(
-            opened, engine_options, generation.recorder(opened.record.reference)
+            opened,
+            replace(engine_options, pipeline_stages=self.config_for(opened.record).pipeline_stages),
+            generation.recorder(opened.record.reference),
         )
         self.request_timeout = settings.request_timeout_s
         self.max_request_sequences = settings.llm_max_request_sequences

@@ -116,6 +116,9 @@ class ServingUpdate(BaseModel):
     """How long the oldest request may wait for others to join its batch."""
     max_queue_rows: int | None = Field(default=None, ge=1, le=10**7)
     """Rows that may wait; past it, requests get 503 with Retry-After."""
+    pipeline_stages: int | None = Field(default=None, ge=1, le=64)
+    """A text-generation model served by maas's engine: processes it is split across
+    (pipeline stages), from its next load on (``MAAS_LLM_PIPELINE_STAGES`` by default)."""
 
 
 class ModelUpdate(BaseModel):
@@ -137,6 +140,20 @@ class DtypeTrialPublic(BaseModel):
     """Share of a probe text's next-token choices equal to float32's."""
 
 
+class PipelineStagePublic(BaseModel):
+    """One pipeline stage of a split model."""
+
+    stage: int
+    layers: str
+    """Its decoder blocks, first-last (stage 0 also holds the embedding, the last stage the
+    final norm and LM head)."""
+    weights_bytes: int
+    memory_bytes: int
+    """Its weights and the KV cache of its layers."""
+    node: str
+    """Where it runs: ``local`` (a process on this machine)."""
+
+
 class EngineDescriptionPublic(BaseModel):
     """How a text-generation model runs."""
 
@@ -151,6 +168,8 @@ class EngineDescriptionPublic(BaseModel):
     """Compiled for batches of at most this many sequences (measured faster there)."""
     kv_blocks: int
     kv_block_size: int
+    pipeline_stages: list[PipelineStagePublic] = []
+    """With the model split into pipeline stages (``MAAS_LLM_PIPELINE_STAGES``)."""
 
 
 class DeploymentPublic(BaseModel):

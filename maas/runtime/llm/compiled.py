@@ -79,10 +79,11 @@ def compile_decode(
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             for sequences, blocks in WARM_SHAPES:
                 step = _null_step(model, sequences, blocks)
+                hidden = null_hidden(model, sequences)
                 model.decode_layer = None
-                expected = model(step, cache)
+                expected = model(step, cache, hidden)
                 model.decode_layer = compiled
-                got = model(step, cache)
+                got = model(step, cache, hidden)
                 scale = float(expected.abs().max()) or 1.0
                 worst = max(worst, float((got - expected).abs().max()) / scale)
             timings = _timings(model, cache, compiled, max_sequences, timer)
@@ -123,19 +124,29 @@ def _timings(
     timings = []
     for size in sizes:
         step = _null_step(model, size, MIN_BLOCKS)
+        hidden = null_hidden(model, size)
         measured = []
         for layer in (None, compiled):
             model.decode_layer = layer
-            model(step, cache)  # warm
+            model(step, cache, hidden)  # warm
             times = []
             for _ in range(TIMED_STEPS):
                 begun = timer()
-                model(step, cache)
+                model(step, cache, hidden)
                 times.append((timer() - begun) * 1000)
             measured.append(statistics.median(times))
         timings.append((size, measured[0], measured[1]))
     model.decode_layer = compiled
     return tuple(timings)
+
+
+def null_hidden(model: LlamaModel, sequences: int) -> torch.Tensor | None:
+    """Hidden states for a pipeline stage that does not embed (None for one that does)."""
+    if model.embed is not None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(sequences, model.config.hidden_size, generator=generator)
+    return hidden.to(model.dtype)
 
 
 def _null_step(model: LlamaModel, sequences: int, blocks: int) -> StepInput:

@@ -74,11 +74,14 @@ class KVCache:
         dtype: torch.dtype,
         *,
         commit: bool = False,
+        num_layers: int | None = None,
     ):
-        """``num_blocks`` usable blocks; one more, the null block, is made."""
+        """``num_blocks`` usable blocks; one more, the null block, is made. ``num_layers``:
+        the layers this cache serves (a pipeline stage's), all of the model's by default."""
         shape = (num_blocks + 1, block_size, config.num_kv_heads, config.head_dim)
-        self.k = [_zeros(shape, dtype, commit) for _ in range(config.num_layers)]
-        self.v = [_zeros(shape, dtype, commit) for _ in range(config.num_layers)]
+        layers = config.num_layers if num_layers is None else num_layers
+        self.k = [_zeros(shape, dtype, commit) for _ in range(layers)]
+        self.v = [_zeros(shape, dtype, commit) for _ in range(layers)]
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
@@ -203,14 +206,23 @@ def decode_layer(
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    """The whole model, or one pipeline stage of it: the decoder blocks ``layers`` (all by
+    default), with the embedding if they start at block 0 and the final norm and LM head if
+    they end at the last block. A stage without the embedding takes hidden states; one
+    without the head gives them (see maas.distributed.pipeline)."""
+
+    def __init__(self, config: LlamaConfig, layers: range | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.layers = range(config.num_layers) if layers is None else layers
+        first, last = self.layers.start == 0, self.layers.stop == config.num_layers
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size) if first else None
+        self.blocks = nn.ModuleList(Block(config) for _ in self.layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
+        self.lm_head = (
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False) if last else None
+        )
+        if config.tie_word_embeddings and first and last:
             self.lm_head.weight = self.embed.weight
         inv_freq = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -219,11 +231,18 @@ class LlamaModel(nn.Module):
         ``compiled_rows`` sequences then use it (where it was measured faster than eager)."""
         self.compiled_rows = 0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the norms stay in it whatever the linears become)."""
+        return self.blocks[0].input_norm.weight.dtype
+
     @torch.inference_mode()
-    def forward(self, step: StepInput, cache: KVCache) -> Tensor:
+    def forward(self, step: StepInput, cache: KVCache, hidden: Tensor | None = None) -> Tensor:
         """Logits (float32) of the tokens in ``step.logits_rows``, writing every token's
-        keys and values into the cache."""
-        x = self.embed(step.input_ids)
+        keys and values into the cache. A stage without the embedding starts from
+        ``hidden`` ([T, hidden_size]); one without the head returns every token's hidden
+        state."""
+        x = self.embed(step.input_ids) if self.embed is not None else hidden
         rope = Rope(step.positions, self.inv_freq, x.dtype)
         decode = step.decode
         compiled = decode is not None and not step.prefills and decode.count <= self.compiled_rows
@@ -244,6 +263,8 @@ class LlamaModel(nn.Module):
             plan = AttentionPlan(step)
             for layer, block in enumerate(self.blocks):
                 x = block(x, rope, plan, cache.k[layer], cache.v[layer])
+        if self.lm_head is None:
+            return x
         x = self.norm(x[step.logits_rows])
         return self.lm_head(x).float()
 

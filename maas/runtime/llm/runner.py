@@ -71,7 +71,22 @@ def kv_cache_budget(options: RunnerOptions, per_sequence: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, opened: OpenedVersion, options: RunnerOptions, tokenizer=None) -> None:
+    """The model (or, with ``layers``, the pipeline stage of those decoder blocks) with its KV
+    cache. ``submit`` then ``result`` run one step; here the step is computed at ``submit``,
+    a pipeline's first stage (maas.distributed.pipeline) computes its part there and collects
+    the logits at ``result``, so ``depth`` steps can be in flight."""
+
+    depth = 1
+    """Steps that may be in flight at once."""
+
+    def __init__(
+        self,
+        opened: OpenedVersion,
+        options: RunnerOptions,
+        tokenizer=None,
+        *,
+        layers: range | None = None,
+    ) -> None:
         started = time.perf_counter()
         if options.threads:
             torch.set_num_threads(options.threads)
@@ -80,7 +95,12 @@ class ModelRunner:
         """With ``dtype="auto"``: what was measured and chosen."""
         self.dtype = options.dtype
         pack = options.pack_weights and not options.compile
-        if options.dtype == "auto":
+        if options.dtype == "auto" and layers is not None:
+            # auto measures the whole model in one process; a stage alone cannot
+            log.info("a pipeline stage runs float32 unless MAAS_LLM_DTYPE names a dtype")
+            self.dtype = "float32"
+            self.model = load_model(opened, torch.float32, layers)
+        elif options.dtype == "auto":
             self.model = load_model(opened, torch.float32)
             probe = self.tokenizer.encode(PROBE)
             question = _question_ids(self.tokenizer)
@@ -88,17 +108,26 @@ class ModelRunner:
             self.dtype_choice = choose(self.model, probe, question, batch=batch, pack=pack)
             self.dtype = self.dtype_choice.dtype
         else:
-            self.model = load_model(opened, ACTIVATIONS[options.dtype])
+            self.model = load_model(opened, ACTIVATIONS[options.dtype], layers)
         convert(self.model, self.dtype, pack=pack)
         self.config = self.model.config
         dtype = ACTIVATIONS[self.dtype]
         self.compiled: CompileReport | None = None
         context = min(options.max_model_len, self.config.max_position_embeddings)
         size = options.block_size
-        per_block = KVCache.bytes_per_block(self.config, size, dtype)
-        budget = kv_cache_budget(options, per_block * -(-context // size))
-        blocks = max(1, budget // per_block)
-        self.cache = KVCache(self.config, blocks, size, dtype, commit=options.commit_kv_cache)
+        per_block = KVCache.bytes_per_block(self.config, size, dtype)  # the whole model's, so
+        budget = kv_cache_budget(options, per_block * -(-context // size))  # that every
+        blocks = max(1, budget // per_block)  # pipeline stage has as many blocks
+        layer_count = len(self.model.layers)
+        self.cache = KVCache(
+            self.config,
+            blocks,
+            size,
+            dtype,
+            commit=options.commit_kv_cache,
+            num_layers=layer_count,
+        )
+        per_block = per_block * layer_count // self.config.num_layers
         self.max_len = min(context, self.cache.capacity)
         """Positions one sequence may reach (prompt plus output)."""
         self.max_sequences = options.max_sequences
@@ -122,6 +151,14 @@ class ModelRunner:
 
     def forward(self, step: StepInput) -> Tensor:
         return self.model(step, self.cache)
+
+    def submit(self, step: StepInput) -> Tensor:
+        """Start a step; what ``result`` takes. Here: the step's logits, computed now."""
+        return self.forward(step)
+
+    def result(self, pending: Tensor) -> Tensor:
+        """The logits of a submitted step (float32 [rows, vocab])."""
+        return pending
 
 
 def _question_ids(tokenizer) -> list[int]:

@@ -1,14 +1,21 @@
 """Weights for ``LlamaModel`` from Hugging Face safetensors or a GGUF file.
 
-GGUF tensors are found through the checked header walk (``read_header``) and read from a memory
-map of the file, then dequantised with the ``gguf`` package (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, F16,
-F32 and the rest it knows). llama.cpp stores the q and k projections of ``llama`` models permuted
-for its interleaved rotary layout; they are permuted back to the half-split layout.
+Only the tensors the model (or a pipeline stage of it, ``layers``) holds are read, each from
+its own byte range of the file (``RangeReader``), so a stage never reads the whole model first.
+Safetensors ranges come from the file's JSON header; GGUF tensors are found through the checked
+header walk (``read_header``) and dequantised with the ``gguf`` package (Q4_0, Q4_1, Q8_0, Q4_K,
+Q6_K, F16, F32 and the rest it knows). llama.cpp stores the q and k projections of ``llama``
+models permuted for its interleaved rotary layout; they are permuted back to the half-split
+layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import struct
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,27 +29,42 @@ from maas.runtime.llm.config import LlamaConfig
 from maas.runtime.llm.model import LlamaModel
 
 
-def load_model(opened: OpenedVersion, dtype: torch.dtype) -> LlamaModel:
-    """The model of a version, in eval mode, weights cast to ``dtype``."""
-    if opened.manifest.format == "gguf":
-        config, state = _from_gguf(opened)
-    else:
-        config, state = _from_safetensors(opened)
+def load_model(
+    opened: OpenedVersion, dtype: torch.dtype, layers: range | None = None
+) -> LlamaModel:
+    """The model of a version (or the pipeline stage of decoder blocks ``layers``), in eval
+    mode, weights cast to ``dtype``."""
+    config, state = read_state(opened, layers)
+    layers = range(config.num_layers) if layers is None else layers
     with torch.device("meta"):
-        model = LlamaModel(config)
+        model = LlamaModel(config, layers)
     model = model.to_empty(device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [
-        name for name in missing if not (config.tie_word_embeddings and name == "lm_head.weight")
-    ]
+    tied = config.tie_word_embeddings and model.embed is not None and model.lm_head is not None
+    missing = [name for name in missing if not (tied and name == "lm_head.weight")]
     if missing or unexpected:
         raise UnsupportedFormat(
             f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    if config.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = _rope(model)
     return model.to(dtype).eval()
+
+
+def read_state(
+    opened: OpenedVersion, layers: range | None = None
+) -> tuple[LlamaConfig, dict[str, Tensor]]:
+    """The model's shape and the state dict of the blocks ``layers`` (all by default), reading
+    only their tensors."""
+    config = read_config(opened)
+    layers = range(config.num_layers) if layers is None else layers
+    if not (0 <= layers.start < layers.stop <= config.num_layers and layers.step == 1):
+        raise ValueError(f"layers {layers} are not a run of the model's {config.num_layers}")
+    with contextlib.ExitStack() as files:
+        if opened.manifest.format == "gguf":
+            return config, _from_gguf(opened, config, layers, files)
+        return config, _from_safetensors(opened, config, layers, files)
 
 
 def _rope(model: LlamaModel) -> Tensor:
@@ -51,15 +73,80 @@ def _rope(model: LlamaModel) -> Tensor:
     return rope_frequencies(model.config)
 
 
-def _from_safetensors(opened: OpenedVersion) -> tuple[LlamaConfig, dict[str, Tensor]]:
-    from safetensors.torch import load
+def read_config(opened: OpenedVersion) -> LlamaConfig:
+    """The model's shape, from config.json or the GGUF header (no weights read)."""
+    if opened.manifest.format != "gguf":
+        return LlamaConfig.from_hf(json.loads(opened.read_bytes("config.json")))
+    with opened.open_file(_gguf_file(opened)) as path:
+        header = read_header(path)
+    tensors = {t.name: t for t in header.tensors}
+    if "token_embd.weight" not in tensors:
+        raise UnsupportedFormat("the checkpoint has no tensor for embed")
+    vocab = tensors["token_embd.weight"].dims[-1]
+    return LlamaConfig.from_gguf(opened.manifest.config, vocab, tied="output.weight" not in tensors)
 
-    config = LlamaConfig.from_hf(json.loads(opened.read_bytes("config.json")))
-    raw: dict[str, Tensor] = {}
+
+class RangeReader:
+    """Reads byte ranges of one file with ``pread``: only what is asked is read."""
+
+    def __init__(self, path) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def read(self, offset: int, size: int) -> bytes:
+        chunks, done = [], 0
+        while done < size:
+            chunk = os.pread(self._fd, size - done, offset + done)
+            if not chunk:
+                raise UnsupportedFormat("a weights file ends before one of its tensors")
+            chunks.append(chunk)
+            done += len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+}
+
+
+def _from_safetensors(
+    opened: OpenedVersion, config: LlamaConfig, layers: range, files: contextlib.ExitStack
+) -> dict[str, Tensor]:
+    where: dict[str, tuple[RangeReader, int, dict]] = {}
     for entry in opened.manifest.files:
-        if entry.path.endswith(".safetensors"):
-            raw.update(load(opened.read_bytes(entry.path)))
-    return config, _fuse(config, lambda name: raw.get(_HF_NAMES[name[0]].format(*name[1:])))
+        if not entry.path.endswith(".safetensors"):
+            continue
+        reader = RangeReader(files.enter_context(opened.open_file(entry.path)))
+        files.callback(reader.close)
+        (length,) = struct.unpack("<Q", reader.read(0, 8))
+        header = json.loads(reader.read(8, length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                where[name] = (reader, 8 + length, info)
+
+    def get(name) -> Tensor | None:
+        found = where.get(_HF_NAMES[name[0]].format(*name[1:]))
+        if found is None:
+            return None
+        reader, base, info = found
+        start, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UnsupportedFormat(f"safetensors dtype {info['dtype']} is not supported")
+        data = bytearray(reader.read(base + start, end - start))
+        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"]) if data else None
+
+    return _fuse(config, get, layers)
 
 
 _HF_NAMES = {
@@ -103,8 +190,12 @@ _GGUF_NAMES = {
 }
 
 
-def _fuse(config: LlamaConfig, get) -> dict[str, Tensor]:
-    """Our state dict (fused qkv and gate/up) from a lookup of the checkpoint's tensors."""
+def _fuse(
+    config: LlamaConfig, get: Callable[[tuple], Tensor | None], layers: range
+) -> dict[str, Tensor]:
+    """Our state dict (fused qkv and gate/up) of the blocks ``layers`` (numbered from 0), with
+    the embedding if they start the model and the norm and head if they end it, from a lookup
+    of the checkpoint's tensors (only these are looked up)."""
 
     def need(*name):
         tensor = get(name)
@@ -112,11 +203,18 @@ def _fuse(config: LlamaConfig, get) -> dict[str, Tensor]:
             raise UnsupportedFormat(f"the checkpoint has no tensor for {name[0]} {name[1:] or ''}")
         return tensor
 
-    state = {"embed.weight": need("embed"), "norm.weight": need("norm")}
-    if not config.tie_word_embeddings:
-        state["lm_head.weight"] = need("lm_head")
-    for i in range(config.num_layers):
-        prefix = f"blocks.{i}."
+    state = {}
+    first, last = layers.start == 0, layers.stop == config.num_layers
+    if first:
+        state["embed.weight"] = need("embed")
+    if last:
+        state["norm.weight"] = need("norm")
+        if not config.tie_word_embeddings:
+            state["lm_head.weight"] = need("lm_head")
+        elif not first:  # a later stage holds its own copy of the tied embedding
+            state["lm_head.weight"] = need("embed")
+    for local, i in enumerate(layers):
+        prefix = f"blocks.{local}."
         state[prefix + "input_norm.weight"] = need("input_norm", i)
         state[prefix + "qkv.weight"] = torch.cat([need("q", i), need("k", i), need("v", i)])
         if config.attention_bias:
@@ -133,40 +231,48 @@ def _fuse(config: LlamaConfig, get) -> dict[str, Tensor]:
     return state
 
 
-def _from_gguf(opened: OpenedVersion) -> tuple[LlamaConfig, dict[str, Tensor]]:
-    gguf_file = next(e.path for e in opened.manifest.files if e.path.endswith(".gguf"))
-    with opened.open_file(gguf_file) as path:
-        header = read_header(path)
-        tensors = {t.name: t for t in header.tensors}
-        if "token_embd.weight" not in tensors:
-            raise UnsupportedFormat("the checkpoint has no tensor for embed")
-        metadata = opened.manifest.config
-        vocab = tensors["token_embd.weight"].dims[-1]
-        config = LlamaConfig.from_gguf(metadata, vocab, tied="output.weight" not in tensors)
-        permute = metadata.get("general.architecture") == "llama"
-        data = np.memmap(path, mode="r")
+def _gguf_file(opened: OpenedVersion) -> str:
+    return next(e.path for e in opened.manifest.files if e.path.endswith(".gguf"))
 
-        def get(name) -> Tensor | None:
-            tensor = tensors.get(_GGUF_NAMES[name[0]].format(*name[1:]))
-            if tensor is None:
-                return None
-            rows = tensor_bytes(data, header.data_offset, tensor)
-            array = dequantize(rows, tensor.ggml_type).astype(np.float32, copy=False)
-            if permute and name[0] in ("q", "k"):
-                heads = config.num_heads if name[0] == "q" else config.num_kv_heads
-                array = _unpermute(array, heads)
-            return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
 
-        return config, _fuse(config, get)
+def _from_gguf(
+    opened: OpenedVersion, config: LlamaConfig, layers: range, files: contextlib.ExitStack
+) -> dict[str, Tensor]:
+    path = files.enter_context(opened.open_file(_gguf_file(opened)))
+    header = read_header(path)
+    tensors = {t.name: t for t in header.tensors}
+    permute = opened.manifest.config.get("general.architecture") == "llama"
+    reader = RangeReader(path)
+    files.callback(reader.close)
+
+    def get(name) -> Tensor | None:
+        tensor = tensors.get(_GGUF_NAMES[name[0]].format(*name[1:]))
+        if tensor is None:
+            return None
+        raw = np.frombuffer(
+            reader.read(header.data_offset + tensor.offset, tensor.num_bytes), np.uint8
+        )
+        array = dequantize(shaped_bytes(raw, tensor), tensor.ggml_type)
+        array = array.astype(np.float32, copy=False)
+        if permute and name[0] in ("q", "k"):
+            heads = config.num_heads if name[0] == "q" else config.num_kv_heads
+            array = _unpermute(array, heads)
+        return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+
+    return _fuse(config, get, layers)
+
+
+def shaped_bytes(raw: np.ndarray, tensor: TensorInfo) -> np.ndarray:
+    """A tensor's bytes shaped (rows..., bytes per row), as ``gguf.quants.dequantize`` takes
+    quantised tensors. ``gguf.GGUFReader`` hands it F32 and F16 ones as float arrays (rows...,
+    row) instead, which it only views as floats: the same bits."""
+    return raw.reshape(quant_shape_to_byte_shape(tensor.dims[::-1] or (1,), tensor.ggml_type))
 
 
 def tensor_bytes(data: np.ndarray, data_offset: int, tensor: TensorInfo) -> np.ndarray:
-    """The tensor's bytes in ``data`` (the whole file) shaped (rows..., bytes per row), as
-    ``gguf.quants.dequantize`` takes quantised tensors. ``gguf.GGUFReader`` hands it F32 and F16
-    ones as float arrays (rows..., row) instead, which it only views as floats: the same bits."""
+    """The tensor's bytes in ``data`` (the whole file), shaped as ``shaped_bytes`` does."""
     start = data_offset + tensor.offset
-    shape = quant_shape_to_byte_shape(tensor.dims[::-1] or (1,), tensor.ggml_type)
-    return data[start : start + tensor.num_bytes].reshape(shape)
+    return shaped_bytes(data[start : start + tensor.num_bytes], tensor)
 
 
 def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:

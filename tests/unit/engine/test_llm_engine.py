@@ -69,8 +69,8 @@ def spy_on_plans(engine, monkeypatch) -> list[Plan]:
     plans: list[Plan] = []
     schedule = engine.scheduler.schedule
 
-    def recording() -> Plan:
-        plans.append(schedule())
+    def recording(max_rows=None) -> Plan:
+        plans.append(schedule(max_rows))
         return plans[-1]
 
     monkeypatch.setattr(engine.scheduler, "schedule", recording)

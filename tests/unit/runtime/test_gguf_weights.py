@@ -56,7 +56,7 @@ def reader_state(opened) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
                 array = weights._unpermute(array, heads)
             return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
 
-        return config, weights._fuse(config, get)
+        return config, weights._fuse(config, get, range(config.num_layers))
 
 
 def make_llama_gguf(path: Path, arch: str, *, tied: bool = False) -> Path:
@@ -139,7 +139,7 @@ def test_state_dict_is_what_gguf_reader_gave(settings, tmp_path, arch, tied, sea
         registry.import_model(make_llama_gguf(tmp_path / "tiny.gguf", arch, tied=tied), "tiny")
         opened = registry.open_version("tiny")
         assert bool(opened.data_keys) == sealed
-        config, state = weights._from_gguf(opened)
+        config, state = weights.read_state(opened)
         reference_config, reference = reader_state(opened)
     finally:
         registry.close()

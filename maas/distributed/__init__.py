@@ -1,0 +1,1 @@
+"""A model split across processes: split plans and pipeline-parallel inference."""
