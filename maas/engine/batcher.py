@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from maas.errors import Overloaded
+from maas.errors import Overloaded, Unavailable
 
 Chunk = TypeVar("Chunk")
 Result = TypeVar("Result")
@@ -87,7 +87,8 @@ class Batcher(Generic[Chunk, Result]):
         return await pending.future
 
     async def close(self) -> None:
-        """Stop the loop; chunks still queued fail as unavailable."""
+        """Stop the loop; chunks still queued fail as unavailable, and so do those of a batch
+        still running (closed while it runs: its model died under it)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -138,6 +139,10 @@ class Batcher(Generic[Chunk, Result]):
         chunks = [p.chunk for p in batch]
         try:
             results = await loop.run_in_executor(self._executor, self._run, chunks)
+        except asyncio.CancelledError:  # closed while it ran: its model died under it
+            for pending in batch:
+                _settle(pending, error=Unavailable("the model stopped during this request"))
+            raise
         except Exception as err:
             if len(batch) == 1:
                 _settle(batch[0], error=err)

@@ -29,9 +29,9 @@ class ServingConfig:
     """How long the oldest request may wait for others to join its batch."""
     max_queue_rows: int = 4096
     """Rows waiting at most; past it requests get 503 with Retry-After."""
-    pipeline_stages: int = 1
-    """Processes a text-generation model is split across (pipeline stages); read when the
-    model loads."""
+    pipeline_stages: int | None = None
+    """Processes the model is split across (pipeline stages), read when it loads; None: a
+    text-generation model takes ``MAAS_LLM_PIPELINE_STAGES``, a classic one runs whole."""
 
 
 class InFlight:
@@ -88,6 +88,15 @@ class Deployment(InFlight):
     @property
     def memory_bytes(self) -> int:
         return self.runtime.memory_bytes
+
+    @property
+    def dead(self) -> bool:
+        """A runtime whose work runs in other processes (pipeline stages) can die."""
+        return getattr(self.runtime, "dead", False)
+
+    def watch(self, on_dead: Callable[[], None]) -> None:
+        if hasattr(self.runtime, "on_dead"):
+            self.runtime.on_dead = on_dead
 
     @property
     def queued_rows(self) -> int:

@@ -38,6 +38,9 @@ class EngineOptions:
     """Sequences that may wait for a KV slot; past it, requests get 503 with Retry-After."""
     pipeline_stages: int = 1
     """Processes the model is split across (maas.distributed); needs ``separate_process``."""
+    ray_address: str = ""
+    """With pipeline stages: place the later stages on this Ray cluster (else processes
+    here)."""
 
 
 class LLMDeployment(InFlight):

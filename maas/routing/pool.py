@@ -202,9 +202,14 @@ class ModelPool:
         return deployment
 
     async def _classic(self, opened) -> Deployment:
-        runtime = runtime_for(opened, self._options)
-        await run_in_threadpool(runtime.load)
         config = await run_in_threadpool(self._serving, opened.record)
+        if (config.pipeline_stages or 1) > 1:
+            from maas.distributed.classic import PipelinedTorchRuntime
+
+            runtime = PipelinedTorchRuntime(opened, self._options, config.pipeline_stages)
+        else:
+            runtime = runtime_for(opened, self._options)
+        await run_in_threadpool(runtime.load)
         on_batch = batch_stats_recorder(self._metrics, opened.record)
         return Deployment(opened.record, opened.manifest, runtime, config, on_batch=on_batch)
 

@@ -15,12 +15,13 @@ import logging
 from dataclasses import replace
 
 from maas.config import Settings
-from maas.errors import Conflict, MaasError
+from maas.errors import Conflict, InvalidRequest, MaasError, UnsupportedFormat
 from maas.messages import EngineDescription
 from maas.registry import Registry, VersionRecord
+from maas.registry.manifest import GENERATION_TASKS
 from maas.registry.service import ANY_OWNER, Owner
 from maas.routing.deployment import Deployment, ServingConfig
-from maas.routing.llm_deployment import EngineOptions, LLMDeployment
+from maas.routing.llm_deployment import EngineOptions, LLMDeployment, runs_on_engine
 from maas.routing.metrics import GenerationMetrics, ServingMetrics
 from maas.routing.pool import ModelPool, key_of
 from maas.runtime.base import RuntimeOptions
@@ -39,7 +40,6 @@ class Serving:
             max_batch_size=settings.max_batch_size,
             max_delay_ms=settings.max_delay_ms,
             max_queue_rows=settings.max_queue_rows,
-            pipeline_stages=settings.llm_pipeline_stages,
         )
         self.pool = ModelPool(
             registry,
@@ -64,10 +64,15 @@ class Serving:
             separate_process=settings.llm_engine_process,
             max_waiting=settings.llm_max_waiting_sequences,
             pipeline_stages=settings.llm_pipeline_stages,
+            ray_address=settings.ray_address,
         )
         self.pool.generators = lambda opened: LLMDeployment(
             opened,
-            replace(engine_options, pipeline_stages=self.config_for(opened.record).pipeline_stages),
+            replace(
+                engine_options,
+                pipeline_stages=self.config_for(opened.record).pipeline_stages
+                or settings.llm_pipeline_stages,
+            ),
             generation.recorder(opened.record.reference),
         )
         self.request_timeout = settings.request_timeout_s
@@ -82,6 +87,28 @@ class Serving:
         self.pool.pinned = frozenset(key_of(record) for record in records)
         for record in records:
             self.pool.keep_up(record)
+
+    def check_splittable(self, name: str) -> None:
+        """Refuse pipeline stages for a model whose default version cannot run in them."""
+        model = self.registry.get_model(name)
+        record = model.default
+        if record is None:
+            return
+        manifest = self.registry.read_manifest(record)
+        if manifest.task in GENERATION_TASKS:
+            if not runs_on_engine(manifest):
+                raise InvalidRequest(
+                    f"{record.reference} runs on the transformers fallback, which cannot be "
+                    "split into pipeline stages",
+                    param="serving.pipeline_stages",
+                )
+            return
+        from maas.distributed.classic import check_splittable
+
+        try:
+            check_splittable(manifest)
+        except UnsupportedFormat as err:
+            raise InvalidRequest(str(err), param="serving.pipeline_stages") from None
 
     def config_for(self, record: VersionRecord) -> ServingConfig:
         """Settings defaults, then the manifest's, then the model's own settings."""

@@ -201,6 +201,8 @@ async def update_model(
     its default sampling parameters (from the next request); each part left out stays."""
     record = managed_model(serving.registry, key, name)
     if body.serving is not None:
+        if (body.serving.pipeline_stages or 1) > 1:
+            await run_in_threadpool(serving.check_splittable, name)
         settings = body.serving.model_dump(exclude_none=True)
         record = await run_in_threadpool(
             serving.registry.set_serving, name, settings, owner=record.tenant_id

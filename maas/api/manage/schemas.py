@@ -117,8 +117,9 @@ class ServingUpdate(BaseModel):
     max_queue_rows: int | None = Field(default=None, ge=1, le=10**7)
     """Rows that may wait; past it, requests get 503 with Retry-After."""
     pipeline_stages: int | None = Field(default=None, ge=1, le=64)
-    """A text-generation model served by maas's engine: processes it is split across
-    (pipeline stages), from its next load on (``MAAS_LLM_PIPELINE_STAGES`` by default)."""
+    """Processes the model is split across (pipeline stages), from its next load on: a
+    Llama-family LLM (``MAAS_LLM_PIPELINE_STAGES`` by default) or a built-in torch
+    architecture that runs as a sequence of layers (the small CNN)."""
 
 
 class ModelUpdate(BaseModel):

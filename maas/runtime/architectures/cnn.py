@@ -48,6 +48,14 @@ class SmallCNN(nn.Module):
         """``input`` float32 [N, C, H, W] -> logits [N, num_classes]."""
         return self.classifier(self.features(input))
 
+    def pipeline_layers(self) -> list[tuple[str, nn.Module]]:
+        """The layers ``forward`` runs, in order, named as in the state dict (for pipeline
+        stages, maas.distributed.classic)."""
+        return [
+            *((f"features.{i}", layer) for i, layer in enumerate(self.features)),
+            *((f"classifier.{i}", layer) for i, layer in enumerate(self.classifier)),
+        ]
+
     @staticmethod
     def tensor_signature(arguments: dict[str, Any]) -> tuple[list[dict], list[dict]]:
         """Open Inference Protocol v2 inputs and outputs; ``arguments`` has every argument."""

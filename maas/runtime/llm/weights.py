@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import struct
 from collections.abc import Callable
 
 import numpy as np
@@ -27,6 +25,7 @@ from maas.registry.formats.gguf_header import TensorInfo, read_header
 from maas.registry.records import OpenedVersion
 from maas.runtime.llm.config import LlamaConfig
 from maas.runtime.llm.model import LlamaModel
+from maas.runtime.safetensors_ranges import RangeReader, SafetensorsFile
 
 
 def load_model(
@@ -86,65 +85,20 @@ def read_config(opened: OpenedVersion) -> LlamaConfig:
     return LlamaConfig.from_gguf(opened.manifest.config, vocab, tied="output.weight" not in tensors)
 
 
-class RangeReader:
-    """Reads byte ranges of one file with ``pread``: only what is asked is read."""
-
-    def __init__(self, path) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
-
-    def read(self, offset: int, size: int) -> bytes:
-        chunks, done = [], 0
-        while done < size:
-            chunk = os.pread(self._fd, size - done, offset + done)
-            if not chunk:
-                raise UnsupportedFormat("a weights file ends before one of its tensors")
-            chunks.append(chunk)
-            done += len(chunk)
-        return b"".join(chunks)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-}
-
-
 def _from_safetensors(
     opened: OpenedVersion, config: LlamaConfig, layers: range, files: contextlib.ExitStack
 ) -> dict[str, Tensor]:
-    where: dict[str, tuple[RangeReader, int, dict]] = {}
+    where: dict[str, SafetensorsFile] = {}
     for entry in opened.manifest.files:
-        if not entry.path.endswith(".safetensors"):
-            continue
-        reader = RangeReader(files.enter_context(opened.open_file(entry.path)))
-        files.callback(reader.close)
-        (length,) = struct.unpack("<Q", reader.read(0, 8))
-        header = json.loads(reader.read(8, length))
-        for name, info in header.items():
-            if name != "__metadata__":
-                where[name] = (reader, 8 + length, info)
+        if entry.path.endswith(".safetensors"):
+            weights = SafetensorsFile(files.enter_context(opened.open_file(entry.path)))
+            files.callback(weights.close)
+            where.update(dict.fromkeys(weights.names, weights))
 
     def get(name) -> Tensor | None:
-        found = where.get(_HF_NAMES[name[0]].format(*name[1:]))
-        if found is None:
-            return None
-        reader, base, info = found
-        start, end = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise UnsupportedFormat(f"safetensors dtype {info['dtype']} is not supported")
-        data = bytearray(reader.read(base + start, end - start))
-        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"]) if data else None
+        tensor_name = _HF_NAMES[name[0]].format(*name[1:])
+        found = where.get(tensor_name)
+        return None if found is None else found.get(tensor_name)
 
     return _fuse(config, get, layers)
 

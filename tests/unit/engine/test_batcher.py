@@ -9,7 +9,7 @@ import time
 import pytest
 
 from maas.engine.batcher import Batcher, BatchStats
-from maas.errors import Overloaded
+from maas.errors import Overloaded, Unavailable
 
 
 def doubling(chunks: list[list[int]]) -> list[list[int]]:
@@ -136,3 +136,31 @@ def test_cancelled_requests_are_skipped():
 
     assert asyncio.run(main()) == ["kept"]
     assert calls == [[["kept"]]]
+
+
+def test_closing_while_a_batch_runs_fails_its_requests_instead_of_leaving_them_waiting():
+    """A model that dies under a batch is closed while the batch runs (the pool's restart):
+    its requests get Unavailable (503), and so do the ones queued behind it."""
+    started, release = threading.Event(), threading.Event()
+
+    def stuck(chunks):
+        started.set()
+        release.wait(5)
+        return chunks
+
+    async def main():
+        b, _ = batcher(run=stuck, max_batch_size=1, max_delay=0)
+        running = asyncio.ensure_future(b.submit([0], 1))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(b.submit([1], 1))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0.05)
+        release.set()  # the worker thread returns; close() waits for it
+        await closing
+        return await asyncio.gather(running, queued, return_exceptions=True)
+
+    running, queued = asyncio.run(main())
+    assert isinstance(running, Unavailable) and "stopped during this request" in running.message
+    assert isinstance(queued, Unavailable)
