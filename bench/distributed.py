@@ -9,14 +9,23 @@ peak RSS of the server's whole process tree (server, engine and stage processes)
 alternate the stage counts (1, 2, 3, 1, 2, 3, ...) and the table gives each one's median and
 its ratio to one stage within each round (the median of those ratios).
 
+Training: the digits CNN (bench/training.py's job: scikit-learn's digits, small-cnn 16/32/64
+at 16x16, batch 64) as a real ``train`` job run by an in-process worker, alone and in each
+strategy: data parallel on 2 processes, pipeline on 2 stages (4 micro-batches), hybrid
+2 x 2, and a parameter server with 2 workers, sync and async. Training samples/s are the
+epochs' images over the job's time after its data is loaded; each strategy's ratio is to the
+lone job of the same round (median over rounds), with its validation accuracy.
+
 Hops: two processes in a gloo group on 127.0.0.1 (as the stages are) send a step's hidden
 states ([tokens, 576] float32, what each boundary carries forward) and logits ([rows, 49152]
 float32, what the last stage sends back) back and forth; half the median round trip is the
 time per hop. The bytes per token per boundary are computed from the model's shape.
 
-    .venv/bin/python bench/distributed.py [--rounds 2] [--clients 32] [--requests 64]
+    .venv/bin/python bench/distributed.py [--part llm|training|both] [--rounds 2]
+        [--clients 32] [--requests 64] [--epochs 10]
 
-Takes about 15 minutes per round; run it with nothing else busy. Needs the bench extra.
+The LLM part takes about 10 minutes a round, training about 3; run it with nothing else
+busy. Needs the bench extra.
 """
 
 from __future__ import annotations
@@ -44,6 +53,60 @@ from maas.runtime.llm.config import LlamaConfig  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "distributed.json"
 HOP_ROWS = (1, 32, 512)
 HOP_REPEATS = 50
+
+
+STRATEGIES = {
+    "alone": {},
+    "data x2": {"world_size": 2},
+    "pipeline x2": {"strategy": "pipeline", "world_size": 2, "micro_batches": 4},
+    "hybrid 2x2": {
+        "strategy": "hybrid",
+        "world_size": 4,
+        "pipeline_stages": 2,
+        "micro_batches": 2,
+    },
+    "ps sync, 2 workers": {"strategy": "parameter-server", "world_size": 3},
+    "ps async, 2 workers": {"strategy": "parameter-server", "world_size": 3, "ps_mode": "async"},
+}
+
+
+def bench_training(args) -> dict:
+    import training
+
+    from maas.training.demo_data import write_digits_archive
+
+    runs: dict[str, list[dict]] = {name: [] for name in STRATEGIES}
+    with tempfile.TemporaryDirectory() as root:
+        archive = Path(root) / "digits.zip"
+        write_digits_archive(archive)
+        for round_index in range(args.rounds):
+            for name, extra in STRATEGIES.items():
+                home = Path(root) / f"home-{round_index}-{len(runs[name])}-{name.split()[0]}"
+                row = training.run_maas(home, archive, args.epochs, extra)
+                runs[name].append(row)
+                print(name, row, flush=True)
+    summary = []
+    for name, rows in runs.items():
+        ratios = [
+            row["samples_per_s"] / alone["samples_per_s"]
+            for row, alone in zip(rows, runs["alone"], strict=True)
+        ]
+        summary.append(
+            {
+                "strategy": name,
+                "samples_per_s": round(statistics.median(r["samples_per_s"] for r in rows), 1),
+                "ratio": round(statistics.median(ratios), 3),
+                "val_accuracy": round(statistics.median(r["val_accuracy"] for r in rows), 4),
+            }
+        )
+    print(f"\ndigits CNN, {args.epochs} epochs, medians of {args.rounds} rounds\n")
+    print(f"{'strategy':<22} {'samples/s':>10} {'ratio':>6} {'val acc':>8}")
+    for line in summary:
+        print(
+            f"{line['strategy']:<22} {line['samples_per_s']:>10} {line['ratio']:>6} "
+            f"{line['val_accuracy']:>8}"
+        )
+    return {"epochs": args.epochs, "training": summary, "training_runs": runs}
 
 
 def run_llm(home: Path, stages: int, prompts, args) -> dict:
@@ -106,7 +169,7 @@ def measure_hops(config: LlamaConfig) -> dict:
     return {name: round(ms, 3) for name, ms in results.items()}
 
 
-def report(rows: list[dict], hops: dict, config: LlamaConfig, args) -> dict:
+def report_llm(rows: list[dict], hops: dict, config: LlamaConfig, args) -> dict:
     by_stages: dict[int, list[dict]] = {}
     for row in rows:
         by_stages.setdefault(row["stages"], []).append(row)
@@ -147,8 +210,7 @@ def report(rows: list[dict], hops: dict, config: LlamaConfig, args) -> dict:
     }
     print("\nbytes:", json.dumps(per_token))
     print("one-way hop, median ms (gloo, loopback):", json.dumps(hops))
-    result = {
-        "benchmark": "distributed",
+    return {
         "model": llm_serving.MODEL,
         "dtype": args.dtype,
         "clients": args.clients,
@@ -162,9 +224,6 @@ def report(rows: list[dict], hops: dict, config: LlamaConfig, args) -> dict:
         "bytes": per_token,
         "hop_ms": hops,
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def main() -> None:
@@ -178,7 +237,19 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--single-runs", type=int, default=3)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--part", choices=("llm", "training", "both"), default="both")
+    parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
+    result = {"benchmark": "distributed", "cpu_count": os.cpu_count(), "rounds": args.rounds}
+    if args.part in ("llm", "both"):
+        result["llm"] = bench_llm(args)
+    if args.part in ("training", "both"):
+        result["training"] = bench_training(args)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def bench_llm(args) -> dict:
     model = demo.DEMO_MODELS[0]
     gguf = demo.locate(model)
     from gguf import GGUFReader
@@ -201,7 +272,7 @@ def main() -> None:
             for stages in (int(s) for s in args.stages.split(",")):
                 rows.append(run_llm(home, stages, prompts, args))
                 print(rows[-1], flush=True)
-    report(rows, hops, config, args)
+    return report_llm(rows, hops, config, args)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ RESULTS = Path(__file__).parent / "results" / "training.json"
 ARGUMENTS = {"channels": [16, 32], "hidden": 64}
 
 
-def params(file_id: str, epochs: int) -> dict:
+def params(file_id: str, epochs: int, extra: dict | None = None) -> dict:
     return {
         "training_file": file_id,
         "model": "digits-cnn",
@@ -72,6 +72,7 @@ def params(file_id: str, epochs: int) -> dict:
         "arguments": ARGUMENTS,
         "image_size": 16,
         "batch_size": 64,
+        **(extra or {}),
     }
 
 
@@ -83,7 +84,8 @@ def _tenant_and_files(registry, settings: Settings) -> tuple[int, FileStore]:
     return tenants.get_id("bench"), files
 
 
-def run_maas(home: Path, archive: Path, epochs: int) -> dict:
+def run_maas(home: Path, archive: Path, epochs: int, extra: dict | None = None) -> dict:
+    """A ``train`` job (``extra``: more of its parameters, a strategy) run by a worker."""
     settings = Settings(home=home)
     registry = open_registry(settings)
     tenant, files = _tenant_and_files(registry, settings)
@@ -91,7 +93,9 @@ def run_maas(home: Path, archive: Path, epochs: int) -> dict:
     upload.write_bytes(archive.read_bytes())
     file_id = files.create(tenant, "dataset", "digits.zip", upload, created_by=None).id
     store = JobStore(registry.engine)
-    job, _ = store.create("train", tenant, params(file_id, epochs), created_by=None, max_attempts=1)
+    job, _ = store.create(
+        "train", tenant, params(file_id, epochs, extra), created_by=None, max_attempts=1
+    )
     worker = Worker(settings)
     started = time.perf_counter()
     worker.run(max_jobs=1)

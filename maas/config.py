@@ -161,6 +161,13 @@ class Settings(BaseSettings):
     at once. 1 runs the model whole. Needs ``llm_engine_process``; with ``llm_dtype=auto``
     the stages run float32 (auto measures the whole model in one process)."""
 
+    ray_address: str = ""
+    """A Ray cluster to place distributed work on: ``auto`` (the cluster this machine joined
+    with ``ray start``) or the head's ``host:port``. Training jobs with ``world_size`` > 1 then
+    run their processes as Ray actors, and LLM pipeline stages after the first run as Ray
+    actors, one placement-group bundle each, spread across the nodes. Every node must see the
+    same ``MAAS_HOME``. Empty: processes on this machine. Needs ``pip install ray``."""
+
     shutdown_timeout: float = Field(default=30.0, ge=0, le=86_400)
     """Seconds that running requests, streams included, get to finish after a stop signal
     (SIGTERM or Ctrl-C) while new ones get 503; a second signal stops at once."""

@@ -182,9 +182,15 @@ def serve_stage(spec: PipelineSpec, opened, options: RunnerOptions, ready) -> No
         return
     ready.send(runner.memory_bytes)
     ready.close()
+    serve_loaded(spec, runner)
+
+
+def serve_loaded(spec: PipelineSpec, runner: ModelRunner) -> None:
+    """Run steps until told to stop or until a neighbour is gone (the server then reloads
+    the whole pipeline)."""
     try:
         _run(spec, runner)
-    except RuntimeError as err:  # a neighbour died: the server reloads the whole pipeline
+    except RuntimeError as err:
         log.error("pipeline stage %d stops: %s", spec.rank, err)
         return
     dist.destroy_process_group()

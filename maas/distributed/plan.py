@@ -181,11 +181,19 @@ def llama_plan(config: LlamaConfig, stages: int, *, model: str, dtype: str) -> S
     return split(units, stages, model=model, dtype=dtype, notes=notes)
 
 
-def module_units(layers: Sequence[tuple[str, nn.Module]]) -> list[Unit]:
-    """Units of a classic model from its layers in run order (name, module)."""
+def module_units(
+    layers: Sequence[tuple[str, nn.Module]], model: nn.Module | None = None
+) -> list[Unit]:
+    """Units of a classic model from its layers in run order (name, module). With the whole
+    ``model``, each tensor is named as in its state dict (layers that wrap its modules, such
+    as the text classifiers' steps, then keep the model's names)."""
+    full = {}
+    if model is not None:
+        full = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
     units = []
     for name, layer in layers:
-        params = [(f"{name}.{n}", p) for n, p in layer.state_dict(keep_vars=True).items()]
+        tensors = layer.state_dict(keep_vars=True).items()
+        params = [(full.get(id(t), f"{name}.{n}"), t) for n, t in tensors]
         count = sum(p.numel() for _, p in params)
         size = sum(p.numel() * p.element_size() for _, p in params)
         units.append(Unit(name, tuple(n for n, _ in params), count, size))

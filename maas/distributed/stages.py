@@ -65,9 +65,9 @@ class StageProcesses:
             self._pipes.append(mine)
         self.memory_bytes = [0] * len(self.processes)
 
-    @property
-    def sentinels(self) -> list[int]:
-        return [process.sentinel for process in self.processes]
+    def wait_any_exit(self) -> None:
+        """Block until one of the stages has exited."""
+        wait([process.sentinel for process in self.processes])
 
     def check_ready(self, timeout: float) -> bool:
         """Take the stages' load reports that have come within ``timeout`` s; True once all
@@ -111,3 +111,92 @@ class StageProcesses:
         for process in self.processes:
             if process.is_alive():
                 process.kill()
+
+
+class RayStages:
+    """Ranks 1..K-1 of a pipeline as Ray actors, one placement-group bundle each, spread over
+    the cluster's nodes; rank 0 (the engine process) runs on this machine."""
+
+    def __init__(self, opened, options: RunnerOptions, plan: SplitPlan, ray_address: str):
+        import ray
+
+        from maas.distributed import ray_cluster
+
+        ray_cluster.connect(ray_address)
+        world = len(plan.stages)
+        self._group = ray_cluster.place(world - 1)
+        actor = ray.remote(StageActor)
+        self.actors = [
+            actor.options(**ray_cluster.in_bundle(self._group, i)).remote()
+            for i in range(world - 1)
+        ]
+        where = ray.get([a.where.remote() for a in self.actors])
+        host = ray.util.get_node_ip_address()
+        self.address = f"{host}:{ray_cluster.free_port(host)}"
+        self.interface = "lo" if host.startswith("127.") else ""
+        self.plan = plan.placed(["local", *(w.label for w in where)])
+        self._loads = [
+            a.load.remote(
+                PipelineSpec(s.index, world, self.address, s.unit_range, self.interface),
+                opened,
+                options,
+            )
+            for a, s in zip(self.actors, plan.stages[1:], strict=True)
+        ]
+        self.runs = [a.run.remote() for a in self.actors]
+        self.memory_bytes = [0] * len(self.actors)
+        self.processes = self.actors
+
+    def check_ready(self, timeout: float) -> bool:
+        import ray
+
+        done, _ = ray.wait(self._loads, num_returns=len(self._loads), timeout=timeout)
+        for ref in done:
+            try:
+                self.memory_bytes[self._loads.index(ref)] = ray.get(ref)
+            except Exception as err:
+                raise Unavailable(f"a pipeline stage on Ray failed to load: {err}") from None
+        return len(done) == len(self._loads)
+
+    def wait_any_exit(self) -> None:
+        import ray
+
+        ray.wait(self.runs, num_returns=1, timeout=None)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        import ray
+
+        from maas.distributed import ray_cluster
+
+        ray.wait(self.runs, num_returns=len(self.runs), timeout=timeout)
+        self.kill()
+        ray_cluster.release(self._group)
+
+    def kill(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class StageActor:
+    """A pipeline stage on a Ray node (wrapped with ``ray.remote`` when used)."""
+
+    def where(self):
+        from maas.distributed.ray_cluster import here
+
+        return here()
+
+    def load(self, spec: PipelineSpec, opened, options: RunnerOptions) -> int:
+        from maas.distributed.pipeline import join
+        from maas.runtime.llm.runner import ModelRunner
+
+        self.spec = spec
+        join(spec)
+        self.runner = ModelRunner(opened, options, layers=spec.layers)
+        return self.runner.memory_bytes
+
+    def run(self) -> None:
+        from maas.distributed.pipeline import serve_loaded
+
+        serve_loaded(self.spec, self.runner)

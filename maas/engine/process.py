@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
-from multiprocessing.connection import wait as wait_for
 
 from maas.engine.streams import DeltaStreams
 from maas.errors import Unavailable
@@ -120,14 +119,20 @@ class EngineProcess:
         stages = options.pipeline_stages
         runner = stage_options(options.runner, stages)
         plan = plan_for(opened, stages, runner.dtype)
-        address = free_address()
-        self._stages = StageProcesses(opened, runner, plan, address)
-        spec = PipelineSpec(0, stages, address, plan.stages[0].unit_range)
+        if options.ray_address:
+            from maas.distributed.stages import RayStages
+
+            self._stages = RayStages(opened, runner, plan, options.ray_address)
+            address, interface = self._stages.address, self._stages.interface
+        else:
+            address, interface = free_address(), "lo"
+            self._stages = StageProcesses(opened, runner, plan, address)
+        spec = PipelineSpec(0, stages, address, plan.stages[0].unit_range, interface)
         return replace(options, runner=runner), spec
 
     def _watch_stages(self) -> None:
         """A stage that exits unasked takes the engine process with it (see the module)."""
-        wait_for(self._stages.sentinels)
+        self._stages.wait_any_exit()
         if not self._closing:
             log.error("a pipeline stage of %s exited: stopping its engine", self._process.name)
             self._process.kill()

@@ -40,6 +40,12 @@ class Team:
     """A process training alone: rank 0 of 1."""
 
     rank, world = 0, 1
+    reporting_rank = 0
+    """The rank whose step losses are reported."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """What the strategy measured over the epoch, for its row (rank 0's count)."""
+        return {}
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -97,40 +103,48 @@ class QueueReporter:
         """The worker's stop reaches the ranks through the team's flag."""
 
 
-def train_together(context, world_size: int, entry: str, args: tuple) -> tuple[Any, dict]:
+def train_together(
+    context, world_size: int, entry: str, args: tuple, team: dict | None = None
+) -> tuple[Any, dict]:
     """Run ``world_size`` ranks of ``entry`` and relay rank 0's reports to ``context`` until
-    they finish; if the job must stop (``context`` raises), stop the ranks first."""
+    they finish; if the job must stop (``context`` raises), stop the ranks first. ``team``
+    names another strategy than data parallel (see ``make_team``). With
+    ``MAAS_RAY_ADDRESS`` set, the ranks are Ray actors on the cluster's nodes
+    (``_together_on_ray``)."""
+    if context.settings.ray_address:
+        return _together_on_ray(context, world_size, entry, args, team)
     spawn = torch.multiprocessing.get_context("spawn")
     reports, stop = spawn.Queue(), spawn.Event()
     port = _free_port()
     ranks = [
         spawn.Process(
             target=_rank,
-            args=(rank, world_size, port, entry, args, str(context.workdir), reports, stop),
+            args=(
+                rank,
+                world_size,
+                f"127.0.0.1:{port}",
+                entry,
+                args,
+                str(context.workdir),
+                reports,
+                stop,
+                team,
+            ),
             daemon=True,
         )
         for rank in range(world_size)
     ]
     for process in ranks:
         process.start()
+
+    def ended() -> str | None:
+        codes = [p.exitcode for p in ranks if p.exitcode is not None]
+        if any(codes) or len(codes) == len(ranks):
+            return f"training processes ended without a result (exit codes {codes})"
+        return None
+
     try:
-        while True:
-            try:
-                kind, payload = reports.get(timeout=0.5)
-            except queues.Empty:
-                ended = [p.exitcode for p in ranks if p.exitcode is not None]
-                if any(ended) or len(ended) == len(ranks):
-                    raise RuntimeError(  # noqa: B904 - no error of the queue's to chain
-                        f"training processes ended without a result (exit codes {ended})"
-                    )
-                context.check()
-                continue
-            if kind == "report":
-                context.report(**payload)
-            elif kind == "error":
-                raise RuntimeError(payload)
-            else:  # "done": safetensors bytes, which cannot run code when read
-                return TrainingState(**payload["state"]), safetensors.torch.load(payload["best"])
+        return _relay(context, reports, queues.Empty, ended)
     except BaseException:
         stop.set()
         raise
@@ -142,18 +156,116 @@ def train_together(context, world_size: int, entry: str, args: tuple) -> tuple[A
                 process.join(timeout=10)
 
 
-def _rank(rank, world, port, entry, args, workdir, reports, stop) -> None:
+def _relay(context, reports, empty: type[Exception], ended) -> tuple[Any, dict]:
+    """Pass rank 0's reports on to ``context`` until the result comes; ``ended()`` says why
+    the ranks stopped without one (None while they run)."""
+    while True:
+        try:
+            kind, payload = reports.get(timeout=0.5)
+        except empty:
+            why = ended()
+            if why:
+                raise RuntimeError(why) from None
+            context.check()
+            continue
+        if kind == "report":
+            context.report(**payload)
+        elif kind == "error":
+            raise RuntimeError(payload)
+        else:  # "done": safetensors bytes, which cannot run code when read
+            return TrainingState(**payload["state"]), safetensors.torch.load(payload["best"])
+
+
+def _together_on_ray(context, world: int, entry: str, args: tuple, team) -> tuple[Any, dict]:
+    """``train_together`` with each rank a Ray actor in its own placement-group bundle."""
+    import ray
+    from ray.util.queue import Empty, Queue
+
+    from maas.distributed import ray_cluster
+
+    ray_cluster.connect(context.settings.ray_address)
+    group = ray_cluster.place(world)
+    reports, stop = Queue(), ray_cluster.Flag()
+    actor = ray.remote(RankActor)
+    ranks = [actor.options(**ray_cluster.in_bundle(group, r)).remote() for r in range(world)]
+    runs = []
+    try:
+        where = ray.get([rank.where.remote() for rank in ranks])
+        context.report(
+            message="training processes on Ray: "
+            + ", ".join(f"rank {r} on {w.label}" for r, w in enumerate(where))
+        )
+        address = f"{where[0].ip}:{ray.get(ranks[0].free_port.remote(where[0].ip))}"
+        workdir = str(context.workdir)
+        runs = [
+            rank.run.remote(r, world, address, entry, args, workdir, reports, stop, team)
+            for r, rank in enumerate(ranks)
+        ]
+
+        def ended() -> str | None:
+            done, _ = ray.wait(runs, num_returns=len(runs), timeout=0)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as err:  # an actor or its node died
+                    return f"a training process on Ray failed: {err}"
+            return "training processes ended without a result" if len(done) == len(runs) else None
+
+        return _relay(context, reports, Empty, ended)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        if runs:
+            ray.wait(runs, num_returns=len(runs), timeout=JOIN_SECONDS)
+        for rank in ranks:
+            ray.kill(rank)
+        stop.close()
+        ray.kill(reports.actor)
+        ray_cluster.release(group)
+
+
+class RankActor:
+    """A training rank on a Ray node (wrapped with ``ray.remote`` when used)."""
+
+    def where(self):
+        from maas.distributed.ray_cluster import here
+
+        return here()
+
+    def free_port(self, host: str) -> int:
+        from maas.distributed.ray_cluster import free_port
+
+        return free_port(host)
+
+    def run(self, *args) -> None:
+        _rank(*args)
+
+
+def make_team(rank: int, world: int, stop, spec: dict | None) -> DistributedTeam:
+    """This rank's team: data parallel, or a strategy of strategies.py."""
+    if spec is None:
+        return DistributedTeam(rank, world, stop)
+    from maas.training import strategies
+
+    options = {k: v for k, v in spec.items() if k != "strategy"}
+    if spec["strategy"] == "pipeline":
+        return strategies.PipelineTeam(rank, world, stop, **options)
+    return strategies.ParameterServerTeam(rank, world, stop, **options)
+
+
+def _rank(rank, world, address, entry, args, workdir, reports, stop, spec=None) -> None:
     module, function = entry.split(":")
     try:
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
+            init_method=f"tcp://{address}",
             rank=rank,
             world_size=world,
             timeout=timedelta(seconds=120),
         )
-        team = DistributedTeam(rank, world, stop)
+        team = make_team(rank, world, stop, spec)
         run = getattr(importlib.import_module(module), function)
         state, best = run(QueueReporter(reports, Path(workdir)), team, *args)
         if rank == 0:  # the weights as bytes: a shared tensor would die with this process

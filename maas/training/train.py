@@ -73,9 +73,27 @@ class TrainParams(BaseModel):
     max_runtime_seconds: float | None = Field(default=None, gt=0)
     log_every_steps: int = Field(default=10, ge=1, le=1_000_000)
     world_size: int = Field(default=1, ge=1, le=8)
-    """Processes training together (data parallel: ``torch.distributed`` with gloo on
-    loopback and ``DistributedDataParallel``). Each global batch of ``batch_size`` is split
-    across them and their gradients summed, so the result equals one process's."""
+    """Processes training together (``torch.distributed`` with gloo on loopback), as
+    ``strategy`` says."""
+    strategy: Literal["data", "pipeline", "hybrid", "parameter-server"] = "data"
+    """With ``world_size`` > 1: ``data`` (``DistributedDataParallel``: each global batch split
+    across the processes and their gradients summed, so the result equals one process's);
+    ``pipeline`` (the model's layers in ``world_size`` stages, ``torch.distributed.pipelining``
+    over ``micro_batches``); ``hybrid`` (``world_size / pipeline_stages`` data-parallel
+    pipelines); ``parameter-server`` (rank 0 holds the parameters and the optimizer, the
+    others compute gradients: ``ps_mode`` sync or async). See maas/training/strategies.py."""
+    pipeline_stages: int | None = Field(default=None, ge=2, le=8)
+    """``hybrid``: stages per pipeline (``pipeline``: all of ``world_size``)."""
+    micro_batches: int = Field(default=4, ge=1, le=1024)
+    """``pipeline`` and ``hybrid``: micro-batches each batch (share) is cut into."""
+    pipeline_schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    ps_mode: Literal["sync", "async"] = "sync"
+    """``parameter-server``: sync (every worker's gradient for each batch, then one update:
+    data parallel's) or async (each gradient applied as it arrives)."""
+    max_staleness: int | None = Field(default=None, ge=0, le=1_000_000)
+    """``parameter-server`` async: a gradient computed on parameters more than this many
+    updates old is refused and computed again (None: any is applied; staleness is
+    measured and reported either way)."""
     checkpoint_every_seconds: float = Field(default=10.0, ge=0, le=86_400)
     """A checkpoint after an epoch once this long has passed since the last one (0: after
     every epoch): a crash loses at most this much work, and short epochs do not spend their
@@ -106,7 +124,76 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
         resolve_arguments(parsed.architecture, _arguments(parsed, classes=2, vocab=100))
     except Exception as err:  # UnsupportedFormat names the argument
         raise InvalidRequest(str(err), param="params.arguments") from None
+    _check_strategy(parsed)
     return parsed.model_dump()
+
+
+def _check_strategy(params: TrainParams) -> None:
+    """Refuse a strategy the world size or the architecture cannot run."""
+    strategy, world = params.strategy, params.world_size
+
+    def refuse(message: str, param: str = "params.strategy") -> None:
+        raise InvalidRequest(message, param=param)
+
+    if strategy != "data" and world < 2:
+        refuse(f"strategy {strategy} needs world_size of at least 2", "params.world_size")
+    if strategy in ("pipeline", "hybrid"):
+        stages = world if strategy == "pipeline" else params.pipeline_stages
+        if strategy == "hybrid" and (stages is None or world % stages or world // stages < 2):
+            refuse(
+                "strategy hybrid needs pipeline_stages dividing world_size into 2 or more "
+                "pipelines (for example world_size 4, pipeline_stages 2)",
+                "params.pipeline_stages",
+            )
+        if strategy == "pipeline" and params.pipeline_stages not in (None, world):
+            refuse("strategy pipeline runs world_size stages", "params.pipeline_stages")
+        layers = _layer_count(params)
+        if stages > layers:
+            refuse(
+                f"{params.architecture} has {layers} layers to split; {stages} stages are too many",
+                "params.world_size" if strategy == "pipeline" else "params.pipeline_stages",
+            )
+        replicas = world // stages
+        if params.pipeline_schedule == "1f1b" and params.micro_batches < stages:
+            refuse(
+                f"the 1f1b schedule needs at least as many micro_batches as stages ({stages})",
+                "params.micro_batches",
+            )
+        if params.batch_size < params.micro_batches * replicas:
+            refuse(
+                f"batch_size {params.batch_size} is too small for {params.micro_batches} "
+                f"micro-batches in each of {replicas} pipelines",
+                "params.micro_batches",
+            )
+    elif params.pipeline_stages is not None:
+        refuse("pipeline_stages is for the pipeline and hybrid strategies")
+
+
+def _layer_count(params: TrainParams) -> int:
+    """The units a pipeline can cut the architecture into (see its ``pipeline_layers``)."""
+    from maas.distributed.classic import pipeline_layers
+
+    with torch.device("meta"):
+        model = build(params.architecture, _arguments(params, classes=2, vocab=100))
+    return len(pipeline_layers(model))
+
+
+def team_spec(params: TrainParams) -> dict[str, Any] | None:
+    """How each rank builds its team (distributed.make_team); None: data parallel."""
+    if params.strategy in ("pipeline", "hybrid"):
+        return {
+            "strategy": "pipeline",
+            "stages": params.pipeline_stages or params.world_size,
+            "micro_batches": params.micro_batches,
+            "schedule": params.pipeline_schedule,
+        }
+    if params.strategy == "parameter-server":
+        return {
+            "strategy": "parameter-server",
+            "mode": params.ps_mode,
+            "max_staleness": params.max_staleness,
+        }
+    return None
 
 
 def _arguments(params: TrainParams, *, classes: int, vocab: int) -> dict[str, Any]:
@@ -134,7 +221,11 @@ def run(context) -> dict[str, Any]:
         arguments = _arguments(params, classes=len(data.classes), vocab=data.vocab_size)
         if params.world_size > 1:
             state, best = train_together(
-                context, params.world_size, f"{__name__}:train_rank", (params, arguments, data)
+                context,
+                params.world_size,
+                f"{__name__}:train_rank",
+                (params, arguments, data),
+                team=team_spec(params),
             )
         else:
             state, best = _train(context, params, arguments, data)
@@ -264,8 +355,10 @@ def _train(
             "train_loss": loss_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1),
             "samples_per_s": seen / max(time.monotonic() - epoch_started, 1e-9),
-            **_evaluate(trained, data.validation, loss_fn),
+            **team.epoch_metrics(),
         }
+        if team.rank == 0:  # the other ranks' decisions below follow rank 0's (team.agree)
+            row.update(_evaluate(trained, data.validation, loss_fn))
         state.history.append(row)
         watched = row.get("val_loss", row["train_loss"])
         if state.best_loss is None or watched < state.best_loss:
@@ -291,7 +384,8 @@ def _train(
             metrics=row,
             checkpoint=saved,
         )
-        if params.early_stopping_patience and state.bad_epochs >= params.early_stopping_patience:
+        patience = params.early_stopping_patience
+        if team.agree(bool(patience) and state.bad_epochs >= (patience or 0)):
             team.report(
                 context,
                 message=f"early stop: no better validation loss in {state.bad_epochs} epochs",
@@ -311,11 +405,25 @@ def _train(
 def _epoch(context, params, model, optimizer, train, order, state, team, total_steps):
     """One pass over the training samples in ``order``; returns this process's (loss sum,
     correct predictions, samples seen). Each process takes its share of every batch."""
+    started = time.monotonic()
+    if hasattr(team, "epoch"):  # a strategy that runs its own steps (strategies.py)
+
+        def on_step(loss: float | None, seen: int) -> None:
+            state.step += 1
+            if loss is not None and state.step % params.log_every_steps == 0:
+                rate = seen / max(time.monotonic() - started, 1e-9)
+                context.report(
+                    state.step / total_steps,
+                    message=f"step {state.step}",
+                    step=state.step,
+                    metrics={"loss": loss, "samples_per_s": rate},
+                )
+
+        return team.epoch(model, optimizer, train, order, params.batch_size, on_step)
     inputs, labels = train
     model.train()
     seen = correct = 0
     loss_sum = 0.0
-    started = time.monotonic()
     for start in range(0, len(order), params.batch_size):
         batch = order[start : start + params.batch_size]
         if len(batch) < team.world:

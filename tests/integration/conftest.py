@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -9,6 +11,7 @@ from fastapi.testclient import TestClient
 from maas.api.app import build_app
 from maas.auth.principal import Limits, Role
 from maas.auth.store import KeySpec
+from maas.training.demo_data import write_digits_archive
 from tests.fixtures import (
     make_bert_embedder,
     make_cnn_folder,
@@ -174,3 +177,22 @@ def model_sources(tmp_path_factory):
 @pytest.fixture
 def world(app_client, make_key, make_tenant, model_sources) -> World:
     return World(app_client, make_key, make_tenant, model_sources)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("digits") / "digits.zip"
+    write_digits_archive(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def few_digits(digits, tmp_path_factory) -> Path:
+    """Three digits, 40 images each: enough to train a few epochs in a second."""
+    path = tmp_path_factory.mktemp("few") / "few.zip"
+    with zipfile.ZipFile(digits) as source, zipfile.ZipFile(path, "w") as target:
+        for digit in "012":
+            names = sorted(n for n in source.namelist() if n.startswith(f"digits/{digit}/"))
+            for name in names[:40]:
+                target.writestr(name, source.read(name))
+    return path

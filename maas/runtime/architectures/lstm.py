@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -62,6 +63,17 @@ class LSTMClassifier(nn.Module):
         top = h_n[-self.num_directions :].transpose(0, 1).reshape(input_ids.shape[0], -1)
         return self.classifier(self.dropout(top))
 
+    def pipeline_layers(self) -> list[tuple[str, nn.Module]]:
+        """``forward`` as a sequence of steps for pipeline stages (maas.distributed): the
+        embedding, then the LSTM, then the head; each step holds this model's own modules.
+        The real-token mask rides along as the embeddings' last feature, so that one tensor
+        crosses between stages."""
+        return [
+            ("embedding", _Embed(self)),
+            ("lstm", _Recur(self)),
+            ("classifier", _Head(self)),
+        ]
+
     @staticmethod
     def tensor_signature(arguments: dict[str, Any]) -> tuple[list[dict], list[dict]]:
         """Open Inference Protocol v2 inputs and outputs; ``arguments`` has every argument."""
@@ -72,3 +84,39 @@ class LSTMClassifier(nn.Module):
             ],
             [{"name": "logits", "datatype": "FP32", "shape": [-1, arguments["num_classes"]]}],
         )
+
+
+class _Embed(nn.Module):
+    def __init__(self, model: LSTMClassifier) -> None:
+        super().__init__()
+        self.embedding, self.padding_idx = model.embedding, model.padding_idx
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        mask = (input_ids != self.padding_idx).unsqueeze(-1)
+        embedded = self.embedding(input_ids)
+        return torch.cat([embedded, mask.to(embedded.dtype)], dim=-1)
+
+
+class _Recur(nn.Module):
+    def __init__(self, model: LSTMClassifier) -> None:
+        super().__init__()
+        self.lstm, self.num_directions = model.lstm, model.num_directions
+
+    def forward(self, carried: Tensor) -> Tensor:
+        embedded, mask = carried[..., :-1], carried[..., -1]
+        # torch.distributed.pipelining learns a stage's output shape by running it once on
+        # uninitialised tensors: lengths from such a mask must still be valid ones
+        counts = mask.sum(dim=1).nan_to_num(nan=1.0, posinf=1.0, neginf=1.0)
+        lengths = counts.clamp(min=1, max=mask.shape[1]).long().cpu()
+        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.lstm(packed)
+        return h_n[-self.num_directions :].transpose(0, 1).reshape(embedded.shape[0], -1)
+
+
+class _Head(nn.Module):
+    def __init__(self, model: LSTMClassifier) -> None:
+        super().__init__()
+        self.dropout, self.classifier = model.dropout, model.classifier
+
+    def forward(self, top: Tensor) -> Tensor:
+        return self.classifier(self.dropout(top))

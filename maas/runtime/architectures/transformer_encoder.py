@@ -64,6 +64,15 @@ class TransformerClassifier(nn.Module):
         pooled = hidden.sum(dim=1) / real.sum(dim=1, keepdim=True)
         return self.classifier(pooled)
 
+    def pipeline_layers(self) -> list[tuple[str, nn.Module]]:
+        """``forward`` as a sequence of steps for pipeline stages (maas.distributed): the
+        embeddings, each encoder layer, then the masked mean and the head; each step holds
+        this model's own modules. The real-token mask rides along as the hidden states' last
+        feature, so that one tensor crosses between stages."""
+        blocks = enumerate(self.encoder.layers)
+        layers = [(f"encoder.layers.{i}", _Layer(layer)) for i, layer in blocks]
+        return [("embeddings", _Embed(self)), *layers, ("classifier", _Pool(self))]
+
     @staticmethod
     def tensor_signature(arguments: dict[str, Any]) -> tuple[list[dict], list[dict]]:
         """Open Inference Protocol v2 inputs and outputs; ``arguments`` has every argument."""
@@ -74,3 +83,43 @@ class TransformerClassifier(nn.Module):
             ],
             [{"name": "logits", "datatype": "FP32", "shape": [-1, arguments["num_classes"]]}],
         )
+
+
+class _Embed(nn.Module):
+    def __init__(self, model: TransformerClassifier) -> None:
+        super().__init__()
+        self.token_embedding = model.token_embedding
+        self.position_embedding = model.position_embedding
+        self.padding_idx, self.max_length = model.padding_idx, model.max_length
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        length = input_ids.shape[1]
+        if length > self.max_length:
+            raise ValueError(f"sequence of {length} tokens is over max_length {self.max_length}")
+        real = input_ids != self.padding_idx
+        real[:, 0] = True
+        positions = torch.arange(length, device=input_ids.device)
+        hidden = self.token_embedding(input_ids) + self.position_embedding(positions)
+        return torch.cat([hidden, real.unsqueeze(-1).to(hidden.dtype)], dim=-1)
+
+
+class _Layer(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, carried: Tensor) -> Tensor:
+        hidden, real = carried[..., :-1], carried[..., -1:]
+        out = self.layer(hidden, src_key_padding_mask=real.squeeze(-1) == 0)
+        return torch.cat([out, real], dim=-1)
+
+
+class _Pool(nn.Module):
+    def __init__(self, model: TransformerClassifier) -> None:
+        super().__init__()
+        self.classifier = model.classifier
+
+    def forward(self, carried: Tensor) -> Tensor:
+        hidden, real = carried[..., :-1], carried[..., -1]
+        hidden = hidden.masked_fill((real == 0).unsqueeze(-1), 0.0)
+        return self.classifier(hidden.sum(dim=1) / real.sum(dim=1, keepdim=True))

@@ -16,26 +16,6 @@ from safetensors.torch import load_file
 
 from maas.jobs.worker import Worker
 from maas.training import checkpoint as checkpoints
-from maas.training.demo_data import write_digits_archive
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("digits") / "digits.zip"
-    write_digits_archive(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def few_digits(digits, tmp_path_factory) -> Path:
-    """Three digits, 40 images each: enough to train a few epochs in a second."""
-    path = tmp_path_factory.mktemp("few") / "few.zip"
-    with zipfile.ZipFile(digits) as source, zipfile.ZipFile(path, "w") as target:
-        for digit in "012":
-            names = sorted(n for n in source.namelist() if n.startswith(f"digits/{digit}/"))
-            for name in names[:40]:
-                target.writestr(name, source.read(name))
-    return path
 
 
 @pytest.fixture

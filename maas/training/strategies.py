@@ -1,0 +1,328 @@
+"""Distributed training strategies beyond data parallel, as teams (see distributed.py) that run
+an epoch their own way: ``pipeline`` (model parallel), ``hybrid`` (data-parallel groups of
+pipelines) and ``parameter-server`` (synchronous, or asynchronous with bounded staleness).
+
+**pipeline**: the model's layers (``pipeline_layers``: the small CNN's conv blocks, then its
+head) are cut into ``stages`` runs of about equal bytes (maas.distributed.plan), one per rank,
+driven by ``torch.distributed.pipelining`` (GPipe or 1F1B) over ``micro_batches`` of each
+batch. The loss is each micro-batch's summed cross-entropy over the batch's size, so the
+gradients are those of the batch's mean whatever the split, and every rank steps its own
+stage's parameters: the same update as one process. Every rank builds the whole model (the
+same seed gives the same initial weights as one process); after each epoch the stages'
+weights and optimizer state are copied to every rank, so validation, the best weights and
+checkpoints are rank 0's as with one process. (So each rank holds the whole model in memory
+here: what is split is the computation, not yet the weights.)
+
+**hybrid**: ``world_size / stages`` pipelines, each on its share of every batch; after each
+step every stage's gradients are summed (all-reduce) over the group of that stage's ranks,
+which is data parallelism across the pipelines. (``DistributedDataParallel`` around a stage
+does the same but, as a stage runs several micro-batch backwards a step, its bucket rebuild
+fails an internal check, and with ``static_graph`` its first step's gradients differed from
+one process's.) Rank r is stage ``r % stages`` of pipeline ``r // stages``.
+
+**parameter-server**: rank 0 holds the parameters and the optimizer and computes nothing;
+ranks 1..N are workers. Synchronous: every batch, the server sends the parameters to each
+worker, each computes the gradient of its share of the batch and pushes it back, and the
+server sums them and steps: data parallel's update. Asynchronous: each worker takes whole
+batches in turn (batch i goes to worker i mod N), pushes the gradient of the parameters it
+last pulled, and the server applies each as it arrives; staleness (updates applied since the
+gradient's parameters were pulled) is measured, and a gradient staler than
+``max_staleness`` is refused and computed again on fresh parameters. Stop requests and the
+end of an epoch travel in the server's replies, so no rank waits on a collective the others
+never reach.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from maas.distributed.classic import Chain
+from maas.training.distributed import DistributedTeam, Halted
+
+OK, HALT = 0, 1
+
+
+def stage_layers(model: nn.Module, stages: int) -> list[list[tuple[str, nn.Module]]]:
+    """The model's layers in ``stages`` runs of about equal bytes."""
+    from maas.distributed.classic import pipeline_layers
+    from maas.distributed.plan import module_units, split
+
+    layers = pipeline_layers(model)
+    units = module_units(layers, model)
+    plan = split(units, stages, model=type(model).__name__, dtype="float32")
+    return [layers[stage.first_unit : stage.first_unit + len(stage.units)] for stage in plan.stages]
+
+
+class PipelineTeam(DistributedTeam):
+    """One rank of ``world / stages`` pipelines of ``stages`` stages each."""
+
+    def __init__(self, rank, world, stop, *, stages: int, micro_batches: int, schedule: str):
+        super().__init__(rank, world, stop)
+        self.stages, self.micro_batches, self.schedule_name = stages, micro_batches, schedule
+        self.replicas = world // stages
+        self.replica, self.stage = divmod(rank, stages)
+        self.first, self.last = self.stage == 0, self.stage == stages - 1
+        self.reporting_rank = stages - 1  # the last stage of pipeline 0 sees the losses
+        pipelines = [list(range(r * stages, (r + 1) * stages)) for r in range(self.replicas)]
+        groups = [dist.new_group(ranks) for ranks in pipelines]  # every rank makes every group
+        self.pipeline_group = groups[self.replica]
+        replicas = [[r * stages + s for r in range(self.replicas)] for s in range(stages)]
+        data_groups = [dist.new_group(ranks) for ranks in replicas]
+        self.data_group = data_groups[self.stage]
+        self._scale = 1.0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.model = model
+        self.runs = stage_layers(model, self.stages)
+        module = Chain(layer for _, layer in self.runs[self.stage])
+        stage = PipelineStage(
+            module, self.stage, self.stages, torch.device("cpu"), group=self.pipeline_group
+        )
+        kind = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
+        self.schedule = kind(stage, self.micro_batches, loss_fn=self._loss, scale_grads=False)
+        return model
+
+    def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's part of the global batch's mean loss (the pipelines' gradients are
+        then summed)."""
+        return nn.functional.cross_entropy(output, target, reduction="sum") * self._scale
+
+    def _sum_pipelines(self) -> None:
+        """Each stage's gradients summed over the pipelines (data parallel across them)."""
+        if self.replicas == 1:
+            return
+        for _, layer in self.runs[self.stage]:
+            for p in layer.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, group=self.data_group)
+
+    def epoch(self, model, optimizer, train, order, batch_size: int, on_step: Callable):
+        inputs, labels = train
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            if len(batch) < self.micro_batches * self.replicas:
+                continue  # too few to give every micro-batch a sample; skipped by all alike
+            self.check()
+            share = batch[self.replica :: self.replicas]
+            self._scale = 1 / len(batch)
+            optimizer.zero_grad(set_to_none=True)
+            losses: list[torch.Tensor] = []
+            if self.first:
+                self.schedule.step(inputs[share])
+            elif self.last:
+                logits = self.schedule.step(target=labels[share], losses=losses)
+            else:
+                self.schedule.step()
+            self._sum_pipelines()
+            optimizer.step()
+            if self.last:
+                part = float(sum(loss.detach() for loss in losses)) / self._scale
+                loss_sum += part
+                correct += int((logits.detach().argmax(-1) == labels[share]).sum())
+                seen += len(share)
+                on_step(part / len(share), seen)
+            else:
+                on_step(None, seen)
+        self.synchronise(model, optimizer)
+        return loss_sum, correct, seen
+
+    def synchronise(self, model: nn.Module, optimizer) -> None:
+        """Every stage's weights and optimizer state from pipeline 0 to every rank."""
+        for stage, run in enumerate(self.runs):
+            owner = stage  # rank of that stage in pipeline 0
+            for _, layer in run:
+                for tensor in [*layer.parameters(), *layer.buffers()]:
+                    dist.broadcast(tensor.data, src=owner)
+                states = [[optimizer.state.get(p, {}) for p in layer.parameters()]]
+                dist.broadcast_object_list(states, src=owner)
+                if self.rank != owner:
+                    for p, state in zip(layer.parameters(), states[0], strict=True):
+                        if state:
+                            optimizer.state[p] = state
+
+
+class ParameterServerTeam(DistributedTeam):
+    """Rank 0 the server, ranks 1..world-1 the workers (see the module)."""
+
+    def __init__(self, rank, world, stop, *, mode: str, max_staleness: int | None):
+        super().__init__(rank, world, stop)
+        self.mode, self.max_staleness = mode, max_staleness
+        self.workers = world - 1
+        self.reporting_rank = 0
+        self.staleness: list[int] = []
+        self.refused = 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        self.model = model
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        return model
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """What the server measured this epoch (then forgotten)."""
+        if self.rank != 0 or self.mode != "async":
+            return {}
+        row = {
+            "staleness_mean": sum(self.staleness) / max(1, len(self.staleness)),
+            "staleness_max": float(max(self.staleness, default=0)),
+            "refused_gradients": float(self.refused),
+        }
+        self.staleness, self.refused = [], 0
+        return row
+
+    def epoch(self, model, optimizer, train, order, batch_size: int, on_step: Callable):
+        model.train()
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        batches = [b for b in batches if len(b) >= (self.workers if self.mode == "sync" else 1)]
+        if self.rank == 0:
+            serve = self._serve_sync if self.mode == "sync" else self._serve_async
+            serve(optimizer, batches, on_step)
+            return 0.0, 0, 0
+        work = self._work_sync if self.mode == "sync" else self._work_async
+        return work(train, batches)
+
+    # --- the server
+
+    def _vector(self) -> torch.Tensor:
+        return parameters_to_vector(self._params).detach()
+
+    def _control(self, status: int, version: int, dst: int, accepted: bool = True) -> None:
+        """The server's reply: go on (with the parameters of ``version``) or halt; and whether
+        the worker's last gradient was applied."""
+        dist.send(torch.tensor([status, version, int(accepted)]), dst)
+        if status == OK and version >= 0:
+            dist.send(self._vector(), dst)
+
+    def _recv_push(self, src: int | None) -> tuple[int, torch.Tensor, torch.Tensor]:
+        header = torch.empty(4, dtype=torch.float64)  # version, loss sum, correct, seen
+        sender = dist.recv(header, src)
+        gradient = torch.empty(sum(p.numel() for p in self._params))
+        dist.recv(gradient, sender)
+        return sender, header, gradient
+
+    def _apply(self, optimizer, gradient: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=False)
+        offset = 0
+        for p in self._params:
+            p.grad = gradient[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        optimizer.step()
+
+    def _serve_sync(self, optimizer, batches, on_step) -> None:
+        for _ in batches:
+            status = HALT if self._stop.is_set() else OK
+            for worker in range(1, self.world):
+                self._control(status, 0, worker)
+            if status == HALT:
+                raise Halted
+            total, seen, losses = None, 0, 0.0
+            for worker in range(1, self.world):  # in rank order: a fixed summation order
+                _, header, gradient = self._recv_push(worker)
+                total = gradient if total is None else total + gradient
+                losses += float(header[1])
+                seen += int(header[3])
+            self._apply(optimizer, total)
+            on_step(losses / max(1, seen), seen)
+
+    def _serve_async(self, optimizer, batches, on_step) -> None:
+        version, applied, seen = 0, 0, 0
+        owed = {w: len(batches[w - 1 :: self.workers]) for w in range(1, self.world)}
+        """Gradients each worker has still to get applied this epoch."""
+        for worker in range(1, self.world):  # everyone starts from the same parameters
+            self._control(OK, version, worker)
+        while applied < len(batches):
+            sender, header, gradient = self._recv_push(None)
+            stale = version - int(header[0])
+            accepted = self.max_staleness is None or stale <= self.max_staleness
+            if accepted:
+                self._apply(optimizer, gradient)
+                version, applied, seen = version + 1, applied + 1, seen + int(header[3])
+                owed[sender] -= 1
+                self.staleness.append(stale)
+                on_step(float(header[1]) / max(1, int(header[3])), seen)
+            else:
+                self.refused += 1  # computed again on fresh parameters
+            if self._stop.is_set():
+                self._control(HALT, version, sender)
+                self._halt_the_rest(sender, owed)
+                raise Halted
+            self._control(OK, version, sender, accepted)
+        for worker in range(1, self.world):  # the epoch is over: each waits for this
+            self._control(OK, -1, worker)
+
+    def _halt_the_rest(self, told: int, owed: dict[int, int]) -> None:
+        """Tell the other workers to stop: those done with their batches at once, the others
+        at their next push."""
+        for worker, left in owed.items():
+            if worker != told and left == 0:
+                self._control(HALT, 0, worker)
+        working = {w for w, left in owed.items() if w != told and left > 0}
+        while working:
+            sender, _, _ = self._recv_push(None)
+            self._control(HALT, 0, sender)
+            working.discard(sender)
+
+    # --- the workers
+
+    def _pull(self) -> tuple[int, bool]:
+        """The server's word: the version of the fresh parameters it sent (-1 at the epoch's
+        end) and whether the last gradient was applied; Halted when the job stops."""
+        control = torch.empty(3, dtype=torch.int64)
+        dist.recv(control, 0)
+        status, version, accepted = control.tolist()
+        if status == HALT:
+            raise Halted
+        if version >= 0:
+            vector = torch.empty(sum(p.numel() for p in self._params))
+            dist.recv(vector, 0)
+            vector_to_parameters(vector, self._params)
+        return version, bool(accepted)
+
+    def _push(self, version: int, loss_sum: float, correct: int, seen: int) -> None:
+        header = torch.tensor([version, loss_sum, correct, seen], dtype=torch.float64)
+        dist.send(header, 0)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        dist.send(torch.cat([g.reshape(-1) for g in grads]), 0)
+
+    def _gradient(self, inputs, labels, share, scale: float) -> tuple[float, int]:
+        self.model.zero_grad(set_to_none=True)
+        logits = self.model(inputs[share])
+        loss = nn.functional.cross_entropy(logits, labels[share], reduction="sum")
+        (loss * scale).backward()
+        return float(loss.detach()), int((logits.detach().argmax(-1) == labels[share]).sum())
+
+    def _work_sync(self, train, batches):
+        inputs, labels = train
+        index = self.rank - 1
+        loss_sum, correct, seen = 0.0, 0, 0
+        for batch in batches:
+            self._pull()
+            share = batch[index :: self.workers]
+            loss, right = self._gradient(inputs, labels, share, 1 / len(batch))
+            self._push(0, loss, right, len(share))
+            loss_sum, correct, seen = loss_sum + loss, correct + right, seen + len(share)
+        return loss_sum, correct, seen
+
+    def _work_async(self, train, batches):
+        inputs, labels = train
+        loss_sum, correct, seen = 0.0, 0, 0
+        version, _ = self._pull()
+        for batch in batches[self.rank - 1 :: self.workers]:
+            accepted = False
+            while not accepted:  # again on fresh parameters if it was refused as too stale
+                loss, right = self._gradient(inputs, labels, batch, 1 / len(batch))
+                self._push(version, loss, right, len(batch))
+                version, accepted = self._pull()
+            loss_sum, correct, seen = loss_sum + loss, correct + right, seen + len(batch)
+        while version >= 0:  # done: wait for the epoch's end (or a halt)
+            version, _ = self._pull()
+        return loss_sum, correct, seen
