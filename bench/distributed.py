@@ -81,7 +81,7 @@ def bench_training(args) -> dict:
         write_digits_archive(archive)
         for round_index in range(args.rounds):
             for name, extra in STRATEGIES.items():
-                home = Path(root) / f"home-{round_index}-{len(runs[name])}-{name.split()[0]}"
+                home = Path(root) / f"home-{round_index}-{list(STRATEGIES).index(name)}"
                 row = training.run_maas(home, archive, args.epochs, extra)
                 runs[name].append(row)
                 print(name, row, flush=True)

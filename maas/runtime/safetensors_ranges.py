@@ -9,6 +9,7 @@ with ``pread`` (``RangeReader``), so the bytes read are the ones asked for.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -84,10 +85,14 @@ class SafetensorsFile:
         if dtype is None:
             raise UnsupportedFormat(f"safetensors dtype {info['dtype']} is not supported")
         start, end = info["data_offsets"]
+        shape = info["shape"]
+        expected = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        if not 0 <= start <= end or end - start != expected:
+            raise UnsupportedFormat(f"tensor {name}: its byte range does not fit its shape")
         data = bytearray(self._reader.read(self._base + start, end - start))
         if not data:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
     def close(self) -> None:
         self._reader.close()

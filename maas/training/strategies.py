@@ -82,12 +82,32 @@ class PipelineTeam(DistributedTeam):
         self.model = model
         self.runs = stage_layers(model, self.stages)
         module = Chain(layer for _, layer in self.runs[self.stage])
-        stage = PipelineStage(
-            module, self.stage, self.stages, torch.device("cpu"), group=self.pipeline_group
-        )
-        kind = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
-        self.schedule = kind(stage, self.micro_batches, loss_fn=self._loss, scale_grads=False)
+        self._module = module
+        self._schedules: dict[int, object] = {}
+        self._kinds = (PipelineStage, Schedule1F1B, ScheduleGPipe)
         return model
+
+    def _schedule_for(self, size: int):
+        """The schedule for a share of ``size`` samples. A stage learns its micro-batches'
+        shapes at its first step and keeps them, so each share size gets its own schedule,
+        cut into equal micro-batches: the most that divide it, up to ``micro_batches`` (an
+        epoch's last, smaller batch may need fewer; 1F1B needs as many as stages, else GPipe
+        runs it)."""
+        schedule = self._schedules.get(size)
+        if schedule is None:
+            stage_kind, one_f_one_b, gpipe = self._kinds
+            count = next(n for n in range(min(self.micro_batches, size), 0, -1) if size % n == 0)
+            stage = stage_kind(
+                self._module,
+                self.stage,
+                self.stages,
+                torch.device("cpu"),
+                group=self.pipeline_group,
+            )
+            kind = one_f_one_b if self.schedule_name == "1f1b" and count >= self.stages else gpipe
+            schedule = kind(stage, count, loss_fn=self._loss, scale_grads=False)
+            self._schedules[size] = schedule
+        return schedule
 
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """A micro-batch's part of the global batch's mean loss (the pipelines' gradients are
@@ -110,19 +130,20 @@ class PipelineTeam(DistributedTeam):
         loss_sum, correct, seen = 0.0, 0, 0
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            if len(batch) < self.micro_batches * self.replicas:
-                continue  # too few to give every micro-batch a sample; skipped by all alike
+            if len(batch) < self.replicas:
+                continue  # too few to give every pipeline a sample; skipped by all alike
             self.check()
             share = batch[self.replica :: self.replicas]
             self._scale = 1 / len(batch)
             optimizer.zero_grad(set_to_none=True)
             losses: list[torch.Tensor] = []
+            schedule = self._schedule_for(len(share))
             if self.first:
-                self.schedule.step(inputs[share])
+                schedule.step(inputs[share])
             elif self.last:
-                logits = self.schedule.step(target=labels[share], losses=losses)
+                logits = schedule.step(target=labels[share], losses=losses)
             else:
-                self.schedule.step()
+                schedule.step()
             self._sum_pipelines()
             optimizer.step()
             if self.last:

@@ -65,6 +65,29 @@ def test_a_strategy_trains_exactly_what_one_process_does(
         assert torch.allclose(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-6), key
 
 
+def test_a_pipeline_trains_batches_of_every_size_as_one_process_does(
+    app_client, acme, few_digits, settings
+):
+    """96 samples in batches of 14: 6 batches cut into 2 micro-batches of 7 (4 do not divide
+    14), and a last batch of 12 cut into 4 of 3, each size with its own schedule."""
+    headers = acme["acme"]
+    file_id = upload(app_client, headers, few_digits)
+    common = {"training_file": file_id, **TINY, "batch_size": 14}
+    alone = start(app_client, headers, model="alone", **common)
+    split = start(
+        app_client, headers, model="split", strategy="pipeline", world_size=2, micro_batches=4,
+        **common,
+    )  # fmt: skip
+    run_jobs(settings, count=2)
+    finished(app_client, headers, alone, split)
+    rows = [epochs(app_client, headers, job) for job in (alone, split)]
+    for one, other in zip(*rows, strict=True):
+        assert other["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4, abs=1e-6)
+    weights = model_weights(app_client, "alone", "split")
+    for key in weights[0]:
+        assert torch.allclose(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-6), key
+
+
 def test_an_async_parameter_server_reports_and_bounds_staleness(
     app_client, acme, few_digits, settings
 ):
