@@ -8,13 +8,13 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from tests.fixtures import make_png
+from tests.integration.serving.test_llm_reliability import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -51,15 +51,6 @@ def logits(response) -> np.ndarray:
 def pool_deployment(client, name):
     pool = client.app.state.serving.pool
     return next((d for d in pool.deployments() if d.record.name == name), None)
-
-
-def wait_until(check, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def split(client, name: str, stages: int):
