@@ -151,7 +151,8 @@ class PipelineTeam(DistributedTeam):
                 loss_sum += part
                 correct += int((logits.detach().argmax(-1) == labels[share]).sum())
                 seen += len(share)
-                on_step(part / len(share), seen)
+                reporting = self.rank == self.reporting_rank  # one pipeline's last stage
+                on_step(part / len(share) if reporting else None, seen)
             else:
                 on_step(None, seen)
         self.synchronise(model, optimizer)

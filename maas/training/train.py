@@ -406,19 +406,20 @@ def _epoch(context, params, model, optimizer, train, order, state, team, total_s
     """One pass over the training samples in ``order``; returns this process's (loss sum,
     correct predictions, samples seen). Each process takes its share of every batch."""
     started = time.monotonic()
+
+    def on_step(loss: float | None, seen: int) -> None:
+        """Count a step; every ``log_every_steps``, the reporting rank's loss as an event."""
+        state.step += 1
+        if loss is not None and state.step % params.log_every_steps == 0:
+            rate = seen / max(time.monotonic() - started, 1e-9)
+            context.report(
+                state.step / total_steps,
+                message=f"step {state.step}",
+                step=state.step,
+                metrics={"loss": loss, "samples_per_s": rate},
+            )
+
     if hasattr(team, "epoch"):  # a strategy that runs its own steps (strategies.py)
-
-        def on_step(loss: float | None, seen: int) -> None:
-            state.step += 1
-            if loss is not None and state.step % params.log_every_steps == 0:
-                rate = seen / max(time.monotonic() - started, 1e-9)
-                context.report(
-                    state.step / total_steps,
-                    message=f"step {state.step}",
-                    step=state.step,
-                    metrics={"loss": loss, "samples_per_s": rate},
-                )
-
         return team.epoch(model, optimizer, train, order, params.batch_size, on_step)
     inputs, labels = train
     model.train()
@@ -438,19 +439,11 @@ def _epoch(context, params, model, optimizer, train, order, state, team, total_s
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        state.step += 1
         seen += len(shard)
         mean = float(loss.detach()) * len(batch) / (len(shard) * team.world)
         loss_sum += mean * len(shard)
         correct += int((logits.detach().argmax(-1) == target).sum())
-        if state.step % params.log_every_steps == 0 and team.rank == 0:
-            rate = seen / max(time.monotonic() - started, 1e-9)
-            context.report(
-                state.step / total_steps,
-                message=f"step {state.step}",
-                step=state.step,
-                metrics={"loss": mean, "samples_per_s": rate},
-            )
+        on_step(mean if team.rank == team.reporting_rank else None, seen)
     return loss_sum, correct, seen
 
 
