@@ -42,6 +42,21 @@ class Team:
     rank, world = 0, 1
     reporting_rank = 0
     """The rank whose step losses are reported."""
+    checkpoint_part = ""
+    """The part of a checkpoint this rank writes and reads (``""``: the whole model)."""
+
+    @property
+    def writes_checkpoint(self) -> bool:
+        return self.rank == 0
+
+    def keep_own_part(self, model: torch.nn.Module) -> str | None:
+        """Free the parts of ``model`` this rank does not train (they go to the meta device)
+        before its optimiser is made; a line saying what it holds, or None: all of it."""
+        return None
+
+    def result_part(self, best: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """This rank's share of the weights the job keeps (None: another rank's are)."""
+        return best if self.rank == 0 else None
 
     def epoch_metrics(self) -> dict[str, float]:
         """What the strategy measured over the epoch, for its row (rank 0's count)."""
@@ -53,12 +68,19 @@ class Team:
     def check(self) -> None:
         """Raise Halted (on every rank alike) when the job must stop."""
 
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point."""
+
     def sum(self, values: list[float]) -> list[float]:
         return values
 
     def agree(self, flag: bool) -> bool:
         """Rank 0's answer, on every rank."""
         return flag
+
+    def validate(self, model: torch.nn.Module, split, loss_fn) -> dict[str, float]:
+        """Validation loss and accuracy of a classifier, the same on every rank."""
+        return classifier_metrics(model, split, loss_fn)
 
     def report(self, context, *args: Any, **kwargs: Any) -> None:
         if self.rank == 0:
@@ -78,6 +100,9 @@ class DistributedTeam(Team):
         if flag.item():
             raise Halted
 
+    def barrier(self) -> None:
+        dist.barrier()
+
     def sum(self, values: list[float]) -> list[float]:
         summed = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(summed)
@@ -87,6 +112,30 @@ class DistributedTeam(Team):
         decided = torch.tensor([1 if flag else 0])
         dist.broadcast(decided, src=0)
         return bool(decided.item())
+
+    def validate(self, model: torch.nn.Module, split, loss_fn) -> dict[str, float]:
+        """Rank 0 validates (it holds the whole model); every rank gets its figures."""
+        shared = [classifier_metrics(model, split, loss_fn) if self.rank == 0 else None]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+
+@torch.no_grad()
+def classifier_metrics(model: torch.nn.Module, split, loss_fn) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on ``split`` (inputs, labels), in chunks of 512."""
+    inputs, labels = split
+    if not len(labels):
+        return {}
+    model.eval()
+    logits = torch.cat([model(inputs[i : i + 512]) for i in range(0, len(labels), 512)])
+    return logits_metrics(logits, labels, loss_fn)
+
+
+def logits_metrics(logits: torch.Tensor, labels: torch.Tensor, loss_fn) -> dict[str, float]:
+    return {
+        "val_loss": float(loss_fn(logits, labels)),
+        "val_accuracy": float((logits.argmax(-1) == labels).float().mean()),
+    }
 
 
 class QueueReporter:
@@ -144,7 +193,7 @@ def train_together(
         return None
 
     try:
-        return _relay(context, reports, queues.Empty, ended)
+        return _relay(context, reports, queues.Empty, ended, world_size)
     except BaseException:
         stop.set()
         raise
@@ -156,9 +205,10 @@ def train_together(
                 process.join(timeout=10)
 
 
-def _relay(context, reports, empty: type[Exception], ended) -> tuple[Any, dict]:
-    """Pass rank 0's reports on to ``context`` until the result comes; ``ended()`` says why
-    the ranks stopped without one (None while they run)."""
+def _relay(context, reports, empty: type[Exception], ended, world: int) -> tuple[Any, dict]:
+    """Pass the ranks' reports on to ``context`` until all ``world`` are done; ``ended()``
+    says why the ranks stopped without a result (None while they run)."""
+    done: dict[int, dict] = {}
     while True:
         try:
             kind, payload = reports.get(timeout=0.5)
@@ -173,7 +223,23 @@ def _relay(context, reports, empty: type[Exception], ended) -> tuple[Any, dict]:
         elif kind == "error":
             raise RuntimeError(payload)
         else:  # "done": safetensors bytes, which cannot run code when read
-            return TrainingState(**payload["state"]), safetensors.torch.load(payload["best"])
+            done[payload["rank"]] = payload
+            if len(done) == world:
+                return _result(done)
+
+
+def _result(done: dict[int, dict]) -> tuple[TrainingState, dict]:
+    """Rank 0's training state and the weights the ranks kept, merged (a pipeline's stages
+    each send their own layers')."""
+    best: dict[str, torch.Tensor] = {}
+    for rank in sorted(done):
+        if done[rank]["best"] is not None:
+            best.update(safetensors.torch.load(done[rank]["best"]))
+    return TrainingState(**done[0]["state"]), best
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in tensors.items()}
 
 
 def _together_on_ray(context, world: int, entry: str, args: tuple, team) -> tuple[Any, dict]:
@@ -211,7 +277,7 @@ def _together_on_ray(context, world: int, entry: str, args: tuple, team) -> tupl
                     return f"a training process on Ray failed: {err}"
             return "training processes ended without a result" if len(done) == len(runs) else None
 
-        return _relay(context, reports, Empty, ended)
+        return _relay(context, reports, Empty, ended, world)
     except BaseException:
         stop.set()
         raise
@@ -268,9 +334,15 @@ def _rank(rank, world, address, entry, args, workdir, reports, stop, spec=None) 
         team = make_team(rank, world, stop, spec)
         run = getattr(importlib.import_module(module), function)
         state, best = run(QueueReporter(reports, Path(workdir)), team, *args)
-        if rank == 0:  # the weights as bytes: a shared tensor would die with this process
-            best = {k: v.contiguous() for k, v in best.items()}
-            reports.put(("done", {"state": state.__dict__, "best": safetensors.torch.save(best)}))
+        part = team.result_part(best)
+        # The weights as bytes (a shared tensor would die with this process); every rank
+        # says it is done, so the worker knows when it has every part.
+        done = {
+            "rank": rank,
+            "state": state.__dict__ if rank == 0 else None,
+            "best": None if part is None else safetensors.torch.save(_contiguous(part)),
+        }
+        reports.put(("done", done))
     except Halted:
         pass
     except Exception as err:  # the worker fails the job with it

@@ -7,15 +7,17 @@ head) are cut into ``stages`` runs of about equal bytes (maas.distributed.plan),
 driven by ``torch.distributed.pipelining`` (GPipe or 1F1B) over ``micro_batches`` of each
 batch. The loss is each micro-batch's summed cross-entropy over the batch's size, so the
 gradients are those of the batch's mean whatever the split, and every rank steps its own
-stage's parameters: the same update as one process. Every rank builds the whole model (the
-same seed gives the same initial weights as one process); after each epoch the stages'
-weights and optimizer state are copied to every rank, so validation, the best weights and
-checkpoints are rank 0's as with one process. (So each rank holds the whole model in memory
-here: what is split is the computation, not yet the weights.)
+stage's parameters: the same update as one process. Every rank builds the model once (the
+same seed gives the same initial weights as one process), then frees every layer but its
+stage's (they go to the meta device), so its optimiser, its state and its memory are its
+stage's alone. Validation runs forward through the stages; checkpoints are written a part
+per stage (``checkpoint.write_part``) and resumed the same way; at the end each stage sends
+its best weights to the worker, which joins them into the new version.
 
 **hybrid**: ``world_size / stages`` pipelines, each on its share of every batch; after each
 step every stage's gradients are summed (all-reduce) over the group of that stage's ranks,
-which is data parallelism across the pipelines. (``DistributedDataParallel`` around a stage
+which is data parallelism across the pipelines; after each epoch pipeline 0's weights and
+buffers are copied to the others. (``DistributedDataParallel`` around a stage
 does the same but, as a stage runs several micro-batch backwards a step, its bucket rebuild
 fails an internal check, and with ``static_graph`` its first step's gradients differed from
 one process's.) Rank r is stage ``r % stages`` of pipeline ``r // stages``.
@@ -42,9 +44,15 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from maas.distributed.classic import Chain
-from maas.training.distributed import DistributedTeam, Halted
+from maas.training.distributed import DistributedTeam, Halted, logits_metrics
 
 OK, HALT = 0, 1
+
+
+def _bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers ``model`` holds in memory (not on meta)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
 
 def stage_layers(model: nn.Module, stages: int) -> list[list[tuple[str, nn.Module]]]:
@@ -76,24 +84,47 @@ class PipelineTeam(DistributedTeam):
         self.data_group = data_groups[self.stage]
         self._scale = 1.0
 
+    @property
+    def checkpoint_part(self) -> str:
+        return f"stage-{self.stage}"
+
+    @property
+    def writes_checkpoint(self) -> bool:
+        return self.replica == 0  # the other pipelines' copies of the stage are the same
+
+    def keep_own_part(self, model: nn.Module) -> str:
+        """Cut the model into its stages and free every layer but this rank's stage's."""
+        self.runs = stage_layers(model, self.stages)
+        total = _bytes(model)
+        for stage, run in enumerate(self.runs):
+            if stage != self.stage:
+                for _, layer in run:
+                    layer.to_empty(device="meta")
+        names = ", ".join(name for name, _ in self.runs[self.stage])
+        return (
+            f"rank {self.rank} holds stage {self.stage + 1} of {self.stages} ({names}): "
+            f"{_bytes(model):,} of the model's {total:,} parameter bytes"
+        )
+
+    def result_part(self, best: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        return best if self.replica == 0 else None
+
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.model = model
-        self.runs = stage_layers(model, self.stages)
-        module = Chain(layer for _, layer in self.runs[self.stage])
-        self._module = module
-        self._schedules: dict[int, object] = {}
+        self._module = Chain(layer for _, layer in self.runs[self.stage])
+        self._schedules: dict[tuple[int, bool], object] = {}
         self._kinds = (PipelineStage, Schedule1F1B, ScheduleGPipe)
         return model
 
-    def _schedule_for(self, size: int):
+    def _schedule_for(self, size: int, evaluating: bool = False):
         """The schedule for a share of ``size`` samples. A stage learns its micro-batches'
         shapes at its first step and keeps them, so each share size gets its own schedule,
         cut into equal micro-batches: the most that divide it, up to ``micro_batches`` (an
         epoch's last, smaller batch may need fewer; 1F1B needs as many as stages, else GPipe
-        runs it)."""
-        schedule = self._schedules.get(size)
+        runs it). Validation has schedules of its own (forward only)."""
+        schedule = self._schedules.get((size, evaluating))
         if schedule is None:
             stage_kind, one_f_one_b, gpipe = self._kinds
             count = next(n for n in range(min(self.micro_batches, size), 0, -1) if size % n == 0)
@@ -104,9 +135,10 @@ class PipelineTeam(DistributedTeam):
                 torch.device("cpu"),
                 group=self.pipeline_group,
             )
-            kind = one_f_one_b if self.schedule_name == "1f1b" and count >= self.stages else gpipe
+            training_1f1b = self.schedule_name == "1f1b" and count >= self.stages
+            kind = one_f_one_b if training_1f1b and not evaluating else gpipe
             schedule = kind(stage, count, loss_fn=self._loss, scale_grads=False)
-            self._schedules[size] = schedule
+            self._schedules[size, evaluating] = schedule
         return schedule
 
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -155,22 +187,43 @@ class PipelineTeam(DistributedTeam):
                 on_step(part / len(share) if reporting else None, seen)
             else:
                 on_step(None, seen)
-        self.synchronise(model, optimizer)
+        self._align_replicas()
         return loss_sum, correct, seen
 
-    def synchronise(self, model: nn.Module, optimizer) -> None:
-        """Every stage's weights and optimizer state from pipeline 0 to every rank."""
-        for stage, run in enumerate(self.runs):
-            owner = stage  # rank of that stage in pipeline 0
-            for _, layer in run:
-                for tensor in [*layer.parameters(), *layer.buffers()]:
-                    dist.broadcast(tensor.data, src=owner)
-                states = [[optimizer.state.get(p, {}) for p in layer.parameters()]]
-                dist.broadcast_object_list(states, src=owner)
-                if self.rank != owner:
-                    for p, state in zip(layer.parameters(), states[0], strict=True):
-                        if state:
-                            optimizer.state[p] = state
+    @torch.no_grad()
+    def validate(self, model: nn.Module, split, loss_fn) -> dict[str, float]:
+        """Validation through pipeline 0's stages, forward only, in chunks of 512 as one
+        process validates; the last stage's figures, on every rank."""
+        inputs, labels = split
+        if not len(labels):
+            return {}
+        shared: list = [None]
+        if self.replica == 0:
+            self._module.eval()
+            outputs = []
+            for start in range(0, len(labels), 512):
+                chunk = slice(start, start + 512)
+                schedule = self._schedule_for(len(labels[chunk]), evaluating=True)
+                if self.first:
+                    schedule.eval(inputs[chunk])
+                elif self.last:
+                    outputs.append(schedule.eval(target=labels[chunk]))
+                else:
+                    schedule.eval()
+            if self.last:
+                shared[0] = logits_metrics(torch.cat(outputs), labels, loss_fn)
+        dist.broadcast_object_list(shared, src=self.stages - 1)
+        return shared[0]
+
+    def _align_replicas(self) -> None:
+        """Pipeline 0's copy of this stage's weights and buffers to the other pipelines'
+        (their gradients were summed alike; the buffers, such as batch-norm statistics,
+        saw different samples)."""
+        if self.replicas == 1:
+            return
+        for _, layer in self.runs[self.stage]:
+            for tensor in [*layer.parameters(), *layer.buffers()]:
+                dist.broadcast(tensor.data, src=self.stage, group=self.data_group)
 
 
 class ParameterServerTeam(DistributedTeam):

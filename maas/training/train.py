@@ -328,9 +328,14 @@ def _train(
     team = team or Team()
     torch.manual_seed(params.seed)
     model = build(params.architecture, arguments)
+    holding = team.keep_own_part(model)
+    if holding:
+        context.report(message=holding)
     optimizer, scheduler = _optimizer(params, model)
     generator = torch.Generator().manual_seed(params.seed)
-    restored = checkpoint.load(context.workdir, model, optimizer, scheduler, generator)
+    restored = checkpoint.load(
+        context.workdir, model, optimizer, scheduler, generator, part=team.checkpoint_part
+    )
     state, best = restored if restored else (TrainingState(), _copy(model))
     if restored and team.rank == 0:
         context.report(message=f"resumed after epoch {state.epoch} from its checkpoint")
@@ -357,11 +362,10 @@ def _train(
             "samples_per_s": seen / max(time.monotonic() - epoch_started, 1e-9),
             **team.epoch_metrics(),
         }
-        if team.rank == 0:  # the other ranks' decisions below follow rank 0's (team.agree)
-            row.update(_evaluate(trained, data.validation, loss_fn))
+        row.update(team.validate(trained, data.validation, loss_fn))  # the same on every rank
         state.history.append(row)
         watched = row.get("val_loss", row["train_loss"])
-        if state.best_loss is None or watched < state.best_loss:
+        if team.agree(state.best_loss is None or watched < state.best_loss):
             state.best_loss, state.best_epoch, state.bad_epochs = watched, state.epoch, 0
             best = _copy(trained)
         else:
@@ -369,10 +373,7 @@ def _train(
         state.seconds = time.monotonic() - started
         saved = None
         if team.agree(time.monotonic() - last_saved >= params.checkpoint_every_seconds):
-            if team.rank == 0:
-                checkpoint.save(
-                    context.workdir, state, trained, best, optimizer, scheduler, generator
-                )
+            _save(context.workdir, team, state, trained, best, optimizer, scheduler, generator)
             last_saved = time.monotonic()
             saved = {"epoch": state.epoch, "step": state.step, "best_epoch": state.best_epoch}
         shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
@@ -400,6 +401,18 @@ def _train(
             )
             break
     return state, best
+
+
+def _save(folder, team: Team, state, model, best, optimizer, scheduler, generator) -> None:
+    """A checkpoint: each rank that writes one writes its part, then rank 0 commits it."""
+    if team.rank == 0:
+        checkpoint.begin(folder)
+    team.barrier()
+    if team.writes_checkpoint:
+        checkpoint.write_part(folder, team.checkpoint_part, model, best, optimizer, generator)
+    team.barrier()
+    if team.rank == 0:
+        checkpoint.commit(folder, state, scheduler)
 
 
 def _epoch(context, params, model, optimizer, train, order, state, team, total_steps):
@@ -449,13 +462,14 @@ def _epoch(context, params, model, optimizer, train, order, state, team, total_s
 
 def _optimizer(params: TrainParams, model: nn.Module):
     """The optimiser and its learning-rate schedule (None: constant), as ``params`` say."""
+    held = [p for p in model.parameters() if not p.is_meta]  # a pipeline stage's own
     if params.optimizer == "adamw":
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay
+            held, lr=params.learning_rate, weight_decay=params.weight_decay
         )
     else:
         optimizer = torch.optim.SGD(
-            model.parameters(),
+            held,
             lr=params.learning_rate,
             momentum=params.momentum,
             weight_decay=params.weight_decay,
@@ -465,18 +479,6 @@ def _optimizer(params: TrainParams, model: nn.Module):
     return optimizer, None
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, split, loss_fn) -> dict[str, float]:
-    images, labels = split
-    if not len(labels):
-        return {}
-    model.eval()
-    logits = torch.cat([model(images[i : i + 512]) for i in range(0, len(labels), 512)])
-    return {
-        "val_loss": float(loss_fn(logits, labels)),
-        "val_accuracy": float((logits.argmax(-1) == labels).float().mean()),
-    }
-
-
 def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The weights this process holds (a pipeline stage's process: its stage's)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not v.is_meta}

@@ -161,16 +161,16 @@ def test_a_fine_tuning_job_stopped_after_an_epoch_resumes_to_the_same_model(
     run_jobs(settings)
     halted = client.fine_tuning.jobs.create(**common, suffix="halted", hyperparameters=HYPER)
     worker = Worker(settings)
-    save = checkpoints.save
+    commit = checkpoints.commit
 
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
+    def commit_then_stop(*args, **kwargs):
+        commit(*args, **kwargs)
         worker.stop.set()  # as SIGTERM does: the job goes back to the queue at its next report
 
-    monkeypatch.setattr(checkpoints, "save", save_then_stop)
+    monkeypatch.setattr(checkpoints, "commit", commit_then_stop)
     assert worker.run(max_jobs=1) == 1
     worker.engine.dispose()
-    monkeypatch.setattr(checkpoints, "save", save)
+    monkeypatch.setattr(checkpoints, "commit", commit)
     assert client.fine_tuning.jobs.retrieve(halted.id).status == "queued"
     run_jobs(settings)
     done = client.fine_tuning.jobs.retrieve(halted.id)

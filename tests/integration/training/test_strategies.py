@@ -5,8 +5,11 @@ and weights on the same batches; ``hybrid`` (2 pipelines x 2 stages) too; asynch
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.integration.training.test_train_job import (
     TINY,
@@ -27,6 +30,20 @@ def acme(tenant_keys):
 def epochs(client, headers, job_id: str) -> list[dict]:
     events = client.get(f"/api/v1/jobs/{job_id}/events", headers=headers).json()["data"]
     return [e["metrics"] for e in events if e["message"].startswith("epoch ")]
+
+
+def held_bytes(client, headers, job_id: str) -> dict[int, tuple[int, int, int]]:
+    """What each rank said it holds: rank -> (stage, bytes held, the model's bytes)."""
+    events = client.get(f"/api/v1/jobs/{job_id}/events", headers=headers).json()["data"]
+    pattern = re.compile(
+        r"rank (\d+) holds stage (\d+) of \d+ \(.+\): ([\d,]+) of the model's ([\d,]+)"
+    )
+    held = {}
+    for event in events:
+        if match := pattern.match(event["message"]):
+            rank, stage, mine, total = (int(g.replace(",", "")) for g in match.groups())
+            held[rank] = (stage, mine, total)
+    return held
 
 
 def finished(client, headers, *job_ids: str) -> None:
@@ -63,6 +80,15 @@ def test_a_strategy_trains_exactly_what_one_process_does(
     weights = model_weights(app_client, "alone", "split")
     for key in weights[0]:
         assert torch.allclose(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-6), key
+    if strategy["strategy"] != "parameter-server":  # each rank holds its stage's layers only
+        held = held_bytes(app_client, headers, split)
+        assert sorted(held) == list(range(strategy["world_size"]))
+        model_bytes = sum(t.numel() * t.element_size() for t in weights[0].values())
+        stages: dict[int, int] = {}
+        for stage, mine, total in held.values():
+            assert total == model_bytes and 0 < mine < total
+            assert stages.setdefault(stage, mine) == mine  # a stage's copies hold the same
+        assert sum(stages.values()) == model_bytes
 
 
 def test_a_pipeline_trains_batches_of_every_size_as_one_process_does(
@@ -219,6 +245,11 @@ def test_a_job_stopped_mid_run_stops_every_process_and_resumes(
     monkeypatch.setattr(JobContext, "report", report)
     paused = app_client.get(f"/api/v1/jobs/{split}", headers=headers).json()
     assert paused["status"] == "queued" and paused["checkpoint"]["epoch"] == 1
+    if strategy["strategy"] == "pipeline":  # a part per stage, together the whole model
+        saved = settings.home / "jobs" / split / "checkpoint"
+        parts = [load_file(saved / f"model-stage-{s}.safetensors") for s in range(2)]
+        assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])
+        assert set(parts[0]) | set(parts[1]) == set(model_weights(app_client, "alone")[0])
     run_jobs(settings)
     done = app_client.get(f"/api/v1/jobs/{split}", headers=headers).json()
     assert done["status"] == "succeeded" and done["attempt"] == 2, done["error"]

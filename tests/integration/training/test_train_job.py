@@ -115,16 +115,16 @@ def test_training_stopped_after_an_epoch_resumes_to_the_same_weights(
     run_jobs(settings)
     halted = start(app_client, acme["acme"], model="halted", **common)
     worker = Worker(settings)
-    save = checkpoints.save
+    commit = checkpoints.commit
 
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
+    def commit_then_stop(*args, **kwargs):
+        commit(*args, **kwargs)
         worker.stop.set()  # as SIGTERM does: the job goes back to the queue at its next report
 
-    monkeypatch.setattr(checkpoints, "save", save_then_stop)
+    monkeypatch.setattr(checkpoints, "commit", commit_then_stop)
     assert worker.run(max_jobs=1) == 1
     worker.engine.dispose()
-    monkeypatch.setattr(checkpoints, "save", save)
+    monkeypatch.setattr(checkpoints, "commit", commit)
     paused = app_client.get(f"/api/v1/jobs/{halted}", headers=acme["acme"]).json()
     assert paused["status"] == "queued" and paused["checkpoint"]["epoch"] == 1
     run_jobs(settings)
