@@ -109,11 +109,12 @@ def encode_chat(messages: list[dict[str, Any]], tokenizer: ChatTokenizer) -> Cha
 
 
 def collate(
-    examples: list[ChatExample], pad_id: int
+    examples: list[ChatExample], pad_id: int, length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input ids, attention mask, labels), right-padded to the longest example; the labels
-    are shifted already: ``labels[:, i]`` is what position i must predict."""
-    longest = max(len(e.ids) for e in examples)
+    """(input ids, attention mask, labels), right-padded to the longest example (or to
+    ``length``); the labels are shifted already: ``labels[:, i]`` is what position i must
+    predict."""
+    longest = length or max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)

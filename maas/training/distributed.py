@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from maas.training import checkpoint
 from maas.training.checkpoint import TrainingState
 
 JOIN_SECONDS = 30
@@ -49,10 +50,28 @@ class Team:
     def writes_checkpoint(self) -> bool:
         return self.rank == 0
 
-    def keep_own_part(self, model: torch.nn.Module) -> str | None:
-        """Free the parts of ``model`` this rank does not train (they go to the meta device)
-        before its optimiser is made; a line saying what it holds, or None: all of it."""
+    def keep_own_part(self, model: torch.nn.Module, layers=None) -> str | None:
+        """Free the parts of ``model`` (its ``layers`` in run order, by default its
+        ``pipeline_layers``) this rank does not train: they go to the meta device, before
+        its optimiser is made. A line saying what it holds, or None: all of it."""
         return None
+
+    def share(self, batch: list) -> list | None:
+        """This rank's share of a batch; None when the batch is too small to give every
+        share one sample (every rank skips it alike)."""
+        return batch
+
+    def save_checkpoint(self, folder, state, model, best, optimizer, scheduler, generator):
+        """A checkpoint: each rank that writes one writes its part, then rank 0 commits it."""
+        if self.rank == 0:
+            checkpoint.begin(folder)
+        self.barrier()
+        if self.writes_checkpoint:
+            part = self.checkpoint_part
+            checkpoint.write_part(folder, part, model, best, optimizer, generator)
+        self.barrier()
+        if self.rank == 0:
+            checkpoint.commit(folder, state, scheduler)
 
     def result_part(self, best: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """This rank's share of the weights the job keeps (None: another rank's are)."""
@@ -94,6 +113,9 @@ class DistributedTeam(Team):
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return DistributedDataParallel(model)
 
+    def share(self, batch: list) -> list | None:
+        return batch[self.rank :: self.world] if len(batch) >= self.world else None
+
     def check(self) -> None:
         flag = torch.tensor([1 if self._stop.is_set() else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -128,10 +150,6 @@ def classifier_metrics(model: torch.nn.Module, split, loss_fn) -> dict[str, floa
         return {}
     model.eval()
     logits = torch.cat([model(inputs[i : i + 512]) for i in range(0, len(labels), 512)])
-    return logits_metrics(logits, labels, loss_fn)
-
-
-def logits_metrics(logits: torch.Tensor, labels: torch.Tensor, loss_fn) -> dict[str, float]:
     return {
         "val_loss": float(loss_fn(logits, labels)),
         "val_accuracy": float((logits.argmax(-1) == labels).float().mean()),

@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,10 +30,12 @@ from maas.registry.names import fine_tuned_name, is_fine_tuned_name, parse_refer
 from maas.registry.records import OpenedVersion, VersionRecord
 from maas.registry.rows import Made
 from maas.runtime.llm.tokenizer import ChatTokenizer, load_tokenizer
+from maas.runtime.llm.weights import read_config
 from maas.training import checkpoint
 from maas.training.chat_data import IGNORE, ChatData, collate, encode_chats, read_chats
 from maas.training.checkpoint import TrainingState
 from maas.training.distributed import Team, train_together
+from maas.training.strategies import check_strategy, team_spec
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Every linear layer of a Llama block: LoRA on all of them learns more per parameter than on
@@ -70,8 +72,16 @@ class FineTuneParams(BaseModel):
     2048."""
     log_every_steps: int = Field(default=1, ge=1, le=1_000_000)
     world_size: int = Field(default=1, ge=1, le=8)
-    """Processes training together, data parallel (as the ``train`` job's): each loads the
-    base model and takes its share of every batch; the result equals one process's."""
+    """Processes training together, as ``strategy`` says; the result equals one process's."""
+    strategy: Literal["data", "pipeline", "hybrid"] = "data"
+    """``data``: each process loads the base model and takes its share of every batch;
+    ``pipeline``: the model's layers (embeddings, blocks, norm and head) cut into
+    ``world_size`` stages, each process holding its stage only; ``hybrid``:
+    ``world_size / pipeline_stages`` such pipelines in data parallel. As the ``train``
+    job's (maas/training/strategies.py)."""
+    pipeline_stages: int | None = Field(default=None, ge=2, le=8)
+    micro_batches: int = Field(default=4, ge=1, le=1024)
+    pipeline_schedule: Literal["gpipe", "1f1b"] = "gpipe"
     metadata: dict[str, str] | None = None
     """Kept for the caller (OpenAI's ``metadata``); training ignores it."""
 
@@ -91,6 +101,7 @@ class Hyperparameters:
 
 def validate(params: dict[str, Any]) -> dict[str, Any]:
     parsed = parse_params(FineTuneParams, params)
+    check_strategy(parsed, parsed.batch_size, None, parsed.model)  # the layers: at the start
     fine_tuned_model_name(parsed.model, parsed.suffix, "job-" + "0" * 16)  # fits, or says why
     return parsed.model_dump()
 
@@ -136,6 +147,7 @@ def run(context) -> dict[str, Any]:
                 params.world_size,
                 f"{__name__}:train_rank",
                 (context.settings, params, data.hyper, data.train, data.valid, pad, saved),
+                team=team_spec(params),
             )
             peft_model = _with_adapter(_load_base(data.opened), params)
             _AdapterView(peft_model).load_state_dict(adapter)
@@ -175,6 +187,8 @@ def _validate_files(context, registry, params: FineTuneParams) -> _Files:
         else None
     )
     hyper = resolve_hyperparameters(params, len(train.examples))
+    if params.strategy != "data":  # the embeddings, each block, the norm and head
+        check_strategy(params, hyper.batch_size, read_config(opened).num_layers + 2, params.model)
     context.report(
         stage="training",
         message=f"Files validated: {len(train.examples)} training examples "
@@ -288,7 +302,9 @@ class _AdapterView:
 
         return get_peft_model_state_dict(self.model, save_embedding_layers=False)
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load the adapter's tensors; ``peft`` loads the ones given (``strict`` is for the
+        checkpoint's calls: a pipeline stage's part)."""
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, state)
@@ -329,8 +345,13 @@ def train_rank(reporter, team: Team, settings, params, hyper, train, valid, pad,
     finally:
         registry.close()
     peft_model = _with_adapter(_loaded(reporter, opened, team), params)
+    if params.strategy != "data":
+        from maas.training.llm_stages import llama_layers
+
+        reporter.report(message=team.keep_own_part(peft_model, llama_layers(peft_model)))
     state = _train(reporter, params, hyper, peft_model, train, valid, pad, saved, team)
-    return state, _AdapterView(peft_model).state_dict()
+    adapter = _AdapterView(peft_model).state_dict()
+    return state, {k: v for k, v in adapter.items() if not v.is_meta}  # a stage's: its own
 
 
 def _train(context, params, hyper: Hyperparameters, peft_model, train, valid, pad, saved, team):
@@ -339,14 +360,22 @@ def _train(context, params, hyper: Hyperparameters, peft_model, train, valid, pa
     over the team are those of the batch's mean loss over its learnt tokens; only rank 0
     reports, validates and writes checkpoints."""
     adapter = _AdapterView(peft_model)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=hyper.learning_rate, weight_decay=0.0)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad and not p.is_meta]
+    optimizer = (
+        torch.optim.AdamW(trainable, lr=hyper.learning_rate, weight_decay=0.0)
+        if trainable
+        else _NothingToTrain()
+    )
     generator = torch.Generator().manual_seed(params.seed)
-    restored = checkpoint.load(context.workdir, adapter, optimizer, None, generator)
+    restored = checkpoint.load(
+        context.workdir, adapter, optimizer, None, generator, part=team.checkpoint_part
+    )
     state = restored[0] if restored else TrainingState()
     if restored:
         team.report(context, message=f"Resumed after epoch {state.epoch} from its checkpoint")
     stepper = team.wrap(peft_model)
+    pipelined = hasattr(team, "train_step")
+    length = _longest(train, valid)  # a pipeline's stages need one shape for every batch
     count = len(train.examples)
     total_steps = math.ceil(count / hyper.batch_size) * hyper.n_epochs
     saved = list(saved[: state.epoch])
@@ -360,16 +389,22 @@ def _train(context, params, hyper: Hyperparameters, peft_model, train, valid, pa
             team.check()
             batch = [train.examples[i] for i in order[start : start + hyper.batch_size]]
             state.step += 1
-            if len(batch) < team.world:
+            share = team.share(batch)
+            if share is None:
                 continue  # too few to give every process one; skipped by all alike
-            ids, mask, labels = collate(batch[team.rank :: team.world], pad)
-            total, right, n = _token_loss(
-                stepper(input_ids=ids, attention_mask=mask).logits, labels
-            )
+            learnt = sum(example.learnt for example in batch)
             optimizer.zero_grad(set_to_none=True)
-            (total * (team.world / sum(example.learnt for example in batch))).backward()
+            if pipelined:
+                mine = _pipeline_step(team, share, pad, length, learnt)
+            else:
+                ids, mask, labels = collate(share, pad)
+                total, right, n = _token_loss(
+                    stepper(input_ids=ids, attention_mask=mask).logits, labels
+                )
+                (total * (team.world / learnt)).backward()
+                mine = [float(total.detach()), right, n, int(mask.sum())]
             optimizer.step()
-            step = team.sum([float(total.detach()), right, n, int(mask.sum())])
+            step = team.sum(mine)
             sums = [a + b for a, b in zip(sums, step, strict=True)]
             if state.step % params.log_every_steps == 0 or state.step == total_steps:
                 loss = step[0] / step[2]
@@ -394,12 +429,13 @@ def _train(context, params, hyper: Hyperparameters, peft_model, train, valid, pa
             "train_mean_token_accuracy": sums[1] / sums[2],
             "tokens_per_s": sums[3] / max(time.monotonic() - started, 1e-9),
         }
-        if valid is not None and team.rank == 0:
+        if valid is not None and pipelined:
+            row.update(_evaluate_in_stages(team, valid, hyper.batch_size, pad, length))
+        elif valid is not None and team.rank == 0:
             row.update(_evaluate(peft_model, valid, hyper.batch_size, pad))
         state.history.append(row)
         state.seconds += time.monotonic() - started
-        if team.rank == 0:
-            checkpoint.save(context.workdir, state, adapter, None, optimizer, None, generator)
+        team.save_checkpoint(context.workdir, state, adapter, None, optimizer, None, generator)
         saved.append(
             {"epoch": state.epoch, "step": state.step, "metrics": row, "at": int(time.time())}
         )
@@ -432,6 +468,63 @@ def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     kept = flat_labels != IGNORE
     right = int((flat_logits.argmax(-1)[kept] == flat_labels[kept]).sum())
     return total, right, int(kept.sum())
+
+
+class _NothingToTrain:
+    """The optimiser of a pipeline stage without LoRA weights (the embeddings alone, or the
+    norm and head): the stage passes gradients back but has nothing to move."""
+
+    state: dict = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"state": {}, "param_groups": []}
+
+    def load_state_dict(self, saved: dict) -> None:
+        pass
+
+
+def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return _token_loss(logits, labels)[0]
+
+
+def _longest(*datasets: ChatData | None) -> int:
+    return max(len(e.ids) for data in datasets if data is not None for e in data.examples)
+
+
+def _pipeline_step(team, share: list, pad: int, length: int, learnt: int) -> list:
+    """One step of a pipeline's share of a batch (padded to ``length``, so that every batch
+    has the stages' shapes), each micro-batch's summed loss over the batch's learnt tokens;
+    this rank's (loss, right, learnt, tokens): the last stage's, zeros on the others."""
+    ids, mask, labels = collate(share, pad, length)
+    logits, total = team.train_step((ids, mask), labels, 1 / learnt, _token_loss_sum)
+    if logits is None:
+        return [0.0, 0, 0, 0]
+    _, right, n = _token_loss(logits, labels)
+    return [total, right, n, int(mask.sum())]
+
+
+def _evaluate_in_stages(team, data: ChatData, batch_size: int, pad: int, length: int):
+    """``_evaluate`` forward through the pipeline's stages."""
+    chunks = []
+    for start in range(0, len(data.examples), batch_size):
+        ids, mask, labels = collate(data.examples[start : start + batch_size], pad, length)
+        chunks.append(((ids, mask), labels))
+
+    def score(logits, labels):
+        total, right, n = _token_loss(logits, labels)
+        return [float(total), right, n]
+
+    loss_sum, correct, learnt = team.measure(chunks, _token_loss_sum, score)
+    return {
+        "full_valid_loss": loss_sum / learnt,
+        "full_valid_mean_token_accuracy": correct / learnt,
+    }
 
 
 @torch.no_grad()

@@ -44,9 +44,86 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from maas.distributed.classic import Chain
-from maas.training.distributed import DistributedTeam, Halted, logits_metrics
+from maas.errors import InvalidRequest
+from maas.training.distributed import DistributedTeam, Halted
 
 OK, HALT = 0, 1
+
+
+def team_spec(params) -> dict | None:
+    """How each rank of a job with these ``params`` builds its team
+    (``distributed.make_team``); None: data parallel."""
+    if params.strategy in ("pipeline", "hybrid"):
+        return {
+            "strategy": "pipeline",
+            "stages": params.pipeline_stages or params.world_size,
+            "micro_batches": params.micro_batches,
+            "schedule": params.pipeline_schedule,
+        }
+    if params.strategy == "parameter-server":
+        return {
+            "strategy": "parameter-server",
+            "mode": params.ps_mode,
+            "max_staleness": params.max_staleness,
+        }
+    return None
+
+
+def check_strategy(params, batch_size: int | None, layers: int | None, what: str) -> None:
+    """Refuse a ``strategy`` that ``params`` (a train or fine-tune job's: ``strategy``,
+    ``world_size``, ``pipeline_stages``, ``micro_batches``, ``pipeline_schedule``) cannot
+    run: ``what`` has ``layers`` layers to split (None: not known yet) and batches of
+    ``batch_size`` (None: not known yet)."""
+    strategy, world = params.strategy, params.world_size
+
+    def refuse(message: str, param: str = "params.strategy") -> None:
+        raise InvalidRequest(message, param=param)
+
+    if strategy != "data" and world < 2:
+        refuse(f"strategy {strategy} needs world_size of at least 2", "params.world_size")
+    if strategy in ("pipeline", "hybrid"):
+        stages = world if strategy == "pipeline" else params.pipeline_stages
+        if strategy == "hybrid" and (stages is None or world % stages or world // stages < 2):
+            refuse(
+                "strategy hybrid needs pipeline_stages dividing world_size into 2 or more "
+                "pipelines (for example world_size 4, pipeline_stages 2)",
+                "params.pipeline_stages",
+            )
+        if strategy == "pipeline" and params.pipeline_stages not in (None, world):
+            refuse("strategy pipeline runs world_size stages", "params.pipeline_stages")
+        if layers is not None and stages > layers:
+            refuse(
+                f"{what} has {layers} layers to split; {stages} stages are too many",
+                "params.world_size" if strategy == "pipeline" else "params.pipeline_stages",
+            )
+        replicas = world // stages
+        if params.pipeline_schedule == "1f1b" and params.micro_batches < stages:
+            refuse(
+                f"the 1f1b schedule needs at least as many micro_batches as stages ({stages})",
+                "params.micro_batches",
+            )
+        if batch_size is not None and batch_size < params.micro_batches * replicas:
+            refuse(
+                f"batch_size {batch_size} is too small for {params.micro_batches} "
+                f"micro-batches in each of {replicas} pipelines",
+                "params.micro_batches",
+            )
+    elif params.pipeline_stages is not None:
+        refuse("pipeline_stages is for the pipeline and hybrid strategies")
+
+
+def _trained(layer: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimiser moves (a LoRA adapter's, not the frozen base's)."""
+    return [p for p in layer.parameters() if p.requires_grad]
+
+
+def _added(totals: list, scores: list) -> list:
+    return [a + b for a, b in zip(totals, scores, strict=True)]
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy (a micro-batch's part of a classifier's loss)."""
+    return nn.functional.cross_entropy(logits, labels, reduction="sum")
 
 
 def _bytes(model: nn.Module) -> int:
@@ -55,12 +132,15 @@ def _bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
 
-def stage_layers(model: nn.Module, stages: int) -> list[list[tuple[str, nn.Module]]]:
-    """The model's layers in ``stages`` runs of about equal bytes."""
+def stage_layers(
+    model: nn.Module, stages: int, layers: list[tuple[str, nn.Module]] | None = None
+) -> list[list[tuple[str, nn.Module]]]:
+    """The model's layers (by default its ``pipeline_layers``) in ``stages`` runs of about
+    equal bytes."""
     from maas.distributed.classic import pipeline_layers
     from maas.distributed.plan import module_units, split
 
-    layers = pipeline_layers(model)
+    layers = layers if layers is not None else pipeline_layers(model)
     units = module_units(layers, model)
     plan = split(units, stages, model=type(model).__name__, dtype="float32")
     return [layers[stage.first_unit : stage.first_unit + len(stage.units)] for stage in plan.stages]
@@ -82,7 +162,7 @@ class PipelineTeam(DistributedTeam):
         replicas = [[r * stages + s for r in range(self.replicas)] for s in range(stages)]
         data_groups = [dist.new_group(ranks) for ranks in replicas]
         self.data_group = data_groups[self.stage]
-        self._scale = 1.0
+        self._scale, self._loss_of = 1.0, _ce
 
     @property
     def checkpoint_part(self) -> str:
@@ -92,9 +172,10 @@ class PipelineTeam(DistributedTeam):
     def writes_checkpoint(self) -> bool:
         return self.replica == 0  # the other pipelines' copies of the stage are the same
 
-    def keep_own_part(self, model: nn.Module) -> str:
-        """Cut the model into its stages and free every layer but this rank's stage's."""
-        self.runs = stage_layers(model, self.stages)
+    def keep_own_part(self, model: nn.Module, layers=None) -> str:
+        """Cut the model into its stages (its ``layers`` in run order, by default its
+        ``pipeline_layers``) and free every layer but this rank's stage's."""
+        self.runs = stage_layers(model, self.stages, layers)
         total = _bytes(model)
         for stage, run in enumerate(self.runs):
             if stage != self.stage:
@@ -108,6 +189,10 @@ class PipelineTeam(DistributedTeam):
 
     def result_part(self, best: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         return best if self.replica == 0 else None
+
+    def share(self, batch: list) -> list | None:
+        """This pipeline's share of a batch (every stage of it takes the same)."""
+        return batch[self.replica :: self.replicas] if len(batch) >= self.replicas else None
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -144,17 +229,62 @@ class PipelineTeam(DistributedTeam):
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """A micro-batch's part of the global batch's mean loss (the pipelines' gradients are
         then summed)."""
-        return nn.functional.cross_entropy(output, target, reduction="sum") * self._scale
+        return self._loss_of(output, target) * self._scale
 
     def _sum_pipelines(self) -> None:
         """Each stage's gradients summed over the pipelines (data parallel across them)."""
         if self.replicas == 1:
             return
         for _, layer in self.runs[self.stage]:
-            for p in layer.parameters():
+            for p in _trained(layer):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, group=self.data_group)
+
+    def train_step(
+        self, inputs: tuple, target: torch.Tensor, scale: float, loss: Callable
+    ) -> tuple[torch.Tensor | None, float]:
+        """Forward and backward of this pipeline's share of a batch (``inputs`` go to stage
+        0, ``target`` to the last stage), its gradients summed with the other pipelines'.
+        ``loss(output, target)`` is a micro-batch's summed loss, scaled by ``scale`` to its
+        part of the batch's mean. The last stage gets the outputs and the summed loss."""
+        self._scale, self._loss_of = scale, loss
+        schedule = self._schedule_for(len(target))
+        losses: list[torch.Tensor] = []
+        output = None
+        if self.first:
+            schedule.step(*inputs)
+        elif self.last:
+            output = schedule.step(target=target, losses=losses)
+        else:
+            schedule.step()
+        self._sum_pipelines()
+        if not self.last:
+            return None, 0.0
+        return output.detach(), float(sum(part.detach() for part in losses)) / scale
+
+    @torch.no_grad()
+    def measure(self, chunks: list[tuple[tuple, torch.Tensor]], loss: Callable, score: Callable):
+        """Forward only through pipeline 0's stages, chunk by chunk (``(inputs, target)``);
+        the last stage's ``score(output, target)`` lists summed over the chunks, on every
+        rank."""
+        shared: list = [None]
+        if self.replica == 0:
+            self._module.eval()
+            self._scale, self._loss_of = 1.0, loss
+            totals = None
+            for inputs, target in chunks:
+                schedule = self._schedule_for(len(target), evaluating=True)
+                if self.first:
+                    schedule.eval(*inputs)
+                elif self.last:
+                    scores = score(schedule.eval(target=target), target)
+                    totals = scores if totals is None else _added(totals, scores)
+                else:
+                    schedule.eval()
+            shared[0] = totals
+        dist.broadcast_object_list(shared, src=self.stages - 1)
+        return shared[0]
 
     def epoch(self, model, optimizer, train, order, batch_size: int, on_step: Callable):
         inputs, labels = train
@@ -166,22 +296,12 @@ class PipelineTeam(DistributedTeam):
                 continue  # too few to give every pipeline a sample; skipped by all alike
             self.check()
             share = batch[self.replica :: self.replicas]
-            self._scale = 1 / len(batch)
             optimizer.zero_grad(set_to_none=True)
-            losses: list[torch.Tensor] = []
-            schedule = self._schedule_for(len(share))
-            if self.first:
-                schedule.step(inputs[share])
-            elif self.last:
-                logits = schedule.step(target=labels[share], losses=losses)
-            else:
-                schedule.step()
-            self._sum_pipelines()
+            logits, part = self.train_step((inputs[share],), labels[share], 1 / len(batch), _ce)
             optimizer.step()
             if self.last:
-                part = float(sum(loss.detach() for loss in losses)) / self._scale
                 loss_sum += part
-                correct += int((logits.detach().argmax(-1) == labels[share]).sum())
+                correct += int((logits.argmax(-1) == labels[share]).sum())
                 seen += len(share)
                 reporting = self.rank == self.reporting_rank  # one pipeline's last stage
                 on_step(part / len(share) if reporting else None, seen)
@@ -190,30 +310,19 @@ class PipelineTeam(DistributedTeam):
         self._align_replicas()
         return loss_sum, correct, seen
 
-    @torch.no_grad()
     def validate(self, model: nn.Module, split, loss_fn) -> dict[str, float]:
-        """Validation through pipeline 0's stages, forward only, in chunks of 512 as one
-        process validates; the last stage's figures, on every rank."""
+        """Validation through the stages in chunks of 512, as one process validates."""
         inputs, labels = split
         if not len(labels):
             return {}
-        shared: list = [None]
-        if self.replica == 0:
-            self._module.eval()
-            outputs = []
-            for start in range(0, len(labels), 512):
-                chunk = slice(start, start + 512)
-                schedule = self._schedule_for(len(labels[chunk]), evaluating=True)
-                if self.first:
-                    schedule.eval(inputs[chunk])
-                elif self.last:
-                    outputs.append(schedule.eval(target=labels[chunk]))
-                else:
-                    schedule.eval()
-            if self.last:
-                shared[0] = logits_metrics(torch.cat(outputs), labels, loss_fn)
-        dist.broadcast_object_list(shared, src=self.stages - 1)
-        return shared[0]
+        chunks = [((inputs[i : i + 512],), labels[i : i + 512]) for i in range(0, len(labels), 512)]
+
+        def score(logits, target):
+            right = int((logits.argmax(-1) == target).sum())
+            return [float(_ce(logits, target)), right, len(target)]
+
+        loss_sum, right, count = self.measure(chunks, _ce, score)
+        return {"val_loss": loss_sum / count, "val_accuracy": right / count}
 
     def _align_replicas(self) -> None:
         """Pipeline 0's copy of this stage's weights and buffers to the other pipelines'
@@ -222,7 +331,7 @@ class PipelineTeam(DistributedTeam):
         if self.replicas == 1:
             return
         for _, layer in self.runs[self.stage]:
-            for tensor in [*layer.parameters(), *layer.buffers()]:
+            for tensor in [*_trained(layer), *layer.buffers()]:
                 dist.broadcast(tensor.data, src=self.stage, group=self.data_group)
 
 

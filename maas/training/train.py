@@ -33,6 +33,7 @@ from maas.training import checkpoint, text_data
 from maas.training.checkpoint import TrainingState
 from maas.training.distributed import Team, train_together
 from maas.training.image_data import extract, load_split
+from maas.training.strategies import check_strategy, team_spec
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
@@ -130,43 +131,8 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
 
 def _check_strategy(params: TrainParams) -> None:
     """Refuse a strategy the world size or the architecture cannot run."""
-    strategy, world = params.strategy, params.world_size
-
-    def refuse(message: str, param: str = "params.strategy") -> None:
-        raise InvalidRequest(message, param=param)
-
-    if strategy != "data" and world < 2:
-        refuse(f"strategy {strategy} needs world_size of at least 2", "params.world_size")
-    if strategy in ("pipeline", "hybrid"):
-        stages = world if strategy == "pipeline" else params.pipeline_stages
-        if strategy == "hybrid" and (stages is None or world % stages or world // stages < 2):
-            refuse(
-                "strategy hybrid needs pipeline_stages dividing world_size into 2 or more "
-                "pipelines (for example world_size 4, pipeline_stages 2)",
-                "params.pipeline_stages",
-            )
-        if strategy == "pipeline" and params.pipeline_stages not in (None, world):
-            refuse("strategy pipeline runs world_size stages", "params.pipeline_stages")
-        layers = _layer_count(params)
-        if stages > layers:
-            refuse(
-                f"{params.architecture} has {layers} layers to split; {stages} stages are too many",
-                "params.world_size" if strategy == "pipeline" else "params.pipeline_stages",
-            )
-        replicas = world // stages
-        if params.pipeline_schedule == "1f1b" and params.micro_batches < stages:
-            refuse(
-                f"the 1f1b schedule needs at least as many micro_batches as stages ({stages})",
-                "params.micro_batches",
-            )
-        if params.batch_size < params.micro_batches * replicas:
-            refuse(
-                f"batch_size {params.batch_size} is too small for {params.micro_batches} "
-                f"micro-batches in each of {replicas} pipelines",
-                "params.micro_batches",
-            )
-    elif params.pipeline_stages is not None:
-        refuse("pipeline_stages is for the pipeline and hybrid strategies")
+    layers = _layer_count(params) if params.strategy in ("pipeline", "hybrid") else None
+    check_strategy(params, params.batch_size, layers, params.architecture)
 
 
 def _layer_count(params: TrainParams) -> int:
@@ -176,24 +142,6 @@ def _layer_count(params: TrainParams) -> int:
     with torch.device("meta"):
         model = build(params.architecture, _arguments(params, classes=2, vocab=100))
     return len(pipeline_layers(model))
-
-
-def team_spec(params: TrainParams) -> dict[str, Any] | None:
-    """How each rank builds its team (distributed.make_team); None: data parallel."""
-    if params.strategy in ("pipeline", "hybrid"):
-        return {
-            "strategy": "pipeline",
-            "stages": params.pipeline_stages or params.world_size,
-            "micro_batches": params.micro_batches,
-            "schedule": params.pipeline_schedule,
-        }
-    if params.strategy == "parameter-server":
-        return {
-            "strategy": "parameter-server",
-            "mode": params.ps_mode,
-            "max_staleness": params.max_staleness,
-        }
-    return None
 
 
 def _arguments(params: TrainParams, *, classes: int, vocab: int) -> dict[str, Any]:
@@ -373,7 +321,9 @@ def _train(
         state.seconds = time.monotonic() - started
         saved = None
         if team.agree(time.monotonic() - last_saved >= params.checkpoint_every_seconds):
-            _save(context.workdir, team, state, trained, best, optimizer, scheduler, generator)
+            team.save_checkpoint(
+                context.workdir, state, trained, best, optimizer, scheduler, generator
+            )
             last_saved = time.monotonic()
             saved = {"epoch": state.epoch, "step": state.step, "best_epoch": state.best_epoch}
         shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
@@ -401,18 +351,6 @@ def _train(
             )
             break
     return state, best
-
-
-def _save(folder, team: Team, state, model, best, optimizer, scheduler, generator) -> None:
-    """A checkpoint: each rank that writes one writes its part, then rank 0 commits it."""
-    if team.rank == 0:
-        checkpoint.begin(folder)
-    team.barrier()
-    if team.writes_checkpoint:
-        checkpoint.write_part(folder, team.checkpoint_part, model, best, optimizer, generator)
-    team.barrier()
-    if team.rank == 0:
-        checkpoint.commit(folder, state, scheduler)
 
 
 def _epoch(context, params, model, optimizer, train, order, state, team, total_steps):

@@ -57,7 +57,12 @@ class Hyperparameters(BaseModel):
     lora_alpha: float | None = None
     lora_dropout: float | None = None
     world_size: int | None = None
-    """maas's own: processes training together, data parallel."""
+    """maas's own: processes training together, as ``strategy`` says."""
+    strategy: str | None = None
+    """maas's own: ``data`` (the default), ``pipeline`` or ``hybrid``."""
+    pipeline_stages: int | None = None
+    micro_batches: int | None = None
+    pipeline_schedule: str | None = None
 
 
 class Supervised(BaseModel):
@@ -210,6 +215,10 @@ _FIELDS = {
         "lora_alpha",
         "lora_dropout",
         "world_size",
+        "strategy",
+        "pipeline_stages",
+        "micro_batches",
+        "pipeline_schedule",
     )
 } | {name: name for name in ("model", "suffix", "seed", "metadata")}
 """The request field each job parameter comes from."""

@@ -188,9 +188,23 @@ def test_a_fine_tuning_job_stopped_after_an_epoch_resumes_to_the_same_model(
     assert done.trained_tokens == client.fine_tuning.jobs.retrieve(whole.id).trained_tokens
 
 
-def test_data_parallel_fine_tuning_equals_one_process(app_client, tenant_keys, tiny_chat, settings):
-    """Two processes split each batch of chats of different lengths; the gradients summed
-    over them are one process's on the whole batch, so the models agree to float rounding."""
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {"world_size": 2},
+        {"world_size": 2, "strategy": "pipeline", "micro_batches": 2},
+        {"world_size": 3, "strategy": "pipeline", "micro_batches": 4,
+         "pipeline_schedule": "1f1b"},
+        {"world_size": 4, "strategy": "hybrid", "pipeline_stages": 2, "micro_batches": 2},
+    ],
+    ids=["data", "pipeline-2", "pipeline-1f1b-3", "hybrid-2x2"],
+)  # fmt: skip
+def test_fine_tuning_in_several_processes_equals_one_process(
+    app_client, tenant_keys, tiny_chat, settings, strategy
+):
+    """The processes split each batch of chats of different lengths (data parallel), or the
+    model's layers (pipeline stages, each process holding its stage's only), or both; the
+    model ends as one process's to float rounding, its losses too, validation included."""
     client = sdk(app_client, tenant_keys["acme"])
     replies = ["paris", "the dog ran to the park", "fine thanks, and you?", "berlin is the capital"]
     lines = [
@@ -204,16 +218,18 @@ def test_data_parallel_fine_tuning_equals_one_process(app_client, tenant_keys, t
     ]
     content = "".join(json.dumps(line) + "\n" for line in lines).encode()
     training = client.files.create(file=("varied.jsonl", content), purpose="fine-tune")
+    validation = client.files.create(file=("valid.jsonl", content), purpose="fine-tune")
     hyper = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 20}
     jobs = [
         client.fine_tuning.jobs.create(
             model="tiny-chat",
             training_file=training.id,
-            suffix=f"w{world}",
+            validation_file=validation.id,
+            suffix=suffix,
             seed=5,
-            hyperparameters={**hyper, "world_size": world},
+            hyperparameters={**hyper, **extra},
         )
-        for world in (1, 2)
+        for suffix, extra in (("alone", {}), ("split", strategy))
     ]
     run_jobs(settings, 2)
     done = [client.fine_tuning.jobs.retrieve(job.id) for job in jobs]
@@ -228,16 +244,22 @@ def test_data_parallel_fine_tuning_equals_one_process(app_client, tenant_keys, t
     assert moved  # the adapter changed the weights it was merged into
     for key in alone:
         torch.testing.assert_close(together[key], alone[key], rtol=1e-4, atol=1e-5)
-    losses = [
-        [
-            e.data["train_loss"]
-            for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
-            if e.type == "metrics" and "total_steps" in e.data
-        ]
-        for job in done
-    ]
-    assert len(losses[0]) == 4
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    events = [list(client.fine_tuning.jobs.list_events(job.id, limit=100)) for job in done]
+    for name, count in (("train_loss", 6), ("full_valid_loss", 2)):  # 4 steps, 2 epochs
+        figures = [[e.data[name] for e in job if e.type == "metrics" and name in e.data]
+                   for job in events]  # fmt: skip
+        assert len(figures[0]) == count
+        torch.testing.assert_close(figures[1], figures[0], rtol=1e-4, atol=1e-5)
+    held = [e.message for e in events[1] if " holds stage " in e.message]
+    if strategy.get("strategy"):  # each process said what it holds: a part of the model
+        assert len(held) == strategy["world_size"]
+        stages = strategy.get("pipeline_stages", strategy["world_size"])
+        for line in held:
+            stage = int(line.split(" holds stage ")[1].split()[0])
+            assert ("model.embed_tokens" in line) == (stage == 1), line
+            assert ("lm_head" in line) == (stage == stages), line
+    else:
+        assert not held
 
 
 def test_cancelling_a_queued_fine_tuning_job(app_client, tenant_keys, tiny_chat):
@@ -278,8 +300,16 @@ def test_cancelling_a_queued_fine_tuning_job(app_client, tenant_keys, tiny_chat)
             "given twice",
         ),
         ({"surprise": 1}, 400, None, "surprise"),
+        ({"hyperparameters": {"strategy": "pipeline"}}, 400, "hyperparameters.world_size",
+         "at least 2"),
+        ({"hyperparameters": {"strategy": "hybrid", "world_size": 4}}, 400,
+         "hyperparameters.pipeline_stages", "dividing"),
+        ({"hyperparameters": {"strategy": "pipeline", "world_size": 2, "batch_size": 1}}, 400,
+         "hyperparameters.micro_batches", "too small"),
+        ({"hyperparameters": {"strategy": "parameter-server", "world_size": 2}}, 400,
+         "hyperparameters.strategy", "strategy"),
     ],
-)
+)  # fmt: skip
 def test_bad_fine_tuning_jobs_are_refused_before_they_are_queued(
     app_client, tenant_keys, tiny_chat, tmp_path, changes, status, param, says
 ):
@@ -314,3 +344,65 @@ def test_fine_tuning_jobs_are_created_only_through_the_openai_route(app_client, 
     )
     assert answer.status_code == 400
     assert "POST /v1/fine_tuning/jobs" in answer.json()["error"]["message"]
+
+
+def test_a_pipeline_fine_tuning_job_stopped_after_an_epoch_resumes_from_its_stages_parts(
+    app_client, tenant_keys, tiny_chat, settings, monkeypatch
+):
+    """Each stage writes its part of the checkpoint (its LoRA weights and optimiser state);
+    stopped after epoch 1, the job resumes every stage from its part and ends as one
+    process does."""
+    from maas.jobs.worker import JobContext
+
+    client = sdk(app_client, tenant_keys["acme"])
+    training = client.files.create(file=("train.jsonl", chats(4)), purpose="fine-tune")
+    common = {"model": "tiny-chat", "training_file": training.id, "seed": 3}
+    whole = client.fine_tuning.jobs.create(**common, suffix="whole", hyperparameters=HYPER)
+    run_jobs(settings)
+    split = {**HYPER, "world_size": 2, "strategy": "pipeline", "micro_batches": 2}
+    halted = client.fine_tuning.jobs.create(**common, suffix="halted", hyperparameters=split)
+    report = JobContext.report
+
+    def stop_after_epoch_one(self, *args, **kwargs):
+        if (kwargs.get("message") or "").startswith("Epoch 1/"):
+            self._stop.set()  # as SIGTERM does, while the training processes run
+        return report(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobContext, "report", stop_after_epoch_one)
+    run_jobs(settings)
+    monkeypatch.setattr(JobContext, "report", report)
+    assert client.fine_tuning.jobs.retrieve(halted.id).status == "queued"
+    saved = settings.home / "jobs" / halted.id / "checkpoint"
+    parts = [load_file(saved / f"model-stage-{s}.safetensors") for s in range(2)]
+    assert all(parts) and not set(parts[0]) & set(parts[1])  # each stage's own LoRA weights
+    assert all("lora_" in key for part in parts for key in part)
+    run_jobs(settings)
+    done = client.fine_tuning.jobs.retrieve(halted.id)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(halted.id, limit=100)]
+    assert "Resumed after epoch 1 from its checkpoint" in messages
+    registry = app_client.app.state.registry
+    first, second = (
+        load_file(registry.folder(registry.resolve(j.fine_tuned_model)) / "model.safetensors")
+        for j in (client.fine_tuning.jobs.retrieve(whole.id), done)
+    )
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_pipeline_longer_than_the_model_fails_at_the_start_saying_why(
+    app_client, tenant_keys, tiny_chat, settings
+):
+    """The base model's layers are known once the job opens it: 2 blocks, the embeddings
+    and the head are 4 layers, too few for 5 stages."""
+    client = sdk(app_client, tenant_keys["acme"])
+    training = client.files.create(file=("train.jsonl", chats(8)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny-chat",
+        training_file=training.id,
+        hyperparameters={"world_size": 5, "strategy": "pipeline", "micro_batches": 1},
+    )
+    run_jobs(settings)
+    failed = client.fine_tuning.jobs.retrieve(job.id)
+    assert failed.status == "failed"
+    assert "has 4 layers to split; 5 stages are too many" in failed.error.message
