@@ -73,15 +73,18 @@ class FineTuneParams(BaseModel):
     log_every_steps: int = Field(default=1, ge=1, le=1_000_000)
     world_size: int = Field(default=1, ge=1, le=8)
     """Processes training together, as ``strategy`` says; the result equals one process's."""
-    strategy: Literal["data", "pipeline", "hybrid"] = "data"
+    strategy: Literal["data", "pipeline", "hybrid", "parameter-server"] = "data"
     """``data``: each process loads the base model and takes its share of every batch;
     ``pipeline``: the model's layers (embeddings, blocks, norm and head) cut into
     ``world_size`` stages, each process holding its stage only; ``hybrid``:
-    ``world_size / pipeline_stages`` such pipelines in data parallel. As the ``train``
-    job's (maas/training/strategies.py)."""
+    ``world_size / pipeline_stages`` such pipelines in data parallel; ``parameter-server``:
+    process 0 holds the adapter and its optimiser, the others compute its gradients
+    (``ps_mode``). As the ``train`` job's (maas/training/strategies.py)."""
     pipeline_stages: int | None = Field(default=None, ge=2, le=8)
     micro_batches: int = Field(default=4, ge=1, le=1024)
     pipeline_schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    ps_mode: Literal["sync", "async"] = "sync"
+    max_staleness: int | None = Field(default=None, ge=0, le=1_000_000)
     metadata: dict[str, str] | None = None
     """Kept for the caller (OpenAI's ``metadata``); training ignores it."""
 
@@ -187,7 +190,7 @@ def _validate_files(context, registry, params: FineTuneParams) -> _Files:
         else None
     )
     hyper = resolve_hyperparameters(params, len(train.examples))
-    if params.strategy != "data":  # the embeddings, each block, the norm and head
+    if params.strategy in ("pipeline", "hybrid"):  # the embeddings, each block, norm and head
         check_strategy(params, hyper.batch_size, read_config(opened).num_layers + 2, params.model)
     context.report(
         stage="training",
@@ -345,7 +348,7 @@ def train_rank(reporter, team: Team, settings, params, hyper, train, valid, pad,
     finally:
         registry.close()
     peft_model = _with_adapter(_loaded(reporter, opened, team), params)
-    if params.strategy != "data":
+    if params.strategy in ("pipeline", "hybrid"):
         from maas.training.llm_stages import llama_layers
 
         reporter.report(message=team.keep_own_part(peft_model, llama_layers(peft_model)))
@@ -356,9 +359,9 @@ def train_rank(reporter, team: Team, settings, params, hyper, train, valid, pad,
 
 def _train(context, params, hyper: Hyperparameters, peft_model, train, valid, pad, saved, team):
     """The loop. ``team`` is this process's place among ``world_size`` (``Team()``: alone):
-    each process takes its share of every batch, its loss scaled so that the gradients summed
-    over the team are those of the batch's mean loss over its learnt tokens; only rank 0
-    reports, validates and writes checkpoints."""
+    each process takes its share of every batch (or a pipeline stage's part of it), its loss
+    scaled so that the gradients summed over the team are those of the batch's mean loss
+    over its learnt tokens; only rank 0 reports."""
     adapter = _AdapterView(peft_model)
     trainable = [p for p in peft_model.parameters() if p.requires_grad and not p.is_meta]
     optimizer = (
@@ -373,64 +376,29 @@ def _train(context, params, hyper: Hyperparameters, peft_model, train, valid, pa
     state = restored[0] if restored else TrainingState()
     if restored:
         team.report(context, message=f"Resumed after epoch {state.epoch} from its checkpoint")
-    stepper = team.wrap(peft_model)
-    pipelined = hasattr(team, "train_step")
-    length = _longest(train, valid)  # a pipeline's stages need one shape for every batch
-    count = len(train.examples)
-    total_steps = math.ceil(count / hyper.batch_size) * hyper.n_epochs
+    loop = _Loop(context, params, hyper, team, team.wrap(peft_model), optimizer, train, pad)
+    loop.length = _longest(train, valid)  # a pipeline's stages need one shape for every batch
+    loop.total_steps = math.ceil(len(train.examples) / hyper.batch_size) * hyper.n_epochs
     saved = list(saved[: state.epoch])
     while state.epoch < hyper.n_epochs:
         started = time.monotonic()
-        order = torch.randperm(count, generator=generator).tolist()
+        order = torch.randperm(len(train.examples), generator=generator).tolist()
         peft_model.train()
-        sums = [0.0, 0, 0, 0]  # loss, right, learnt tokens, tokens: the team's
-        for start in range(0, count, hyper.batch_size):
-            context.check()
-            team.check()
-            batch = [train.examples[i] for i in order[start : start + hyper.batch_size]]
-            state.step += 1
-            share = team.share(batch)
-            if share is None:
-                continue  # too few to give every process one; skipped by all alike
-            learnt = sum(example.learnt for example in batch)
-            optimizer.zero_grad(set_to_none=True)
-            if pipelined:
-                mine = _pipeline_step(team, share, pad, length, learnt)
-            else:
-                ids, mask, labels = collate(share, pad)
-                total, right, n = _token_loss(
-                    stepper(input_ids=ids, attention_mask=mask).logits, labels
-                )
-                (total * (team.world / learnt)).backward()
-                mine = [float(total.detach()), right, n, int(mask.sum())]
-            optimizer.step()
-            step = team.sum(mine)
-            sums = [a + b for a, b in zip(sums, step, strict=True)]
-            if state.step % params.log_every_steps == 0 or state.step == total_steps:
-                loss = step[0] / step[2]
-                team.report(
-                    context,
-                    state.step / total_steps,
-                    message=f"Step {state.step}/{total_steps}: training loss={loss:.4f}",
-                    step=state.step,
-                    metrics={
-                        "step": state.step,
-                        "total_steps": total_steps,
-                        "train_loss": loss,
-                        "train_mean_token_accuracy": step[1] / step[2],
-                        "trained_tokens": state.epoch * train.tokens + sums[3],
-                        "tokens_per_s": sums[3] / max(time.monotonic() - started, 1e-9),
-                    },
-                )
+        batches = [
+            [train.examples[i] for i in order[start : start + hyper.batch_size]]
+            for start in range(0, len(order), hyper.batch_size)
+        ]
+        sums = loop.epoch(state, batches, started)
         state.epoch += 1
         row = {
             "step": state.step,
             "train_loss": sums[0] / sums[2],
             "train_mean_token_accuracy": sums[1] / sums[2],
             "tokens_per_s": sums[3] / max(time.monotonic() - started, 1e-9),
+            **team.epoch_metrics(),
         }
-        if valid is not None and pipelined:
-            row.update(_evaluate_in_stages(team, valid, hyper.batch_size, pad, length))
+        if valid is not None and loop.pipelined:
+            row.update(_evaluate_in_stages(team, valid, hyper.batch_size, pad, loop.length))
         elif valid is not None and team.rank == 0:
             row.update(_evaluate(peft_model, valid, hyper.batch_size, pad))
         state.history.append(row)
@@ -455,6 +423,96 @@ def _train(context, params, hyper: Hyperparameters, peft_model, train, valid, pa
             },
         )
     return state
+
+
+@dataclass
+class _Loop:
+    """One epoch's steps as the team's strategy takes them, and their step events."""
+
+    context: Any
+    params: FineTuneParams
+    hyper: Hyperparameters
+    team: Team
+    stepper: torch.nn.Module
+    optimizer: Any
+    train: ChatData
+    pad: int
+    length: int = 0
+    total_steps: int = 1
+
+    @property
+    def pipelined(self) -> bool:
+        return hasattr(self.team, "train_step")
+
+    def epoch(self, state: TrainingState, batches: list[list], started: float) -> list:
+        """The team's (loss, right, learnt tokens, tokens) over the epoch."""
+        sums = [0.0, 0, 0, 0]
+
+        def stepped(step: list) -> None:
+            """Count a step's figures; rank 0 reports it when due."""
+            nonlocal sums
+            sums = [a + b for a, b in zip(sums, step, strict=True)]
+            due = state.step % self.params.log_every_steps == 0 or state.step == self.total_steps
+            if self.team.rank == 0 and due:
+                loss = step[0] / step[2]
+                self.context.report(
+                    state.step / self.total_steps,
+                    message=f"Step {state.step}/{self.total_steps}: training loss={loss:.4f}",
+                    step=state.step,
+                    metrics={
+                        "step": state.step,
+                        "total_steps": self.total_steps,
+                        "train_loss": loss,
+                        "train_mean_token_accuracy": step[1] / step[2],
+                        "trained_tokens": state.epoch * self.train.tokens + sums[3],
+                        "tokens_per_s": sums[3] / max(time.monotonic() - started, 1e-9),
+                    },
+                )
+
+        if hasattr(self.team, "run_epoch"):
+            self._served(state, batches, stepped)
+            return self.team.sum(sums)  # the server counted them all; the workers nothing
+        for batch in batches:
+            self.context.check()
+            self.team.check()
+            state.step += 1
+            share = self.team.share(batch)
+            if share is None:
+                continue  # too few to give every process one; skipped by all alike
+            learnt = sum(example.learnt for example in batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.pipelined:
+                mine = _pipeline_step(self.team, share, self.pad, self.length, learnt)
+            else:
+                mine = self._gradient(share, self.team.world / learnt)
+            self.optimizer.step()
+            stepped(self.team.sum(mine))
+        return sums
+
+    def _gradient(self, share: list, scale: float) -> list:
+        """Backward of the share's summed loss times ``scale``; its (loss, right, learnt,
+        tokens)."""
+        ids, mask, labels = collate(share, self.pad)
+        logits = self.stepper(input_ids=ids, attention_mask=mask).logits
+        total, right, n = _token_loss(logits, labels)
+        (total * scale).backward()
+        return [float(total.detach()), right, n, int(mask.sum())]
+
+    def _served(self, state: TrainingState, batches: list[list], stepped) -> None:
+        """The epoch with a parameter server (rank 0) and its workers."""
+
+        def gradient(share: list, scale: float) -> tuple:
+            self.stepper.zero_grad(set_to_none=True)
+            return tuple(self._gradient(share, scale))
+
+        def updated(loss: float, seen: int) -> None:  # on the server, after each update
+            state.step += 1
+            stepped(list(self.team.last_update))
+
+        def learnt(batch: list) -> int:
+            return sum(example.learnt for example in batch)
+
+        self.team.run_epoch(self.optimizer, batches, gradient, learnt, updated)
 
 
 def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:

@@ -345,6 +345,8 @@ class ParameterServerTeam(DistributedTeam):
         self.reporting_rank = 0
         self.staleness: list[int] = []
         self.refused = 0
+        self.last_update: tuple[float, int, int, int] = (0.0, 0, 0, 0)
+        """The server's last applied update: (loss sum, right, count, tokens)."""
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self.model = model
@@ -364,15 +366,39 @@ class ParameterServerTeam(DistributedTeam):
         return row
 
     def epoch(self, model, optimizer, train, order, batch_size: int, on_step: Callable):
+        """A classifier's epoch: batches of sample indices, the gradient of a share's summed
+        cross-entropy over the batch's size."""
+        inputs, labels = train
         model.train()
         batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+        def gradient(share, scale: float) -> tuple[float, int, int, int]:
+            self.model.zero_grad(set_to_none=True)
+            logits = self.model(inputs[share])
+            loss = nn.functional.cross_entropy(logits, labels[share], reduction="sum")
+            (loss * scale).backward()
+            right = int((logits.detach().argmax(-1) == labels[share]).sum())
+            return float(loss.detach()), right, len(share), len(share)
+
+        return self.run_epoch(optimizer, batches, gradient, len, on_step)
+
+    def run_epoch(
+        self, optimizer, batches: list, gradient: Callable, size: Callable, on_step: Callable
+    ) -> tuple[float, int, int]:
+        """One epoch over ``batches`` (lists of samples). A worker's ``gradient(share,
+        scale)`` leaves in the parameters' ``.grad`` the gradient of its share's summed loss
+        times ``scale`` and returns (loss sum, right, count, tokens); ``size(batch)`` is what
+        a batch's mean divides by (its samples, or its learnt tokens). The server calls
+        ``on_step(mean loss, count so far)`` after each update, with ``last_update`` set to
+        that update's (loss sum, right, count, tokens). Returns this rank's (loss sum,
+        right, count): the workers'; zeros on the server."""
         batches = [b for b in batches if len(b) >= (self.workers if self.mode == "sync" else 1)]
         if self.rank == 0:
             serve = self._serve_sync if self.mode == "sync" else self._serve_async
             serve(optimizer, batches, on_step)
             return 0.0, 0, 0
         work = self._work_sync if self.mode == "sync" else self._work_async
-        return work(train, batches)
+        return work(batches, gradient, size)
 
     # --- the server
 
@@ -387,7 +413,7 @@ class ParameterServerTeam(DistributedTeam):
             dist.send(self._vector(), dst)
 
     def _recv_push(self, src: int | None) -> tuple[int, torch.Tensor, torch.Tensor]:
-        header = torch.empty(4, dtype=torch.float64)  # version, loss sum, correct, seen
+        header = torch.empty(5, dtype=torch.float64)  # version, loss, right, count, tokens
         sender = dist.recv(header, src)
         gradient = torch.empty(sum(p.numel() for p in self._params))
         dist.recv(gradient, sender)
@@ -402,20 +428,22 @@ class ParameterServerTeam(DistributedTeam):
         optimizer.step()
 
     def _serve_sync(self, optimizer, batches, on_step) -> None:
+        seen = 0
         for _ in batches:
             status = HALT if self._stop.is_set() else OK
             for worker in range(1, self.world):
                 self._control(status, 0, worker)
             if status == HALT:
                 raise Halted
-            total, seen, losses = None, 0, 0.0
+            total, figures = None, torch.zeros(4, dtype=torch.float64)
             for worker in range(1, self.world):  # in rank order: a fixed summation order
                 _, header, gradient = self._recv_push(worker)
                 total = gradient if total is None else total + gradient
-                losses += float(header[1])
-                seen += int(header[3])
+                figures += header[1:]
             self._apply(optimizer, total)
-            on_step(losses / max(1, seen), seen)
+            self.last_update = (float(figures[0]), *(int(x) for x in figures[1:]))
+            seen += self.last_update[2]
+            on_step(self.last_update[0] / max(1, self.last_update[2]), seen)
 
     def _serve_async(self, optimizer, batches, on_step) -> None:
         version, applied, seen = 0, 0, 0
@@ -432,6 +460,7 @@ class ParameterServerTeam(DistributedTeam):
                 version, applied, seen = version + 1, applied + 1, seen + int(header[3])
                 owed[sender] -= 1
                 self.staleness.append(stale)
+                self.last_update = (float(header[1]), *(int(x) for x in header[2:]))
                 on_step(float(header[1]) / max(1, int(header[3])), seen)
             else:
                 self.refused += 1  # computed again on fresh parameters
@@ -471,42 +500,37 @@ class ParameterServerTeam(DistributedTeam):
             vector_to_parameters(vector, self._params)
         return version, bool(accepted)
 
-    def _push(self, version: int, loss_sum: float, correct: int, seen: int) -> None:
-        header = torch.tensor([version, loss_sum, correct, seen], dtype=torch.float64)
+    def _push(self, version: int, figures: tuple[float, int, int, int]) -> None:
+        """A gradient, after its header: the version it was computed on and (loss sum,
+        right, count, tokens)."""
+        header = torch.tensor([version, *figures], dtype=torch.float64)
         dist.send(header, 0)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         dist.send(torch.cat([g.reshape(-1) for g in grads]), 0)
 
-    def _gradient(self, inputs, labels, share, scale: float) -> tuple[float, int]:
-        self.model.zero_grad(set_to_none=True)
-        logits = self.model(inputs[share])
-        loss = nn.functional.cross_entropy(logits, labels[share], reduction="sum")
-        (loss * scale).backward()
-        return float(loss.detach()), int((logits.detach().argmax(-1) == labels[share]).sum())
-
-    def _work_sync(self, train, batches):
-        inputs, labels = train
+    def _work_sync(self, batches, gradient: Callable, size: Callable):
         index = self.rank - 1
         loss_sum, correct, seen = 0.0, 0, 0
         for batch in batches:
             self._pull()
             share = batch[index :: self.workers]
-            loss, right = self._gradient(inputs, labels, share, 1 / len(batch))
-            self._push(0, loss, right, len(share))
-            loss_sum, correct, seen = loss_sum + loss, correct + right, seen + len(share)
+            figures = gradient(share, 1 / size(batch))
+            self._push(0, figures)
+            loss, right, count, _ = figures
+            loss_sum, correct, seen = loss_sum + loss, correct + right, seen + count
         return loss_sum, correct, seen
 
-    def _work_async(self, train, batches):
-        inputs, labels = train
+    def _work_async(self, batches, gradient: Callable, size: Callable):
         loss_sum, correct, seen = 0.0, 0, 0
         version, _ = self._pull()
         for batch in batches[self.rank - 1 :: self.workers]:
             accepted = False
             while not accepted:  # again on fresh parameters if it was refused as too stale
-                loss, right = self._gradient(inputs, labels, batch, 1 / len(batch))
-                self._push(version, loss, right, len(batch))
+                figures = gradient(batch, 1 / size(batch))
+                self._push(version, figures)
+                loss, right, count, _ = figures
                 version, accepted = self._pull()
-            loss_sum, correct, seen = loss_sum + loss, correct + right, seen + len(batch)
+            loss_sum, correct, seen = loss_sum + loss, correct + right, seen + count
         while version >= 0:  # done: wait for the epoch's end (or a halt)
             version, _ = self._pull()
         return loss_sum, correct, seen

@@ -59,10 +59,12 @@ class Hyperparameters(BaseModel):
     world_size: int | None = None
     """maas's own: processes training together, as ``strategy`` says."""
     strategy: str | None = None
-    """maas's own: ``data`` (the default), ``pipeline`` or ``hybrid``."""
+    """maas's own: ``data`` (the default), ``pipeline``, ``hybrid`` or ``parameter-server``."""
     pipeline_stages: int | None = None
     micro_batches: int | None = None
     pipeline_schedule: str | None = None
+    ps_mode: str | None = None
+    max_staleness: int | None = None
 
 
 class Supervised(BaseModel):
@@ -219,6 +221,8 @@ _FIELDS = {
         "pipeline_stages",
         "micro_batches",
         "pipeline_schedule",
+        "ps_mode",
+        "max_staleness",
     )
 } | {name: name for name in ("model", "suffix", "seed", "metadata")}
 """The request field each job parameter comes from."""

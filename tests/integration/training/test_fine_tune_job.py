@@ -196,15 +196,17 @@ def test_a_fine_tuning_job_stopped_after_an_epoch_resumes_to_the_same_model(
         {"world_size": 3, "strategy": "pipeline", "micro_batches": 4,
          "pipeline_schedule": "1f1b"},
         {"world_size": 4, "strategy": "hybrid", "pipeline_stages": 2, "micro_batches": 2},
+        {"world_size": 3, "strategy": "parameter-server", "ps_mode": "sync"},
     ],
-    ids=["data", "pipeline-2", "pipeline-1f1b-3", "hybrid-2x2"],
+    ids=["data", "pipeline-2", "pipeline-1f1b-3", "hybrid-2x2", "ps-sync"],
 )  # fmt: skip
 def test_fine_tuning_in_several_processes_equals_one_process(
     app_client, tenant_keys, tiny_chat, settings, strategy
 ):
-    """The processes split each batch of chats of different lengths (data parallel), or the
-    model's layers (pipeline stages, each process holding its stage's only), or both; the
-    model ends as one process's to float rounding, its losses too, validation included."""
+    """The processes split each batch of chats of different lengths (data parallel, or a
+    synchronous parameter server's workers), or the model's layers (pipeline stages, each
+    process holding its stage's only), or both; the model ends as one process's to float
+    rounding, its losses too, validation included."""
     client = sdk(app_client, tenant_keys["acme"])
     replies = ["paris", "the dog ran to the park", "fine thanks, and you?", "berlin is the capital"]
     lines = [
@@ -251,7 +253,7 @@ def test_fine_tuning_in_several_processes_equals_one_process(
         assert len(figures[0]) == count
         torch.testing.assert_close(figures[1], figures[0], rtol=1e-4, atol=1e-5)
     held = [e.message for e in events[1] if " holds stage " in e.message]
-    if strategy.get("strategy"):  # each process said what it holds: a part of the model
+    if strategy.get("strategy") in ("pipeline", "hybrid"):  # each said what part it holds
         assert len(held) == strategy["world_size"]
         stages = strategy.get("pipeline_stages", strategy["world_size"])
         for line in held:
@@ -306,7 +308,9 @@ def test_cancelling_a_queued_fine_tuning_job(app_client, tenant_keys, tiny_chat)
          "hyperparameters.pipeline_stages", "dividing"),
         ({"hyperparameters": {"strategy": "pipeline", "world_size": 2, "batch_size": 1}}, 400,
          "hyperparameters.micro_batches", "too small"),
-        ({"hyperparameters": {"strategy": "parameter-server", "world_size": 2}}, 400,
+        ({"hyperparameters": {"strategy": "parameter-server"}}, 400,
+         "hyperparameters.world_size", "at least 2"),
+        ({"hyperparameters": {"strategy": "gossip", "world_size": 2}}, 400,
          "hyperparameters.strategy", "strategy"),
     ],
 )  # fmt: skip
@@ -406,3 +410,30 @@ def test_a_pipeline_longer_than_the_model_fails_at_the_start_saying_why(
     failed = client.fine_tuning.jobs.retrieve(job.id)
     assert failed.status == "failed"
     assert "has 4 layers to split; 5 stages are too many" in failed.error.message
+
+
+def test_an_async_parameter_server_fine_tunes_and_reports_its_staleness(
+    app_client, tenant_keys, tiny_chat, settings
+):
+    """Two workers push the adapter's gradients as they finish their batches; each epoch
+    says how stale the applied gradients were: at least 1 (both workers start an epoch on
+    the same parameters) and at most ``max_staleness``; and the loss falls."""
+    client = sdk(app_client, tenant_keys["acme"])
+    training = client.files.create(file=("train.jsonl", chats(8)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny-chat",
+        training_file=training.id,
+        seed=3,
+        hyperparameters={**HYPER, "world_size": 3, "strategy": "parameter-server",
+                         "ps_mode": "async", "max_staleness": 1},
+    )  # fmt: skip
+    run_jobs(settings)
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded", done.error
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))[::-1]
+    epochs = [e.data for e in events if e.type == "metrics" and "staleness_max" in e.data]
+    assert len(epochs) == HYPER["n_epochs"]
+    for row in epochs:  # the second worker's first gradient: applied 1 update old, or refused
+        assert row["staleness_max"] <= 1
+        assert row["staleness_max"] == 1 or row["refused_gradients"] > 0
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]

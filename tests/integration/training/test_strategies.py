@@ -125,8 +125,10 @@ def test_an_async_parameter_server_reports_and_bounds_staleness(
     run_jobs(settings, count=2)
     finished(app_client, headers, free, fresh)
     free_rows, fresh_rows = (epochs(app_client, headers, job) for job in (free, fresh))
-    assert all(0 <= row["staleness_max"] <= 1 for row in free_rows)  # 2 workers: at most 1
-    assert all(row["refused_gradients"] == 0 for row in free_rows)
+    for row in free_rows:  # each epoch both workers start on the same parameters, so the
+        # second gradient applied is at least 1 update old (a slow worker's may be far older)
+        assert row["staleness_max"] >= 1 and 0 <= row["staleness_mean"] <= row["staleness_max"]
+        assert row["refused_gradients"] == 0
     assert all(row["staleness_max"] == 0 for row in fresh_rows)
     assert sum(row["refused_gradients"] for row in fresh_rows) > 0
     assert free_rows[-1]["train_loss"] < free_rows[0]["train_loss"]
