@@ -30,9 +30,19 @@ def generate_staggered(engine, prompts, lengths) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_compiled_and_eager_steps_give_the_same_greedy_tokens(make_engine, prompts, dtype):
+def test_compiled_and_eager_steps_give_the_same_greedy_tokens(
+    make_engine, prompts, dtype, monkeypatch
+):
     lengths = [40, 25, 30]  # past two 16-position blocks, so the tables grow mid-run
     eager = generate_staggered(make_engine(dtype=dtype), prompts, lengths)
+    timed = compiled._timings
+
+    def as_if_faster(*args):
+        """This test is about tokens, not speed: the compiled step is kept whatever a busy
+        machine timed (the timings are still taken)."""
+        return tuple((size, e, min(c, e / 2)) for size, e, c in timed(*args))
+
+    monkeypatch.setattr(compiled, "_timings", as_if_faster)
     engine = make_engine(dtype=dtype, compile=True)
     report = engine.runner.compiled
     assert report is not None and [size for size, _, _ in report.timings] == [1, 4]
