@@ -90,6 +90,11 @@ def check_splittable(manifest: Manifest) -> None:
         )
     if len(manifest.inputs) != 1:
         raise UnsupportedFormat("a model split into pipeline stages takes one input tensor")
+    if manifest.config.get("quantization"):
+        raise UnsupportedFormat(
+            f"a {manifest.config['quantization']} version cannot be split into pipeline "
+            "stages yet: split its float parent"
+        )
     pipeline_layers(build_meta(manifest))
 
 

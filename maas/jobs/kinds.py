@@ -41,6 +41,7 @@ def built_in() -> tuple[JobKind, ...]:
     """The kinds maas ships. Their code (and torch) is imported at their first use, so an
     idle worker stays small."""
     train, fine_tune = "maas.training.train", "maas.training.fine_tune"
+    optimize = "maas.optimize.job"
     return (
         JobKind(
             "train",
@@ -57,6 +58,13 @@ def built_in() -> tuple[JobKind, ...]:
             "LoRA fine-tuning of a Llama-family chat model on a fine-tune file",
             file_params=("training_file", "validation_file"),
             created_by="POST /v1/fine_tuning/jobs",
+        ),
+        JobKind(
+            "optimize",
+            _deferred(optimize, "validate"),
+            _deferred(optimize, "run"),
+            "compress a registered model into a new, measured version (a recipe of steps)",
+            created_by="POST /api/v1/optimizations",
         ),
     )
 

@@ -37,7 +37,8 @@ def inspect(folder: Path) -> FormatInfo:
         default_task=DEFAULT_TASKS.get(name, "tensor"),
         tasks=(DEFAULT_TASKS.get(name, "tensor"), "tensor") if name in DEFAULT_TASKS else TASKS,
         architecture=name,
-        config={"architecture": name, "arguments": arguments, "weights": WEIGHTS_FILE},
+        config={"architecture": name, "arguments": arguments, "weights": WEIGHTS_FILE}
+        | ({"quantization": description["quantization"]} if "quantization" in description else {}),
         inputs=[TensorSpec(**spec) for spec in inputs],
         outputs=[TensorSpec(**spec) for spec in outputs],
         labels=description.get("labels"),

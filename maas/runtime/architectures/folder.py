@@ -6,7 +6,8 @@ The JSON file holds::
      "architecture": "lstm-classifier",        # a key of ARCHITECTURES
      "arguments": {"vocab_size": 5000},        # constructor keyword arguments
      "labels": ["negative", "positive"],       # or null; one per class
-     "preprocessing": {"tokenizer": "tokenizer.json", "max_length": 128}}   # free-form, or {}
+     "preprocessing": {"tokenizer": "tokenizer.json", "max_length": 128},   # free-form, or {}
+     "quantization": "int8-dynamic"}           # optional: how the weights are stored
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ ARCHITECTURE_FILE = "maas-architecture.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = 1
 MAX_KEYS_SHOWN = 5
+QUANTIZATIONS = ("int8-dynamic",)
 
 
 def save_folder(
@@ -37,8 +39,12 @@ def save_folder(
     arguments: dict[str, Any],
     labels: list[str] | None = None,
     preprocessing: dict[str, Any] | None = None,
+    quantization: str | None = None,
+    state: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write ``module`` as a built-in model folder that ``read_architecture`` accepts."""
+    """Write ``module`` as a built-in model folder that ``read_architecture`` accepts; with
+    ``quantization``, ``state`` holds its weights in that form (``int8-dynamic``: see
+    maas/runtime/int8_linear.py)."""
     description = {
         "format": FORMAT,
         "architecture": architecture,
@@ -46,6 +52,8 @@ def save_folder(
         "labels": labels,
         "preprocessing": preprocessing or {},
     }
+    if quantization is not None:
+        description["quantization"] = quantization
     try:
         description = _validated(json.loads(json.dumps(description)))  # as a reader sees it
     except TypeError as err:
@@ -53,7 +61,8 @@ def save_folder(
     if not isinstance(module, ARCHITECTURES[architecture]):
         raise UnsupportedFormat(f"{type(module).__name__} is not a {architecture} module")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(_unshared_state(module), folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    weights = _unshared_state(module) if state is None else _unshared(state)
+    save_file(weights, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / ARCHITECTURE_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return folder
 
@@ -81,19 +90,34 @@ def load_folder(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
         state_dict = load_file(path)
     except (SafetensorError, OSError) as err:
         raise RefusedArtifact(f"{WEIGHTS_FILE} is not a valid safetensors file: {err}") from None
-    module = load_module(description["architecture"], description["arguments"], state_dict)
+    module = load_module(
+        description["architecture"],
+        description["arguments"],
+        state_dict,
+        description.get("quantization"),
+    )
     return module, description
 
 
 def load_module(
-    architecture: str, arguments: dict[str, Any], state_dict: dict[str, Tensor]
+    architecture: str,
+    arguments: dict[str, Any],
+    state_dict: dict[str, Tensor],
+    quantization: str | None = None,
 ) -> nn.Module:
-    """Build the architecture, load ``state_dict`` strictly, and switch to eval mode.
+    """Build the architecture, load ``state_dict`` strictly, and switch to eval mode. With
+    ``quantization`` ``int8-dynamic``, the linear layers stored as int8 run so.
 
     Raises UnsupportedFormat naming missing, unexpected or wrongly shaped tensors.
     """
+    from maas.runtime.int8_linear import SCALE_SUFFIX, check_int8, dynamic_int8
+
     module = build(architecture, arguments)
     expected = module.state_dict()
+    if quantization == "int8-dynamic":  # int8 weights keep their float shapes; scales beside
+        check_int8(state_dict)
+        scales = [k for k in state_dict if k.endswith(SCALE_SUFFIX)]
+        expected = expected | {k: state_dict[k] for k in scales}
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
     problems = []
@@ -108,6 +132,8 @@ def load_module(
             )
     if problems:
         raise UnsupportedFormat(f"weights do not fit {architecture}: {'; '.join(problems)}")
+    if quantization == "int8-dynamic":
+        return dynamic_int8(module, state_dict).eval()
     module.load_state_dict(state_dict, strict=True)
     return module.eval()
 
@@ -137,21 +163,32 @@ def _validated(description: Any) -> dict[str, Any]:
     preprocessing = description.get("preprocessing") or {}
     if not isinstance(preprocessing, dict):
         raise UnsupportedFormat(f"{ARCHITECTURE_FILE} preprocessing should be a JSON object")
-    return {
+    quantization = description.get("quantization")
+    if quantization not in (None, *QUANTIZATIONS):
+        raise UnsupportedFormat(
+            f"{ARCHITECTURE_FILE} quantization {quantization!r} is unknown; known: "
+            + ", ".join(QUANTIZATIONS)
+        )
+    validated = {
         "format": FORMAT,
         "architecture": architecture,
         "arguments": arguments,
         "labels": labels,
         "preprocessing": preprocessing,
     }
+    return validated | ({"quantization": quantization} if quantization else {})
 
 
 def _unshared_state(module: nn.Module) -> dict[str, Tensor]:
+    return _unshared(module.state_dict())
+
+
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Contiguous CPU tensors, each with its own memory: safetensors refuses tensors that share
     storage (tied weights; an LSTM's flattened cuDNN weights)."""
     state: dict[str, Tensor] = {}
     seen: set[int] = set()
-    for key, tensor in module.state_dict().items():
+    for key, tensor in tensors.items():
         tensor = tensor.detach().cpu().contiguous()
         if tensor.untyped_storage().data_ptr() in seen:
             tensor = tensor.clone()

@@ -11,12 +11,16 @@ class TorchModuleRuntime(TorchRuntime):
     def load(self) -> None:
         from safetensors.torch import load
 
-        from maas.runtime.architectures import build
+        from maas.runtime.architectures.folder import load_module
 
         config = self.opened.manifest.config
-        module = build(config["architecture"], config.get("arguments", {}))
         state = load(self.opened.read_bytes(config.get("weights", "model.safetensors")))
-        module.load_state_dict(state, strict=True)
+        module = load_module(
+            config["architecture"],
+            config.get("arguments", {}),
+            state,
+            config.get("quantization"),
+        )
         self._use(module)
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

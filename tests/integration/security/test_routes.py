@@ -124,6 +124,11 @@ MATRIX = {
         ("POST", "/api/v1/jobs/{job_id}/cancel", None),
         MAINTAINER,
     ),
+    # acme's maintainer queues it; the admin's tenant does not own acme's model
+    ("POST", "/api/v1/optimizations"): (
+        ("POST", "/api/v1/optimizations", {"model": "acme-cnn", "recipe": "prune 0.5"}),
+        cells(MAINTAINER, maintainer=201, admin=404),
+    ),
     # the admin's own tenant holds no such file: past the role check, it is refused
     ("POST", "/v1/fine_tuning/jobs"): (
         ("POST", "/v1/fine_tuning/jobs", {"model": "acme-chat", "training_file": "{file_id}"}),

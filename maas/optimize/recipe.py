@@ -1,0 +1,178 @@
+"""Recipes: steps in order, written ``prune 0.5 -> quantize int8-dynamic`` or as a JSON list
+(``[{"step": "prune", "amount": 0.5}, {"step": "quantize", "method": "int8-dynamic"}]``).
+
+Each step names what it does and takes its options; ``check`` refuses, before any job starts
+and with a message naming the step, a recipe whose steps are out of order, repeated, out of
+range, or do not fit the model (its runtime and task), and steps this maas does not do yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from maas.errors import InvalidRequest
+from maas.registry.manifest import Manifest
+
+KINDS = ("prune", "distil", "share", "quantize", "export")
+"""The step kinds, in the order a recipe must keep: a model is made smaller (pruned,
+distilled), then its weights stored more cheaply (shared or quantized), then exported."""
+QUANTIZE_METHODS = ("int8-dynamic", "int8-static", "int8", "int4", "bfloat16")
+PRUNE_KINDS = ("unstructured", "structured")
+BUILT = {("prune", "unstructured"), ("quantize", "int8-dynamic")}
+"""The steps this maas runs today; the others are refused as not built yet."""
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        """What distinguishes steps of one kind (a quantization method, a pruning kind)."""
+        return str(self.options.get("method") or self.options.get("structure") or "")
+
+    def __str__(self) -> str:
+        shown = " ".join(str(v) for v in self.options.values())
+        return f"{self.kind} {shown}".strip()
+
+
+def parse(recipe: str | list) -> list[Step]:
+    """The steps of a recipe string or JSON list, each with its options checked for range."""
+    raw = _split(recipe) if isinstance(recipe, str) else recipe
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest("a recipe has at least one step", param="recipe")
+    return [_step(item, index) for index, item in enumerate(raw)]
+
+
+def check(steps: list[Step], manifest: Manifest) -> None:
+    """Refuse steps out of order or repeated, or that do not fit the model."""
+    seen: list[str] = []
+    for index, step in enumerate(steps):
+        where = f"step {index + 1} ({step})"
+        if step.kind in seen:
+            raise InvalidRequest(f"{where}: a recipe has one {step.kind} step", param="recipe")
+        if seen and KINDS.index(step.kind) < KINDS.index(seen[-1]):
+            raise InvalidRequest(
+                f"{where} comes after {seen[-1]}: steps run in the order " + ", ".join(KINDS),
+                param="recipe",
+            )
+        if step.kind == "quantize" and "share" in seen:
+            raise InvalidRequest(
+                f"{where}: shared weights are already a codebook; quantize or share, not both",
+                param="recipe",
+            )
+        _fits(step, where, manifest)
+        seen.append(step.kind)
+
+
+def _fits(step: Step, where: str, manifest: Manifest) -> None:
+    torch_builtin = manifest.runtime == "torch" and "architecture" in manifest.config
+    if manifest.config.get("quantization"):
+        raise InvalidRequest(
+            f"{where}: the version is {manifest.config['quantization']} already; optimize "
+            "its float parent",
+            param="recipe",
+        )
+    if (step.kind, step.variant) not in BUILT:
+        raise InvalidRequest(
+            f"{where}: this maas does not run that step yet (it runs: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(BUILT))
+            + ")",
+            param="recipe",
+        )
+    if not torch_builtin:
+        raise InvalidRequest(
+            f"{where} does not fit a {manifest.format} model of the {manifest.runtime} runtime: "
+            "it transforms maas's built-in torch architectures",
+            param="recipe",
+        )
+
+
+def _split(text: str) -> list[dict[str, Any]]:
+    """``prune 0.5 structured -> quantize int8-dynamic`` as step dicts."""
+    steps = []
+    for part in text.split("->"):
+        words = part.split()
+        if not words:
+            raise InvalidRequest(f"the recipe {text!r} has an empty step", param="recipe")
+        kind, args = words[0].lower(), words[1:]
+        if kind not in KINDS:
+            raise InvalidRequest(
+                f"unknown step {kind!r}; steps are " + ", ".join(KINDS), param="recipe"
+            )
+        steps.append({"step": kind, **_positional(kind, args)})
+    return steps
+
+
+def _positional(kind: str, args: list[str]) -> dict[str, Any]:
+    if kind == "prune":
+        options: dict[str, Any] = {}
+        for arg in args:
+            if arg in PRUNE_KINDS:
+                options["structure"] = arg
+            else:
+                options["amount"] = _number(arg, "prune amount")
+        return options
+    if kind == "quantize" and len(args) == 1:
+        return {"method": args[0]}
+    if kind == "share" and len(args) == 1:
+        return {"bits": int(_number(args[0], "share bits"))}
+    if kind == "export" and len(args) == 1:
+        return {"format": args[0]}
+    if args:
+        raise InvalidRequest(f"cannot read the step {' '.join([kind, *args])!r}", param="recipe")
+    return {}
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidRequest(f"{what} {text!r} is not a number", param="recipe") from None
+
+
+def _step(item: Any, index: int) -> Step:
+    where = f"step {index + 1}"
+    if not isinstance(item, dict) or not isinstance(item.get("step"), str):
+        raise InvalidRequest(f"{where} should be an object with a 'step'", param="recipe")
+    kind = item["step"]
+    options = {k: v for k, v in item.items() if k != "step"}
+    if kind not in KINDS:
+        raise InvalidRequest(
+            f"{where}: unknown step {kind!r}; steps are " + ", ".join(KINDS), param="recipe"
+        )
+    return Step(kind, _checked(kind, options, where))
+
+
+def _checked(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
+    def refuse(message: str) -> None:
+        raise InvalidRequest(f"{where} ({kind}): {message}", param="recipe")
+
+    allowed = {
+        "prune": {"amount", "structure"},
+        "distil": {"student", "temperature", "alpha", "epochs"},
+        "share": {"bits"},
+        "quantize": {"method", "group_size"},
+        "export": {"format"},
+    }[kind]
+    unknown = set(options) - allowed
+    if unknown:
+        refuse(f"unknown option {sorted(unknown)[0]!r}; it takes " + ", ".join(sorted(allowed)))
+    if kind == "prune":
+        amount = options.get("amount")
+        if not isinstance(amount, int | float) or not 0 < amount < 1:
+            refuse("amount is the fraction of weights to remove, above 0 and below 1")
+        options.setdefault("structure", "unstructured")
+        if options["structure"] not in PRUNE_KINDS:
+            refuse("structure is " + " or ".join(PRUNE_KINDS))
+    if kind == "quantize" and options.get("method") not in QUANTIZE_METHODS:
+        refuse("method is one of " + ", ".join(QUANTIZE_METHODS))
+    if kind == "share":
+        bits = options.get("bits")
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            refuse("bits is from 2 to 8 (2^bits shared values per layer)")
+    if kind == "export" and options.get("format") not in ("onnx", "gguf"):
+        refuse("format is onnx or gguf")
+    return options

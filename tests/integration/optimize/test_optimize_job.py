@@ -1,0 +1,158 @@
+"""Optimizations as jobs: ``POST /api/v1/optimizations`` checks the recipe against the parent
+before anything is queued; the job makes a new version with its parent, its steps and a
+report measured on both; the version serves through the parent's routes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from maas.registry.service import CACHE_SECONDS
+from tests.fixtures import make_cnn_folder, make_lstm_folder
+from tests.integration.training.test_train_job import run_jobs
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def acme_cnn(app_client, tenant_keys, tmp_path):
+    tenants = app_client.app.state.tenants
+    registry = app_client.app.state.registry
+    registry.import_model(make_cnn_folder(tmp_path / "cnn"), "cnn", owner=tenants.get_id("acme"))
+    return "cnn"
+
+
+def optimize(client, headers, **body):
+    return client.post("/api/v1/optimizations", headers=headers, json=body)
+
+
+def infer(client, headers, model: str, version: int, images: np.ndarray) -> np.ndarray:
+    answer = client.post(
+        f"/v2/models/{model}/versions/{version}/infer",
+        headers=headers,
+        json={
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(images.shape),
+                    "data": images.ravel().tolist(),
+                }
+            ]
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    out = answer.json()["outputs"][0]
+    return np.array(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def test_prune_then_quantize_makes_a_measured_version_that_serves(
+    app_client, tenant_keys, settings, acme_cnn
+):
+    headers = tenant_keys["acme"]
+    created = optimize(
+        app_client, headers, model="cnn", recipe="prune 0.5 -> quantize int8-dynamic"
+    )
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["kind"] == "optimize" and job["params"]["model"] == "cnn:1"
+    assert job["params"]["recipe"] == [
+        {"step": "prune", "amount": 0.5, "structure": "unstructured"},
+        {"step": "quantize", "method": "int8-dynamic"},
+    ]
+    run_jobs(settings)
+    done = app_client.get(f"/api/v1/jobs/{job['id']}", headers=headers).json()
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"]["reference"] == "cnn:2"
+    registry = app_client.app.state.registry
+    time.sleep(CACHE_SECONDS)  # the worker's import reaches the app's cached view of "cnn"
+    manifest = registry.open_version("cnn:2").manifest
+    assert (manifest.parent.name, manifest.parent.version) == ("cnn", 1)
+    assert manifest.config["quantization"] == "int8-dynamic"
+    assert [s["step"] for s in manifest.recipe["steps"]] == ["prune", "quantize"]
+    assert any("pruned" in note for note in manifest.recipe["notes"])
+    figures = manifest.metrics
+    assert 0.45 <= figures["sparsity"] <= 0.6  # half the weights, over every layer together
+    assert figures["artifact_bytes"] < manifest.recipe["parent_figures"]["artifact_bytes"]
+    assert figures["artifact_bytes_ratio"] < 1 and figures["parameters_ratio"] == 1
+    for name in ("latency_ms_p50", "throughput_per_s", "max_abs_diff", "top1_agreement"):
+        assert figures[name] >= 0, name
+    images = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    parent, child = (infer(app_client, headers, "cnn", v, images) for v in (1, 2))
+    assert parent.shape == child.shape == (6, 3)
+    assert not np.allclose(parent, child)  # half the weights are gone
+
+
+def test_quantized_text_classifier_serves_close_to_its_parent(
+    app_client, tenant_keys, settings, tmp_path
+):
+    tenants = app_client.app.state.tenants
+    registry = app_client.app.state.registry
+    registry.import_model(
+        make_lstm_folder(tmp_path / "lstm"), "words", owner=tenants.get_id("acme")
+    )
+    headers = tenant_keys["acme"]
+    created = optimize(
+        app_client, headers, model="words", recipe=[{"step": "quantize", "method": "int8-dynamic"}]
+    )
+    assert created.status_code == 201, created.text
+    run_jobs(settings)
+    job = app_client.get(f"/api/v1/jobs/{created.json()['id']}", headers=headers).json()
+    assert job["status"] == "succeeded", job["error"]
+    time.sleep(CACHE_SECONDS)
+    assert job["result"]["top1_agreement"] >= 0.9
+    assert job["result"]["max_abs_diff"] < 0.05
+    answers = [
+        app_client.post(
+            f"/v1/models/words:{v}:predict",
+            headers=headers,
+            json={"instances": ["the cat sat on the mat"]},
+        )
+        for v in (1, 2)
+    ]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    labels = [a.json()["predictions"][0]["label"] for a in answers]
+    assert labels[0] == labels[1]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "says"),
+    [
+        ({"recipe": "quantize int8-dynamic -> prune 0.5"}, 400, "recipe", "comes after"),
+        ({"recipe": "prune 0.5 -> prune 0.3"}, 400, "recipe", "one prune step"),
+        ({"recipe": "prune 1.5"}, 400, "recipe", "above 0 and below 1"),
+        ({"recipe": "quantize int3"}, 400, "recipe", "method is one of"),
+        ({"recipe": "share 4"}, 400, "recipe", "does not run that step yet"),
+        ({"recipe": "melt"}, 400, "recipe", "unknown step"),
+        ({"recipe": []}, 400, "recipe", "at least one step"),
+        ({"recipe": "prune 0.5", "model": "nope"}, 404, "model", "not found"),
+        ({"recipe": "prune 0.5", "model": "linear"}, 400, "recipe", "onnx runtime"),
+        ({"recipe": "prune 0.5", "model": "shared-cnn"}, 400, "name", "shared"),
+    ],
+)  # fmt: skip
+def test_a_recipe_that_cannot_run_is_refused_before_anything_is_queued(
+    app_client, tenant_keys, acme_cnn, tmp_path, body, status, param, says
+):
+    from tests.fixtures import make_onnx
+
+    registry = app_client.app.state.registry
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry.import_model(make_onnx(tmp_path / "linear.onnx"), "linear", owner=acme)
+    registry.import_model(make_cnn_folder(tmp_path / "shared"), "shared-cnn")
+    answer = optimize(app_client, tenant_keys["acme"], **{"model": "cnn", **body})
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert says in error["message"] and error["param"] == param
+    jobs = app_client.get("/api/v1/jobs", headers=tenant_keys["admin"]).json()["data"]
+    assert jobs == []
+
+
+def test_only_maintainers_of_the_models_tenant_optimize_it(app_client, tenant_keys, acme_cnn):
+    user = optimize(app_client, tenant_keys["acme-user"], model="cnn", recipe="prune 0.5")
+    assert user.status_code == 403
+    other = optimize(app_client, tenant_keys["globex"], model="cnn", recipe="prune 0.5")
+    assert other.status_code == 404
+    anonymous = app_client.post("/api/v1/optimizations", json={"model": "cnn", "recipe": "x"})
+    assert anonymous.status_code == 401
