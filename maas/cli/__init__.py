@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from maas.cli import access, db, demo, generate, jobs, models, server
+from maas.cli import access, db, demo, generate, jobs, models, optimize, server
 from maas.cli.output import err_console
 from maas.errors import MaasError
 
@@ -27,6 +27,7 @@ app.add_typer(access.artifacts_app, name="artifacts")
 app.add_typer(db.app, name="db")
 app.add_typer(jobs.app, name="jobs")
 app.command("worker")(jobs.worker)
+app.command("optimize")(optimize.optimize)
 app.command("usage")(access.usage)
 app.command("generate")(generate.generate)
 app.command("chat")(generate.chat)

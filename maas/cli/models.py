@@ -393,3 +393,45 @@ def configure(
     }
     model = ServerClient().request("PATCH", f"/api/v1/models/{name}", json={"serving": serving})
     console.print(f"{name}: {model['serving'] or 'default batching'}")
+
+
+@app.command("compare")
+def compare(
+    first: Annotated[str, typer.Argument(help="A version: NAME:V or NAME@ALIAS.")],
+    second: Annotated[str, typer.Argument(help="Another version.")],
+) -> None:
+    """Two versions' figures side by side. When one was optimized from the other, both
+    columns come from its report, measured in the same run; otherwise each version's own
+    metrics (from different runs: read them with care)."""
+    with open_registry() as registry:
+        records = [registry.resolve(first), registry.resolve(second)]
+        manifests = [registry.read_manifest(r) for r in records]
+    columns, note = report_columns(records, manifests)
+    table = Table("figure", *(r.reference for r in records), "second / first")
+    for name in sorted(set(columns[0]) | set(columns[1])):
+        a, b = columns[0].get(name), columns[1].get(name)
+        ratio = f"{b / a:.3g}x" if a and b is not None else "-"
+        table.add_row(name, _figure(a), _figure(b), ratio)
+    console.print(table)
+    console.print(note, highlight=False)
+
+
+def report_columns(records, manifests) -> tuple[list[dict[str, float]], str]:
+    """Each version's figures, from one report when one version is the other's parent."""
+    for child in (0, 1):
+        parent = 1 - child
+        ref = manifests[child].parent
+        recipe = manifests[child].recipe or {}
+        mine = (records[parent].name, records[parent].version)
+        if ref is not None and (ref.name, ref.version) == mine and "parent_figures" in recipe:
+            from maas.optimize.report import split_figures
+
+            columns = [{}, {}]
+            columns[parent] = recipe["parent_figures"]
+            columns[child] = split_figures(manifests[child].metrics)["figures"]
+            return columns, f"measured together by {records[child].reference}'s job"
+    return [m.metrics for m in manifests], "each version's own metrics, from different runs"
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

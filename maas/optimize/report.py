@@ -78,6 +78,18 @@ def compare(parent: dict[str, float], child: dict[str, float]) -> dict[str, floa
     return {f"{k}_ratio": child[k] / parent[k] for k in keys if parent.get(k)}
 
 
+PARITY = ("max_abs_diff", "top1_agreement")
+
+
+def split_figures(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """An optimized version's metrics as its own figures, its ratios to its parent's, and
+    its parity with the parent."""
+    ratios = {k: v for k, v in metrics.items() if k.endswith("_ratio")}
+    parity = {k: v for k, v in metrics.items() if k in PARITY}
+    own = {k: v for k, v in metrics.items() if k not in ratios and k not in parity}
+    return {"figures": own, "ratios": ratios, "parity": parity}
+
+
 def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every parameter and buffer, int8 weights of dynamically quantized layers included."""
     found = list(module.state_dict().items())

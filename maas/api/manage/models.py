@@ -35,6 +35,7 @@ from maas.api.manage.schemas import (
     ModelUpdate,
     VersionDetail,
     VersionPublic,
+    VersionReport,
     VersionsPublic,
 )
 from maas.artifacts.archive import ARCHIVE_SUFFIXES
@@ -43,6 +44,7 @@ from maas.auth.store import TenantStore
 from maas.errors import (
     InvalidRequest,
     ModelNotFound,
+    NotFound,
     PayloadTooLarge,
     PermissionDenied,
     UnsupportedFormat,
@@ -167,6 +169,24 @@ def get_version(
 ) -> VersionDetail:
     record = resolve_for(registry, key, Reference(validate_model_name(name), version=version))
     return VersionDetail.of_manifest(record, registry.read_manifest(record))
+
+
+@router.get(
+    "/models/{name}/versions/{version}/report",
+    responses=error_responses(router.prefix, 400, 404),
+)
+def get_version_report(
+    name: str, version: int, key: MaintainerKey, registry: RegistryDep
+) -> VersionReport:
+    """The report of a version an optimization made; 404 for any other version."""
+    record = resolve_for(registry, key, Reference(validate_model_name(name), version=version))
+    manifest = registry.read_manifest(record)
+    if (manifest.recipe or {}).get("kind") != "optimize":
+        raise NotFound(
+            f"{record.reference} was not made by an optimization, so it has no report",
+            param="version",
+        )
+    return VersionReport.of_manifest(manifest)
 
 
 @router.delete(

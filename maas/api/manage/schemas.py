@@ -51,6 +51,37 @@ class VersionPublic(BaseModel):
         return cls(**record.model_dump(exclude={"path", "manifest_sha256", "tenant_id"}))
 
 
+class VersionReport(BaseModel):
+    """What an optimization measured, parent and child in one run (docs/optimize.md)."""
+
+    object: str = "version.report"
+    model: str
+    version: int
+    parent: str
+    steps: list[dict[str, Any]]
+    notes: list[str]
+    parent_figures: dict[str, float]
+    figures: dict[str, float]
+    ratios: dict[str, float]
+    parity: dict[str, float]
+
+    @classmethod
+    def of_manifest(cls, manifest: Manifest) -> VersionReport:
+        from maas.optimize.report import split_figures
+
+        recipe = manifest.recipe or {}
+        parent = manifest.parent
+        return cls(
+            model=manifest.name,
+            version=manifest.version,
+            parent=f"{parent.name}:{parent.version}" if parent else "",
+            steps=recipe.get("steps", []),
+            notes=recipe.get("notes", []),
+            parent_figures=recipe.get("parent_figures", {}),
+            **split_figures(manifest.metrics),
+        )
+
+
 class VersionDetail(VersionPublic):
     manifest: dict[str, Any]
     """The version's manifest, without where it was imported from."""

@@ -79,6 +79,17 @@ def test_prune_then_quantize_makes_a_measured_version_that_serves(
     assert figures["artifact_bytes_ratio"] < 1 and figures["parameters_ratio"] == 1
     for name in ("latency_ms_p50", "throughput_per_s", "max_abs_diff", "top1_agreement"):
         assert figures[name] >= 0, name
+    shown = app_client.get("/api/v1/models/cnn/versions/2/report", headers=headers).json()
+    assert shown["parent"] == "cnn:1" and [s["step"] for s in shown["steps"]] == [
+        "prune",
+        "quantize",
+    ]
+    assert shown["figures"]["sparsity"] == figures["sparsity"]
+    assert shown["parent_figures"] == manifest.recipe["parent_figures"]
+    assert set(shown["parity"]) == {"max_abs_diff", "top1_agreement"}
+    assert shown["ratios"]["artifact_bytes_ratio"] == figures["artifact_bytes_ratio"]
+    none = app_client.get("/api/v1/models/cnn/versions/1/report", headers=headers)
+    assert none.status_code == 404 and "not made by an optimization" in none.text
     images = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
     parent, child = (infer(app_client, headers, "cnn", v, images) for v in (1, 2))
     assert parent.shape == child.shape == (6, 3)
