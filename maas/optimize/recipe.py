@@ -8,6 +8,7 @@ range, or do not fit the model (its runtime and task), and steps this maas does 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ KINDS = ("prune", "distil", "share", "quantize", "export")
 distilled), then its weights stored more cheaply (shared or quantized), then exported."""
 QUANTIZE_METHODS = ("int8-dynamic", "int8-static", "int8", "int4", "bfloat16")
 PRUNE_KINDS = ("unstructured", "structured")
-BUILT = {("prune", "unstructured"), ("quantize", "int8-dynamic")}
+BUILT = {("prune", "unstructured"), ("quantize", "int8-dynamic"), ("share", "")}
 """The steps this maas runs today; the others are refused as not built yet."""
 
 
@@ -78,8 +79,14 @@ def _fits(step: Step, where: str, manifest: Manifest) -> None:
     if (step.kind, step.variant) not in BUILT:
         raise InvalidRequest(
             f"{where}: this maas does not run that step yet (it runs: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(BUILT))
+            + ", ".join(f"{k} {v}".strip() for k, v in sorted(BUILT))
             + ")",
+            param="recipe",
+        )
+    if step.kind == "share" and importlib.util.find_spec("sklearn") is None:
+        raise InvalidRequest(
+            f"{where}: weight sharing clusters with scikit-learn, which this server lacks "
+            "(pip install 'maas[training]')",
             param="recipe",
         )
     if not torch_builtin:

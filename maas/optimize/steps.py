@@ -33,6 +33,8 @@ def apply(step: Step, candidate: Candidate) -> Candidate:
         return prune_unstructured(candidate, step.options["amount"])
     if step.kind == "quantize":
         return quantize_int8_dynamic(candidate)
+    if step.kind == "share":
+        return share_weights(candidate, step.options["bits"])
     raise ValueError(f"no transform for {step}")  # recipe.check refuses it first
 
 
@@ -70,5 +72,43 @@ def quantize_int8_dynamic(candidate: Candidate) -> Candidate:
         candidate,
         quantization="int8-dynamic",
         state=quantized_state(candidate.module, paths),
+        notes=[*candidate.notes, note],
+    )
+
+
+def share_weights(candidate: Candidate, bits: int) -> Candidate:
+    """Each weight matrix and kernel clustered into ``2^bits`` shared values (k-means on its
+    values, scikit-learn, centroids started evenly between the smallest and largest weight,
+    as Deep Compression found best); a layer with pruned zeros keeps an exact 0 as one of
+    them. Stored as codebook and packed codes (maas/runtime/shared_weights.py)."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    from maas.runtime.shared_weights import CODEBOOK, CODES, pack, shared_paths
+
+    state = {k: v.detach().clone() for k, v in candidate.module.state_dict().items()}
+    paths = shared_paths(state)
+    for path in paths:
+        values = state.pop(path).reshape(-1).numpy().astype(np.float64)
+        zeros = values == 0
+        clusters = 2**bits - (1 if zeros.any() else 0)
+        free = values[~zeros]
+        clusters = min(clusters, len(np.unique(free)))
+        start = np.linspace(free.min(), free.max(), clusters)[:, None]
+        fit = KMeans(clusters, init=start, n_init=1, max_iter=50, random_state=0)
+        labels = fit.fit_predict(free[:, None])
+        centroids = fit.cluster_centers_.reshape(-1)
+        codebook = np.zeros(2**bits)
+        codes = np.zeros(len(values), dtype=np.uint8)
+        offset = 1 if zeros.any() else 0  # code 0 is the exact zero
+        codebook[offset : offset + clusters] = centroids
+        codes[~zeros] = labels + offset
+        state[path + CODEBOOK] = torch.from_numpy(codebook.astype(np.float32))
+        state[path + CODES] = torch.from_numpy(pack(codes, bits))
+    note = f"{len(paths)} weight tensors share {2**bits} values each ({bits}-bit codes)"
+    return replace(
+        candidate,
+        quantization="weight-sharing",
+        state=state,
         notes=[*candidate.notes, note],
     )

@@ -28,7 +28,7 @@ ARCHITECTURE_FILE = "maas-architecture.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = 1
 MAX_KEYS_SHOWN = 5
-QUANTIZATIONS = ("int8-dynamic",)
+QUANTIZATIONS = ("int8-dynamic", "weight-sharing")
 
 
 def save_folder(
@@ -106,7 +106,8 @@ def load_module(
     quantization: str | None = None,
 ) -> nn.Module:
     """Build the architecture, load ``state_dict`` strictly, and switch to eval mode. With
-    ``quantization`` ``int8-dynamic``, the linear layers stored as int8 run so.
+    ``quantization`` ``int8-dynamic``, the linear layers stored as int8 run so; with
+    ``weight-sharing``, shared weights are rebuilt dense from their codebooks.
 
     Raises UnsupportedFormat naming missing, unexpected or wrongly shaped tensors.
     """
@@ -114,6 +115,12 @@ def load_module(
 
     module = build(architecture, arguments)
     expected = module.state_dict()
+    if quantization == "weight-sharing":  # codebooks and codes back into dense weights
+        from maas.runtime.shared_weights import check_shared, dense_state
+
+        shapes = {k: v.shape for k, v in expected.items()}
+        check_shared(state_dict, shapes)
+        state_dict = dense_state(state_dict, shapes)
     if quantization == "int8-dynamic":  # int8 weights keep their float shapes; scales beside
         check_int8(state_dict)
         scales = [k for k in state_dict if k.endswith(SCALE_SUFFIX)]

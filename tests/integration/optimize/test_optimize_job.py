@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from maas.registry.service import CACHE_SECONDS
 from tests.fixtures import make_cnn_folder, make_lstm_folder
@@ -135,7 +136,8 @@ def test_quantized_text_classifier_serves_close_to_its_parent(
         ({"recipe": "prune 0.5 -> prune 0.3"}, 400, "recipe", "one prune step"),
         ({"recipe": "prune 1.5"}, 400, "recipe", "above 0 and below 1"),
         ({"recipe": "quantize int3"}, 400, "recipe", "method is one of"),
-        ({"recipe": "share 4"}, 400, "recipe", "does not run that step yet"),
+        ({"recipe": "distil"}, 400, "recipe", "does not run that step yet"),
+        ({"recipe": "share 4 -> quantize int8-dynamic"}, 400, "recipe", "not both"),
         ({"recipe": "melt"}, 400, "recipe", "unknown step"),
         ({"recipe": []}, 400, "recipe", "at least one step"),
         ({"recipe": "prune 0.5", "model": "nope"}, 404, "model", "not found"),
@@ -167,3 +169,40 @@ def test_only_maintainers_of_the_models_tenant_optimize_it(app_client, tenant_ke
     assert other.status_code == 404
     anonymous = app_client.post("/api/v1/optimizations", json={"model": "cnn", "recipe": "x"})
     assert anonymous.status_code == 401
+
+
+def test_shared_weights_store_a_codebook_and_serve_close_to_the_parent(
+    app_client, tenant_keys, settings, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from maas.runtime.shared_weights import unpack
+
+    tenants = app_client.app.state.tenants
+    registry = app_client.app.state.registry
+    folder = make_cnn_folder(tmp_path / "wide", seed=1)
+    registry.import_model(folder, "wide", owner=tenants.get_id("acme"))
+    headers = tenant_keys["acme"]
+    created = optimize(app_client, headers, model="wide", recipe="prune 0.3 -> share 4")
+    assert created.status_code == 201, created.text
+    run_jobs(settings)
+    job = app_client.get(f"/api/v1/jobs/{created.json()['id']}", headers=headers).json()
+    assert job["status"] == "succeeded", job["error"]
+    time.sleep(CACHE_SECONDS)
+    child = registry.open_version("wide:2")
+    assert child.manifest.config["quantization"] == "weight-sharing"
+    stored = load_file(registry.folder(child.record) / "model.safetensors")
+    parent = load_file(folder / "model.safetensors")
+    for key, weight in parent.items():
+        if weight.dim() < 2:
+            assert torch.equal(stored[key], weight)  # biases are kept as they were
+            continue
+        assert key not in stored and stored[f"{key}.codebook"].shape == (16,)
+        codes = unpack(stored[f"{key}.codes"].numpy(), 4, weight.numel())
+        assert codes.max() < 16 and stored[f"{key}.codebook"][0] == 0  # pruned zeros kept
+        assert len(stored[f"{key}.codes"]) == (weight.numel() * 4 + 7) // 8
+    assert job["result"]["top1_agreement"] >= 0.8
+    assert job["result"]["sparsity"] >= 0.25  # the pruned zeros are still zeros
+    images = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    outputs = [infer(app_client, headers, "wide", v, images) for v in (1, 2)]
+    assert outputs[0].shape == outputs[1].shape == (4, 3)
