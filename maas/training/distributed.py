@@ -335,7 +335,9 @@ def make_team(rank: int, world: int, stop, spec: dict | None) -> DistributedTeam
     options = {k: v for k, v in spec.items() if k != "strategy"}
     if spec["strategy"] == "pipeline":
         return strategies.PipelineTeam(rank, world, stop, **options)
-    return strategies.ParameterServerTeam(rank, world, stop, **options)
+    from maas.training.parameter_server import ParameterServerTeam
+
+    return ParameterServerTeam(rank, world, stop, **options)
 
 
 def _rank(rank, world, address, entry, args, workdir, reports, stop, spec=None) -> None:
