@@ -39,6 +39,7 @@ RESULTS = Path(__file__).parent / "results" / "optimize.json"
 RECIPES = (
     "quantize int8-dynamic",
     "prune 0.5",
+    "prune 0.5 structured",
     "share 4",
     "prune 0.5 -> share 4",
     "prune 0.5 -> quantize int8-dynamic",

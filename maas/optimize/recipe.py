@@ -20,7 +20,12 @@ KINDS = ("prune", "distil", "share", "quantize", "export")
 distilled), then its weights stored more cheaply (shared or quantized), then exported."""
 QUANTIZE_METHODS = ("int8-dynamic", "int8-static", "int8", "int4", "bfloat16")
 PRUNE_KINDS = ("unstructured", "structured")
-BUILT = {("prune", "unstructured"), ("quantize", "int8-dynamic"), ("share", "")}
+BUILT = {
+    ("prune", "unstructured"),
+    ("prune", "structured"),
+    ("quantize", "int8-dynamic"),
+    ("share", ""),
+}
 """The steps this maas runs today; the others are refused as not built yet."""
 
 
@@ -87,6 +92,13 @@ def _fits(step: Step, where: str, manifest: Manifest) -> None:
         raise InvalidRequest(
             f"{where}: weight sharing clusters with scikit-learn, which this server lacks "
             "(pip install 'maas[training]')",
+            param="recipe",
+        )
+    architecture = manifest.config.get("architecture")
+    if torch_builtin and step.variant == "structured" and architecture != "small-cnn":
+        raise InvalidRequest(
+            f"{where}: structured pruning shrinks small-cnn's channels and hidden units; "
+            f"for {architecture}, prune unstructured",
             param="recipe",
         )
     if not torch_builtin:

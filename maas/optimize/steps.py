@@ -29,6 +29,8 @@ class Candidate:
 
 
 def apply(step: Step, candidate: Candidate) -> Candidate:
+    if step.kind == "prune" and step.options["structure"] == "structured":
+        return prune_structured(candidate, step.options["amount"])
     if step.kind == "prune":
         return prune_unstructured(candidate, step.options["amount"])
     if step.kind == "quantize":
@@ -112,3 +114,53 @@ def share_weights(candidate: Candidate, bits: int) -> Candidate:
         state=state,
         notes=[*candidate.notes, note],
     )
+
+
+def prune_structured(candidate: Candidate, amount: float) -> Candidate:
+    """Remove the ``amount`` of each conv layer's filters and of the head's hidden units
+    with the smallest L1 norms, and the weights that read them: a small-cnn with fewer
+    ``channels`` and a smaller ``hidden``, whose tensors really shrink."""
+    from maas.runtime.architectures import build
+
+    old = candidate.module
+    arguments = dict(candidate.description["arguments"])
+    convs = [m for m in old.features if isinstance(m, nn.Conv2d)]
+    first, last = old.classifier[1], old.classifier[4]
+    state, kept_before = {}, torch.arange(convs[0].in_channels)
+    channels = []
+    for index, conv in zip(_conv_indices(old), convs, strict=True):
+        keep = _strongest(conv.weight.detach().abs().sum(dim=(1, 2, 3)), amount)
+        state[f"features.{index}.weight"] = conv.weight.detach()[keep][:, kept_before]
+        state[f"features.{index}.bias"] = conv.bias.detach()[keep]
+        kept_before = keep
+        channels.append(len(keep))
+    side = arguments["image_size"] // 2 ** len(convs)
+    hidden = _strongest(first.weight.detach().abs().sum(dim=1), amount)
+    columns = first.weight.detach().reshape(first.out_features, -1, side, side)
+    state["classifier.1.weight"] = columns[hidden][:, kept_before].reshape(len(hidden), -1)
+    state["classifier.1.bias"] = first.bias.detach()[hidden]
+    state["classifier.4.weight"] = last.weight.detach()[:, hidden]
+    state["classifier.4.bias"] = last.bias.detach()
+    arguments.update(channels=channels, hidden=len(hidden))
+    module = build("small-cnn", arguments)
+    module.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
+    before = sum(p.numel() for p in old.parameters())
+    after = sum(p.numel() for p in module.parameters())
+    note = (
+        f"structured: channels {[c.out_channels for c in convs]} -> {channels}, hidden "
+        f"{first.out_features} -> {len(hidden)}; {before:,} -> {after:,} parameters"
+    )
+    description = {**candidate.description, "arguments": arguments}
+    return replace(
+        candidate, module=module, description=description, notes=[*candidate.notes, note]
+    )
+
+
+def _conv_indices(module: nn.Module) -> list[int]:
+    return [i for i, m in enumerate(module.features) if isinstance(m, nn.Conv2d)]
+
+
+def _strongest(norms: torch.Tensor, amount: float) -> torch.Tensor:
+    """Indices of the ``1 - amount`` largest ``norms`` (at least one), in their order."""
+    keep = max(1, round(len(norms) * (1 - amount)))
+    return torch.sort(torch.topk(norms, keep).indices).values

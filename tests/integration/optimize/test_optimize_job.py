@@ -143,6 +143,8 @@ def test_quantized_text_classifier_serves_close_to_its_parent(
         ({"recipe": "prune 0.5", "model": "nope"}, 404, "model", "not found"),
         ({"recipe": "prune 0.5", "model": "linear"}, 400, "recipe", "onnx runtime"),
         ({"recipe": "prune 0.5", "model": "shared-cnn"}, 400, "name", "shared"),
+        ({"recipe": "prune 0.5 structured", "model": "words"}, 400, "recipe",
+         "for lstm-classifier, prune unstructured"),
     ],
 )  # fmt: skip
 def test_a_recipe_that_cannot_run_is_refused_before_anything_is_queued(
@@ -154,6 +156,7 @@ def test_a_recipe_that_cannot_run_is_refused_before_anything_is_queued(
     acme = app_client.app.state.tenants.get_id("acme")
     registry.import_model(make_onnx(tmp_path / "linear.onnx"), "linear", owner=acme)
     registry.import_model(make_cnn_folder(tmp_path / "shared"), "shared-cnn")
+    registry.import_model(make_lstm_folder(tmp_path / "words"), "words", owner=acme)
     answer = optimize(app_client, tenant_keys["acme"], **{"model": "cnn", **body})
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
@@ -206,3 +209,23 @@ def test_shared_weights_store_a_codebook_and_serve_close_to_the_parent(
     images = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
     outputs = [infer(app_client, headers, "wide", v, images) for v in (1, 2)]
     assert outputs[0].shape == outputs[1].shape == (4, 3)
+
+
+def test_structured_pruning_shrinks_the_architecture_and_serves(
+    app_client, tenant_keys, settings, acme_cnn
+):
+    headers = tenant_keys["acme"]
+    created = optimize(app_client, headers, model="cnn", recipe="prune 0.5 structured")
+    assert created.status_code == 201, created.text
+    run_jobs(settings)
+    job = app_client.get(f"/api/v1/jobs/{created.json()['id']}", headers=headers).json()
+    assert job["status"] == "succeeded", job["error"]
+    time.sleep(CACHE_SECONDS)
+    manifest = app_client.app.state.registry.open_version("cnn:2").manifest
+    arguments = manifest.config["arguments"]
+    assert arguments["channels"] == [2, 4] and arguments["hidden"] == 8  # from [4, 8] and 16
+    assert job["result"]["parameters_ratio"] < 0.4
+    assert job["result"]["artifact_bytes_ratio"] < 0.6
+    assert "channels [4, 8] -> [2, 4]" in manifest.recipe["notes"][0]
+    images = np.random.default_rng(2).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    assert infer(app_client, headers, "cnn", 2, images).shape == (5, 3)
