@@ -29,6 +29,18 @@ def optimize(client, headers, **body):
     return client.post("/api/v1/optimizations", headers=headers, json=body)
 
 
+def optimized(client, headers, settings, **body) -> dict:
+    """Start an optimization, run it to its end, and return the finished job once the app
+    sees its version."""
+    created = optimize(client, headers, **body)
+    assert created.status_code == 201, created.text
+    run_jobs(settings)
+    job = client.get(f"/api/v1/jobs/{created.json()['id']}", headers=headers).json()
+    assert job["status"] == "succeeded", job["error"]
+    time.sleep(CACHE_SECONDS)  # the worker's import reaches the app's cached view
+    return job
+
+
 def infer(client, headers, model: str, version: int, images: np.ndarray) -> np.ndarray:
     answer = client.post(
         f"/v2/models/{model}/versions/{version}/infer",
@@ -106,14 +118,8 @@ def test_quantized_text_classifier_serves_close_to_its_parent(
         make_lstm_folder(tmp_path / "lstm"), "words", owner=tenants.get_id("acme")
     )
     headers = tenant_keys["acme"]
-    created = optimize(
-        app_client, headers, model="words", recipe=[{"step": "quantize", "method": "int8-dynamic"}]
-    )
-    assert created.status_code == 201, created.text
-    run_jobs(settings)
-    job = app_client.get(f"/api/v1/jobs/{created.json()['id']}", headers=headers).json()
-    assert job["status"] == "succeeded", job["error"]
-    time.sleep(CACHE_SECONDS)
+    recipe = [{"step": "quantize", "method": "int8-dynamic"}]
+    job = optimized(app_client, headers, settings, model="words", recipe=recipe)
     assert job["result"]["top1_agreement"] >= 0.9
     assert job["result"]["max_abs_diff"] < 0.05
     answers = [
@@ -186,12 +192,7 @@ def test_shared_weights_store_a_codebook_and_serve_close_to_the_parent(
     folder = make_cnn_folder(tmp_path / "wide", seed=1)
     registry.import_model(folder, "wide", owner=tenants.get_id("acme"))
     headers = tenant_keys["acme"]
-    created = optimize(app_client, headers, model="wide", recipe="prune 0.3 -> share 4")
-    assert created.status_code == 201, created.text
-    run_jobs(settings)
-    job = app_client.get(f"/api/v1/jobs/{created.json()['id']}", headers=headers).json()
-    assert job["status"] == "succeeded", job["error"]
-    time.sleep(CACHE_SECONDS)
+    job = optimized(app_client, headers, settings, model="wide", recipe="prune 0.3 -> share 4")
     child = registry.open_version("wide:2")
     assert child.manifest.config["quantization"] == "weight-sharing"
     stored = load_file(registry.folder(child.record) / "model.safetensors")
@@ -215,12 +216,7 @@ def test_structured_pruning_shrinks_the_architecture_and_serves(
     app_client, tenant_keys, settings, acme_cnn
 ):
     headers = tenant_keys["acme"]
-    created = optimize(app_client, headers, model="cnn", recipe="prune 0.5 structured")
-    assert created.status_code == 201, created.text
-    run_jobs(settings)
-    job = app_client.get(f"/api/v1/jobs/{created.json()['id']}", headers=headers).json()
-    assert job["status"] == "succeeded", job["error"]
-    time.sleep(CACHE_SECONDS)
+    job = optimized(app_client, headers, settings, model="cnn", recipe="prune 0.5 structured")
     manifest = app_client.app.state.registry.open_version("cnn:2").manifest
     arguments = manifest.config["arguments"]
     assert arguments["channels"] == [2, 4] and arguments["hidden"] == 8  # from [4, 8] and 16
