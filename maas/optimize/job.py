@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from maas.errors import InvalidRequest, ModelNotFound
+from maas.errors import InvalidRequest, ModelNotFound, NotFound
+from maas.files import FileStore
 from maas.jobs.kinds import parse_params
-from maas.optimize import report
+from maas.optimize import data, report
 from maas.optimize.recipe import check, parse
-from maas.optimize.steps import Candidate, apply
+from maas.optimize.steps import Candidate, Materials, apply
 from maas.registry import open_registry
 from maas.registry.names import parse_reference, validate_model_name
 from maas.registry.records import OpenedVersion
@@ -34,7 +35,14 @@ class OptimizeParams(BaseModel):
     name: str | None = Field(default=None, max_length=128)
     """The model the result becomes a version of; by default the parent's."""
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    """The sample inputs the report measures both models on."""
+    """The sample inputs the report measures both models on, and the order and start of
+    what the learning steps learn."""
+    training_file: str | None = Field(default=None, min_length=1, max_length=40)
+    """A ``dataset`` file the learning steps learn from (a fine-tune after pruning,
+    distillation): image folders for small-cnn, a CSV or JSON Lines of ``text`` and
+    ``label`` for the text classifiers (maas/optimize/data.py)."""
+    evaluation_file: str | None = Field(default=None, min_length=1, max_length=40)
+    """A dataset of the same kind on which the report measures both models' accuracy."""
 
 
 def validate(params: dict[str, Any]) -> dict[str, Any]:
@@ -45,16 +53,75 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
     return {**parsed.model_dump(), "recipe": [{"step": s.kind, **s.options} for s in steps]}
 
 
-def check_parent(opened: OpenedVersion, params: dict[str, Any]) -> None:
-    """Refuse a recipe that does not fit the parent (InvalidRequest naming the step), and a
-    result without a model of its tenant to go to."""
-    check(parse(params["recipe"]), opened.manifest)
+def check_parent(
+    registry, files, opened: OpenedVersion, params: dict[str, Any], tenant: int | None
+) -> None:
+    """Refuse a recipe that does not fit the parent (InvalidRequest naming the step), a
+    learning step without data to learn from, a teacher that does not fit, a dataset the
+    model cannot read, and a result without a model of its tenant to go to."""
+    steps = parse(params["recipe"])
+    check(steps, opened.manifest)
     if opened.record.tenant_id is None and not params.get("name"):
         raise InvalidRequest(
             f"{opened.record.name} is shared by every tenant: name the model the optimized "
             "version becomes (name)",
             param="name",
         )
+    description = _description(opened)
+    for index, step in enumerate(steps):
+        if step.needs_data and not params.get("training_file"):
+            raise InvalidRequest(
+                f"step {index + 1} ({step}) learns: give a training_file (a dataset)",
+                param="training_file",
+            )
+        if step.options.get("teacher"):
+            _teacher(registry, opened, step.options["teacher"], tenant, f"step {index + 1}")
+    for name in ("training_file", "evaluation_file"):
+        if params.get(name):
+            try:
+                record = files.get(params[name], tenant)
+            except NotFound:
+                raise InvalidRequest(
+                    f"no file {params[name]!r} in your tenant", param=name
+                ) from None
+            data.check_file(record, description, name)
+
+
+def _teacher(registry, opened: OpenedVersion, reference: str, tenant, where: str):
+    """The teacher a distil step names: a float built-in model of the parent's task that
+    gives the parent's labels."""
+    try:
+        record = registry.resolve(reference)
+    except ModelNotFound:
+        record = None
+    if record is None or record.tenant_id not in (None, tenant):
+        raise InvalidRequest(f"{where}: no teacher model {reference!r}", param="recipe")
+    teacher = registry.open_version(record.reference)
+    mine, theirs = opened.manifest, teacher.manifest
+    if theirs.task != mine.task:
+        raise InvalidRequest(
+            f"{where}: the teacher {record.reference} is a {theirs.task} model; the student "
+            f"is {mine.task}",
+            param="recipe",
+        )
+    if theirs.runtime != "torch" or "architecture" not in theirs.config:
+        raise InvalidRequest(
+            f"{where}: the teacher {record.reference} is not one of maas's built-in torch "
+            "architectures",
+            param="recipe",
+        )
+    if theirs.config.get("quantization"):
+        raise InvalidRequest(
+            f"{where}: the teacher {record.reference} is {theirs.config['quantization']}; "
+            "teach with a float version",
+            param="recipe",
+        )
+    if theirs.labels != mine.labels:
+        raise InvalidRequest(
+            f"{where}: the teacher {record.reference} gives other labels than the student",
+            param="recipe",
+        )
+    return teacher
 
 
 def run(context) -> dict[str, Any]:
@@ -66,32 +133,89 @@ def run(context) -> dict[str, Any]:
         if record.tenant_id not in (None, tenant):
             raise ModelNotFound(f"model {parse_reference(params.model).name!r} not found")
         opened = registry.open_version(record.reference)
-        check_parent(opened, context.params)
+        files = FileStore.of_registry(registry, context.settings)
+        check_parent(registry, files, opened, context.params, tenant)
         steps = parse(params.recipe)
         parent, description = _load(opened)
         candidate = Candidate(_load(opened)[0], description)  # its own copy: steps change it
+        share = 1 / (len(steps) + 1)
         for index, step in enumerate(steps):
-            context.report(index / (len(steps) + 1), message=f"step {index + 1}: {step}")
-            candidate = apply(step, candidate)
+
+            def progress(done: int, total: int, loss: float, index=index) -> None:
+                context.report(
+                    (index + done / total) * share, message=f"step {done}: loss {loss:.4f}"
+                )
+
+            context.report(index * share, message=f"step {index + 1}: {step}")
+            materials = Materials(
+                _examples(context, files, registry, opened, params.training_file, "training")
+                if step.needs_data
+                else None,
+                _teacher_module(registry, opened, step, tenant) or parent,
+                params.seed,
+                progress,
+            )
+            candidate = apply(step, candidate, materials)
             context.report(message=candidate.notes[-1])
         context.report(len(steps) / (len(steps) + 1), message="measuring parent and child")
         folder = _write(candidate, opened, context.workdir / "model")
-        return _register(context, registry, params, opened, folder, parent, candidate, tenant)
+        evaluation = (
+            _examples(context, files, registry, opened, params.evaluation_file, "evaluation")
+            if params.evaluation_file
+            else None
+        )
+        return _register(
+            context, registry, params, opened, folder, parent, candidate, tenant, evaluation
+        )
     finally:
         registry.close()
+
+
+def _examples(context, files, registry, opened: OpenedVersion, file_id: str, purpose: str):
+    """A dataset file's examples, read as the parent reads its inputs."""
+    from maas.training import text_data
+    from maas.training.image_data import extract
+
+    description = _description(opened)
+    tenant = context.lease.job.tenant_id
+    folder = context.workdir / purpose
+    folder.mkdir(parents=True, exist_ok=True)
+    if description["architecture"] == "small-cnn":
+        path = extract(files, file_id, tenant, folder, registry.limits)
+    else:
+        path = text_data.fetch(files, file_id, tenant, folder)
+    tokenizer = (
+        opened.read_bytes("tokenizer.json").decode()
+        if any(f.path == "tokenizer.json" for f in opened.manifest.files)
+        else None
+    )
+    return data.load(path, description, tokenizer)
+
+
+def _teacher_module(registry, opened: OpenedVersion, step, tenant) -> torch.nn.Module | None:
+    if not step.options.get("teacher"):
+        return None
+    where = "the distil step"
+    return _load(_teacher(registry, opened, step.options["teacher"], tenant, where))[0]
 
 
 def _load(opened: OpenedVersion) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The parent's float module, as its runtime builds it, and its folder's description."""
     from safetensors.torch import load
 
-    from maas.runtime.architectures.folder import ARCHITECTURE_FILE, load_module
+    from maas.runtime.architectures.folder import load_module
 
     config = opened.manifest.config
     state = load(opened.read_bytes(config.get("weights", "model.safetensors")))
     module = load_module(config["architecture"], config.get("arguments", {}), state)
-    description = json.loads(opened.read_bytes(ARCHITECTURE_FILE))
-    return module, description
+    return module, _description(opened)
+
+
+def _description(opened: OpenedVersion) -> dict[str, Any]:
+    """The version's maas-architecture.json: architecture, arguments, labels, preprocessing."""
+    from maas.runtime.architectures.folder import ARCHITECTURE_FILE
+
+    return json.loads(opened.read_bytes(ARCHITECTURE_FILE))
 
 
 def _write(candidate: Candidate, opened: OpenedVersion, folder):
@@ -118,7 +242,7 @@ def _write(candidate: Candidate, opened: OpenedVersion, folder):
     return folder
 
 
-def _register(context, registry, params, opened, folder, parent, candidate, tenant):
+def _register(context, registry, params, opened, folder, parent, candidate, tenant, evaluation):
     from maas.runtime.architectures.folder import load_folder
 
     child, _ = load_folder(folder)
@@ -131,6 +255,12 @@ def _register(context, registry, params, opened, folder, parent, candidate, tena
         "parent": report.measure(parent, opened.manifest.size_bytes, inputs),
         "child": report.measure(child, size, inputs),
     }
+    if evaluation is not None:
+        for side, module in (("parent", parent), ("child", child)):
+            measured[side]["accuracy"] = report.accuracy(
+                module, evaluation.inputs, evaluation.labels
+            )
+            measured[side]["evaluation_examples"] = float(len(evaluation))
     figures = {
         **measured["child"],
         **report.compare(measured["parent"], measured["child"]),

@@ -20,11 +20,16 @@ KINDS = ("prune", "distil", "share", "quantize", "export")
 distilled), then its weights stored more cheaply (shared or quantized), then exported."""
 QUANTIZE_METHODS = ("int8-dynamic", "int8-static", "int8", "int4", "bfloat16")
 PRUNE_KINDS = ("unstructured", "structured")
+POSITIONAL = ("amount", "structure", "method", "bits", "format")
+"""Options written bare in a recipe string (``prune 0.5 structured``); the others are
+written ``name=value`` (``distil width=0.5 steps=300``)."""
+DEFAULTS = {"structure": "unstructured", "fine_tune_steps": 0}
 BUILT = {
     ("prune", "unstructured"),
     ("prune", "structured"),
     ("quantize", "int8-dynamic"),
     ("share", ""),
+    ("distil", ""),
 }
 """The steps this maas runs today; the others are refused as not built yet."""
 
@@ -39,9 +44,18 @@ class Step:
         """What distinguishes steps of one kind (a quantization method, a pruning kind)."""
         return str(self.options.get("method") or self.options.get("structure") or "")
 
+    @property
+    def needs_data(self) -> bool:
+        """Whether the step learns from the job's ``training_file``."""
+        return self.kind == "distil" or bool(self.options.get("fine_tune_steps"))
+
     def __str__(self) -> str:
-        shown = " ".join(str(v) for v in self.options.values())
-        return f"{self.kind} {shown}".strip()
+        shown = [
+            str(v) if k in POSITIONAL else f"{k}={v}"
+            for k, v in self.options.items()
+            if (k, v) not in DEFAULTS.items()
+        ]
+        return " ".join([self.kind, *shown])
 
 
 def parse(recipe: str | list) -> list[Step]:
@@ -69,8 +83,19 @@ def check(steps: list[Step], manifest: Manifest) -> None:
                 f"{where}: shared weights are already a codebook; quantize or share, not both",
                 param="recipe",
             )
+        if step.kind == "distil" and step.options.get("width") == 1 and _alone(step, seen):
+            raise InvalidRequest(
+                f"{where}: a student as wide as its teacher learns nothing new: set width "
+                "below 1, prune first, or name a larger teacher",
+                param="recipe",
+            )
         _fits(step, where, manifest)
         seen.append(step.kind)
+
+
+def _alone(step: Step, seen: list[str]) -> bool:
+    """A distil step whose student would be its teacher: nothing pruned it, none named."""
+    return "prune" not in seen and not step.options.get("teacher")
 
 
 def _fits(step: Step, where: str, manifest: Manifest) -> None:
@@ -121,8 +146,23 @@ def _split(text: str) -> list[dict[str, Any]]:
             raise InvalidRequest(
                 f"unknown step {kind!r}; steps are " + ", ".join(KINDS), param="recipe"
             )
-        steps.append({"step": kind, **_positional(kind, args)})
+        named = dict(_named(arg) for arg in args if "=" in arg)
+        bare = [arg for arg in args if "=" not in arg]
+        steps.append({"step": kind, **_positional(kind, bare), **named})
     return steps
+
+
+def _named(arg: str) -> tuple[str, Any]:
+    """``steps=300`` as ("steps", 300): a number where it reads as one, else the text."""
+    name, _, text = arg.partition("=")
+    if not name or not text:
+        raise InvalidRequest(f"cannot read the option {arg!r}; write name=value", param="recipe")
+    for kind in (int, float):
+        try:
+            return name, kind(text)
+        except ValueError:
+            pass
+    return name, text
 
 
 def _positional(kind: str, args: list[str]) -> dict[str, Any]:
@@ -170,8 +210,8 @@ def _checked(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
         raise InvalidRequest(f"{where} ({kind}): {message}", param="recipe")
 
     allowed = {
-        "prune": {"amount", "structure"},
-        "distil": {"student", "temperature", "alpha", "epochs"},
+        "prune": {"amount", "structure", "fine_tune_steps", "learning_rate"},
+        "distil": {"width", "steps", "temperature", "alpha", "learning_rate", "teacher"},
         "share": {"bits"},
         "quantize": {"method", "group_size"},
         "export": {"format"},
@@ -186,6 +226,15 @@ def _checked(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
         options.setdefault("structure", "unstructured")
         if options["structure"] not in PRUNE_KINDS:
             refuse("structure is " + " or ".join(PRUNE_KINDS))
+        options.setdefault("fine_tune_steps", 0)
+        if not _whole(options["fine_tune_steps"], 0, MAX_STEPS):
+            refuse(f"fine_tune_steps is a whole number from 0 to {MAX_STEPS:,}")
+    if kind == "distil" or options.get("fine_tune_steps") or "learning_rate" in options:
+        rate = options.setdefault("learning_rate", 1e-3)
+        if not isinstance(rate, int | float) or not 0 < rate <= 1:
+            refuse("learning_rate is above 0 and at most 1")
+    if kind == "distil":
+        _distil_options(options, refuse)
     if kind == "quantize" and options.get("method") not in QUANTIZE_METHODS:
         refuse("method is one of " + ", ".join(QUANTIZE_METHODS))
     if kind == "share":
@@ -195,3 +244,27 @@ def _checked(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
     if kind == "export" and options.get("format") not in ("onnx", "gguf"):
         refuse("format is onnx or gguf")
     return options
+
+
+MAX_STEPS = 100_000
+
+
+def _distil_options(options: dict[str, Any], refuse) -> None:
+    width = options.get("width")
+    if width is not None and (not isinstance(width, int | float) or not 0 < width <= 1):
+        refuse("width is the student's share of the teacher's channels, above 0 and at most 1")
+    if not _whole(options.setdefault("steps", 300), 1, MAX_STEPS):
+        refuse(f"steps is a whole number from 1 to {MAX_STEPS:,}")
+    temperature = options.setdefault("temperature", 4.0)
+    if not isinstance(temperature, int | float) or not 0 < temperature <= 100:
+        refuse("temperature is above 0 and at most 100")
+    alpha = options.setdefault("alpha", 0.7)
+    if not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        refuse("alpha weighs the teacher's soft targets against the labels: from 0 to 1")
+    teacher = options.get("teacher")
+    if teacher is not None and (not isinstance(teacher, str) or not teacher.strip()):
+        refuse("teacher is a model reference (name, name:version or name@alias)")
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high

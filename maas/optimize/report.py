@@ -7,11 +7,14 @@ on the same sample inputs. Nothing in it is estimated.
   in batches of 32; both through the module the runtime serves (built by ``load_module``,
   run under ``torch.inference_mode``);
 - ``parity``: the child's largest absolute difference from the parent's outputs, and the
-  share of samples whose top class is the parent's.
+  share of samples whose top class is the parent's;
+- ``accuracy``, with an evaluation file: the share of its examples each model labels right
+  (``accuracy_change``: the child's minus the parent's).
 """
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from typing import Any
@@ -72,10 +75,25 @@ def parity(parent: nn.Module, child: nn.Module, inputs: dict[str, torch.Tensor])
     }
 
 
+def accuracy(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of examples whose top class is their label, in batches of 256."""
+    name = next(iter(inspect.signature(module.forward).parameters))
+    right = 0
+    with torch.inference_mode():
+        for start in range(0, len(labels), 256):
+            logits = module(**{name: inputs[start : start + 256]})
+            right += int((logits.argmax(-1) == labels[start : start + 256]).sum())
+    return right / max(1, len(labels))
+
+
 def compare(parent: dict[str, float], child: dict[str, float]) -> dict[str, float]:
-    """Child over parent for each figure where a ratio means something."""
+    """Child over parent for each figure where a ratio means something, and the change in
+    accuracy (in its own unit: a share of examples)."""
     keys = ("artifact_bytes", "parameters", "latency_ms_p50", "throughput_per_s")
-    return {f"{k}_ratio": child[k] / parent[k] for k in keys if parent.get(k)}
+    ratios = {f"{k}_ratio": child[k] / parent[k] for k in keys if parent.get(k)}
+    if "accuracy" in parent and "accuracy" in child:
+        ratios["accuracy_change"] = child["accuracy"] - parent["accuracy"]
+    return ratios
 
 
 PARITY = ("max_abs_diff", "top1_agreement")
@@ -84,7 +102,7 @@ PARITY = ("max_abs_diff", "top1_agreement")
 def split_figures(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     """An optimized version's metrics as its own figures, its ratios to its parent's, and
     its parity with the parent."""
-    ratios = {k: v for k, v in metrics.items() if k.endswith("_ratio")}
+    ratios = {k: v for k, v in metrics.items() if k.endswith(("_ratio", "_change"))}
     parity = {k: v for k, v in metrics.items() if k in PARITY}
     own = {k: v for k, v in metrics.items() if k not in ratios and k not in parity}
     return {"figures": own, "ratios": ratios, "parity": parity}

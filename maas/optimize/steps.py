@@ -10,7 +10,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from maas.optimize import tuning
+from maas.optimize.data import Examples
 from maas.optimize.recipe import Step
+from maas.optimize.tuning import Progress
 from maas.runtime.int8_linear import linear_paths, quantized_state
 
 
@@ -28,16 +31,91 @@ class Candidate:
     """What each step did, for the report."""
 
 
-def apply(step: Step, candidate: Candidate) -> Candidate:
-    if step.kind == "prune" and step.options["structure"] == "structured":
-        return prune_structured(candidate, step.options["amount"])
+@dataclass
+class Materials:
+    """What the learning steps learn from."""
+
+    examples: Examples | None
+    """The job's training file, read as the parent reads its inputs (None: no step learns)."""
+    teacher: nn.Module
+    """The distil step's teacher: the model it names, or the parent."""
+    seed: int
+    progress: Progress | None = None
+
+
+def apply(step: Step, candidate: Candidate, materials: Materials) -> Candidate:
     if step.kind == "prune":
-        return prune_unstructured(candidate, step.options["amount"])
+        if step.options["structure"] == "structured":
+            candidate = prune_structured(candidate, step.options["amount"])
+        else:
+            candidate = prune_unstructured(candidate, step.options["amount"])
+        if step.options.get("fine_tune_steps"):
+            candidate = _fine_tuned(candidate, step, materials)
+        return candidate
+    if step.kind == "distil":
+        return distil(candidate, step, materials)
     if step.kind == "quantize":
         return quantize_int8_dynamic(candidate)
     if step.kind == "share":
         return share_weights(candidate, step.options["bits"])
     raise ValueError(f"no transform for {step}")  # recipe.check refuses it first
+
+
+def _fine_tuned(candidate: Candidate, step: Step, materials: Materials) -> Candidate:
+    examples, steps = materials.examples, step.options["fine_tune_steps"]
+    assert examples is not None  # job.check_parent refuses the step without a training file
+    loss = tuning.fine_tune(
+        candidate.module,
+        examples,
+        steps,
+        step.options["learning_rate"],
+        materials.seed,
+        materials.progress,
+    )
+    note = f"fine-tuned {steps} steps on {len(examples)} examples (last loss {loss:.4f})"
+    return replace(candidate, notes=[*candidate.notes, note])
+
+
+def distil(candidate: Candidate, step: Step, materials: Materials) -> Candidate:
+    """A student learns from the teacher's softened outputs and the labels. The student is
+    the candidate itself when an earlier step made it smaller (or ``width`` is 1), else the
+    candidate's architecture ``width`` as wide (0.5 unless set), freshly initialised."""
+    from maas.runtime.architectures import build
+
+    examples, options = materials.examples, step.options
+    assert examples is not None  # job.check_parent refuses the step without a training file
+    width = options.get("width") or (1.0 if candidate.notes else 0.5)
+    description = candidate.description
+    if width == 1:
+        student = candidate.module
+    else:
+        arguments = tuning.student_arguments(
+            description["architecture"], description["arguments"], width
+        )
+        torch.manual_seed(materials.seed)
+        student = build(description["architecture"], arguments)
+        description = {**description, "arguments": arguments}
+    loss = tuning.distil(
+        materials.teacher,
+        student,
+        examples,
+        options["steps"],
+        options["learning_rate"],
+        options["temperature"],
+        options["alpha"],
+        materials.seed,
+        materials.progress,
+    )
+    before = sum(p.numel() for p in materials.teacher.parameters())
+    after = sum(p.numel() for p in student.parameters())
+    note = (
+        f"distilled a {before:,}-parameter teacher into a {after:,}-parameter student "
+        f"({options['steps']} steps, T={options['temperature']}, alpha={options['alpha']}, "
+        f"last loss {loss:.4f})"
+    )
+    return replace(
+        candidate, module=student, description=description, notes=[*candidate.notes, note]
+    )
 
 
 def prunable(module: nn.Module) -> list[tuple[nn.Module, str]]:

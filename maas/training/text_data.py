@@ -53,7 +53,7 @@ def load_split(
     max_length: int,
     max_vocab: int,
 ) -> TextSplit:
-    texts, labels = _read(path, text_column, label_column)
+    texts, labels = read_texts(path, text_column, label_column)
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise ValueError(f"column {label_column!r} has {len(classes)} label(s); at least 2 needed")
@@ -81,7 +81,7 @@ def load_split(
     )
 
 
-def _read(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+def read_texts(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     if path.suffix == ".jsonl":
         return _read_jsonl(path, text_column, label_column)
     with path.open(encoding="utf-8-sig", newline="") as source:

@@ -39,6 +39,11 @@ class OptimizationCreate(BaseModel):
     name: str | None = Field(default=None, max_length=128)
     """The model the result becomes a version of (by default the parent's own model)."""
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    training_file: str | None = Field(default=None, min_length=1, max_length=40)
+    """A dataset file (``/v1/files``) the learning steps learn from: a fine-tune after
+    pruning (``fine_tune_steps``) and distillation."""
+    evaluation_file: str | None = Field(default=None, min_length=1, max_length=40)
+    """A dataset file on which the report measures parent's and child's accuracy."""
 
 
 @router.post("/optimizations", status_code=201)
@@ -57,7 +62,7 @@ async def create_optimization(
     except InvalidRequest as err:  # name the request's field, not the job's parameter
         field = (err.param or "").removeprefix("params.") or None
         raise InvalidRequest(str(err.message).removeprefix("params."), param=field) from None
-    params = await run_in_threadpool(_checked, registry, key, params)
+    params = await run_in_threadpool(_checked, registry, settings, key, params)
     job, created = await run_in_threadpool(
         jobs.create,
         "optimize",
@@ -72,8 +77,10 @@ async def create_optimization(
     return JobPublic.of(job)
 
 
-def _checked(registry, key, params: dict[str, Any]) -> dict[str, Any]:
-    """The parameters with the parent fixed to one version, once the recipe fits it."""
+def _checked(registry, settings, key, params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters with the parent fixed to one version, once the recipe, its teacher
+    and its files fit it."""
+    from maas.files import FileStore
     from maas.optimize.job import check_parent
 
     record = resolve_for(registry, key, params["model"])
@@ -82,5 +89,6 @@ def _checked(registry, key, params: dict[str, Any]) -> dict[str, Any]:
             f"{record.name} belongs to another tenant; an optimization runs in its key's tenant",
             param="model",
         )
-    check_parent(registry.open_version(record.reference), params)
+    files = FileStore.of_registry(registry, settings)
+    check_parent(registry, files, registry.open_version(record.reference), params, key.tenant_id)
     return {**params, "model": record.reference}

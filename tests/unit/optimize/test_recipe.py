@@ -12,19 +12,38 @@ def test_a_recipe_string_reads_as_steps_with_their_options():
     steps = parse(
         "prune 0.5 structured -> distil -> share 4 -> quantize int8-dynamic -> export onnx"
     )
+    distil = {"steps": 300, "temperature": 4.0, "alpha": 0.7, "learning_rate": 1e-3}
     assert steps == [
-        Step("prune", {"amount": 0.5, "structure": "structured"}),
-        Step("distil", {}),
+        Step("prune", {"amount": 0.5, "structure": "structured", "fine_tune_steps": 0}),
+        Step("distil", distil),
         Step("share", {"bits": 4}),
         Step("quantize", {"method": "int8-dynamic"}),
         Step("export", {"format": "onnx"}),
     ]
     assert str(steps[0]) == "prune 0.5 structured"
+    assert not steps[0].needs_data and steps[1].needs_data
+
+
+def test_named_options_read_as_numbers_or_text():
+    prune, distil = parse(
+        "prune 0.5 structured fine_tune_steps=200 learning_rate=0.002 -> "
+        "distil width=0.25 steps=50 teacher=big@production"
+    )
+    assert prune.options == {
+        "amount": 0.5,
+        "structure": "structured",
+        "fine_tune_steps": 200,
+        "learning_rate": 0.002,
+    }
+    assert prune.needs_data
+    assert str(prune) == "prune 0.5 structured fine_tune_steps=200 learning_rate=0.002"
+    assert distil.options["width"] == 0.25 and distil.options["steps"] == 50
+    assert distil.options["teacher"] == "big@production"
 
 
 def test_a_json_recipe_reads_the_same_and_fills_defaults():
     assert parse([{"step": "prune", "amount": 0.25}]) == [
-        Step("prune", {"amount": 0.25, "structure": "unstructured"})
+        Step("prune", {"amount": 0.25, "structure": "unstructured", "fine_tune_steps": 0})
     ]
 
 
@@ -43,6 +62,17 @@ def test_a_json_recipe_reads_the_same_and_fills_defaults():
         ([{"step": "prune", "amount": 0.5, "ratio": 2}], "unknown option 'ratio'"),
         ([{"amount": 0.5}], "should be an object with a 'step'"),
         ("compress 2", "unknown step"),
+        ("prune 0.5 fine_tune_steps=-1", "fine_tune_steps is a whole number"),
+        ("prune 0.5 fine_tune_steps=2.5", "fine_tune_steps is a whole number"),
+        ("prune 0.5 fine_tune_steps=10 learning_rate=5", "learning_rate is above 0"),
+        ("prune 0.5 steps=", "write name=value"),
+        ("distil width=0", "width is the student's share"),
+        ("distil width=1.5", "width is the student's share"),
+        ("distil steps=0", "steps is a whole number"),
+        ("distil temperature=0", "temperature is above 0"),
+        ("distil alpha=2", "alpha weighs"),
+        ([{"step": "distil", "teacher": 3}], "teacher is a model reference"),
+        ("distil student=tiny", "unknown option 'student'"),
     ],
 )
 def test_bad_steps_are_refused_naming_them(recipe, says):
