@@ -83,7 +83,9 @@ def check(steps: list[Step], manifest: Manifest) -> None:
                 f"{where}: shared weights are already a codebook; quantize or share, not both",
                 param="recipe",
             )
-        if step.kind == "distil" and step.options.get("width") == 1 and _alone(step, seen):
+        if step.kind == "distil":
+            _student_fits(step, where, manifest)
+        if step.kind == "distil" and _same_student(step) and _alone(step, seen):
             raise InvalidRequest(
                 f"{where}: a student as wide as its teacher learns nothing new: set width "
                 "below 1, prune first, or name a larger teacher",
@@ -91,6 +93,26 @@ def check(steps: list[Step], manifest: Manifest) -> None:
             )
         _fits(step, where, manifest)
         seen.append(step.kind)
+
+
+def _student_fits(step: Step, where: str, manifest: Manifest) -> None:
+    from maas.optimize.tuning import layer_count
+
+    architecture = manifest.config.get("architecture")
+    layers = step.options.get("layers")
+    if architecture is None or layers is None:
+        return
+    most = layer_count(architecture, manifest.config.get("arguments", {}))
+    if layers > most:
+        raise InvalidRequest(
+            f"{where}: the teacher has {most} layer(s); a student has at most as many",
+            param="recipe",
+        )
+
+
+def _same_student(step: Step) -> bool:
+    """A distil step whose student is as wide and as deep as the candidate."""
+    return step.options.get("width") == 1 and step.options.get("layers") is None
 
 
 def _alone(step: Step, seen: list[str]) -> bool:
@@ -211,7 +233,7 @@ def _checked(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
 
     allowed = {
         "prune": {"amount", "structure", "fine_tune_steps", "learning_rate"},
-        "distil": {"width", "steps", "temperature", "alpha", "learning_rate", "teacher"},
+        "distil": {"width", "layers", "steps", "temperature", "alpha", "learning_rate", "teacher"},
         "share": {"bits"},
         "quantize": {"method", "group_size"},
         "export": {"format"},
@@ -253,6 +275,8 @@ def _distil_options(options: dict[str, Any], refuse) -> None:
     width = options.get("width")
     if width is not None and (not isinstance(width, int | float) or not 0 < width <= 1):
         refuse("width is the student's share of the teacher's channels, above 0 and at most 1")
+    if "layers" in options and not _whole(options["layers"], 1, 64):
+        refuse("layers is the student's number of conv blocks or layers, from 1")
     if not _whole(options.setdefault("steps", 300), 1, MAX_STEPS):
         refuse(f"steps is a whole number from 1 to {MAX_STEPS:,}")
     temperature = options.setdefault("temperature", 4.0)

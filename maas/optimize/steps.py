@@ -79,18 +79,19 @@ def _fine_tuned(candidate: Candidate, step: Step, materials: Materials) -> Candi
 def distil(candidate: Candidate, step: Step, materials: Materials) -> Candidate:
     """A student learns from the teacher's softened outputs and the labels. The student is
     the candidate itself when an earlier step made it smaller (or ``width`` is 1), else the
-    candidate's architecture ``width`` as wide (0.5 unless set), freshly initialised."""
+    candidate's architecture ``width`` as wide (0.5 unless set) and ``layers`` deep (as deep
+    unless set), freshly initialised."""
     from maas.runtime.architectures import build
 
     examples, options = materials.examples, step.options
     assert examples is not None  # job.check_parent refuses the step without a training file
     width = options.get("width") or (1.0 if candidate.notes else 0.5)
     description = candidate.description
-    if width == 1:
+    if width == 1 and options.get("layers") is None:
         student = candidate.module
     else:
         arguments = tuning.student_arguments(
-            description["architecture"], description["arguments"], width
+            description["architecture"], description["arguments"], width, options.get("layers")
         )
         torch.manual_seed(materials.seed)
         student = build(description["architecture"], arguments)

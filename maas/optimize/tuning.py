@@ -75,19 +75,26 @@ def distil(
     return _optimise(student, examples, steps, learning_rate, seed, loss, {}, progress)
 
 
-def student_arguments(architecture: str, arguments: dict[str, Any], width: float) -> dict[str, Any]:
+def student_arguments(
+    architecture: str, arguments: dict[str, Any], width: float, layers: int | None = None
+) -> dict[str, Any]:
     """The teacher's architecture ``width`` times as wide (channels and hidden units; for the
     text classifiers, embedding and hidden sizes), so about ``width^2`` of its parameters in
-    the layers that dominate."""
+    the layers that dominate; with ``layers``, only that many of its conv blocks (the first)
+    or recurrent or encoder layers."""
 
     def scaled(value: int, multiple: int = 1) -> int:
         return max(multiple, round(value * width / multiple) * multiple)
 
     student = dict(arguments)
     if architecture == "small-cnn":
-        student["channels"] = [scaled(c) for c in arguments.get("channels", [16, 32])]
+        channels = list(arguments.get("channels", [16, 32]))[: layers or None]
+        student["channels"] = [scaled(c) for c in channels]
         student["hidden"] = scaled(arguments.get("hidden", 64))
-    elif architecture == "lstm-classifier":
+        return student
+    if layers is not None:
+        student["num_layers"] = layers
+    if architecture == "lstm-classifier":
         student["embedding_dim"] = scaled(arguments.get("embedding_dim", 64))
         student["hidden_size"] = scaled(arguments.get("hidden_size", 64))
     elif architecture == "transformer-classifier":
@@ -97,6 +104,13 @@ def student_arguments(architecture: str, arguments: dict[str, Any], width: float
     else:
         raise ValueError(f"no smaller {architecture} to distil into")
     return student
+
+
+def layer_count(architecture: str, arguments: dict[str, Any]) -> int:
+    """What ``layers`` counts in a student of ``architecture``: conv blocks, or layers."""
+    if architecture == "small-cnn":
+        return len(arguments.get("channels", [16, 32]))
+    return int(arguments.get("num_layers", 2 if architecture == "transformer-classifier" else 1))
 
 
 def _optimise(module, examples, steps, learning_rate, seed, loss_of, masks, progress) -> float:

@@ -167,6 +167,8 @@ def test_the_report_measures_a_text_classifier_on_a_csv(
          "gives other labels"),
         ({"recipe": "distil width=1", "training_file": "PETS"}, "recipe",
          "learns nothing new"),
+        ({"recipe": "distil layers=3", "training_file": "PETS"}, "recipe",
+         "the teacher has 2 layer(s)"),
     ],
 )  # fmt: skip
 def test_learning_steps_without_fitting_data_or_teacher_are_refused(

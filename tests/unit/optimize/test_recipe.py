@@ -69,6 +69,7 @@ def test_a_json_recipe_reads_the_same_and_fills_defaults():
         ("distil width=0", "width is the student's share"),
         ("distil width=1.5", "width is the student's share"),
         ("distil steps=0", "steps is a whole number"),
+        ("distil layers=0", "layers is the student's number"),
         ("distil temperature=0", "temperature is above 0"),
         ("distil alpha=2", "alpha weighs"),
         ([{"step": "distil", "teacher": 3}], "teacher is a model reference"),
