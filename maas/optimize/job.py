@@ -71,7 +71,8 @@ def check_parent(
     for index, step in enumerate(steps):
         if step.needs_data and not params.get("training_file"):
             raise InvalidRequest(
-                f"step {index + 1} ({step}) learns: give a training_file (a dataset)",
+                f"step {index + 1} ({step}) learns or calibrates from data: give a "
+                "training_file (a dataset)",
                 param="training_file",
             )
         if step.options.get("teacher"):
@@ -139,6 +140,11 @@ def run(context) -> dict[str, Any]:
         parent, description = _load(opened)
         candidate = Candidate(_load(opened)[0], description)  # its own copy: steps change it
         share = 1 / (len(steps) + 1)
+        examples = (
+            _examples(context, files, registry, opened, params.training_file, "training")
+            if any(step.needs_data for step in steps)
+            else None
+        )
         for index, step in enumerate(steps):
 
             def progress(done: int, total: int, loss: float, index=index) -> None:
@@ -148,12 +154,12 @@ def run(context) -> dict[str, Any]:
 
             context.report(index * share, message=f"step {index + 1}: {step}")
             materials = Materials(
-                _examples(context, files, registry, opened, params.training_file, "training")
-                if step.needs_data
-                else None,
+                examples,
                 _teacher_module(registry, opened, step, tenant) or parent,
                 params.seed,
                 progress,
+                task=opened.manifest.task,
+                workdir=context.workdir,
             )
             candidate = apply(step, candidate, materials)
             context.report(message=candidate.notes[-1])
@@ -221,9 +227,14 @@ def _description(opened: OpenedVersion) -> dict[str, Any]:
 def _write(candidate: Candidate, opened: OpenedVersion, folder):
     """The child's folder: its weights and description, and the parent's other files (a
     text model's tokenizer)."""
-    from maas.runtime.architectures.folder import ARCHITECTURE_FILE, WEIGHTS_FILE, save_folder
+    from maas.runtime.architectures.folder import save_folder
 
     description = candidate.description
+    folder.mkdir(parents=True, exist_ok=True)
+    if candidate.exported is not None:
+        candidate.exported.replace(folder / candidate.exported.name)
+        _copy_others(opened, folder)
+        return folder
     save_folder(
         candidate.module,
         folder,
@@ -234,18 +245,31 @@ def _write(candidate: Candidate, opened: OpenedVersion, folder):
         quantization=candidate.quantization,
         state=candidate.state,
     )
+    _copy_others(opened, folder)
+    return folder
+
+
+def _copy_others(opened: OpenedVersion, folder) -> None:
+    """The parent's files beside its weights and description (a text model's tokenizer)."""
+    from maas.runtime.architectures.folder import ARCHITECTURE_FILE, WEIGHTS_FILE
+
     for entry in opened.manifest.files:
         if entry.path not in (ARCHITECTURE_FILE, WEIGHTS_FILE, "manifest.json"):
             target = folder / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(opened.read_bytes(entry.path))
-    return folder
 
 
 def _register(context, registry, params, opened, folder, parent, candidate, tenant, evaluation):
+    from maas.runtime.architectures import signature
     from maas.runtime.architectures.folder import load_folder
 
-    child, _ = load_folder(folder)
+    if candidate.exported is not None:
+        from maas.optimize.onnx_export import OnnxModule
+
+        child = OnnxModule(folder / candidate.exported.name)
+    else:
+        child, _ = load_folder(folder)
     description = candidate.description
     inputs = report.sample_inputs(
         description["architecture"], description.get("arguments", {}), report.SAMPLES, params.seed
@@ -256,9 +280,10 @@ def _register(context, registry, params, opened, folder, parent, candidate, tena
         "child": report.measure(child, size, inputs),
     }
     if evaluation is not None:
+        first = signature(description["architecture"], description["arguments"])[0][0]["name"]
         for side, module in (("parent", parent), ("child", child)):
             measured[side]["accuracy"] = report.accuracy(
-                module, evaluation.inputs, evaluation.labels
+                module, first, evaluation.inputs, evaluation.labels
             )
             measured[side]["evaluation_examples"] = float(len(evaluation))
     figures = {

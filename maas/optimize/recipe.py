@@ -23,13 +23,23 @@ PRUNE_KINDS = ("unstructured", "structured")
 POSITIONAL = ("amount", "structure", "method", "bits", "format")
 """Options written bare in a recipe string (``prune 0.5 structured``); the others are
 written ``name=value`` (``distil width=0.5 steps=300``)."""
-DEFAULTS = {"structure": "unstructured", "fine_tune_steps": 0}
+DEFAULTS = {
+    "structure": "unstructured",
+    "fine_tune_steps": 0,
+    "learning_rate": 1e-3,
+    "steps": 300,
+    "temperature": 4.0,
+    "alpha": 0.7,
+}
+"""Options left out when a step is shown (``distil``, not ``distil steps=300 ...``)."""
 BUILT = {
     ("prune", "unstructured"),
     ("prune", "structured"),
     ("quantize", "int8-dynamic"),
     ("share", ""),
     ("distil", ""),
+    ("quantize", "int8-static"),
+    ("export", "onnx"),
 }
 """The steps this maas runs today; the others are refused as not built yet."""
 
@@ -41,13 +51,19 @@ class Step:
 
     @property
     def variant(self) -> str:
-        """What distinguishes steps of one kind (a quantization method, a pruning kind)."""
-        return str(self.options.get("method") or self.options.get("structure") or "")
+        """What distinguishes steps of one kind (a quantization method, a pruning kind, an
+        export format)."""
+        options = self.options
+        return str(options.get("method") or options.get("structure") or options.get("format") or "")
 
     @property
     def needs_data(self) -> bool:
         """Whether the step learns from the job's ``training_file``."""
-        return self.kind == "distil" or bool(self.options.get("fine_tune_steps"))
+        return (
+            self.kind == "distil"
+            or bool(self.options.get("fine_tune_steps"))
+            or self.options.get("method") == "int8-static"  # calibration
+        )
 
     def __str__(self) -> str:
         shown = [
@@ -92,7 +108,45 @@ def check(steps: list[Step], manifest: Manifest) -> None:
                 param="recipe",
             )
         _fits(step, where, manifest)
+        _exports(step, where, steps, manifest)
         seen.append(step.kind)
+
+
+NOT_EXPORTABLE = {
+    "lstm-classifier": "its packed variable-length sequences do not trace into ONNX "
+    "(torch.export cannot follow pack_padded_sequence)",
+}
+
+
+def _exports(step: Step, where: str, steps: list[Step], manifest: Manifest) -> None:
+    """Static int8 runs in ONNX Runtime; an export takes float or int8 weights, not shared
+    ones; and some architectures do not export."""
+    exported = any(s.kind == "export" and s.variant == "onnx" for s in steps)
+    if step.variant == "int8-static" and not exported:
+        raise InvalidRequest(
+            f"{where}: static int8 runs in ONNX Runtime: end the recipe with export onnx",
+            param="recipe",
+        )
+    if step.kind != "export":
+        return
+    if any(s.kind == "share" for s in steps):
+        raise InvalidRequest(
+            f"{where}: shared weights are how maas stores torch weights; an ONNX graph holds "
+            "them dense, so export without share (or quantize int8-dynamic) instead",
+            param="recipe",
+        )
+    architecture = manifest.config.get("architecture")
+    if architecture in NOT_EXPORTABLE:
+        raise InvalidRequest(
+            f"{where}: {architecture} does not export to ONNX: {NOT_EXPORTABLE[architecture]}",
+            param="recipe",
+        )
+    if importlib.util.find_spec("onnxscript") is None:
+        raise InvalidRequest(
+            f"{where}: torch's ONNX exporter needs onnxscript, which this server lacks "
+            "(pip install 'maas[optimize]')",
+            param="recipe",
+        )
 
 
 def _student_fits(step: Step, where: str, manifest: Manifest) -> None:

@@ -4,6 +4,7 @@ own code is never changed, only its module tree and how its weights are stored."
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,8 @@ class Candidate:
     """The weights as stored, when they are not the module's float state."""
     notes: list[str] = field(default_factory=list)
     """What each step did, for the report."""
+    exported: Path | None = None
+    """The ONNX file an ``export onnx`` step wrote (the version is then that graph)."""
 
 
 @dataclass
@@ -41,6 +44,10 @@ class Materials:
     """The distil step's teacher: the model it names, or the parent."""
     seed: int
     progress: Progress | None = None
+    task: str = "tensor"
+    """The parent's task, which an exported graph records."""
+    workdir: Path = Path(".")
+    """Where a step writes files (the job's folder)."""
 
 
 def apply(step: Step, candidate: Candidate, materials: Materials) -> Candidate:
@@ -54,11 +61,33 @@ def apply(step: Step, candidate: Candidate, materials: Materials) -> Candidate:
         return candidate
     if step.kind == "distil":
         return distil(candidate, step, materials)
+    if step.kind == "quantize" and step.variant == "int8-static":
+        note = "static int8: ONNX Runtime quantizes the graph at export, calibrated on the data"
+        return replace(candidate, quantization="int8-static", notes=[*candidate.notes, note])
     if step.kind == "quantize":
         return quantize_int8_dynamic(candidate)
+    if step.kind == "export":
+        return export_onnx(candidate, materials)
     if step.kind == "share":
         return share_weights(candidate, step.options["bits"])
     raise ValueError(f"no transform for {step}")  # recipe.check refuses it first
+
+
+def export_onnx(candidate: Candidate, materials: Materials) -> Candidate:
+    """The candidate's float module as an ONNX graph, quantized by ONNX Runtime when a
+    quantize step came before (maas/optimize/onnx_export.py)."""
+    from maas.optimize import onnx_export
+
+    target = materials.workdir / "onnx" / onnx_export.MODEL_FILE
+    note = onnx_export.export(
+        candidate.module,
+        candidate.description,
+        materials.task,
+        candidate.quantization,
+        materials.examples,
+        target,
+    )
+    return replace(candidate, exported=target, notes=[*candidate.notes, note])
 
 
 def _fine_tuned(candidate: Candidate, step: Step, materials: Materials) -> Candidate:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -83,11 +84,18 @@ def inspect(folder: Path, model_path: Path) -> FormatInfo:
         raise UnsupportedFormat(f"{model_path.name} is not a valid ONNX model: {reason}") from None
     initializers = {init.name for init in model.graph.initializer}
     inputs = [_spec(v) for v in model.graph.input if v.name not in initializers]
+    described = described_serving(model)
+    tokenizer = {"kind": "huggingface", "files": ["tokenizer.json"]}
     return FormatInfo(
         format="onnx",
         runtime="onnx",
-        default_task="tensor",
+        default_task=described.get("task", "tensor"),
         tasks=TASKS,
+        labels=described.get("labels"),
+        task_options=(
+            {"preprocessing": described["preprocessing"]} if "preprocessing" in described else {}
+        ),
+        tokenizer=tokenizer if (folder / "tokenizer.json").is_file() else None,
         architecture=model.graph.name or None,
         config={
             "model_file": model_path.relative_to(folder).as_posix(),
@@ -99,6 +107,31 @@ def inspect(folder: Path, model_path: Path) -> FormatInfo:
         outputs=[_spec(v) for v in model.graph.output],
         weight_files=[model_path.relative_to(folder).as_posix(), *external],
     )
+
+
+SERVING_KEYS = {"maas.task": "task", "maas.labels": "labels", "maas.preprocessing": "preprocessing"}
+"""The model's ``metadata_props`` a maas ONNX export writes (JSON values), so that its
+version serves with its parent's task, labels and preprocessing."""
+
+
+def described_serving(model: onnx.ModelProto) -> dict:
+    """What the graph's metadata says about serving it; a malformed entry is refused."""
+    described = {}
+    for prop in model.metadata_props:
+        if prop.key in SERVING_KEYS:
+            try:
+                value = json.loads(prop.value)
+            except ValueError:
+                raise UnsupportedFormat(f"metadata {prop.key!r} is not JSON") from None
+            kind = {"task": str, "labels": list, "preprocessing": dict}[SERVING_KEYS[prop.key]]
+            if not isinstance(value, kind) or (
+                kind is list and not all(isinstance(v, str) for v in value)
+            ):
+                raise UnsupportedFormat(f"metadata {prop.key!r} is not a {kind.__name__}")
+            described[SERVING_KEYS[prop.key]] = value
+    if described.get("task") not in (None, *TASKS):
+        raise UnsupportedFormat(f"metadata 'maas.task' names no task: {described['task']!r}")
+    return described
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:

@@ -150,7 +150,8 @@ def test_the_report_measures_a_text_classifier_on_a_csv(
 @pytest.mark.parametrize(
     ("body", "param", "says"),
     [
-        ({"recipe": "distil"}, "training_file", "learns: give a training_file"),
+        ({"recipe": "distil"}, "training_file",
+         "step 1 (distil) learns or calibrates from data: give a training_file"),
         ({"recipe": "prune 0.5 fine_tune_steps=5"}, "training_file", "learns"),
         ({"recipe": "distil", "training_file": "file-nope"}, "training_file", "no file"),
         ({"recipe": "distil", "training_file": "CSV"}, "training_file",
@@ -169,6 +170,12 @@ def test_the_report_measures_a_text_classifier_on_a_csv(
          "learns nothing new"),
         ({"recipe": "distil layers=3", "training_file": "PETS"}, "recipe",
          "the teacher has 2 layer(s)"),
+        ({"recipe": "quantize int8-static -> export onnx"}, "training_file", "calibrates"),
+        ({"recipe": "quantize int8-static", "training_file": "PETS"}, "recipe",
+         "end the recipe with export onnx"),
+        ({"recipe": "share 4 -> export onnx"}, "recipe", "export without share"),
+        ({"recipe": "export onnx", "model": "words"}, "recipe",
+         "lstm-classifier does not export to ONNX"),
     ],
 )  # fmt: skip
 def test_learning_steps_without_fitting_data_or_teacher_are_refused(
@@ -190,7 +197,7 @@ def test_learning_steps_without_fitting_data_or_teacher_are_refused(
         "PETS": upload(app_client, headers, pets),
     }
     body = {k: files.get(v, v) for k, v in body.items()}
-    answer = optimize(app_client, headers, model="cnn", **body)
+    answer = optimize(app_client, headers, **{"model": "cnn", **body})
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert says in error["message"] and error["param"] == param
@@ -240,3 +247,92 @@ def test_a_named_teacher_teaches_the_parent_itself(app_client, tenant_keys, sett
     assert f"distilled a {big:,}-parameter teacher" in manifest.recipe["notes"][0]
     before, after = weights(app_client, "digits:1"), weights(app_client, "digits:2")
     assert any(not (before[k] == after[k]).all() for k in before)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "quantized"),
+    [
+        ("export onnx", None),
+        ("quantize int8-dynamic -> export onnx", "MatMulInteger"),
+        ("quantize int8-static -> export onnx", "QuantizeLinear"),
+    ],
+)
+def test_an_onnx_export_serves_through_the_parent_s_routes(
+    app_client, tenant_keys, settings, digits_cnn, few_digits, recipe, quantized
+):
+    import onnx
+
+    headers = tenant_keys["acme"]
+    job = optimized(
+        app_client,
+        headers,
+        settings,
+        model="digits",
+        recipe=recipe,
+        training_file=digits_cnn,
+        evaluation_file=digits_cnn,
+    )
+    result = job["result"]
+    registry = app_client.app.state.registry
+    child = registry.open_version("digits:2")
+    manifest = child.manifest
+    assert (manifest.format, manifest.runtime) == ("onnx", "onnx")
+    assert manifest.task == "image-classification" and manifest.labels == ["0", "1", "2"]
+    assert (manifest.parent.name, manifest.parent.version) == ("digits", 1)
+    graph = onnx.load_model_from_string(child.read_bytes("model.onnx"))
+    ops = {node.op_type for node in graph.graph.node}
+    if quantized is None:
+        assert result["max_abs_diff"] < 1e-4 and result["top1_agreement"] == 1
+        assert result["accuracy_change"] == 0
+    else:
+        assert quantized in ops, ops
+        assert result["top1_agreement"] >= 0.8 and abs(result["accuracy_change"]) <= 0.05
+    assert "exported to ONNX" in manifest.recipe["notes"][-1]
+    # The same routes as the parent: v2 tensors and :predict with images and labels.
+    images = np.random.default_rng(4).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    assert infer(app_client, headers, "digits", 2, images).shape == (3, 3)
+    import base64
+    import zipfile
+
+    with zipfile.ZipFile(few_digits) as archive:
+        png = archive.read(next(n for n in archive.namelist() if n.startswith("digits/1/")))
+    answers = [
+        app_client.post(
+            f"/v1/models/digits:{v}:predict",
+            headers=headers,
+            json={"instances": [{"b64": base64.b64encode(png).decode()}]},
+        )
+        for v in (1, 2)
+    ]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    labels = [a.json()["predictions"][0]["label"] for a in answers]
+    assert labels[0] == labels[1]
+
+
+def test_a_text_classifier_exports_to_onnx_and_classifies_texts(
+    app_client, tenant_keys, settings, tmp_path
+):
+    from tests.fixtures import make_transformer_folder
+
+    acme = app_client.app.state.tenants.get_id("acme")
+    app_client.app.state.registry.import_model(
+        make_transformer_folder(tmp_path / "encoder"), "encoder", owner=acme
+    )
+    headers = tenant_keys["acme"]
+    job = optimized(app_client, headers, settings, model="encoder", recipe="export onnx")
+    assert job["result"]["max_abs_diff"] < 1e-4
+    child = app_client.app.state.registry.open_version("encoder:2").manifest
+    assert child.runtime == "onnx" and child.task == "text-classification"
+    assert "tokenizer.json" in {f.path for f in child.files}
+    texts = ["the cat sat on the mat", "a big red car runs fast"]
+    answers = [
+        app_client.post(
+            f"/v1/models/encoder:{v}:predict", headers=headers, json={"instances": texts}
+        )
+        for v in (1, 2)
+    ]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    first, second = (a.json()["predictions"] for a in answers)
+    assert [p["label"] for p in first] == [p["label"] for p in second]
+    for a, b in zip(first, second, strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)

@@ -97,3 +97,42 @@ def test_unknown_architecture_needs_a_task(registry, tmp_path):
     with pytest.raises(InvalidRequest, match="give one with --task"):
         registry.import_model(source, "m")
     assert registry.import_model(source, "m", task="tensor").task == "tensor"
+
+
+def _with_metadata(path, **props):
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in props.items():
+        model.metadata_props.add(key=key.replace("_", "."), value=value)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_metadata_gives_the_task_labels_and_preprocessing(registry, tmp_path):
+    path = _with_metadata(
+        make_onnx(tmp_path / "m" / "model.onnx"),
+        maas_task='"image-classification"',
+        maas_labels='["a", "b", "c", "d"]',
+        maas_preprocessing='{"image_size": [4, 4], "mean": [0], "std": [1]}',
+    )
+    record = registry.import_model(path.parent, "described")
+    manifest = registry.open_version(record.reference).manifest
+    assert manifest.task == "image-classification" and manifest.labels == ["a", "b", "c", "d"]
+    assert manifest.task_options["preprocessing"]["image_size"] == [4, 4]
+
+
+@pytest.mark.parametrize(
+    ("props", "says"),
+    [
+        ({"maas_labels": "[1, 2]"}, "is not a list"),
+        ({"maas_labels": "not json"}, "is not JSON"),
+        ({"maas_task": '"poetry"'}, "names no task"),
+        ({"maas_preprocessing": "[]"}, "is not a dict"),
+    ],
+)
+def test_malformed_onnx_metadata_is_refused(registry, tmp_path, props, says):
+    path = _with_metadata(make_onnx(tmp_path / "m" / "model.onnx"), **props)
+    with pytest.raises(UnsupportedFormat) as refused:
+        registry.import_model(path.parent, "described")
+    assert says in str(refused.value)
