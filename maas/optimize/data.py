@@ -41,6 +41,16 @@ def check_file(record: FileRecord, description: dict[str, Any], param: str) -> N
     """Refuse a file that is not a dataset this model can read, or whose classes it lacks."""
     details = record.details or {}
     kind = details.get("format")
+    if description["architecture"] == "llm":
+        if record.purpose != "dataset" or kind not in TEXT_FORMATS:
+            raise InvalidRequest(
+                f"{record.id} is not a dataset of texts: an LLM is measured on a CSV or JSON "
+                f"Lines file with a {TEXT_COLUMN!r} column (purpose 'dataset')",
+                param=param,
+            )
+        if kind == "csv" and TEXT_COLUMN not in details.get("columns", []):
+            raise InvalidRequest(f"{record.id} has no column {TEXT_COLUMN!r}", param=param)
+        return
     images = description["architecture"] == "small-cnn"
     wanted = IMAGE_FORMATS if images else TEXT_FORMATS
     if record.purpose != "dataset" or kind not in wanted:
@@ -114,3 +124,24 @@ def _label_index(classes: list[str], labels: list[str]) -> dict[int, int]:
     if unknown:
         raise ValueError(f"the dataset has classes the model does not know: {unknown[:5]}")
     return {i: labels.index(name) for i, name in enumerate(classes)}
+
+
+def read_evaluation_texts(path: Path) -> list[str]:
+    """An LLM's held-out texts: the ``text`` column (CSV) or field (JSON Lines) of every row."""
+    import csv
+    import json
+
+    if path.suffix == ".jsonl":
+        rows = [
+            json.loads(line)
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
+        texts = [row.get(TEXT_COLUMN) for row in rows if isinstance(row, dict)]
+    else:
+        with path.open(encoding="utf-8-sig", newline="") as source:
+            texts = [row.get(TEXT_COLUMN) for row in csv.DictReader(source)]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError(f"the evaluation file has no {TEXT_COLUMN!r} texts")
+    return texts

@@ -67,7 +67,13 @@ def check_parent(
             "version becomes (name)",
             param="name",
         )
-    description = _description(opened)
+    llm = opened.manifest.runtime == "llm"
+    if llm and params.get("training_file"):
+        raise InvalidRequest(
+            "an LLM's export learns nothing: give an evaluation_file (texts) alone",
+            param="training_file",
+        )
+    description = {"architecture": "llm"} if llm else _description(opened)
     for index, step in enumerate(steps):
         if step.needs_data and not params.get("training_file"):
             raise InvalidRequest(
@@ -137,6 +143,8 @@ def run(context) -> dict[str, Any]:
         files = FileStore.of_registry(registry, context.settings)
         check_parent(registry, files, opened, context.params, tenant)
         steps = parse(params.recipe)
+        if opened.manifest.runtime == "llm":
+            return _run_llm(context, registry, files, params, opened, steps, tenant)
         parent, description = _load(opened)
         candidate = Candidate(_load(opened)[0], description)  # its own copy: steps change it
         share = 1 / (len(steps) + 1)
@@ -175,6 +183,55 @@ def run(context) -> dict[str, Any]:
         )
     finally:
         registry.close()
+
+
+def _run_llm(context, registry, files, params, opened, steps, tenant) -> dict[str, Any]:
+    """An LLM's recipe (one export gguf step), measured through maas's engine."""
+    from maas.optimize import llm
+
+    (step,) = steps  # recipe.check allows an LLM this one step
+    context.report(0.0, message=f"step 1: {step}")
+    folder = context.workdir / "model"
+    if folder.exists():  # a half-written file from an attempt that died
+        import shutil
+
+        shutil.rmtree(folder)
+    stem = opened.record.name.replace("/", "-")
+    note = llm.export_gguf(
+        opened, step.options["type"], folder / f"{stem}.{step.options['type']}.gguf"
+    )
+    context.report(0.5, message=note)
+    texts = None
+    if params.evaluation_file:
+        from maas.training import text_data
+
+        path = text_data.fetch(files, params.evaluation_file, tenant, context.workdir)
+        texts = data.read_evaluation_texts(path)
+    context.report(0.6, message="measuring parent and child")
+    measured = {
+        "parent": llm.measure(opened, opened.manifest.size_bytes, texts),
+        "child": llm.measure(
+            llm.opened_folder(opened, folder),
+            sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
+            texts,
+        ),
+    }
+    parent_figures, child_figures = (measured[s]["figures"] for s in ("parent", "child"))
+    figures = {
+        **child_figures,
+        **report.compare(parent_figures, child_figures),
+        **llm.parity(measured["parent"], measured["child"]),
+    }
+    if "perplexity" in parent_figures:
+        figures["perplexity_ratio"] = child_figures["perplexity"] / parent_figures["perplexity"]
+    notes = [
+        note,
+        f"the parent answers {measured['parent']['answer']!r} to {llm.QUESTION_TEXT!r}",
+        f"the child answers {measured['child']['answer']!r}",
+    ]
+    return _import(
+        context, registry, params, opened, folder, figures, parent_figures, notes, tenant
+    )
 
 
 def _examples(context, files, registry, opened: OpenedVersion, file_id: str, purpose: str):
@@ -291,14 +348,30 @@ def _register(context, registry, params, opened, folder, parent, candidate, tena
         **report.compare(measured["parent"], measured["child"]),
         **report.parity(parent, child, inputs),
     }
+    return _import(
+        context,
+        registry,
+        params,
+        opened,
+        folder,
+        figures,
+        measured["parent"],
+        candidate.notes,
+        tenant,
+    )
+
+
+def _import(context, registry, params, opened, folder, figures, parent_figures, notes, tenant):
+    """The child folder as a new version, with its parent, recipe and report, in the same
+    transaction as the job's end."""
     base = opened.record
     name = params.name or base.name
     recipe = {
         "job": context.job_id,
         "kind": KIND,
         "steps": params.recipe,
-        "notes": candidate.notes,
-        "parent_figures": measured["parent"],
+        "notes": notes,
+        "parent_figures": parent_figures,
     }
     result = {"model": name, "parent": base.reference, **figures}
     context.flush()

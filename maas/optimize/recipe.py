@@ -20,7 +20,8 @@ KINDS = ("prune", "distil", "share", "quantize", "export")
 distilled), then its weights stored more cheaply (shared or quantized), then exported."""
 QUANTIZE_METHODS = ("int8-dynamic", "int8-static", "int8", "int4", "bfloat16")
 PRUNE_KINDS = ("unstructured", "structured")
-POSITIONAL = ("amount", "structure", "method", "bits", "format")
+GGUF_TYPES = ("q8_0", "q4_0")
+POSITIONAL = ("amount", "structure", "method", "bits", "format", "type")
 """Options written bare in a recipe string (``prune 0.5 structured``); the others are
 written ``name=value`` (``distil width=0.5 steps=300``)."""
 DEFAULTS = {
@@ -40,6 +41,7 @@ BUILT = {
     ("distil", ""),
     ("quantize", "int8-static"),
     ("export", "onnx"),
+    ("export", "gguf"),
 }
 """The steps this maas runs today; the others are refused as not built yet."""
 
@@ -195,6 +197,9 @@ def _fits(step: Step, where: str, manifest: Manifest) -> None:
             "(pip install 'maas[training]')",
             param="recipe",
         )
+    if manifest.runtime == "llm" or step.variant == "gguf":
+        _fits_llm(step, where, manifest)
+        return
     architecture = manifest.config.get("architecture")
     if torch_builtin and step.variant == "structured" and architecture != "small-cnn":
         raise InvalidRequest(
@@ -206,6 +211,22 @@ def _fits(step: Step, where: str, manifest: Manifest) -> None:
         raise InvalidRequest(
             f"{where} does not fit a {manifest.format} model of the {manifest.runtime} runtime: "
             "it transforms maas's built-in torch architectures",
+            param="recipe",
+        )
+
+
+def _fits_llm(step: Step, where: str, manifest: Manifest) -> None:
+    """An LLM of maas's engine exports to GGUF; the other steps are the classic models'."""
+    if step.variant != "gguf":
+        raise InvalidRequest(
+            f"{where}: for an LLM this maas runs export gguf (q8_0 or q4_0) so far; "
+            f"{step.kind} transforms maas's built-in torch architectures",
+            param="recipe",
+        )
+    if manifest.runtime != "llm" or manifest.format != "gguf":
+        raise InvalidRequest(
+            f"{where}: export gguf re-encodes a GGUF LLM of maas's engine; this is a "
+            f"{manifest.format} model of the {manifest.runtime} runtime",
             param="recipe",
         )
 
@@ -254,8 +275,8 @@ def _positional(kind: str, args: list[str]) -> dict[str, Any]:
         return {"method": args[0]}
     if kind == "share" and len(args) == 1:
         return {"bits": int(_number(args[0], "share bits"))}
-    if kind == "export" and len(args) == 1:
-        return {"format": args[0]}
+    if kind == "export" and len(args) in (1, 2):
+        return {"format": args[0], **({"type": args[1].lower()} if len(args) == 2 else {})}
     if args:
         raise InvalidRequest(f"cannot read the step {' '.join([kind, *args])!r}", param="recipe")
     return {}
@@ -290,7 +311,7 @@ def _checked(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
         "distil": {"width", "layers", "steps", "temperature", "alpha", "learning_rate", "teacher"},
         "share": {"bits"},
         "quantize": {"method", "group_size"},
-        "export": {"format"},
+        "export": {"format", "type"},
     }[kind]
     unknown = set(options) - allowed
     if unknown:
@@ -319,6 +340,12 @@ def _checked(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
             refuse("bits is from 2 to 8 (2^bits shared values per layer)")
     if kind == "export" and options.get("format") not in ("onnx", "gguf"):
         refuse("format is onnx or gguf")
+    if kind == "export" and options["format"] == "gguf":
+        options["type"] = str(options.get("type", "q8_0")).lower()
+        if options["type"] not in GGUF_TYPES:
+            refuse("a GGUF export's type is " + " or ".join(GGUF_TYPES))
+    elif kind == "export" and "type" in options:
+        refuse("type is a GGUF export's (q8_0 or q4_0)")
     return options
 
 

