@@ -41,11 +41,11 @@ def check_file(record: FileRecord, description: dict[str, Any], param: str) -> N
     """Refuse a file that is not a dataset this model can read, or whose classes it lacks."""
     details = record.details or {}
     kind = details.get("format")
-    if description["architecture"] == "llm":
+    if description["architecture"] == "texts":  # an LLM or encoder, measured on texts
         if record.purpose != "dataset" or kind not in TEXT_FORMATS:
             raise InvalidRequest(
-                f"{record.id} is not a dataset of texts: an LLM is measured on a CSV or JSON "
-                f"Lines file with a {TEXT_COLUMN!r} column (purpose 'dataset')",
+                f"{record.id} is not a dataset of texts: this model is measured on a CSV or "
+                f"JSON Lines file with a {TEXT_COLUMN!r} column (purpose 'dataset')",
                 param=param,
             )
         if kind == "csv" and TEXT_COLUMN not in details.get("columns", []):

@@ -16,6 +16,7 @@ from maas.jobs.kinds import parse_params
 from maas.optimize import data, report
 from maas.optimize.recipe import check, parse
 from maas.optimize.steps import Candidate, Materials, apply
+from maas.optimize.versions import folder_bytes, opened_folder
 from maas.registry import open_registry
 from maas.registry.names import parse_reference, validate_model_name
 from maas.registry.records import OpenedVersion
@@ -67,13 +68,14 @@ def check_parent(
             "version becomes (name)",
             param="name",
         )
-    llm = opened.manifest.runtime == "llm"
-    if llm and params.get("training_file"):
+    texts_only = opened.manifest.runtime in ("llm", "transformers")
+    if texts_only and params.get("training_file"):
         raise InvalidRequest(
-            "an LLM's export learns nothing: give an evaluation_file (texts) alone",
+            f"the steps for a model of the {opened.manifest.runtime} runtime learn nothing: "
+            "give an evaluation_file (texts) alone",
             param="training_file",
         )
-    description = {"architecture": "llm"} if llm else _description(opened)
+    description = {"architecture": "texts"} if texts_only else _description(opened)
     for index, step in enumerate(steps):
         if step.needs_data and not params.get("training_file"):
             raise InvalidRequest(
@@ -145,6 +147,8 @@ def run(context) -> dict[str, Any]:
         steps = parse(params.recipe)
         if opened.manifest.runtime == "llm":
             return _run_llm(context, registry, files, params, opened, steps, tenant)
+        if opened.manifest.runtime == "transformers":
+            return _run_encoder(context, registry, files, params, opened, steps, tenant)
         parent, description = _load(opened)
         candidate = Candidate(_load(opened)[0], description)  # its own copy: steps change it
         share = 1 / (len(steps) + 1)
@@ -201,20 +205,11 @@ def _run_llm(context, registry, files, params, opened, steps, tenant) -> dict[st
         opened, step.options["type"], folder / f"{stem}.{step.options['type']}.gguf"
     )
     context.report(0.5, message=note)
-    texts = None
-    if params.evaluation_file:
-        from maas.training import text_data
-
-        path = text_data.fetch(files, params.evaluation_file, tenant, context.workdir)
-        texts = data.read_evaluation_texts(path)
+    texts = _texts(context, files, params, tenant)
     context.report(0.6, message="measuring parent and child")
     measured = {
         "parent": llm.measure(opened, opened.manifest.size_bytes, texts),
-        "child": llm.measure(
-            llm.opened_folder(opened, folder),
-            sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
-            texts,
-        ),
+        "child": llm.measure(opened_folder(opened, folder), folder_bytes(folder), texts),
     }
     parent_figures, child_figures = (measured[s]["figures"] for s in ("parent", "child"))
     figures = {
@@ -232,6 +227,39 @@ def _run_llm(context, registry, files, params, opened, steps, tenant) -> dict[st
     return _import(
         context, registry, params, opened, folder, figures, parent_figures, notes, tenant
     )
+
+
+def _run_encoder(context, registry, files, params, opened, steps, tenant) -> dict[str, Any]:
+    """A Hugging Face encoder's recipe (quantize int8-dynamic), measured as it serves."""
+    from maas.optimize import encoder
+
+    (step,) = steps  # recipe.check allows an encoder this one step
+    context.report(0.0, message=f"step 1: {step}")
+    folder = context.workdir / "model"
+    if folder.exists():  # what an attempt that died left
+        import shutil
+
+        shutil.rmtree(folder)
+    note = encoder.quantize_int8_dynamic(opened, folder)
+    context.report(0.5, message=note)
+    texts = _texts(context, files, params, tenant)
+    context.report(0.6, message="measuring parent and child")
+    parent_figures, figures = encoder.measure(
+        opened, opened_folder(opened, folder), folder_bytes(folder), texts
+    )
+    return _import(
+        context, registry, params, opened, folder, figures, parent_figures, [note], tenant
+    )
+
+
+def _texts(context, files, params, tenant) -> list[str] | None:
+    """The evaluation file's texts, for the models that read texts."""
+    if not params.evaluation_file:
+        return None
+    from maas.training import text_data
+
+    path = text_data.fetch(files, params.evaluation_file, tenant, context.workdir)
+    return data.read_evaluation_texts(path)
 
 
 def _examples(context, files, registry, opened: OpenedVersion, file_id: str, purpose: str):

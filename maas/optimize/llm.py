@@ -14,7 +14,6 @@ column), and the greedy answer to "What is the capital of France?" as a note.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,21 +79,6 @@ def _floats(tensor, dequantize) -> np.ndarray:
     if tensor.tensor_type in (Q.F32, Q.F16):  # the reader hands these over as floats
         return np.asarray(tensor.data, dtype=np.float32)
     return dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-
-
-def opened_folder(parent: OpenedVersion, folder: Path) -> OpenedVersion:
-    """The child's folder, before it is a version, as the engine's loaders read one."""
-    from maas.artifacts.hashing import FileEntry
-    from maas.registry.formats import inspect_folder
-
-    info = inspect_folder(folder)
-    files = [
-        FileEntry(path=p.relative_to(folder).as_posix(), size=p.stat().st_size, sha256="")
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    ]
-    manifest = parent.manifest.model_copy(update={"config": info.config, "files": files})
-    return replace(parent, manifest=manifest, folder=folder, data_keys={})
 
 
 def measure(opened: OpenedVersion, artifact_bytes: int, texts: list[str] | None) -> dict:

@@ -178,10 +178,10 @@ def _alone(step: Step, seen: list[str]) -> bool:
 
 def _fits(step: Step, where: str, manifest: Manifest) -> None:
     torch_builtin = manifest.runtime == "torch" and "architecture" in manifest.config
-    if manifest.config.get("quantization"):
+    stored = manifest.config.get("quantization") or manifest.config.get("maas_quantization")
+    if stored:
         raise InvalidRequest(
-            f"{where}: the version is {manifest.config['quantization']} already; optimize "
-            "its float parent",
+            f"{where}: the version is {stored} already; optimize its float parent",
             param="recipe",
         )
     if (step.kind, step.variant) not in BUILT:
@@ -200,6 +200,9 @@ def _fits(step: Step, where: str, manifest: Manifest) -> None:
     if manifest.runtime == "llm" or step.variant == "gguf":
         _fits_llm(step, where, manifest)
         return
+    if manifest.runtime == "transformers":
+        _fits_encoder(step, where, manifest)
+        return
     architecture = manifest.config.get("architecture")
     if torch_builtin and step.variant == "structured" and architecture != "small-cnn":
         raise InvalidRequest(
@@ -211,6 +214,24 @@ def _fits(step: Step, where: str, manifest: Manifest) -> None:
         raise InvalidRequest(
             f"{where} does not fit a {manifest.format} model of the {manifest.runtime} runtime: "
             "it transforms maas's built-in torch architectures",
+            param="recipe",
+        )
+
+
+ENCODER_TASKS = ("embeddings", "text-classification")
+
+
+def _fits_encoder(step: Step, where: str, manifest: Manifest) -> None:
+    """A Hugging Face encoder (embeddings, text classification) quantizes to dynamic int8."""
+    if manifest.task not in ENCODER_TASKS or manifest.format != "huggingface":
+        raise InvalidRequest(
+            f"{where}: of the transformers runtime's models, this maas optimizes encoders "
+            f"({', '.join(ENCODER_TASKS)}); this one serves {manifest.task}",
+            param="recipe",
+        )
+    if (step.kind, step.variant) != ("quantize", "int8-dynamic"):
+        raise InvalidRequest(
+            f"{where}: for a Hugging Face encoder this maas runs quantize int8-dynamic so far",
             param="recipe",
         )
 

@@ -46,6 +46,8 @@ def load_pretrained(opened: OpenedVersion, auto, dtype: torch.dtype | None = Non
     """The version's model as the ``transformers`` class ``auto`` builds it: safetensors only,
     never the model's own code. ``dtype`` None keeps the dtype config.json names."""
     options = {} if dtype is None else {"dtype": dtype}
+    if opened.manifest.config.get(QUANTIZATION_KEY) == "int8-dynamic":
+        return _int8_dynamic(opened, auto)
     if opened.data_keys:
         return _from_decrypted_state(opened, auto, options)
     return auto.from_pretrained(
@@ -83,6 +85,38 @@ def _from_decrypted_state(opened: OpenedVersion, auto, options: dict):
         )
     model.tie_weights()
     return model
+
+
+QUANTIZATION_KEY = "maas_quantization"
+"""config.json's key for how maas stores the weights: ``int8-dynamic`` (its linear layers'
+weights int8 with ``<layer>.weight_scale``, see maas/runtime/int8_linear.py)."""
+
+
+def _int8_dynamic(opened: OpenedVersion, auto):
+    """A model whose linear layers run dynamically quantized with the int8 weights stored."""
+    from safetensors.torch import load
+    from transformers import AutoConfig
+
+    from maas.runtime.int8_linear import check_int8, dynamic_int8
+
+    config = AutoConfig.from_pretrained(
+        opened.folder, local_files_only=True, trust_remote_code=False
+    )
+    model = auto.from_config(config)
+    state: dict = {}
+    for entry in opened.manifest.files:
+        if entry.path.endswith(".safetensors"):
+            state.update(load(opened.read_bytes(entry.path)))
+    check_int8(state)
+    prefix = f"{model.base_model_prefix}."
+    if not any(key.startswith(prefix) for key in model.state_dict()):
+        state = {key.removeprefix(prefix): value for key, value in state.items()}
+    try:
+        return dynamic_int8(model, state)
+    except RuntimeError as err:  # load_state_dict's missing or unexpected keys
+        raise UnsupportedFormat(
+            f"the int8 weights do not fit {type(model).__name__}: {err}"
+        ) from None
 
 
 def _tied_to_loaded(model, state: dict) -> set[str]:

@@ -1,0 +1,110 @@
+"""A Hugging Face encoder quantized to dynamic int8: stored as int8 weights with scales, run
+by the transformers runtime as dynamically quantized linears, through the parent's routes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from tests.fixtures import make_bert_classifier, make_bert_embedder
+from tests.integration.optimize.test_optimize_job import optimize, optimized
+from tests.integration.training.test_train_job import upload
+
+pytestmark = pytest.mark.timeout(300)
+
+TEXTS = ["the cat sat on the mat", "a big red car runs fast", "the dog runs", "red mat"]
+
+
+def test_an_int8_embedder_serves_embeddings_close_to_its_parent(
+    app_client, tenant_keys, settings, tmp_path
+):
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry = app_client.app.state.registry
+    registry.import_model(make_bert_embedder(tmp_path / "bert"), "bert", owner=acme)
+    headers = tenant_keys["acme"]
+    evaluation = tmp_path / "texts.jsonl"
+    evaluation.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXTS))
+    job = optimized(
+        app_client,
+        headers,
+        settings,
+        model="bert",
+        recipe="quantize int8-dynamic",
+        evaluation_file=upload(app_client, headers, evaluation),
+    )
+    result = job["result"]
+    child = registry.open_version("bert:2")
+    assert child.manifest.config["maas_quantization"] == "int8-dynamic"
+    assert child.manifest.task == "embeddings" and child.manifest.runtime == "transformers"
+    stored = load_file(registry.folder(child.record) / "model.safetensors")
+    int8 = [k for k, v in stored.items() if v.dtype.is_floating_point is False and v.dim() == 2]
+    assert int8 and all(f"{k}_scale" in stored for k in int8)
+    assert result["artifact_bytes_ratio"] < 1
+    assert result["cosine_to_parent"] >= 0.98 and result["evaluation_texts"] == 32  # 4, repeated
+    assert {"latency_ms_p50", "throughput_per_s_ratio", "max_abs_diff"} <= set(result)
+    vectors = []
+    for version in (1, 2):
+        answer = app_client.post(
+            "/v1/embeddings", headers=headers, json={"model": f"bert:{version}", "input": TEXTS}
+        )
+        assert answer.status_code == 200, answer.text
+        vectors.append(np.array([row["embedding"] for row in answer.json()["data"]]))
+    cosine = (vectors[0] * vectors[1]).sum(axis=1)  # both normalised
+    assert cosine.min() >= 0.97
+    assert not np.allclose(vectors[0], vectors[1])  # the child really runs in int8
+
+
+def test_an_int8_text_classifier_gives_its_parent_s_labels(
+    app_client, tenant_keys, settings, tmp_path
+):
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry = app_client.app.state.registry
+    registry.import_model(make_bert_classifier(tmp_path / "bert"), "judge", owner=acme)
+    headers = tenant_keys["acme"]
+    evaluation = tmp_path / "texts.csv"
+    evaluation.write_text("text\n" + "\n".join(TEXTS) + "\n")
+    job = optimized(
+        app_client,
+        headers,
+        settings,
+        model="judge",
+        recipe="quantize int8-dynamic",
+        evaluation_file=upload(app_client, headers, evaluation),
+    )
+    predictions = []
+    for version in (1, 2):
+        answer = app_client.post(
+            f"/v1/models/judge:{version}:predict", headers=headers, json={"instances": TEXTS}
+        )
+        assert answer.status_code == 200, answer.text
+        predictions.append(answer.json()["predictions"])
+    # The report's agreement is what the two versions answer (this random tiny model's
+    # logits nearly tie, so int8 rounding may flip some labels: the report must say so).
+    same = [a["label"] == b["label"] for a, b in zip(*predictions, strict=True)]
+    assert job["result"]["top1_agreement"] == pytest.approx(sum(same) / len(same))
+    assert job["result"]["max_abs_diff"] < 0.01
+    for parent, child in zip(*predictions, strict=True):
+        assert child["score"] == pytest.approx(parent["score"], abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "says"),
+    [
+        ("prune 0.5", "runs quantize int8-dynamic so far"),
+        ("quantize int8-dynamic -> export onnx", "runs quantize int8-dynamic so far"),
+    ],
+)
+def test_other_encoder_steps_and_requantizing_are_refused(
+    app_client, tenant_keys, settings, tmp_path, recipe, says
+):
+    acme = app_client.app.state.tenants.get_id("acme")
+    app_client.app.state.registry.import_model(
+        make_bert_embedder(tmp_path / "bert"), "bert", owner=acme
+    )
+    headers = tenant_keys["acme"]
+    answer = optimize(app_client, headers, model="bert", recipe=recipe)
+    assert answer.status_code == 400 and says in answer.json()["error"]["message"]
+    optimized(app_client, headers, settings, model="bert", recipe="quantize int8-dynamic")
+    again = optimize(app_client, headers, model="bert:2", recipe="quantize int8-dynamic")
+    assert again.status_code == 400 and "int8-dynamic already" in again.text
