@@ -1,8 +1,9 @@
 """Optimizing a Hugging Face encoder (runtime ``transformers``: embeddings such as MiniLM, or
 a BERT-like text classifier): ``quantize int8-dynamic`` stores every linear layer's weights
 as int8 with one scale per output row (maas/runtime/int8_linear.py) and marks config.json
-``"maas_quantization": "int8-dynamic"``, so the transformers runtime builds the model and
-runs those layers dynamically quantized.
+``"maas_quantization": "int8-dynamic"`` (7-bit activations) or ``"int8-dynamic-a8"`` (8-bit),
+whichever is closer to the parent on the evaluation texts, so the transformers runtime
+builds the model and runs those layers dynamically quantized.
 
 The report measures parent and child as the runtime loads them (``load_pretrained``), on
 texts tokenised with the parent's tokenizer: the evaluation file's ``text`` column, or a
@@ -52,18 +53,31 @@ def load(opened: OpenedVersion) -> nn.Module:
     return load_pretrained(opened, auto_class(opened.manifest.task)).eval()
 
 
-def quantize_int8_dynamic(opened: OpenedVersion, folder: Path) -> str:
-    """The child folder: int8 linear weights, the parent's other files; returns the note."""
+def quantize_int8_dynamic(opened: OpenedVersion, folder: Path, texts: list[str] | None) -> str:
+    """The child folder: int8 linear weights, the parent's other files; returns the note.
+    Activations are quantized to 7 or 8 bits, whichever gives outputs closer to the
+    parent's on the texts."""
     from safetensors.torch import save_file
 
+    from maas.optimize.steps import closer_activations
     from maas.runtime.classic.transformers_task import QUANTIZATION_KEY
-    from maas.runtime.int8_linear import linear_paths, quantized_state
+    from maas.runtime.int8_linear import INT8_DYNAMIC, dynamic_int8, linear_paths, quantized_state
 
     model = load(opened)
     paths = linear_paths(model)
     if not paths:
         raise ValueError("the model has no linear layer to quantize")
     state = {k: v.contiguous() for k, v in quantized_state(model, paths).items()}
+    name = _output_name(opened.manifest.task)
+    inputs = _inputs(opened, model, list(texts or SENTENCES))
+    fresh = auto_class(opened.manifest.task).from_config
+
+    def run(variant: str) -> torch.Tensor:
+        quantized = dynamic_int8(fresh(model.config), state, INT8_DYNAMIC[variant]).eval()
+        return getattr(quantized(**inputs), name)
+
+    with torch.inference_mode():
+        variant, errors = closer_activations(getattr(model(**inputs), name), run)
     folder.mkdir(parents=True, exist_ok=True)
     for entry in opened.manifest.files:
         name = entry.path
@@ -75,9 +89,13 @@ def quantize_int8_dynamic(opened: OpenedVersion, folder: Path) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(opened.read_bytes(name))
     config = json.loads(opened.read_bytes("config.json"))
-    (folder / "config.json").write_text(json.dumps({**config, QUANTIZATION_KEY: "int8-dynamic"}))
+    (folder / "config.json").write_text(json.dumps({**config, QUANTIZATION_KEY: variant}))
     save_file(state, str(folder / "model.safetensors"))
-    return f"int8 weights in {len(paths)} linear layers (dynamic activations, 8 bits)"
+    return f"int8 weights in {len(paths)} linear layers; {errors}"
+
+
+def _output_name(task: str) -> str:
+    return "last_hidden_state" if task == "embeddings" else "logits"
 
 
 class _Output(nn.Module):
@@ -99,7 +117,7 @@ def measure(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(parent's figures, child's figures and comparisons)."""
     task = parent.manifest.task
-    name = "last_hidden_state" if task == "embeddings" else "logits"
+    name = _output_name(task)
     models = [_Output(load(version), name) for version in (parent, child)]
     inputs = _inputs(parent, models[0].model, list(texts or SENTENCES))
     parent_figures = report.measure(models[0], parent.manifest.size_bytes, inputs)

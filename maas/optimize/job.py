@@ -240,9 +240,9 @@ def _run_encoder(context, registry, files, params, opened, steps, tenant) -> dic
         import shutil
 
         shutil.rmtree(folder)
-    note = encoder.quantize_int8_dynamic(opened, folder)
-    context.report(0.5, message=note)
     texts = _texts(context, files, params, tenant)
+    note = encoder.quantize_int8_dynamic(opened, folder, texts)
+    context.report(0.5, message=note)
     context.report(0.6, message="measuring parent and child")
     parent_figures, figures = encoder.measure(
         opened, opened_folder(opened, folder), folder_bytes(folder), texts

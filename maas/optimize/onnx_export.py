@@ -46,7 +46,7 @@ def export(
     with tempfile.TemporaryDirectory() as scratch:
         plain = Path(scratch) / "float.onnx"
         _trace(module.eval(), inputs, plain)
-        if quantization == "int8-dynamic":
+        if quantization in ("int8-dynamic", "int8-dynamic-a8"):
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantized = Path(scratch) / "int8.onnx"

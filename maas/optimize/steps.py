@@ -173,17 +173,45 @@ def prune_unstructured(candidate: Candidate, amount: float) -> Candidate:
 
 def quantize_int8_dynamic(candidate: Candidate) -> Candidate:
     """Every linear layer that can run so stores int8 weights with one scale per output row
-    and runs dynamically quantized (maas/runtime/int8_linear.py)."""
+    and runs dynamically quantized (maas/runtime/int8_linear.py), its activations quantized
+    to 7 or 8 bits, whichever is closer to the float model on sample inputs."""
+    from maas.optimize.report import sample_inputs
+    from maas.runtime.architectures.folder import load_module
+
     paths = linear_paths(candidate.module)
     if not paths:
         raise ValueError("the model has no linear layer to quantize")
-    note = f"int8 weights in {len(paths)} linear layers: {', '.join(paths)}"
+    state = quantized_state(candidate.module, paths)
+    description = candidate.description
+    inputs = sample_inputs(description["architecture"], description["arguments"], 64)
+
+    def run(quantization: str) -> torch.Tensor:
+        module = load_module(
+            description["architecture"], description["arguments"], state, quantization
+        )
+        return module(**inputs)
+
+    with torch.inference_mode():
+        quantization, errors = closer_activations(candidate.module(**inputs), run)
+    note = f"int8 weights in {len(paths)} linear layers: {', '.join(paths)}; {errors}"
     return replace(
-        candidate,
-        quantization="int8-dynamic",
-        state=quantized_state(candidate.module, paths),
-        notes=[*candidate.notes, note],
+        candidate, quantization=quantization, state=state, notes=[*candidate.notes, note]
     )
+
+
+def closer_activations(expected: torch.Tensor, run) -> tuple[str, str]:
+    """The int8-dynamic variant (7- or 8-bit activations) whose outputs ``run(variant)`` are
+    closer to ``expected`` (mean absolute error), and both errors for the note."""
+    from maas.runtime.int8_linear import INT8_DYNAMIC
+
+    errors = {name: float((run(name) - expected).abs().mean()) for name in INT8_DYNAMIC}
+    best = min(errors, key=errors.get)
+    shown = ", ".join(
+        f"{8 if INT8_DYNAMIC[name] else 7}-bit activations {error:.3g}"
+        for name, error in errors.items()
+    )
+    bits = 8 if INT8_DYNAMIC[best] else 7
+    return best, f"{bits}-bit activations kept (mean error to float: {shown})"
 
 
 def share_weights(candidate: Candidate, bits: int) -> Candidate:

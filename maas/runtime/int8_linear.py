@@ -14,6 +14,10 @@ import torch
 from torch import nn
 
 SCALE_SUFFIX = ".weight_scale"
+INT8_DYNAMIC = {"int8-dynamic": False, "int8-dynamic-a8": True}
+"""How a version's int8 layers quantize their activations: ``int8-dynamic`` to 7 bits (torch's
+``reduce_range``, safe from int16 overflow in AVX2 kernels without VNNI), ``int8-dynamic-a8``
+to all 8 (the optimize step measures both against the float model and keeps the closer)."""
 
 
 FUSED = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -62,9 +66,9 @@ def _full_range_linear() -> type:
         """torch.ao's dynamic linear with activations quantized to all 8 bits.
 
         Its own forward passes ``reduce_range=True`` (7-bit activations, against int16
-        overflow in AVX2 kernels without VNNI). Measured on all-MiniLM-L6-v2 on such a CPU,
-        the lost bit costs more than the rare overflow: mean cosine to float32 0.975 with
-        7 bits, 0.993 with 8, at the same speed."""
+        overflow in AVX2 kernels without VNNI). Which is closer depends on the model: on
+        all-MiniLM-L6-v2 (an AVX2 CPU) 8 bits gave a mean cosine to float32 of 0.993 against
+        0.975, at the same speed; on a tiny LSTM classifier 8 bits overflowed and did worse."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.ops.quantized.linear_dynamic(
@@ -74,11 +78,15 @@ def _full_range_linear() -> type:
     return FullRangeLinear
 
 
-def dynamic_int8(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+def dynamic_int8(
+    module: nn.Module, state: dict[str, torch.Tensor], full_range: bool = False
+) -> nn.Module:
     """``module`` (float, freshly built) with ``state`` from ``quantized_state`` loaded: the
     layers stored as int8 become dynamically quantized linears holding those very integers
-    (activations quantized per batch to 8 bits)."""
-    DynamicLinear = _full_range_linear()
+    (activations quantized per batch, to 8 bits with ``full_range``, else 7)."""
+    from torch.ao.nn.quantized.dynamic import Linear as ReducedRangeLinear
+
+    DynamicLinear = _full_range_linear() if full_range else ReducedRangeLinear
 
     paths = [k.removesuffix(SCALE_SUFFIX) for k in state if k.endswith(SCALE_SUFFIX)]
     plain = {k: v for k, v in state.items() if not k.endswith(SCALE_SUFFIX)}

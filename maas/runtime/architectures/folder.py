@@ -28,7 +28,7 @@ ARCHITECTURE_FILE = "maas-architecture.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = 1
 MAX_KEYS_SHOWN = 5
-QUANTIZATIONS = ("int8-dynamic", "weight-sharing")
+QUANTIZATIONS = ("int8-dynamic", "int8-dynamic-a8", "weight-sharing")
 
 
 def save_folder(
@@ -106,12 +106,12 @@ def load_module(
     quantization: str | None = None,
 ) -> nn.Module:
     """Build the architecture, load ``state_dict`` strictly, and switch to eval mode. With
-    ``quantization`` ``int8-dynamic``, the linear layers stored as int8 run so; with
+    ``quantization`` ``int8-dynamic`` (or ``-a8``), the linear layers stored as int8 run so; with
     ``weight-sharing``, shared weights are rebuilt dense from their codebooks.
 
     Raises UnsupportedFormat naming missing, unexpected or wrongly shaped tensors.
     """
-    from maas.runtime.int8_linear import SCALE_SUFFIX, check_int8, dynamic_int8
+    from maas.runtime.int8_linear import INT8_DYNAMIC, SCALE_SUFFIX, check_int8, dynamic_int8
 
     module = build(architecture, arguments)
     expected = module.state_dict()
@@ -121,7 +121,7 @@ def load_module(
         shapes = {k: v.shape for k, v in expected.items()}
         check_shared(state_dict, shapes)
         state_dict = dense_state(state_dict, shapes)
-    if quantization == "int8-dynamic":  # int8 weights keep their float shapes; scales beside
+    if quantization in INT8_DYNAMIC:  # int8 weights keep their float shapes; scales beside
         check_int8(state_dict)
         scales = [k for k in state_dict if k.endswith(SCALE_SUFFIX)]
         expected = expected | {k: state_dict[k] for k in scales}
@@ -139,8 +139,8 @@ def load_module(
             )
     if problems:
         raise UnsupportedFormat(f"weights do not fit {architecture}: {'; '.join(problems)}")
-    if quantization == "int8-dynamic":
-        return dynamic_int8(module, state_dict).eval()
+    if quantization in INT8_DYNAMIC:
+        return dynamic_int8(module, state_dict, INT8_DYNAMIC[quantization]).eval()
     module.load_state_dict(state_dict, strict=True)
     return module.eval()
 

@@ -46,7 +46,7 @@ def load_pretrained(opened: OpenedVersion, auto, dtype: torch.dtype | None = Non
     """The version's model as the ``transformers`` class ``auto`` builds it: safetensors only,
     never the model's own code. ``dtype`` None keeps the dtype config.json names."""
     options = {} if dtype is None else {"dtype": dtype}
-    if opened.manifest.config.get(QUANTIZATION_KEY) == "int8-dynamic":
+    if opened.manifest.config.get(QUANTIZATION_KEY) is not None:
         return _int8_dynamic(opened, auto)
     if opened.data_keys:
         return _from_decrypted_state(opened, auto, options)
@@ -88,8 +88,9 @@ def _from_decrypted_state(opened: OpenedVersion, auto, options: dict):
 
 
 QUANTIZATION_KEY = "maas_quantization"
-"""config.json's key for how maas stores the weights: ``int8-dynamic`` (its linear layers'
-weights int8 with ``<layer>.weight_scale``, see maas/runtime/int8_linear.py)."""
+"""config.json's key for how maas stores the weights: ``int8-dynamic`` or ``int8-dynamic-a8``
+(its linear layers' weights int8 with ``<layer>.weight_scale``, see
+maas/runtime/int8_linear.py)."""
 
 
 def _int8_dynamic(opened: OpenedVersion, auto):
@@ -97,7 +98,11 @@ def _int8_dynamic(opened: OpenedVersion, auto):
     from safetensors.torch import load
     from transformers import AutoConfig
 
-    from maas.runtime.int8_linear import check_int8, dynamic_int8
+    from maas.runtime.int8_linear import INT8_DYNAMIC, check_int8, dynamic_int8
+
+    stored = opened.manifest.config[QUANTIZATION_KEY]
+    if stored not in INT8_DYNAMIC:
+        raise UnsupportedFormat(f"config.json {QUANTIZATION_KEY} {stored!r} is unknown")
 
     config = AutoConfig.from_pretrained(
         opened.folder, local_files_only=True, trust_remote_code=False
@@ -112,7 +117,7 @@ def _int8_dynamic(opened: OpenedVersion, auto):
     if not any(key.startswith(prefix) for key in model.state_dict()):
         state = {key.removeprefix(prefix): value for key, value in state.items()}
     try:
-        return dynamic_int8(model, state)
+        return dynamic_int8(model, state, INT8_DYNAMIC[stored])
     except RuntimeError as err:  # load_state_dict's missing or unexpected keys
         raise UnsupportedFormat(
             f"the int8 weights do not fit {type(model).__name__}: {err}"

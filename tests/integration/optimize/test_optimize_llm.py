@@ -88,7 +88,7 @@ def test_a_q8_0_export_loads_back_measures_and_answers_paris(
         ({"recipe": "export onnx type=q8_0"}, "recipe", "type is a GGUF export's"),
         ({"recipe": "export gguf", "model": "tiny"}, "recipe", "re-encodes a GGUF LLM"),
         ({"recipe": "export gguf", "model": "cnn"}, "recipe", "re-encodes a GGUF LLM"),
-        ({"recipe": "export gguf", "training_file": "TEXTS"}, "training_file", "learns nothing"),
+        ({"recipe": "export gguf", "training_file": "TEXTS"}, "training_file", "learn nothing"),
         ({"recipe": "export gguf", "evaluation_file": "IMAGES"}, "evaluation_file",
          "is not a dataset of texts"),
     ],

@@ -74,3 +74,15 @@ def test_distillation_with_alpha_one_pulls_the_student_to_the_teacher():
     before = gap()
     distil(teacher, student, data, 60, 3e-3, temperature=1.0, alpha=1.0, seed=0)
     assert gap() < before / 2
+
+
+def test_int8_activations_keep_the_variant_closer_to_float():
+    from maas.optimize.steps import closer_activations
+
+    expected = torch.zeros(4)
+    offsets = {"int8-dynamic": 0.2, "int8-dynamic-a8": 0.1}
+    chosen, note = closer_activations(expected, lambda name: expected + offsets[name])
+    assert chosen == "int8-dynamic-a8" and note.startswith("8-bit activations kept")
+    offsets = {"int8-dynamic": 0.05, "int8-dynamic-a8": 0.1}
+    chosen, note = closer_activations(expected, lambda name: expected + offsets[name])
+    assert chosen == "int8-dynamic" and "7-bit activations 0.05" in note
