@@ -1,7 +1,8 @@
 """Optimizing an LLM version (runtime ``llm``): ``export gguf`` re-encodes a GGUF parent's
-weight matrices as ``Q8_0`` or ``Q4_0`` with the ``gguf`` package's writer, every key and
-value (tokenizer, chat template, shape) copied, so llama.cpp and Ollama run the file, and so
-does maas (its GGUF importer reads it back).
+weight matrices as ``Q8_0`` (int8, one scale per 32 weights), ``Q4_0`` (int4, one scale per
+32) or ``Q4_1`` (int4, a scale and a minimum per 32) with the ``gguf`` package's writer,
+every key and value (tokenizer, chat template, shape) copied, so llama.cpp and Ollama run
+the file, and so does maas (its GGUF importer reads it back).
 
 The report measures parent and child through maas's own engine, loaded as it serves them
 (``load_model``, float32 after dequantising): artifact bytes, parameters, the decode step of
@@ -22,9 +23,8 @@ import torch
 
 from maas.registry.records import OpenedVersion
 
-GGUF_TYPES = ("q8_0", "q4_0")
 BLOCK = 32
-"""Values per Q8_0 / Q4_0 block: a row whose length is not a multiple stays F16."""
+"""Values per Q8_0 / Q4_0 / Q4_1 block: a row whose length is not a multiple stays F16."""
 MAX_EVALUATION_TOKENS = 4096
 QUESTION_TEXT = "What is the capital of France?"
 
@@ -35,8 +35,12 @@ def export_gguf(opened: OpenedVersion, kind: str, target: Path) -> str:
     from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
     from gguf.quants import dequantize, quantize
 
-    wanted = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[kind]
-    file_type = {"q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}[kind]
+    wanted = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[kind]
+    file_type = {
+        "q8_0": LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": LlamaFileType.MOSTLY_Q4_0,
+        "q4_1": LlamaFileType.MOSTLY_Q4_1,
+    }[kind]
     source = next(e.path for e in opened.manifest.files if e.path.endswith(".gguf"))
     counts = {"quantized": 0, "f16": 0, "f32": 0}
     with opened.open_file(source) as path:
@@ -101,9 +105,9 @@ def measure(opened: OpenedVersion, artifact_bytes: int, texts: list[str] | None)
         if texts:
             figures["perplexity"] = _perplexity(logits, ids)
             figures["evaluation_tokens"] = float(sum(len(s) for s in ids))
-        answer = tokenizer.decode(
-            dtypes.greedy_answer(model, tokenizer.encode_chat(dtypes.QUESTION))
-        )
+        tokens = dtypes.greedy_answer(model, tokenizer.encode_chat(dtypes.QUESTION))
+        ends = [i for i, token in enumerate(tokens) if token in tokenizer.eos_token_ids]
+        answer = tokenizer.decode(tokens[: ends[0]] if ends else tokens)
     return {"figures": figures, "logits": logits, "answer": answer}
 
 

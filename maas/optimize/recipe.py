@@ -20,7 +20,7 @@ KINDS = ("prune", "distil", "share", "quantize", "export")
 distilled), then its weights stored more cheaply (shared or quantized), then exported."""
 QUANTIZE_METHODS = ("int8-dynamic", "int8-static", "int8", "int4", "bfloat16")
 PRUNE_KINDS = ("unstructured", "structured")
-GGUF_TYPES = ("q8_0", "q4_0")
+GGUF_TYPES = ("q8_0", "q4_0", "q4_1")
 POSITIONAL = ("amount", "structure", "method", "bits", "format", "type")
 """Options written bare in a recipe string (``prune 0.5 structured``); the others are
 written ``name=value`` (``distil width=0.5 steps=300``)."""
@@ -240,7 +240,7 @@ def _fits_llm(step: Step, where: str, manifest: Manifest) -> None:
     """An LLM of maas's engine exports to GGUF; the other steps are the classic models'."""
     if step.variant != "gguf":
         raise InvalidRequest(
-            f"{where}: for an LLM this maas runs export gguf (q8_0 or q4_0) so far; "
+            f"{where}: for an LLM this maas runs export gguf ({', '.join(GGUF_TYPES)}) so far; "
             f"{step.kind} transforms maas's built-in torch architectures",
             param="recipe",
         )
@@ -366,7 +366,7 @@ def _checked(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
         if options["type"] not in GGUF_TYPES:
             refuse("a GGUF export's type is " + " or ".join(GGUF_TYPES))
     elif kind == "export" and "type" in options:
-        refuse("type is a GGUF export's (q8_0 or q4_0)")
+        refuse("type is a GGUF export's (" + ", ".join(GGUF_TYPES) + ")")
     return options
 
 

@@ -84,7 +84,7 @@ def test_a_q8_0_export_loads_back_measures_and_answers_paris(
     ("body", "param", "says"),
     [
         ({"recipe": "prune 0.5"}, "recipe", "for an LLM this maas runs export gguf"),
-        ({"recipe": "export gguf q5_k"}, "recipe", "type is q8_0 or q4_0"),
+        ({"recipe": "export gguf q5_k"}, "recipe", "type is q8_0 or q4_0 or q4_1"),
         ({"recipe": "export onnx type=q8_0"}, "recipe", "type is a GGUF export's"),
         ({"recipe": "export gguf", "model": "tiny"}, "recipe", "re-encodes a GGUF LLM"),
         ({"recipe": "export gguf", "model": "cnn"}, "recipe", "re-encodes a GGUF LLM"),
