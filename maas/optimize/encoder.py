@@ -143,7 +143,8 @@ def _inputs(opened: OpenedVersion, model: nn.Module, texts: list[str]) -> dict[s
     """At least ``report.TIMED_BATCH`` texts (repeated if fewer) as the runtime pads them."""
     import inspect
 
-    from maas.routing.deployment import stack
+    from torch.nn.utils.rnn import pad_sequence
+
     from maas.tasks.text import TextEncoder
 
     options = opened.manifest.task_options
@@ -154,8 +155,11 @@ def _inputs(opened: OpenedVersion, model: nn.Module, texts: list[str]) -> dict[s
         encoder = TextEncoder(path, int(max_length))
     rows = encoder.encode(texts[:512])
     accepted = inspect.signature(model.forward).parameters
-    arrays = {n: stack([r[n][None] for r in rows]) for n in rows[0] if n in accepted}
-    return {n: torch.from_numpy(a) for n, a in arrays.items()}
+    return {  # right-padded with 0, as the runtime's batcher pads (attention masks too)
+        n: pad_sequence([torch.from_numpy(r[n]) for r in rows], batch_first=True)
+        for n in rows[0]
+        if n in accepted
+    }
 
 
 def _sentences(hidden: torch.Tensor, mask: torch.Tensor, options: dict) -> torch.Tensor:

@@ -4,6 +4,7 @@ recipe and what each step did, and the report measured on parent and child in th
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -150,7 +151,7 @@ def run(context) -> dict[str, Any]:
         if opened.manifest.runtime == "transformers":
             return _run_encoder(context, registry, files, params, opened, steps, tenant)
         parent, description = _load(opened)
-        candidate = Candidate(_load(opened)[0], description)  # its own copy: steps change it
+        candidate = Candidate(copy.deepcopy(parent), description)  # steps change their copy
         share = 1 / (len(steps) + 1)
         examples = (
             _examples(context, files, registry, opened, params.training_file, "training")
@@ -161,7 +162,7 @@ def run(context) -> dict[str, Any]:
 
             def progress(done: int, total: int, loss: float, index=index) -> None:
                 context.report(
-                    (index + done / total) * share, message=f"step {done}: loss {loss:.4f}"
+                    (index + done / total) * share, message=f"training step {done}: loss {loss:.4f}"
                 )
 
             context.report(index * share, message=f"step {index + 1}: {step}")

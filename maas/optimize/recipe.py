@@ -151,9 +151,14 @@ def _exports(step: Step, where: str, steps: list[Step], manifest: Manifest) -> N
         )
 
 
-def _student_fits(step: Step, where: str, manifest: Manifest) -> None:
-    from maas.optimize.tuning import layer_count
+def layer_count(architecture: str, arguments: dict[str, Any]) -> int:
+    """What a distil step's ``layers`` counts in ``architecture``: conv blocks, or layers."""
+    if architecture == "small-cnn":
+        return len(arguments.get("channels", [16, 32]))
+    return int(arguments.get("num_layers", 2 if architecture == "transformer-classifier" else 1))
 
+
+def _student_fits(step: Step, where: str, manifest: Manifest) -> None:
     architecture = manifest.config.get("architecture")
     layers = step.options.get("layers")
     if architecture is None or layers is None:

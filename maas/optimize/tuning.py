@@ -106,13 +106,6 @@ def student_arguments(
     return student
 
 
-def layer_count(architecture: str, arguments: dict[str, Any]) -> int:
-    """What ``layers`` counts in a student of ``architecture``: conv blocks, or layers."""
-    if architecture == "small-cnn":
-        return len(arguments.get("channels", [16, 32]))
-    return int(arguments.get("num_layers", 2 if architecture == "transformer-classifier" else 1))
-
-
 def _optimise(module, examples, steps, learning_rate, seed, loss_of, masks, progress) -> float:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=0.0)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from maas.optimize.data import Examples
-from maas.optimize.tuning import distil, fine_tune, layer_count, student_arguments
+from maas.optimize.recipe import layer_count
+from maas.optimize.tuning import distil, fine_tune, student_arguments
 from maas.runtime.architectures import build
 
 CNN = {"num_classes": 3, "in_channels": 3, "image_size": 8, "channels": [8, 16], "hidden": 32}
