@@ -200,6 +200,9 @@ class EngineDescription:
     runtime: str
     """``maas`` (maas's engine) or ``transformers`` (the fallback)."""
     dtype: str
+    """What the model computes in (for weights stored quantized: the activations)."""
+    weights: str = ""
+    """How the version stores its weights quantized ("int4, group 32"), or "" (as dtype)."""
     dtype_trials: tuple[dict[str, Any], ...] = ()
     """With ``MAAS_LLM_DTYPE=auto``: each candidate's step times and agreement."""
     compiled: bool = False

@@ -34,6 +34,7 @@ def engine_ready(engine: LLMEngine) -> EngineReady:
     description = EngineDescription(
         runtime="maas",
         dtype=runner.dtype,
+        weights=runner.weights,
         dtype_trials=tuple(choice.to_dict()["trials"]) if choice else (),
         compiled=runner.compiled is not None,
         compiled_rows=runner.compiled.rows if runner.compiled else 0,

@@ -435,8 +435,6 @@ def _train(context, params, hyper: Hyperparameters, peft_model, train, valid, pa
 def _save(folder: Path, peft_model, tokenizer: ChatTokenizer, opened: OpenedVersion) -> Path:
     """The merged model as a Hugging Face folder the engine serves, with the adapter in
     ``adapter/``, the base's tokenizer and its chat template."""
-    import json
-
     folder.mkdir(parents=True, exist_ok=True)
     for config in peft_model.peft_config.values():
         config.base_model_name_or_path = opened.record.reference  # not a temporary path
@@ -445,11 +443,5 @@ def _save(folder: Path, peft_model, tokenizer: ChatTokenizer, opened: OpenedVers
     )
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save(folder)
-    if opened.manifest.chat_template:
-        (folder / "chat_template.jinja").write_text(opened.manifest.chat_template)
-    generation = folder / "generation_config.json"
-    settings = json.loads(generation.read_text()) if generation.exists() else {}
-    settings["eos_token_id"] = sorted(tokenizer.eos_token_ids)
-    generation.write_text(json.dumps(settings, indent=2))
+    tokenizer.save(folder)  # with the chat template and end-of-sequence ids
     return folder

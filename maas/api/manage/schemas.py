@@ -192,6 +192,9 @@ class EngineDescriptionPublic(BaseModel):
     runtime: str
     """``maas`` (maas's engine) or ``transformers`` (the fallback)."""
     dtype: str
+    """What the model computes in; with ``weights``, the activations."""
+    weights: str = ""
+    """How the version stores its weights quantized (``int4, group 32``), or empty."""
     dtype_trials: list[DtypeTrialPublic]
     """With ``MAAS_LLM_DTYPE=auto``: what was measured at load to choose ``dtype``."""
     compiled: bool

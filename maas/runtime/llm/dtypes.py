@@ -48,6 +48,16 @@ ACTIVATIONS = {
 }
 """The dtype of activations and of the KV cache for each choice."""
 
+STORED_ACTIVATIONS = {
+    "float32": "float32",
+    "bfloat16": "bfloat16",
+    "int8-weight": "bfloat16",
+    "int8": "float32",
+}
+"""For a version whose weights are stored quantized (see quantized.py), a dtype names only
+the activations: the int8 choices run the stored weights with theirs, and ``auto`` chooses
+between float32 and bfloat16 activations."""
+
 MIN_AGREEMENT = 0.9
 """Quality bar: share of the probe's next-token choices (argmax) equal to float32's."""
 
@@ -124,12 +134,14 @@ def choose(
     batch: int,
     pack: bool,
     timer: Callable[[], float] = time.perf_counter,
+    candidates: tuple[str, ...] = QUALITY_ORDER,
 ) -> DtypeChoice:
-    """Measure every candidate against the float32 ``model`` (left unchanged) and pick."""
+    """Measure every candidate (best quality first) against the float32 ``model`` (left
+    unchanged) and pick."""
     reference = _next_tokens(model, probe_ids)
     answer = _greedy(model, question_ids, split=0)
     trials = []
-    for dtype in QUALITY_ORDER:
+    for dtype in candidates:
         candidate = convert(copy.deepcopy(model), dtype, pack=pack)
         agreement = float((_next_tokens(candidate, probe_ids) == reference).float().mean())
         splits = (0, SPLIT, (len(question_ids) - 1) // BLOCK * BLOCK)  # whole, and as a
@@ -244,7 +256,7 @@ def _step_ms(model: LlamaModel, sequences: int, timer: Callable[[], float]) -> f
 
 
 def _cache(model: LlamaModel, blocks: int) -> KVCache:
-    return KVCache(model.config, blocks, BLOCK, model.embed.weight.dtype)
+    return KVCache(model.config, blocks, BLOCK, model.dtype)
 
 
 def _blocks(cache: KVCache, first: int, positions: int) -> torch.Tensor:

@@ -109,11 +109,18 @@ class Int8WeightOnlyLinear(nn.Module):
 
 def weight_bytes(model: nn.Module) -> int:
     """Memory of the model's weights, the swapped-in kernels' own layouts included."""
+    from maas.runtime.llm.quantized import QuantizedEmbedding, QuantizedLinear
+
     kinds = (PackedLinear, Int8Linear, Int8WeightOnlyLinear)
     kernels = [m for m in model.modules() if isinstance(m, kinds)]
     inside = {id(p) for kernel in kernels for p in kernel.parameters()}
     shared = {id(p): p for p in model.parameters() if id(p) not in inside}
-    return sum(_bytes(p) for p in shared.values()) + sum(k.memory_bytes for k in kernels)
+    stored = [m for m in model.modules() if isinstance(m, QuantizedEmbedding | QuantizedLinear)]
+    return (
+        sum(_bytes(p) for p in shared.values())
+        + sum(k.memory_bytes for k in kernels)
+        + sum(m.memory_bytes for m in stored)
+    )
 
 
 def _bytes(tensor: Tensor | None) -> int:

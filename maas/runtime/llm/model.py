@@ -242,7 +242,7 @@ class LlamaModel(nn.Module):
         keys and values into the cache. A stage without the embedding starts from
         ``hidden`` ([T, hidden_size]); one without the head returns every token's hidden
         state."""
-        x = self.embed(step.input_ids) if self.embed is not None else hidden
+        x = self.embed(step.input_ids).to(self.dtype) if self.embed is not None else hidden
         rope = Rope(step.positions, self.inv_freq, x.dtype)
         decode = step.decode
         compiled = decode is not None and not step.prefills and decode.count <= self.compiled_rows

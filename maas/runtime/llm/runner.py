@@ -16,13 +16,16 @@ from maas.runtime.llm.compiled import CompileReport, compile_decode
 from maas.runtime.llm.dtypes import (
     ACTIVATIONS,
     PROBE,
+    QUALITY_ORDER,
     QUESTION,
+    STORED_ACTIVATIONS,
     DtypeChoice,
     choose,
     convert,
 )
 from maas.runtime.llm.kernels import pack_linears, weight_bytes
 from maas.runtime.llm.model import KVCache, StepInput
+from maas.runtime.llm.quantized import stored_method
 from maas.runtime.llm.tokenizer import load_tokenizer
 from maas.runtime.llm.weights import load_model
 
@@ -93,22 +96,31 @@ class ModelRunner:
         self.tokenizer = tokenizer or load_tokenizer(opened)
         self.dtype_choice: DtypeChoice | None = None
         """With ``dtype="auto"``: what was measured and chosen."""
-        self.dtype = options.dtype
+        self.weights = stored_method(opened)
+        """How the version stores its weights quantized ("int4, group 32"), or ""."""
+        wanted = options.dtype
+        if self.weights and wanted in STORED_ACTIVATIONS:
+            wanted = STORED_ACTIVATIONS[wanted]
+            log.info("weights stored %s: dtype %s runs %s", self.weights, options.dtype, wanted)
+        self.dtype = wanted
         pack = options.pack_weights and not options.compile
-        if options.dtype == "auto" and layers is not None:
+        if wanted == "auto" and layers is not None:
             # auto measures the whole model in one process; a stage alone cannot
             log.info("a pipeline stage runs float32 unless MAAS_LLM_DTYPE names a dtype")
             self.dtype = "float32"
             self.model = load_model(opened, torch.float32, layers)
-        elif options.dtype == "auto":
+        elif wanted == "auto":
             self.model = load_model(opened, torch.float32)
             probe = self.tokenizer.encode(PROBE)
             question = _question_ids(self.tokenizer)
             batch = min(options.max_sequences, AUTO_BATCH)
-            self.dtype_choice = choose(self.model, probe, question, batch=batch, pack=pack)
+            candidates = ("float32", "bfloat16") if self.weights else QUALITY_ORDER
+            self.dtype_choice = choose(
+                self.model, probe, question, batch=batch, pack=pack, candidates=candidates
+            )
             self.dtype = self.dtype_choice.dtype
         else:
-            self.model = load_model(opened, ACTIVATIONS[options.dtype], layers)
+            self.model = load_model(opened, ACTIVATIONS[wanted], layers)
         convert(self.model, self.dtype, pack=pack)
         self.config = self.model.config
         dtype = ACTIVATIONS[self.dtype]
@@ -140,10 +152,11 @@ class ModelRunner:
             pack_linears(self.model)  # eager only: every dtype's float weights packed
         self.memory_bytes = weight_bytes(self.model) + (blocks + 1) * per_block
         log.info(
-            "%s ready in %.1fs: %s, %d KV blocks of %d positions, decode step %s",
+            "%s ready in %.1fs: %s%s, %d KV blocks of %d positions, decode step %s",
             opened.record.reference,
             time.perf_counter() - started,
             self.dtype,
+            f" activations, weights stored {self.weights}" if self.weights else "",
             blocks,
             size,
             "compiled" if self.compiled else "eager",

@@ -62,8 +62,20 @@ class ChatTokenizer:
         return pad if pad is not None else min(self.eos_token_ids)
 
     def save(self, folder) -> None:
-        """The tokenizer's Hugging Face files (a GGUF vocabulary converted), into ``folder``."""
+        """The tokenizer's Hugging Face files (a GGUF vocabulary converted) into ``folder``,
+        with the chat template (chat_template.jinja) and the end-of-sequence ids
+        (generation_config.json, merged into one already there), so that a model saved
+        beside them generates as this one does."""
+        from pathlib import Path
+
+        folder = Path(folder)
         self._tokenizer.save_pretrained(folder)
+        if self.chat_template:
+            (folder / "chat_template.jinja").write_text(self.chat_template)
+        generation = folder / "generation_config.json"
+        settings = json.loads(generation.read_text()) if generation.exists() else {}
+        settings["eos_token_id"] = sorted(self.eos_token_ids)
+        generation.write_text(json.dumps(settings, indent=2))
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

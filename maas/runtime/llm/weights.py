@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,8 +23,11 @@ from torch import Tensor
 from maas.errors import UnsupportedFormat
 from maas.registry.formats.gguf_header import TensorInfo, read_header
 from maas.registry.records import OpenedVersion
+from maas.runtime.llm import quantized
 from maas.runtime.llm.config import LlamaConfig
 from maas.runtime.llm.model import LlamaModel
+from maas.runtime.llm.quantized import KEY as QUANTIZATION_KEY
+from maas.runtime.llm.quantized import METHODS, QuantizedWeight, install
 from maas.runtime.safetensors_ranges import RangeReader, SafetensorsFile
 
 
@@ -38,14 +41,17 @@ def load_model(
     with torch.device("meta"):
         model = LlamaModel(config, layers)
     model = model.to_empty(device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = config.tie_word_embeddings and model.embed is not None and model.lm_head is not None
+    if tied and isinstance(state.get("embed.weight"), QuantizedWeight):
+        state["lm_head.weight"] = state["embed.weight"]  # both read the same stored codes
+    state = install(model, state)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [name for name in missing if not (tied and name == "lm_head.weight")]
     if missing or unexpected:
         raise UnsupportedFormat(
             f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    if tied:
+    if tied and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.embed.weight
     model.inv_freq = _rope(model)
     return model.to(dtype).eval()
@@ -53,17 +59,37 @@ def load_model(
 
 def read_state(
     opened: OpenedVersion, layers: range | None = None
-) -> tuple[LlamaConfig, dict[str, Tensor]]:
+) -> tuple[LlamaConfig, dict[str, Tensor | QuantizedWeight]]:
     """The model's shape and the state dict of the blocks ``layers`` (all by default), reading
-    only their tensors."""
+    only their tensors; weights stored quantized stay so (``QuantizedWeight``)."""
     config = read_config(opened)
     layers = range(config.num_layers) if layers is None else layers
     if not (0 <= layers.start < layers.stop <= config.num_layers and layers.step == 1):
         raise ValueError(f"layers {layers} are not a run of the model's {config.num_layers}")
     with contextlib.ExitStack() as files:
-        if opened.manifest.format == "gguf":
-            return config, _from_gguf(opened, config, layers, files)
-        return config, _from_safetensors(opened, config, layers, files)
+        return config, _fuse(config, _lookup(opened, config, files), layers)
+
+
+def hf_tensors(opened: OpenedVersion) -> Iterator[tuple[str, Tensor | QuantizedWeight]]:
+    """Every tensor of the version by its Hugging Face name, one at a time (a GGUF's
+    dequantised to float32 and its q and k rows in Hugging Face's order)."""
+    config = read_config(opened)
+    with contextlib.ExitStack() as files:
+        get = _lookup(opened, config, files)
+        for key, pattern in _HF_NAMES.items():
+            for layer in range(config.num_layers) if "{}" in pattern else [None]:
+                tensor = get((key,) if layer is None else (key, layer))
+                if tensor is not None:
+                    yield pattern.format(layer), tensor
+
+
+def _lookup(
+    opened: OpenedVersion, config: LlamaConfig, files: contextlib.ExitStack
+) -> Callable[[tuple], Tensor | QuantizedWeight | None]:
+    """A tensor by our key (``("q", 3)``), read from the version's files when asked."""
+    if opened.manifest.format == "gguf":
+        return _from_gguf(opened, config, files)
+    return _from_safetensors(opened, files)
 
 
 def _rope(model: LlamaModel) -> Tensor:
@@ -85,9 +111,7 @@ def read_config(opened: OpenedVersion) -> LlamaConfig:
     return LlamaConfig.from_gguf(opened.manifest.config, vocab, tied="output.weight" not in tensors)
 
 
-def _from_safetensors(
-    opened: OpenedVersion, config: LlamaConfig, layers: range, files: contextlib.ExitStack
-) -> dict[str, Tensor]:
+def _from_safetensors(opened: OpenedVersion, files: contextlib.ExitStack) -> Callable:
     where: dict[str, SafetensorsFile] = {}
     for entry in opened.manifest.files:
         if entry.path.endswith(".safetensors"):
@@ -95,12 +119,35 @@ def _from_safetensors(
             files.callback(weights.close)
             where.update(dict.fromkeys(weights.names, weights))
 
-    def get(name) -> Tensor | None:
+    stored = opened.manifest.config.get(QUANTIZATION_KEY) or {}
+
+    def get(name) -> Tensor | QuantizedWeight | None:
         tensor_name = _HF_NAMES[name[0]].format(*name[1:])
         found = where.get(tensor_name)
-        return None if found is None else found.get(tensor_name)
+        if found is None:
+            return None
+        tensor = found.get(tensor_name)
+        if tensor.dtype not in (torch.int8, torch.uint8):
+            return tensor
+        method = stored.get("method")
+        if method not in METHODS:
+            raise UnsupportedFormat(
+                f"{tensor_name} holds integers but config.json names no {QUANTIZATION_KEY} "
+                f"method ({', '.join(METHODS)})"
+            )
+        scale = _beside(where, tensor_name, "scale")
+        zero = _beside(where, tensor_name, "zero") if method == "int4" else None
+        return QuantizedWeight(method, tensor, scale, zero, stored.get("group_size", 0))
 
-    return _fuse(config, get, layers)
+    return get
+
+
+def _beside(where: dict[str, SafetensorsFile], name: str, part: str) -> Tensor:
+    """A quantized matrix's scales or zeros (``name_scale``, ``name_zero``)."""
+    found = where.get(f"{name}_{part}")
+    if found is None:
+        raise UnsupportedFormat(f"{name} is stored quantized but {name}_{part} is missing")
+    return found.get(f"{name}_{part}")
 
 
 _HF_NAMES = {
@@ -170,7 +217,7 @@ def _fuse(
     for local, i in enumerate(layers):
         prefix = f"blocks.{local}."
         state[prefix + "input_norm.weight"] = need("input_norm", i)
-        state[prefix + "qkv.weight"] = torch.cat([need("q", i), need("k", i), need("v", i)])
+        state[prefix + "qkv.weight"] = _cat([need("q", i), need("k", i), need("v", i)])
         if config.attention_bias:
             state[prefix + "qkv.bias"] = torch.cat(
                 [need("q_bias", i), need("k_bias", i), need("v_bias", i)]
@@ -180,18 +227,23 @@ def _fuse(
             state[prefix + "k_norm.weight"] = need("k_norm", i)
         state[prefix + "o.weight"] = need("o", i)
         state[prefix + "post_norm.weight"] = need("post_norm", i)
-        state[prefix + "gate_up.weight"] = torch.cat([need("gate", i), need("up", i)])
+        state[prefix + "gate_up.weight"] = _cat([need("gate", i), need("up", i)])
         state[prefix + "down.weight"] = need("down", i)
     return state
+
+
+def _cat(parts: list) -> Tensor | QuantizedWeight:
+    """Matrices stacked by rows, stored quantized if all of them are, else as floats."""
+    if all(isinstance(p, QuantizedWeight) for p in parts):
+        return quantized.cat(parts)
+    return torch.cat([p.dequantize() if isinstance(p, QuantizedWeight) else p for p in parts])
 
 
 def _gguf_file(opened: OpenedVersion) -> str:
     return next(e.path for e in opened.manifest.files if e.path.endswith(".gguf"))
 
 
-def _from_gguf(
-    opened: OpenedVersion, config: LlamaConfig, layers: range, files: contextlib.ExitStack
-) -> dict[str, Tensor]:
+def _from_gguf(opened: OpenedVersion, config: LlamaConfig, files: contextlib.ExitStack) -> Callable:
     path = files.enter_context(opened.open_file(_gguf_file(opened)))
     header = read_header(path)
     tensors = {t.name: t for t in header.tensors}
@@ -213,7 +265,7 @@ def _from_gguf(
             array = _unpermute(array, heads)
         return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
 
-    return _fuse(config, get, layers)
+    return get
 
 
 def shaped_bytes(raw: np.ndarray, tensor: TensorInfo) -> np.ndarray:
