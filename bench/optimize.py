@@ -10,7 +10,8 @@ after pruning, distillation) learn from the training split only (``training_file
 Ratios are child over parent.
 
 all-MiniLM-L6-v2 (the demo embedder) is quantized to dynamic int8 and SmolLM2-135M-Instruct
-(the demo LLM, a Q4_1 GGUF) exported to GGUF Q8_0 and Q4_0, each by an ``optimize`` job
+(the demo LLM, a Q4_1 GGUF) stored as bfloat16, int8 and int4 safetensors for maas's engine and
+exported to GGUF Q8_0, Q4_0 and Q4_1, each by an ``optimize`` job
 whose report is measured on held-out texts: prose lines of this repository's docs/ (a CSV
 ``text`` column; MiniLM embeds up to 512 of them, SmolLM2 reads their first 4,096 tokens).
 
@@ -152,6 +153,10 @@ def demo_rows(parts: tuple[str, ...]) -> dict:
     recipes = {
         "minilm": [("all-minilm-l6-v2", "quantize int8-dynamic")],
         "smollm2": [
+            ("smollm2-135m-instruct", "quantize bfloat16"),
+            ("smollm2-135m-instruct", "quantize int8"),
+            ("smollm2-135m-instruct", "quantize int4"),
+            ("smollm2-135m-instruct", "quantize int4 group_size=64"),
             ("smollm2-135m-instruct", "export gguf q8_0"),
             ("smollm2-135m-instruct", "export gguf q4_0"),
             ("smollm2-135m-instruct", "export gguf q4_1"),
@@ -166,7 +171,7 @@ def demo_rows(parts: tuple[str, ...]) -> dict:
                     "model": f"{model}:1",  # each recipe from the demo file, not from the last
                     "recipe": recipe,
                     "evaluation_file": evaluation_file,
-                    "name": f"{model}-{recipe.split()[-1]}",
+                    "name": f"{model}-{recipe.split()[-1].replace('=', '')}",
                 }
             )
             started = time.perf_counter()

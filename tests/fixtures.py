@@ -466,8 +466,7 @@ def make_tiny_llama(
         max_position_embeddings=256,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
-        **config_extra,
+        **{"tie_word_embeddings": False, **config_extra},
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # sharper logits than the default init, so argmax ties are rare

@@ -191,26 +191,34 @@ def run(context) -> dict[str, Any]:
 
 
 def _run_llm(context, registry, files, params, opened, steps, tenant) -> dict[str, Any]:
-    """An LLM's recipe (one export gguf step), measured through maas's engine."""
-    from maas.optimize import llm
+    """An LLM's recipe (one step: quantize or export gguf), measured through maas's engine."""
+    from maas.optimize import llm, llm_quantize
 
-    (step,) = steps  # recipe.check allows an LLM this one step
+    (step,) = steps  # recipe.check allows an LLM one step
     context.report(0.0, message=f"step 1: {step}")
     folder = context.workdir / "model"
     if folder.exists():  # a half-written file from an attempt that died
         import shutil
 
         shutil.rmtree(folder)
-    stem = opened.record.name.replace("/", "-")
-    note = llm.export_gguf(
-        opened, step.options["type"], folder / f"{stem}.{step.options['type']}.gguf"
-    )
+    if step.kind == "quantize":
+        method = step.options["method"]
+        note = llm_quantize.write(opened, method, step.options.get("group_size", 0), folder)
+    else:
+        kind = step.options["type"]
+        stem = opened.record.name.replace("/", "-")
+        note = llm.export_gguf(opened, kind, folder / f"{stem}.{kind}.gguf")
     context.report(0.5, message=note)
     texts = _texts(context, files, params, tenant)
     context.report(0.6, message="measuring parent and child")
     measured = {
         "parent": llm.measure(opened, opened.manifest.size_bytes, texts),
-        "child": llm.measure(opened_folder(opened, folder), folder_bytes(folder), texts),
+        "child": llm.measure(
+            opened_folder(opened, folder),
+            folder_bytes(folder),
+            texts,
+            torch.bfloat16 if step.variant == "bfloat16" else torch.float32,
+        ),
     }
     parent_figures, child_figures = (measured[s]["figures"] for s in ("parent", "child"))
     figures = {

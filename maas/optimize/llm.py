@@ -5,11 +5,12 @@ every key and value (tokenizer, chat template, shape) copied, so llama.cpp and O
 the file, and so does maas (its GGUF importer reads it back).
 
 The report measures parent and child through maas's own engine, loaded as it serves them
-(``load_model``, float32 after dequantising): artifact bytes, parameters, the decode step of
-one sequence and of eight (``latency_ms_p50``, ``throughput_per_s`` in tokens a second), the
-next-token agreement with the parent over a probe text or the evaluation texts, perplexity
-on the evaluation texts (``evaluation_file``: a CSV or JSON Lines dataset with a ``text``
-column), and the greedy answer to "What is the capital of France?" as a note.
+(``load_model``: float32 activations, bfloat16 for a bfloat16 copy): artifact bytes,
+parameters, the decode step of one sequence and of eight (``latency_ms_p50``,
+``throughput_per_s`` in tokens a second), the next-token agreement with the parent over a
+probe text or the evaluation texts, perplexity on the evaluation texts (``evaluation_file``:
+a CSV or JSON Lines dataset with a ``text`` column), and the greedy answer to "What is the
+capital of France?" as a note.
 """
 
 from __future__ import annotations
@@ -85,18 +86,25 @@ def _floats(tensor, dequantize) -> np.ndarray:
     return dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
 
 
-def measure(opened: OpenedVersion, artifact_bytes: int, texts: list[str] | None) -> dict:
-    """The figures of one version, and its model and token ids for ``parity``."""
+def measure(
+    opened: OpenedVersion,
+    artifact_bytes: int,
+    texts: list[str] | None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """The figures of one version with activations in ``dtype``, and its logits for
+    ``parity``."""
     from maas.runtime.llm import dtypes
+    from maas.runtime.llm.quantized import parameter_count
     from maas.runtime.llm.tokenizer import load_tokenizer
     from maas.runtime.llm.weights import load_model
 
-    model = load_model(opened, torch.float32)
+    model = load_model(opened, dtype)
     tokenizer = load_tokenizer(opened)
     ids = _evaluation_ids(tokenizer, texts)
     figures: dict[str, Any] = {
         "artifact_bytes": float(artifact_bytes),
-        "parameters": float(sum(p.numel() for p in model.parameters())),
+        "parameters": float(parameter_count(model)),
         "latency_ms_p50": dtypes.decode_step_ms(model, 1),
         "throughput_per_s": 8 * 1000 / dtypes.decode_step_ms(model, 8),
     }

@@ -19,6 +19,10 @@ KINDS = ("prune", "distil", "share", "quantize", "export")
 """The step kinds, in the order a recipe must keep: a model is made smaller (pruned,
 distilled), then its weights stored more cheaply (shared or quantized), then exported."""
 QUANTIZE_METHODS = ("int8-dynamic", "int8-static", "int8", "int4", "bfloat16")
+LLM_METHODS = ("int8", "int4", "bfloat16")
+"""Weight-only methods that store an LLM's weights (maas/optimize/llm_quantize.py)."""
+GROUP_SIZES = (32, 64, 128, 256)
+"""int4's weights per scale and zero (what torch's CPU int4 kernel takes)."""
 PRUNE_KINDS = ("unstructured", "structured")
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1")
 POSITIONAL = ("amount", "structure", "method", "bits", "format", "type")
@@ -31,6 +35,7 @@ DEFAULTS = {
     "steps": 300,
     "temperature": 4.0,
     "alpha": 0.7,
+    "group_size": 32,
 }
 """Options left out when a step is shown (``distil``, not ``distil steps=300 ...``)."""
 BUILT = {
@@ -42,6 +47,9 @@ BUILT = {
     ("quantize", "int8-static"),
     ("export", "onnx"),
     ("export", "gguf"),
+    ("quantize", "int8"),
+    ("quantize", "int4"),
+    ("quantize", "bfloat16"),
 }
 """The steps this maas runs today; the others are refused as not built yet."""
 
@@ -109,6 +117,12 @@ def check(steps: list[Step], manifest: Manifest) -> None:
                 "below 1, prune first, or name a larger teacher",
                 param="recipe",
             )
+        if seen and manifest.runtime == "llm":
+            raise InvalidRequest(
+                f"{where}: an LLM's recipe is one step: quantize stores its weights for maas's "
+                "engine, export gguf writes a GGUF for llama.cpp (give the GGUF's type there)",
+                param="recipe",
+            )
         _fits(step, where, manifest)
         _exports(step, where, steps, manifest)
         seen.append(step.kind)
@@ -129,7 +143,7 @@ def _exports(step: Step, where: str, steps: list[Step], manifest: Manifest) -> N
             f"{where}: static int8 runs in ONNX Runtime: end the recipe with export onnx",
             param="recipe",
         )
-    if step.kind != "export":
+    if step.kind != "export" or step.variant != "onnx":
         return
     if any(s.kind == "share" for s in steps):
         raise InvalidRequest(
@@ -209,6 +223,12 @@ def _fits(step: Step, where: str, manifest: Manifest) -> None:
         _fits_encoder(step, where, manifest)
         return
     architecture = manifest.config.get("architecture")
+    if step.kind == "quantize" and step.variant in LLM_METHODS:
+        raise InvalidRequest(
+            f"{where}: quantize {step.variant} stores an LLM's weights for maas's engine; "
+            "for this model quantize int8-dynamic (or int8-static with export onnx)",
+            param="recipe",
+        )
     if torch_builtin and step.variant == "structured" and architecture != "small-cnn":
         raise InvalidRequest(
             f"{where}: structured pruning shrinks small-cnn's channels and hidden units; "
@@ -242,11 +262,15 @@ def _fits_encoder(step: Step, where: str, manifest: Manifest) -> None:
 
 
 def _fits_llm(step: Step, where: str, manifest: Manifest) -> None:
-    """An LLM of maas's engine exports to GGUF; the other steps are the classic models'."""
+    """An LLM of maas's engine stores its weights as int8, int4 or bfloat16, or exports to
+    GGUF; the other steps are the classic models'."""
+    if step.kind == "quantize" and step.variant in LLM_METHODS and manifest.runtime == "llm":
+        return
     if step.variant != "gguf":
         raise InvalidRequest(
-            f"{where}: for an LLM this maas runs export gguf ({', '.join(GGUF_TYPES)}) so far; "
-            f"{step.kind} transforms maas's built-in torch architectures",
+            f"{where}: for an LLM this maas runs quantize {' | '.join(LLM_METHODS)} and export "
+            f"gguf ({', '.join(GGUF_TYPES)}) so far; {step.kind} {step.variant} transforms "
+            "maas's built-in torch architectures".replace("  ", " "),
             param="recipe",
         )
     if manifest.runtime != "llm" or manifest.format != "gguf":
@@ -360,6 +384,11 @@ def _checked(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
         _distil_options(options, refuse)
     if kind == "quantize" and options.get("method") not in QUANTIZE_METHODS:
         refuse("method is one of " + ", ".join(QUANTIZE_METHODS))
+    if kind == "quantize" and options["method"] == "int4":
+        if options.setdefault("group_size", 32) not in GROUP_SIZES:
+            refuse("group_size is one of " + ", ".join(map(str, GROUP_SIZES)))
+    elif "group_size" in options:
+        refuse("group_size is int4's (weights per scale)")
     if kind == "share":
         bits = options.get("bits")
         if not isinstance(bits, int) or not 2 <= bits <= 8:

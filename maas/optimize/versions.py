@@ -21,7 +21,9 @@ def opened_folder(parent: OpenedVersion, folder: Path) -> OpenedVersion:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     ]
-    manifest = parent.manifest.model_copy(update={"config": info.config, "files": files})
+    manifest = parent.manifest.model_copy(
+        update={"config": info.config, "files": files, "format": info.format}
+    )
     return replace(parent, manifest=manifest, folder=folder, data_keys={})
 
 

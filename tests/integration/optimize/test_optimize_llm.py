@@ -83,7 +83,13 @@ def test_a_q8_0_export_loads_back_measures_and_answers_paris(
 @pytest.mark.parametrize(
     ("body", "param", "says"),
     [
-        ({"recipe": "prune 0.5"}, "recipe", "for an LLM this maas runs export gguf"),
+        ({"recipe": "prune 0.5"}, "recipe", "for an LLM this maas runs quantize int8 | int4"),
+        ({"recipe": "quantize int8-dynamic"}, "recipe", "for an LLM this maas runs quantize"),
+        ({"recipe": "quantize int4 group_size=48"}, "recipe", "group_size is one of 32, 64"),
+        ({"recipe": "quantize int8 group_size=32"}, "recipe", "group_size is int4's"),
+        ({"recipe": "quantize int4 -> export gguf"}, "recipe", "an LLM's recipe is one step"),
+        ({"recipe": "quantize int4", "model": "cnn"}, "recipe", "stores an LLM's weights"),
+        ({"recipe": "quantize bfloat16", "model": "cnn"}, "recipe", "stores an LLM's weights"),
         ({"recipe": "export gguf q5_k"}, "recipe", "type is q8_0 or q4_0 or q4_1"),
         ({"recipe": "export onnx type=q8_0"}, "recipe", "type is a GGUF export's"),
         ({"recipe": "export gguf", "model": "tiny"}, "recipe", "re-encodes a GGUF LLM"),
@@ -113,3 +119,82 @@ def test_llm_recipes_that_cannot_run_are_refused(
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert says in error["message"] and error["param"] == param
+
+
+def test_int4_weights_take_under_40_percent_of_bfloat16_and_serve(
+    app_client, tenant_keys, settings, smol, tmp_path
+):
+    """The issue's target: SmolLM2 in weight-only int4 stored in safetensors, served by
+    maas's engine, at most 40% of its bfloat16 size with perplexity at most 10% above."""
+    headers = tenant_keys["acme"]
+    texts = tmp_path / "held-out.csv"
+    texts.write_text(
+        "text\n"
+        '"The river flows through the old town, past the market and the church."\n'
+        '"She opened the window, and the cold morning air filled the small kitchen."\n'
+    )
+    job = optimized(
+        app_client,
+        headers,
+        settings,
+        model="smol",
+        recipe="quantize int4",
+        evaluation_file=upload(app_client, headers, texts),
+    )
+    result = job["result"]
+    manifest = app_client.app.state.registry.open_version("smol:2").manifest
+    assert (manifest.format, manifest.runtime, manifest.task) == ("huggingface", "llm", "chat")
+    assert manifest.config["maas_quantization"] == {"method": "int4", "group_size": 32}
+    bfloat16_bytes = 2 * result["parameters"]  # the same weights at two bytes each
+    assert result["artifact_bytes"] <= 0.4 * bfloat16_bytes
+    assert result["parameters_ratio"] == 1.0
+    assert result["perplexity_ratio"] <= 1.1 and result["top1_agreement"] >= 0.6
+    assert "int4 weights, a scale and a zero per 32 weights" in manifest.recipe["notes"][0]
+    answer = app_client.post(
+        "/v1/chat/completions",
+        headers=headers,
+        json={
+            "model": "smol:2",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    assert "France" in answer.json()["choices"][0]["message"]["content"]
+    deployments = app_client.get("/api/v1/deployments", headers=tenant_keys["admin"]).json()
+    engine = next(d["engine"] for d in deployments["data"] if d["version"] == 2)
+    assert engine["weights"] == "int4, group 32"
+
+
+@pytest.mark.parametrize("method", ["int8", "bfloat16"])
+def test_a_hugging_face_llm_stores_its_weights_again_and_serves(
+    app_client, tenant_keys, settings, tmp_path, method
+):
+    from tests.fixtures import make_tiny_llama
+
+    headers = tenant_keys["acme"]
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry = app_client.app.state.registry
+    registry.import_model(make_tiny_llama(tmp_path / "tiny"), "tiny", owner=acme)
+    job = optimized(app_client, headers, settings, model="tiny", recipe=f"quantize {method}")
+    result = job["result"]
+    child = registry.open_version("tiny:2")
+    assert child.manifest.runtime == "llm" and child.manifest.recipe["steps"]
+    stored = child.manifest.config.get("maas_quantization")
+    assert stored == ({"method": "int8"} if method == "int8" else None)
+    # float32 parent: int8 takes about a quarter of its bytes, bfloat16 half
+    assert result["artifact_bytes_ratio"] < {"int8": 0.45, "bfloat16": 0.6}[method]
+    assert result["top1_agreement"] >= 0.8 and result["parameters_ratio"] == 1.0
+    answer = app_client.post(
+        "/v1/chat/completions",
+        headers=headers,
+        json={"model": "tiny:2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] >= 1
+    again = optimize(app_client, headers, model="tiny:2", recipe="quantize int4")
+    if method == "int8":  # a quantized version is refused; a bfloat16 copy is plain weights
+        assert again.status_code == 400 and "optimize its float parent" in again.text
+    else:
+        assert again.status_code == 201, again.text
