@@ -142,7 +142,7 @@ def test_quantized_text_classifier_serves_close_to_its_parent(
         ({"recipe": "prune 0.5 -> prune 0.3"}, 400, "recipe", "one prune step"),
         ({"recipe": "prune 1.5"}, 400, "recipe", "above 0 and below 1"),
         ({"recipe": "quantize int3"}, 400, "recipe", "method is one of"),
-        ({"recipe": "quantize int4"}, 400, "recipe", "does not run that step yet"),
+        ({"recipe": "quantize int4"}, 400, "recipe", "stores an LLM's weights"),
         ({"recipe": "share 4 -> quantize int8-dynamic"}, 400, "recipe", "not both"),
         ({"recipe": "melt"}, 400, "recipe", "unknown step"),
         ({"recipe": []}, 400, "recipe", "at least one step"),
