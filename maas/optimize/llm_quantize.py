@@ -28,6 +28,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"
 
 
 def write(opened: OpenedVersion, method: str, group_size: int, folder: Path) -> str:
@@ -59,6 +60,9 @@ def write(opened: OpenedVersion, method: str, group_size: int, folder: Path) -> 
             config[quantized.KEY]["group_size"] = group_size
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if any(entry.path == GENERATION_FILE for entry in opened.manifest.files):
+        # the parent's sampling defaults; the tokenizer then merges its end ids in
+        (folder / GENERATION_FILE).write_bytes(opened.read_bytes(GENERATION_FILE))
     load_tokenizer(opened).save(folder)
     size = (folder / WEIGHTS_FILE).stat().st_size
     what = {

@@ -58,6 +58,10 @@ def test_the_folder_holds_codes_scales_and_the_method(versions):
     assert codes.dtype == torch.uint8 and codes.shape == (32, 32)  # [hidden, intermediate / 2]
     assert scale.shape == zero.shape == (32, 2) and scale.dtype == torch.bfloat16
     assert norm.dtype == torch.bfloat16
+    parent_generation = json.loads(versions["parent"].read_bytes("generation_config.json"))
+    generation = json.loads(child.read_bytes("generation_config.json"))
+    assert generation == {**parent_generation, "eos_token_id": generation["eos_token_id"]}
+    assert parent_generation["eos_token_id"] in generation["eos_token_id"]
     plain = json.loads(versions["bfloat16"].read_bytes("config.json"))
     assert "maas_quantization" not in plain and plain["torch_dtype"] == "bfloat16"
 
