@@ -56,6 +56,35 @@ class QuantizedWeight:
     group_size: int = 0
     """int4's weights per scale (int8 has one scale per row)."""
 
+    def check(self, name: str) -> QuantizedWeight:
+        """This weight, if its parts fit one another (the kernels read them unchecked);
+        else ``UnsupportedFormat`` naming ``name``."""
+        from maas.errors import UnsupportedFormat
+
+        codes, scale, zero = self.codes, self.scale, self.zero
+        dtype = torch.int8 if self.method == "int8" else torch.uint8
+        if codes.dim() != 2 or codes.dtype != dtype:
+            raise UnsupportedFormat(f"{name}: {self.method} codes are a {dtype} matrix")
+        rows, columns = self.shape
+        if self.method == "int8":
+            expected = (rows,)
+        elif self.group_size not in GROUP_SIZES or columns % self.group_size:
+            raise UnsupportedFormat(
+                f"{name}: group_size {self.group_size!r} does not divide its {columns} columns "
+                f"into groups of {', '.join(map(str, GROUP_SIZES))}"
+            )
+        else:
+            expected = (rows, columns // self.group_size)
+        parts = [scale] if self.method == "int8" else [scale, zero]
+        for part in parts:
+            if part is None or tuple(part.shape) != expected or part.dtype != torch.bfloat16:
+                raise UnsupportedFormat(
+                    f"{name}: its scales and zeros are bfloat16 of shape {list(expected)}"
+                )
+        if self.method == "int4" and rows % ROWS_MULTIPLE:
+            raise UnsupportedFormat(f"{name}: int4 rows come in multiples of {ROWS_MULTIPLE}")
+        return self
+
     @property
     def shape(self) -> tuple[int, int]:
         rows, width = self.codes.shape

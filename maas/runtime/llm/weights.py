@@ -137,7 +137,8 @@ def _from_safetensors(opened: OpenedVersion, files: contextlib.ExitStack) -> Cal
             )
         scale = _beside(where, tensor_name, "scale")
         zero = _beside(where, tensor_name, "zero") if method == "int4" else None
-        return QuantizedWeight(method, tensor, scale, zero, stored.get("group_size", 0))
+        group_size = stored.get("group_size", 0)
+        return QuantizedWeight(method, tensor, scale, zero, group_size).check(tensor_name)
 
     return get
 

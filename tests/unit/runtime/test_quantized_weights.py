@@ -3,6 +3,8 @@ layout, the error bound, and the kernels' products against the dequantised weigh
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -116,3 +118,28 @@ def test_install_swaps_quantized_modules_and_counts_a_tied_head_once():
     assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.tied
     assert parameter_count(model) == 32 * 64 + 48 * 64 + 48  # the bias too
     assert torch.allclose(model.proj(torch.zeros(1, 64)).float(), torch.ones(1, 48))
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda w: QuantizedWeight("int4", w.codes, w.scale, w.zero, 0), "group_size 0"),
+        (lambda w: QuantizedWeight("int4", w.codes, w.scale, w.zero, 64), "shape [48, 1]"),
+        (lambda w: QuantizedWeight("int4", w.codes, w.scale, w.zero, 48), "group_size 48"),
+        (lambda w: QuantizedWeight("int4", w.codes, w.scale[:, :1], w.zero, 32), "shape [48, 2]"),
+        (lambda w: QuantizedWeight("int4", w.codes, w.scale, None, 32), "scales and zeros"),
+        (lambda w: QuantizedWeight("int4", w.codes, w.scale.float(), w.zero, 32), "bfloat16"),
+        (lambda w: QuantizedWeight("int4", w.codes.to(torch.int8), w.scale, w.zero, 32),
+         "torch.uint8 matrix"),
+        (lambda w: QuantizedWeight("int4", w.codes[:40], w.scale[:40], w.zero[:40], 32),
+         "multiples of 16"),
+        (lambda w: QuantizedWeight("int8", w.codes.to(torch.int8), w.scale, None), "shape [48]"),
+    ],
+)  # fmt: skip
+def test_stored_parts_that_do_not_fit_are_refused_before_a_kernel_reads_them(change, says):
+    from maas.errors import UnsupportedFormat
+
+    good = quantized.quantize(weight(48, 64), "int4", 32)
+    assert good.check("w") is good
+    with pytest.raises(UnsupportedFormat, match=re.escape(says)):
+        change(good).check("w")
