@@ -168,13 +168,19 @@ def llama_units(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> list
     return units
 
 
-def llama_plan(config: LlamaConfig, stages: int, *, model: str, dtype: str) -> SplitPlan:
-    """The stages of a Llama-family model for ``dtype`` (the bytes its weights take)."""
+def llama_plan(
+    config: LlamaConfig, stages: int, *, model: str, dtype: str, stored: str = ""
+) -> SplitPlan:
+    """The stages of a Llama-family model for ``dtype`` (the bytes its weights take);
+    ``stored``: how the version stores its weights quantized, if it does (the split is the
+    same: every block shrinks alike)."""
     torch_dtype = torch.bfloat16 if dtype in ("bfloat16", "int8-weight") else torch.float32
     notes = []
     if config.tie_word_embeddings:
         notes.append("the LM head is tied to the embedding: the last stage holds a copy")
-    if dtype in ("int8", "int8-weight"):
+    if stored:
+        notes.append(f"bytes are the weights' in {dtype}; the version stores them {stored}")
+    elif dtype in ("int8", "int8-weight"):
         notes.append(f"bytes are before {dtype} quantisation (the weights load as float first)")
     units = llama_units(config, torch_dtype)
     notes.append("stage 0 holds the embedding, the last stage the final norm and the LM head")

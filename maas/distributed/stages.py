@@ -15,6 +15,7 @@ from maas.distributed.pipeline import PipelineSpec, serve_stage
 from maas.distributed.plan import SplitPlan, llama_plan
 from maas.errors import Unavailable
 from maas.messages import EngineLoadError
+from maas.runtime.llm.quantized import stored_method
 from maas.runtime.llm.runner import RunnerOptions
 from maas.runtime.llm.weights import read_config
 
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 def plan_for(opened, stages: int, dtype: str) -> SplitPlan:
     """The split of a version's model into ``stages``."""
     config = read_config(opened)
-    return llama_plan(config, stages, model=opened.record.reference, dtype=dtype)
+    stored = stored_method(opened)
+    return llama_plan(config, stages, model=opened.record.reference, dtype=dtype, stored=stored)
 
 
 def stage_options(options: RunnerOptions, stages: int) -> RunnerOptions:

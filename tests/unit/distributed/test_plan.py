@@ -150,3 +150,11 @@ def test_a_stage_holds_exactly_its_slice_of_the_whole_model(four_layers):
 def test_a_stage_outside_the_model_is_refused(four_layers):
     with pytest.raises(ValueError, match="not a run"):
         weights.read_state(four_layers, range(3, 5))
+
+
+def test_a_plan_of_stored_int4_weights_says_its_bytes_are_not_theirs():
+    plain = llama_plan(SMOL, 2, model="smol:1", dtype="float32")
+    stored = llama_plan(SMOL, 2, model="smol:3", dtype="float32", stored="int4, group 32")
+    assert [s.unit_range for s in stored.stages] == [s.unit_range for s in plain.stages]
+    assert any("stores them int4, group 32" in note for note in stored.notes)
+    assert not any("int4" in note for note in plain.notes)
