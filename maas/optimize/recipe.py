@@ -22,7 +22,8 @@ QUANTIZE_METHODS = ("int8-dynamic", "int8-static", "int8", "int4", "bfloat16")
 LLM_METHODS = ("int8", "int4", "bfloat16")
 """Weight-only methods that store an LLM's weights (maas/optimize/llm_quantize.py)."""
 GROUP_SIZES = (32, 64, 128, 256)
-"""int4's weights per scale and zero (what torch's CPU int4 kernel takes)."""
+"""int4's weights per scale and zero: maas.runtime.llm.quantized.GROUP_SIZES, written again
+so that checking a recipe imports no torch (a test keeps the two equal)."""
 PRUNE_KINDS = ("unstructured", "structured")
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1")
 POSITIONAL = ("amount", "structure", "method", "bits", "format", "type")
@@ -269,8 +270,8 @@ def _fits_llm(step: Step, where: str, manifest: Manifest) -> None:
     if step.variant != "gguf":
         raise InvalidRequest(
             f"{where}: for an LLM this maas runs quantize {' | '.join(LLM_METHODS)} and export "
-            f"gguf ({', '.join(GGUF_TYPES)}) so far; {step.kind} {step.variant} transforms "
-            "maas's built-in torch architectures".replace("  ", " "),
+            f"gguf ({', '.join(GGUF_TYPES)}) so far; {f'{step.kind} {step.variant}'.strip()} "
+            "transforms maas's built-in torch architectures",
             param="recipe",
         )
     if manifest.runtime != "llm" or manifest.format != "gguf":

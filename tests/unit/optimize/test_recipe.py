@@ -80,3 +80,20 @@ def test_bad_steps_are_refused_naming_them(recipe, says):
     with pytest.raises(InvalidRequest) as refused:
         parse(recipe)
     assert says in str(refused.value.message) and refused.value.param == "recipe"
+
+
+def test_int4_takes_a_group_size_the_kernel_takes_and_hides_the_default():
+    from maas.optimize import recipe
+    from maas.runtime.llm import quantized
+
+    assert recipe.GROUP_SIZES == quantized.GROUP_SIZES  # written twice: recipe imports no torch
+    (default,) = parse("quantize int4")
+    assert default.options == {"method": "int4", "group_size": 32} and str(default) == (
+        "quantize int4"
+    )
+    (wider,) = parse("quantize int4 group_size=64")
+    assert str(wider) == "quantize int4 group_size=64"
+    for bad, says in (("quantize int4 group_size=48", "group_size is one of 32, 64, 128, 256"),
+                      ("quantize int8 group_size=32", "group_size is int4's")):  # fmt: skip
+        with pytest.raises(InvalidRequest, match=says):
+            parse(bad)
