@@ -14,8 +14,10 @@ all-MiniLM-L6-v2 (the demo embedder) is quantized to dynamic int8 and SmolLM2-13
 exported to GGUF Q8_0, Q4_0 and Q4_1, each by an ``optimize`` job
 whose report is measured on held-out texts: prose lines of this repository's docs/ (a CSV
 ``text`` column; MiniLM embeds up to 512 of them, SmolLM2 reads their first 4,096 tokens).
+``--part smollm2-shrink`` prunes and distils SmolLM2, calibrating and learning on other
+texts: the paragraphs of the installed Python packages' descriptions (their PyPI pages).
 
-    .venv/bin/python bench/optimize.py [--epochs 15] [--part cnn|minilm|smollm2|all]
+    .venv/bin/python bench/optimize.py [--epochs 15] [--part cnn|minilm|smollm2|smollm2-shrink|all]
 """
 
 from __future__ import annotations
@@ -103,14 +105,15 @@ def store_file(files, tenant: int, path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--part", choices=("cnn", "minilm", "smollm2", "all"), default="all")
+    parts = ("cnn", "minilm", "smollm2", "smollm2-shrink", "all")
+    parser.add_argument("--part", choices=parts, default="all")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results["threads"] = torch.get_num_threads()
     if args.part in ("cnn", "all"):
         results.update(epochs=args.epochs, rows=digits_rows(args.epochs))
-    if args.part in ("minilm", "smollm2", "all"):
-        parts = ("minilm", "smollm2") if args.part == "all" else (args.part,)
+    if args.part != "cnn":
+        parts = ("minilm", "smollm2", "smollm2-shrink") if args.part == "all" else (args.part,)
         results.update(demo_rows(parts))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
@@ -133,6 +136,28 @@ def held_out_texts(path: Path) -> int:
     return len(lines)
 
 
+def training_texts(path: Path) -> int:
+    """Paragraphs of the installed packages' descriptions (prose, not code) as a CSV with a
+    ``text`` column; returns how many."""
+    import csv
+    from importlib import metadata
+
+    paragraphs = set()
+    for distribution in metadata.distributions():
+        text = distribution.metadata.get_payload() or distribution.metadata.get("Description")
+        for block in (text or "").split("\n\n"):
+            lines = [line.strip() for line in block.splitlines()]
+            joined = " ".join(lines)
+            prose = sum(c.isalpha() or c.isspace() for c in joined) / max(1, len(joined))
+            if len(joined) >= 200 and prose > 0.9 and lines[0][:1].isalpha():
+                paragraphs.add(joined)
+    with path.open("w", newline="") as target:
+        writer = csv.writer(target)
+        writer.writerow(["text"])
+        writer.writerows([p] for p in sorted(paragraphs))
+    return len(paragraphs)
+
+
 def demo_rows(parts: tuple[str, ...]) -> dict:
     from maas.registry import demo
 
@@ -150,6 +175,9 @@ def demo_rows(parts: tuple[str, ...]) -> dict:
         registry.import_model(demo.locate(model), model.name, task=task, owner=tenant)
     registry.close()
     print(f"{count} held-out lines from docs/")
+    learnt = home.parent / "training.csv"
+    print(f"{training_texts(learnt)} training paragraphs from package descriptions")
+    training_file = store_file(files, tenant, learnt)
     recipes = {
         "minilm": [("all-minilm-l6-v2", "quantize int8-dynamic")],
         "smollm2": [
@@ -161,6 +189,12 @@ def demo_rows(parts: tuple[str, ...]) -> dict:
             ("smollm2-135m-instruct", "export gguf q4_0"),
             ("smollm2-135m-instruct", "export gguf q4_1"),
         ],
+        "smollm2-shrink": [
+            ("smollm2-135m-instruct", "prune 0.5 structured"),
+            ("smollm2-135m-instruct", "prune 0.5 structured -> distil steps=100"),
+            ("smollm2-135m-instruct", "distil layers=20 steps=100"),
+            ("smollm2-135m-instruct", "prune 0.5 structured -> distil steps=100 -> quantize int4"),
+        ],
     }
     out = {}
     for part in parts:
@@ -171,7 +205,8 @@ def demo_rows(parts: tuple[str, ...]) -> dict:
                     "model": f"{model}:1",  # each recipe from the demo file, not from the last
                     "recipe": recipe,
                     "evaluation_file": evaluation_file,
-                    "name": f"{model}-{recipe.split()[-1].replace('=', '')}",
+                    "name": f"{model}-{len(rows) + 1}-{recipe.split()[-1].replace('=', '')}",
+                    **({"training_file": training_file} if part == "smollm2-shrink" else {}),
                 }
             )
             started = time.perf_counter()

@@ -126,8 +126,8 @@ def _label_index(classes: list[str], labels: list[str]) -> dict[int, int]:
     return {i: labels.index(name) for i, name in enumerate(classes)}
 
 
-def read_evaluation_texts(path: Path) -> list[str]:
-    """An LLM's held-out texts: the ``text`` column (CSV) or field (JSON Lines) of every row."""
+def read_evaluation_texts(path: Path, what: str = "evaluation") -> list[str]:
+    """An LLM's texts: the ``text`` column (CSV) or field (JSON Lines) of every row."""
     import csv
     import json
 
@@ -143,5 +143,5 @@ def read_evaluation_texts(path: Path) -> list[str]:
             texts = [row.get(TEXT_COLUMN) for row in csv.DictReader(source)]
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
-        raise ValueError(f"the evaluation file has no {TEXT_COLUMN!r} texts")
+        raise ValueError(f"the {what} file has no {TEXT_COLUMN!r} texts")
     return texts

@@ -42,7 +42,8 @@ class OptimizeParams(BaseModel):
     training_file: str | None = Field(default=None, min_length=1, max_length=40)
     """A ``dataset`` file the learning steps learn from (a fine-tune after pruning,
     distillation): image folders for small-cnn, a CSV or JSON Lines of ``text`` and
-    ``label`` for the text classifiers (maas/optimize/data.py)."""
+    ``label`` for the text classifiers (maas/optimize/data.py), of ``text`` for an LLM (whose
+    structured pruning is calibrated on it too)."""
     evaluation_file: str | None = Field(default=None, min_length=1, max_length=40)
     """A dataset of the same kind on which the report measures both models' accuracy."""
 
@@ -69,19 +70,22 @@ def check_parent(
             "version becomes (name)",
             param="name",
         )
-    texts_only = opened.manifest.runtime in ("llm", "transformers")
-    if texts_only and params.get("training_file"):
+    llm = opened.manifest.runtime == "llm"
+    texts_only = llm or opened.manifest.runtime == "transformers"
+    learns = [s.needs_data or (llm and s.kind == "prune") for s in steps]
+    if texts_only and params.get("training_file") and not any(learns):
         raise InvalidRequest(
-            f"the steps for a model of the {opened.manifest.runtime} runtime learn nothing: "
+            f"these steps for a model of the {opened.manifest.runtime} runtime learn nothing: "
             "give an evaluation_file (texts) alone",
             param="training_file",
         )
     description = {"architecture": "texts"} if texts_only else _description(opened)
     for index, step in enumerate(steps):
-        if step.needs_data and not params.get("training_file"):
+        if learns[index] and not params.get("training_file"):
+            data_kind = "texts: a dataset with a 'text' column" if llm else "a dataset"
             raise InvalidRequest(
                 f"step {index + 1} ({step}) learns or calibrates from data: give a "
-                "training_file (a dataset)",
+                f"training_file ({data_kind})",
                 param="training_file",
             )
         if step.options.get("teacher"):
@@ -191,33 +195,41 @@ def run(context) -> dict[str, Any]:
 
 
 def _run_llm(context, registry, files, params, opened, steps, tenant) -> dict[str, Any]:
-    """An LLM's recipe (one step: quantize or export gguf), measured through maas's engine."""
-    from maas.optimize import llm, llm_quantize
+    """An LLM's recipe (prune structured -> distil -> quantize, or export gguf alone), each
+    step writing a folder the next reads, measured through maas's engine."""
+    from maas.optimize import llm
 
-    (step,) = steps  # recipe.check allows an LLM one step
-    context.report(0.0, message=f"step 1: {step}")
     folder = context.workdir / "model"
-    if folder.exists():  # a half-written file from an attempt that died
-        import shutil
+    current = opened
+    notes: list[str] = []
+    share = 0.6 / len(steps)
+    rows = _training_rows(context, files, params, opened, tenant, steps)
+    for index, step in enumerate(steps):
+        context.report(index * share, message=f"step {index + 1}: {step}")
+        target = folder if index == len(steps) - 1 else context.workdir / f"step-{index + 1}"
+        if target.exists():  # what an attempt that died left
+            import shutil
 
-        shutil.rmtree(folder)
-    if step.kind == "quantize":
-        method = step.options["method"]
-        note = llm_quantize.write(opened, method, step.options.get("group_size", 0), folder)
-    else:
-        kind = step.options["type"]
-        stem = opened.record.name.replace("/", "-")
-        note = llm.export_gguf(opened, kind, folder / f"{stem}.{kind}.gguf")
-    context.report(0.5, message=note)
+            shutil.rmtree(target)
+
+        def progress(done: int, total: int, loss: float, index=index) -> None:
+            context.report(
+                (index + done / total) * share, message=f"training step {done}: loss {loss:.4f}"
+            )
+
+        notes += _llm_step(step, steps[:index], opened, current, target, rows, params, progress)
+        context.report(message=notes[-1])
+        current = opened_folder(opened, target)
     texts = _texts(context, files, params, tenant)
     context.report(0.6, message="measuring parent and child")
+    last = steps[-1]
     measured = {
         "parent": llm.measure(opened, opened.manifest.size_bytes, texts),
         "child": llm.measure(
-            opened_folder(opened, folder),
+            current,
             folder_bytes(folder),
             texts,
-            torch.bfloat16 if step.variant == "bfloat16" else torch.float32,
+            torch.bfloat16 if last.variant == "bfloat16" else torch.float32,
         ),
     }
     parent_figures, child_figures = (measured[s]["figures"] for s in ("parent", "child"))
@@ -228,14 +240,75 @@ def _run_llm(context, registry, files, params, opened, steps, tenant) -> dict[st
     }
     if "perplexity" in parent_figures:
         figures["perplexity_ratio"] = child_figures["perplexity"] / parent_figures["perplexity"]
-    notes = [
-        note,
+    notes += [
         f"the parent answers {measured['parent']['answer']!r} to {llm.QUESTION_TEXT!r}",
         f"the child answers {measured['child']['answer']!r}",
     ]
     return _import(
         context, registry, params, opened, folder, figures, parent_figures, notes, tenant
     )
+
+
+def _llm_step(step, before, parent, current, target, rows, params, progress) -> list[str]:
+    """One step of an LLM's recipe from ``current`` (the parent or the step before's folder)
+    into ``target``; returns its notes."""
+    from maas.optimize import llm, llm_quantize, llm_shrink
+
+    options = step.options
+    if step.kind == "quantize":
+        group_size = options.get("group_size", 0)
+        return [llm_quantize.write(current, options["method"], group_size, target)]
+    if step.kind == "export":
+        stem = parent.record.name.replace("/", "-")
+        kind = options["type"]
+        return [llm.export_gguf(current, kind, target / f"{stem}.{kind}.gguf")]
+    source = llm_shrink.load_trainable(current)
+    model, notes = source, []
+    if step.kind == "prune":
+        calibration = rows[: max(1, llm_shrink.MAX_CALIBRATION_TOKENS // rows.shape[1])]
+        model, note = llm_shrink.prune(source, options["amount"], calibration)
+        notes.append(note)
+        if options.get("fine_tune_steps"):
+            loss = llm_shrink.train(
+                model, rows, options["fine_tune_steps"], step.setting("learning_rate", "llm"),
+                params.seed, progress=progress,
+            )  # fmt: skip
+            notes.append(
+                f"fine-tuned {options['fine_tune_steps']} steps (learning rate "
+                f"{step.setting('learning_rate', 'llm')}): loss {loss:.4f}"
+            )
+    else:  # distil, the parent as teacher
+        if options.get("layers"):
+            model, note = llm_shrink.fewer_layers(source, options["layers"])
+            notes.append(note)
+        teacher = source if current is parent and model is not source else None
+        teacher = teacher or llm_shrink.load_trainable(parent)
+        steps, rate, temperature, alpha = (
+            step.setting(name, "llm") for name in ("steps", "learning_rate", "temperature", "alpha")
+        )
+        loss = llm_shrink.train(
+            model, rows, steps, rate, params.seed, teacher, temperature, alpha, progress
+        )
+        notes.append(
+            f"distilled from {parent.record.reference} for {steps} steps (learning rate "
+            f"{rate}, temperature {temperature}, alpha {alpha}): loss {loss:.4f}"
+        )
+    size = llm_shrink.save(model, parent, target)
+    notes[-1] += f"; {size:,} bytes of float32 weights"
+    return notes
+
+
+def _training_rows(context, files, params, opened, tenant, steps):
+    """The training file's texts as token rows, for the steps that learn or calibrate."""
+    if not any(step.kind in ("prune", "distil") for step in steps):
+        return None
+    from maas.optimize import llm_shrink
+    from maas.runtime.llm.tokenizer import load_tokenizer
+    from maas.training import text_data
+
+    path = text_data.fetch(files, params.training_file, tenant, context.workdir)
+    texts = data.read_evaluation_texts(path, "training")
+    return llm_shrink.token_rows(load_tokenizer(opened), texts, llm_shrink.MAX_TRAINING_TOKENS)
 
 
 def _run_encoder(context, registry, files, params, opened, steps, tenant) -> dict[str, Any]:

@@ -37,7 +37,6 @@ def write(opened: OpenedVersion, method: str, group_size: int, folder: Path) -> 
     from safetensors.torch import save_file
 
     from maas.runtime.llm import quantized
-    from maas.runtime.llm.tokenizer import load_tokenizer
     from maas.runtime.llm.weights import hf_tensors
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,17 +52,14 @@ def write(opened: OpenedVersion, method: str, group_size: int, folder: Path) -> 
             tensors[name] = tensor.to(torch.bfloat16).contiguous()
             if tensor.dim() == 2:
                 kept.append(name)
-    config = _config(opened)
+    config = child_config(opened)
     if method in quantized.METHODS:
         config[quantized.KEY] = {"method": method}
         if method == "int4":
             config[quantized.KEY]["group_size"] = group_size
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    if any(entry.path == GENERATION_FILE for entry in opened.manifest.files):
-        # the parent's sampling defaults; the tokenizer then merges its end ids in
-        (folder / GENERATION_FILE).write_bytes(opened.read_bytes(GENERATION_FILE))
-    load_tokenizer(opened).save(folder)
+    copy_tokenizer(opened, folder)
     size = (folder / WEIGHTS_FILE).stat().st_size
     what = {
         "int8": "int8 weights, one scale per output row",
@@ -76,13 +72,23 @@ def write(opened: OpenedVersion, method: str, group_size: int, folder: Path) -> 
     return note
 
 
-def _config(opened: OpenedVersion) -> dict[str, Any]:
+def copy_tokenizer(opened: OpenedVersion, folder: Path) -> None:
+    """The parent's tokenizer, chat template and sampling defaults (generation_config.json,
+    with the end ids merged in) into the child's folder."""
+    from maas.runtime.llm.tokenizer import load_tokenizer
+
+    if any(entry.path == GENERATION_FILE for entry in opened.manifest.files):
+        (folder / GENERATION_FILE).write_bytes(opened.read_bytes(GENERATION_FILE))
+    load_tokenizer(opened).save(folder)
+
+
+def child_config(opened: OpenedVersion, dtype: str = "bfloat16") -> dict[str, Any]:
     """config.json of the child: the parent's own, or one written from a GGUF's shape."""
     from maas.runtime.llm.weights import read_config
 
     if opened.manifest.format == "huggingface":
         config = dict(opened.manifest.config)
-        config["torch_dtype"] = "bfloat16"
+        config["torch_dtype"] = dtype
         return config
     shape = read_config(opened)
     model_type = opened.manifest.config["general.architecture"]
@@ -101,7 +107,7 @@ def _config(opened: OpenedVersion) -> dict[str, Any]:
         "max_position_embeddings": shape.max_position_embeddings,
         "tie_word_embeddings": shape.tie_word_embeddings,
         "hidden_act": "silu",
-        "torch_dtype": "bfloat16",
+        "torch_dtype": dtype,
     }
     if shape.rope_scaling:
         config["rope_scaling"] = shape.rope_scaling

@@ -29,16 +29,16 @@ GGUF_TYPES = ("q8_0", "q4_0", "q4_1")
 POSITIONAL = ("amount", "structure", "method", "bits", "format", "type")
 """Options written bare in a recipe string (``prune 0.5 structured``); the others are
 written ``name=value`` (``distil width=0.5 steps=300``)."""
-DEFAULTS = {
-    "structure": "unstructured",
-    "fine_tune_steps": 0,
-    "learning_rate": 1e-3,
-    "steps": 300,
-    "temperature": 4.0,
-    "alpha": 0.7,
-    "group_size": 32,
+DEFAULTS = {"structure": "unstructured", "fine_tune_steps": 0, "group_size": 32}
+"""Options filled in when a recipe is read, and left out when a step is shown."""
+LEARNING = {
+    "classic": {"steps": 300, "learning_rate": 1e-3, "temperature": 4.0, "alpha": 0.7},
+    "llm": {"steps": 100, "learning_rate": 1e-4, "temperature": 1.0, "alpha": 1.0},
 }
-"""Options left out when a step is shown (``distil``, not ``distil steps=300 ...``)."""
+"""A learning step's options left unset, by the model it runs on (``Step.setting``): a whole
+LLM fine-tuned takes a smaller rate than a small classifier, and an LLM learns from the
+teacher's logits alone at temperature 1 (Minitron's finding); a classifier from softened
+targets and its labels (Hinton et al.)."""
 BUILT = {
     ("prune", "unstructured"),
     ("prune", "structured"),
@@ -76,6 +76,11 @@ class Step:
             or self.options.get("method") == "int8-static"  # calibration
         )
 
+    def setting(self, name: str, family: str = "classic") -> Any:
+        """An option as given, or its default for the ``family`` of model ("classic" or
+        "llm")."""
+        return self.options.get(name, LEARNING[family].get(name))
+
     def __str__(self) -> str:
         shown = [
             str(v) if k in POSITIONAL else f"{k}={v}"
@@ -110,18 +115,14 @@ def check(steps: list[Step], manifest: Manifest) -> None:
                 f"{where}: shared weights are already a codebook; quantize or share, not both",
                 param="recipe",
             )
-        if step.kind == "distil":
+        if manifest.runtime == "llm":
+            _llm_order(step, where, steps, seen, manifest)
+        elif step.kind == "distil":
             _student_fits(step, where, manifest)
         if step.kind == "distil" and _same_student(step) and _alone(step, seen):
             raise InvalidRequest(
                 f"{where}: a student as wide as its teacher learns nothing new: set width "
                 "below 1, prune first, or name a larger teacher",
-                param="recipe",
-            )
-        if seen and manifest.runtime == "llm":
-            raise InvalidRequest(
-                f"{where}: an LLM's recipe is one step: quantize stores its weights for maas's "
-                "engine, export gguf writes a GGUF for llama.cpp (give the GGUF's type there)",
                 param="recipe",
             )
         _fits(step, where, manifest)
@@ -184,6 +185,53 @@ def _student_fits(step: Step, where: str, manifest: Manifest) -> None:
             f"{where}: the teacher has {most} layer(s); a student has at most as many",
             param="recipe",
         )
+
+
+def _llm_order(step: Step, where: str, steps: list[Step], seen: list[str], manifest) -> None:
+    """An LLM's export gguf re-encodes its parent alone; a distilled student is shallower
+    than its teacher or pruned before, and takes the teacher's width and tokenizer."""
+    if len(steps) > 1 and any(s.variant == "gguf" for s in steps):
+        raise InvalidRequest(
+            f"{where}: export gguf re-encodes the parent GGUF's weights as a recipe of its own; "
+            "quantize stores the weights of a pruned or distilled LLM for maas's engine",
+            param="recipe",
+        )
+    if step.kind != "distil":
+        return
+    for option in ("width", "teacher"):
+        if option in step.options:
+            raise InvalidRequest(
+                f"{where}: an LLM's student takes its teacher's width and tokenizer, and its "
+                f"teacher is the parent: {option} is a classic model's option (give layers)",
+                param="recipe",
+            )
+    layers = step.options.get("layers")
+    most = llm_layers(manifest)
+    if layers is None and "prune" not in seen:
+        raise InvalidRequest(
+            f"{where}: a student as deep as its teacher learns nothing new: give layers "
+            f"(below {most}), or prune structured first",
+            param="recipe",
+        )
+    if layers is not None and most is not None and layers >= most and "prune" not in seen:
+        raise InvalidRequest(
+            f"{where}: the teacher has {most} layers; a student has fewer", param="recipe"
+        )
+    if layers is not None and most is not None and layers > most:
+        raise InvalidRequest(
+            f"{where}: the teacher has {most} layers; a student has at most as many",
+            param="recipe",
+        )
+
+
+def llm_layers(manifest: Manifest) -> int | None:
+    """An LLM's decoder layers, from its config.json or GGUF header."""
+    config = manifest.config
+    if "num_hidden_layers" in config:
+        return int(config["num_hidden_layers"])
+    architecture = config.get("general.architecture")
+    count = config.get(f"{architecture}.block_count")
+    return int(count) if count is not None else None
 
 
 def _same_student(step: Step) -> bool:
@@ -262,17 +310,32 @@ def _fits_encoder(step: Step, where: str, manifest: Manifest) -> None:
         )
 
 
+LLM_STEPS = (
+    "prune AMOUNT structured, distil layers=N, quantize "
+    + " | ".join(LLM_METHODS)
+    + f", or export gguf ({', '.join(GGUF_TYPES)}) alone"
+)
+
+
 def _fits_llm(step: Step, where: str, manifest: Manifest) -> None:
-    """An LLM of maas's engine stores its weights as int8, int4 or bfloat16, or exports to
-    GGUF; the other steps are the classic models'."""
-    if step.kind == "quantize" and step.variant in LLM_METHODS and manifest.runtime == "llm":
+    """An LLM of maas's engine is pruned (structured), distilled into fewer layers, stores
+    its weights as int8, int4 or bfloat16, or exports to GGUF; the other steps are the classic
+    models'."""
+    llm = manifest.runtime == "llm"
+    if llm and (step.kind, step.variant) in (("prune", "structured"), ("distil", "")):
+        return
+    if step.kind == "quantize" and step.variant in LLM_METHODS and llm:
         return
     if step.variant != "gguf":
+        hint = (
+            "sparse weights do not speed up the engine's dense matrix products; prune "
+            "structured removes whole neurons and heads"
+            if step.variant == "unstructured"
+            else f"{f'{step.kind} {step.variant}'.strip()} transforms maas's built-in torch "
+            "architectures"
+        )
         raise InvalidRequest(
-            f"{where}: for an LLM this maas runs quantize {' | '.join(LLM_METHODS)} and export "
-            f"gguf ({', '.join(GGUF_TYPES)}) so far; {f'{step.kind} {step.variant}'.strip()} "
-            "transforms maas's built-in torch architectures",
-            param="recipe",
+            f"{where}: for an LLM this maas runs {LLM_STEPS}; {hint}", param="recipe"
         )
     if manifest.runtime != "llm" or manifest.format != "gguf":
         raise InvalidRequest(
@@ -377,8 +440,8 @@ def _checked(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
         options.setdefault("fine_tune_steps", 0)
         if not _whole(options["fine_tune_steps"], 0, MAX_STEPS):
             refuse(f"fine_tune_steps is a whole number from 0 to {MAX_STEPS:,}")
-    if kind == "distil" or options.get("fine_tune_steps") or "learning_rate" in options:
-        rate = options.setdefault("learning_rate", 1e-3)
+    if "learning_rate" in options:
+        rate = options["learning_rate"]
         if not isinstance(rate, int | float) or not 0 < rate <= 1:
             refuse("learning_rate is above 0 and at most 1")
     if kind == "distil":
@@ -414,12 +477,12 @@ def _distil_options(options: dict[str, Any], refuse) -> None:
         refuse("width is the student's share of the teacher's channels, above 0 and at most 1")
     if "layers" in options and not _whole(options["layers"], 1, 64):
         refuse("layers is the student's number of conv blocks or layers, from 1")
-    if not _whole(options.setdefault("steps", 300), 1, MAX_STEPS):
+    if "steps" in options and not _whole(options["steps"], 1, MAX_STEPS):
         refuse(f"steps is a whole number from 1 to {MAX_STEPS:,}")
-    temperature = options.setdefault("temperature", 4.0)
+    temperature = options.get("temperature", 1.0)
     if not isinstance(temperature, int | float) or not 0 < temperature <= 100:
         refuse("temperature is above 0 and at most 100")
-    alpha = options.setdefault("alpha", 0.7)
+    alpha = options.get("alpha", 0.0)
     if not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
         refuse("alpha weighs the teacher's soft targets against the labels: from 0 to 1")
     teacher = options.get("teacher")

@@ -97,7 +97,7 @@ def _fine_tuned(candidate: Candidate, step: Step, materials: Materials) -> Candi
         candidate.module,
         examples,
         steps,
-        step.options["learning_rate"],
+        step.setting("learning_rate"),
         materials.seed,
         materials.progress,
     )
@@ -129,10 +129,10 @@ def distil(candidate: Candidate, step: Step, materials: Materials) -> Candidate:
         materials.teacher,
         student,
         examples,
-        options["steps"],
-        options["learning_rate"],
-        options["temperature"],
-        options["alpha"],
+        step.setting("steps"),
+        step.setting("learning_rate"),
+        step.setting("temperature"),
+        step.setting("alpha"),
         materials.seed,
         materials.progress,
     )
@@ -140,7 +140,8 @@ def distil(candidate: Candidate, step: Step, materials: Materials) -> Candidate:
     after = sum(p.numel() for p in student.parameters())
     note = (
         f"distilled a {before:,}-parameter teacher into a {after:,}-parameter student "
-        f"({options['steps']} steps, T={options['temperature']}, alpha={options['alpha']}, "
+        f"({step.setting('steps')} steps, T={step.setting('temperature')}, "
+        f"alpha={step.setting('alpha')}, "
         f"last loss {loss:.4f})"
     )
     return replace(

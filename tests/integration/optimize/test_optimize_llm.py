@@ -4,6 +4,8 @@ measured through maas's engine, and that answers through the parent's chat route
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from maas.registry import demo
@@ -83,11 +85,28 @@ def test_a_q8_0_export_loads_back_measures_and_answers_paris(
 @pytest.mark.parametrize(
     ("body", "param", "says"),
     [
-        ({"recipe": "prune 0.5"}, "recipe", "for an LLM this maas runs quantize int8 | int4"),
-        ({"recipe": "quantize int8-dynamic"}, "recipe", "for an LLM this maas runs quantize"),
+        ({"recipe": "prune 0.5"}, "recipe", "sparse weights do not speed up"),
+        ({"recipe": "quantize int8-dynamic"}, "recipe", "for an LLM this maas runs prune"),
+        ({"recipe": "share 4"}, "recipe", "for an LLM this maas runs prune"),
+        ({"recipe": "prune 0.5 structured"}, "training_file", "give a training_file (texts"),
+        ({"recipe": "distil layers=30", "training_file": "TEXTS"}, "recipe",
+         "the teacher has 30 layers; a student has fewer"),
+        ({"recipe": "prune 0.5 structured -> distil layers=31", "training_file": "TEXTS"},
+         "recipe", "a student has at most as many"),
+        ({"recipe": "distil", "training_file": "TEXTS"}, "recipe",
+         "a student as deep as its teacher learns nothing new: give layers (below 30)"),
+        ({"recipe": "distil layers=10 width=0.5", "training_file": "TEXTS"}, "recipe",
+         "width is a classic model's option"),
+        ({"recipe": "distil layers=10 teacher=tiny", "training_file": "TEXTS"}, "recipe",
+         "teacher is a classic model's option"),
+        ({"recipe": "distil layers=10", "training_file": "IMAGES"}, "training_file",
+         "is not a dataset of texts"),
+        ({"recipe": "prune 0.5 structured -> export gguf", "training_file": "TEXTS"},
+         "recipe", "export gguf re-encodes the parent GGUF's weights as a recipe of its own"),
         ({"recipe": "quantize int4 group_size=48"}, "recipe", "group_size is one of 32, 64"),
         ({"recipe": "quantize int8 group_size=32"}, "recipe", "group_size is int4's"),
-        ({"recipe": "quantize int4 -> export gguf"}, "recipe", "an LLM's recipe is one step"),
+        ({"recipe": "quantize int4 -> export gguf"}, "recipe", "a recipe of its own"),
+        ({"recipe": "quantize int4 -> prune 0.5 structured"}, "recipe", "steps run in the order"),
         ({"recipe": "quantize int4", "model": "cnn"}, "recipe", "stores an LLM's weights"),
         ({"recipe": "quantize bfloat16", "model": "cnn"}, "recipe", "stores an LLM's weights"),
         ({"recipe": "export gguf q5_k"}, "recipe", "type is q8_0 or q4_0 or q4_1"),
@@ -95,6 +114,7 @@ def test_a_q8_0_export_loads_back_measures_and_answers_paris(
         ({"recipe": "export gguf", "model": "tiny"}, "recipe", "re-encodes a GGUF LLM"),
         ({"recipe": "export gguf", "model": "cnn"}, "recipe", "re-encodes a GGUF LLM"),
         ({"recipe": "export gguf", "training_file": "TEXTS"}, "training_file", "learn nothing"),
+        ({"recipe": "quantize int4", "training_file": "TEXTS"}, "training_file", "learn nothing"),
         ({"recipe": "export gguf", "evaluation_file": "IMAGES"}, "evaluation_file",
          "is not a dataset of texts"),
     ],
@@ -112,7 +132,7 @@ def test_llm_recipes_that_cannot_run_are_refused(
     texts = tmp_path / "texts.csv"
     texts.write_text("text\nhello there\n")
     files = {"TEXTS": upload(app_client, headers, texts)}
-    if "IMAGES" in body.values():
+    if "IMAGES" in body.values() or "IMAGES" in str(body):
         files["IMAGES"] = upload(app_client, headers, few_digits)
     body = {k: files.get(v, v) for k, v in body.items()}
     answer = optimize(app_client, headers, **{"model": smol, **body})
@@ -198,3 +218,54 @@ def test_a_hugging_face_llm_stores_its_weights_again_and_serves(
         assert again.status_code == 400 and "optimize its float parent" in again.text
     else:
         assert again.status_code == 201, again.text
+
+
+def test_a_llama_pruned_distilled_and_quantized_is_a_smaller_version_that_serves(
+    app_client, tenant_keys, settings, tmp_path
+):
+    """prune structured (calibrated, fine-tuned) -> distil into fewer layers -> quantize int8
+    on a tiny Llama: one job, each step's folder read by the next, the child's shape and
+    report what the steps did, served by the chat route."""
+    from tests.fixtures import make_tiny_llama
+    from tests.unit.optimize.test_llm_shrink import TEXTS
+
+    headers = tenant_keys["acme"]
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry = app_client.app.state.registry
+    registry.import_model(make_tiny_llama(tmp_path / "tiny", num_layers=4), "tiny", owner=acme)
+    training = tmp_path / "train.jsonl"
+    training.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    held_out = tmp_path / "held-out.csv"
+    held_out.write_text("text\n" + "\n".join(TEXTS[:3]) + "\n")
+    job = optimized(
+        app_client,
+        headers,
+        settings,
+        model="tiny",
+        recipe="prune 0.5 structured fine_tune_steps=3 -> distil layers=2 steps=3 -> quantize int8",
+        training_file=upload(app_client, headers, training),
+        evaluation_file=upload(app_client, headers, held_out),
+    )
+    result = job["result"]
+    child = registry.open_version("tiny:2")
+    config = child.manifest.config
+    assert (config["num_hidden_layers"], config["intermediate_size"]) == (2, 32)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 2)
+    assert config["maas_quantization"] == {"method": "int8"}
+    assert (child.manifest.parent.name, child.manifest.parent.version) == ("tiny", 1)
+    assert [s["step"] for s in child.manifest.recipe["steps"]] == ["prune", "distil", "quantize"]
+    notes = child.manifest.recipe["notes"]
+    assert "MLP neurons 64 to 32" in notes[0] and "query heads 4 to 2" in notes[0]
+    assert notes[1].startswith("fine-tuned 3 steps") and "(0, 3)" in notes[2]
+    assert notes[3].startswith("distilled from tiny:1 for 3 steps")
+    assert "int8 weights" in notes[4]
+    assert 0.2 < result["parameters_ratio"] < 0.6  # embeddings and head stay whole
+    assert result["artifact_bytes_ratio"] < 0.25
+    assert result["perplexity"] > 1 and result["evaluation_tokens"] > 20
+    answer = app_client.post(
+        "/v1/chat/completions",
+        headers=headers,
+        json={"model": "tiny:2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] >= 1

@@ -12,16 +12,23 @@ def test_a_recipe_string_reads_as_steps_with_their_options():
     steps = parse(
         "prune 0.5 structured -> distil -> share 4 -> quantize int8-dynamic -> export onnx"
     )
-    distil = {"steps": 300, "temperature": 4.0, "alpha": 0.7, "learning_rate": 1e-3}
     assert steps == [
         Step("prune", {"amount": 0.5, "structure": "structured", "fine_tune_steps": 0}),
-        Step("distil", distil),
+        Step("distil", {}),
         Step("share", {"bits": 4}),
         Step("quantize", {"method": "int8-dynamic"}),
         Step("export", {"format": "onnx"}),
     ]
     assert str(steps[0]) == "prune 0.5 structured"
     assert not steps[0].needs_data and steps[1].needs_data
+    # A learning option left unset takes the default of the model it runs on.
+    assert [steps[1].setting(n) for n in ("steps", "learning_rate", "alpha")] == [300, 1e-3, 0.7]
+    assert [steps[1].setting(n, "llm") for n in ("steps", "learning_rate", "alpha")] == [
+        100,
+        1e-4,
+        1.0,
+    ]
+    assert str(steps[1]) == "distil"
 
 
 def test_named_options_read_as_numbers_or_text():
