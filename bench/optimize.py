@@ -9,13 +9,16 @@ held out (given to each job as its ``evaluation_file``). The recipes that learn 
 after pruning, distillation) learn from the training split only (``training_file``).
 Ratios are child over parent.
 
-all-MiniLM-L6-v2 (the demo embedder) is quantized to dynamic int8 and SmolLM2-135M-Instruct
-(the demo LLM, a Q4_1 GGUF) stored as bfloat16, int8 and int4 safetensors for maas's engine and
-exported to GGUF Q8_0, Q4_0 and Q4_1, each by an ``optimize`` job
+all-MiniLM-L6-v2 (the demo embedder) is quantized to dynamic int8 (torch) and exported to
+ONNX (float, dynamic int8, and static int8 calibrated on the training texts below), and
+SmolLM2-135M-Instruct (the demo LLM, a Q4_1 GGUF) stored as bfloat16, int8 and int4
+safetensors for maas's engine and exported to GGUF Q8_0, Q4_0 and Q4_1, each by an
+``optimize`` job
 whose report is measured on held-out texts: prose lines of this repository's docs/ (a CSV
 ``text`` column; MiniLM embeds up to 512 of them, SmolLM2 reads their first 4,096 tokens).
 ``--part smollm2-shrink`` prunes and distils SmolLM2, calibrating and learning on other
-texts: the paragraphs of the installed Python packages' descriptions (their PyPI pages).
+texts: the paragraphs of the installed Python packages' descriptions (their PyPI pages),
+which also calibrate MiniLM's static int8.
 
     .venv/bin/python bench/optimize.py [--epochs 15] [--part cnn|minilm|smollm2|smollm2-shrink|all]
 """
@@ -136,6 +139,11 @@ def held_out_texts(path: Path) -> int:
     return len(lines)
 
 
+def learns(recipe: str) -> bool:
+    """Whether a recipe learns or calibrates from the training texts."""
+    return any(word in recipe for word in ("prune", "distil", "int8-static"))
+
+
 def training_texts(path: Path) -> int:
     """Paragraphs of the installed packages' descriptions (prose, not code) as a CSV with a
     ``text`` column; returns how many."""
@@ -179,7 +187,12 @@ def demo_rows(parts: tuple[str, ...]) -> dict:
     print(f"{training_texts(learnt)} training paragraphs from package descriptions")
     training_file = store_file(files, tenant, learnt)
     recipes = {
-        "minilm": [("all-minilm-l6-v2", "quantize int8-dynamic")],
+        "minilm": [
+            ("all-minilm-l6-v2", "quantize int8-dynamic"),
+            ("all-minilm-l6-v2", "export onnx"),
+            ("all-minilm-l6-v2", "quantize int8-dynamic -> export onnx"),
+            ("all-minilm-l6-v2", "quantize int8-static -> export onnx"),
+        ],
         "smollm2": [
             ("smollm2-135m-instruct", "quantize bfloat16"),
             ("smollm2-135m-instruct", "quantize int8"),
@@ -206,7 +219,7 @@ def demo_rows(parts: tuple[str, ...]) -> dict:
                     "recipe": recipe,
                     "evaluation_file": evaluation_file,
                     "name": f"{model}-{len(rows) + 1}-{recipe.split()[-1].replace('=', '')}",
-                    **({"training_file": training_file} if part == "smollm2-shrink" else {}),
+                    **({"training_file": training_file} if learns(recipe) else {}),
                 }
             )
             started = time.perf_counter()

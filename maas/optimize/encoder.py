@@ -1,5 +1,7 @@
 """Optimizing a Hugging Face encoder (runtime ``transformers``: embeddings such as MiniLM, or
-a BERT-like text classifier): ``quantize int8-dynamic`` stores every linear layer's weights
+a BERT-like text classifier): ``export onnx`` traces it into an ONNX graph that ONNX Runtime
+serves (after ``quantize int8-dynamic`` or ``int8-static``, quantized by ONNX Runtime's
+quantizer); ``quantize int8-dynamic`` alone stores every linear layer's weights
 as int8 with one scale per output row (maas/runtime/int8_linear.py) and marks config.json
 ``"maas_quantization": "int8-dynamic"`` (7-bit activations) or ``"int8-dynamic-a8"`` (8-bit),
 whichever is closer to the parent on the evaluation texts, so the transformers runtime
@@ -94,8 +96,72 @@ def quantize_int8_dynamic(opened: OpenedVersion, folder: Path, texts: list[str] 
     return f"int8 weights in {len(paths)} linear layers; {errors}"
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+CALIBRATION_TEXTS = 256
+CALIBRATION_BATCH = 16
+
+
+def export_onnx(
+    opened: OpenedVersion, folder: Path, quantization: str | None, calibration: list[str] | None
+) -> str:
+    """The child folder: the parent's float model traced to ONNX (``model.onnx``, with a
+    dynamic batch and sequence), its graph quantized in ONNX Runtime as ``quantization`` says
+    (static int8 calibrated on the first ``calibration`` texts), and its tokenizer; the
+    graph's metadata carries the task, labels and task options (pooling, normalisation,
+    longest input) so that the version serves through its parent's routes."""
+    from maas.optimize import onnx_export
+
+    task = opened.manifest.task
+    model = load(opened)
+    name = _output_name(task)
+    inputs = _inputs(opened, model, list(SENTENCES))
+    feeds = None
+    if calibration is not None:
+        texts = _inputs(opened, model, calibration[:CALIBRATION_TEXTS])
+        count = min(CALIBRATION_TEXTS, len(texts["input_ids"]))
+        feeds = [
+            {k: v[start : start + CALIBRATION_BATCH].numpy() for k, v in texts.items()}
+            for start in range(0, count, CALIBRATION_BATCH)
+        ]
+    options = dict(opened.manifest.task_options)
+    options.setdefault("max_seq_length", opened.manifest.context_length or 512)
+    description = {"labels": opened.manifest.labels, "task_options": options}
+    folder.mkdir(parents=True, exist_ok=True)
+    note = onnx_export.write(
+        _Traced(model, name), inputs, name, task, description, quantization, feeds,
+        folder / onnx_export.MODEL_FILE,
+    )  # fmt: skip
+    for file in TOKENIZER_FILES:
+        if any(entry.path == file for entry in opened.manifest.files):
+            (folder / file).write_bytes(opened.read_bytes(file))
+    return note
+
+
 def _output_name(task: str) -> str:
     return "last_hidden_state" if task == "embeddings" else "logits"
+
+
+class _Traced(nn.Module):
+    """A transformers encoder with the runtime's text inputs as named arguments (what
+    ``torch.export`` traces: it cannot name the entries of ``**inputs``)."""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        super().__init__()
+        self.model, self.name = model, name
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return getattr(self.model(input_ids, attention_mask=attention_mask, **extra), self.name)
 
 
 class _Output(nn.Module):
@@ -116,10 +182,16 @@ def measure(
     texts: list[str] | None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(parent's figures, child's figures and comparisons)."""
+    from maas.optimize.onnx_export import MODEL_FILE, OnnxModule
+
     task = parent.manifest.task
     name = _output_name(task)
-    models = [_Output(load(version), name) for version in (parent, child)]
-    inputs = _inputs(parent, models[0].model, list(texts or SENTENCES))
+    served = _Output(load(parent), name)
+    if child.manifest.format == "onnx":
+        models = [served, OnnxModule(child.folder / MODEL_FILE)]
+    else:
+        models = [served, _Output(load(child), name)]
+    inputs = _inputs(parent, served.model, list(texts or SENTENCES))
     parent_figures = report.measure(models[0], parent.manifest.size_bytes, inputs)
     child_figures = report.measure(models[1], child_bytes, inputs)
     figures = {**child_figures, **report.compare(parent_figures, child_figures)}

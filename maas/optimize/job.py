@@ -312,18 +312,28 @@ def _training_rows(context, files, params, opened, tenant, steps):
 
 
 def _run_encoder(context, registry, files, params, opened, steps, tenant) -> dict[str, Any]:
-    """A Hugging Face encoder's recipe (quantize int8-dynamic), measured as it serves."""
+    """A Hugging Face encoder's recipe (quantize int8-dynamic, export onnx after a quantize
+    step or not), measured as it serves."""
     from maas.optimize import encoder
 
-    (step,) = steps  # recipe.check allows an encoder this one step
-    context.report(0.0, message=f"step 1: {step}")
+    context.report(0.0, message=" -> ".join(map(str, steps)))
     folder = context.workdir / "model"
     if folder.exists():  # what an attempt that died left
         import shutil
 
         shutil.rmtree(folder)
     texts = _texts(context, files, params, tenant)
-    note = encoder.quantize_int8_dynamic(opened, folder, texts)
+    if steps[-1].kind == "export":  # recipe.check: export onnx, after a quantize step or not
+        quantization = steps[0].variant if len(steps) == 2 else None
+        calibration = None
+        if quantization == "int8-static":
+            from maas.training import text_data
+
+            path = text_data.fetch(files, params.training_file, tenant, context.workdir)
+            calibration = data.read_evaluation_texts(path, "training")
+        note = encoder.export_onnx(opened, folder, quantization, calibration)
+    else:
+        note = encoder.quantize_int8_dynamic(opened, folder, texts)
     context.report(0.5, message=note)
     context.report(0.6, message="measuring parent and child")
     parent_figures, figures = encoder.measure(

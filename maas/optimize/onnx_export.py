@@ -38,14 +38,39 @@ def export(
     calibration: Examples | None,
     target: Path,
 ) -> str:
-    """Write ``target`` (an .onnx file) and return what was done, for the step's note."""
+    """Write ``target`` (an .onnx file) of a built-in model and return what was done, for the
+    step's note."""
     from maas.optimize.report import sample_inputs
 
     inputs = sample_inputs(description["architecture"], description["arguments"], 2)
     inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    feeds = None
+    if calibration is not None:
+        name = next(iter(inputs))
+        count = min(CALIBRATION_EXAMPLES, len(calibration))
+        feeds = [
+            {name: calibration.inputs[start : min(start + CALIBRATION_BATCH, count)].numpy()}
+            for start in range(0, count, CALIBRATION_BATCH)
+        ]
+    return write(module, inputs, "logits", task, description, quantization, feeds, target)
+
+
+def write(
+    module: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    output: str,
+    task: str,
+    description: dict[str, Any],
+    quantization: str | None,
+    feeds: list[dict[str, np.ndarray]] | None,
+    target: Path,
+) -> str:
+    """Trace ``module`` on ``inputs`` (keyword tensors; its result is the graph's ``output``),
+    quantize the graph in ONNX Runtime as ``quantization`` says (static int8 calibrated on
+    ``feeds``), and write it to ``target`` with its serving metadata; returns the note."""
     with tempfile.TemporaryDirectory() as scratch:
         plain = Path(scratch) / "float.onnx"
-        _trace(module.eval(), inputs, plain)
+        _trace(module.eval(), inputs, output, plain)
         if quantization in ("int8-dynamic", "int8-dynamic-a8"):
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -58,15 +83,15 @@ def export(
             )
             plain, done = quantized, "int8 weights in MatMul and Gemm (ONNX Runtime, dynamic)"
         elif quantization == "int8-static":
-            assert calibration is not None  # recipe check: static int8 needs a training file
-            plain, done = _static(plain, Path(scratch), inputs, calibration)
+            assert feeds  # recipe check: static int8 needs a training file
+            plain, done = _static(plain, Path(scratch), feeds)
         else:
             done = "float32"
         _describe(plain, target, task, description)
     return f"exported to ONNX ({done}), {target.stat().st_size:,} bytes"
 
 
-def _trace(module: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
+def _trace(module: nn.Module, inputs: dict[str, torch.Tensor], output: str, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=65_536)
     sequence = torch.export.Dim("sequence", min=1, max=65_536)
     shapes = {
@@ -80,13 +105,13 @@ def _trace(module: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> No
         dynamo=True,
         dynamic_shapes=shapes,
         input_names=list(inputs),
-        output_names=["logits"],
+        output_names=[output],
         verbose=False,
     )
     program.save(path, external_data=False)
 
 
-def _static(plain: Path, scratch: Path, inputs, calibration: Examples) -> tuple[Path, str]:
+def _static(plain: Path, scratch: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[Path, str]:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -94,19 +119,12 @@ def _static(plain: Path, scratch: Path, inputs, calibration: Examples) -> tuple[
         quantize_static,
     )
 
-    name = next(iter(inputs))
-    count = min(CALIBRATION_EXAMPLES, len(calibration))
-
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
-            self._starts = iter(range(0, count, CALIBRATION_BATCH))
+            self._feeds = iter(feeds)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            start = next(self._starts, None)
-            if start is None:
-                return None
-            end = min(start + CALIBRATION_BATCH, count)
-            return {name: calibration.inputs[start:end].numpy()}
+            return next(self._feeds, None)
 
     quantized = scratch / "static.onnx"
     quantize_static(
@@ -118,6 +136,7 @@ def _static(plain: Path, scratch: Path, inputs, calibration: Examples) -> tuple[
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )
+    count = sum(len(next(iter(feed.values()))) for feed in feeds)
     return quantized, f"static int8 (ONNX Runtime, QDQ), calibrated on {count} examples"
 
 
@@ -126,10 +145,16 @@ def _describe(source: Path, target: Path, task: str, description: dict[str, Any]
     import onnx
 
     model = onnx.load(str(source))
+    for node in model.graph.node:  # the exporter's per-node trace (stack, module path)
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        del value.metadata_props[:]
     values = {
         "maas.task": task,
         "maas.labels": description.get("labels"),
         "maas.preprocessing": description.get("preprocessing"),
+        "maas.task_options": description.get("task_options"),
     }
     del model.metadata_props[:]
     for key, value in values.items():

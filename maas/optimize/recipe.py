@@ -293,19 +293,23 @@ def _fits(step: Step, where: str, manifest: Manifest) -> None:
 
 
 ENCODER_TASKS = ("embeddings", "text-classification")
+ENCODER_STEPS = {("quantize", "int8-dynamic"), ("quantize", "int8-static"), ("export", "onnx")}
 
 
 def _fits_encoder(step: Step, where: str, manifest: Manifest) -> None:
-    """A Hugging Face encoder (embeddings, text classification) quantizes to dynamic int8."""
+    """A Hugging Face encoder (embeddings, text classification) quantizes to dynamic int8 in
+    torch, or exports to ONNX (quantized there, dynamic or static)."""
     if manifest.task not in ENCODER_TASKS or manifest.format != "huggingface":
         raise InvalidRequest(
             f"{where}: of the transformers runtime's models, this maas optimizes encoders "
             f"({', '.join(ENCODER_TASKS)}); this one serves {manifest.task}",
             param="recipe",
         )
-    if (step.kind, step.variant) != ("quantize", "int8-dynamic"):
+    if (step.kind, step.variant) not in ENCODER_STEPS:
         raise InvalidRequest(
-            f"{where}: for a Hugging Face encoder this maas runs quantize int8-dynamic so far",
+            f"{where}: for a Hugging Face encoder this maas runs quantize int8-dynamic, "
+            "export onnx, and either quantize before export onnx (int8-static calibrates on "
+            "a training file's texts)",
             param="recipe",
         )
 

@@ -85,6 +85,9 @@ def inspect(folder: Path, model_path: Path) -> FormatInfo:
     initializers = {init.name for init in model.graph.initializer}
     inputs = [_spec(v) for v in model.graph.input if v.name not in initializers]
     described = described_serving(model)
+    options = dict(described.get("task_options", {}))
+    if "preprocessing" in described:
+        options["preprocessing"] = described["preprocessing"]
     tokenizer = {"kind": "huggingface", "files": ["tokenizer.json"]}
     return FormatInfo(
         format="onnx",
@@ -92,9 +95,7 @@ def inspect(folder: Path, model_path: Path) -> FormatInfo:
         default_task=described.get("task", "tensor"),
         tasks=TASKS,
         labels=described.get("labels"),
-        task_options=(
-            {"preprocessing": described["preprocessing"]} if "preprocessing" in described else {}
-        ),
+        task_options=options,
         tokenizer=tokenizer if (folder / "tokenizer.json").is_file() else None,
         architecture=model.graph.name or None,
         config={
@@ -109,9 +110,15 @@ def inspect(folder: Path, model_path: Path) -> FormatInfo:
     )
 
 
-SERVING_KEYS = {"maas.task": "task", "maas.labels": "labels", "maas.preprocessing": "preprocessing"}
+SERVING_KEYS = {
+    "maas.task": "task",
+    "maas.labels": "labels",
+    "maas.preprocessing": "preprocessing",
+    "maas.task_options": "task_options",
+}
 """The model's ``metadata_props`` a maas ONNX export writes (JSON values), so that its
-version serves with its parent's task, labels and preprocessing."""
+version serves with its parent's task, labels, preprocessing and task options (an
+embedder's pooling, normalisation and longest input)."""
 
 
 def described_serving(model: onnx.ModelProto) -> dict:
@@ -123,7 +130,9 @@ def described_serving(model: onnx.ModelProto) -> dict:
                 value = json.loads(prop.value)
             except ValueError:
                 raise UnsupportedFormat(f"metadata {prop.key!r} is not JSON") from None
-            kind = {"task": str, "labels": list, "preprocessing": dict}[SERVING_KEYS[prop.key]]
+            kind = {"task": str, "labels": list, "preprocessing": dict, "task_options": dict}[
+                SERVING_KEYS[prop.key]
+            ]
             if not isinstance(value, kind) or (
                 kind is list and not all(isinstance(v, str) for v in value)
             ):

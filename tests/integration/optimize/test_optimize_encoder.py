@@ -1,5 +1,6 @@
-"""A Hugging Face encoder quantized to dynamic int8: stored as int8 weights with scales, run
-by the transformers runtime as dynamically quantized linears, through the parent's routes."""
+"""A Hugging Face encoder quantized to dynamic int8 (stored as int8 weights with scales, run
+by the transformers runtime as dynamically quantized linears) or exported to ONNX (float, or
+quantized by ONNX Runtime, dynamic or calibrated static), through the parent's routes."""
 
 from __future__ import annotations
 
@@ -92,8 +93,11 @@ def test_an_int8_text_classifier_gives_its_parent_s_labels(
 @pytest.mark.parametrize(
     ("recipe", "says"),
     [
-        ("prune 0.5", "runs quantize int8-dynamic so far"),
-        ("quantize int8-dynamic -> export onnx", "runs quantize int8-dynamic so far"),
+        ("prune 0.5", "runs quantize int8-dynamic, export onnx"),
+        ("share 4", "runs quantize int8-dynamic, export onnx"),
+        ("quantize int8-static", "end the recipe with export onnx"),
+        ("quantize int8-static -> export onnx", "give a training_file"),
+        ("export gguf", "re-encodes a GGUF LLM"),
     ],
 )
 def test_other_encoder_steps_and_requantizing_are_refused(
@@ -109,3 +113,100 @@ def test_other_encoder_steps_and_requantizing_are_refused(
     optimized(app_client, headers, settings, model="bert", recipe="quantize int8-dynamic")
     again = optimize(app_client, headers, model="bert:2", recipe="quantize int8-dynamic")
     assert again.status_code == 400 and "already; optimize its float parent" in again.text
+
+
+def _embeddings(client, headers, reference: str) -> np.ndarray:
+    answer = client.post(
+        "/v1/embeddings", headers=headers, json={"model": reference, "input": TEXTS}
+    )
+    assert answer.status_code == 200, answer.text
+    return np.array([row["embedding"] for row in answer.json()["data"]])
+
+
+def _ops(registry, reference: str) -> set[str]:
+    import onnx
+
+    opened = registry.open_version(reference)
+    return {
+        node.op_type
+        for node in onnx.load_model_from_string(opened.read_bytes("model.onnx")).graph.node
+    }
+
+
+def test_an_embedder_exported_to_onnx_serves_the_same_embeddings(
+    app_client, tenant_keys, settings, tmp_path
+):
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry = app_client.app.state.registry
+    registry.import_model(make_bert_embedder(tmp_path / "bert"), "bert", owner=acme)
+    headers = tenant_keys["acme"]
+    job = optimized(app_client, headers, settings, model="bert", recipe="export onnx")
+    result = job["result"]
+    parent, child = (registry.open_version(f"bert:{v}").manifest for v in (1, 2))
+    assert (child.format, child.runtime, child.task) == ("onnx", "onnx", "embeddings")
+    for option in ("pooling", "normalize"):
+        assert child.task_options.get(option) == parent.task_options.get(option)
+    assert child.task_options["max_seq_length"] > 0
+    assert "exported to ONNX (float32)" in child.recipe["notes"][0]
+    assert result["max_abs_diff"] < 1e-4 and result["cosine_to_parent"] > 0.9999
+    served = [_embeddings(app_client, headers, f"bert:{v}") for v in (1, 2)]
+    np.testing.assert_allclose(served[1], served[0], atol=1e-5)
+    assert "MatMulInteger" not in _ops(registry, "bert:2")
+
+
+def test_a_classifier_exported_in_dynamic_int8_keeps_its_labels(
+    app_client, tenant_keys, settings, tmp_path
+):
+    import onnx
+
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry = app_client.app.state.registry
+    registry.import_model(make_bert_classifier(tmp_path / "bert"), "judge", owner=acme)
+    headers = tenant_keys["acme"]
+    job = optimized(
+        app_client, headers, settings, model="judge", recipe="quantize int8-dynamic -> export onnx"
+    )
+    child = registry.open_version("judge:2").manifest
+    assert child.labels == registry.open_version("judge:1").manifest.labels
+    assert "int8 weights in MatMul and Gemm" in child.recipe["notes"][0]
+    assert "MatMulInteger" in _ops(registry, "judge:2")
+    opened = registry.open_version("judge:2")
+    assert job["result"]["artifact_bytes"] == sum(f.size for f in opened.manifest.files)
+    graph = onnx.load_model_from_string(opened.read_bytes("model.onnx")).graph
+    assert any(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 for i in graph.initializer)
+    predictions = []
+    for version in (1, 2):
+        answer = app_client.post(
+            f"/v1/models/judge:{version}:predict", headers=headers, json={"instances": TEXTS}
+        )
+        assert answer.status_code == 200, answer.text
+        predictions.append(answer.json()["predictions"])
+    same = [a["label"] == b["label"] for a, b in zip(*predictions, strict=True)]
+    assert job["result"]["top1_agreement"] == pytest.approx(sum(same) / len(same))
+    for parent, child_answer in zip(*predictions, strict=True):
+        assert child_answer["score"] == pytest.approx(parent["score"], abs=0.02)
+
+
+def test_an_embedder_in_static_int8_is_calibrated_on_the_training_texts(
+    app_client, tenant_keys, settings, tmp_path
+):
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry = app_client.app.state.registry
+    registry.import_model(make_bert_embedder(tmp_path / "bert"), "bert", owner=acme)
+    headers = tenant_keys["acme"]
+    training = tmp_path / "texts.csv"
+    training.write_text("text\n" + "\n".join(TEXTS * 10) + "\n")
+    job = optimized(
+        app_client,
+        headers,
+        settings,
+        model="bert",
+        recipe="quantize int8-static -> export onnx",
+        training_file=upload(app_client, headers, training),
+    )
+    notes = registry.open_version("bert:2").manifest.recipe["notes"]
+    assert "static int8 (ONNX Runtime, QDQ), calibrated on 40 examples" in notes[0]
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(registry, "bert:2")
+    assert job["result"]["cosine_to_parent"] > 0.9
+    served = _embeddings(app_client, headers, "bert:2")
+    assert served.shape == (len(TEXTS), _embeddings(app_client, headers, "bert:1").shape[1])

@@ -104,7 +104,7 @@ def _with_metadata(path, **props):
 
     model = onnx.load(str(path))
     for key, value in props.items():
-        model.metadata_props.add(key=key.replace("_", "."), value=value)
+        model.metadata_props.add(key=key.replace("_", ".", 1), value=value)
     onnx.save(model, str(path))
     return path
 
@@ -115,11 +115,13 @@ def test_onnx_metadata_gives_the_task_labels_and_preprocessing(registry, tmp_pat
         maas_task='"image-classification"',
         maas_labels='["a", "b", "c", "d"]',
         maas_preprocessing='{"image_size": [4, 4], "mean": [0], "std": [1]}',
+        maas_task_options='{"pooling": "cls", "normalize": true}',
     )
     record = registry.import_model(path.parent, "described")
     manifest = registry.open_version(record.reference).manifest
     assert manifest.task == "image-classification" and manifest.labels == ["a", "b", "c", "d"]
     assert manifest.task_options["preprocessing"]["image_size"] == [4, 4]
+    assert manifest.task_options["pooling"] == "cls" and manifest.task_options["normalize"]
 
 
 @pytest.mark.parametrize(
@@ -129,6 +131,7 @@ def test_onnx_metadata_gives_the_task_labels_and_preprocessing(registry, tmp_pat
         ({"maas_labels": "not json"}, "is not JSON"),
         ({"maas_task": '"poetry"'}, "names no task"),
         ({"maas_preprocessing": "[]"}, "is not a dict"),
+        ({"maas_task_options": '"mean"'}, "is not a dict"),
     ],
 )
 def test_malformed_onnx_metadata_is_refused(registry, tmp_path, props, says):
