@@ -204,7 +204,6 @@ def demo_rows(parts: tuple[str, ...]) -> dict:
         ],
         "smollm2-shrink": [
             ("smollm2-135m-instruct", "prune 0.5 structured"),
-            ("smollm2-135m-instruct", "prune 0.5 structured -> distil steps=100"),
             ("smollm2-135m-instruct", "distil layers=20 steps=100"),
             ("smollm2-135m-instruct", "prune 0.5 structured -> distil steps=100 -> quantize int4"),
         ],
