@@ -271,17 +271,10 @@ def _fits(step: Step, where: str, manifest: Manifest) -> None:
     if manifest.runtime == "transformers":
         _fits_encoder(step, where, manifest)
         return
-    architecture = manifest.config.get("architecture")
     if step.kind == "quantize" and step.variant in LLM_METHODS:
         raise InvalidRequest(
             f"{where}: quantize {step.variant} stores an LLM's weights for maas's engine; "
             "for this model quantize int8-dynamic (or int8-static with export onnx)",
-            param="recipe",
-        )
-    if torch_builtin and step.variant == "structured" and architecture != "small-cnn":
-        raise InvalidRequest(
-            f"{where}: structured pruning shrinks small-cnn's channels and hidden units; "
-            f"for {architecture}, prune unstructured",
             param="recipe",
         )
     if not torch_builtin:

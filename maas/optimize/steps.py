@@ -15,7 +15,7 @@ from maas.optimize import tuning
 from maas.optimize.data import Examples
 from maas.optimize.recipe import Step
 from maas.optimize.tuning import Progress
-from maas.runtime.int8_linear import linear_paths, quantized_state
+from maas.runtime.int8_linear import linear_paths, lstm_paths, quantized_state
 
 
 @dataclass
@@ -173,16 +173,17 @@ def prune_unstructured(candidate: Candidate, amount: float) -> Candidate:
 
 
 def quantize_int8_dynamic(candidate: Candidate) -> Candidate:
-    """Every linear layer that can run so stores int8 weights with one scale per output row
-    and runs dynamically quantized (maas/runtime/int8_linear.py), its activations quantized
-    to 7 or 8 bits, whichever is closer to the float model on sample inputs."""
+    """Every linear layer that can run so, and every LSTM, stores int8 weights with one scale
+    per output row and runs dynamically quantized (maas/runtime/int8_linear.py), its
+    activations quantized to 7 or 8 bits, whichever is closer to the float model on sample
+    inputs."""
     from maas.optimize.report import sample_inputs
     from maas.runtime.architectures.folder import load_module
 
-    paths = linear_paths(candidate.module)
-    if not paths:
-        raise ValueError("the model has no linear layer to quantize")
-    state = quantized_state(candidate.module, paths)
+    paths, lstms = linear_paths(candidate.module), lstm_paths(candidate.module)
+    if not paths and not lstms:
+        raise ValueError("the model has no linear or LSTM layer to quantize")
+    state = quantized_state(candidate.module, paths + lstms)
     description = candidate.description
     inputs = sample_inputs(description["architecture"], description["arguments"], 64)
 
@@ -194,7 +195,10 @@ def quantize_int8_dynamic(candidate: Candidate) -> Candidate:
 
     with torch.inference_mode():
         quantization, errors = closer_activations(candidate.module(**inputs), run)
-    note = f"int8 weights in {len(paths)} linear layers: {', '.join(paths)}; {errors}"
+    layers = f"{len(paths)} linear layers: {', '.join(paths)}"
+    if lstms:
+        layers += f", and LSTM {', '.join(lstms)}"
+    note = f"int8 weights in {layers}; {errors}"
     return replace(
         candidate, quantization=quantization, state=state, notes=[*candidate.notes, note]
     )
@@ -254,9 +258,21 @@ def share_weights(candidate: Candidate, bits: int) -> Candidate:
 
 
 def prune_structured(candidate: Candidate, amount: float) -> Candidate:
+    """Remove ``amount`` of each layer's units, and the weights that read them, so that the
+    tensors really shrink: a small-cnn's filters and hidden units, a transformer-classifier's
+    feed-forward units, an lstm-classifier's hidden units."""
+    architecture = candidate.description["architecture"]
+    if architecture == "transformer-classifier":
+        return _prune_feedforward(candidate, amount)
+    if architecture == "lstm-classifier":
+        return _prune_hidden_units(candidate, amount)
+    return _prune_channels(candidate, amount)
+
+
+def _prune_channels(candidate: Candidate, amount: float) -> Candidate:
     """Remove the ``amount`` of each conv layer's filters and of the head's hidden units
     with the smallest L1 norms, and the weights that read them: a small-cnn with fewer
-    ``channels`` and a smaller ``hidden``, whose tensors really shrink."""
+    ``channels`` and a smaller ``hidden``."""
     from maas.runtime.architectures import build
 
     old = candidate.module
@@ -290,6 +306,88 @@ def prune_structured(candidate: Candidate, amount: float) -> Candidate:
     description = {**candidate.description, "arguments": arguments}
     return replace(
         candidate, module=module, description=description, notes=[*candidate.notes, note]
+    )
+
+
+def _prune_feedforward(candidate: Candidate, amount: float) -> Candidate:
+    """Remove ``amount`` of every encoder layer's feed-forward units, those whose input row
+    and output column have the smallest product of L2 norms (what a unit can add to the
+    residual stream). Attention heads stay: ``nn.MultiheadAttention`` splits ``d_model``
+    evenly among its heads, so a head cannot go without narrowing the whole model."""
+    old = candidate.module
+    arguments = dict(candidate.description["arguments"])
+    state = {k: v.detach().clone() for k, v in old.state_dict().items()}
+    width = old.encoder.layers[0].linear1.out_features
+    for index, layer in enumerate(old.encoder.layers):
+        scores = layer.linear1.weight.detach().norm(dim=1) * layer.linear2.weight.detach().norm(
+            dim=0
+        )
+        keep = _strongest(scores, amount)
+        prefix = f"encoder.layers.{index}."
+        for name in ("linear1.weight", "linear1.bias"):
+            state[prefix + name] = state[prefix + name][keep]
+        state[prefix + "linear2.weight"] = state[prefix + "linear2.weight"][:, keep]
+    kept = len(keep)
+    arguments["dim_feedforward"] = kept
+    note = (
+        f"structured: feed-forward units {width} -> {kept} in each of {len(old.encoder.layers)} "
+        "layers (attention heads stay: they split d_model evenly)"
+    )
+    return _rebuilt(candidate, arguments, state, note)
+
+
+def _prune_hidden_units(candidate: Candidate, amount: float) -> Candidate:
+    """Remove ``amount`` of each LSTM layer's (and direction's) hidden units, those whose
+    four gate rows have the smallest L1 norms, with the recurrent columns, the next layer's
+    input columns and the head's columns that read them."""
+    old: nn.LSTM = candidate.module.lstm
+    arguments = dict(candidate.description["arguments"])
+    state = {k: v.detach().clone() for k, v in candidate.module.state_dict().items()}
+    size = old.hidden_size
+    suffixes = ["", "_reverse"] if old.bidirectional else [""]
+    kept: dict[tuple[int, int], torch.Tensor] = {}
+    for layer in range(old.num_layers):
+        for direction, suffix in enumerate(suffixes):
+            rows = state[f"lstm.weight_ih_l{layer}{suffix}"].abs().sum(dim=1) + state[
+                f"lstm.weight_hh_l{layer}{suffix}"
+            ].abs().sum(dim=1)
+            kept[layer, direction] = _strongest(rows.view(4, size).sum(dim=0), amount)
+
+    def read(layer: int) -> torch.Tensor:
+        """The columns of layer ``layer``'s output (both directions) that stay."""
+        return torch.cat([kept[layer, d] + d * size for d in range(len(suffixes))])
+
+    for layer in range(old.num_layers):
+        for direction, suffix in enumerate(suffixes):
+            keep = kept[layer, direction]
+            rows = torch.cat([gate * size + keep for gate in range(4)])
+            ih, hh = f"lstm.weight_ih_l{layer}{suffix}", f"lstm.weight_hh_l{layer}{suffix}"
+            state[ih] = state[ih][rows] if layer == 0 else state[ih][rows][:, read(layer - 1)]
+            state[hh] = state[hh][rows][:, keep]
+            for bias in (f"lstm.bias_ih_l{layer}{suffix}", f"lstm.bias_hh_l{layer}{suffix}"):
+                state[bias] = state[bias][rows]
+    state["classifier.weight"] = state["classifier.weight"][:, read(old.num_layers - 1)]
+    count = len(kept[0, 0])
+    arguments["hidden_size"] = count
+    note = f"structured: LSTM hidden units {size} -> {count} in each of {old.num_layers} layers"
+    return _rebuilt(candidate, arguments, state, note)
+
+
+def _rebuilt(candidate: Candidate, arguments: dict, state: dict, note: str) -> Candidate:
+    """The candidate's architecture built with ``arguments`` and loaded with ``state``."""
+    from maas.runtime.architectures import build
+
+    architecture = candidate.description["architecture"]
+    module = build(architecture, arguments)
+    module.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True)
+    before = sum(p.numel() for p in candidate.module.parameters())
+    after = sum(p.numel() for p in module.parameters())
+    description = {**candidate.description, "arguments": arguments}
+    return replace(
+        candidate,
+        module=module.eval(),
+        description=description,
+        notes=[*candidate.notes, f"{note}; {before:,} -> {after:,} parameters"],
     )
 
 

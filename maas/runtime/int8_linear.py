@@ -1,19 +1,24 @@
-"""Dynamic int8 linear layers, stored as plain tensors.
+"""Dynamic int8 linear and LSTM layers, stored as plain tensors.
 
-``torch.ao``'s dynamically quantized ``Linear`` (int8 weights, activations quantized per batch
-at run time, fbgemm or onednn kernels) cannot be saved as safetensors: its weights are packed
-in an opaque object. So a version stores, for every quantized ``nn.Linear`` at path ``p``,
-``p.weight`` as int8 and ``p.weight_scale`` (float32, one per output row; symmetric, zero
-point 0); every other tensor stays as it was. ``dynamic_int8`` rebuilds the running modules
-from exactly those integers.
+``torch.ao``'s dynamically quantized ``Linear`` and ``LSTM`` (int8 weights, activations
+quantized per batch at run time, fbgemm or onednn kernels) cannot be saved as safetensors:
+their weights are packed in opaque objects. So a version stores, for every quantized
+``nn.Linear`` at path ``p``, ``p.weight`` as int8 and ``p.weight_scale`` (float32, one per
+output row; symmetric, zero point 0), and for an ``nn.LSTM`` each of its ``weight_ih_l<k>``
+and ``weight_hh_l<k>`` (``_reverse`` too) the same way (``p.weight_ih_l0_scale``); every other
+tensor (biases too) stays as it was. ``dynamic_int8`` rebuilds the running modules from
+exactly those integers.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
 
 SCALE_SUFFIX = ".weight_scale"
+_SCALE = re.compile(r"\.weight(_(ih|hh)_l\d+(_reverse)?)?_scale$")
 INT8_DYNAMIC = {"int8-dynamic": False, "int8-dynamic-a8": True}
 """How a version's int8 layers quantize their activations: ``int8-dynamic`` to 7 bits (torch's
 ``reduce_range``, safe from int16 overflow in AVX2 kernels without VNNI), ``int8-dynamic-a8``
@@ -35,14 +40,33 @@ def linear_paths(module: nn.Module) -> list[str]:
     ]
 
 
+def lstm_paths(module: nn.Module) -> list[str]:
+    """The ``nn.LSTM`` layers of ``module`` (with biases, as torch.ao's take them), by path."""
+    return [path for path, layer in module.named_modules() if type(layer) is nn.LSTM and layer.bias]
+
+
+def is_scale(key: str) -> bool:
+    """Whether a stored tensor is the scales of an int8 weight (``p.weight_scale``,
+    ``p.weight_ih_l0_scale``)."""
+    return bool(_SCALE.search(key))
+
+
 def quantized_state(module: nn.Module, paths: list[str]) -> dict[str, torch.Tensor]:
-    """``module``'s state with the weights of the layers at ``paths`` as int8 and scales."""
+    """``module``'s state with the weights of the layers at ``paths`` (linear or LSTM) as
+    int8 and scales."""
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     for path in paths:
-        weight = state[f"{path}.weight"].float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        state[f"{path}.weight"] = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        state[f"{path}{SCALE_SUFFIX}"] = scale
+        layer = module.get_submodule(path)
+        names = (
+            [n for n, _ in layer.named_parameters() if n.startswith("weight_")]
+            if isinstance(layer, nn.LSTM)
+            else ["weight"]
+        )
+        for name in names:
+            weight = state[f"{path}.{name}"].float()
+            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+            codes = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            state[f"{path}.{name}"], state[f"{path}.{name}_scale"] = codes, scale
     return state
 
 
@@ -50,8 +74,8 @@ def check_int8(state: dict[str, torch.Tensor]) -> None:
     """Raise UnsupportedFormat unless every scale sits beside an int8 weight it fits."""
     from maas.errors import UnsupportedFormat
 
-    for key in [k for k in state if k.endswith(SCALE_SUFFIX)]:
-        weight = state.get(key.removesuffix(SCALE_SUFFIX) + ".weight")
+    for key in [k for k in state if is_scale(k)]:
+        weight = state.get(key.removesuffix("_scale"))
         scale = state[key]
         if weight is None or weight.dtype != torch.int8 or weight.dim() != 2:
             raise UnsupportedFormat(f"{key} has no int8 matrix beside it")
@@ -88,13 +112,15 @@ def dynamic_int8(
 
     DynamicLinear = _full_range_linear() if full_range else ReducedRangeLinear
 
-    paths = [k.removesuffix(SCALE_SUFFIX) for k in state if k.endswith(SCALE_SUFFIX)]
-    plain = {k: v for k, v in state.items() if not k.endswith(SCALE_SUFFIX)}
-    for path in paths:
-        plain[f"{path}.weight"] = (
-            plain[f"{path}.weight"].float() * state[f"{path}{SCALE_SUFFIX}"][:, None]
-        )
+    weights = [k.removesuffix("_scale") for k in state if is_scale(k)]
+    plain = {k: v for k, v in state.items() if not is_scale(k)}
+    for key in weights:
+        plain[key] = plain[key].float() * state[f"{key}_scale"][:, None]
     module.load_state_dict(plain, strict=True)
+    paths = [k.removesuffix(".weight") for k in weights if k.endswith(".weight")]
+    lstms = sorted({k.rpartition(".")[0] for k in weights if not k.endswith(".weight")})
+    for path in lstms:
+        _install_lstm(module, path, state, full_range)
     for path in paths:
         parent, _, name = path.rpartition(".")
         owner = module.get_submodule(parent) if parent else module
@@ -107,3 +133,48 @@ def dynamic_int8(
         layer.set_weight_bias(weight, floating.bias)
         setattr(owner, name, layer)
     return module
+
+
+def _install_lstm(module: nn.Module, path: str, state: dict, full_range: bool) -> None:
+    """The float ``nn.LSTM`` at ``path`` replaced by torch.ao's dynamic LSTM holding the
+    stored int8 weights (a scale per row) and float biases."""
+    from torch.ao.nn.quantized.dynamic import LSTM
+    from torch.ao.nn.quantized.dynamic.modules.rnn import PackedParameter
+
+    parent, _, name = path.rpartition(".")
+    owner = module.get_submodule(parent) if parent else module
+    floating: nn.LSTM = getattr(owner, name)
+    quantized = LSTM(
+        floating.input_size,
+        floating.hidden_size,
+        floating.num_layers,
+        True,
+        floating.batch_first,
+        floating.dropout,
+        floating.bidirectional,
+        torch.qint8,
+    )
+
+    def packed(kind: str, suffix: str):
+        key = f"{path}.weight_{kind}{suffix}"
+        scale = state[f"{key}_scale"].double()
+        weight = torch._make_per_channel_quantized_tensor(
+            state[key], scale, torch.zeros(len(scale), dtype=torch.long), 0
+        )
+        bias = getattr(floating, f"bias_{kind}{suffix}").detach().float()
+        return torch.ops.quantized.linear_prepack(weight, bias), bias
+
+    cells = []
+    for layer in range(floating.num_layers):
+        for suffix in [f"_l{layer}", f"_l{layer}_reverse"][: 2 if floating.bidirectional else 1]:
+            (ih, bias_ih), (hh, bias_hh) = packed("ih", suffix), packed("hh", suffix)
+            params = torch.ops.quantized.make_quantized_cell_params_dynamic(
+                ih,
+                hh,
+                bias_ih,
+                bias_hh,
+                not full_range,  # reduce_range: 7-bit activations
+            )
+            cells.append(PackedParameter(params))
+    quantized._all_weight_values = nn.ModuleList(cells)
+    setattr(owner, name, quantized)

@@ -111,7 +111,7 @@ def load_module(
 
     Raises UnsupportedFormat naming missing, unexpected or wrongly shaped tensors.
     """
-    from maas.runtime.int8_linear import INT8_DYNAMIC, SCALE_SUFFIX, check_int8, dynamic_int8
+    from maas.runtime.int8_linear import INT8_DYNAMIC, check_int8, dynamic_int8, is_scale
 
     module = build(architecture, arguments)
     expected = module.state_dict()
@@ -123,7 +123,7 @@ def load_module(
         state_dict = dense_state(state_dict, shapes)
     if quantization in INT8_DYNAMIC:  # int8 weights keep their float shapes; scales beside
         check_int8(state_dict)
-        scales = [k for k in state_dict if k.endswith(SCALE_SUFFIX)]
+        scales = [k for k in state_dict if is_scale(k)]
         expected = expected | {k: state_dict[k] for k in scales}
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]

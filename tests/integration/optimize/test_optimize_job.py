@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from maas.registry.service import CACHE_SECONDS
 from tests.fixtures import make_cnn_folder, make_lstm_folder
@@ -120,6 +121,10 @@ def test_quantized_text_classifier_serves_close_to_its_parent(
     headers = tenant_keys["acme"]
     recipe = [{"step": "quantize", "method": "int8-dynamic"}]
     job = optimized(app_client, headers, settings, model="words", recipe=recipe)
+    child = registry.open_version("words:2")
+    assert "and LSTM lstm" in child.manifest.recipe["notes"][0]
+    stored = load_file(registry.folder(child.record) / "model.safetensors")
+    assert stored["lstm.weight_ih_l0"].dtype == torch.int8 and "lstm.weight_hh_l0_scale" in stored
     assert job["result"]["top1_agreement"] >= 0.9
     assert job["result"]["max_abs_diff"] < 0.05
     answers = [
@@ -149,8 +154,6 @@ def test_quantized_text_classifier_serves_close_to_its_parent(
         ({"recipe": "prune 0.5", "model": "nope"}, 404, "model", "not found"),
         ({"recipe": "prune 0.5", "model": "linear"}, 400, "recipe", "onnx runtime"),
         ({"recipe": "prune 0.5", "model": "shared-cnn"}, 400, "name", "shared"),
-        ({"recipe": "prune 0.5 structured", "model": "words"}, 400, "recipe",
-         "for lstm-classifier, prune unstructured"),
     ],
 )  # fmt: skip
 def test_a_recipe_that_cannot_run_is_refused_before_anything_is_queued(
@@ -169,6 +172,32 @@ def test_a_recipe_that_cannot_run_is_refused_before_anything_is_queued(
     assert says in error["message"] and error["param"] == param
     jobs = app_client.get("/api/v1/jobs", headers=tenant_keys["admin"]).json()["data"]
     assert jobs == []
+
+
+def test_text_classifiers_pruned_structured_shrink_and_serve(
+    app_client, tenant_keys, settings, tmp_path
+):
+    from tests.fixtures import make_transformer_folder
+
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry = app_client.app.state.registry
+    registry.import_model(make_lstm_folder(tmp_path / "lstm"), "words", owner=acme)
+    registry.import_model(make_transformer_folder(tmp_path / "tf"), "attends", owner=acme)
+    headers = tenant_keys["acme"]
+    for model, what in (("words", "hidden_size"), ("attends", "dim_feedforward")):
+        job = optimized(app_client, headers, settings, model=model, recipe="prune 0.5 structured")
+        before, after = (
+            registry.open_version(f"{model}:{v}").manifest.config["arguments"][what] for v in (1, 2)
+        )
+        assert after == before // 2
+        assert job["result"]["parameters_ratio"] < 1
+        answer = app_client.post(
+            f"/v1/models/{model}:2:predict",
+            headers=headers,
+            json={"instances": ["the cat sat on the mat"]},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"][0]["label"] in ("negative", "positive")
 
 
 def test_only_maintainers_of_the_models_tenant_optimize_it(app_client, tenant_keys, acme_cnn):
