@@ -151,7 +151,9 @@ def run(context) -> dict[str, Any]:
         check_parent(registry, files, opened, context.params, tenant)
         steps = parse(params.recipe)
         if opened.manifest.runtime == "llm":
-            return _run_llm(context, registry, files, params, opened, steps, tenant)
+            from maas.optimize import llm_job
+
+            return llm_job.run(context, registry, files, params, opened, steps, tenant)
         if opened.manifest.runtime == "transformers":
             return _run_encoder(context, registry, files, params, opened, steps, tenant)
         parent, description = _load(opened)
@@ -194,123 +196,6 @@ def run(context) -> dict[str, Any]:
         registry.close()
 
 
-def _run_llm(context, registry, files, params, opened, steps, tenant) -> dict[str, Any]:
-    """An LLM's recipe (prune structured -> distil -> quantize, or export gguf alone), each
-    step writing a folder the next reads, measured through maas's engine."""
-    from maas.optimize import llm
-
-    folder = context.workdir / "model"
-    current = opened
-    notes: list[str] = []
-    share = 0.6 / len(steps)
-    rows = _training_rows(context, files, params, opened, tenant, steps)
-    for index, step in enumerate(steps):
-        context.report(index * share, message=f"step {index + 1}: {step}")
-        target = folder if index == len(steps) - 1 else context.workdir / f"step-{index + 1}"
-        if target.exists():  # what an attempt that died left
-            import shutil
-
-            shutil.rmtree(target)
-
-        def progress(done: int, total: int, loss: float, index=index) -> None:
-            context.report(
-                (index + done / total) * share, message=f"training step {done}: loss {loss:.4f}"
-            )
-
-        notes += _llm_step(step, steps[:index], opened, current, target, rows, params, progress)
-        context.report(message=notes[-1])
-        current = opened_folder(opened, target)
-    texts = _texts(context, files, params, tenant)
-    context.report(0.6, message="measuring parent and child")
-    last = steps[-1]
-    measured = {
-        "parent": llm.measure(opened, opened.manifest.size_bytes, texts),
-        "child": llm.measure(
-            current,
-            folder_bytes(folder),
-            texts,
-            torch.bfloat16 if last.variant == "bfloat16" else torch.float32,
-        ),
-    }
-    parent_figures, child_figures = (measured[s]["figures"] for s in ("parent", "child"))
-    figures = {
-        **child_figures,
-        **report.compare(parent_figures, child_figures),
-        **llm.parity(measured["parent"], measured["child"]),
-    }
-    if "perplexity" in parent_figures:
-        figures["perplexity_ratio"] = child_figures["perplexity"] / parent_figures["perplexity"]
-    notes += [
-        f"the parent answers {measured['parent']['answer']!r} to {llm.QUESTION_TEXT!r}",
-        f"the child answers {measured['child']['answer']!r}",
-    ]
-    return _import(
-        context, registry, params, opened, folder, figures, parent_figures, notes, tenant
-    )
-
-
-def _llm_step(step, before, parent, current, target, rows, params, progress) -> list[str]:
-    """One step of an LLM's recipe from ``current`` (the parent or the step before's folder)
-    into ``target``; returns its notes."""
-    from maas.optimize import llm, llm_quantize, llm_shrink
-
-    options = step.options
-    if step.kind == "quantize":
-        group_size = options.get("group_size", 0)
-        return [llm_quantize.write(current, options["method"], group_size, target)]
-    if step.kind == "export":
-        stem = parent.record.name.replace("/", "-")
-        kind = options["type"]
-        return [llm.export_gguf(current, kind, target / f"{stem}.{kind}.gguf")]
-    source = llm_shrink.load_trainable(current)
-    model, notes = source, []
-    if step.kind == "prune":
-        calibration = rows[: max(1, llm_shrink.MAX_CALIBRATION_TOKENS // rows.shape[1])]
-        model, note = llm_shrink.prune(source, options["amount"], calibration)
-        notes.append(note)
-        if options.get("fine_tune_steps"):
-            loss = llm_shrink.train(
-                model, rows, options["fine_tune_steps"], step.setting("learning_rate", "llm"),
-                params.seed, progress=progress,
-            )  # fmt: skip
-            notes.append(
-                f"fine-tuned {options['fine_tune_steps']} steps (learning rate "
-                f"{step.setting('learning_rate', 'llm')}): loss {loss:.4f}"
-            )
-    else:  # distil, the parent as teacher
-        if options.get("layers"):
-            model, note = llm_shrink.fewer_layers(source, options["layers"])
-            notes.append(note)
-        teacher = source if current is parent and model is not source else None
-        teacher = teacher or llm_shrink.load_trainable(parent)
-        steps, rate, temperature, alpha = (
-            step.setting(name, "llm") for name in ("steps", "learning_rate", "temperature", "alpha")
-        )
-        loss = llm_shrink.train(
-            model, rows, steps, rate, params.seed, teacher, temperature, alpha, progress
-        )
-        notes.append(
-            f"distilled from {parent.record.reference} for {steps} steps (learning rate "
-            f"{rate}, temperature {temperature}, alpha {alpha}): loss {loss:.4f}"
-        )
-    size = llm_shrink.save(model, parent, target)
-    notes[-1] += f"; {size:,} bytes of float32 weights"
-    return notes
-
-
-def _training_rows(context, files, params, opened, tenant, steps):
-    """The training file's texts as token rows, for the steps that learn or calibrate."""
-    if not any(step.kind in ("prune", "distil") for step in steps):
-        return None
-    from maas.optimize import llm_shrink
-    from maas.runtime.llm.tokenizer import load_tokenizer
-    from maas.training import text_data
-
-    path = text_data.fetch(files, params.training_file, tenant, context.workdir)
-    texts = data.read_evaluation_texts(path, "training")
-    return llm_shrink.token_rows(load_tokenizer(opened), texts, llm_shrink.MAX_TRAINING_TOKENS)
-
-
 def _run_encoder(context, registry, files, params, opened, steps, tenant) -> dict[str, Any]:
     """A Hugging Face encoder's recipe (quantize int8-dynamic, export onnx after a quantize
     step or not), measured as it serves."""
@@ -322,7 +207,7 @@ def _run_encoder(context, registry, files, params, opened, steps, tenant) -> dic
         import shutil
 
         shutil.rmtree(folder)
-    texts = _texts(context, files, params, tenant)
+    texts = evaluation_texts(context, files, params, tenant)
     if steps[-1].kind == "export":  # recipe.check: export onnx, after a quantize step or not
         quantization = steps[0].variant if len(steps) == 2 else None
         calibration = None
@@ -339,12 +224,12 @@ def _run_encoder(context, registry, files, params, opened, steps, tenant) -> dic
     parent_figures, figures = encoder.measure(
         opened, opened_folder(opened, folder), folder_bytes(folder), texts
     )
-    return _import(
+    return import_child(
         context, registry, params, opened, folder, figures, parent_figures, [note], tenant
     )
 
 
-def _texts(context, files, params, tenant) -> list[str] | None:
+def evaluation_texts(context, files, params, tenant) -> list[str] | None:
     """The evaluation file's texts, for the models that read texts."""
     if not params.evaluation_file:
         return None
@@ -468,7 +353,7 @@ def _register(context, registry, params, opened, folder, parent, candidate, tena
         **report.compare(measured["parent"], measured["child"]),
         **report.parity(parent, child, inputs),
     }
-    return _import(
+    return import_child(
         context,
         registry,
         params,
@@ -481,7 +366,7 @@ def _register(context, registry, params, opened, folder, parent, candidate, tena
     )
 
 
-def _import(context, registry, params, opened, folder, figures, parent_figures, notes, tenant):
+def import_child(context, registry, params, opened, folder, figures, parent_figures, notes, tenant):
     """The child folder as a new version, with its parent, recipe and report, in the same
     transaction as the job's end."""
     base = opened.record
