@@ -17,12 +17,25 @@ pytestmark = pytest.mark.timeout(300)
 TEXTS = ["the cat sat on the mat", "a big red car runs fast", "the dog runs", "red mat"]
 
 
+def _imported(client, folder, name: str):
+    """The app's registry, with ``folder`` imported as ``name`` for tenant acme."""
+    registry = client.app.state.registry
+    registry.import_model(folder, name, owner=client.app.state.tenants.get_id("acme"))
+    return registry
+
+
+def _predictions(client, headers, reference: str) -> list[dict]:
+    answer = client.post(
+        f"/v1/models/{reference}:predict", headers=headers, json={"instances": TEXTS}
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["predictions"]
+
+
 def test_an_int8_embedder_serves_embeddings_close_to_its_parent(
     app_client, tenant_keys, settings, tmp_path
 ):
-    acme = app_client.app.state.tenants.get_id("acme")
-    registry = app_client.app.state.registry
-    registry.import_model(make_bert_embedder(tmp_path / "bert"), "bert", owner=acme)
+    registry = _imported(app_client, make_bert_embedder(tmp_path / "bert"), "bert")
     headers = tenant_keys["acme"]
     evaluation = tmp_path / "texts.jsonl"
     evaluation.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXTS))
@@ -45,13 +58,7 @@ def test_an_int8_embedder_serves_embeddings_close_to_its_parent(
     assert result["artifact_bytes_ratio"] < 1
     assert result["cosine_to_parent"] >= 0.98 and result["evaluation_texts"] == 32  # 4, repeated
     assert {"latency_ms_p50", "throughput_per_s_ratio", "max_abs_diff"} <= set(result)
-    vectors = []
-    for version in (1, 2):
-        answer = app_client.post(
-            "/v1/embeddings", headers=headers, json={"model": f"bert:{version}", "input": TEXTS}
-        )
-        assert answer.status_code == 200, answer.text
-        vectors.append(np.array([row["embedding"] for row in answer.json()["data"]]))
+    vectors = [_embeddings(app_client, headers, f"bert:{v}") for v in (1, 2)]
     cosine = (vectors[0] * vectors[1]).sum(axis=1)  # both normalised
     assert cosine.min() >= 0.97
     assert not np.allclose(vectors[0], vectors[1])  # the child really runs in int8
@@ -60,9 +67,7 @@ def test_an_int8_embedder_serves_embeddings_close_to_its_parent(
 def test_an_int8_text_classifier_gives_its_parent_s_labels(
     app_client, tenant_keys, settings, tmp_path
 ):
-    acme = app_client.app.state.tenants.get_id("acme")
-    registry = app_client.app.state.registry
-    registry.import_model(make_bert_classifier(tmp_path / "bert"), "judge", owner=acme)
+    _imported(app_client, make_bert_classifier(tmp_path / "bert"), "judge")
     headers = tenant_keys["acme"]
     evaluation = tmp_path / "texts.csv"
     evaluation.write_text("text\n" + "\n".join(TEXTS) + "\n")
@@ -74,13 +79,7 @@ def test_an_int8_text_classifier_gives_its_parent_s_labels(
         recipe="quantize int8-dynamic",
         evaluation_file=upload(app_client, headers, evaluation),
     )
-    predictions = []
-    for version in (1, 2):
-        answer = app_client.post(
-            f"/v1/models/judge:{version}:predict", headers=headers, json={"instances": TEXTS}
-        )
-        assert answer.status_code == 200, answer.text
-        predictions.append(answer.json()["predictions"])
+    predictions = [_predictions(app_client, headers, f"judge:{v}") for v in (1, 2)]
     # The report's agreement is what the two versions answer (this random tiny model's
     # logits nearly tie, so int8 rounding may flip some labels: the report must say so).
     same = [a["label"] == b["label"] for a, b in zip(*predictions, strict=True)]
@@ -103,10 +102,7 @@ def test_an_int8_text_classifier_gives_its_parent_s_labels(
 def test_other_encoder_steps_and_requantizing_are_refused(
     app_client, tenant_keys, settings, tmp_path, recipe, says
 ):
-    acme = app_client.app.state.tenants.get_id("acme")
-    app_client.app.state.registry.import_model(
-        make_bert_embedder(tmp_path / "bert"), "bert", owner=acme
-    )
+    _imported(app_client, make_bert_embedder(tmp_path / "bert"), "bert")
     headers = tenant_keys["acme"]
     answer = optimize(app_client, headers, model="bert", recipe=recipe)
     assert answer.status_code == 400 and says in answer.json()["error"]["message"]
@@ -136,9 +132,7 @@ def _ops(registry, reference: str) -> set[str]:
 def test_an_embedder_exported_to_onnx_serves_the_same_embeddings(
     app_client, tenant_keys, settings, tmp_path
 ):
-    acme = app_client.app.state.tenants.get_id("acme")
-    registry = app_client.app.state.registry
-    registry.import_model(make_bert_embedder(tmp_path / "bert"), "bert", owner=acme)
+    registry = _imported(app_client, make_bert_embedder(tmp_path / "bert"), "bert")
     headers = tenant_keys["acme"]
     job = optimized(app_client, headers, settings, model="bert", recipe="export onnx")
     result = job["result"]
@@ -159,9 +153,7 @@ def test_a_classifier_exported_in_dynamic_int8_keeps_its_labels(
 ):
     import onnx
 
-    acme = app_client.app.state.tenants.get_id("acme")
-    registry = app_client.app.state.registry
-    registry.import_model(make_bert_classifier(tmp_path / "bert"), "judge", owner=acme)
+    registry = _imported(app_client, make_bert_classifier(tmp_path / "bert"), "judge")
     headers = tenant_keys["acme"]
     job = optimized(
         app_client, headers, settings, model="judge", recipe="quantize int8-dynamic -> export onnx"
@@ -174,13 +166,7 @@ def test_a_classifier_exported_in_dynamic_int8_keeps_its_labels(
     assert job["result"]["artifact_bytes"] == sum(f.size for f in opened.manifest.files)
     graph = onnx.load_model_from_string(opened.read_bytes("model.onnx")).graph
     assert any(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 for i in graph.initializer)
-    predictions = []
-    for version in (1, 2):
-        answer = app_client.post(
-            f"/v1/models/judge:{version}:predict", headers=headers, json={"instances": TEXTS}
-        )
-        assert answer.status_code == 200, answer.text
-        predictions.append(answer.json()["predictions"])
+    predictions = [_predictions(app_client, headers, f"judge:{v}") for v in (1, 2)]
     same = [a["label"] == b["label"] for a, b in zip(*predictions, strict=True)]
     assert job["result"]["top1_agreement"] == pytest.approx(sum(same) / len(same))
     for parent, child_answer in zip(*predictions, strict=True):
@@ -190,9 +176,7 @@ def test_a_classifier_exported_in_dynamic_int8_keeps_its_labels(
 def test_an_embedder_in_static_int8_is_calibrated_on_the_training_texts(
     app_client, tenant_keys, settings, tmp_path
 ):
-    acme = app_client.app.state.tenants.get_id("acme")
-    registry = app_client.app.state.registry
-    registry.import_model(make_bert_embedder(tmp_path / "bert"), "bert", owner=acme)
+    registry = _imported(app_client, make_bert_embedder(tmp_path / "bert"), "bert")
     headers = tenant_keys["acme"]
     training = tmp_path / "texts.csv"
     training.write_text("text\n" + "\n".join(TEXTS * 10) + "\n")
