@@ -17,6 +17,33 @@ pytestmark = pytest.mark.timeout(600)
 SMOLLM2 = demo.DEMO_MODELS[0]
 
 
+def _held_out(client, headers, tmp_path) -> str:
+    """Two held-out sentences, uploaded as a dataset of texts; returns the file id."""
+    texts = tmp_path / "held-out.csv"
+    texts.write_text(
+        "text\n"
+        '"The river flows through the old town, past the market and the church."\n'
+        '"She opened the window, and the cold morning air filled the small kitchen."\n'
+    )
+    return upload(client, headers, texts)
+
+
+def _chat(client, headers, model: str, content: str, max_tokens: int) -> dict:
+    """A greedy chat completion through the API, checked to succeed."""
+    answer = client.post(
+        "/v1/chat/completions",
+        headers=headers,
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
 @pytest.fixture
 def smol(app_client, tenant_keys):
     try:
@@ -34,19 +61,13 @@ def test_a_q8_0_export_loads_back_measures_and_answers_paris(
     from gguf import GGUFReader
 
     headers = tenant_keys["acme"]
-    texts = tmp_path / "held-out.csv"
-    texts.write_text(
-        "text\n"
-        '"The river flows through the old town, past the market and the church."\n'
-        '"She opened the window, and the cold morning air filled the small kitchen."\n'
-    )
     job = optimized(
         app_client,
         headers,
         settings,
         model="smol",
         recipe="export gguf q8_0",
-        evaluation_file=upload(app_client, headers, texts),
+        evaluation_file=_held_out(app_client, headers, tmp_path),
     )
     result = job["result"]
     registry = app_client.app.state.registry
@@ -68,18 +89,8 @@ def test_a_q8_0_export_loads_back_measures_and_answers_paris(
     assert 0.9 < result["perplexity_ratio"] < 1.1
     notes = manifest.recipe["notes"]
     assert "exported to GGUF Q8_0" in notes[0] and "Paris" in notes[2]
-    answer = app_client.post(
-        "/v1/chat/completions",
-        headers=headers,
-        json={
-            "model": "smol:2",
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 12,
-            "temperature": 0,
-        },
-    )
-    assert answer.status_code == 200, answer.text
-    assert "Paris" in answer.json()["choices"][0]["message"]["content"]
+    answer = _chat(app_client, headers, "smol:2", "What is the capital of France?", 12)
+    assert "Paris" in answer["choices"][0]["message"]["content"]
 
 
 @pytest.mark.parametrize(
@@ -147,19 +158,13 @@ def test_int4_weights_take_under_40_percent_of_bfloat16_and_serve(
     """The issue's target: SmolLM2 in weight-only int4 stored in safetensors, served by
     maas's engine, at most 40% of its bfloat16 size with perplexity at most 10% above."""
     headers = tenant_keys["acme"]
-    texts = tmp_path / "held-out.csv"
-    texts.write_text(
-        "text\n"
-        '"The river flows through the old town, past the market and the church."\n'
-        '"She opened the window, and the cold morning air filled the small kitchen."\n'
-    )
     job = optimized(
         app_client,
         headers,
         settings,
         model="smol",
         recipe="quantize int4",
-        evaluation_file=upload(app_client, headers, texts),
+        evaluation_file=_held_out(app_client, headers, tmp_path),
     )
     result = job["result"]
     manifest = app_client.app.state.registry.open_version("smol:2").manifest
@@ -170,18 +175,8 @@ def test_int4_weights_take_under_40_percent_of_bfloat16_and_serve(
     assert result["parameters_ratio"] == 1.0
     assert result["perplexity_ratio"] <= 1.1 and result["top1_agreement"] >= 0.6
     assert "int4 weights, a scale and a zero per 32 weights" in manifest.recipe["notes"][0]
-    answer = app_client.post(
-        "/v1/chat/completions",
-        headers=headers,
-        json={
-            "model": "smol:2",
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 12,
-            "temperature": 0,
-        },
-    )
-    assert answer.status_code == 200, answer.text
-    assert "France" in answer.json()["choices"][0]["message"]["content"]
+    answer = _chat(app_client, headers, "smol:2", "What is the capital of France?", 12)
+    assert "France" in answer["choices"][0]["message"]["content"]
     deployments = app_client.get("/api/v1/deployments", headers=tenant_keys["admin"]).json()
     engine = next(d["engine"] for d in deployments["data"] if d["version"] == 2)
     assert engine["weights"] == "int4, group 32"
@@ -206,13 +201,7 @@ def test_a_hugging_face_llm_stores_its_weights_again_and_serves(
     # float32 parent: int8 takes about a quarter of its bytes, bfloat16 half
     assert result["artifact_bytes_ratio"] < {"int8": 0.45, "bfloat16": 0.6}[method]
     assert result["top1_agreement"] >= 0.8 and result["parameters_ratio"] == 1.0
-    answer = app_client.post(
-        "/v1/chat/completions",
-        headers=headers,
-        json={"model": "tiny:2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-    )
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["usage"]["completion_tokens"] >= 1
+    assert _chat(app_client, headers, "tiny:2", "hi", 4)["usage"]["completion_tokens"] >= 1
     again = optimize(app_client, headers, model="tiny:2", recipe="quantize int4")
     if method == "int8":  # a quantized version is refused; a bfloat16 copy is plain weights
         assert again.status_code == 400 and "optimize its float parent" in again.text
@@ -262,10 +251,4 @@ def test_a_llama_pruned_distilled_and_quantized_is_a_smaller_version_that_serves
     assert 0.2 < result["parameters_ratio"] < 0.6  # embeddings and head stay whole
     assert result["artifact_bytes_ratio"] < 0.25
     assert result["perplexity"] > 1 and result["evaluation_tokens"] > 20
-    answer = app_client.post(
-        "/v1/chat/completions",
-        headers=headers,
-        json={"model": "tiny:2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-    )
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["usage"]["completion_tokens"] >= 1
+    assert _chat(app_client, headers, "tiny:2", "hi", 4)["usage"]["completion_tokens"] >= 1
