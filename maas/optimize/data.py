@@ -38,10 +38,13 @@ class Examples:
 
 
 def check_file(record: FileRecord, description: dict[str, Any], param: str) -> None:
-    """Refuse a file that is not a dataset this model can read, or whose classes it lacks."""
+    """Refuse a file that is not a dataset this model can read, or whose classes it lacks.
+    ``description["chats"]``: a fine-tune file of chats will do (an LLM's training file)."""
     details = record.details or {}
     kind = details.get("format")
     if description["architecture"] == "texts":  # an LLM or encoder, measured on texts
+        if description.get("chats") and record.purpose == "fine-tune":
+            return  # an LLM learns from chats too; the upload checked every conversation
         if record.purpose != "dataset" or kind not in TEXT_FORMATS:
             raise InvalidRequest(
                 f"{record.id} is not a dataset of texts: this model is measured on a CSV or "

@@ -82,7 +82,11 @@ def check_parent(
     description = {"architecture": "texts"} if texts_only else _description(opened)
     for index, step in enumerate(steps):
         if learns[index] and not params.get("training_file"):
-            data_kind = "texts: a dataset with a 'text' column" if llm else "a dataset"
+            data_kind = (
+                "texts: a dataset with a 'text' column, or a fine-tune file of chats"
+                if llm
+                else "a dataset"
+            )
             raise InvalidRequest(
                 f"step {index + 1} ({step}) learns or calibrates from data: give a "
                 f"training_file ({data_kind})",
@@ -98,7 +102,8 @@ def check_parent(
                 raise InvalidRequest(
                     f"no file {params[name]!r} in your tenant", param=name
                 ) from None
-            data.check_file(record, description, name)
+            chats = llm and name == "training_file"
+            data.check_file(record, description | {"chats": chats}, name)
 
 
 def _teacher(registry, opened: OpenedVersion, reference: str, tenant, where: str):

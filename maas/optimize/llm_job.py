@@ -117,12 +117,23 @@ def _step(step, parent, current, target, rows, params, progress) -> list[str]:
 
 
 def _training_rows(context, files, params, opened, tenant, steps):
-    """The training file's texts as token rows, for the steps that learn or calibrate."""
+    """The training file as token rows, for the steps that learn or calibrate: the texts of
+    a dataset, or the conversations of a fine-tune file."""
     if not any(step.kind in ("prune", "distil") for step in steps):
         return None
     from maas.runtime.llm.tokenizer import load_tokenizer
-    from maas.training import text_data
+    from maas.training import chat_data, text_data
 
-    path = text_data.fetch(files, params.training_file, tenant, context.workdir)
-    texts = data.read_evaluation_texts(path, "training")
-    return llm_shrink.token_rows(load_tokenizer(opened), texts, llm_shrink.MAX_TRAINING_TOKENS)
+    tokenizer = load_tokenizer(opened)
+    if files.get(params.training_file, tenant).purpose == "fine-tune":
+        path = context.workdir / "chats.jsonl"
+        if not path.exists():
+            files.copy_to(params.training_file, tenant, path.with_suffix(".partial"))
+            path.with_suffix(".partial").replace(path)
+        chats = (messages for _, messages in chat_data.read_chats(path))
+        documents = llm_shrink.chat_ids(tokenizer, chats)
+    else:
+        path = text_data.fetch(files, params.training_file, tenant, context.workdir)
+        texts = data.read_evaluation_texts(path, "training")
+        documents = llm_shrink.text_ids(tokenizer, texts)
+    return llm_shrink.token_rows(documents, llm_shrink.MAX_TRAINING_TOKENS)

@@ -18,7 +18,9 @@ and the same number is kept in every layer, so config.json still describes the m
 Distillation keeps ``layers`` of the teacher's layers, evenly spaced with the first and the
 last kept (every other layer when ``layers`` is half), or takes the pruned model as it is, and
 trains it with ``alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) *
-next-token cross-entropy`` on the training texts, the parent as teacher. A fine-tune after
+next-token cross-entropy`` on the training file, the parent as teacher: texts (a ``text``
+column), each ended by an end-of-sequence id, or chats (a ``fine-tune`` file), each written
+whole by the model's chat template. A fine-tune after
 pruning (``fine_tune_steps``) is the cross-entropy alone.
 
 Training and calibration run ``transformers``' model of the same weights (as fine-tuning
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +89,28 @@ def save(model: nn.Module, opened: OpenedVersion, folder: Path) -> int:
     return (folder / WEIGHTS_FILE).stat().st_size
 
 
-def token_rows(tokenizer, texts: list[str], limit: int) -> Tensor:
-    """The texts' token ids, each text ended by an end-of-sequence id, joined and cut into
-    rows of SEQUENCE tokens (a shorter last row is dropped unless it is the only one)."""
-    end = min(tokenizer.eos_token_ids) if tokenizer.eos_token_ids else None
-    ids: list[int] = []
+def text_ids(tokenizer, texts: Iterable[str]) -> Iterator[list[int]]:
+    """Each text's token ids, ended by an end-of-sequence id."""
+    end = [min(tokenizer.eos_token_ids)] if tokenizer.eos_token_ids else []
     for text in texts:
-        ids += tokenizer.encode(text) + ([end] if end is not None else [])
+        yield tokenizer.encode(text) + end
+
+
+def chat_ids(tokenizer, chats: Iterable[list[dict[str, Any]]]) -> Iterator[list[int]]:
+    """Each conversation's token ids as the model's chat template writes it whole (the
+    template ends every turn itself), as serving and fine-tuning write it."""
+    for messages in chats:
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        yield tokenizer.encode_rendered(tokenizer.render_chat(plain, add_generation_prompt=False))
+
+
+def token_rows(documents: Iterable[list[int]], limit: int) -> Tensor:
+    """The documents' token ids (``text_ids`` or ``chat_ids``) joined and cut into rows of
+    SEQUENCE tokens, at most ``limit`` tokens in all (a shorter last row is dropped unless it
+    is the only one)."""
+    ids: list[int] = []
+    for document in documents:
+        ids += document
         if len(ids) >= limit:
             break
     ids = ids[:limit]

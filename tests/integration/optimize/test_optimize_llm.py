@@ -252,3 +252,47 @@ def test_a_llama_pruned_distilled_and_quantized_is_a_smaller_version_that_serves
     assert result["artifact_bytes_ratio"] < 0.25
     assert result["perplexity"] > 1 and result["evaluation_tokens"] > 20
     assert _chat(app_client, headers, "tiny:2", "hi", 4)["usage"]["completion_tokens"] >= 1
+
+
+def test_a_llama_distils_from_a_file_of_chats(app_client, tenant_keys, settings, tmp_path):
+    """A fine-tune file (OpenAI's chat JSONL) is a training file an LLM learns from: each
+    conversation written by the chat template, the student served by the chat route. A
+    classifier's or encoder's training file stays a dataset."""
+    from maas.training.demo_data import codename_chats
+    from tests.fixtures import make_tiny_llama
+
+    headers = tenant_keys["acme"]
+    acme = app_client.app.state.tenants.get_id("acme")
+    registry = app_client.app.state.registry
+    registry.import_model(make_tiny_llama(tmp_path / "tiny", num_layers=4), "tiny", owner=acme)
+    chats = "".join(json.dumps({"messages": chat}) + "\n" for chat in codename_chats(24))
+    uploaded = app_client.post(
+        "/v1/files",
+        headers=headers,
+        files={"file": ("chats.jsonl", chats.encode())},
+        data={"purpose": "fine-tune"},
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    chat_file = uploaded.json()["id"]
+    job = optimized(
+        app_client,
+        headers,
+        settings,
+        model="tiny",
+        recipe="distil layers=2 steps=2",
+        training_file=chat_file,
+    )
+    child = registry.open_version("tiny:2")
+    assert child.manifest.config["num_hidden_layers"] == 2
+    notes = child.manifest.recipe["notes"]
+    assert notes[0] == "student of 2 of 4 layers (0, 3)"
+    assert notes[1].startswith("distilled from tiny:1 for 2 steps")
+    assert job["result"]["parameters_ratio"] < 1
+    assert _chat(app_client, headers, "tiny:2", "hi", 4)["usage"]["completion_tokens"] >= 1
+    from tests.fixtures import make_cnn_folder
+
+    registry.import_model(make_cnn_folder(tmp_path / "cnn"), "cnn", owner=acme)
+    refused = optimize(
+        app_client, headers, model="cnn", recipe="distil width=0.5", training_file=chat_file
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "training_file"

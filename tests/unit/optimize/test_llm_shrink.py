@@ -35,7 +35,7 @@ def opened(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rows(opened):
-    return llm_shrink.token_rows(load_tokenizer(opened), TEXTS, 10_000)
+    return llm_shrink.token_rows(llm_shrink.text_ids(load_tokenizer(opened), TEXTS), 10_000)
 
 
 def _logits(model, rows):
@@ -53,11 +53,27 @@ def test_the_trainable_model_computes_what_transformers_loads(opened, rows):
 
 def test_rows_join_texts_with_end_ids_and_cut_them_evenly(opened):
     tokenizer = load_tokenizer(opened)
-    rows = llm_shrink.token_rows(tokenizer, TEXTS * 20, 1000)
+    rows = llm_shrink.token_rows(llm_shrink.text_ids(tokenizer, TEXTS * 20), 1000)
     assert rows.shape[1] == llm_shrink.SEQUENCE and rows.numel() <= 1000
     assert min(tokenizer.eos_token_ids) in rows[0].tolist()
     with pytest.raises(ValueError, match="fewer than two tokens"):
-        llm_shrink.token_rows(tokenizer, [""], 1000)
+        llm_shrink.token_rows(llm_shrink.text_ids(tokenizer, [""]), 1000)
+
+
+def test_chats_are_written_whole_by_the_chat_template(opened):
+    tokenizer = load_tokenizer(opened)
+    chat = [
+        {"role": "user", "content": "where is the market"},
+        {"role": "assistant", "content": "past the old church", "weight": 1},
+    ]
+    (ids,) = llm_shrink.chat_ids(tokenizer, [chat])
+    plain = [{"role": m["role"], "content": m["content"]} for m in chat]
+    written = tokenizer.render_chat(plain, add_generation_prompt=False)
+    assert "past the old church" in written and "where is the market" in written
+    assert ids == tokenizer.encode_rendered(written)
+    rows = llm_shrink.token_rows(llm_shrink.chat_ids(tokenizer, [chat] * 40), 600)
+    assert rows.shape == (600 // llm_shrink.SEQUENCE, llm_shrink.SEQUENCE)
+    assert rows[0, : len(ids)].tolist() == ids
 
 
 def test_pruning_slices_what_zeroing_would_remove(opened, rows):
