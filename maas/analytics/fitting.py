@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize, stats
 
+from maas.analytics import batched
 from maas.analytics.curves import Curve
 
 CONFIDENCE = 0.90
@@ -146,12 +147,14 @@ def fit(
     observed = np.asarray(observed, dtype=float)
     fixed = fixed or {}
     free = np.array([name not in fixed for name in curve.names])
-    if not free.any():
-        raise CannotFit("every parameter is fixed: nothing to fit")
     check(observed, curve, int(free.sum()))
     total = float(observed.sum())
     if fixed.get("m", total) < total:
         raise CannotFit(f"the potential {fixed['m']:g} is below the {total:g} who adopted already")
+    if not free.any():  # a pooled p and q with the operator's m: the curve is given
+        given = Fit(curve, np.array([fixed[n] for n in curve.names]), free, observed, None)
+        given.warnings.append("every parameter is given (pooled p and q, the operator's m)")
+        return given
     low, high = (np.array(b, dtype=float) for b in curve.bounds(total))
     template = np.array([fixed.get(name, 0.0) for name in curve.names])
     starts = (
@@ -293,20 +296,24 @@ def bootstrap(fit: Fit, draws: int = 200, seed: int = 0) -> Bootstrap:
     """Wild bootstrap (Rademacher signs on the leverage-scaled residuals, which keeps each
     period's own noise level): ``draws`` refits, each started from the fit."""
     rng = np.random.default_rng(seed)
+    pearson = fit.residuals / np.sqrt(np.maximum(fit.fitted, 1.0))
+    if not fit.free.any():  # nothing was fitted: the forecast's only spread is the noise
+        return Bootstrap(np.repeat(fit.theta[None], draws, axis=0), pearson - pearson.mean())
     scaled = fit.residuals
     if fit.jacobian is not None and fit.covariance is not None:
         inverse = np.linalg.inv(fit.jacobian.T @ fit.jacobian)
         scaled = _leveraged(fit.jacobian, inverse, fit.residuals)
-    thetas = []
-    for _ in range(draws):
-        series = fit.fitted + scaled * rng.choice((-1.0, 1.0), size=fit.n)
-        theta = _refit(fit, series)
+    series = fit.fitted + scaled * rng.choice((-1.0, 1.0), size=(draws, fit.n))
+    low, high = (np.array(b, dtype=float) for b in fit.curve.bounds(fit.observed.sum()))
+    thetas, converged = batched.refit(fit.curve, series, fit.theta, fit.free, low, high)
+    kept = [theta for theta, ok in zip(thetas, converged, strict=True) if ok]
+    for row in np.flatnonzero(~converged):  # the few the batch left: scipy's solvers
+        theta = _refit(fit, series[row])
         if theta is not None:
-            thetas.append(theta)
-    if not thetas:
+            kept.append(theta)
+    if not kept:
         raise CannotFit("no bootstrap refit converged")
-    pearson = fit.residuals / np.sqrt(np.maximum(fit.fitted, 1.0))
-    return Bootstrap(np.array(thetas), pearson - pearson.mean())
+    return Bootstrap(np.array(kept), pearson - pearson.mean())
 
 
 def _refit(fit: Fit, series: np.ndarray) -> np.ndarray | None:
@@ -343,15 +350,18 @@ class Forecast:
 def forecast(
     fit: Fit, horizon: int, boot: Bootstrap, confidence: float = CONFIDENCE, seed: int = 1
 ) -> Forecast:
-    """The next ``horizon`` periods: the fit's increments, and prediction intervals from the
-    bootstrap's refits plus resampled residuals."""
+    """The next ``horizon`` periods: the fit's increments added to the adopters so far, and
+    prediction intervals from the bootstrap's refits plus noise. New adopters never exceed
+    what is left of the potential m (the curve's own m, or the operator's), so a forecast
+    that starts from the observed total, not from the curve, never passes m."""
     rng = np.random.default_rng(seed)
     t = _periods(horizon, start=fit.n + 1)
     total = float(fit.observed.sum())
-    new = fit.curve.increments(t, fit.theta)
-    paths = np.stack([fit.curve.increments(t, theta) for theta in boot.thetas])
+    m = fit.curve.names.index("m")
+    new = _within(fit.curve.increments(t, fit.theta)[None], total, fit.theta[m : m + 1])[0]
+    paths = fit.curve.increments(t, boot.thetas.T[:, :, None])
     noise = rng.choice(boot.pearson, size=paths.shape) * np.sqrt(np.maximum(paths, 1.0))
-    paths = np.maximum(paths + noise, 0.0)
+    paths = _within(np.maximum(paths + noise, 0.0), total, boot.thetas[:, m])
     low, high = 50 * (1 - confidence), 50 * (1 + confidence)
     cumulative_paths = total + np.cumsum(paths, axis=1)
     return Forecast(
@@ -365,3 +375,11 @@ def forecast(
         ),
         confidence=confidence,
     )
+
+
+def _within(increments: np.ndarray, total: float, potential: np.ndarray) -> np.ndarray:
+    """Each path's increments [B, h], cut so that ``total`` plus them stays at most its
+    potential [B] (no new adopters once it is reached)."""
+    reached = total + np.cumsum(increments, axis=1)
+    cap = np.maximum(potential[:, None], total)
+    return np.diff(np.minimum(reached, cap), axis=1, prepend=total)

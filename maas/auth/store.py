@@ -22,6 +22,8 @@ class TenantRecord(BaseModel):
     industry: str
     description: str
     created_at: datetime
+    parent: str | None = None
+    """The organisation this department belongs to; None for an organisation."""
 
 
 class KeyRecord(BaseModel):
@@ -59,11 +61,19 @@ class TenantStore:
     def __init__(self, engine: Engine) -> None:
         self._sessions = make_session_factory(engine)
 
-    def create(self, name: str, industry: str, description: str = "") -> TenantRecord:
+    def create(
+        self,
+        name: str,
+        industry: str | None,
+        description: str = "",
+        parent: str | None = None,
+    ) -> TenantRecord:
+        """An organisation, or with ``parent`` one of its departments (in the parent's
+        industry; departments have no departments of their own)."""
         validate_model_name(name, kind="tenant")
         if len(name) > 64:
             raise InvalidRequest("a tenant name has at most 64 characters", param="name")
-        if industry not in INDUSTRIES:
+        if industry is not None and industry not in INDUSTRIES:
             raise InvalidRequest(
                 f"unknown industry {industry!r}; use one of: {', '.join(INDUSTRIES)}",
                 param="industry",
@@ -71,7 +81,17 @@ class TenantStore:
         with write_transaction(self._sessions) as session:
             if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
                 raise Conflict(f"tenant {name!r} already exists", param="name")
-            row = Tenant(name=name, industry=industry, description=description)
+            organisation = _organisation(session, parent, industry)
+            if organisation is not None:
+                industry = organisation.industry
+            elif industry is None:
+                raise InvalidRequest("an organisation needs an industry", param="industry")
+            row = Tenant(
+                name=name,
+                industry=industry,
+                description=description,
+                parent_id=organisation.id if organisation is not None else None,
+            )
             session.add(row)
             session.flush()
             return _tenant_record(row)
@@ -217,9 +237,33 @@ def _visible_key(session: Session, key_id: str, viewer: Principal | None) -> Api
     return row
 
 
+def _organisation(session: Session, parent: str | None, industry: str | None) -> Tenant | None:
+    """The tenant a new department belongs to, checked; None for a new organisation."""
+    if parent is None:
+        return None
+    row = session.scalar(select(Tenant).where(Tenant.name == parent))
+    if row is None:
+        raise NotFound(f"tenant {parent!r} not found", param="parent")
+    if row.parent_id is not None:
+        raise InvalidRequest(
+            f"{parent!r} is a department: departments belong to an organisation",
+            param="parent",
+        )
+    if industry is not None and industry != row.industry:
+        raise InvalidRequest(
+            f"a department is in its organisation's industry ({row.industry}), not {industry}",
+            param="industry",
+        )
+    return row
+
+
 def _tenant_record(row: Tenant) -> TenantRecord:
     return TenantRecord(
-        name=row.name, industry=row.industry, description=row.description, created_at=row.created_at
+        name=row.name,
+        industry=row.industry,
+        description=row.description,
+        created_at=row.created_at,
+        parent=row.parent.name if row.parent is not None else None,
     )
 
 

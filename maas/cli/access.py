@@ -110,13 +110,20 @@ def create_tenant(
     name: Annotated[
         str, typer.Argument(help="Tenant name: lowercase letters, digits, '-', '_', '.'.")
     ],
-    industry: Annotated[str, typer.Option(help=f"One of: {', '.join(INDUSTRIES)}.")],
+    industry: Annotated[
+        str | None,
+        typer.Option(help=f"One of: {', '.join(INDUSTRIES)} (a department takes its parent's)."),
+    ] = None,
     description: Annotated[str, typer.Option(help="What the tenant is.")] = "",
+    parent: Annotated[
+        str | None, typer.Option(help="The organisation this new department belongs to.")
+    ] = None,
 ) -> None:
-    """Create a tenant."""
+    """Create a tenant: an organisation, or with --parent one of its departments."""
     with open_access() as access:
-        record = access.tenants.create(name, industry, description)
-    console.print(f"created tenant {record.name} ({record.industry})")
+        record = access.tenants.create(name, industry, description, parent)
+    within = f", a department of {record.parent}" if record.parent else ""
+    console.print(f"created tenant {record.name} ({record.industry}{within})")
 
 
 @tenants_app.command("list")
@@ -124,9 +131,9 @@ def list_tenants() -> None:
     """List tenants."""
     with open_access() as access:
         records = access.tenants.list(None)
-    table = Table("name", "industry", "description", "created")
+    table = Table("name", "industry", "department of", "description", "created")
     for r in records:
-        table.add_row(r.name, r.industry, r.description, _when(r.created_at))
+        table.add_row(r.name, r.industry, r.parent or "", r.description, _when(r.created_at))
     console.print(table)
 
 

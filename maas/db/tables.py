@@ -65,6 +65,10 @@ class Tenant(Base):
     industry: Mapped[str] = mapped_column(String(32))
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), index=True)
+    """The organisation a department belongs to; None for an organisation."""
+
+    parent: Mapped[Tenant | None] = relationship(remote_side=[id], lazy="joined")
 
 
 class Model(Base):
@@ -215,6 +219,18 @@ class UsageRecord(Base):
     items: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[float] = mapped_column(Float)
     status: Mapped[int] = mapped_column(Integer)
+
+
+class MarketPotential(Base):
+    """How many organisations of an industry could adopt: the Bass model's m, set by the
+    operator (``maas analytics potential``) instead of estimated."""
+
+    __tablename__ = "market_potentials"
+
+    industry: Mapped[str] = mapped_column(String(32), primary_key=True)
+    potential: Mapped[float] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class Job(Base):

@@ -34,8 +34,11 @@ class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(max_length=64)
-    industry: str = Field(max_length=32)
+    industry: str | None = Field(default=None, max_length=32)
+    """Required for an organisation; a department takes its organisation's."""
     description: str = Field(default="", max_length=10_000)
+    parent: str | None = Field(default=None, max_length=64)
+    """The organisation a new department belongs to."""
 
 
 class TenantsPublic(BaseModel):
@@ -98,7 +101,7 @@ class UsagePublic(BaseModel):
     "/tenants", status_code=201, responses=error_responses(router.prefix, 400, 403, 409, 413)
 )
 def create_tenant(body: TenantCreate, key: AdminKey, tenants: TenantsDep) -> TenantRecord:
-    return tenants.create(body.name, body.industry, body.description)
+    return tenants.create(body.name, body.industry, body.description, body.parent)
 
 
 @router.get("/tenants", responses=error_responses(router.prefix, 403))

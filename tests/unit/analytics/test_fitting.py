@@ -125,3 +125,36 @@ def test_no_series_makes_any_curve_fail_with_anything_but_a_reason():
                 assert str(error)
             else:
                 assert np.all(np.isfinite(fit.theta)) and fit.rss >= 0
+
+
+@pytest.mark.parametrize(
+    ("curve", "truth"),
+    [
+        (curves.Bass(), [0.03, 0.38, 1000.0]),
+        (curves.Gompertz(), [0.15, 6.0, 2000.0]),
+        (curves.Logistic(), [0.4, 8.0, 900.0]),
+        (curves.ShockedBass(8), [0.01, 0.25, 2000.0, 1.5, -0.15]),
+    ],
+)
+def test_the_batched_refits_find_what_scipy_finds(curve, truth):
+    from maas.analytics import batched
+
+    clean = curve.increments(np.arange(1.0, 31), np.array(truth))
+    fit = fitting.fit(np.random.default_rng(0).poisson(clean).astype(float), curve)
+    signs = np.random.default_rng(1).choice((-1.0, 1.0), size=(30, fit.n))
+    series = fit.fitted + fit.residuals * signs
+    low, high = (np.array(b) for b in curve.bounds(series.sum() / 30))
+    thetas, converged = batched.refit(curve, series, fit.theta, fit.free, low, high)
+    assert converged.all()
+    expected = np.array([fitting._refit(fit, row) for row in series])
+    np.testing.assert_allclose(thetas, expected, rtol=1e-4)
+
+
+def test_a_forecast_never_passes_the_potential():
+    series = _simulated(TRUTH, 14, np.random.default_rng(8))
+    potential = series.sum() + 5  # nearly everyone has adopted, by the operator's count
+    fit = fitting.fit(series, BASS, fixed={"m": potential})
+    outlook = fitting.forecast(fit, 10, fitting.bootstrap(fit, draws=100))
+    assert outlook.cumulative[-1] <= potential + 1e-9
+    assert np.all(outlook.cumulative_band[1] <= potential + 1e-9)
+    assert np.all(outlook.new >= 0) and outlook.cumulative[-1] > series.sum()

@@ -1,0 +1,323 @@
+"""What the API and the CLI show: adoption per group and the forecast of one industry (or of
+the whole platform), as response schemas, for a viewer who sees all tenants (admins, the
+local CLI) or one tenant and its departments (maintainers)."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import numpy as np
+from pydantic import BaseModel
+from sqlalchemy import Engine, select
+
+from maas.analytics import adoption
+from maas.auth.principal import Principal
+from maas.db.tables import Tenant
+from maas.errors import InvalidRequest, NotFound
+
+CONFIDENCE = 0.90
+
+
+class PeriodPublic(BaseModel):
+    period: str
+    active: int
+    adopted: int
+    new_adopters: int
+    requests: int
+    tokens: int
+    models: int
+    depth: float | None
+    penetration: float | None
+    tasks: dict[str, float]
+
+
+class GroupPublic(BaseModel):
+    group: str
+    potential: float | None
+    potential_source: str | None
+    retention: float | None
+    retention_cohort: int
+    periods: list[PeriodPublic]
+
+
+class AdoptionPublic(BaseModel):
+    group_by: str
+    period: str
+    min_requests: int
+    retention_after: int
+    data: list[GroupPublic]
+
+
+class BacktestPublic(BaseModel):
+    origins: int
+    mape: float
+    """Percent, on cumulative adopters."""
+    rmse: float
+
+
+class CandidatePublic(BaseModel):
+    model: str
+    params: dict[str, float] | None
+    intervals: dict[str, tuple[float, float]] | None
+    """From the fit's covariance (HC3), at ``confidence``."""
+    aic: float | None
+    backtest: BacktestPublic | None
+    why_not: str | None
+    warnings: list[str]
+
+
+class LandmarkPublic(BaseModel):
+    periods_from_launch: float | None
+    period: str | None
+
+
+class PointPublic(BaseModel):
+    period: str
+    new_adopters: float
+    adopted: float
+    low: float
+    """Of ``adopted``: the prediction interval at ``confidence``."""
+    high: float
+    penetration: float | None
+
+
+class ObservedPublic(BaseModel):
+    period: str
+    new_adopters: float
+    adopted: float
+
+
+class ForecastPublic(BaseModel):
+    group: str
+    source: str
+    period: str
+    min_requests: int
+    confidence: float
+    potential: float | None
+    potential_source: str | None
+    observed: list[ObservedPublic]
+    candidates: list[CandidatePublic]
+    chosen: str
+    params: dict[str, float]
+    intervals_covariance: dict[str, tuple[float, float]]
+    intervals_bootstrap: dict[str, tuple[float, float]]
+    landmarks: dict[str, LandmarkPublic]
+    """``peak``: new adoption's highest; ``half`` and ``ninety``: 50% and 90% of m."""
+    forecast: list[PointPublic]
+    notes: list[str]
+
+
+def visible_tenants(engine: Engine, viewer: Principal | None) -> set[str] | None:
+    """The tenants a viewer's figures cover: all (None) for admins and the local CLI, else
+    the viewer's tenant and its departments."""
+    if viewer is None or viewer.is_admin:
+        return None
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(Tenant.name).where(
+                (Tenant.id == viewer.tenant_id) | (Tenant.parent_id == viewer.tenant_id)
+            )
+        )
+        return {name for (name,) in rows}
+
+
+def adoption_report(
+    engine: Engine,
+    viewer: Principal | None,
+    *,
+    group_by: str = "industry",
+    period: str = "month",
+    min_requests: int = 1,
+    retention_after: int = 1,
+    since: date | None = None,
+    until: date | None = None,
+) -> AdoptionPublic:
+    groups = _groups(engine, viewer, group_by, period, min_requests, retention_after, since, until)
+    return AdoptionPublic(
+        group_by=group_by,
+        period=period,
+        min_requests=min_requests,
+        retention_after=retention_after,
+        data=[
+            GroupPublic(
+                group=g.group,
+                potential=g.potential,
+                potential_source=g.potential_source,
+                retention=g.retention,
+                retention_cohort=g.retention_cohort,
+                periods=[PeriodPublic(**vars(p)) for p in g.periods],
+            )
+            for g in groups
+        ],
+    )
+
+
+def _groups(engine, viewer, group_by, period, min_requests, retention_after, since, until):
+    rows = adoption.activity(
+        engine, period, since=since, until=until, tenants=visible_tenants(engine, viewer)
+    )
+    return adoption.measure(
+        rows,
+        group_by,
+        period,
+        min_requests=min_requests,
+        retention_after=retention_after,
+        organisation_of=adoption.organisations(engine),
+        market=adoption.potentials(engine),
+    )
+
+
+def forecast_report(
+    engine: Engine,
+    viewer: Principal | None,
+    industry: str,
+    *,
+    horizon: int = 12,
+    period: str = "month",
+    min_requests: int = 1,
+    shock_at: str | None = None,
+    draws: int = 200,
+) -> ForecastPublic:
+    """The forecast of ``industry``'s adopters (``platform``: every tenant). A series too
+    young for its own Bass fit takes p and q from the pooled fit of every industry."""
+    from maas.analytics import forecast
+
+    if not 1 <= horizon <= 120:
+        raise InvalidRequest("horizon is 1 to 120 periods", param="horizon")
+    industries = {
+        g.group: g for g in _groups(engine, viewer, "industry", period, min_requests, 1, None, None)
+    }
+    if industry == "platform":
+        found = _groups(engine, viewer, "platform", period, min_requests, 1, None, None)
+        target = found[0] if found else None
+    else:
+        target = industries.get(industry)
+    if target is None:
+        raise NotFound(f"no adoption recorded in {industry!r}", param="industry")
+    labels = [p.period for p in target.periods]
+    observed = np.array([p.new_adopters for p in target.periods], dtype=float)
+    options = {
+        "potential": target.potential,
+        "shock_at": _shock_period(shock_at, labels),
+        "draws": draws,
+    }
+    try:
+        try:
+            outlook = forecast.outlook(observed, horizon, **options)
+        except forecast.CannotFit:
+            outlook = None
+        if _wants_pooled(outlook, observed):
+            outlook = _pooled(industries, observed, horizon, options) or outlook
+        if outlook is None:  # say why, curve by curve
+            outlook = forecast.outlook(observed, horizon, **options)
+    except forecast.CannotFit as error:
+        raise InvalidRequest(f"cannot forecast {industry}: {error}", param="industry") from None
+    return _forecast_public(target, outlook, labels, period, min_requests)
+
+
+def _pooled(industries, observed, horizon, options):
+    """The outlook with Bass's p and q from every industry's series together; None when
+    fewer than two industries have adopters."""
+    from maas.analytics import forecast
+
+    series = {
+        name: np.array([p.new_adopters for p in g.periods], dtype=float)
+        for name, g in industries.items()
+    }
+    try:
+        pooled = forecast.pooled_bass(series)
+    except forecast.CannotFit:
+        return None
+    return forecast.outlook(observed, horizon, pooled=pooled, **options)
+
+
+def _wants_pooled(outlook, observed: np.ndarray) -> bool:
+    """Fewer than POOL_BELOW periods since the first adopter, or no Bass fit of its own."""
+    from maas.analytics import forecast
+
+    young = np.count_nonzero(np.cumsum(observed)) < forecast.POOL_BELOW
+    return outlook is None or young or outlook.candidates[0].fit is None
+
+
+def _shock_period(shock_at: str | None, labels: list[str]) -> float | None:
+    if shock_at is None:
+        return None
+    if shock_at not in labels:
+        raise InvalidRequest(
+            f"shock_at {shock_at!r} is not one of the series' periods ({labels[0]} to "
+            f"{labels[-1]})",
+            param="shock_at",
+        )
+    return float(labels.index(shock_at) + 1)
+
+
+def _forecast_public(target, outlook, labels, unit, min_requests) -> ForecastPublic:
+    chosen = outlook.chosen.fit
+    potential = target.potential
+    first = _period_number(labels[0], unit)
+
+    def label(t: float | None) -> LandmarkPublic:
+        if t is None:
+            return LandmarkPublic(periods_from_launch=None, period=None)
+        number = first + max(int(np.ceil(t)) - 1, 0)
+        return LandmarkPublic(periods_from_launch=t, period=adoption.period_label(number, unit))
+
+    adopted = np.cumsum([p.new_adopters for p in target.periods])
+    result = outlook.forecast
+    points = [
+        PointPublic(
+            period=adoption.period_label(first + int(t) - 1, unit),
+            new_adopters=float(new),
+            adopted=float(total),
+            low=float(low),
+            high=float(high),
+            penetration=float(total / potential) if potential else None,
+        )
+        for t, new, total, low, high in zip(
+            result.periods, result.new, result.cumulative, *result.cumulative_band, strict=True
+        )
+    ]
+    return ForecastPublic(
+        group=target.group,
+        source="usage records",
+        period=unit,
+        min_requests=min_requests,
+        confidence=result.confidence,
+        potential=potential,
+        potential_source=target.potential_source,
+        observed=[
+            ObservedPublic(period=p.period, new_adopters=p.new_adopters, adopted=float(a))
+            for p, a in zip(target.periods, adopted, strict=True)
+        ],
+        candidates=[_candidate_public(c) for c in outlook.candidates],
+        chosen=outlook.chosen.name,
+        params=chosen.params,
+        intervals_covariance=chosen.intervals(CONFIDENCE),
+        intervals_bootstrap=outlook.bootstrap.intervals(chosen, CONFIDENCE),
+        landmarks={name: label(t) for name, t in outlook.landmarks.items()},
+        forecast=points,
+        notes=outlook.notes,
+    )
+
+
+def _candidate_public(candidate) -> CandidatePublic:
+    fit = candidate.fit
+    backtest = candidate.backtest
+    return CandidatePublic(
+        model=candidate.name,
+        params=fit.params if fit else None,
+        intervals=fit.intervals(CONFIDENCE) if fit else None,
+        aic=fit.aic if fit else None,
+        backtest=BacktestPublic(**vars(backtest)) if backtest else None,
+        why_not=candidate.why_not,
+        warnings=fit.warnings if fit else [],
+    )
+
+
+def _period_number(label: str, unit: str) -> int:
+    if unit == "month":
+        year, month = label.split("-")
+        return int(year) * 12 + int(month) - 1
+    year, week = label.split("-W")
+    monday = date.fromisocalendar(int(year), int(week), 1)
+    return (monday - adoption.MONDAY).days // 7

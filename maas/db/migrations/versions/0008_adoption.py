@@ -1,0 +1,40 @@
+"""Adoption analytics: departments (a tenant's parent organisation) and the market potential
+of each industry.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-03
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("tenants", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("parent_id", sa.Integer(), nullable=True))
+        batch_op.create_index(batch_op.f("ix_tenants_parent_id"), ["parent_id"], unique=False)
+        batch_op.create_foreign_key(
+            batch_op.f("fk_tenants_parent_id_tenants"), "tenants", ["parent_id"], ["id"]
+        )
+    op.create_table(
+        "market_potentials",
+        sa.Column("industry", sa.String(length=32), nullable=False),
+        sa.Column("potential", sa.Float(), nullable=False),
+        sa.Column("source", sa.Text(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("industry", name=op.f("pk_market_potentials")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("market_potentials")
+    with op.batch_alter_table("tenants", schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f("fk_tenants_parent_id_tenants"), type_="foreignkey")
+        batch_op.drop_index(batch_op.f("ix_tenants_parent_id"))
+        batch_op.drop_column("parent_id")
