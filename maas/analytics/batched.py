@@ -16,8 +16,8 @@ import numpy as np
 
 from maas.analytics.curves import Curve
 
-ITERATIONS = 60
-TOLERANCE = 1e-9
+ITERATIONS = 200
+TOLERANCE = 1e-8
 """Relative change of the sum of squares below which a series has converged."""
 
 
@@ -37,30 +37,32 @@ def refit(
     index = np.flatnonzero(free)
     damping = np.full(draws, 1e-3)
     cost = _cost(curve, t, theta, series)
-    done = np.zeros(draws, dtype=bool)
+    done = ~np.isfinite(cost)
     for _ in range(ITERATIONS):
-        jacobian = _jacobian(curve, t, theta, index)  # [B, n, k]
-        residual = _increments(curve, t, theta) - series
+        rows = np.flatnonzero(~done)  # only the series still moving
+        if not rows.size:
+            break
+        here, target = theta[rows], series[rows]
+        jacobian = _jacobian(curve, t, here, index)  # [b, n, k]
+        residual = _increments(curve, t, here) - target
         normal = np.einsum("bni,bnj->bij", jacobian, jacobian)
         gradient = np.einsum("bni,bn->bi", jacobian, residual)
-        diagonal = np.einsum("bii->bi", normal)
-        damped = normal + damping[:, None, None] * diagonal[:, :, None] * np.eye(len(index))
+        diagonal = np.einsum("bii->bi", normal) + 1e-12
+        damped = normal + (damping[rows, None] * diagonal)[:, :, None] * np.eye(len(index))
         try:
             step = np.linalg.solve(damped, -gradient[..., None])[..., 0]
         except np.linalg.LinAlgError:
             break
-        trial = theta.copy()
-        trial[:, index] = np.clip(theta[:, index] + step, low[index], high[index])
-        trial_cost = _cost(curve, t, trial, series)
-        better = np.isfinite(trial_cost) & (trial_cost < cost) & ~done
-        change = np.where(better, (cost - trial_cost) / np.maximum(cost, 1e-12), 0.0)
-        theta[better] = trial[better]
-        cost = np.where(better, trial_cost, cost)
-        damping = np.where(better, damping / 3, damping * 4)
+        trial = here.copy()
+        trial[:, index] = np.clip(here[:, index] + step, low[index], high[index])
+        trial_cost = _cost(curve, t, trial, target)
+        better = np.isfinite(trial_cost) & (trial_cost < cost[rows])
+        change = np.where(better, (cost[rows] - trial_cost) / np.maximum(cost[rows], 1e-12), 0)
+        theta[rows[better]] = trial[better]
+        cost[rows[better]] = trial_cost[better]
+        damping[rows] = np.where(better, damping[rows] / 3, damping[rows] * 4)
         # converged: a step that barely helps, or no step that helps at all (a minimum)
-        done |= (better & (change < TOLERANCE)) | (damping > 1e8)
-        if done.all():
-            break
+        done[rows] = (better & (change < TOLERANCE)) | (damping[rows] > 1e8)
     return theta, done & np.isfinite(cost)
 
 

@@ -37,6 +37,9 @@ from maas.analytics import batched
 from maas.analytics.curves import Curve
 
 CONFIDENCE = 0.90
+SCIPY_REFITS = 10
+"""Bootstrap refits the batched solver leaves unconverged that scipy retries; the rest are
+left out (the outlook's notes say how many were used)."""
 MIN_ADOPTING_PERIODS = 3
 """A curve needs a rise: at least this many periods with new adopters."""
 
@@ -282,6 +285,8 @@ class Bootstrap:
     pearson: np.ndarray
     """The fit's residuals over the square root of its fitted increments: the noise a
     forecast adds, scaled back by its own increments (count data vary with their level)."""
+    asked: int
+    """Refits attempted; ``len(thetas)`` of them converged and are used."""
 
     def intervals(self, fit: Fit, confidence: float = CONFIDENCE):
         low, high = 50 * (1 - confidence), 50 * (1 + confidence)
@@ -298,7 +303,7 @@ def bootstrap(fit: Fit, draws: int = 200, seed: int = 0) -> Bootstrap:
     rng = np.random.default_rng(seed)
     pearson = fit.residuals / np.sqrt(np.maximum(fit.fitted, 1.0))
     if not fit.free.any():  # nothing was fitted: the forecast's only spread is the noise
-        return Bootstrap(np.repeat(fit.theta[None], draws, axis=0), pearson - pearson.mean())
+        return Bootstrap(np.repeat(fit.theta[None], draws, axis=0), pearson - pearson.mean(), draws)
     scaled = fit.residuals
     if fit.jacobian is not None and fit.covariance is not None:
         inverse = np.linalg.inv(fit.jacobian.T @ fit.jacobian)
@@ -307,13 +312,13 @@ def bootstrap(fit: Fit, draws: int = 200, seed: int = 0) -> Bootstrap:
     low, high = (np.array(b, dtype=float) for b in fit.curve.bounds(fit.observed.sum()))
     thetas, converged = batched.refit(fit.curve, series, fit.theta, fit.free, low, high)
     kept = [theta for theta, ok in zip(thetas, converged, strict=True) if ok]
-    for row in np.flatnonzero(~converged):  # the few the batch left: scipy's solvers
+    for row in np.flatnonzero(~converged)[:SCIPY_REFITS]:  # a few the batch left: scipy
         theta = _refit(fit, series[row])
         if theta is not None:
             kept.append(theta)
     if not kept:
         raise CannotFit("no bootstrap refit converged")
-    return Bootstrap(np.array(kept), pearson - pearson.mean())
+    return Bootstrap(np.array(kept), pearson - pearson.mean(), draws)
 
 
 def _refit(fit: Fit, series: np.ndarray) -> np.ndarray | None:

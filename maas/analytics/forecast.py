@@ -121,6 +121,8 @@ def outlook(
         chosen = min(fitted, key=lambda c: c.fit.aic)
         notes.append(f"{chosen.name} chosen: lowest AIC (too few periods to backtest)")
     boot = fitting.bootstrap(chosen.fit, draws=draws, seed=seed)
+    if len(boot.thetas) < boot.asked:
+        notes.append(f"bootstrap: {len(boot.thetas)} of {boot.asked} refits converged and are used")
     return Outlook(
         candidates=candidates,
         chosen=chosen,

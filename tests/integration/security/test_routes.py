@@ -106,6 +106,23 @@ MATRIX = {
         MAINTAINER,
     ),
     ("GET", "/api/v1/usage"): (("GET", "/api/v1/usage", None), ANY_KEY),
+    ("GET", "/api/v1/analytics/adoption"): (
+        ("GET", "/api/v1/analytics/adoption", None),
+        MAINTAINER,
+    ),
+    # nobody in energy has made a request: past the role check, nothing to forecast
+    ("GET", "/api/v1/analytics/forecast"): (
+        ("GET", "/api/v1/analytics/forecast?industry=energy", None),
+        cells(MAINTAINER, maintainer=404, admin=404),
+    ),
+    ("GET", "/api/v1/analytics/potentials"): (
+        ("GET", "/api/v1/analytics/potentials", None),
+        MAINTAINER,
+    ),
+    ("PUT", "/api/v1/analytics/potentials/{industry}"): (
+        ("PUT", "/api/v1/analytics/potentials/retail", {"potential": 120}),
+        cells(MAINTAINER, maintainer=403, admin=200),
+    ),
     ("POST", "/v1/files"): (("POST", "/v1/files", "{upload}"), MAINTAINER),
     ("GET", "/v1/files"): (("GET", "/v1/files", None), MAINTAINER),
     ("GET", "/v1/files/{file_id}"): (("GET", "/v1/files/{file_id}", None), MAINTAINER),

@@ -44,7 +44,7 @@ def test_an_outlook_has_every_candidate_its_reasons_and_intervals():
     assert [c.name for c in outlook.candidates] == ["bass", "logistic", "gompertz"]
     assert all(c.fit is not None and c.backtest is not None for c in outlook.candidates)
     assert "generalized-bass: not fitted" in outlook.notes[0]
-    assert outlook.notes[-1].startswith(f"{outlook.chosen.name} chosen: lowest backtest RMSE")
+    assert f"{outlook.chosen.name} chosen: lowest backtest RMSE" in outlook.notes
     low, high = outlook.forecast.cumulative_band
     assert len(outlook.forecast.periods) == 12 and np.all(low <= high)
     assert outlook.forecast.periods[0] == 17

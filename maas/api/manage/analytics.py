@@ -1,0 +1,123 @@
+"""Adoption analytics over HTTP: adoption per group, forecasts, and the market potentials.
+Admins see every tenant; a maintainer sees its tenant and its departments."""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from maas.analytics import potentials, report
+from maas.api import governance
+from maas.api.deps import AdminKey, MaintainerKey
+from maas.api.errors import KEYED_STATUSES, error_responses
+from maas.api.hardening import StrictJSONRoute
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(
+    prefix="/api/v1/analytics",
+    tags=["analytics"],
+    dependencies=[Depends(governance.current_key)],
+    responses=error_responses("/api/v1/analytics", *KEYED_STATUSES),
+    route_class=StrictJSONRoute,
+)
+
+Period = Literal["week", "month"]
+Group = Literal["platform", "industry", "organisation", "tenant", "model"]
+
+
+class PotentialSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    potential: float = Field(gt=0, le=1e12)
+    """How many organisations of the industry could adopt."""
+    source: str = Field(default="", max_length=1000)
+    """Where the figure comes from (a survey, a register), shown beside it."""
+
+
+class PotentialsPublic(BaseModel):
+    data: list[potentials.PotentialPublic]
+    count: int
+
+
+def _flushed(request: Request):
+    """The database, with the usage records made up to now written."""
+    state = request.app.state
+    try:
+        state.recorder.flush()
+    except Exception:  # the background writer will retry; report what is stored
+        log.exception("flushing usage records before an analytics query failed")
+    return state.registry.engine
+
+
+@router.get("/adoption", responses=error_responses(router.prefix, 400, 403))
+async def adoption(
+    key: MaintainerKey,
+    request: Request,
+    group_by: Group = "industry",
+    period: Period = "month",
+    min_requests: Annotated[int, Query(ge=1, le=10**9)] = 1,
+    retention_after: Annotated[int, Query(ge=1, le=520)] = 1,
+    since: date | None = None,
+    until: date | None = None,
+) -> report.AdoptionPublic:
+    """Active and adopted tenants, requests, tokens, depth, task shares and retention per
+    group and period; penetration where the industry's potential is set."""
+    engine = _flushed(request)
+    return await run_in_threadpool(
+        report.adoption_report,
+        engine,
+        key,
+        group_by=group_by,
+        period=period,
+        min_requests=min_requests,
+        retention_after=retention_after,
+        since=since,
+        until=until,
+    )
+
+
+@router.get("/forecast", responses=error_responses(router.prefix, 400, 403, 404))
+async def forecast(
+    key: MaintainerKey,
+    request: Request,
+    industry: Annotated[str, Query(max_length=32)] = "platform",
+    horizon: Annotated[int, Query(ge=1, le=120)] = 12,
+    period: Period = "month",
+    min_requests: Annotated[int, Query(ge=1, le=10**9)] = 1,
+    shock_at: Annotated[str | None, Query(max_length=16)] = None,
+) -> report.ForecastPublic:
+    """Every diffusion curve fitted to the industry's adopters (``platform``: all), the one
+    the backtest chose, its intervals and landmarks, and the forecast with its band."""
+    engine = _flushed(request)
+    return await run_in_threadpool(
+        report.forecast_report,
+        engine,
+        key,
+        industry,
+        horizon=horizon,
+        period=period,
+        min_requests=min_requests,
+        shock_at=shock_at,
+    )
+
+
+@router.get("/potentials", responses=error_responses(router.prefix, 403))
+def list_potentials(key: MaintainerKey, request: Request) -> PotentialsPublic:
+    data = potentials.list_potentials(request.app.state.registry.engine)
+    return PotentialsPublic(data=data, count=len(data))
+
+
+@router.put("/potentials/{industry}", responses=error_responses(router.prefix, 400, 403))
+def set_potential(
+    industry: str, body: PotentialSet, key: AdminKey, request: Request
+) -> potentials.PotentialPublic:
+    """Set how many organisations of an industry could adopt (the Bass model's m)."""
+    return potentials.set_potential(
+        request.app.state.registry.engine, industry, body.potential, body.source
+    )

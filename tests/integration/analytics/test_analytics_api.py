@@ -1,0 +1,122 @@
+"""/api/v1/analytics over HTTP on a year of synthetic usage: adoption per group, a forecast
+with its intervals, market potentials, a maintainer's view of its own subtree, and errors in
+the API's shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from maas.analytics import demo_usage
+from maas.auth.principal import Role
+from tests.integration.conftest import bearer
+
+
+@pytest.fixture
+def usage(app_client):
+    engine = app_client.app.state.registry.engine
+    written = demo_usage.fill(engine, industries=4, scale=0.3, seed=1)
+    assert written > 1000
+    return engine
+
+
+def test_adoption_per_industry_and_week(app_client, make_key, usage):
+    admin = bearer(make_key(Role.admin))
+    answer = app_client.get(
+        "/api/v1/analytics/adoption",
+        params={"group_by": "industry", "period": "week", "min_requests": 2},
+        headers=admin,
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    groups = {g["group"]: g for g in body["data"]}
+    assert set(groups) == {"finance", "healthcare", "manufacturing", "retail"}
+    retail = groups["retail"]
+    assert retail["potential"] > 0 and retail["potential_source"] == "demo: a survey"
+    last = retail["periods"][-1]
+    assert last["penetration"] == pytest.approx(last["adopted"] / retail["potential"])
+    assert groups["finance"]["potential"] is None
+    assert demo_usage.WEEKS - 3 <= len(retail["periods"]) <= demo_usage.WEEKS
+    adopted = [p["adopted"] for p in retail["periods"]]
+    assert adopted == sorted(adopted) and adopted[-1] > 5
+    assert set(last["tasks"]) <= {"unknown"}  # the demo's model names are not registered
+    assert 0 < retail["retention"] <= 1
+
+
+def test_a_forecast_with_a_shock_has_intervals_and_landmarks(app_client, make_key, usage):
+    admin = bearer(make_key(Role.admin))
+    weeks = app_client.get(
+        "/api/v1/analytics/adoption", params={"period": "week"}, headers=admin
+    ).json()["data"][0]["periods"]
+    shock = weeks[demo_usage.CAMPAIGN[1]]["period"]
+    answer = app_client.get(
+        "/api/v1/analytics/forecast",
+        params={"industry": "finance", "period": "week", "horizon": 12, "shock_at": shock},
+        headers=admin,
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    names = [c["model"] for c in body["candidates"]]
+    assert names == ["bass", "generalized-bass", "logistic", "gompertz"]
+    assert body["chosen"] in names and len(body["forecast"]) == 12
+    assert set(body["intervals_covariance"]) == set(body["params"])
+    assert set(body["intervals_bootstrap"]) == set(body["params"])
+    for point in body["forecast"]:
+        assert point["low"] <= point["adopted"] <= point["high"]
+    assert body["observed"][-1]["adopted"] <= body["forecast"][0]["adopted"]
+    assert set(body["landmarks"]) == {"peak", "half", "ninety"}
+    assert any(n.startswith(f"{body['chosen']} chosen") for n in body["notes"])
+
+
+def test_a_maintainer_sees_its_organisation_and_departments_only(app_client, make_key, usage):
+    own = bearer(make_key(Role.maintainer, tenant="finance-000"))
+    answer = app_client.get(
+        "/api/v1/analytics/adoption", params={"group_by": "tenant"}, headers=own
+    )
+    assert answer.status_code == 200, answer.text
+    seen = {g["group"] for g in answer.json()["data"]}
+    assert seen and seen <= {"finance-000", "finance-000-analytics"}
+    user = bearer(make_key(Role.user, tenant="finance-000"))
+    assert app_client.get("/api/v1/analytics/adoption", headers=user).status_code == 403
+
+
+def test_potentials_are_set_by_admins_and_shown_as_penetration(app_client, make_key, usage):
+    admin = bearer(make_key(Role.admin))
+    put = app_client.put(
+        "/api/v1/analytics/potentials/finance",
+        json={"potential": 400, "source": "national register"},
+        headers=admin,
+    )
+    assert put.status_code == 200, put.text
+    listed = app_client.get("/api/v1/analytics/potentials", headers=admin).json()["data"]
+    assert {"industry": "finance", "potential": 400.0, "source": "national register"}.items() <= {
+        k: v for k, v in next(p for p in listed if p["industry"] == "finance").items()
+    }.items()
+    groups = app_client.get("/api/v1/analytics/adoption", headers=admin).json()["data"]
+    finance = next(g for g in groups if g["group"] == "finance")
+    assert finance["periods"][-1]["penetration"] == pytest.approx(
+        finance["periods"][-1]["adopted"] / 400
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "body", "status", "param"),
+    [
+        ("GET", "forecast", {"industry": "energy"}, None, 404, "industry"),
+        ("GET", "forecast", {"industry": "finance", "shock_at": "1999-01"}, None, 400,
+         "shock_at"),
+        ("GET", "forecast", {"horizon": 0}, None, 400, "horizon"),
+        ("GET", "adoption", {"group_by": "country"}, None, 400, "group_by"),
+        ("GET", "adoption", {"period": "day"}, None, 400, "period"),
+        ("PUT", "potentials/atlantis", None, {"potential": 3}, 400, "industry"),
+        ("PUT", "potentials/retail", None, {"potential": -3}, 400, "potential"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_errors_in_the_api_shape(
+    app_client, make_key, usage, method, path, params, body, status, param
+):
+    admin = bearer(make_key(Role.admin))
+    answer = app_client.request(
+        method, f"/api/v1/analytics/{path}", params=params, json=body, headers=admin
+    )
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["param"] == param
