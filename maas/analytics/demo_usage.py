@@ -14,6 +14,7 @@ size, as an operator who surveyed them would (``maas analytics potential``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -53,8 +54,8 @@ def markets(count: int, seed: int = 0) -> list[Market]:
     return [
         Market(
             industry=INDUSTRIES[i % len(INDUSTRIES)],
-            p=float(rng.uniform(0.002, 0.012)),
-            q=float(rng.uniform(0.06, 0.16)),
+            p=float(rng.uniform(0.001, 0.006)),
+            q=float(rng.uniform(0.05, 0.14)),
             m=int(rng.integers(30, 200)),
             requests_per_week=float(rng.uniform(2, 12)),
         )
@@ -80,6 +81,13 @@ def adoption_weeks(market: Market, rng: np.random.Generator) -> list[int]:
     return weeks.tolist()
 
 
+def filled(engine: Engine) -> bool:
+    """Whether the demo's tenants are there already (filling twice would double them)."""
+    with engine.connect() as connection:
+        first = f"{INDUSTRIES[0]}-000"
+        return connection.scalar(select(Tenant.id).where(Tenant.name == first)) is not None
+
+
 def fill(
     engine: Engine,
     *,
@@ -87,6 +95,7 @@ def fill(
     industries: int = len(INDUSTRIES),
     scale: float = 1.0,
     seed: int = 0,
+    on_industry: Callable[[], None] | None = None,
 ) -> int:
     """Tenants and a year of usage records from ``start``; returns the records written.
     ``scale`` multiplies the requests (the benchmark's million records)."""
@@ -110,6 +119,8 @@ def fill(
         written += _write(engine, batch)
         if market.industry in SURVEYED:
             potentials.set_potential(engine, market.industry, market.m, "demo: a survey")
+        if on_industry is not None:
+            on_industry()
     return written
 
 

@@ -85,6 +85,8 @@ class ObservedPublic(BaseModel):
     period: str
     new_adopters: float
     adopted: float
+    fitted: float
+    """Adopters by then as the chosen curve has it (its increments, accumulated)."""
 
 
 class ForecastPublic(BaseModel):
@@ -286,8 +288,10 @@ def _forecast_public(target, outlook, labels, unit, min_requests) -> ForecastPub
         potential=potential,
         potential_source=target.potential_source,
         observed=[
-            ObservedPublic(period=p.period, new_adopters=p.new_adopters, adopted=float(a))
-            for p, a in zip(target.periods, adopted, strict=True)
+            ObservedPublic(
+                period=p.period, new_adopters=p.new_adopters, adopted=float(a), fitted=float(f)
+            )
+            for p, a, f in zip(target.periods, adopted, np.cumsum(chosen.fitted), strict=True)
         ],
         candidates=[_candidate_public(c) for c in outlook.candidates],
         chosen=outlook.chosen.name,

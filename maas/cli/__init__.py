@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from maas.cli import access, db, demo, generate, jobs, models, optimize, server
+from maas.cli import access, analytics, db, demo, generate, jobs, models, optimize, server
 from maas.cli.output import err_console
 from maas.errors import MaasError
 
@@ -29,6 +29,9 @@ app.add_typer(jobs.app, name="jobs")
 app.command("worker")(jobs.worker)
 app.command("optimize")(optimize.optimize)
 app.command("usage")(access.usage)
+app.command("adoption")(analytics.adoption)
+app.command("forecast")(analytics.forecast)
+app.add_typer(analytics.app, name="analytics")
 app.command("generate")(generate.generate)
 app.command("chat")(generate.chat)
 app.command("serve")(server.serve)

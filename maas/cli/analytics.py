@@ -1,0 +1,174 @@
+"""``maas adoption``, ``maas forecast`` and ``maas analytics potential``: adoption analytics,
+local, straight on the database (whoever can read MAAS_HOME sees every tenant)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from maas.analytics import adoption as measures
+from maas.analytics import potentials, report
+from maas.cli.context import open_registry
+from maas.cli.output import console
+
+app = typer.Typer(help="Adoption analytics: market potentials.", no_args_is_help=True)
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+
+PeriodOption = Annotated[str, typer.Option(help="Period: week or month.")]
+MinRequestsOption = Annotated[
+    int, typer.Option(help="Successful requests in a period that make a tenant active.")
+]
+
+
+def sparkline(values: list[float]) -> str:
+    """Values as a line of block characters, lowest to highest."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(BLOCKS[round((v - low) / span * (len(BLOCKS) - 1))] for v in values)
+
+
+def adoption(
+    by: Annotated[str, typer.Option(help=f"Group by: {', '.join(measures.GROUPS)}.")] = "industry",
+    period: PeriodOption = "month",
+    min_requests: MinRequestsOption = 1,
+    retention_after: Annotated[
+        int, typer.Option(help="Retention: active again this many periods after adopting.")
+    ] = 1,
+) -> None:
+    """Adopters, active tenants, penetration, depth and retention per group."""
+    with open_registry() as registry:
+        result = report.adoption_report(
+            registry.engine,
+            None,
+            group_by=by,
+            period=period,
+            min_requests=min_requests,
+            retention_after=retention_after,
+        )
+    table = Table(
+        by, "adopted", f"active ({period})", "penetration", "requests/active", "retention",
+        f"adopters, {period} by {period}",
+    )  # fmt: skip
+    for group in result.data:
+        last = group.periods[-1]
+        table.add_row(
+            group.group,
+            str(last.adopted),
+            str(last.active),
+            f"{last.penetration:.1%}" if last.penetration is not None else "-",
+            f"{last.depth:.1f}" if last.depth is not None else "-",
+            f"{group.retention:.0%}" if group.retention is not None else "-",
+            sparkline([p.adopted for p in group.periods]),
+        )
+    console.print(table)
+    if result.data:
+        console.print(
+            f"{result.data[0].periods[0].period} to {result.data[0].periods[-1].period}; "
+            f"active: at least {min_requests} successful requests in the {period}"
+        )
+
+
+def forecast(
+    industry: Annotated[str, typer.Argument(help="An industry, or 'platform' for all.")],
+    horizon: Annotated[int, typer.Option(help="Periods to forecast.")] = 12,
+    period: PeriodOption = "month",
+    min_requests: MinRequestsOption = 1,
+    shock_at: Annotated[
+        str | None,
+        typer.Option(help="Period of a shock (a campaign, a price cut): fits generalized Bass."),
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the chart here (.png or .svg).")] = None,
+) -> None:
+    """Fit diffusion curves to an industry's adopters and forecast them, with intervals."""
+    from maas.analytics import chart
+
+    if plot is not None:
+        chart.check_path(plot)
+    with open_registry() as registry:
+        result = report.forecast_report(
+            registry.engine,
+            None,
+            industry,
+            horizon=horizon,
+            period=period,
+            min_requests=min_requests,
+            shock_at=shock_at,
+        )
+    _print_forecast(result)
+    if plot is not None:
+        console.print(f"wrote {chart.write(result, plot)}")
+
+
+def _print_forecast(result: report.ForecastPublic) -> None:
+    observed = [p.adopted for p in result.observed]
+    console.print(
+        f"[bold]{result.group}[/bold]: {observed[-1]:.0f} adopters by {result.observed[-1].period} "
+        f"{sparkline(observed)}"
+    )
+    models = Table("model", "parameters", "AIC", "backtest MAPE", "backtest RMSE", "note")
+    for c in result.candidates:
+        chosen = " (chosen)" if c.model == result.chosen else ""
+        models.add_row(
+            c.model + chosen,
+            ", ".join(f"{k}={v:.4g}" for k, v in (c.params or {}).items()),
+            f"{c.aic:.1f}" if c.aic is not None else "-",
+            f"{c.backtest.mape:.1f}%" if c.backtest else "-",
+            f"{c.backtest.rmse:.2f}" if c.backtest else "-",
+            c.why_not or "; ".join(c.warnings),
+        )
+    console.print(models)
+    level = f"{result.confidence:.0%}"
+    params = Table("parameter", "estimate", f"{level} (covariance)", f"{level} (bootstrap)")
+    for name, value in result.params.items():
+        cov, boot = result.intervals_covariance.get(name), result.intervals_bootstrap.get(name)
+        params.add_row(name, f"{value:.4g}", _interval(cov), _interval(boot))
+    console.print(params)
+    marks = {k: v.period or "beyond the horizon" for k, v in result.landmarks.items()}
+    console.print(
+        f"peak of new adoption: {marks['peak']}; 50% of m: {marks['half']}; "
+        f"90% of m: {marks['ninety']}"
+    )
+    ahead = Table("period", "adopters", f"{level} interval", "penetration")
+    for point in result.forecast:
+        ahead.add_row(
+            point.period,
+            f"{point.adopted:.1f}",
+            f"{point.low:.1f} to {point.high:.1f}",
+            f"{point.penetration:.1%}" if point.penetration is not None else "-",
+        )
+    console.print(ahead)
+    for note in result.notes:
+        console.print(f"[dim]{note}[/dim]")
+
+
+def _interval(bounds: tuple[float, float] | None) -> str:
+    return f"{bounds[0]:.4g} to {bounds[1]:.4g}" if bounds else "-"
+
+
+@app.command("potential")
+def set_potential(
+    industry: Annotated[str, typer.Argument(help="The industry.")],
+    potential: Annotated[float, typer.Argument(help="How many organisations could adopt.")],
+    source: Annotated[str, typer.Option(help="Where the figure comes from.")] = "",
+) -> None:
+    """Set an industry's market potential (the Bass model's m; penetration's denominator)."""
+    with open_registry() as registry:
+        record = potentials.set_potential(registry.engine, industry, potential, source)
+    console.print(f"{record.industry}: potential {record.potential:g} ({record.source or '-'})")
+
+
+@app.command("potentials")
+def list_potentials() -> None:
+    """The market potentials set so far."""
+    with open_registry() as registry:
+        records = potentials.list_potentials(registry.engine)
+    table = Table("industry", "potential", "source", "updated")
+    for r in records:
+        table.add_row(r.industry, f"{r.potential:g}", r.source, r.updated_at.isoformat())
+    console.print(table)

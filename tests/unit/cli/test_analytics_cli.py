@@ -1,0 +1,70 @@
+"""maas demo --usage, maas adoption, maas forecast (with a chart) and maas analytics
+potential, in this process on a fresh home."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from maas.analytics import demo_usage
+
+
+@pytest.fixture
+def filled(cli, monkeypatch):
+    small = functools.partial(demo_usage.fill, industries=4, scale=0.3, seed=2)
+    monkeypatch.setattr(demo_usage, "fill", small)  # a quarter of the demo, for speed
+    code, out, err = cli("demo", "--usage")
+    assert code == 0, err
+    assert "usage records" in out
+    assert "already" in cli("demo", "--usage")[1]  # never filled twice
+    return cli
+
+
+def test_adoption_is_a_table_of_industries(filled):
+    code, out, err = filled("adoption", "--period", "week", "--min-requests", "2")
+    assert code == 0, err
+    for industry in ("finance", "healthcare", "manufacturing", "retail"):
+        assert industry in out
+    assert "at least 2 successful requests in the week" in out
+    assert any(block in out for block in "▂▃▄▅▆▇█")  # the sparkline
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg"])
+def test_a_forecast_prints_its_models_and_writes_a_chart(filled, tmp_path, suffix):
+    chart = tmp_path / f"finance{suffix}"
+    code, out, err = filled(
+        "forecast", "finance", "--period", "week", "--horizon", "6", "--plot", str(chart)
+    )
+    assert code == 0, err
+    assert "(chosen)" in out and "90% (covariance)" in out and "90% (bootstrap)" in out
+    assert "peak of new adoption" in out and f"wrote {chart}" in out
+    head = chart.read_bytes()[:200]
+    assert head.startswith(b"\x89PNG") if suffix == ".png" else b"<svg" in head or b"<?xml" in head
+    assert chart.stat().st_size > 10_000
+
+
+def test_potentials_are_set_and_listed(filled):
+    code, out, err = filled("analytics", "potential", "finance", "300", "--source", "register")
+    assert code == 0, err
+    assert "finance: potential 300 (register)" in out
+    code, out, _ = filled("analytics", "potentials")
+    assert "finance" in out and "register" in out
+    code, out, _ = filled("adoption")
+    assert "%" in out  # penetration now shows for finance
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("forecast", "atlantis"), "no adoption recorded in 'atlantis'"),
+        (("forecast", "finance", "--plot", "chart.gif"), "a chart is a .png or .svg file"),
+        (("forecast", "finance", "--horizon", "0"), "horizon is 1 to 120 periods"),
+        (("adoption", "--by", "country"), "group_by is one of"),
+        (("analytics", "potential", "atlantis", "5"), "unknown industry 'atlantis'"),
+        (("analytics", "potential", "retail", "0"), "a positive number of organisations"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr(cli, args, says):
+    code, _, err = cli(*args)
+    assert code == 1 and says in err and "Traceback" not in err
