@@ -94,16 +94,24 @@ class Fit:
         return dict(zip(self.curve.names, map(float, self.theta), strict=True))
 
     def intervals(self, confidence: float = CONFIDENCE) -> dict[str, tuple[float, float]]:
-        """Each fitted parameter's interval from the covariance (none if it is unknown)."""
+        """Each fitted parameter's interval from the covariance (none if it is unknown), cut
+        to the parameter's range (a symmetric interval can reach below an m that the
+        adopters so far already bound)."""
         if self.covariance is None:
             return {}
         quantile = stats.t.ppf(0.5 + confidence / 2, self.n - self.k)
         errors = np.sqrt(np.diag(self.covariance))
-        names = [n for n, free in zip(self.curve.names, self.free, strict=True) if free]
-        values = self.theta[self.free]
+        low, high = self.curve.bounds(float(self.observed.sum()))
         return {
-            name: (float(v - quantile * e), float(v + quantile * e))
-            for name, v, e in zip(names, values, errors, strict=True)
+            name: (float(max(v - quantile * e, lo)), float(min(v + quantile * e, hi)))
+            for name, v, e, lo, hi in zip(
+                (n for n, free in zip(self.curve.names, self.free, strict=True) if free),
+                self.theta[self.free],
+                errors,
+                np.asarray(low)[self.free],
+                np.asarray(high)[self.free],
+                strict=True,
+            )
         }
 
 

@@ -182,8 +182,6 @@ def forecast_report(
 ) -> ForecastPublic:
     """The forecast of ``industry``'s adopters (``platform``: every tenant). A series too
     young for its own Bass fit takes p and q from the pooled fit of every industry."""
-    from maas.analytics import forecast
-
     if not 1 <= horizon <= 120:
         raise InvalidRequest("horizon is 1 to 120 periods", param="horizon")
     industries = {
@@ -196,6 +194,39 @@ def forecast_report(
         target = industries.get(industry)
     if target is None:
         raise NotFound(f"no adoption recorded in {industry!r}", param="industry")
+    pooling = _Pooling(industries)
+    return _forecast(target, pooling, horizon, period, min_requests, shock_at, draws)
+
+
+def forecast_industries(
+    engine: Engine,
+    viewer: Principal | None,
+    *,
+    horizon: int = 12,
+    period: str = "month",
+    min_requests: int = 1,
+    draws: int = 200,
+) -> dict[str, ForecastPublic | str]:
+    """Every industry's forecast (or why it has none), from one read of the usage records
+    and one pooled fit."""
+    if not 1 <= horizon <= 120:
+        raise InvalidRequest("horizon is 1 to 120 periods", param="horizon")
+    industries = {
+        g.group: g for g in _groups(engine, viewer, "industry", period, min_requests, 1, None, None)
+    }
+    pooling = _Pooling(industries)
+    results: dict[str, ForecastPublic | str] = {}
+    for name, group in industries.items():
+        try:
+            results[name] = _forecast(group, pooling, horizon, period, min_requests, None, draws)
+        except InvalidRequest as error:
+            results[name] = error.message
+    return results
+
+
+def _forecast(target, pooling, horizon, period, min_requests, shock_at, draws) -> ForecastPublic:
+    from maas.analytics import forecast
+
     labels = [p.period for p in target.periods]
     observed = np.array([p.new_adopters for p in target.periods], dtype=float)
     options = {
@@ -208,29 +239,38 @@ def forecast_report(
             outlook = forecast.outlook(observed, horizon, **options)
         except forecast.CannotFit:
             outlook = None
-        if _wants_pooled(outlook, observed):
-            outlook = _pooled(industries, observed, horizon, options) or outlook
+        if _wants_pooled(outlook, observed) and pooling.p_and_q() is not None:
+            outlook = forecast.outlook(observed, horizon, pooled=pooling.p_and_q(), **options)
         if outlook is None:  # say why, curve by curve
             outlook = forecast.outlook(observed, horizon, **options)
     except forecast.CannotFit as error:
-        raise InvalidRequest(f"cannot forecast {industry}: {error}", param="industry") from None
+        raise InvalidRequest(f"cannot forecast {target.group}: {error}", param="industry") from None
     return _forecast_public(target, outlook, labels, period, min_requests)
 
 
-def _pooled(industries, observed, horizon, options):
-    """The outlook with Bass's p and q from every industry's series together; None when
-    fewer than two industries have adopters."""
-    from maas.analytics import forecast
+class _Pooling:
+    """Bass's p and q from every industry's series together, fitted once when first asked;
+    None when fewer than two industries have adopters."""
 
-    series = {
-        name: np.array([p.new_adopters for p in g.periods], dtype=float)
-        for name, g in industries.items()
-    }
-    try:
-        pooled = forecast.pooled_bass(series)
-    except forecast.CannotFit:
-        return None
-    return forecast.outlook(observed, horizon, pooled=pooled, **options)
+    def __init__(self, industries) -> None:
+        self._industries = industries
+        self._fitted = False
+        self._p_and_q: tuple[float, float] | None = None
+
+    def p_and_q(self) -> tuple[float, float] | None:
+        from maas.analytics import forecast
+
+        if not self._fitted:
+            self._fitted = True
+            series = {
+                name: np.array([p.new_adopters for p in g.periods], dtype=float)
+                for name, g in self._industries.items()
+            }
+            try:
+                self._p_and_q = forecast.pooled_bass(series)
+            except forecast.CannotFit:
+                self._p_and_q = None
+        return self._p_and_q
 
 
 def _wants_pooled(outlook, observed: np.ndarray) -> bool:

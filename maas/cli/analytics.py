@@ -75,7 +75,12 @@ def adoption(
 
 
 def forecast(
-    industry: Annotated[str, typer.Argument(help="An industry, or 'platform' for all.")],
+    industry: Annotated[
+        str,
+        typer.Argument(
+            help="An industry; 'platform' for every tenant; 'all' for a summary of each industry."
+        ),
+    ],
     horizon: Annotated[int, typer.Option(help="Periods to forecast.")] = 12,
     period: PeriodOption = "month",
     min_requests: MinRequestsOption = 1,
@@ -88,6 +93,9 @@ def forecast(
     """Fit diffusion curves to an industry's adopters and forecast them, with intervals."""
     from maas.analytics import chart
 
+    if industry == "all":
+        _forecast_all(horizon, period, min_requests)
+        return
     if plot is not None:
         chart.check_path(plot)
     with open_registry() as registry:
@@ -103,6 +111,37 @@ def forecast(
     _print_forecast(result)
     if plot is not None:
         console.print(f"wrote {chart.write(result, plot)}")
+
+
+def _forecast_all(horizon: int, period: str, min_requests: int) -> None:
+    with open_registry() as registry:
+        results = report.forecast_industries(
+            registry.engine, None, horizon=horizon, period=period, min_requests=min_requests
+        )
+    table = Table(
+        "industry", "curve", "adopters", "m (90%)", "peak", f"in {horizon} {period}s (90%)",
+        "note",
+    )  # fmt: skip
+    for name, result in sorted(results.items()):
+        if isinstance(result, str):
+            table.add_row(name, "-", "-", "-", "-", "-", result)
+            continue
+        m = result.params.get("m")
+        m_range = result.intervals_covariance.get("m")
+        last = result.forecast[-1]
+        table.add_row(
+            name,
+            result.chosen,
+            f"{result.observed[-1].adopted:.0f}",
+            f"{m:.0f}" + (f" ({_interval(m_range)})" if m_range else " (set)"),
+            result.landmarks["peak"].period or "-",
+            f"{last.adopted:.0f} ({last.low:.0f} to {last.high:.0f})",
+            "pooled p, q"
+            if result.chosen == "bass"
+            and result.params.keys() - (result.intervals_covariance.keys()) >= {"p", "q"}
+            else "",
+        )
+    console.print(table)
 
 
 def _print_forecast(result: report.ForecastPublic) -> None:

@@ -10,6 +10,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -201,6 +202,20 @@ class UsageRecord(Base):
     """One request, as metered. Tenant and industry are copied so history stays as it was."""
 
     __tablename__ = "usage_records"
+    __table_args__ = (
+        # covers what adoption analytics reads, so its aggregation scans the index, not the
+        # table (1.2 s instead of 1.5 to 1.7 s for 926,000 records; bench/analytics.py)
+        Index(
+            "ix_usage_records_adoption",
+            "tenant",
+            "model",
+            "day",
+            "status",
+            "industry",
+            "prompt_tokens",
+            "completion_tokens",
+        ),
+    )
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True

@@ -1,5 +1,5 @@
-"""Adoption analytics: departments (a tenant's parent organisation) and the market potential
-of each industry.
+"""Adoption analytics: departments (a tenant's parent organisation), the market potential of
+each industry, and an index covering what the adoption aggregation reads.
 
 Revision ID: 0008
 Revises: 0007
@@ -30,9 +30,17 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("industry", name=op.f("pk_market_potentials")),
     )
+    with op.batch_alter_table("usage_records", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_usage_records_adoption",
+            ["tenant", "model", "day", "status", "industry", "prompt_tokens", "completion_tokens"],
+            unique=False,
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("usage_records", schema=None) as batch_op:
+        batch_op.drop_index("ix_usage_records_adoption")
     op.drop_table("market_potentials")
     with op.batch_alter_table("tenants", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("fk_tenants_parent_id_tenants"), type_="foreignkey")
