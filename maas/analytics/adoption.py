@@ -91,6 +91,10 @@ class GroupAdoption:
 
 
 def period_label(period: int, unit: str) -> str:
+    """The name of period number ``period``: weeks since 1970-01-05, months since year 0, or
+    (for imported series) a year."""
+    if unit == "year":
+        return f"{period:04d}"
     if unit == "week":
         year, week, _ = (MONDAY + timedelta(weeks=period)).isocalendar()
         return f"{year}-W{week:02d}"

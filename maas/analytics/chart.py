@@ -47,7 +47,11 @@ def write(result: ForecastPublic, path: Path) -> Path:
         axes.axvline(labels.index(peak), color="tab:red", lw=0.8, label=f"peak ({peak})")
     step = max(1, len(labels) // TICKS)
     axes.set_xticks(range(0, len(labels), step), labels[::step], rotation=30, ha="right")
-    axes.set_ylabel(f"adopters (active: {result.min_requests}+ requests in a {result.period})")
+    if result.source == "usage records":
+        what = f"adopters (active: {result.min_requests}+ requests in a {result.period})"
+    else:
+        what = f"{result.measure}, as {result.source} publishes it"
+    axes.set_ylabel(what)
     axes.set_title(f"Adoption of {result.group}: {result.chosen} forecast")
     axes.legend(loc="upper left", fontsize=8)
     axes.grid(alpha=0.3)

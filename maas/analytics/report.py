@@ -92,6 +92,9 @@ class ObservedPublic(BaseModel):
 class ForecastPublic(BaseModel):
     group: str
     source: str
+    """``usage records``, or the publisher of an imported series."""
+    measure: str
+    """``adopters`` (organisations), or ``share`` (0 to 1) for an imported share series."""
     period: str
     min_requests: int
     confidence: float
@@ -179,11 +182,15 @@ def forecast_report(
     min_requests: int = 1,
     shock_at: str | None = None,
     draws: int = 200,
+    source: str | None = None,
 ) -> ForecastPublic:
-    """The forecast of ``industry``'s adopters (``platform``: every tenant). A series too
-    young for its own Bass fit takes p and q from the pooled fit of every industry."""
+    """The forecast of ``industry``'s adopters (``platform``: every tenant), or of the series
+    ``source`` published for it (``maas analytics import``). A usage series too young for its
+    own Bass fit takes p and q from the pooled fit of every industry."""
     if not 1 <= horizon <= 120:
         raise InvalidRequest("horizon is 1 to 120 periods", param="horizon")
+    if source is not None:
+        return _forecast_imported(engine, industry, source, horizon, shock_at, draws)
     industries = {
         g.group: g for g in _groups(engine, viewer, "industry", period, min_requests, 1, None, None)
     }
@@ -222,6 +229,38 @@ def forecast_industries(
         except InvalidRequest as error:
             results[name] = error.message
     return results
+
+
+def _forecast_imported(engine, industry, source, horizon, shock_at, draws) -> ForecastPublic:
+    """An imported series' forecast: its cumulative figures as new adopters per period."""
+    from maas.analytics import forecast, series
+
+    found = [s for s in series.load(engine, industry) if s.source == source]
+    if not found:
+        raise NotFound(f"no series of {industry!r} from {source!r}", param="source")
+    imported = found[0]
+    unit = series._kind(imported.periods[0])
+    cumulative = np.array(imported.values, dtype=float)
+    increments = np.diff(cumulative, prepend=0.0)
+    target = adoption.GroupAdoption(
+        group=industry,
+        potential=None,
+        potential_source=None,
+        periods=[
+            adoption.PeriodFigures(label, 0, float(total), float(new), 0, 0, 0, None, None, {})
+            for label, total, new in zip(imported.periods, cumulative, increments, strict=True)
+        ],
+        retention=None,
+        retention_cohort=0,
+    )
+    options = {"shock_at": _shock_period(shock_at, imported.periods), "draws": draws}
+    try:
+        outlook = forecast.outlook(increments, horizon, **options)
+    except forecast.CannotFit as error:
+        raise InvalidRequest(f"cannot forecast {industry}: {error}", param="source") from None
+    return _forecast_public(
+        target, outlook, imported.periods, unit, 0, source=source, measure=imported.measure
+    )
 
 
 def _forecast(target, pooling, horizon, period, min_requests, shock_at, draws) -> ForecastPublic:
@@ -293,7 +332,9 @@ def _shock_period(shock_at: str | None, labels: list[str]) -> float | None:
     return float(labels.index(shock_at) + 1)
 
 
-def _forecast_public(target, outlook, labels, unit, min_requests) -> ForecastPublic:
+def _forecast_public(
+    target, outlook, labels, unit, min_requests, source="usage records", measure="adopters"
+) -> ForecastPublic:
     chosen = outlook.chosen.fit
     potential = target.potential
     first = _period_number(labels[0], unit)
@@ -321,7 +362,8 @@ def _forecast_public(target, outlook, labels, unit, min_requests) -> ForecastPub
     ]
     return ForecastPublic(
         group=target.group,
-        source="usage records",
+        source=source,
+        measure=measure,
         period=unit,
         min_requests=min_requests,
         confidence=result.confidence,
@@ -359,6 +401,8 @@ def _candidate_public(candidate) -> CandidatePublic:
 
 
 def _period_number(label: str, unit: str) -> int:
+    if unit == "year":
+        return int(label)
     if unit == "month":
         year, month = label.split("-")
         return int(year) * 12 + int(month) - 1

@@ -89,6 +89,10 @@ def forecast(
         typer.Option(help="Period of a shock (a campaign, a price cut): fits generalized Bass."),
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the chart here (.png or .svg).")] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(help="Forecast the series this source published (maas analytics import)."),
+    ] = None,
 ) -> None:
     """Fit diffusion curves to an industry's adopters and forecast them, with intervals."""
     from maas.analytics import chart
@@ -107,6 +111,7 @@ def forecast(
             period=period,
             min_requests=min_requests,
             shock_at=shock_at,
+            source=source,
         )
     _print_forecast(result)
     if plot is not None:
@@ -146,9 +151,13 @@ def _forecast_all(horizon: int, period: str, min_requests: int) -> None:
 
 def _print_forecast(result: report.ForecastPublic) -> None:
     observed = [p.adopted for p in result.observed]
+    if result.measure == "adopters":
+        figure = f"{observed[-1]:.0f} adopters"
+    else:
+        figure = f"a share of {observed[-1]:.3g}"
     console.print(
-        f"[bold]{result.group}[/bold]: {observed[-1]:.0f} adopters by {result.observed[-1].period} "
-        f"{sparkline(observed)}"
+        f"[bold]{result.group}[/bold] ({result.source}): {figure} by "
+        f"{result.observed[-1].period} {sparkline(observed)}"
     )
     models = Table("model", "parameters", "AIC", "backtest MAPE", "backtest RMSE", "note")
     for c in result.candidates:
@@ -173,12 +182,13 @@ def _print_forecast(result: report.ForecastPublic) -> None:
         f"peak of new adoption: {marks['peak']}; 50% of m: {marks['half']}; "
         f"90% of m: {marks['ninety']}"
     )
-    ahead = Table("period", "adopters", f"{level} interval", "penetration")
+    shown = "{:.1f}" if result.measure == "adopters" else "{:.3f}"
+    ahead = Table("period", result.measure, f"{level} interval", "penetration")
     for point in result.forecast:
         ahead.add_row(
             point.period,
-            f"{point.adopted:.1f}",
-            f"{point.low:.1f} to {point.high:.1f}",
+            shown.format(point.adopted),
+            f"{shown.format(point.low)} to {shown.format(point.high)}",
             f"{point.penetration:.1%}" if point.penetration is not None else "-",
         )
     console.print(ahead)
@@ -210,4 +220,40 @@ def list_potentials() -> None:
     table = Table("industry", "potential", "source", "updated")
     for r in records:
         table.add_row(r.industry, f"{r.potential:g}", r.source, r.updated_at.isoformat())
+    console.print(table)
+
+
+@app.command("import")
+def import_series(
+    path: Annotated[Path, typer.Argument(help="CSV: period, industry, adopters or share, source.")],
+) -> None:
+    """Import published adoption figures, to forecast with maas forecast INDUSTRY --source S."""
+    from maas.analytics import series
+    from maas.errors import InvalidRequest
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidRequest(f"cannot read {path}: {error}") from None
+    points = series.parse(text)
+    with open_registry() as registry:
+        stored = series.store(registry.engine, points)
+    for s in stored:
+        console.print(
+            f"{s.industry} from {s.source!r}: {len(s.periods)} {s.measure} figures, "
+            f"{s.periods[0]} to {s.periods[-1]}"
+        )
+
+
+@app.command("series")
+def list_series() -> None:
+    """The imported adoption series."""
+    from maas.analytics import series
+
+    with open_registry() as registry:
+        found = series.load(registry.engine)
+    table = Table("industry", "source", "measure", "periods", "latest")
+    for s in found:
+        periods = f"{s.periods[0]} to {s.periods[-1]}"
+        table.add_row(s.industry, s.source, s.measure, periods, f"{s.values[-1]:g}")
     console.print(table)

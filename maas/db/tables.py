@@ -248,6 +248,24 @@ class MarketPotential(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+class AdoptionPoint(Base):
+    """One period of a published adoption series (``maas analytics import``): how many
+    organisations of an industry had adopted by then, or what share of them, and who says so."""
+
+    __tablename__ = "adoption_points"
+    __table_args__ = (UniqueConstraint("industry", "source", "period"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    industry: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str] = mapped_column(String(200))
+    period: Mapped[str] = mapped_column(String(10))
+    """``YYYY``, ``YYYY-MM`` or ``YYYY-Www``."""
+    measure: Mapped[str] = mapped_column(String(16))
+    """``adopters`` (a count) or ``share`` (0 to 1)."""
+    value: Mapped[float] = mapped_column(Float)
+    imported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Job(Base):
     """Long work (training, fine-tuning, optimisation) that a worker process runs under a
     lease. Every write a worker makes names the attempt it holds, so a worker whose lease

@@ -91,9 +91,11 @@ async def forecast(
     period: Period = "month",
     min_requests: Annotated[int, Query(ge=1, le=10**9)] = 1,
     shock_at: Annotated[str | None, Query(max_length=16)] = None,
+    source: Annotated[str | None, Query(max_length=200)] = None,
 ) -> report.ForecastPublic:
-    """Every diffusion curve fitted to the industry's adopters (``platform``: all), the one
-    the backtest chose, its intervals and landmarks, and the forecast with its band."""
+    """Every diffusion curve fitted to the industry's adopters (``platform``: all), or to the
+    series ``source`` published for it, the one the backtest chose, its intervals and
+    landmarks, and the forecast with its band."""
     engine = _flushed(request)
     return await run_in_threadpool(
         report.forecast_report,
@@ -104,6 +106,7 @@ async def forecast(
         period=period,
         min_requests=min_requests,
         shock_at=shock_at,
+        source=source,
     )
 
 

@@ -68,3 +68,20 @@ def test_potentials_are_set_and_listed(filled):
 def test_bad_input_is_one_line_on_stderr(cli, args, says):
     code, _, err = cli(*args)
     assert code == 1 and says in err and "Traceback" not in err
+
+
+def test_a_published_series_is_imported_and_forecast(cli, tmp_path):
+    from tests.unit.analytics.test_series import GOOD
+
+    path = tmp_path / "adoption.csv"
+    path.write_text(GOOD)
+    code, out, err = cli("analytics", "import", str(path))
+    assert code == 0, err
+    assert "retail from 'Survey of firms': 9 share figures, 2017 to 2025" in out
+    assert "Bank register" in cli("analytics", "series")[1]
+    code, out, err = cli("forecast", "retail", "--source", "Survey of firms", "--horizon", "3")
+    assert code == 0, err
+    assert "retail (Survey of firms): a share of 0.5 by 2025" in out and "2028" in out
+    path.write_text("period,industry,share,source\n2024,retail,12,s\n")
+    code, _, err = cli("analytics", "import", str(path))
+    assert code == 1 and "line 2: share 12 is above 1" in err

@@ -1,5 +1,6 @@
 """Adoption analytics: departments (a tenant's parent organisation), the market potential of
-each industry, and an index covering what the adoption aggregation reads.
+each industry, published adoption series, and an index covering what the adoption
+aggregation reads.
 
 Revision ID: 0008
 Revises: 0007
@@ -30,6 +31,20 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("industry", name=op.f("pk_market_potentials")),
     )
+    op.create_table(
+        "adoption_points",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("industry", sa.String(length=32), nullable=False),
+        sa.Column("source", sa.String(length=200), nullable=False),
+        sa.Column("period", sa.String(length=10), nullable=False),
+        sa.Column("measure", sa.String(length=16), nullable=False),
+        sa.Column("value", sa.Float(), nullable=False),
+        sa.Column("imported_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_adoption_points")),
+        sa.UniqueConstraint(
+            "industry", "source", "period", name=op.f("uq_adoption_points_industry")
+        ),
+    )
     with op.batch_alter_table("usage_records", schema=None) as batch_op:
         batch_op.create_index(
             "ix_usage_records_adoption",
@@ -41,6 +56,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("usage_records", schema=None) as batch_op:
         batch_op.drop_index("ix_usage_records_adoption")
+    op.drop_table("adoption_points")
     op.drop_table("market_potentials")
     with op.batch_alter_table("tenants", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("fk_tenants_parent_id_tenants"), type_="foreignkey")
