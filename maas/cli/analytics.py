@@ -257,3 +257,89 @@ def list_series() -> None:
         periods = f"{s.periods[0]} to {s.periods[-1]}"
         table.add_row(s.industry, s.source, s.measure, periods, f"{s.values[-1]:g}")
     console.print(table)
+
+
+prices_app = typer.Typer(help="What each model's requests cost.", no_args_is_help=True)
+
+
+@prices_app.command("set")
+def set_price(
+    model: Annotated[str, typer.Argument(help="The model.")],
+    version: Annotated[
+        int | None, typer.Option(help="Price one version (default: every version).")
+    ] = None,
+    prompt: Annotated[float, typer.Option(help="Per 1,000 prompt tokens.")] = 0.0,
+    completion: Annotated[float, typer.Option(help="Per 1,000 completion tokens.")] = 0.0,
+    request: Annotated[float, typer.Option(help="Per request.")] = 0.0,
+    item: Annotated[float, typer.Option(help="Per item (an image, an embedded text).")] = 0.0,
+    currency: Annotated[str, typer.Option(help="A 3-letter code; one for the table.")] = "USD",
+) -> None:
+    """Set a model's price (or one version's)."""
+    from maas.analytics import costs
+
+    with open_registry() as registry:
+        price = costs.set_price(
+            registry.engine,
+            model,
+            version=version,
+            currency=currency,
+            prompt_per_1k=prompt,
+            completion_per_1k=completion,
+            per_request=request,
+            per_item=item,
+        )
+    which = f"{price.model}:{price.version}" if price.version else price.model
+    console.print(
+        f"{which}: {price.currency} {price.prompt_per_1k:g} / {price.completion_per_1k:g} per "
+        f"1K prompt / completion tokens, {price.per_request:g} a request, "
+        f"{price.per_item:g} an item"
+    )
+
+
+@prices_app.command("list")
+def list_prices() -> None:
+    """The price table."""
+    from maas.analytics import costs
+
+    with open_registry() as registry:
+        prices = costs.list_prices(registry.engine)
+    table = Table("model", "version", "currency", "1K prompt", "1K completion", "request", "item")
+    for p in prices:
+        table.add_row(
+            p.model, str(p.version or "all"), p.currency, f"{p.prompt_per_1k:g}",
+            f"{p.completion_per_1k:g}", f"{p.per_request:g}", f"{p.per_item:g}",
+        )  # fmt: skip
+    console.print(table)
+
+
+def cost(
+    by: Annotated[
+        str, typer.Option(help="Group by: tenant, organisation, industry or model.")
+    ] = "tenant",
+    since: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
+    until: Annotated[str | None, typer.Option(help="Last day, YYYY-MM-DD.")] = None,
+) -> None:
+    """What usage cost at the price table's prices, and what cheaper versions saved."""
+    from maas.analytics import costs
+    from maas.cli.access import _day
+
+    with open_registry() as registry:
+        result = costs.costs(
+            registry.engine,
+            costs.lineage(registry),
+            group_by=by,
+            since=_day(since, "since"),
+            until=_day(until, "until"),
+            organisation_of=measures.organisations(registry.engine),
+        )
+    currency = result.currency or "-"
+    table = Table(by, "requests", "prompt tok", "completion tok", "items", f"cost ({currency})",
+                  f"saved ({currency})")  # fmt: skip
+    for row in result.data:
+        table.add_row(
+            row.group, str(row.requests), str(row.prompt_tokens), str(row.completion_tokens),
+            str(row.items), f"{row.cost:.4f}", f"{row.saved:.4f}",
+        )  # fmt: skip
+    console.print(table)
+    if result.unpriced_requests:
+        console.print(f"{result.unpriced_requests} requests to models without a price")

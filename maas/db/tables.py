@@ -266,6 +266,25 @@ class AdoptionPoint(Base):
     imported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class ModelPrice(Base):
+    """What a model's requests cost (``maas prices set``): per 1,000 prompt and completion
+    tokens, per request and per item (an image, an embedded text). ``version`` 0 prices every
+    version; a version's own price wins over it."""
+
+    __tablename__ = "model_prices"
+    __table_args__ = (UniqueConstraint("model", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    currency: Mapped[str] = mapped_column(String(3))
+    prompt_per_1k: Mapped[float] = mapped_column(Float, default=0.0)
+    completion_per_1k: Mapped[float] = mapped_column(Float, default=0.0)
+    per_request: Mapped[float] = mapped_column(Float, default=0.0)
+    per_item: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
 class Job(Base):
     """Long work (training, fine-tuning, optimisation) that a worker process runs under a
     lease. Every write a worker makes names the attempt it holds, so a worker whose lease

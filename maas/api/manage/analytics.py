@@ -1,5 +1,5 @@
-"""Adoption analytics over HTTP: adoption per group, forecasts, and the market potentials.
-Admins see every tenant; a maintainer sees its tenant and its departments."""
+"""Adoption analytics over HTTP: adoption per group, forecasts, market potentials, costs and
+the price table. Admins see every tenant; a maintainer sees its tenant and its departments."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from maas.analytics import potentials, report
+from maas.analytics import adoption as adoption_measures
+from maas.analytics import costs, potentials, report
 from maas.api import governance
 from maas.api.deps import AdminKey, MaintainerKey
 from maas.api.errors import KEYED_STATUSES, error_responses
@@ -124,3 +125,58 @@ def set_potential(
     return potentials.set_potential(
         request.app.state.registry.engine, industry, body.potential, body.source
     )
+
+
+class PriceSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(default=None, ge=1, le=10**9)
+    """A version's own price; none: every version without one."""
+    currency: str = Field(default="USD", min_length=3, max_length=3)
+    prompt_per_1k: float = Field(default=0.0, ge=0, le=1e9)
+    completion_per_1k: float = Field(default=0.0, ge=0, le=1e9)
+    per_request: float = Field(default=0.0, ge=0, le=1e9)
+    per_item: float = Field(default=0.0, ge=0, le=1e9)
+
+
+class PricesPublic(BaseModel):
+    data: list[costs.PricePublic]
+    count: int
+
+
+@router.get("/costs", responses=error_responses(router.prefix, 400, 403))
+async def cost(
+    key: MaintainerKey,
+    request: Request,
+    group_by: Literal["tenant", "organisation", "industry", "model"] = "tenant",
+    since: date | None = None,
+    until: date | None = None,
+) -> costs.CostsPublic:
+    """Cost and savings per group, at the price table's prices."""
+    engine = _flushed(request)
+    registry = request.app.state.registry
+
+    def read() -> costs.CostsPublic:
+        return costs.costs(
+            engine,
+            costs.lineage(registry),
+            group_by=group_by,
+            since=since,
+            until=until,
+            tenants=report.visible_tenants(engine, key),
+            organisation_of=adoption_measures.organisations(engine),
+        )
+
+    return await run_in_threadpool(read)
+
+
+@router.get("/prices", responses=error_responses(router.prefix, 403))
+def list_prices(key: MaintainerKey, request: Request) -> PricesPublic:
+    data = costs.list_prices(request.app.state.registry.engine)
+    return PricesPublic(data=data, count=len(data))
+
+
+@router.put("/prices/{model}", responses=error_responses(router.prefix, 400, 403, 404))
+def set_price(model: str, body: PriceSet, key: AdminKey, request: Request) -> costs.PricePublic:
+    """Set what a model's (or one version's) requests cost."""
+    return costs.set_price(request.app.state.registry.engine, model, **body.model_dump())

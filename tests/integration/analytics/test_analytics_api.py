@@ -120,3 +120,37 @@ def test_bad_requests_get_errors_in_the_api_shape(
     )
     assert answer.status_code == status, answer.text
     assert answer.json()["error"]["param"] == param
+
+
+def test_prices_and_costs_over_http(app_client, make_key, usage, tmp_path):
+    from tests.fixtures import make_tiny_llama
+
+    admin = bearer(make_key(Role.admin))
+    registry = app_client.app.state.registry
+    registry.import_model(make_tiny_llama(tmp_path / "tiny"), "smollm2-135m-instruct")
+    put = app_client.put(
+        "/api/v1/analytics/prices/smollm2-135m-instruct",
+        json={"prompt_per_1k": 0.5, "completion_per_1k": 1.5, "currency": "EUR"},
+        headers=admin,
+    )
+    assert put.status_code == 200, put.text
+    assert app_client.get("/api/v1/analytics/prices", headers=admin).json()["count"] == 1
+    answer = app_client.get(
+        "/api/v1/analytics/costs", params={"group_by": "industry"}, headers=admin
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["currency"] == "EUR" and body["unpriced_requests"] > 0  # the other demo models
+    assert all(row["cost"] > 0 for row in body["data"])
+    total = sum(row["prompt_tokens"] for row in body["data"])
+    assert total > 0
+    missing = app_client.put(
+        "/api/v1/analytics/prices/nope", json={"prompt_per_1k": 1}, headers=admin
+    )
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    other = app_client.put(
+        "/api/v1/analytics/prices/smollm2-135m-instruct",
+        json={"prompt_per_1k": 1, "currency": "USD"},
+        headers=admin,
+    )
+    assert other.status_code == 400 and "prices are in EUR" in other.text

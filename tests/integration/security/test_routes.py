@@ -119,6 +119,12 @@ MATRIX = {
         ("GET", "/api/v1/analytics/potentials", None),
         MAINTAINER,
     ),
+    ("GET", "/api/v1/analytics/costs"): (("GET", "/api/v1/analytics/costs", None), MAINTAINER),
+    ("GET", "/api/v1/analytics/prices"): (("GET", "/api/v1/analytics/prices", None), MAINTAINER),
+    ("PUT", "/api/v1/analytics/prices/{model}"): (
+        ("PUT", "/api/v1/analytics/prices/acme-model", {"prompt_per_1k": 0.5}),
+        cells(MAINTAINER, maintainer=403, admin=200),
+    ),
     ("PUT", "/api/v1/analytics/potentials/{industry}"): (
         ("PUT", "/api/v1/analytics/potentials/retail", {"potential": 120}),
         cells(MAINTAINER, maintainer=403, admin=200),

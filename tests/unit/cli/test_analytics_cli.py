@@ -85,3 +85,18 @@ def test_a_published_series_is_imported_and_forecast(cli, tmp_path):
     path.write_text("period,industry,share,source\n2024,retail,12,s\n")
     code, _, err = cli("analytics", "import", str(path))
     assert code == 1 and "line 2: share 12 is above 1" in err
+
+
+def test_prices_and_costs(cli, tmp_path):
+    from tests.fixtures import make_tiny_llama
+
+    code, _, err = cli("models", "import", str(make_tiny_llama(tmp_path / "tiny")), "-n", "tiny")
+    assert code == 0, err
+    code, out, err = cli("prices", "set", "tiny", "--prompt", "0.5", "--completion", "1.5")
+    assert code == 0, err
+    assert "tiny: USD 0.5 / 1.5 per 1K prompt / completion tokens" in out
+    assert "tiny" in cli("prices", "list")[1]
+    code, out, err = cli("costs", "--by", "model")
+    assert code == 0 and "cost (USD)" in out, err
+    code, _, err = cli("prices", "set", "nope", "--prompt", "1")
+    assert code == 1 and "model 'nope' not found" in err

@@ -1,6 +1,6 @@
 """Adoption analytics: departments (a tenant's parent organisation), the market potential of
-each industry, published adoption series, and an index covering what the adoption
-aggregation reads.
+each industry, published adoption series, model prices, and an index covering what the
+adoption aggregation reads.
 
 Revision ID: 0008
 Revises: 0007
@@ -45,6 +45,20 @@ def upgrade() -> None:
             "industry", "source", "period", name=op.f("uq_adoption_points_industry")
         ),
     )
+    op.create_table(
+        "model_prices",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("model", sa.String(length=128), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.Column("currency", sa.String(length=3), nullable=False),
+        sa.Column("prompt_per_1k", sa.Float(), nullable=False),
+        sa.Column("completion_per_1k", sa.Float(), nullable=False),
+        sa.Column("per_request", sa.Float(), nullable=False),
+        sa.Column("per_item", sa.Float(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_model_prices")),
+        sa.UniqueConstraint("model", "version", name=op.f("uq_model_prices_model")),
+    )
     with op.batch_alter_table("usage_records", schema=None) as batch_op:
         batch_op.create_index(
             "ix_usage_records_adoption",
@@ -56,6 +70,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("usage_records", schema=None) as batch_op:
         batch_op.drop_index("ix_usage_records_adoption")
+    op.drop_table("model_prices")
     op.drop_table("adoption_points")
     op.drop_table("market_potentials")
     with op.batch_alter_table("tenants", schema=None) as batch_op:
