@@ -101,6 +101,13 @@ def period_label(period: int, unit: str) -> str:
     return f"{period // 12:04d}-{period % 12 + 1:02d}"
 
 
+def period_number(day: date, unit: str) -> int:
+    """The number of the week or month ``day`` falls in (``period_label`` names it)."""
+    if unit == "week":
+        return (day - MONDAY).days // 7
+    return day.year * 12 + day.month - 1
+
+
 def _period_column(engine: Engine, unit: str) -> ColumnElement:
     """The record's period as an integer, in SQL (portable: ``day`` is YYYY-MM-DD text)."""
     if unit == "month":
@@ -261,9 +268,9 @@ class _Figures:
         np.add.at(self.requests, (group, period), rows.requests)
         np.add.at(self.tokens, (group, period), rows.tokens)
         models, model = np.unique(rows.model, return_inverse=True)
-        seen = np.zeros((groups, periods, len(models)), dtype=bool)
-        seen[group, period, model] = True
-        self.models = seen.sum(axis=2)
+        cell = group * periods + period  # distinct (cell, model) pairs, counted per cell
+        pairs = np.unique(cell * len(models) + model) // len(models)
+        self.models = np.bincount(pairs, minlength=groups * periods).reshape(groups, periods)
         self.task_names, task_of_model = np.unique(
             [rows.tasks[m] for m in models], return_inverse=True
         )

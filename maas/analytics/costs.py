@@ -15,6 +15,7 @@ One currency for the whole table: a price in another currency is refused.
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import UTC, date, datetime
 
@@ -23,7 +24,9 @@ from sqlalchemy import Engine, func, select
 
 from maas.db import make_session_factory, write_transaction
 from maas.db.tables import Model, ModelPrice, UsageRecord
-from maas.errors import InvalidRequest, NotFound
+from maas.errors import InvalidRequest, MaasError, NotFound
+
+log = logging.getLogger(__name__)
 
 GROUPS = ("tenant", "organisation", "industry", "model")
 
@@ -90,7 +93,10 @@ def set_price(
     with write_transaction(make_session_factory(engine)) as session:
         if session.scalar(select(Model.id).where(Model.name == model)) is None:
             raise NotFound(f"model {model!r} not found", param="model")
-        other = session.scalar(select(ModelPrice.currency).where(ModelPrice.currency != currency))
+        same_row = (ModelPrice.model == model) & (ModelPrice.version == (version or 0))
+        other = session.scalar(
+            select(ModelPrice.currency).where(ModelPrice.currency != currency, ~same_row)
+        )
         if other is not None:
             raise InvalidRequest(
                 f"prices are in {other}: one currency for the whole table", param="currency"
@@ -232,7 +238,11 @@ def lineage(registry) -> dict[tuple[str, int], tuple[str, int] | None]:
     parents: dict[tuple[str, int], tuple[str, int] | None] = {}
     for model in registry.list_models():
         for record in model.versions:
-            parent = registry.read_manifest(record).parent
+            try:
+                parent = registry.read_manifest(record).parent
+            except MaasError:  # an unreadable manifest: no savings for it, costs still work
+                log.warning("no lineage for %s:%s", model.name, record.version, exc_info=True)
+                parent = None
             parents[(model.name, record.version)] = (
                 (parent.name, parent.version) if parent else None
             )

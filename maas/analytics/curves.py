@@ -11,7 +11,8 @@ its increments N(t) - N(t-1) with the new adopters of each period (``fitting.py`
   shock of Guseo and Mortarino's DIMORA): time runs faster by ``x(t) = 1 + c e^{b(t-a)}``
   from the shock's period ``a`` on (a price cut, a campaign: given by the analyst), so
   ``F(t) = F_bass(X(t))`` with ``X(t) = t + (c/b)(e^{b(t-a)} - 1)`` for t > a. ``c`` is the
-  shock's strength (negative: a setback), ``b`` how fast it fades (negative: fades).
+  shock's strength (negative: a setback), ``b`` how fast it fades (at most 0: a shock
+  that grows could make time run backwards).
 - **Logistic**: ``N = m / (1 + e^{-k(t - t0)})``, symmetric around its midpoint t0.
 - **Gompertz**: ``N = m e^{-b e^{-kt}}``, fast early growth and a long slow approach to m.
 
@@ -134,7 +135,9 @@ class ShockedBass(Curve):
 
     def bounds(self, total):
         low, high = Bass().bounds(total)
-        return low + [-0.95, -2.0], high + [20.0, 0.5]
+        # b <= 0: a shock fades (or stays, at 0). A growing one with c < 0 would make time
+        # run backwards (x(t) < 0) and new adoption negative.
+        return low + [-0.95, -2.0], high + [20.0, 0.0]
 
     def starts(self, total, periods):
         return [start + [c, -0.1] for start in Bass().starts(total, periods) for c in (0.5,)]

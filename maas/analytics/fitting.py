@@ -63,6 +63,14 @@ class Fit:
     warnings: list[str] = field(default_factory=list)
     jacobian: np.ndarray | None = None
     """Of the residuals with respect to the free parameters, at the fit."""
+    ceiling: float | None = None
+    """m's upper bound, when the series has one (a share's is 1)."""
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        low, high = (np.array(b, dtype=float) for b in self.curve.bounds(self.observed.sum()))
+        if self.ceiling is not None:
+            high[self.curve.names.index("m")] = self.ceiling
+        return low, high
 
     @property
     def n(self) -> int:
@@ -151,10 +159,12 @@ def fit(
     *,
     fixed: dict[str, float] | None = None,
     start: np.ndarray | None = None,
+    ceiling: float | None = None,
 ) -> Fit:
     """The least-squares fit of ``curve`` to new adopters per period. ``fixed`` holds
     parameters not to fit (m: the operator's market potential; p and q: a pooled fit's);
-    ``start`` (all parameters) replaces the starting grid."""
+    ``start`` (all parameters) replaces the starting grid; ``ceiling`` bounds m (1 for a
+    share)."""
     observed = np.asarray(observed, dtype=float)
     fixed = fixed or {}
     free = np.array([name not in fixed for name in curve.names])
@@ -167,6 +177,12 @@ def fit(
         given.warnings.append("every parameter is given (pooled p and q, the operator's m)")
         return given
     low, high = (np.array(b, dtype=float) for b in curve.bounds(total))
+    m_index = curve.names.index("m")
+    widest = high[m_index]
+    if ceiling is not None:  # a share: m at most 1
+        if total > ceiling:
+            raise CannotFit(f"the series reaches {total:g}, above its ceiling {ceiling:g}")
+        high[m_index] = ceiling
     template = np.array([fixed.get(name, 0.0) for name in curve.names])
     starts = (
         [np.asarray(start, dtype=float)]
@@ -177,13 +193,12 @@ def fit(
     if best is None:
         raise CannotFit(f"the {curve.name} model's least squares did not converge")
     theta = _full(best.x, free, template)
-    result = Fit(curve, theta, free, observed, None)
+    result = Fit(curve, theta, free, observed, None, ceiling=ceiling)
     result.jacobian = best.jac
     result.covariance, reason = _covariance(best.jac, result.residuals, result.k)
     if reason:
         result.warnings.append(reason)
-    m_index = curve.names.index("m")
-    if free[m_index] and not _determined(result, m_index, high[m_index]):
+    if free[m_index] and not _determined(result, m_index, widest):
         raise CannotFit(
             "the series shows no slowing yet, so it cannot tell the market potential m: set "
             "the potential (maas analytics potential INDUSTRY N) or wait for more periods"
@@ -317,7 +332,7 @@ def bootstrap(fit: Fit, draws: int = 200, seed: int = 0) -> Bootstrap:
         inverse = np.linalg.inv(fit.jacobian.T @ fit.jacobian)
         scaled = _leveraged(fit.jacobian, inverse, fit.residuals)
     series = fit.fitted + scaled * rng.choice((-1.0, 1.0), size=(draws, fit.n))
-    low, high = (np.array(b, dtype=float) for b in fit.curve.bounds(fit.observed.sum()))
+    low, high = fit.bounds()
     thetas, converged = batched.refit(fit.curve, series, fit.theta, fit.free, low, high)
     kept = [theta for theta, ok in zip(thetas, converged, strict=True) if ok]
     for row in np.flatnonzero(~converged)[:SCIPY_REFITS]:  # a few the batch left: scipy
@@ -332,7 +347,7 @@ def bootstrap(fit: Fit, draws: int = 200, seed: int = 0) -> Bootstrap:
 def _refit(fit: Fit, series: np.ndarray) -> np.ndarray | None:
     """A bootstrap series' fit, started from ``fit``: MINPACK's Levenberg-Marquardt (twice as
     fast as the bounded solver here), or the bounded solver when it leaves the bounds."""
-    low, high = (np.array(b, dtype=float) for b in fit.curve.bounds(max(series.sum(), 1e-9)))
+    low, high = fit.bounds()
     residuals, jacobian = _problem(fit.curve, series, fit.free, fit.theta)
     try:
         solution = optimize.least_squares(
@@ -371,7 +386,8 @@ def forecast(
     t = _periods(horizon, start=fit.n + 1)
     total = float(fit.observed.sum())
     m = fit.curve.names.index("m")
-    new = _within(fit.curve.increments(t, fit.theta)[None], total, fit.theta[m : m + 1])[0]
+    increments = np.maximum(fit.curve.increments(t, fit.theta), 0.0)[None]
+    new = _within(increments, total, fit.theta[m : m + 1])[0]
     paths = fit.curve.increments(t, boot.thetas.T[:, :, None])
     noise = rng.choice(boot.pearson, size=paths.shape) * np.sqrt(np.maximum(paths, 1.0))
     paths = _within(np.maximum(paths + noise, 0.0), total, boot.thetas[:, m])

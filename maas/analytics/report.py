@@ -158,10 +158,10 @@ def adoption_report(
 
 
 def _groups(engine, viewer, group_by, period, min_requests, retention_after, since, until):
-    rows = adoption.activity(
-        engine, period, since=since, until=until, tenants=visible_tenants(engine, viewer)
-    )
-    return adoption.measure(
+    """Adoption per group; ``since`` only hides the periods before it: who adopted when is
+    worked out over the whole history, so an early adopter never becomes new again."""
+    rows = adoption.activity(engine, period, until=until, tenants=visible_tenants(engine, viewer))
+    groups = adoption.measure(
         rows,
         group_by,
         period,
@@ -170,6 +170,11 @@ def _groups(engine, viewer, group_by, period, min_requests, retention_after, sin
         organisation_of=adoption.organisations(engine),
         market=adoption.potentials(engine),
     )
+    if since is not None:
+        first = adoption.period_label(adoption.period_number(since, period), period)
+        for group in groups:
+            group.periods = [p for p in group.periods if p.period >= first]
+    return groups
 
 
 def forecast_report(
@@ -191,6 +196,15 @@ def forecast_report(
         raise InvalidRequest("horizon is 1 to 120 periods", param="horizon")
     if source is not None:
         return _forecast_imported(engine, industry, source, horizon, shock_at, draws)
+    if viewer is not None and not viewer.is_admin:
+        # a maintainer sees one organisation: its forecast is of that organisation's tenants
+        # (itself and its departments) adopting
+        if industry not in ("platform", viewer.industry):
+            raise NotFound(f"no adoption recorded in {industry!r}", param="industry")
+        found = _groups(engine, viewer, "organisation", period, min_requests, 1, None, None)
+        if not found:
+            raise NotFound(f"no adoption recorded in {industry!r}", param="industry")
+        return _forecast(found[0], _Pooling({}), horizon, period, min_requests, shock_at, draws)
     industries = {
         g.group: g for g in _groups(engine, viewer, "industry", period, min_requests, 1, None, None)
     }
@@ -254,6 +268,8 @@ def _forecast_imported(engine, industry, source, horizon, shock_at, draws) -> Fo
         retention_cohort=0,
     )
     options = {"shock_at": _shock_period(shock_at, imported.periods), "draws": draws}
+    if imported.measure == "share":
+        options["ceiling"] = 1.0  # a share saturates at most at everyone
     try:
         outlook = forecast.outlook(increments, horizon, **options)
     except forecast.CannotFit as error:
@@ -329,7 +345,7 @@ def _shock_period(shock_at: str | None, labels: list[str]) -> float | None:
             f"{labels[-1]})",
             param="shock_at",
         )
-    return float(labels.index(shock_at) + 1)
+    return float(labels.index(shock_at))  # t runs from the start of the named period
 
 
 def _forecast_public(

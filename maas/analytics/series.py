@@ -95,6 +95,10 @@ def _point(line: int, row: dict) -> Point:
         raise ValueError("source: who published the figure (1 to 200 characters)")
     if _kind(period) is None:
         raise ValueError(f"period {period!r}: a year (2024), month (2024-03) or week (2024-W09)")
+    try:
+        _ordinal(period)
+    except ValueError:
+        raise ValueError(f"period {period!r} does not exist (a year without that week)") from None
     given = [m for m in MEASURES if (row.get(m) or "").strip()]
     if len(given) != 1:
         raise ValueError("give adopters or share, one of the two")

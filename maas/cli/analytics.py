@@ -138,12 +138,11 @@ def _forecast_all(horizon: int, period: str, min_requests: int) -> None:
             name,
             result.chosen,
             f"{result.observed[-1].adopted:.0f}",
-            f"{m:.0f}" + (f" ({_interval(m_range)})" if m_range else " (set)"),
+            f"{m:.0f}" + (" (set)" if result.potential else f" ({_interval(m_range)})"),
             result.landmarks["peak"].period or "-",
             f"{last.adopted:.0f} ({last.low:.0f} to {last.high:.0f})",
             "pooled p, q"
-            if result.chosen == "bass"
-            and result.params.keys() - (result.intervals_covariance.keys()) >= {"p", "q"}
+            if result.chosen == "bass" and any("pooled fit" in n for n in result.notes)
             else "",
         )
     console.print(table)

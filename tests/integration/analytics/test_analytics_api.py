@@ -77,6 +77,8 @@ def test_a_maintainer_sees_its_organisation_and_departments_only(app_client, mak
     assert seen and seen <= {"finance-000", "finance-000-analytics"}
     user = bearer(make_key(Role.user, tenant="finance-000"))
     assert app_client.get("/api/v1/analytics/adoption", headers=user).status_code == 403
+    other = app_client.get("/api/v1/analytics/forecast", params={"industry": "retail"}, headers=own)
+    assert other.status_code == 404
 
 
 def test_potentials_are_set_by_admins_and_shown_as_penetration(app_client, make_key, usage):
@@ -148,8 +150,9 @@ def test_prices_and_costs_over_http(app_client, make_key, usage, tmp_path):
         "/api/v1/analytics/prices/nope", json={"prompt_per_1k": 1}, headers=admin
     )
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    registry.import_model(make_tiny_llama(tmp_path / "tiny2"), "all-minilm-l6-v2")
     other = app_client.put(
-        "/api/v1/analytics/prices/smollm2-135m-instruct",
+        "/api/v1/analytics/prices/all-minilm-l6-v2",
         json={"prompt_per_1k": 1, "currency": "USD"},
         headers=admin,
     )

@@ -193,3 +193,30 @@ def test_bad_options_are_refused(engine, call, says):
 
     with pytest.raises(InvalidRequest, match=says):
         call(engine)
+
+
+def test_a_window_hides_periods_but_early_adopters_stay_early(engine):
+    from maas.analytics import report
+
+    result = report.adoption_report(
+        engine, None, group_by="platform", min_requests=2, since=date(2026, 2, 1)
+    )
+    periods = result.data[0].periods
+    assert [p.period for p in periods] == ["2026-02", "2026-03", "2026-04"]
+    assert [p.new_adopters for p in periods] == [1, 0, 0]  # acme adopted in January
+    assert [p.adopted for p in periods] == [2, 2, 2]
+
+
+def test_a_maintainer_forecasts_its_own_organisation(engine):
+    """acme's maintainer sees acme and acme-sales: its forecast is of those two tenants
+    adopting, which two periods cannot fit; another industry is not found."""
+    from maas.analytics import report
+    from maas.auth.principal import Limits, Principal, Role
+    from maas.errors import InvalidRequest, NotFound
+
+    tenant_id = TenantStore(engine).get_id("acme")
+    viewer = Principal("k", "k", tenant_id, "acme", "retail", Role.maintainer, None, None, Limits())
+    with pytest.raises(InvalidRequest, match="cannot forecast acme: bass: .*the series has 4"):
+        report.forecast_report(engine, viewer, "platform", min_requests=2)
+    with pytest.raises(NotFound):
+        report.forecast_report(engine, viewer, "finance")

@@ -126,3 +126,16 @@ def test_bad_prices_are_refused(engine, change, error, says):
     arguments = {"model": "chat", "prompt_per_1k": 1.0, **change}
     with pytest.raises(error, match=says):
         costs.set_price(engine, arguments.pop("model"), **arguments)
+
+
+def test_the_only_price_may_change_currency(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'one.db'}")
+    upgrade(engine)
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        connection.execute(
+            insert(Model), [{"name": "chat", "task": "chat", "created_at": now, "updated_at": now}]
+        )
+    costs.set_price(engine, "chat", prompt_per_1k=1.0)
+    assert costs.set_price(engine, "chat", prompt_per_1k=0.9, currency="EUR").currency == "EUR"
+    engine.dispose()

@@ -51,6 +51,9 @@ def test_an_outlook_has_every_candidate_its_reasons_and_intervals():
     assert outlook.landmarks["peak"] is not None
     shocked = forecast.outlook(series, 4, shock_at=8, draws=20)
     assert "generalized-bass" in [c.name for c in shocked.candidates]
+    origins = {c.backtest.origins for c in shocked.candidates if c.backtest}
+    assert len(origins) == 1  # every curve judged on the same origins
+    assert np.all(shocked.forecast.new >= 0)
 
 
 def test_a_short_series_borrows_p_and_q_from_the_pooled_fit():

@@ -52,7 +52,8 @@ def test_an_imported_series_is_forecast_with_its_source(engine):
     assert result.source == "Survey of firms" and result.measure == "share"
     assert [p.period for p in result.forecast] == ["2026", "2027", "2028", "2029"]
     assert result.observed[-1].adopted == pytest.approx(0.5)
-    assert 0.5 < result.params["m"] < 1.0  # a share saturates below everyone
+    assert 0.5 < result.params["m"] <= 1.0  # a share saturates at most at everyone
+    assert all(point.high <= 1.0 + 1e-9 for point in result.forecast)
     with pytest.raises(Exception, match="no series of 'retail' from 'Gartner'"):
         report.forecast_report(engine, None, "retail", source="Gartner")
 
@@ -64,6 +65,7 @@ def test_an_imported_series_is_forecast_with_its_source(engine):
         ("period,industry,share,source\n", "the file has no rows"),
         ("period,industry,share,source\n2024,Retail!,0.1,s\n", "line 2: industry 'retail!'"),
         ("period,industry,share,source\n24,retail,0.1,s\n", "line 2: period '24'"),
+        ("period,industry,share,source\n2021-W53,retail,0.1,s\n", "'2021-W53' does not exist"),
         ("period,industry,share,source\n2024,retail,12,s\n", "line 2: share 12 is above 1"),
         ("period,industry,share,source\n2024,retail,x,s\n", "line 2: share 'x' is not a number"),
         ("period,industry,share,source\n2024,retail,-1,s\n", "at least 0"),
