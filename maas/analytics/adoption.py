@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 
 import numpy as np
-from sqlalchemy import Date, Engine, Integer, cast, func, literal, select
+from sqlalchemy import Date, Engine, Integer, Select, cast, func, literal, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from maas.db.tables import MarketPotential, Model, Tenant, UsageRecord
@@ -132,25 +132,15 @@ def activity(
     if unit not in PERIODS:
         raise InvalidRequest(f"period is one of {', '.join(PERIODS)}", param="period")
     period = _period_column(engine, unit).label("period")
-    query = (
-        select(
-            UsageRecord.tenant,
-            func.max(UsageRecord.industry),
-            UsageRecord.model,
-            period,
-            func.count(),
-            func.coalesce(func.sum(UsageRecord.prompt_tokens + UsageRecord.completion_tokens), 0),
-        )
-        .where(UsageRecord.model.is_not(None), UsageRecord.status < 400)
-        .where(UsageRecord.tenant.is_not(None))
-        .group_by(UsageRecord.tenant, UsageRecord.model, period)
-    )
-    if since is not None:
-        query = query.where(UsageRecord.day >= since.isoformat())
-    if until is not None:
-        query = query.where(UsageRecord.day <= until.isoformat())
-    if tenants is not None:
-        query = query.where(UsageRecord.tenant.in_(sorted(tenants)))
+    query = select(
+        UsageRecord.tenant,
+        func.max(UsageRecord.industry),
+        UsageRecord.model,
+        period,
+        func.count(),
+        func.coalesce(func.sum(UsageRecord.prompt_tokens + UsageRecord.completion_tokens), 0),
+    ).group_by(UsageRecord.tenant, UsageRecord.model, period)
+    query = counted(query, since, until, tenants)
     with engine.connect() as connection:
         rows = connection.execute(query).all()
         tasks = dict(connection.execute(select(Model.name, Model.task)).all())
@@ -164,6 +154,21 @@ def activity(
         tokens=np.array(columns[5], dtype=np.int64),
         tasks={m: tasks.get(m, "unknown") for m in set(columns[2])},
     )
+
+
+def counted(query: Select, since: date | None, until: date | None, tenants: set[str] | None):
+    """``query`` over the records that count: successful inference requests of a tenant,
+    within the days and tenants given."""
+    query = query.where(
+        UsageRecord.model.is_not(None), UsageRecord.status < 400, UsageRecord.tenant.is_not(None)
+    )
+    if since is not None:
+        query = query.where(UsageRecord.day >= since.isoformat())
+    if until is not None:
+        query = query.where(UsageRecord.day <= until.isoformat())
+    if tenants is not None:
+        query = query.where(UsageRecord.tenant.in_(sorted(tenants)))
+    return query
 
 
 def organisations(engine: Engine) -> dict[str, str]:

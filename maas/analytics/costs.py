@@ -22,6 +22,7 @@ from datetime import UTC, date, datetime
 from pydantic import BaseModel
 from sqlalchemy import Engine, func, select
 
+from maas.analytics import adoption
 from maas.db import make_session_factory, write_transaction
 from maas.db.tables import Model, ModelPrice, UsageRecord
 from maas.errors import InvalidRequest, MaasError, NotFound
@@ -194,29 +195,18 @@ def costs(
 
 def _usage(engine, since, until, tenants):
     """Successful inference requests per tenant and model version (one SQL aggregation)."""
-    query = (
-        select(
-            UsageRecord.tenant,
-            func.max(UsageRecord.industry),
-            UsageRecord.model,
-            func.coalesce(UsageRecord.version, 0),
-            func.count(),
-            func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
-            func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
-            func.coalesce(func.sum(UsageRecord.items), 0),
-        )
-        .where(UsageRecord.model.is_not(None), UsageRecord.status < 400)
-        .where(UsageRecord.tenant.is_not(None))
-        .group_by(UsageRecord.tenant, UsageRecord.model, UsageRecord.version)
-    )
-    if since is not None:
-        query = query.where(UsageRecord.day >= since.isoformat())
-    if until is not None:
-        query = query.where(UsageRecord.day <= until.isoformat())
-    if tenants is not None:
-        query = query.where(UsageRecord.tenant.in_(sorted(tenants)))
+    query = select(
+        UsageRecord.tenant,
+        func.max(UsageRecord.industry),
+        UsageRecord.model,
+        func.coalesce(UsageRecord.version, 0),
+        func.count(),
+        func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
+        func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
+        func.coalesce(func.sum(UsageRecord.items), 0),
+    ).group_by(UsageRecord.tenant, UsageRecord.model, UsageRecord.version)
     with engine.connect() as connection:
-        return connection.execute(query).all()
+        return connection.execute(adoption.counted(query, since, until, tenants)).all()
 
 
 def _price(table, model: str, version: int) -> PricePublic | None:
