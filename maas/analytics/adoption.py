@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 
 import numpy as np
+from pydantic import BaseModel
 from sqlalchemy import Date, Engine, Integer, Select, cast, func, literal, select
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -62,12 +63,14 @@ class Activity:
         return len(self.tenant)
 
 
-@dataclass
-class PeriodFigures:
+class PeriodFigures(BaseModel):
+    """One group's figures in one period (also what the API returns for it)."""
+
     period: str
     active: int
-    adopted: int
-    new_adopters: int
+    adopted: int | float
+    """Organisations or tenants (a share, 0 to 1, for an imported share series)."""
+    new_adopters: int | float
     requests: int
     tokens: int
     models: int

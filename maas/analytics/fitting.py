@@ -67,10 +67,7 @@ class Fit:
     """m's upper bound, when the series has one (a share's is 1)."""
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        low, high = (np.array(b, dtype=float) for b in self.curve.bounds(self.observed.sum()))
-        if self.ceiling is not None:
-            high[self.curve.names.index("m")] = self.ceiling
-        return low, high
+        return _bounds(self.curve, float(self.observed.sum()), self.ceiling)
 
     @property
     def n(self) -> int:
@@ -176,13 +173,10 @@ def fit(
         given = Fit(curve, np.array([fixed[n] for n in curve.names]), free, observed, None)
         given.warnings.append("every parameter is given (pooled p and q, the operator's m)")
         return given
-    low, high = (np.array(b, dtype=float) for b in curve.bounds(total))
+    if ceiling is not None and total > ceiling:
+        raise CannotFit(f"the series reaches {total:g}, above its ceiling {ceiling:g}")
+    low, high = _bounds(curve, total, ceiling)
     m_index = curve.names.index("m")
-    widest = high[m_index]
-    if ceiling is not None:  # a share: m at most 1
-        if total > ceiling:
-            raise CannotFit(f"the series reaches {total:g}, above its ceiling {ceiling:g}")
-        high[m_index] = ceiling
     template = np.array([fixed.get(name, 0.0) for name in curve.names])
     starts = (
         [np.asarray(start, dtype=float)]
@@ -198,26 +192,44 @@ def fit(
     result.covariance, reason = _covariance(best.jac, result.residuals, result.k)
     if reason:
         result.warnings.append(reason)
-    if free[m_index] and not _determined(result, m_index, widest):
+    if free[m_index] and not _determined(result, m_index, _bounds(curve, total, None)[1][m_index]):
         raise CannotFit(
             "the series shows no slowing yet, so it cannot tell the market potential m: set "
             "the potential (maas analytics potential INDUSTRY N) or wait for more periods"
         )
+    result.warnings += _edges(result, low, high)
+    return result
+
+
+def _bounds(curve: Curve, total: float, ceiling: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The curve's parameter bounds for a series of ``total``, m at most ``ceiling``."""
+    low, high = (np.array(b, dtype=float) for b in curve.bounds(total))
+    if ceiling is not None:  # a share: m at most 1
+        high[curve.names.index("m")] = ceiling
+    return low, high
+
+
+def _edges(result: Fit, low: np.ndarray, high: np.ndarray) -> list[str]:
+    """What a reader of the fit should know: parameters at their bounds, an m below the
+    adopters so far."""
+    names, theta = result.curve.names, result.theta
     at_bound = [
         name
-        for name, value, lo, hi, f in zip(curve.names, theta, low, high, free, strict=True)
+        for name, value, lo, hi, f in zip(names, theta, low, high, result.free, strict=True)
         if f and (np.isclose(value, lo, rtol=1e-6) or np.isclose(value, hi, rtol=1e-6))
     ]
+    notes = []
     if at_bound:
-        result.warnings.append(
+        notes.append(
             f"{', '.join(at_bound)} at the edge of the allowed range: its interval is not reliable"
         )
-    if theta[m_index] < total:
-        result.warnings.append(
-            f"m ({theta[m_index]:.4g}) is below the {total:g} who adopted: the series has "
-            "saturated, and m is the adopters so far within the noise"
+    m, total = theta[names.index("m")], float(result.observed.sum())
+    if m < total:
+        notes.append(
+            f"m ({m:.4g}) is below the {total:g} who adopted: the series has saturated, and m "
+            "is the adopters so far within the noise"
         )
-    return result
+    return notes
 
 
 def _determined(result: Fit, index: int, ceiling: float) -> bool:

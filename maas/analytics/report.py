@@ -18,26 +18,13 @@ from maas.errors import InvalidRequest, NotFound
 CONFIDENCE = 0.90
 
 
-class PeriodPublic(BaseModel):
-    period: str
-    active: int
-    adopted: int
-    new_adopters: int
-    requests: int
-    tokens: int
-    models: int
-    depth: float | None
-    penetration: float | None
-    tasks: dict[str, float]
-
-
 class GroupPublic(BaseModel):
     group: str
     potential: float | None
     potential_source: str | None
     retention: float | None
     retention_cohort: int
-    periods: list[PeriodPublic]
+    periods: list[adoption.PeriodFigures]
 
 
 class AdoptionPublic(BaseModel):
@@ -150,7 +137,7 @@ def adoption_report(
                 potential_source=g.potential_source,
                 retention=g.retention,
                 retention_cohort=g.retention_cohort,
-                periods=[PeriodPublic(**vars(p)) for p in g.periods],
+                periods=g.periods,
             )
             for g in groups
         ],
@@ -261,7 +248,18 @@ def _forecast_imported(engine, industry, source, horizon, shock_at, draws) -> Fo
         potential=None,
         potential_source=None,
         periods=[
-            adoption.PeriodFigures(label, 0, float(total), float(new), 0, 0, 0, None, None, {})
+            adoption.PeriodFigures(
+                period=label,
+                active=0,
+                adopted=float(total),
+                new_adopters=float(new),
+                requests=0,
+                tokens=0,
+                models=0,
+                depth=None,
+                penetration=None,
+                tasks={},
+            )  # fmt: skip
             for label, total, new in zip(imported.periods, cumulative, increments, strict=True)
         ],
         retention=None,
