@@ -32,6 +32,7 @@ from maas.auth.authenticator import Authenticator
 from maas.auth.bootstrap import open_stores, server_secret
 from maas.auth.limits import RateLimiter
 from maas.config import Settings
+from maas.console import install as install_console
 from maas.files import FileStore
 from maas.jobs import JobStore
 from maas.jobs.kinds import job_kinds
@@ -114,6 +115,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     ]
     for router in routers:
         app.include_router(router)
+    install_console(app)
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi(request: Request, key: CurrentKey) -> dict:

@@ -47,6 +47,7 @@ def serve(
     console.print(f"  OpenAI clients:   base_url={base}/v1  api_key=<your key>")
     console.print(f"  tritonclient:     url={settings.host}:{settings.port}")
     console.print(f"  management API:   {base}/api/v1/models   metrics: {base}/metrics")
+    console.print(f"  web console:      {base}/ui")
     app = build_app(settings)
     config = uvicorn.Config(
         app,

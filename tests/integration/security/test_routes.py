@@ -12,7 +12,14 @@ from maas.api.app import build_app
 from maas.api.hardening import StrictJSONRoute
 from tests.fixtures import make_png
 
-PUBLIC = {("GET", "/v2/health/live"), ("GET", "/v2/health/ready")}
+# the console's page shells hold no data: a browser following a link sends no key, so each
+# shell's script loads its view (below, behind the API's roles) with the key as a header
+PUBLIC = {
+    ("GET", "/v2/health/live"),
+    ("GET", "/v2/health/ready"),
+    ("GET", "/ui"),
+    ("GET", "/ui/{page}"),
+}
 
 ROLES = ("none", "bad", "user", "maintainer", "admin")
 INFER = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -129,6 +136,18 @@ MATRIX = {
         ("PUT", "/api/v1/analytics/potentials/retail", {"potential": 120}),
         cells(MAINTAINER, maintainer=403, admin=200),
     ),
+    ("GET", "/ui"): (("GET", "/ui", None), dict.fromkeys(ROLES, 200)),
+    ("GET", "/ui/{page}"): (("GET", "/ui/access", None), dict.fromkeys(ROLES, 200)),
+    ("GET", "/ui/views/nav"): (("GET", "/ui/views/nav", None), ANY_KEY),
+    ("GET", "/ui/views/models"): (("GET", "/ui/views/models", None), MAINTAINER),
+    ("GET", "/ui/views/jobs"): (("GET", "/ui/views/jobs", None), MAINTAINER),
+    ("GET", "/ui/views/usage"): (("GET", "/ui/views/usage", None), ANY_KEY),
+    ("GET", "/ui/views/adoption"): (("GET", "/ui/views/adoption", None), MAINTAINER),
+    ("GET", "/ui/views/access"): (
+        ("GET", "/ui/views/access", None),
+        cells(MAINTAINER, maintainer=403),
+    ),
+    ("GET", "/ui/views/chat"): (("GET", "/ui/views/chat", None), ANY_KEY),
     ("POST", "/v1/files"): (("POST", "/v1/files", "{upload}"), MAINTAINER),
     ("GET", "/v1/files"): (("GET", "/v1/files", None), MAINTAINER),
     ("GET", "/v1/files/{file_id}"): (("GET", "/v1/files/{file_id}", None), MAINTAINER),
