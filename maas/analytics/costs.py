@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 
 from pydantic import BaseModel
@@ -220,6 +223,64 @@ def _charge(price: PricePublic, usage: tuple[int, int, int, int]) -> float:
         + completion / 1000 * price.completion_per_1k
         + requests * price.per_request
         + items * price.per_item
+    )
+
+
+class PriceBook:
+    """The price table in memory, to charge each request against its key's budget in
+    currency as it finishes. Read again ``ttl`` seconds after the last read, or on the next
+    use after ``forget()`` (a price set through this server)."""
+
+    def __init__(
+        self, engine: Engine, *, ttl: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._engine = engine
+        self._ttl = ttl
+        self._clock = clock
+        self._table: dict[tuple[str, int], PricePublic] = {}
+        self._read_at: float | None = None
+        self._lock = threading.Lock()
+
+    def forget(self) -> None:
+        with self._lock:
+            self._read_at = None
+
+    def table(self) -> dict[tuple[str, int], PricePublic]:
+        with self._lock:
+            now = self._clock()
+            if self._read_at is None or now - self._read_at >= self._ttl:
+                self._table = {(p.model, p.version or 0): p for p in list_prices(self._engine)}
+                self._read_at = now
+            return self._table
+
+    def currency(self) -> str | None:
+        return next((p.currency for p in self.table().values()), None)
+
+    def cost(self, model: str, version: int, prompt: int, completion: int, items: int) -> float:
+        """One request's cost at its version's price (0 for an unpriced model)."""
+        price = _price(self.table(), model, version)
+        return _charge(price, (1, prompt, completion, items)) if price else 0.0
+
+
+def month_cost(engine: Engine, book: PriceBook, key_ids: list[str], period: str) -> float:
+    """What some keys' successful inference requests in a month ("YYYY-MM") cost at today's
+    prices, from the usage records (one aggregation per model version)."""
+    query = select(
+        UsageRecord.model,
+        func.coalesce(UsageRecord.version, 0),
+        func.count(),
+        func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
+        func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
+        func.coalesce(func.sum(UsageRecord.items), 0),
+    ).where(UsageRecord.key_id.in_(key_ids), UsageRecord.day.startswith(period))
+    query = adoption.counted(query, None, None, None)
+    table = book.table()
+    with engine.connect() as connection:
+        rows = connection.execute(query.group_by(UsageRecord.model, UsageRecord.version)).all()
+    return sum(
+        _charge(price, usage)
+        for model, version, *usage in rows
+        if (price := _price(table, model, version)) is not None
     )
 
 

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
 from maas import __version__
+from maas.analytics import costs
 from maas.api import (
     governance,
     inference_v2,
@@ -52,9 +53,15 @@ def open_state(app: FastAPI, settings: Settings) -> Registry:
     app.state.keys = keys
     app.state.tenants = tenants
     app.state.authenticator = Authenticator(keys, server_secret(settings))
-    app.state.limiter = RateLimiter(
-        lambda key_id, month: month_tokens(registry.engine, keys.subtree(key_id), month)
-    )
+    app.state.prices = prices = costs.PriceBook(registry.engine)
+
+    def month_used(key_id: str, unit: str, month: str) -> float:
+        """What a budget's key and the keys made under it used this month: tokens or cost."""
+        if unit == "tokens":
+            return month_tokens(registry.engine, keys.subtree(key_id), month)
+        return costs.month_cost(registry.engine, prices, keys.subtree(key_id), month)
+
+    app.state.limiter = RateLimiter(month_used, currency=prices.currency)
     app.state.recorder = UsageRecorder(registry.engine, settings.home, on_flush=keys.touch)
     app.state.jobs = JobStore(registry.engine)
     app.state.files = FileStore.of_registry(registry, settings)

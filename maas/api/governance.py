@@ -157,7 +157,16 @@ class GovernanceMiddleware:
         if (admission := state.get("admission")) is not None:
             app_state.limiter.release(admission)
         usage: Usage = state.get("usage") or Usage()
-        app_state.limiter.charge(principal, usage.prompt_tokens + usage.completion_tokens)
+        cost = 0.0
+        if usage.model is not None and status < 400 and _has_cost_budget(principal):
+            cost = app_state.prices.cost(
+                usage.model.name,
+                usage.model.version,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.items,
+            )
+        app_state.limiter.charge(principal, usage.prompt_tokens + usage.completion_tokens, cost)
         route = getattr(scope.get("route"), "path", "unmatched")
         app_state.recorder.record(
             UsageEvent(
@@ -175,3 +184,10 @@ class GovernanceMiddleware:
                 items=usage.items,
             )
         )
+
+
+def _has_cost_budget(principal: Principal) -> bool:
+    """Whether a budget in currency covers this key (the price table is read only then)."""
+    return principal.limits.monthly_cost_budget is not None or any(
+        budget.unit == "cost" for budget in principal.budgets
+    )

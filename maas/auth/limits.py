@@ -1,8 +1,9 @@
 """Per-key limits, counted exactly inside one server process.
 
 Requests and tokens per minute use a sliding 60-second window (a log of what happened), so
-200 requests arriving together against a limit of N let exactly N through. The monthly token
-budget starts from what the usage records say for the month, so it survives a restart.
+200 requests arriving together against a limit of N let exactly N through. The monthly
+budgets, in tokens and in cost, start from what the usage records say for the month, so they
+survive a restart.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from maas.auth.principal import Principal
+from maas.auth.principal import Budget, Principal
 from maas.errors import QuotaExceeded, RateLimited
 
 WINDOW = 60.0
@@ -42,38 +43,42 @@ def month_of(when: datetime) -> str:
 class RateLimiter:
     def __init__(
         self,
-        month_tokens: Callable[[str, str], int],
+        month_used: Callable[[str, str, str], float],
         *,
+        currency: Callable[[], str | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        """``month_tokens(key_id, "YYYY-MM")`` reads the tokens recorded in a month by a key
-        and every key created under it (a budget covers them all)."""
-        self._month_tokens = month_tokens
+        """``month_used(key_id, unit, "YYYY-MM")`` reads what a key and every key created
+        under it (a budget covers them all) used in a month: tokens (``unit`` "tokens") or
+        cost at the price table (``unit`` "cost"). ``currency()`` names the table's."""
+        self._month_used = month_used
+        self._currency = currency
         self._clock = clock
         self._now = now
         self._states: dict[str, _KeyState] = {}
-        self._months: dict[str, tuple[str, int]] = {}
-        """key_id -> (month, tokens used) of each budget in use."""
+        self._months: dict[tuple[str, str], tuple[str, float]] = {}
+        """(key_id, unit) -> (month, used) of each budget in use."""
         self._lock = threading.Lock()
 
     def needs_budget(self, principal: Principal) -> bool:
         """True when a budget the key draws from has no total for this month yet."""
         period = month_of(self._now())
-        return any(
-            self._months.get(key_id, ("", 0))[0] != period for key_id, _ in _pools(principal)
-        )
+        return any(self._month(budget)[0] != period for budget in _pools(principal))
 
     def load_budget(self, principal: Principal) -> None:
-        """Read the month's tokens from the usage records (blocking: call off the event loop)."""
+        """Read the month's use from the usage records (blocking: call off the event loop)."""
         period = month_of(self._now())
-        for key_id, _ in _pools(principal):
-            if self._months.get(key_id, ("", 0))[0] == period:
+        for budget in _pools(principal):
+            if self._month(budget)[0] == period:
                 continue
-            used = self._month_tokens(key_id, period)
+            used = self._month_used(budget.key_id, budget.unit, period)
             with self._lock:
-                if self._months.get(key_id, ("", 0))[0] != period:
-                    self._months[key_id] = (period, used)
+                if self._month(budget)[0] != period:
+                    self._months[(budget.key_id, budget.unit)] = (period, used)
+
+    def _month(self, budget: Budget) -> tuple[str, float]:
+        return self._months.get((budget.key_id, budget.unit), ("", 0))
 
     def admit(self, principal: Principal, *, uses_tokens: bool) -> Admission:
         """Let a request in, or raise RateLimited / QuotaExceeded."""
@@ -119,20 +124,22 @@ class RateLimiter:
             if state is not None:
                 state.in_flight -= 1
 
-    def charge(self, principal: Principal, tokens: int) -> None:
-        """Count tokens a request used (after it ran) against the minute window and against
-        every budget the key draws from."""
-        if tokens <= 0:
+    def charge(self, principal: Principal, tokens: int, cost: float = 0.0) -> None:
+        """Count the tokens a request used and what it cost (after it ran) against the minute
+        window and against every budget the key draws from."""
+        if tokens <= 0 and cost <= 0:
             return
         period = month_of(self._now())
+        spent = {"tokens": max(tokens, 0), "cost": max(cost, 0.0)}
         with self._lock:
-            state = self._state(principal.key_id)
-            state.tokens.append((self._clock(), tokens))
-            state.tokens_in_window += tokens
-            for key_id, _ in _pools(principal):
-                month, used = self._months.get(key_id, ("", 0))
+            if tokens > 0:
+                state = self._state(principal.key_id)
+                state.tokens.append((self._clock(), tokens))
+                state.tokens_in_window += tokens
+            for budget in _pools(principal):
+                month, used = self._month(budget)
                 if month == period:
-                    self._months[key_id] = (month, used + tokens)
+                    self._months[(budget.key_id, budget.unit)] = (month, used + spent[budget.unit])
 
     def headers(self, principal: Principal) -> dict[str, str]:
         """``x-ratelimit-*`` headers for a response to this key."""
@@ -154,14 +161,18 @@ class RateLimiter:
     def _check_budget(self, principal: Principal) -> None:
         now = self._now()
         period = month_of(now)
-        for key_id, budget in _pools(principal):
-            month, used = self._months.get(key_id, ("", 0))
-            if month != period or used < budget:
+        for budget in _pools(principal):
+            month, used = self._month(budget)
+            if month != period or used < budget.amount:
                 continue
-            whose = "this key's" if key_id == principal.key_id else f"key {key_id}'s"
+            whose = "this key's" if budget.key_id == principal.key_id else f"key {budget.key_id}'s"
             next_month = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+            if budget.unit == "tokens":
+                amount = f"{int(budget.amount)} tokens"
+            else:
+                amount = f"{budget.amount:.2f} {self._currency() or '(price table currency)'}"
             raise QuotaExceeded(
-                f"{whose} monthly budget of {budget} tokens is spent; it renews on "
+                f"{whose} monthly budget of {amount} is spent; it renews on "
                 f"{next_month.date().isoformat()}",
                 retry_after=(next_month - now).total_seconds(),
             )
@@ -196,9 +207,14 @@ class RateLimiter:
         return headers
 
 
-def _pools(principal: Principal) -> tuple[tuple[str, int], ...]:
+def _pools(principal: Principal) -> tuple[Budget, ...]:
     """The budgets a key draws from: its own and those of the keys above it."""
     if principal.budgets:
         return principal.budgets
-    budget = principal.limits.monthly_token_budget
-    return ((principal.key_id, budget),) if budget is not None else ()
+    own = (
+        ("tokens", principal.limits.monthly_token_budget),
+        ("cost", principal.limits.monthly_cost_budget),
+    )
+    return tuple(
+        Budget(principal.key_id, unit, amount) for unit, amount in own if amount is not None
+    )

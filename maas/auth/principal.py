@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,6 +54,18 @@ class Limits(BaseModel):
     max_concurrent: int | None = Field(default=None, ge=1, le=10**6)
     monthly_token_budget: int | None = Field(default=None, ge=0, le=10**15)
     """Prompt plus completion tokens per calendar month (UTC)."""
+    monthly_cost_budget: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
+    """What the key may spend per calendar month (UTC), in the price table's currency, at
+    the prices ``maas prices set`` gives its models."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A monthly budget a key draws from: its own or one of a key above it."""
+
+    key_id: str
+    unit: Literal["tokens", "cost"]
+    amount: float
 
 
 @dataclass(frozen=True)
@@ -67,10 +80,10 @@ class Principal:
     """Model names this key may use; None means all its tenant can see."""
     expires_at: datetime | None
     limits: Limits
-    budgets: tuple[tuple[str, int], ...] = ()
-    """(key_id, monthly token budget) of this key and of every key above it (the key that
-    created it, and so on) that has a budget: tokens this key uses count against all of them,
-    so minting keys never multiplies a budget."""
+    budgets: tuple[Budget, ...] = ()
+    """The monthly budgets (tokens or cost) of this key and of every key above it (the key
+    that created it, and so on): what this key uses counts against all of them, so minting
+    keys never multiplies a budget."""
 
     def has_role(self, role: Role) -> bool:
         return self.role.rank >= role.rank

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from maas.auth import policy
 from maas.auth.keys import generate_key, hash_key
-from maas.auth.principal import INDUSTRIES, PLATFORM_TENANT, Limits, Principal, Role
+from maas.auth.principal import INDUSTRIES, PLATFORM_TENANT, Budget, Limits, Principal, Role
 from maas.db import make_session_factory, write_transaction
 from maas.db.tables import ApiKey, Tenant
 from maas.errors import Conflict, InvalidRequest, NotFound
@@ -43,6 +43,8 @@ class KeyRecord(BaseModel):
     tokens_per_minute: int | None
     max_concurrent: int | None
     monthly_token_budget: int | None
+    monthly_cost_budget: float | None = None
+    """In the price table's currency."""
 
 
 class KeySpec(BaseModel):
@@ -161,6 +163,7 @@ class KeyStore:
                 tokens_per_minute=spec.limits.tokens_per_minute,
                 max_concurrent=spec.limits.max_concurrent,
                 monthly_token_budget=spec.limits.monthly_token_budget,
+                monthly_cost_budget=spec.limits.monthly_cost_budget,
                 created_by=creator.key_id if creator else None,
             )
             row.tenant = tenant
@@ -283,6 +286,7 @@ def _key_record(row: ApiKey) -> KeyRecord:
         tokens_per_minute=row.tokens_per_minute,
         max_concurrent=row.max_concurrent,
         monthly_token_budget=row.monthly_token_budget,
+        monthly_cost_budget=row.monthly_cost_budget,
     )
 
 
@@ -296,20 +300,22 @@ def _subtree(session: Session, key_id: str) -> list[str]:
     return found
 
 
-def _budgets(session: Session, row: ApiKey) -> tuple[tuple[str, int], ...]:
+def _budgets(session: Session, row: ApiKey) -> tuple[Budget, ...]:
     """Budgets of the key and of the keys above it."""
     budgets, seen = [], set()
     while row is not None and row.key_id not in seen:
         seen.add(row.key_id)
         if row.monthly_token_budget is not None:
-            budgets.append((row.key_id, row.monthly_token_budget))
+            budgets.append(Budget(row.key_id, "tokens", row.monthly_token_budget))
+        if row.monthly_cost_budget is not None:
+            budgets.append(Budget(row.key_id, "cost", row.monthly_cost_budget))
         if row.created_by is None:
             break
         row = session.scalar(select(ApiKey).where(ApiKey.key_id == row.created_by))
     return tuple(budgets)
 
 
-def _principal(row: ApiKey, budgets: tuple[tuple[str, int], ...] = ()) -> Principal:
+def _principal(row: ApiKey, budgets: tuple[Budget, ...] = ()) -> Principal:
     return Principal(
         key_id=row.key_id,
         name=row.name,
@@ -324,6 +330,7 @@ def _principal(row: ApiKey, budgets: tuple[tuple[str, int], ...] = ()) -> Princi
             tokens_per_minute=row.tokens_per_minute,
             max_concurrent=row.max_concurrent,
             monthly_token_budget=row.monthly_token_budget,
+            monthly_cost_budget=row.monthly_cost_budget,
         ),
         budgets=budgets,
     )

@@ -50,6 +50,14 @@ def create_key(
         int | None, typer.Option(help="Requests in flight at once.", min=1)
     ] = None,
     budget: Annotated[int | None, typer.Option(help="Tokens per calendar month.", min=0)] = None,
+    cost_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="What the key may spend per calendar month, in the currency of the price "
+            "table (maas prices set).",
+            min=0,
+        ),
+    ] = None,
 ) -> None:
     """Create an API key and print it once (only its hash is stored)."""
     spec = KeySpec(
@@ -63,6 +71,7 @@ def create_key(
             tokens_per_minute=tpm,
             max_concurrent=concurrency,
             monthly_token_budget=budget,
+            monthly_cost_budget=cost_budget,
         ),
     )
     with open_access() as access:

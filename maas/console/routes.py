@@ -183,6 +183,7 @@ def access_view(
         "access",
         tenants=access.list_tenants(key, tenants).data,
         keys=access.list_keys(key, keys).data,
+        currency=request.app.state.prices.currency(),
     )
 
 

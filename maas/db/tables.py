@@ -191,6 +191,8 @@ class ApiKey(Base):
     tokens_per_minute: Mapped[int | None] = mapped_column(Integer)
     max_concurrent: Mapped[int | None] = mapped_column(Integer)
     monthly_token_budget: Mapped[int | None] = mapped_column(BigInteger)
+    monthly_cost_budget: Mapped[float | None] = mapped_column(Float)
+    """In the price table's currency (model_prices.currency)."""
     created_by: Mapped[str | None] = mapped_column(String(16))
     """key_id of the key that created this one; None when made locally with the CLI."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -61,6 +61,8 @@ class KeyCreate(BaseModel):
     tokens_per_minute: int | None = Field(default=None, ge=1, le=10**15)
     max_concurrent: int | None = Field(default=None, ge=1, le=10**6)
     monthly_token_budget: int | None = Field(default=None, ge=0, le=10**15)
+    monthly_cost_budget: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
+    """What the key may spend per calendar month, in the price table's currency."""
 
     def spec(self) -> KeySpec:
         expires_at = None
@@ -71,6 +73,7 @@ class KeyCreate(BaseModel):
             tokens_per_minute=self.tokens_per_minute,
             max_concurrent=self.max_concurrent,
             monthly_token_budget=self.monthly_token_budget,
+            monthly_cost_budget=self.monthly_cost_budget,
         )
         return KeySpec(
             name=self.name,

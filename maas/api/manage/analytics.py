@@ -179,4 +179,6 @@ def list_prices(key: MaintainerKey, request: Request) -> PricesPublic:
 @router.put("/prices/{model}", responses=error_responses(router.prefix, 400, 403, 404))
 def set_price(model: str, body: PriceSet, key: AdminKey, request: Request) -> costs.PricePublic:
     """Set what a model's (or one version's) requests cost."""
-    return costs.set_price(request.app.state.registry.engine, model, **body.model_dump())
+    price = costs.set_price(request.app.state.registry.engine, model, **body.model_dump())
+    request.app.state.prices.forget()  # budgets in currency charge at the new price now
+    return price

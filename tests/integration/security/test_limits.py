@@ -14,6 +14,7 @@ from maas.api.deps import CurrentKey, InferenceKey
 from maas.api.governance import meter
 from maas.auth.principal import Limits, Role
 from maas.auth.store import KeySpec
+from tests.fixtures import make_gguf
 from tests.integration.conftest import bearer
 
 # Routes that exist only in these tests: one slow, one that spends tokens.
@@ -29,6 +30,14 @@ async def slow(key: CurrentKey) -> dict:
 @probe.get("/tokens")
 def tokens(key: InferenceKey, request: Request, n: int = 10) -> dict:
     meter(request, prompt_tokens=n // 2, completion_tokens=n - n // 2)
+    return {}
+
+
+@probe.get("/priced")
+def priced_tokens(key: InferenceKey, request: Request, n: int = 10) -> dict:
+    """Tokens of the model "priced", as a chat completion would meter them."""
+    model = request.app.state.registry.resolve("priced")
+    meter(request, model=model, prompt_tokens=n // 2, completion_tokens=n - n // 2)
     return {}
 
 
@@ -192,3 +201,66 @@ def test_revoking_a_key_revokes_the_keys_it_made(probe_client):
         == 200
     )
     assert probe_client.get("/v1/models", headers=bearer(child)).status_code == 401
+
+
+@pytest.fixture
+def priced(probe_client, tmp_path):
+    """A model "priced" at 1 per 1K prompt tokens, 2 per 1K completion tokens and 0.01 a
+    request: the probe's 10 tokens (5 + 5) cost 0.025."""
+    probe_client.app.state.registry.import_model(make_gguf(tmp_path / "m.gguf"), "priced")
+    admin = probe_client.app.state.keys.create(KeySpec(name="a", role=Role.admin), None)[1]
+    price = {"currency": "EUR", "prompt_per_1k": 1, "completion_per_1k": 2, "per_request": 0.01}
+    set_price = probe_client.put(
+        "/api/v1/analytics/prices/priced", json=price, headers=bearer(admin)
+    )
+    assert set_price.status_code == 200, set_price.text
+    return probe_client
+
+
+def test_a_budget_in_currency_is_spent_at_the_price_table(priced):
+    key = key_with(priced, monthly_cost_budget=0.06)
+    for _ in range(3):  # 0, 0.025, 0.05 spent before each: under 0.06
+        assert priced.get("/v1/probe/priced", headers=bearer(key)).status_code == 200
+    refused = priced.get("/v1/probe/priced", headers=bearer(key))
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_quota"
+    assert "monthly budget of 0.06 EUR is spent" in error["message"]
+    # an unpriced route's tokens cost nothing, whatever their number
+    other = key_with(priced, monthly_cost_budget=0.01)
+    for _ in range(3):
+        assert priced.get("/v1/probe/tokens?n=1000", headers=bearer(other)).status_code == 200
+
+
+def test_a_budget_in_currency_survives_a_restart(settings, tmp_path):
+    with TestClient(app_with_probe(settings)) as client:
+        client.app.state.registry.import_model(make_gguf(tmp_path / "m.gguf"), "priced")
+        client.app.state.prices.forget()
+        from maas.analytics import costs
+
+        costs.set_price(client.app.state.registry.engine, "priced", per_request=1.0)
+        key = key_with(client, monthly_cost_budget=2.5)
+        for _ in range(2):
+            assert client.get("/v1/probe/priced", headers=bearer(key)).status_code == 200
+    with TestClient(app_with_probe(settings)) as client:  # 2.0 of 2.5 spent, from the records
+        assert client.get("/v1/probe/priced", headers=bearer(key)).status_code == 200
+        refused = client.get("/v1/probe/priced", headers=bearer(key))
+        assert refused.status_code == 429 and "2.50 USD" in refused.json()["error"]["message"]
+
+
+def test_a_key_cannot_mint_a_key_without_its_budget_in_currency(priced):
+    maintainer = priced.app.state.keys.create(
+        KeySpec(name="m", role=Role.maintainer, limits=Limits(monthly_cost_budget=1.0)), None
+    )[1]
+    for body in ({}, {"monthly_cost_budget": 2.0}):
+        refused = priced.post(
+            "/api/v1/keys", json={"name": "c", "role": "user", **body}, headers=bearer(maintainer)
+        )
+        assert refused.status_code == 403
+        assert "monthly_cost_budget must be set and at most 1.0" in refused.text
+    made = priced.post(
+        "/api/v1/keys",
+        json={"name": "c", "role": "user", "monthly_cost_budget": 0.5},
+        headers=bearer(maintainer),
+    )
+    assert made.status_code == 201 and made.json()["monthly_cost_budget"] == 0.5
