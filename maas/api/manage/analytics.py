@@ -12,11 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from maas.analytics import adoption as adoption_measures
-from maas.analytics import costs, potentials, report
+from maas.analytics import costs, potentials, report, series
 from maas.api import governance
 from maas.api.deps import AdminKey, MaintainerKey
 from maas.api.errors import KEYED_STATUSES, error_responses
 from maas.api.hardening import StrictJSONRoute
+from maas.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +183,64 @@ def set_price(model: str, body: PriceSet, key: AdminKey, request: Request) -> co
     price = costs.set_price(request.app.state.registry.engine, model, **body.model_dump())
     request.app.state.prices.forget()  # budgets in currency charge at the new price now
     return price
+
+
+CSV_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "CSV with the columns period, industry, adopters or share, source",
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+    }
+}
+
+
+class SeriesPublic(BaseModel):
+    industry: str
+    source: str
+    measure: str
+    """``adopters`` (organisations) or ``share`` (0 to 1)."""
+    periods: list[str]
+    values: list[float]
+    """Cumulative, as published."""
+
+
+class SeriesListPublic(BaseModel):
+    data: list[SeriesPublic]
+    count: int
+
+
+def _series_public(found: list[series.Series]) -> SeriesListPublic:
+    data = [SeriesPublic(**vars(s)) for s in found]
+    return SeriesListPublic(data=data, count=len(data))
+
+
+@router.post(
+    "/series",
+    status_code=201,
+    openapi_extra=CSV_BODY,
+    responses=error_responses(router.prefix, 400, 403, 413),
+)
+async def import_series(key: AdminKey, request: Request) -> SeriesListPublic:
+    """Import published adoption figures (what ``maas analytics import`` does), replacing
+    each (industry, source) series the file holds; every problem is named with its line."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("text/csv", "text/plain"):
+        raise InvalidRequest(f"send the CSV as text/csv, not {kind or 'no content type'}")
+    try:
+        text = (await request.body()).decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InvalidRequest(f"the CSV is not UTF-8 text: {error.reason}", param="file") from None
+    points = series.parse(text)
+    stored = await run_in_threadpool(series.store, request.app.state.registry.engine, points)
+    return _series_public(stored)
+
+
+@router.get("/series", responses=error_responses(router.prefix, 400, 403))
+def list_series(
+    key: MaintainerKey,
+    request: Request,
+    industry: Annotated[str | None, Query(max_length=32)] = None,
+) -> SeriesListPublic:
+    """The imported series (published figures are not any tenant's: every maintainer sees
+    them), each with its source."""
+    return _series_public(series.load(request.app.state.registry.engine, industry))

@@ -157,3 +157,49 @@ def test_prices_and_costs_over_http(app_client, make_key, usage, tmp_path):
         headers=admin,
     )
     assert other.status_code == 400 and "prices are in EUR" in other.text
+
+
+def test_published_series_are_uploaded_listed_and_forecast(app_client, make_key):
+    from tests.unit.analytics.test_series import GOOD
+
+    admin = bearer(make_key(Role.admin))
+    csv = {"content-type": "text/csv"}
+    sent = app_client.post(
+        "/api/v1/analytics/series", content=GOOD.encode(), headers={**admin, **csv}
+    )
+    assert sent.status_code == 201, sent.text
+    assert {(s["industry"], s["source"], len(s["periods"])) for s in sent.json()["data"]} == {
+        ("retail", "Survey of firms", 9),
+        ("banking", "Bank register", 2),
+    }
+    maintainer = bearer(make_key(Role.maintainer))
+    listed = app_client.get(
+        "/api/v1/analytics/series", params={"industry": "retail"}, headers=maintainer
+    ).json()
+    assert listed["count"] == 1 and listed["data"][0]["values"][-1] == 0.5
+    forecast = app_client.get(
+        "/api/v1/analytics/forecast",
+        params={"industry": "retail", "source": "Survey of firms", "horizon": 3},
+        headers=maintainer,
+    )
+    assert forecast.status_code == 200 and forecast.json()["source"] == "Survey of firms"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "says"),
+    [
+        (b"period,industry,share,source\n2024,retail,12,s\n", "text/csv", "line 2: share 12"),
+        (b"\xff\xfe\x00bad", "text/csv", "the CSV is not UTF-8 text"),
+        (b'{"period": 2024}', "application/json", "send the CSV as text/csv"),
+    ],
+)
+def test_a_bad_series_upload_is_a_400_naming_the_problem_and_stores_nothing(
+    app_client, make_key, body, content_type, says
+):
+    admin = bearer(make_key(Role.admin))
+    sent = app_client.post(
+        "/api/v1/analytics/series", content=body, headers={**admin, "content-type": content_type}
+    )
+    assert sent.status_code == 400, sent.text
+    assert says in sent.json()["error"]["message"]
+    assert app_client.get("/api/v1/analytics/series", headers=admin).json()["count"] == 0

@@ -148,6 +148,11 @@ MATRIX = {
         cells(MAINTAINER, maintainer=403),
     ),
     ("GET", "/ui/views/chat"): (("GET", "/ui/views/chat", None), ANY_KEY),
+    ("GET", "/api/v1/analytics/series"): (("GET", "/api/v1/analytics/series", None), MAINTAINER),
+    ("POST", "/api/v1/analytics/series"): (
+        ("POST", "/api/v1/analytics/series", "{csv}"),
+        cells(MAINTAINER, maintainer=403, admin=201),
+    ),
     ("POST", "/v1/files"): (("POST", "/v1/files", "{upload}"), MAINTAINER),
     ("GET", "/v1/files"): (("GET", "/v1/files", None), MAINTAINER),
     ("GET", "/v1/files/{file_id}"): (("GET", "/v1/files/{file_id}", None), MAINTAINER),
@@ -316,11 +321,15 @@ def test_role_route_matrix(world, route, role):
     if body == "{upload}":
         kwargs["files"] = {"file": ("t.jsonl", world.chats)}
         kwargs["data"] = {"purpose": "fine-tune"}
+    elif body == "{csv}":
+        kwargs["content"] = b"period,industry,adopters,source\n2024,retail,3,survey\n"
+        kwargs["headers"] = {"content-type": "text/csv"}
     elif isinstance(body, dict):
         kwargs["json"] = {k: fills.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
     elif body is not None:
         kwargs["content"] = world.gguf.read_bytes()
-    response = world.client.request(method, path, headers=world.as_(role), **kwargs)
+    headers = {**world.as_(role), **kwargs.pop("headers", {})}
+    response = world.client.request(method, path, headers=headers, **kwargs)
     assert response.status_code == expected[role], response.text
 
 
