@@ -24,7 +24,7 @@ from maas.api.deps import AdminKey, CurrentKey, KeysDep, MaintainerKey, Registry
 from maas.api.errors import KEYED_STATUSES, error_responses
 from maas.api.inference import ServingDep
 from maas.api.manage import access, analytics, jobs, models
-from maas.auth.principal import Role
+from maas.auth.principal import INDUSTRIES, Role
 from maas.console import charts
 from maas.errors import MaasError, NotFound
 
@@ -184,6 +184,8 @@ def access_view(
         tenants=access.list_tenants(key, tenants).data,
         keys=access.list_keys(key, keys).data,
         currency=request.app.state.prices.currency(),
+        own=key.key_id,
+        industries=INDUSTRIES,
     )
 
 

@@ -116,6 +116,8 @@ async function loadView(query) {
   drawCharts(view);
   wireFilters(view);
   wireChat(view);
+  wireActions(view, query);
+  wireTableFilters(view);
   const refreshing = view.querySelector("[data-refresh]");
   if (refreshing) {
     refreshTimer = setTimeout(() => loadView(query), Number(refreshing.dataset.refresh));
@@ -135,6 +137,68 @@ function wireFilters(root) {
     form.addEventListener("change", reload);
     form.addEventListener("submit", reload);
   }
+}
+
+// Forms and buttons that change something call the JSON API with the key, then reload the
+// view; the API's message shows beside the form when it refuses.
+function wireActions(root, query) {
+  for (const form of root.querySelectorAll("form.api-form")) {
+    const error = form.querySelector(".error");
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const body = {};
+      for (const field of form.elements) {
+        if (!field.name || field.value === "") continue;
+        body[field.name] = "number" in field.dataset ? Number(field.value) : field.value;
+      }
+      const response = await fetch(form.dataset.api, authorized({
+        method: form.dataset.method,
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      }));
+      if (!response.ok) {
+        error.textContent = await errorOf(response);
+        error.hidden = false;
+        return;
+      }
+      const made = await response.json();
+      await loadView(query);
+      if (made.key) showCreatedKey(made.key);
+    });
+  }
+  for (const button of root.querySelectorAll("button[data-revoke]")) {
+    button.addEventListener("click", async () => {
+      const id = button.dataset.revoke;
+      if (!window.confirm(`Revoke key ${id} and every key made with it?`)) return;
+      const response = await fetch(`/api/v1/keys/${encodeURIComponent(id)}`, authorized({
+        method: "DELETE",
+      }));
+      if (!response.ok) {
+        window.alert(await errorOf(response));
+        return;
+      }
+      await loadView(query);
+    });
+  }
+}
+
+// A search box hides the rows of its table that do not contain what is typed.
+function wireTableFilters(root) {
+  for (const input of root.querySelectorAll("input[data-filter]")) {
+    const rows = root.querySelectorAll(`#${input.dataset.filter} tbody tr`);
+    input.addEventListener("input", () => {
+      const wanted = input.value.trim().toLowerCase();
+      for (const row of rows) row.hidden = !row.textContent.toLowerCase().includes(wanted);
+    });
+  }
+}
+
+// A new key is shown once, in the page only (never stored by the console).
+function showCreatedKey(plaintext) {
+  const box = $("created-key");
+  if (!box) return;
+  $("created-key-value").textContent = plaintext;
+  box.hidden = false;
 }
 
 // The chat playground: streams /v1/chat/completions (server-sent events) into the log.

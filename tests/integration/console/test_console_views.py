@@ -177,6 +177,10 @@ def test_keys_and_tenants_list_no_secret(world):
         assert key_id in html, role
         assert world.keys[role] not in html
     assert "<td>acme</td><td>retail</td>" in html
+    own = html[html.index(f'data-key="{world.key_ids["admin"]}"') :].split("</tr>")[0]
+    assert "this key" in own and "data-revoke" not in own  # no revoking itself by a click
+    assert f'data-revoke="{world.key_ids["user"]}"' in html
+    assert 'data-api="/api/v1/keys"' in html and 'data-api="/api/v1/tenants"' in html
 
 
 def test_the_chat_view_offers_the_chat_models_the_key_may_use(world):
