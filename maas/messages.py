@@ -26,6 +26,9 @@ class UsageEvent:
     completion_tokens: int = 0
     items: int = 0
     """Inputs processed where tokens do not apply (images, rows)."""
+    cost: float | None = None
+    """What the request cost at its model version's price when it ran, in the price table's
+    currency; None for an unpriced model or a request that is not charged."""
 
     def to_row(self) -> dict[str, Any]:
         return {**asdict(self), "day": self.at.date().isoformat()}

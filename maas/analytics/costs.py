@@ -19,7 +19,6 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, date, datetime
 
 from pydantic import BaseModel
@@ -227,61 +226,64 @@ def _charge(price: PricePublic, usage: tuple[int, int, int, int]) -> float:
 
 
 class PriceBook:
-    """The price table in memory, to charge each request against its key's budget in
-    currency as it finishes. Read again ``ttl`` seconds after the last read, or on the next
-    use after ``forget()`` (a price set through this server)."""
+    """The price table in memory, to price each request as it finishes without a database
+    read on the request path. ``load()`` reads it (at start, off the event loop); after
+    ``ttl`` seconds the next use starts a reload on a thread and prices with the table it has
+    until that is done (a price set through this server is loaded at once)."""
 
-    def __init__(
-        self, engine: Engine, *, ttl: float = 10.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, engine: Engine, *, ttl: float = 10.0, clock=time.monotonic) -> None:
         self._engine = engine
         self._ttl = ttl
         self._clock = clock
         self._table: dict[tuple[str, int], PricePublic] = {}
         self._read_at: float | None = None
+        self._reloading = False
         self._lock = threading.Lock()
 
-    def forget(self) -> None:
+    def load(self) -> None:
+        """Read the table now (blocking)."""
+        read_at = self._clock()
+        try:
+            table = {(p.model, p.version or 0): p for p in list_prices(self._engine)}
+        except Exception:  # keep pricing with the table we have; the next use tries again
+            log.exception("reading the price table failed")
+            table, read_at = None, None
         with self._lock:
-            self._read_at = None
+            if table is not None:
+                self._table, self._read_at = table, read_at
+            self._reloading = False
 
-    def table(self) -> dict[tuple[str, int], PricePublic]:
-        with self._lock:
-            now = self._clock()
-            if self._read_at is None or now - self._read_at >= self._ttl:
-                self._table = {(p.model, p.version or 0): p for p in list_prices(self._engine)}
-                self._read_at = now
-            return self._table
+    def cost(self, model: str, version: int, prompt: int, completion: int, items: int):
+        """One request's cost at its version's price, or None for an unpriced model."""
+        price = _price(self._current(), model, version)
+        return _charge(price, (1, prompt, completion, items)) if price else None
 
     def currency(self) -> str | None:
-        return next((p.currency for p in self.table().values()), None)
+        """The table's currency, as last read (never reads the database)."""
+        return next((p.currency for p in self._table.values()), None)
 
-    def cost(self, model: str, version: int, prompt: int, completion: int, items: int) -> float:
-        """One request's cost at its version's price (0 for an unpriced model)."""
-        price = _price(self.table(), model, version)
-        return _charge(price, (1, prompt, completion, items)) if price else 0.0
+    def _current(self) -> dict[tuple[str, int], PricePublic]:
+        with self._lock:
+            stale = self._read_at is None or self._clock() - self._read_at >= self._ttl
+            start = stale and not self._reloading
+            if start:
+                self._reloading = True
+            table = self._table
+        if start:
+            threading.Thread(target=self.load, name="maas-prices", daemon=True).start()
+        return table
 
 
-def month_cost(engine: Engine, book: PriceBook, key_ids: list[str], period: str) -> float:
-    """What some keys' successful inference requests in a month ("YYYY-MM") cost at today's
-    prices, from the usage records (one aggregation per model version)."""
-    query = select(
-        UsageRecord.model,
-        func.coalesce(UsageRecord.version, 0),
-        func.count(),
-        func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
-        func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
-        func.coalesce(func.sum(UsageRecord.items), 0),
-    ).where(UsageRecord.key_id.in_(key_ids), UsageRecord.day.startswith(period))
-    query = adoption.counted(query, None, None, None)
-    table = book.table()
-    with engine.connect() as connection:
-        rows = connection.execute(query.group_by(UsageRecord.model, UsageRecord.version)).all()
-    return sum(
-        _charge(price, usage)
-        for model, version, *usage in rows
-        if (price := _price(table, model, version)) is not None
+def month_cost(engine: Engine, key_ids: list[str], period: str) -> float:
+    """What some keys' requests in a month ("YYYY-MM") cost, as each was priced when it ran
+    (the records' ``cost``)."""
+    query = select(func.coalesce(func.sum(UsageRecord.cost), 0.0)).where(
+        UsageRecord.key_id.in_(key_ids),
+        UsageRecord.day.startswith(period),
+        UsageRecord.status < 400,
     )
+    with engine.connect() as connection:
+        return float(connection.execute(query).scalar_one())
 
 
 def lineage(registry) -> dict[tuple[str, int], tuple[str, int] | None]:

@@ -54,12 +54,13 @@ def open_state(app: FastAPI, settings: Settings) -> Registry:
     app.state.tenants = tenants
     app.state.authenticator = Authenticator(keys, server_secret(settings))
     app.state.prices = prices = costs.PriceBook(registry.engine)
+    prices.load()
 
     def month_used(key_id: str, unit: str, month: str) -> float:
         """What a budget's key and the keys made under it used this month: tokens or cost."""
         if unit == "tokens":
             return month_tokens(registry.engine, keys.subtree(key_id), month)
-        return costs.month_cost(registry.engine, prices, keys.subtree(key_id), month)
+        return costs.month_cost(registry.engine, keys.subtree(key_id), month)
 
     app.state.limiter = RateLimiter(month_used, currency=prices.currency)
     app.state.recorder = UsageRecorder(registry.engine, settings.home, on_flush=keys.touch)

@@ -157,8 +157,8 @@ class GovernanceMiddleware:
         if (admission := state.get("admission")) is not None:
             app_state.limiter.release(admission)
         usage: Usage = state.get("usage") or Usage()
-        cost = 0.0
-        if usage.model is not None and status < 400 and _has_cost_budget(principal):
+        cost = None  # only successful inference requests are charged, as maas costs counts
+        if usage.model is not None and status < 400:
             cost = app_state.prices.cost(
                 usage.model.name,
                 usage.model.version,
@@ -166,7 +166,8 @@ class GovernanceMiddleware:
                 usage.completion_tokens,
                 usage.items,
             )
-        app_state.limiter.charge(principal, usage.prompt_tokens + usage.completion_tokens, cost)
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        app_state.limiter.charge(principal, tokens, cost or 0.0)
         route = getattr(scope.get("route"), "path", "unmatched")
         app_state.recorder.record(
             UsageEvent(
@@ -182,12 +183,6 @@ class GovernanceMiddleware:
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 items=usage.items,
+                cost=cost,
             )
         )
-
-
-def _has_cost_budget(principal: Principal) -> bool:
-    """Whether a budget in currency covers this key (the price table is read only then)."""
-    return principal.limits.monthly_cost_budget is not None or any(
-        budget.unit == "cost" for budget in principal.budgets
-    )

@@ -236,6 +236,8 @@ class UsageRecord(Base):
     items: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[float] = mapped_column(Float)
     status: Mapped[int] = mapped_column(Integer)
+    cost: Mapped[float | None] = mapped_column(Float)
+    """At the price in force when it ran (``maas prices``); budgets in currency sum it."""
 
 
 class MarketPotential(Base):

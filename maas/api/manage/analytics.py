@@ -181,7 +181,7 @@ def list_prices(key: MaintainerKey, request: Request) -> PricesPublic:
 def set_price(model: str, body: PriceSet, key: AdminKey, request: Request) -> costs.PricePublic:
     """Set what a model's (or one version's) requests cost."""
     price = costs.set_price(request.app.state.registry.engine, model, **body.model_dump())
-    request.app.state.prices.forget()  # budgets in currency charge at the new price now
+    request.app.state.prices.load()  # requests are charged at the new price from the next one
     return price
 
 
@@ -230,9 +230,12 @@ async def import_series(key: AdminKey, request: Request) -> SeriesListPublic:
         text = (await request.body()).decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise InvalidRequest(f"the CSV is not UTF-8 text: {error.reason}", param="file") from None
-    points = series.parse(text)
-    stored = await run_in_threadpool(series.store, request.app.state.registry.engine, points)
-    return _series_public(stored)
+    engine = request.app.state.registry.engine
+
+    def parse_and_store() -> list[series.Series]:
+        return series.store(engine, series.parse(text))
+
+    return _series_public(await run_in_threadpool(parse_and_store))
 
 
 @router.get("/series", responses=error_responses(router.prefix, 400, 403))
@@ -243,4 +246,5 @@ def list_series(
 ) -> SeriesListPublic:
     """The imported series (published figures are not any tenant's: every maintainer sees
     them), each with its source."""
-    return _series_public(series.load(request.app.state.registry.engine, industry))
+    wanted = industry.strip().lower() if industry is not None else None  # as stored
+    return _series_public(series.load(request.app.state.registry.engine, wanted))

@@ -235,13 +235,16 @@ def test_a_budget_in_currency_is_spent_at_the_price_table(priced):
 def test_a_budget_in_currency_survives_a_restart(settings, tmp_path):
     with TestClient(app_with_probe(settings)) as client:
         client.app.state.registry.import_model(make_gguf(tmp_path / "m.gguf"), "priced")
-        client.app.state.prices.forget()
         from maas.analytics import costs
 
+        # as `maas prices set` would, beside the server, which reads it within 10 s
         costs.set_price(client.app.state.registry.engine, "priced", per_request=1.0)
+        client.app.state.prices.load()
         key = key_with(client, monthly_cost_budget=2.5)
         for _ in range(2):
             assert client.get("/v1/probe/priced", headers=bearer(key)).status_code == 200
+        # a price raised later does not change what the month's requests cost
+        costs.set_price(client.app.state.registry.engine, "priced", per_request=100.0)
     with TestClient(app_with_probe(settings)) as client:  # 2.0 of 2.5 spent, from the records
         assert client.get("/v1/probe/priced", headers=bearer(key)).status_code == 200
         refused = client.get("/v1/probe/priced", headers=bearer(key))

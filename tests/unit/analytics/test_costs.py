@@ -3,6 +3,7 @@ version prices over model prices, savings from a cheaper child version, and refu
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -139,3 +140,22 @@ def test_the_only_price_may_change_currency(tmp_path):
     costs.set_price(engine, "chat", prompt_per_1k=1.0)
     assert costs.set_price(engine, "chat", prompt_per_1k=0.9, currency="EUR").currency == "EUR"
     engine.dispose()
+
+
+def test_the_price_book_prices_from_memory_and_reloads_on_a_thread(engine):
+    costs.set_price(engine, "chat", prompt_per_1k=1.0, completion_per_1k=3.0)
+    now = [0.0]
+    book = costs.PriceBook(engine, ttl=10.0, clock=lambda: now[0])
+    book.load()
+    assert book.cost("chat", 1, 1000, 1000, 0) == pytest.approx(1.0 + 3.0)
+    assert book.cost("free", 1, 10, 10, 0) is None  # unpriced
+    assert book.currency() == "USD"
+    costs.set_price(engine, "free", per_request=0.5)
+    assert book.cost("free", 1, 10, 10, 0) is None  # the table in memory, not yet stale
+    now[0] = 11.0
+    book.cost("free", 1, 10, 10, 0)  # stale: reloads on a thread
+    for _ in range(200):
+        if book.cost("free", 1, 10, 10, 0) is not None:
+            break
+        time.sleep(0.01)
+    assert book.cost("free", 1, 10, 10, 0) == pytest.approx(0.5)
