@@ -68,7 +68,15 @@ def parse(text: str) -> list[Point]:
         wanted = "period, industry, adopters or share, source"
         raise InvalidRequest(f"line 1: the header needs the columns {wanted}; it has {header}")
     points, problems = [], []
-    for line, row in enumerate(reader, start=2):
+    rows = enumerate(reader, start=2)
+    line = 1
+    while True:
+        try:
+            line, row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as error:  # a field over csv's size limit, say
+            raise InvalidRequest(f"line {line + 1}: {error}", param="file") from None
         if line > MAX_ROWS + 1:
             raise InvalidRequest(f"more than {MAX_ROWS:,} rows")
         try:
@@ -91,8 +99,8 @@ def _point(line: int, row: dict) -> Point:
     period = (row.get("period") or "").strip()
     if not NAME.match(industry):
         raise ValueError(f"industry {industry!r}: lowercase letters, digits, '-', '_', '.'")
-    if not source or len(source) > 200:
-        raise ValueError("source: who published the figure (1 to 200 characters)")
+    if not source or len(source) > 200 or not source.isprintable():
+        raise ValueError("source: who published the figure (1 to 200 printable characters)")
     if _kind(period) is None:
         raise ValueError(f"period {period!r}: a year (2024), month (2024-03) or week (2024-W09)")
     try:

@@ -191,6 +191,12 @@ def test_published_series_are_uploaded_listed_and_forecast(app_client, make_key)
         (b"period,industry,share,source\n2024,retail,12,s\n", "text/csv", "line 2: share 12"),
         (b"\xff\xfe\x00bad", "text/csv", "the CSV is not UTF-8 text"),
         (b'{"period": 2024}', "application/json", "send the CSV as text/csv"),
+        (
+            b"period,industry,share,source\n2024,retail,0.1," + b"x" * 200_000 + b"\n",
+            "text/csv",
+            "line 2: field larger than field limit",
+        ),
+        (b"period,industry,share,source\n2024,retail,0.1,a\x00b\n", "text/csv", "printable"),
     ],
 )
 def test_a_bad_series_upload_is_a_400_naming_the_problem_and_stores_nothing(
