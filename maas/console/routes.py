@@ -178,11 +178,13 @@ async def adoption_view(
 def access_view(
     request: Request, key: AdminKey, keys: KeysDep, tenants: TenantsDep
 ) -> HTMLResponse:
+    listed = access.list_keys(key, keys).data
     return _view(
         request,
         "access",
         tenants=access.list_tenants(key, tenants).data,
-        keys=access.list_keys(key, keys).data,
+        keys=listed,
+        protected=_lineage(key.key_id, listed),
         currency=request.app.state.prices.currency(),
         own=key.key_id,
         industries=INDUSTRIES,
@@ -193,3 +195,14 @@ def access_view(
 def chat_view(request: Request, key: CurrentKey, registry: RegistryDep) -> HTMLResponse:
     chat_models = [m.name for m in usable_models(registry, key) if m.task == "chat"]
     return _view(request, "chat", models=chat_models)
+
+
+def _lineage(key_id: str | None, keys: list) -> set[str]:
+    """The key and the keys above it: revoking any of them revokes the key itself, so the
+    page offers no button for them."""
+    made_by = {k.key_id: k.created_by for k in keys}
+    found: set[str] = set()
+    while key_id is not None and key_id not in found:
+        found.add(key_id)
+        key_id = made_by.get(key_id)
+    return found

@@ -95,23 +95,28 @@ function drawCharts(root) {
 }
 
 let refreshTimer = null;
+let refreshEvery = null;
+let latest = 0;
 
 async function loadView(query) {
   const page = body.dataset.page;
   const view = $("view");
+  const mine = ++latest; // a slower, older answer never replaces a newer one
   clearTimeout(refreshTimer);
   let html;
   try {
     html = await fetchView(`/ui/views/${page}${query ? `?${query}` : ""}`);
   } catch (error) {
+    if (mine !== latest) return;
     const message = document.createElement("p");
     message.className = "error";
     message.setAttribute("role", "alert");
     message.textContent = error.message;
     view.replaceChildren(message);
+    if (refreshEvery) refreshTimer = setTimeout(() => loadView(query), refreshEvery); // retry
     return;
   }
-  if (html === null) return;
+  if (html === null || mine !== latest) return;
   view.innerHTML = html;
   drawCharts(view);
   wireFilters(view);
@@ -119,9 +124,8 @@ async function loadView(query) {
   wireActions(view, query);
   wireTableFilters(view);
   const refreshing = view.querySelector("[data-refresh]");
-  if (refreshing) {
-    refreshTimer = setTimeout(() => loadView(query), Number(refreshing.dataset.refresh));
-  }
+  refreshEvery = refreshing ? Number(refreshing.dataset.refresh) : null;
+  if (refreshEvery) refreshTimer = setTimeout(() => loadView(query), refreshEvery);
 }
 
 // A view's filter form reloads the view with its fields as the query (kept in the page's
@@ -144,6 +148,7 @@ function wireFilters(root) {
 function wireActions(root, query) {
   for (const form of root.querySelectorAll("form.api-form")) {
     const error = form.querySelector(".error");
+    const submit = form.querySelector("button[type=submit]");
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       const body = {};
@@ -151,30 +156,39 @@ function wireActions(root, query) {
         if (!field.name || field.value === "") continue;
         body[field.name] = "number" in field.dataset ? Number(field.value) : field.value;
       }
-      const response = await fetch(form.dataset.api, authorized({
-        method: form.dataset.method,
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(body),
-      }));
-      if (!response.ok) {
-        error.textContent = await errorOf(response);
+      submit.disabled = true; // one click, one key
+      let made;
+      try {
+        const response = await fetch(form.dataset.api, authorized({
+          method: form.dataset.method,
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify(body),
+        }));
+        if (!response.ok) throw new Error(await errorOf(response));
+        made = await response.json();
+      } catch (failure) {
+        error.textContent = failure.message;
         error.hidden = false;
+        submit.disabled = false;
         return;
       }
-      const made = await response.json();
+      if (made.key) showCreatedKey(made.key); // before anything else can fail
       await loadView(query);
-      if (made.key) showCreatedKey(made.key);
     });
   }
   for (const button of root.querySelectorAll("button[data-revoke]")) {
     button.addEventListener("click", async () => {
       const id = button.dataset.revoke;
       if (!window.confirm(`Revoke key ${id} and every key made with it?`)) return;
-      const response = await fetch(`/api/v1/keys/${encodeURIComponent(id)}`, authorized({
-        method: "DELETE",
-      }));
-      if (!response.ok) {
-        window.alert(await errorOf(response));
+      button.disabled = true;
+      try {
+        const response = await fetch(`/api/v1/keys/${encodeURIComponent(id)}`, authorized({
+          method: "DELETE",
+        }));
+        if (!response.ok) throw new Error(await errorOf(response));
+      } catch (failure) {
+        window.alert(failure.message);
+        button.disabled = false;
         return;
       }
       await loadView(query);
@@ -235,7 +249,8 @@ function wireChat(root) {
     if (!text) return;
     error.hidden = true;
     messages.push({ role: "user", content: text });
-    say("user", text);
+    const asked = say("user", text).parentElement;
+    let reader = null;
     input.value = "";
     const answer = say("assistant", "");
     answer.parentElement.dataset.streaming = "yes";
@@ -254,28 +269,43 @@ function wireChat(root) {
         }),
       }));
       if (!response.ok) throw new Error(await errorOf(response));
-      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += value;
-        const events = buffer.split("\n\n");
-        buffer = events.pop();
-        for (const event of events) {
-          const data = event.replace(/^data: /, "").trim();
-          if (!data || data === "[DONE]") continue;
+      let finished = false;
+      // Server-sent events: blank-line separated; only "data:" lines carry a chunk.
+      const take = (event) => {
+        for (const line of event.split(/\r?\n/)) {
+          if (!line.startsWith("data:")) continue; // comments, event names, ids
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") {
+            finished = true;
+            continue;
+          }
           const chunk = JSON.parse(data);
           if (chunk.error) throw new Error(chunk.error.message);
           const delta = chunk.choices?.[0]?.delta?.content;
           if (delta) answer.textContent += delta;
         }
+      };
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        const events = buffer.split(/\r?\n\r?\n/);
+        buffer = events.pop();
+        events.forEach(take);
       }
+      take(buffer);
+      if (!finished) throw new Error("the answer stopped before its end (the connection closed)");
       messages.push({ role: "assistant", content: answer.textContent });
     } catch (failure) {
       messages.pop();
+      asked.classList.add("not-sent");
+      asked.title = "not in the conversation: the answer failed";
+      if (!answer.textContent) answer.parentElement.remove();
       error.textContent = failure.message;
       error.hidden = false;
+      reader?.cancel().catch(() => {}); // stop the generation on the server too
     } finally {
       delete answer.parentElement.dataset.streaming;
       answer.parentElement.dataset.done = "yes";

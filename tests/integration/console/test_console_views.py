@@ -180,6 +180,14 @@ def test_keys_and_tenants_list_no_secret(world):
     own = html[html.index(f'data-key="{world.key_ids["admin"]}"') :].split("</tr>")[0]
     assert "this key" in own and "data-revoke" not in own  # no revoking itself by a click
     assert f'data-revoke="{world.key_ids["user"]}"' in html
+    # a key made by this one: signed in with it, its maker's row has no revoke button either
+    # (revoking the maker would revoke the key signed in)
+    child = world.client.post(
+        "/api/v1/keys", json={"name": "child", "role": "admin"}, headers=world.as_("admin")
+    ).json()["key"]
+    html = world.client.get("/ui/views/access", headers=bearer(child)).text
+    maker = html[html.index(f'data-key="{world.key_ids["admin"]}"') :].split("</tr>")[0]
+    assert "made this key" in maker and "data-revoke" not in maker
     assert 'data-api="/api/v1/keys"' in html and 'data-api="/api/v1/tenants"' in html
 
 
