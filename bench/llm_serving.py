@@ -38,8 +38,12 @@ Baselines, in the same run, on the same weights and the same prompts:
 cost: they are the easier case. Their memory is that of this process, not measured.
 
     .venv/bin/python bench/llm_serving.py [--clients 32] [--requests 64]
-        [--dtypes auto,float32,bfloat16,int8-weight,int8]
+        [--dtypes auto,float32,bfloat16,int8-weight,int8] [--stored int4]
         [--engines maas,llama.cpp,transformers,ctranslate2]
+
+``--stored`` also serves versions whose weights are stored quantized, as ``maas optimize
+quantize int4`` (or ``int8``) writes them from the demo GGUF, each in a home of its own under
+the demo's model name, with ``MAAS_LLM_DTYPE=auto`` (which then picks the activations' dtype).
 
 Needs the bench extra (``pip install -e .[bench]``): ctranslate2, accelerate (transformers'
 GGUF loader) and geventhttpclient; cmake and a C++ compiler for the first llama.cpp build
@@ -263,6 +267,27 @@ def run_maas(
     finally:
         server.stop()
     return {"engine": "maas", "dtype": dtype, **row}
+
+
+def stored_home(root: Path, source: Path, method: str, task: str) -> Path:
+    """A home whose demo model is the demo GGUF stored quantized by ``method`` (int4 in
+    groups of 32, or int8), written as ``maas optimize quantize`` writes it."""
+    from maas.optimize import llm_quantize
+
+    home = root / f"home-{method}"
+    folder = root / f"stored-{method}"
+    registry = open_registry(Settings(home=source))
+    try:
+        note = llm_quantize.write(registry.open_version(MODEL), method, 32, folder)
+    finally:
+        registry.close()
+    print(f"stored {method}: {note}", flush=True)
+    registry = open_registry(Settings(home=home))
+    try:
+        registry.import_model(folder, MODEL, task=task)
+    finally:
+        registry.close()
+    return home
 
 
 def run_llama_cpp(binaries: Path, gguf: Path, kind: str, prompts: list[list[int]], args) -> dict:
@@ -525,6 +550,11 @@ def main() -> None:
         "--dtypes", default="auto,float32,bfloat16,int8-weight,int8", help="maas dtypes to run"
     )
     parser.add_argument(
+        "--stored",
+        default="int4",
+        help="versions stored quantized to serve as well (int4, int8; empty for none)",
+    )
+    parser.add_argument(
         "--engines",
         type=engine_list,
         default=list(ENGINES),
@@ -558,6 +588,9 @@ def main() -> None:
             registry.close()
             for dtype in args.dtypes.split(","):
                 add(run_maas(home, dtype, prompts, args))
+            for method in filter(None, args.stored.split(",")):
+                stored = stored_home(Path(root), home, method, model.task)
+                add({**run_maas(stored, "auto", prompts, args), "dtype": f"stored {method}"})
         if "llama.cpp" in args.engines:
             for kind, path in ggufs.items():
                 add(run_llama_cpp(binaries, path, kind, prompts, args))
