@@ -151,26 +151,32 @@ def forecast_chart(forecast: ForecastPublic) -> dict:
                 "borderWidth": 1,
             }
         )
-    peak = forecast.landmarks.get("peak")
-    if peak is not None and peak.period in labels:
-        at = labels.index(peak.period)
-        curve = datasets[1]["data"][at] if at < len(observed) else datasets[2]["data"][at]
-        marked = [None] * len(labels)
-        marked[at] = curve
-        datasets.append(
-            {
-                "label": f"peak of new adoption ({peak.period})",
-                "data": marked,
-                "borderColor": "#000000",
-                "backgroundColor": "#f1c40f",
-                "pointStyle": "triangle",
-                "pointRadius": 8,
-                "showLine": False,
-            }
-        )
+    marker = _peak(forecast, labels, datasets[1]["data"], datasets[2]["data"])
+    if marker is not None:
+        datasets.append(marker)
     y_title = "share of organisations" if forecast.measure == "share" else "organisations adopted"
     return {
         "type": "line",
         "data": {"labels": labels, "datasets": datasets},
         "options": _axes(y_title),
+    }
+
+
+def _peak(forecast: ForecastPublic, labels: list[str], fitted: list, ahead: list) -> dict | None:
+    """New adoption's peak, marked on the curve (fitted if observed, else forecast), when it
+    falls within the chart."""
+    peak = forecast.landmarks.get("peak")
+    if peak is None or peak.period not in labels:
+        return None
+    at = labels.index(peak.period)
+    marked = [None] * len(labels)
+    marked[at] = fitted[at] if at < len(forecast.observed) else ahead[at]
+    return {
+        "label": f"peak of new adoption ({peak.period})",
+        "data": marked,
+        "borderColor": "#000000",
+        "backgroundColor": "#f1c40f",
+        "pointStyle": "triangle",
+        "pointRadius": 8,
+        "showLine": False,
     }
