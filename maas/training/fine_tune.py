@@ -283,14 +283,14 @@ def _load_base(opened: OpenedVersion) -> torch.nn.Module:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from maas.runtime.classic.transformers_task import load_pretrained
+    from maas.runtime.classic.transformers_task import LOCAL_ONLY, load_pretrained
 
     transformers.utils.logging.disable_progress_bar()
     if opened.manifest.format == "gguf":
         gguf = next(e.path for e in opened.manifest.files if e.path.endswith(".gguf"))
         with opened.open_file(gguf) as path:
             model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
+                str(path.parent), gguf_file=path.name, dtype=torch.float32, **LOCAL_ONLY
             )
         # The weights are dequantised already; marked as GGUF-quantised, the model would
         # refuse to be saved, so it becomes the plain float32 model it is.

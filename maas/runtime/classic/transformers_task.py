@@ -18,6 +18,12 @@ from maas.runtime.classic.torch_base import TorchRuntime
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
+# Options of every ``from_pretrained`` of a model: nothing from the Hub and no code but
+# transformers' own. ``use_kernels`` (on by default since transformers 5) would swap layers
+# for kernels downloaded from the Hub and re-kernelise on every ``train()``, which fails
+# outright on a pipeline stage whose other layers are on the meta device.
+LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False, "use_kernels": False}
+
 
 class TransformersRuntime(TorchRuntime):
     def load(self) -> None:
@@ -50,13 +56,7 @@ def load_pretrained(opened: OpenedVersion, auto, dtype: torch.dtype | None = Non
         return _int8_dynamic(opened, auto)
     if opened.data_keys:
         return _from_decrypted_state(opened, auto, options)
-    return auto.from_pretrained(
-        opened.folder,
-        use_safetensors=True,
-        local_files_only=True,
-        trust_remote_code=False,
-        **options,
-    )
+    return auto.from_pretrained(opened.folder, use_safetensors=True, **LOCAL_ONLY, **options)
 
 
 def _from_decrypted_state(opened: OpenedVersion, auto, options: dict):
