@@ -15,8 +15,8 @@ from maas.distributed.pipeline import PipelineSpec, serve_stage
 from maas.distributed.plan import SplitPlan, llama_plan
 from maas.errors import Unavailable
 from maas.messages import EngineLoadError
+from maas.runtime.llm.options import RunnerOptions
 from maas.runtime.llm.quantized import stored_method
-from maas.runtime.llm.runner import RunnerOptions
 from maas.runtime.llm.weights import read_config
 
 log = logging.getLogger(__name__)

@@ -11,21 +11,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from maas.engine.client import EngineClient
-from maas.engine.hf_generator import TransformersGenerator
-from maas.engine.llm_engine import LLMEngine
 from maas.engine.process import EngineProcess
 from maas.engine.protocol import GenerationEngine
-from maas.engine.stats import StatsObserver
 from maas.errors import Overloaded, UnsupportedFormat
 from maas.messages import EngineDescription, EngineStats, GenerationDelta, SamplingParams
 from maas.registry.manifest import Manifest, TensorSpec
 from maas.registry.records import OpenedVersion, VersionRecord
 from maas.routing.deployment import InFlight
 from maas.runtime.llm.config import LLAMA_FAMILY
-from maas.runtime.llm.runner import ModelRunner, RunnerOptions
+from maas.runtime.llm.options import RunnerOptions
 from maas.runtime.llm.tokenizer import ChatTokenizer, load_tokenizer
-from maas.runtime.llm.transformers_lm import TransformersLM
 
 
 @dataclass(frozen=True)
@@ -133,15 +128,24 @@ def start_engine(
     on_stats: Callable[[EngineStats], None] | None = None,
 ) -> GenerationEngine:
     """The back-end for a version: maas's engine for the Llama family, in a process of its
-    own or on a thread; the ``transformers`` fallback for other causal LMs."""
+    own or on a thread; the ``transformers`` fallback for other causal LMs. Torch is imported
+    here, by the back-ends that run the model in this process, never by the server itself."""
     name = opened.record.reference
     if not runs_on_engine(opened.manifest):
+        from maas.engine.hf_generator import TransformersGenerator
+        from maas.runtime.llm.transformers_lm import TransformersLM
+
         model = TransformersLM(opened, options.runner)
         return TransformersGenerator(model, tokenizer, name=name, on_stats=on_stats)
     if options.pipeline_stages > 1 and not options.separate_process:
         raise ValueError("pipeline stages need the engine in processes of its own")
     if options.separate_process:
         return EngineProcess(opened, options, tokenizer, name=name, on_stats=on_stats)
+    from maas.engine.client import EngineClient
+    from maas.engine.llm_engine import LLMEngine
+    from maas.engine.stats import StatsObserver
+    from maas.runtime.llm.runner import ModelRunner
+
     runner = ModelRunner(opened, options.runner, tokenizer=tokenizer)
     engine = LLMEngine(runner, max_batch_tokens=options.max_batch_tokens, observer=StatsObserver())
     engine.warm_up()

@@ -25,7 +25,7 @@ from maas.routing.llm_deployment import EngineOptions, LLMDeployment, runs_on_en
 from maas.routing.metrics import GenerationMetrics, ServingMetrics
 from maas.routing.pool import ModelPool, key_of
 from maas.runtime.base import RuntimeOptions
-from maas.runtime.llm.runner import RunnerOptions
+from maas.runtime.llm.options import RunnerOptions
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,6 +24,7 @@ from maas.runtime.llm.dtypes import (
 )
 from maas.runtime.llm.kernels import pack_linears, weight_bytes
 from maas.runtime.llm.model import KVCache, StepInput
+from maas.runtime.llm.options import RunnerOptions
 from maas.runtime.llm.quantized import stored_method
 from maas.runtime.llm.tokenizer import load_tokenizer
 from maas.runtime.llm.weights import load_model
@@ -34,29 +34,6 @@ log = logging.getLogger(__name__)
 
 AUTO_BATCH = 32
 """The full batch ``auto`` times (or max_sequences, if fewer)."""
-
-
-@dataclass(frozen=True)
-class RunnerOptions:
-    dtype: str = "float32"
-    """float32, bfloat16, int8-weight, int8 (W8A8), or auto (see dtypes.py)."""
-    max_sequences: int = 32
-    """Sequences that run at once; more wait."""
-    max_model_len: int = 4096
-    """Positions per sequence (prompt plus output); capped by the model's context and by
-    what the KV cache holds."""
-    kv_cache_bytes: int = 0
-    """The most the KV cache may take. 0: what ``max_sequences`` sequences of
-    ``max_model_len`` need (``kv_cache_budget``)."""
-    block_size: int = 16
-    """Positions per KV block."""
-    compile: bool = True
-    """Compile the decode step (see compiled.py); eager if compilation fails."""
-    commit_kv_cache: bool = False
-    """Touch every KV page at load (first writes then cost nothing) instead of as tokens fill
-    them (the memory is then held only once used)."""
-    threads: int = 0
-    pack_weights: bool = True
 
 
 KV_CACHE_SHARE = 4

@@ -1,0 +1,29 @@
+"""How the engine runs a model: the options of a ``ModelRunner``, kept apart from it so the
+server, which only passes them on to the engine's process, never imports torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    dtype: str = "float32"
+    """float32, bfloat16, int8-weight, int8 (W8A8), or auto (see dtypes.py)."""
+    max_sequences: int = 32
+    """Sequences that run at once; more wait."""
+    max_model_len: int = 4096
+    """Positions per sequence (prompt plus output); capped by the model's context and by
+    what the KV cache holds."""
+    kv_cache_bytes: int = 0
+    """The most the KV cache may take. 0: what ``max_sequences`` sequences of
+    ``max_model_len`` need (``kv_cache_budget``)."""
+    block_size: int = 16
+    """Positions per KV block."""
+    compile: bool = True
+    """Compile the decode step (see compiled.py); eager if compilation fails."""
+    commit_kv_cache: bool = False
+    """Touch every KV page at load (first writes then cost nothing) instead of as tokens fill
+    them (the memory is then held only once used)."""
+    threads: int = 0
+    pack_weights: bool = True
