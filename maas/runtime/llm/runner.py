@@ -28,6 +28,7 @@ from maas.runtime.llm.options import RunnerOptions
 from maas.runtime.llm.quantized import stored_method
 from maas.runtime.llm.tokenizer import load_tokenizer
 from maas.runtime.llm.weights import load_model
+from maas.runtime.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class ModelRunner:
         if self.compiled is None and options.compile and options.pack_weights:
             pack_linears(self.model)  # eager only: every dtype's float weights packed
         self.memory_bytes = weight_bytes(self.model) + (blocks + 1) * per_block
+        release_freed_memory()  # what loading, measuring and compiling freed
         log.info(
             "%s ready in %.1fs: %s%s, %d KV blocks of %d positions, decode step %s",
             opened.record.reference,
