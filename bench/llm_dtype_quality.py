@@ -1,6 +1,8 @@
 """What each compute type costs in quality: the demo SmolLM2-135M-Instruct teacher-forced over
 a chat of 100+ tokens, each dtype's next-token distribution against float32's at every
 position: how often the top token agrees, and the mean KL divergence (float32 || dtype).
+Also the weights stored quantized as ``maas optimize ... quantize int8 | int4`` stores them
+(every matrix the kernels take, the tied embedding and head included), bfloat16 activations.
 
     .venv/bin/python bench/llm_dtype_quality.py
 
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maas.config import Settings  # noqa: E402
 from maas.registry import demo, open_registry  # noqa: E402
+from maas.runtime.llm import quantized  # noqa: E402
 from maas.runtime.llm.dtypes import QUALITY_ORDER, convert, prefill_logits  # noqa: E402
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions  # noqa: E402
 
@@ -52,14 +55,39 @@ def main() -> None:
     ids = runner.tokenizer.encode_chat(CHAT)
     reference = prefill_logits(runner.model, ids).float()
     print(f"{len(ids)} tokens, teacher-forced, against float32:")
-    for dtype in QUALITY_ORDER[1:]:
-        candidate = convert(copy.deepcopy(runner.model), dtype, pack=False)
+    candidates = {d: convert(copy.deepcopy(runner.model), d, pack=False) for d in QUALITY_ORDER[1:]}
+    for method, group_size in STORED:
+        label = f"stored {method}" + (f"/{group_size}" if group_size else "")
+        candidates[label] = stored(runner.model, method, group_size)
+    for label, candidate in candidates.items():
         got = prefill_logits(candidate, ids).float()
         agree = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
         kl = torch.nn.functional.kl_div(
             got.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean"
         )
-        print(f"  {dtype:12s} top token agrees {agree:.1%}, mean KL {float(kl):.4f}")
+        print(f"  {label:16s} top token agrees {agree:.1%}, mean KL {float(kl):.4f}")
+
+
+STORED = (("int8", 0), ("int4", 32), ("int4", 128))
+
+
+def stored(model: torch.nn.Module, method: str, group_size: int) -> torch.nn.Module:
+    """A bfloat16 copy of ``model`` with every matrix the kernels take quantized by
+    ``method``, the tied head sharing the embedding's codes, as the engine installs a stored
+    version (quantizing q, k and v fused or apart is the same: scales are per row or per
+    group of a row)."""
+    copied = convert(copy.deepcopy(model), "bfloat16", pack=False)
+    state, done = {}, {}
+    for name, module in copied.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding) and quantized.fits(
+            tuple(weight.shape), method, group_size
+        ):
+            key = id(weight)
+            done.setdefault(key, quantized.quantize(weight, method, group_size))
+            state[f"{name}.weight"] = done[key]
+    quantized.install(copied, state)
+    return copied
 
 
 if __name__ == "__main__":

@@ -22,8 +22,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
-from maas.runtime.llm.kernels import pack_linears, quantize_linears, quantize_weights
+from maas.runtime.llm.kernels import (
+    Int8Embedding,
+    pack_linears,
+    quantize_linears,
+    quantize_weights,
+)
 from maas.runtime.llm.model import (
     DecodeRows,
     KVCache,
@@ -85,6 +91,9 @@ def convert(model: LlamaModel, dtype: str, *, pack: bool) -> LlamaModel:
     ``pack`` packs float weights for eager steps (see kernels.pack_linears)."""
     if dtype not in ACTIVATIONS:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(ACTIVATIONS)}")
+    head, embed = model.lm_head, model.embed  # stored-quantized ones have no .weight
+    tied = isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding)
+    tied = tied and head.weight is embed.weight
     model.inv_freq = rope_frequencies(model.config)
     model.to(ACTIVATIONS[dtype])  # the rotary frequencies too, as transformers' .to() does:
     # SmolLM2 in bfloat16 answers the README's question right with them in bfloat16 and
@@ -95,6 +104,8 @@ def convert(model: LlamaModel, dtype: str, *, pack: bool) -> LlamaModel:
         quantize_weights(model)
     elif pack:
         pack_linears(model)
+    if tied and dtype in ("int8", "int8-weight"):  # one int8 matrix, not a float one beside
+        model.embed = Int8Embedding(model.lm_head)
     return model
 
 

@@ -87,9 +87,12 @@ class Int8WeightOnlyLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.weight = torch.round(weight / scale[:, None]).to(torch.int8)  # [out, in]
-        self.scale = scale.to(torch.bfloat16)
+        # the scale rounded to bfloat16 (as the kernel reads it) before the codes are
+        # computed against it, or every code carries the scale's rounding too
+        scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+        self.weight = torch.round(weight / scale.float()[:, None]).clamp(-127, 127)
+        self.weight = self.weight.to(torch.int8)  # [out, in]
+        self.scale = scale
         bias = linear.bias
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
         self.out_features = weight.shape[0]
@@ -105,6 +108,20 @@ class Int8WeightOnlyLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*shape[:-1], self.out_features)
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings read from the int8 head they are tied to (one matrix in the
+    checkpoint): a step dequantises only its tokens' rows, so the float matrix, a third of a
+    small model's weights, is not kept beside the int8 one."""
+
+    def __init__(self, head: Int8Linear | Int8WeightOnlyLinear) -> None:
+        super().__init__()
+        self.weight, self.scale = head.weight, head.scale  # the head's own tensors
+        self.num_embeddings, self.embedding_dim = head.weight.shape
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.weight[ids].to(self.scale.dtype) * self.scale[ids, None]
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -10,7 +10,7 @@ import torch
 
 import maas.runtime.llm.dtypes as dtypes
 from maas.runtime.llm.dtypes import QUALITY_ORDER, choose, convert
-from maas.runtime.llm.kernels import Int8Linear, Int8WeightOnlyLinear
+from maas.runtime.llm.kernels import Int8Embedding, Int8Linear, Int8WeightOnlyLinear, weight_bytes
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions
 from tests.unit.engine.conftest import greedy, run_to_end, submit, token_ids
 
@@ -143,3 +143,45 @@ def test_each_dtype_generates_close_to_float32(make_engine, llama_tokenizer, dty
 def test_an_unknown_dtype_is_refused(float32_model):
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         convert(float32_model, "int4", pack=False)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int8-weight"])
+def test_int8_keeps_one_int8_matrix_for_a_tied_embedding_and_head(float32_model, dtype):
+    """The embedding reads the int8 head's codes: no float copy of the matrix is kept, and
+    each token's row is the float one to within int8 rounding (half a step of its scale)."""
+    float32_model.lm_head.weight = float32_model.embed.weight  # tied, as SmolLM2 is
+    original = float32_model.embed.weight.detach().clone()
+    before = weight_bytes(float32_model)
+    model = convert(float32_model, dtype, pack=False)
+    assert isinstance(model.embed, Int8Embedding)
+    assert model.embed.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    assert not [p for p in model.parameters() if p.shape == original.shape]
+    ids = torch.tensor([0, 7, 7, original.shape[0] - 1])
+    rows = model.embed(ids)
+    assert rows.dtype == dtypes.ACTIVATIONS[dtype] and rows.shape == (4, original.shape[1])
+    head = model.lm_head  # its codes times its scales, as the head multiplies with them
+    expected = (head.weight.float() * head.scale.float()[:, None])[ids]
+    assert torch.allclose(rows.float(), expected, rtol=1e-2, atol=1e-6)
+    # and the float rows to within int8's rounding (half a step), and bfloat16's of the
+    # weights, scale and result for int8-weight (each at most half a step more)
+    step = original.abs().amax(dim=1)[ids, None] / 127
+    assert bool(((rows.float() - original[ids]).abs() <= 2 * step).all())
+    # about a quarter of float32's bytes (with the scales): a float embedding kept beside the
+    # int8 head would add 4 bytes a weight of it
+    assert weight_bytes(model) < before / 4 + original.numel()
+
+
+def test_an_untied_embedding_stays_as_it_is(float32_model):
+    model = convert(float32_model, "int8", pack=False)
+    assert isinstance(model.embed, torch.nn.Embedding)
+
+
+def test_a_runner_gives_back_what_its_load_freed(make_engine, monkeypatch):
+    """After the model is converted (and, with auto, every candidate measured), the memory
+    that freed goes back to the system (see maas/runtime/memory.py)."""
+    import maas.runtime.llm.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "release_freed_memory", lambda: calls.append(1) or True)
+    engine = make_engine(dtype="int8")
+    assert calls == [1] and engine.runner.model is not None
