@@ -52,16 +52,7 @@ ACTIVATIONS = {
     "int8-weight": torch.bfloat16,
     "int8": torch.float32,
 }
-"""The dtype of activations for each choice."""
-
-KV_CACHE_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "int8-weight": torch.bfloat16,
-    "int8": torch.bfloat16,
-}
-"""The dtype keys and values are stored in. W8A8 keeps them in bfloat16 (half of float32's
-memory and of the bytes attention reads) and attends in float32; float32 keeps its cache exact."""
+"""The dtype of activations and of the KV cache for each choice."""
 
 STORED_ACTIVATIONS = {
     "float32": "float32",
@@ -113,7 +104,6 @@ def convert(model: LlamaModel, dtype: str, *, pack: bool) -> LlamaModel:
         quantize_weights(model)
     elif pack:
         pack_linears(model)
-    model.kv_dtype = KV_CACHE_DTYPES[dtype]
     if tied and dtype in ("int8", "int8-weight"):  # one int8 matrix, not a float one beside
         model.embed = Int8Embedding(model.lm_head)
     return model
@@ -277,7 +267,7 @@ def _step_ms(model: LlamaModel, sequences: int, timer: Callable[[], float]) -> f
 
 
 def _cache(model: LlamaModel, blocks: int) -> KVCache:
-    return KVCache(model.config, blocks, BLOCK, model.cache_dtype)
+    return KVCache(model.config, blocks, BLOCK, model.dtype)
 
 
 def _blocks(cache: KVCache, first: int, positions: int) -> torch.Tensor:

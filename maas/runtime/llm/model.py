@@ -230,18 +230,11 @@ class LlamaModel(nn.Module):
         """``decode_layer`` compiled (set by the runner); decode-only steps of at most
         ``compiled_rows`` sequences then use it (where it was measured faster than eager)."""
         self.compiled_rows = 0
-        self.kv_dtype: torch.dtype | None = None
-        """The KV cache's dtype, if not the activations' (see dtypes.KV_CACHE_DTYPES)."""
 
     @property
     def dtype(self) -> torch.dtype:
         """The activations' dtype (the norms stay in it whatever the linears become)."""
         return self.blocks[0].input_norm.weight.dtype
-
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        """What keys and values are stored in; attention computes in the activations'."""
-        return self.kv_dtype or self.dtype
 
     @torch.inference_mode()
     def forward(self, step: StepInput, cache: KVCache, hidden: Tensor | None = None) -> Tensor:
@@ -295,8 +288,8 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def write_cache(k_cache: Tensor, v_cache: Tensor, index: Tensor, k: Tensor, v: Tensor) -> None:
     """Put the step's keys and values ([T, kv_heads, head_dim]) at their flat positions."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, index, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, index, v.to(v_cache.dtype))
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, index, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, index, v)
 
 
 class AttentionPlan:
@@ -345,8 +338,8 @@ def decode_attention(
     block_size, kv_heads, head_dim = k_cache.shape[1:]
     heads = q.shape[1]
     span = blocks * block_size
-    keys = k_cache[block_tables].view(count, span, kv_heads, head_dim).to(q.dtype)
-    values = v_cache[block_tables].view(count, span, kv_heads, head_dim).to(q.dtype)
+    keys = k_cache[block_tables].view(count, span, kv_heads, head_dim)
+    values = v_cache[block_tables].view(count, span, kv_heads, head_dim)
     q = (q * head_dim**-0.5).view(count, kv_heads, heads // kv_heads, head_dim)
     hidden = torch.arange(span, device=lengths.device)[None, :] >= lengths[:, None]  # [S, L]
     if fused:
@@ -367,8 +360,8 @@ def _prefill_attention(q: Tensor, chunk: PrefillRows, k_cache: Tensor, v_cache: 
     head, one product for all the queries of its group."""
     tokens = chunk.end - chunk.start
     length = chunk.past + tokens
-    keys = k_cache[chunk.blocks].flatten(0, 1)[:length].to(q.dtype)  # [L, kv_heads, D]
-    values = v_cache[chunk.blocks].flatten(0, 1)[:length].to(q.dtype)
+    keys = k_cache[chunk.blocks].flatten(0, 1)[:length]  # [L, kv_heads, D]
+    values = v_cache[chunk.blocks].flatten(0, 1)[:length]
     kv_heads, head_dim = keys.shape[1:]
     heads = q.shape[1]
     group = heads // kv_heads

@@ -101,7 +101,7 @@ class ModelRunner:
             self.model = load_model(opened, ACTIVATIONS[wanted], layers)
         convert(self.model, self.dtype, pack=pack)
         self.config = self.model.config
-        dtype = self.model.cache_dtype
+        dtype = ACTIVATIONS[self.dtype]
         self.compiled: CompileReport | None = None
         context = min(options.max_model_len, self.config.max_position_embeddings)
         size = options.block_size
