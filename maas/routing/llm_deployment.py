@@ -128,8 +128,9 @@ def start_engine(
     on_stats: Callable[[EngineStats], None] | None = None,
 ) -> GenerationEngine:
     """The back-end for a version: maas's engine for the Llama family, in a process of its
-    own or on a thread; the ``transformers`` fallback for other causal LMs. Torch is imported
-    here, by the back-ends that run the model in this process, never by the server itself."""
+    own or on a thread; the ``transformers`` fallback for other causal LMs. The back-ends that
+    run the model in this process are imported here, so that building the server imports no
+    torch (the tokenizer still does: see docs/architecture.md)."""
     name = opened.record.reference
     if not runs_on_engine(opened.manifest):
         from maas.engine.hf_generator import TransformersGenerator

@@ -12,6 +12,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from maas.runtime.llm.quantized import QuantizedEmbedding, QuantizedLinear, quantize
+
 log = logging.getLogger(__name__)
 
 BATCH_HINT = 32
@@ -86,16 +88,13 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        # the scale rounded to bfloat16 (as the kernel reads it) before the codes are
-        # computed against it, or every code carries the scale's rounding too
-        scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
-        self.weight = torch.round(weight / scale.float()[:, None]).clamp(-127, 127)
-        self.weight = self.weight.to(torch.int8)  # [out, in]
-        self.scale = scale
+        # stored int8's rounding: the codes computed against the bfloat16 scale the kernel
+        # reads, or every code would carry the scale's rounding too
+        stored = quantize(linear.weight, "int8")
+        self.weight, self.scale = stored.codes, stored.scale  # [out, in] int8, [out] bfloat16
         bias = linear.bias
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
-        self.out_features = weight.shape[0]
+        self.out_features = stored.codes.shape[0]
 
     @property
     def memory_bytes(self) -> int:
@@ -126,8 +125,6 @@ class Int8Embedding(nn.Module):
 
 def weight_bytes(model: nn.Module) -> int:
     """Memory of the model's weights, the swapped-in kernels' own layouts included."""
-    from maas.runtime.llm.quantized import QuantizedEmbedding, QuantizedLinear
-
     kinds = (PackedLinear, Int8Linear, Int8WeightOnlyLinear)
     kernels = [m for m in model.modules() if isinstance(m, kinds)]
     inside = {id(p) for kernel in kernels for p in kernel.parameters()}

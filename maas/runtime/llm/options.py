@@ -1,5 +1,5 @@
-"""How the engine runs a model: the options of a ``ModelRunner``, kept apart from it so the
-server, which only passes them on to the engine's process, never imports torch."""
+"""How the engine runs a model: the options of a ``ModelRunner``, kept apart from it so that
+the server, which only passes them on to the engine's process, is built without torch."""
 
 from __future__ import annotations
 

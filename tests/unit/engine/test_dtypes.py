@@ -148,7 +148,7 @@ def test_an_unknown_dtype_is_refused(float32_model):
 @pytest.mark.parametrize("dtype", ["int8", "int8-weight"])
 def test_int8_keeps_one_int8_matrix_for_a_tied_embedding_and_head(float32_model, dtype):
     """The embedding reads the int8 head's codes: no float copy of the matrix is kept, and
-    each token's row is the float one to within int8 rounding (half a step of its scale)."""
+    each token's row is the head's codes times its scale, the float row to within rounding."""
     float32_model.lm_head.weight = float32_model.embed.weight  # tied, as SmolLM2 is
     original = float32_model.embed.weight.detach().clone()
     before = weight_bytes(float32_model)

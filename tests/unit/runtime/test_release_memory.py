@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-from maas.runtime.memory import release_freed_memory
-
 PROBE = """
 import sys
 from maas.runtime.memory import release_freed_memory
@@ -38,7 +36,3 @@ def test_freed_heap_pages_are_given_back():
     before, after, released = done.stdout.split()
     assert released == "True"
     assert int(before) - int(after) > 150, done.stdout  # of the 199 MB freed
-
-
-def test_release_is_safe_to_repeat():
-    assert release_freed_memory() is release_freed_memory()
