@@ -15,7 +15,6 @@ from maas.runtime.llm.model import (
     PrefillRows,
     StepInput,
     attention,
-    decode_attention,
     write_cache,
 )
 from tests.unit.engine.conftest import greedy, run_to_end, submit, token_ids
@@ -104,11 +103,6 @@ def test_attention_of_a_step_mixing_decodes_in_scattered_blocks_and_a_prompt_chu
         ]
     )
     assert torch.allclose(got, expected, atol=1e-5)
-    decode = step.decode
-    fused = decode_attention(
-        q[:2], cache.k[0], cache.v[0], decode.block_tables, decode.lengths, fused=True
-    )
-    assert torch.allclose(fused, expected[:2], atol=1e-5)
 
 
 def test_keys_and_values_are_written_where_attention_reads_them():
