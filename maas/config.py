@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     """Compile each text-generation model's decode step with torch.compile (inductor, needs a
     C++ compiler) at load; false, or a failed compilation, runs it eagerly."""
 
+    llm_paged_attention: bool = True
+    """Decode attention of text-generation models reads each cached block in place, with a
+    C kernel built at first use by the system C compiler (kept in ``MAAS_KERNEL_CACHE``,
+    default ~/.cache/maas/kernels); false, or no compiler, gathers the blocks first."""
+
     llm_max_sequences: int = Field(default=32, ge=1, le=1024)
     """Sequences a text-generation model runs at once; more wait."""
 

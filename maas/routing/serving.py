@@ -58,6 +58,7 @@ class Serving:
                 block_size=settings.llm_kv_block_size,
                 commit_kv_cache=settings.llm_kv_cache_commit,
                 compile=settings.llm_compile,
+                paged_attention=settings.llm_paged_attention,
                 threads=settings.inference_threads,
             ),
             max_batch_tokens=settings.llm_max_batch_tokens,

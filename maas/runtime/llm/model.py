@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maas.runtime.llm import paged_attention
 from maas.runtime.llm.config import LlamaConfig
 
 
@@ -147,13 +148,15 @@ class Block(nn.Module):
         self.post_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.paged = False
+        """Decode attention reads the cache in place (paged_attention.py); set at load."""
 
     def forward(
         self, x: Tensor, rope: Rope, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor
     ) -> Tensor:
         q, k, v = self._qkv(x, rope.cos, rope.sin)
         write_cache(k_cache, v_cache, plan.cache_index, k, v)
-        return self._out(x, attention(q, plan, k_cache, v_cache))
+        return self._out(x, attention(q, plan, k_cache, v_cache, paged=self.paged))
 
     def decode(
         self,
@@ -170,7 +173,7 @@ class Block(nn.Module):
         fuse the layer whole, attention through PyTorch's fused kernel (``fused``)."""
         q, k, v = self._qkv(x, cos, sin)
         write_cache(k_cache, v_cache, cache_index, k, v)
-        attended = decode_attention(q, k_cache, v_cache, block_tables, lengths)
+        attended = decode_attention(q, k_cache, v_cache, block_tables, lengths, self.paged)
         return self._out(x, attended)
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -230,6 +233,10 @@ class LlamaModel(nn.Module):
         """``decode_layer`` compiled (set by the runner); decode-only steps of at most
         ``compiled_rows`` sequences then use it (where it was measured faster than eager)."""
         self.compiled_rows = 0
+
+    def use_paged_attention(self, on: bool) -> None:
+        for block in self.blocks:
+            block.paged = on
 
     @property
     def dtype(self) -> torch.dtype:
@@ -301,16 +308,18 @@ class AttentionPlan:
         self.cache_index = step.cache_index
 
 
-def attention(q: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+def attention(
+    q: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor, *, paged: bool = False
+) -> Tensor:
     """[T, heads, head_dim] attention outputs for the flattened batch."""
     decode = plan.decode
     if decode is not None and not plan.prefills:
-        return decode_attention(q, k_cache, v_cache, decode.block_tables, decode.lengths)
+        return decode_attention(q, k_cache, v_cache, decode.block_tables, decode.lengths, paged)
     out = torch.empty_like(q)
     if decode is not None:
         rows = decode.count
         out[:rows] = decode_attention(
-            q[:rows], k_cache, v_cache, decode.block_tables, decode.lengths
+            q[:rows], k_cache, v_cache, decode.block_tables, decode.lengths, paged
         )
     for chunk in plan.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(
@@ -320,10 +329,16 @@ def attention(q: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) 
 
 
 def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: Tensor
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    lengths: Tensor,
+    paged: bool = False,
 ) -> Tensor:
     """One query per sequence ([S, heads, head_dim]) over its first ``lengths`` cached
-    positions: the sequences' blocks gathered, then PyTorch's fused attention
+    positions. ``paged``: the C kernel reads the blocks where they lie (paged_attention.py).
+    Otherwise, the reference: the sequences' blocks gathered, then PyTorch's fused attention
     (``scaled_dot_product_attention``) with a kv head's group of query heads as its query rows.
 
     With its CPU kernel, a compiled step of 32 demo bfloat16 sequences took 67 ms instead of
@@ -332,6 +347,8 @@ def decode_attention(
     indexing (bench/llm_step_profile.py, Intel Xeon, 2 cores). Each
     sequence's row is computed apart from the others', and masked positions add exact zeros,
     so a sequence's result does not depend on its batch."""
+    if paged:
+        return paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, lengths)
     count, blocks = block_tables.shape
     block_size, kv_heads, head_dim = k_cache.shape[1:]
     heads = q.shape[1]

@@ -22,6 +22,9 @@ class RunnerOptions:
     """Positions per KV block."""
     compile: bool = True
     """Compile the decode step (see compiled.py); eager if compilation fails."""
+    paged_attention: bool = True
+    """Decode attention reads the KV cache in place with a C kernel built at first use
+    (paged_attention.py); where it cannot be built, or false, blocks are gathered."""
     commit_kv_cache: bool = False
     """Touch every KV page at load (first writes then cost nothing) instead of as tokens fill
     them (the memory is then held only once used)."""

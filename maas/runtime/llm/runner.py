@@ -11,6 +11,7 @@ from torch import Tensor
 
 from maas.errors import InvalidRequest
 from maas.registry.records import OpenedVersion
+from maas.runtime.llm import paged_attention
 from maas.runtime.llm.compiled import CompileReport, compile_decode
 from maas.runtime.llm.dtypes import (
     ACTIVATIONS,
@@ -121,6 +122,8 @@ class ModelRunner:
         self.max_len = min(context, self.cache.capacity)
         """Positions one sequence may reach (prompt plus output)."""
         self.max_sequences = options.max_sequences
+        self.paged_attention = options.paged_attention and paged_attention.available(dtype)
+        self.model.use_paged_attention(self.paged_attention)
         if options.compile and options.pack_weights and self.dtype == "float32":
             pack_linears(self.model)  # eager float32 steps gain from packed weights; compiled
             # ones use the plain weights packing keeps beside them (see kernels.PackedLinear)
@@ -131,7 +134,7 @@ class ModelRunner:
         self.memory_bytes = weight_bytes(self.model) + (blocks + 1) * per_block
         release_freed_memory()  # what loading, measuring and compiling freed
         log.info(
-            "%s ready in %.1fs: %s%s, %d KV blocks of %d positions, decode step %s",
+            "%s ready in %.1fs: %s%s, %d KV blocks of %d positions, decode step %s%s",
             opened.record.reference,
             time.perf_counter() - started,
             self.dtype,
@@ -139,6 +142,7 @@ class ModelRunner:
             blocks,
             size,
             "compiled" if self.compiled else "eager",
+            ", paged attention" if self.paged_attention else "",
         )
 
     def forward(self, step: StepInput) -> Tensor:

@@ -42,7 +42,7 @@ def llama_tokenizer(llama_version) -> ChatTokenizer:
 @pytest.fixture
 def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
     """make_engine(max_batch_tokens=64, max_sequences=4, max_model_len=128, tokenizer=None,
-    dtype="float32", kv_cache_blocks=0, compile=False): a fresh engine (fresh KV cache of
+    dtype="float32", kv_cache_blocks=0, compile=False, paged_attention=True): a fresh engine (fresh KV cache of
     16-position blocks: ``kv_cache_blocks`` of them, or enough for every sequence), one
     thread, eager unless ``compile``."""
 
@@ -55,6 +55,7 @@ def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
         dtype: str = "float32",
         kv_cache_blocks: int = 0,
         compile: bool = False,
+        paged_attention: bool = True,
     ) -> LLMEngine:
         config = LlamaConfig.from_hf(json.loads((llama_version.folder / "config.json").read_text()))
         block_bytes = KVCache.bytes_per_block(config, 16, torch.float32)  # float32 and int8
@@ -65,6 +66,7 @@ def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
             kv_cache_bytes=kv_cache_blocks * block_bytes,
             block_size=16,
             compile=compile,
+            paged_attention=paged_attention,
             threads=1,
         )
         runner = ModelRunner(llama_version, options, tokenizer or llama_tokenizer)

@@ -1,0 +1,152 @@
+"""Decode attention that reads the paged KV cache in place (``paged_attention.c``).
+
+The reference form gathers each sequence's blocks into one tensor before PyTorch's fused
+attention; that copy is most of decode attention's cost once a batch is large (a layer of 32
+demo sequences of about 180 positions: 0.8 ms of gathering beside 0.4 ms of attention). The
+C kernel reads each key and value once where it lies, for all the query heads that share it.
+It is built at first use with the system C compiler (the one inductor needs), into a cache
+folder, and called as a PyTorch custom op, so a compiled step calls it too. Where it cannot be
+built, or for a dtype it does not take, ``available`` is false and the gathering form runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.c")
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
+LIBRARIES = ("-lmvec",)  # glibc's vector math
+DTYPES = (torch.float32, torch.bfloat16)
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failed = False
+
+
+def cache_folder() -> Path:
+    """Where built kernels are kept: ``MAAS_KERNEL_CACHE``, else ~/.cache/maas/kernels."""
+    configured = os.environ.get("MAAS_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "maas" / "kernels"
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernel, building it on first use; None if it cannot be built."""
+    global _library, _failed
+    with _lock:
+        if _library is None and not _failed:
+            try:
+                _library = _load(_build())
+            except (OSError, subprocess.SubprocessError) as err:
+                _failed = True
+                log.warning("paged attention kernel not built, blocks are gathered: %s", err)
+        return _library
+
+
+def available(dtype: torch.dtype) -> bool:
+    return dtype in DTYPES and library() is not None
+
+
+def _build() -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler on PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS + LIBRARIES).encode()).hexdigest()[:16]
+    target = cache_folder() / f"paged_attention-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        built = Path(work) / target.name
+        subprocess.run(
+            [compiler, *FLAGS, "-o", str(built), str(SOURCE), *LIBRARIES],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(built, target)  # atomic: a concurrent build writes the same bytes
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    fn = lib.paged_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_int64] * 7 + [ctypes.c_int]
+    return lib
+
+
+def paged_decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: Tensor
+) -> Tensor:
+    """[S, heads, head_dim] attention of one query per sequence over its first ``lengths``
+    cached positions (see model.decode_attention); the kernel must be ``available``. Inside
+    a compiled step, through the custom op; eagerly, called directly (the op's dispatch
+    costs about 0.1 ms a call)."""
+    if torch.compiler.is_compiling():
+        return _custom_op(q, k_cache, v_cache, block_tables, lengths)
+    return _run(q, k_cache, v_cache, block_tables, lengths)
+
+
+def _run(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: Tensor
+) -> Tensor:
+    lib = _library
+    if lib is None:
+        raise RuntimeError("the paged attention kernel is not built")
+    blocks, block_size, kv_heads, head_dim = k_cache.shape
+    sequences, heads = q.shape[0], q.shape[1]
+    if not (k_cache.dtype == v_cache.dtype == q.dtype and q.dtype in DTYPES):
+        raise ValueError(f"paged attention takes float32 or bfloat16, not {q.dtype}")
+    if heads % kv_heads or q.shape[2] != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError("queries and cache do not match")
+    q, tables = q.contiguous(), block_tables.to(torch.int64).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    out = torch.empty_like(q)
+    status = lib.paged_decode_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        tables.data_ptr(),
+        lengths.data_ptr(),
+        out.data_ptr(),
+        int(q.dtype == torch.bfloat16),
+        sequences,
+        heads,
+        kv_heads,
+        head_dim,
+        blocks,
+        block_size,
+        tables.shape[1],
+        torch.get_num_threads(),
+    )
+    if status == -2:
+        raise IndexError("a sequence's length or block ids lie outside the KV cache")
+    if status != 0:
+        raise MemoryError("paged attention ran out of memory")
+    return out
+
+
+_custom_op = torch.library.custom_op("maas::paged_decode_attention", _run, mutates_args=())
+
+
+@_custom_op.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: Tensor):
+    return torch.empty_like(q)
