@@ -42,9 +42,9 @@ def llama_tokenizer(llama_version) -> ChatTokenizer:
 @pytest.fixture
 def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
     """make_engine(max_batch_tokens=64, max_sequences=4, max_model_len=128, tokenizer=None,
-    dtype="float32", kv_cache_blocks=0, compile=False, paged_attention=True): a fresh engine (fresh KV cache of
-    16-position blocks: ``kv_cache_blocks`` of them, or enough for every sequence), one
-    thread, eager unless ``compile``."""
+    dtype="float32", kv_cache_blocks=0, compile=False, paged_attention=True): a fresh
+    engine (fresh KV cache of 16-position blocks: ``kv_cache_blocks`` of them, or enough for
+    every sequence), one thread, eager unless ``compile``."""
 
     def make(
         *,
