@@ -146,14 +146,16 @@ def choose(
     pack: bool,
     timer: Callable[[], float] = time.perf_counter,
     candidates: tuple[str, ...] = QUALITY_ORDER,
+    paged: bool = False,
 ) -> DtypeChoice:
     """Measure every candidate (best quality first) against the float32 ``model`` (left
-    unchanged) and pick."""
+    unchanged) and pick; ``paged``: timed with the paged attention kernel, as they will run."""
     reference = _next_tokens(model, probe_ids)
     answer = _greedy(model, question_ids, split=0)
     trials = []
     for dtype in candidates:
         candidate = convert(copy.deepcopy(model), dtype, pack=pack)
+        candidate.use_paged_attention(paged)
         agreement = float((_next_tokens(candidate, probe_ids) == reference).float().mean())
         splits = (0, SPLIT, (len(question_ids) - 1) // BLOCK * BLOCK)  # whole, and as a
         # repeat of the question computes it: after its cached full blocks

@@ -106,7 +106,7 @@ def paged_decode_attention(
 def _run(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: Tensor
 ) -> Tensor:
-    lib = _library
+    lib = _library or library()
     if lib is None:
         raise RuntimeError("the paged attention kernel is not built")
     blocks, block_size, kv_heads, head_dim = k_cache.shape

@@ -95,7 +95,13 @@ class ModelRunner:
             batch = min(options.max_sequences, AUTO_BATCH)
             candidates = ("float32", "bfloat16") if self.weights else QUALITY_ORDER
             self.dtype_choice = choose(
-                self.model, probe, question, batch=batch, pack=pack, candidates=candidates
+                self.model,
+                probe,
+                question,
+                batch=batch,
+                pack=pack,
+                candidates=candidates,
+                paged=options.paged_attention and paged_attention.available(torch.float32),
             )
             self.dtype = self.dtype_choice.dtype
         else:

@@ -112,6 +112,21 @@ def test_auto_prefers_quality_when_a_lower_dtype_is_barely_faster(float32_model,
     ).dtype == ("float32")
 
 
+@pytest.mark.parametrize("paged", [True, False])
+def test_auto_times_each_candidate_with_the_attention_it_will_run(
+    float32_model, monkeypatch, paged
+):
+    seen = []
+
+    def step_ms(model, sequences, timer):
+        seen.append(all(block.paged is paged for block in model.blocks))
+        return 10.0
+
+    monkeypatch.setattr(dtypes, "_step_ms", step_ms)
+    choose(float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, paged=paged)
+    assert seen == [True] * 2 * len(QUALITY_ORDER)  # one sequence and a batch, each dtype
+
+
 def test_auto_times_real_steps_and_the_runner_serves_its_choice(llama_version, llama_tokenizer):
     options = RunnerOptions(dtype="auto", max_sequences=4, max_model_len=128, compile=False)
     runner = ModelRunner(llama_version, options, llama_tokenizer)
