@@ -123,8 +123,8 @@ class Settings(BaseSettings):
 
     llm_paged_attention: bool = True
     """Decode attention of text-generation models reads each cached block in place, with a
-    C kernel built at first use by the system C compiler (kept in ``MAAS_KERNEL_CACHE``,
-    default ~/.cache/maas/kernels); false, or no compiler, gathers the blocks first."""
+    C kernel built at first use by the system C compiler (kept in ``MAAS_CACHE_DIR``, default
+    ~/.cache/maas); false, or no compiler, gathers the blocks first."""
 
     llm_max_sequences: int = Field(default=32, ge=1, le=1024)
     """Sequences a text-generation model runs at once; more wait."""

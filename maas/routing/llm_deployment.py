@@ -130,7 +130,7 @@ def start_engine(
     """The back-end for a version: maas's engine for the Llama family, in a process of its
     own or on a thread; the ``transformers`` fallback for other causal LMs. The back-ends that
     run the model in this process are imported here, so that building the server imports no
-    torch (the tokenizer still does: see docs/architecture.md)."""
+    torch (nor does a GGUF model's tokenizer: see docs/architecture.md)."""
     name = opened.record.reference
     if not runs_on_engine(opened.manifest):
         from maas.engine.hf_generator import TransformersGenerator

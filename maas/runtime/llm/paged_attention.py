@@ -4,9 +4,10 @@ The reference form gathers each sequence's blocks into one tensor before PyTorch
 attention; that copy is most of decode attention's cost once a batch is large (a layer of 32
 demo sequences of about 180 positions: 0.8 ms of gathering beside 0.4 ms of attention). The
 C kernel reads each key and value once where it lies, for all the query heads that share it.
-It is built at first use with the system C compiler (the one inductor needs), into a cache
-folder, and called as a PyTorch custom op, so a compiled step calls it too. Where it cannot be
-built, or for a dtype it does not take, ``available`` is false and the gathering form runs.
+It is built at first use with the system C compiler (the one inductor needs), into
+``kernels/`` of the local cache (local_cache.py), and called as a PyTorch custom op, so a
+compiled step calls it too. Where it cannot be built, or for a dtype it does not take,
+``available`` is false and the gathering form runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from maas.runtime.local_cache import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.c")
@@ -33,15 +36,6 @@ DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failed = False
-
-
-def cache_folder() -> Path:
-    """Where built kernels are kept: ``MAAS_KERNEL_CACHE``, else ~/.cache/maas/kernels."""
-    configured = os.environ.get("MAAS_KERNEL_CACHE")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "maas" / "kernels"
 
 
 def library() -> ctypes.CDLL | None:
@@ -67,7 +61,7 @@ def _build() -> Path:
         raise OSError("no C compiler on PATH")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS + LIBRARIES).encode()).hexdigest()[:16]
-    target = cache_folder() / f"paged_attention-{key}.so"
+    target = cache_root() / "kernels" / f"paged_attention-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

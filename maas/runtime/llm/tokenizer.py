@@ -1,8 +1,9 @@
 """Tokenizer and chat template of a model, from its Hugging Face files or its GGUF metadata.
 
 Both go through ``transformers``' fast tokenizers (the GGUF vocabulary is converted the way
-``AutoTokenizer.from_pretrained(..., gguf_file=...)`` does it), so special tokens and the
-chat template behave as they do in ``transformers``.
+``AutoTokenizer.from_pretrained(..., gguf_file=...)`` does it, once per file: see
+gguf_tokenizer.py), so special tokens and the chat template behave as they do in
+``transformers``.
 """
 
 from __future__ import annotations
@@ -106,15 +107,13 @@ class ChatTokenizer:
 
 
 def load_tokenizer(opened: OpenedVersion) -> ChatTokenizer:
-    from transformers import AutoTokenizer
-
     manifest = opened.manifest
     if manifest.format == "gguf":
-        gguf_file = next(e.path for e in manifest.files if e.path.endswith(".gguf"))
-        with opened.open_file(gguf_file) as path:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = _gguf_tokenizer(opened)
         eos = {manifest.tokenizer.get("eos_token_id")} if manifest.tokenizer else set()
     else:
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(
             opened.folder, local_files_only=True, trust_remote_code=False
         )
@@ -125,6 +124,25 @@ def load_tokenizer(opened: OpenedVersion) -> ChatTokenizer:
     if not eos:
         raise UnsupportedFormat("the tokenizer names no end-of-sequence token")
     return ChatTokenizer(tokenizer, manifest.chat_template, set(eos))
+
+
+def _gguf_tokenizer(opened: OpenedVersion) -> Any:
+    """The GGUF vocabulary as ``transformers`` converts it: from the local cache (converted
+    once, in a child process: see gguf_tokenizer.py), or, for an encrypted file, whose
+    vocabulary is never written out in the clear, converted here from its in-memory copy."""
+    entry = next(e for e in opened.manifest.files if e.path.endswith(".gguf"))
+    if entry.encrypted:
+        from transformers import AutoTokenizer
+
+        with opened.open_file(entry.path) as path:
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    from transformers import PreTrainedTokenizerFast
+
+    from maas.runtime.llm.gguf_tokenizer import converted
+
+    return PreTrainedTokenizerFast.from_pretrained(
+        converted(opened.folder / entry.path, entry.sha256)
+    )
 
 
 def _eos_ids(opened: OpenedVersion) -> set[int]:

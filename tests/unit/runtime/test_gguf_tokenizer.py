@@ -1,0 +1,111 @@
+"""A GGUF file's tokenizer: converted once, in a child process, into the local cache, then
+loaded without torch, giving what ``transformers``' own conversion gives."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+from maas.errors import UnsupportedFormat
+from maas.registry import open_registry
+from maas.runtime.llm import gguf_tokenizer
+from maas.runtime.llm.tokenizer import load_tokenizer
+
+TEXTS = ["ab", "ba ab", "a b", ""]
+
+PROBE = """
+import sys
+from maas.config import Settings
+from maas.registry import open_registry
+from maas.runtime.llm.tokenizer import load_tokenizer
+registry = open_registry(Settings(home=sys.argv[1]))
+tokenizer = load_tokenizer(registry.open_version("tiny"))
+print([tokenizer.encode(t) for t in ("ab", "ba ab")], sorted(tokenizer.eos_token_ids))
+print(sorted(m for m in ("torch",) if m in sys.modules))
+"""
+
+
+def gguf_with_vocabulary(path):
+    """A GGUF file whose byte-level BPE vocabulary ``transformers`` can convert."""
+    tokens = ["<s>", "</s>", "a", "b", "ab", "\u0120", "\u0120a", "\u0120b", "\u0120ab"]
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(4)
+    writer.add_block_count(1)
+    writer.add_head_count(1)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([3, 3] + [1] * (len(tokens) - 2))  # control, then normal
+    writer.add_token_merges(["a b", "\u0120 a", "\u0120 b", "\u0120a b"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def tiny(settings, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path / "cache"))
+    registry = open_registry(settings)
+    registry.import_model(gguf_with_vocabulary(tmp_path / "tiny.gguf"), "tiny")
+    yield registry.open_version("tiny")
+    registry.close()
+
+
+def transformers_own(opened):
+    from transformers import AutoTokenizer
+
+    path = opened.folder / "tiny.gguf"
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def test_the_converted_tokenizer_is_transformers_own_and_is_kept(tiny, tmp_path, monkeypatch):
+    tokenizer = load_tokenizer(tiny)
+    own = transformers_own(tiny)
+    for text in TEXTS:
+        assert tokenizer.encode(text) == own.encode(text, add_special_tokens=True)
+    ids = own.encode("ab ba")
+    assert tokenizer.decode(ids) == own.decode(ids, skip_special_tokens=True)
+    assert tokenizer.eos_token_ids == {1} and tokenizer.vocab_size == len(own)
+    kept = list((tmp_path / "cache" / "tokenizers").iterdir())
+    assert len(kept) == 1 and (kept[0] / "tokenizer.json").is_file()
+    assert kept[0].name.startswith(tiny.manifest.files[0].sha256[:32])
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(gguf_tokenizer.subprocess, "run", no_child)
+    assert load_tokenizer(tiny).encode("ba ab") == tokenizer.encode("ba ab")  # from the cache
+
+
+def test_a_server_process_loads_it_without_torch(tiny, settings):
+    load_tokenizer(tiny)  # converted (the child imports torch), kept in the cache
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(settings.home)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    encoded, loaded = done.stdout.strip().splitlines()
+    assert loaded == "[]"
+    own = transformers_own(tiny)
+    assert encoded == f"{[own.encode(t) for t in ('ab', 'ba ab')]} [1]"
+
+
+def test_a_file_that_cannot_be_converted_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(UnsupportedFormat, match="tokenizer could not be read"):
+        gguf_tokenizer.converted(broken, "0" * 64)
+    assert list((tmp_path / "cache" / "tokenizers").iterdir()) == []  # nothing half-written
