@@ -112,11 +112,7 @@ def load_tokenizer(opened: OpenedVersion) -> ChatTokenizer:
         tokenizer = _gguf_tokenizer(opened)
         eos = {manifest.tokenizer.get("eos_token_id")} if manifest.tokenizer else set()
     else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(
-            opened.folder, local_files_only=True, trust_remote_code=False
-        )
+        tokenizer = _folder_tokenizer(opened)
         eos = _eos_ids(opened)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
@@ -124,6 +120,27 @@ def load_tokenizer(opened: OpenedVersion) -> ChatTokenizer:
     if not eos:
         raise UnsupportedFormat("the tokenizer names no end-of-sequence token")
     return ChatTokenizer(tokenizer, manifest.chat_template, set(eos))
+
+
+GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+"""Tokenizer classes that are a ``tokenizer.json`` and nothing more, as maas saves a GGUF
+vocabulary: loaded without ``AutoTokenizer``, which reads the model's config (and so imports
+torch). Any other class may add its own rules, so ``AutoTokenizer`` loads it."""
+
+
+def _folder_tokenizer(opened: OpenedVersion) -> Any:
+    folder = opened.folder
+    try:
+        named = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if named in GENERIC_CLASSES and (folder / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
 
 
 def _gguf_tokenizer(opened: OpenedVersion) -> Any:

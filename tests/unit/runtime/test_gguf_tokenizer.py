@@ -109,3 +109,38 @@ def test_a_file_that_cannot_be_converted_is_a_clear_error(tmp_path, monkeypatch)
     with pytest.raises(UnsupportedFormat, match="tokenizer could not be read"):
         gguf_tokenizer.converted(broken, "0" * 64)
     assert list((tmp_path / "cache" / "tokenizers").iterdir()) == []  # nothing half-written
+
+
+FOLDER_PROBE = """
+import sys
+from types import SimpleNamespace
+from maas.runtime.llm.tokenizer import _folder_tokenizer
+tokenizer = _folder_tokenizer(SimpleNamespace(folder=__import__("pathlib").Path(sys.argv[1])))
+print([tokenizer.encode(t) for t in ("ab", "ba ab")], "torch" in sys.modules)
+"""
+
+
+def test_a_tokenizer_maas_saved_loads_without_torch_and_others_through_autotokenizer(
+    tiny, tmp_path
+):
+    saved = tmp_path / "saved"
+    load_tokenizer(tiny).save(saved)  # as quantized and fine-tuned versions are written
+    done = subprocess.run(
+        [sys.executable, "-c", FOLDER_PROBE, str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    own = transformers_own(tiny)
+    assert done.stdout.strip() == f"{[own.encode(t) for t in ('ab', 'ba ab')]} False"
+    config = saved / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"TokenizersBackend"', '"GPT2Tokenizer"'))
+    done = subprocess.run(
+        [sys.executable, "-c", FOLDER_PROBE, str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("True")  # a class of its own: AutoTokenizer's way
