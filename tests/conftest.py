@@ -10,15 +10,25 @@ from maas.config import Settings
 from maas.registry import Registry, open_registry
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One local cache (built kernels, converted tokenizers) for the whole run, not ~/.cache."""
+    return tmp_path_factory.mktemp("maas-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test reads the developer's MAAS_* settings or writes into the current folder."""
+def _isolated_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, _session_cache: Path
+) -> None:
+    """No test reads the developer's MAAS_* settings or writes into the current folder or
+    the user's cache."""
     import os
 
     for key in list(os.environ):
         if key.startswith("MAAS_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("MAAS_HOME", str(tmp_path / "maas-home"))
+    monkeypatch.setenv("MAAS_CACHE_DIR", str(_session_cache))
 
 
 @pytest.fixture

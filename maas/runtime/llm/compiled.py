@@ -2,9 +2,9 @@
 
 A decoding step of a small model is thousands of tiny eager ops (about 2.5 us of dispatch
 each on a 2-core CPU) around a few matrix products; ``torch.compile`` with the inductor CPU
-backend fuses the norms, rotary and residual adds of a layer, and the gathering of each
-sequence's cached blocks, into a handful of C++ loops around the matrix products and
-PyTorch's fused attention kernel. One compiled function
+backend fuses the norms, rotary and residual adds of a layer into a handful of C++ loops
+around the matrix products and attention (the paged attention kernel as a custom op, or the
+gathered blocks through PyTorch's fused attention). One compiled function
 serves every layer (same code, same shapes: compiled once, not once per layer), with the
 batch size and the context as symbolic sizes, so a step's shape never triggers a compile
 while serving: the two specialisations inductor makes (one sequence, and several) are built

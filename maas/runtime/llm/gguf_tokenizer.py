@@ -5,7 +5,8 @@ gguf_file=...)``) only with its GGUF reader, which imports torch: a few hundred 
 server would then hold for a tokenizer. So the conversion runs once per GGUF file in a child
 process (``python -m maas.runtime.llm.gguf_tokenizer GGUF FOLDER``), its result is kept in
 ``tokenizers/`` of the local cache under the file's sha256 and the ``transformers`` version,
-and every process, the server included, loads the saved files with ``tokenizers`` alone.
+and every process, the server included, loads the saved files with ``transformers``' fast
+tokenizer class, without torch.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ def converted(gguf: Path, sha256: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         folder = Path(work) / "tokenizer"
-        done = subprocess.run(
-            [sys.executable, "-m", __name__, str(gguf), str(folder)],
+        done = subprocess.run(  # -P: nothing from the current folder is imported
+            [sys.executable, "-P", "-m", __name__, str(gguf), str(folder)],
             capture_output=True,
             text=True,
             timeout=CONVERT_SECONDS,
         )
-        if done.returncode != 0:
-            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        if done.returncode != 0 or not (folder / "tokenizer.json").is_file():
+            reason = (done.stderr.strip().splitlines() or ["no tokenizer.json written"])[-1]
             raise UnsupportedFormat(f"the GGUF file's tokenizer could not be read: {reason}")
         try:
             os.rename(folder, target)  # whole or not at all

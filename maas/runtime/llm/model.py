@@ -7,8 +7,9 @@ attends over its own with a lower-right causal mask. Keys and values live in a p
 (``KVCache``): a pool of fixed-size blocks; each sequence's block table says which hold it.
 
 A step of decoding tokens only (the steady state) can run each layer through one compiled
-function (``Block.decode``, see runtime/llm/compiled.py), attention through PyTorch's fused
-kernel; the general ``Block.forward`` is the reference and the fallback.
+function (``Block.decode``, see runtime/llm/compiled.py); decode attention reads the cached
+blocks in place with a C kernel (paged_attention.py) or, without it, gathers them for
+PyTorch's fused attention. The general ``Block.forward`` is the reference and the fallback.
 """
 
 from __future__ import annotations

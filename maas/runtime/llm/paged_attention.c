@@ -4,11 +4,14 @@
    share h (a group of G) are scored against the sequence's first lengths[s] positions, whose
    keys and values sit in the blocks block_tables[s, :] of the cache ([blocks, block_size,
    kv_heads, head_dim]); softmax in float32; the values summed with those weights. Keys and
-   values are read once for the whole group and never copied. Each (s, h) is one task, so a
-   sequence's result does not depend on the batch it runs in.
+   values are read once for all the heads that share them and never copied. A task is one
+   sequence (all its kv heads: whole cache rows read in order), or, when there are fewer
+   sequences than threads, one kv head of one; either way a sequence's result is computed
+   the same, whatever else is in the batch.
 
-   Built at first use by paged_attention.py with the system C compiler; the inner loops are
-   compiled for AVX-512, AVX2 and plain x86-64 and the CPU picks at run time. */
+   Built at first use by paged_attention.py with the system C compiler (GCC's vector
+   extensions); the inner loops are compiled for AVX-512, AVX2 and plain x86-64 and the CPU
+   picks at run time. */
 
 #include <math.h>
 #include <stdint.h>
@@ -52,12 +55,10 @@ TARGETS static const float *row_at(const void *cache, int bf16, int64_t at, int6
 }
 
 typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
 
-/* a . b over n floats, 16 lanes at a time (one AVX-512 register, two AVX2 ones), reduced by
-   halving: a compiler's reduction of a simd loop sums the 16 lanes one after another, and
-   those dependent adds were most of a score's time. */
+/* a . b over n floats, 16 lanes at a time (one AVX-512 register, two AVX2 ones), the lanes
+   then summed pairwise: a compiler's reduction of a simd loop sums the 16 lanes one after
+   another, and those dependent adds were most of a score's time. */
 static inline float dot(const float *a, const float *b, int64_t n) {
     v16 sum = {0}, x, y;
     int64_t d = 0;
@@ -66,11 +67,11 @@ static inline float dot(const float *a, const float *b, int64_t n) {
         memcpy(&y, b + d, sizeof y);
         sum += x * y;
     }
-    v8 eight = __builtin_shufflevector(sum, sum, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(sum, sum, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 four = __builtin_shufflevector(eight, eight, 0, 1, 2, 3) +
-              __builtin_shufflevector(eight, eight, 4, 5, 6, 7);
-    float total = (four[0] + four[2]) + (four[1] + four[3]);
+    float lanes[16];
+    memcpy(lanes, &sum, sizeof lanes);
+    for (int width = 8; width > 0; width /= 2)
+        for (int i = 0; i < width; i++) lanes[i] += lanes[i + width];
+    float total = lanes[0];
     for (; d < n; d++) total += a[d] * b[d];
     return total;
 }
@@ -81,24 +82,27 @@ static inline void prefetch(const void *at, int64_t bytes) {
     for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch((const char *)at + line);
 }
 
-/* One sequence, every head: q and acc [heads, D] float32; scores [heads, length]. */
-TARGETS static void one_sequence(const Shape *shape, const float *q, const void *k_cache,
-                                 const void *v_cache, int bf16, const int64_t *table,
-                                 int64_t length, float *scores, float *row, float *acc) {
-    const int64_t D = shape->head_dim, H = shape->heads, KV = shape->kv_heads, G = H / KV;
+/* One sequence, kv heads [first, first + count) and the query heads that share them: q and
+   acc [heads, D] float32 (only those heads' rows used); scores [heads, length]. */
+TARGETS static void one_task(const Shape *shape, const float *q, const void *k_cache,
+                             const void *v_cache, int bf16, const int64_t *table, int64_t length,
+                             int64_t first, int64_t count, float *scores, float *row,
+                             float *acc) {
+    const int64_t D = shape->head_dim, KV = shape->kv_heads, G = shape->heads / KV;
     const int64_t bs = shape->block_size, row_size = KV * D, element = bf16 ? 2 : 4;
-    const int64_t block_bytes = bs * row_size * element;
-    for (int64_t p = 0; p < length; p++) { /* scores: each key row read once */
+    const int64_t block_bytes = bs * row_size * element, part = count * D;
+    const int64_t h0 = first * G, h1 = (first + count) * G;
+    for (int64_t p = 0; p < length; p++) { /* scores: each key read once */
         if (p % bs == 0 && p + bs < length)
             prefetch((const char *)k_cache + table[p / bs + 1] * block_bytes, block_bytes);
-        const int64_t at = (table[p / bs] * bs + p % bs) * row_size;
-        const float *keys = row_at(k_cache, bf16, at, row_size, row);
-        for (int64_t h = 0; h < H; h++) {
-            const float *qh = q + h * D, *key = keys + (h / G) * D;
-            scores[h * length + p] = dot(qh, key, D) * shape->scale;
+        const int64_t at = (table[p / bs] * bs + p % bs) * row_size + first * D;
+        const float *keys = row_at(k_cache, bf16, at, part, row);
+        for (int64_t h = h0; h < h1; h++) {
+            const float *key = keys + (h / G - first) * D;
+            scores[h * length + p] = dot(q + h * D, key, D) * shape->scale;
         }
     }
-    for (int64_t h = 0; h < H; h++) { /* softmax */
+    for (int64_t h = h0; h < h1; h++) { /* softmax */
         float *sh = scores + h * length, top = -INFINITY, total = 0.0f;
         for (int64_t p = 0; p < length; p++) top = sh[p] > top ? sh[p] : top;
 #pragma omp simd
@@ -108,14 +112,14 @@ TARGETS static void one_sequence(const Shape *shape, const float *q, const void 
 #pragma omp simd
         for (int64_t p = 0; p < length; p++) sh[p] *= inverse;
     }
-    memset(acc, 0, (size_t)(H * D) * sizeof(float));
-    for (int64_t p = 0; p < length; p++) { /* weighted values: each row read once */
+    memset(acc + h0 * D, 0, (size_t)((h1 - h0) * D) * sizeof(float));
+    for (int64_t p = 0; p < length; p++) { /* weighted values: each read once */
         if (p % bs == 0 && p + bs < length)
             prefetch((const char *)v_cache + table[p / bs + 1] * block_bytes, block_bytes);
-        const int64_t at = (table[p / bs] * bs + p % bs) * row_size;
-        const float *values = row_at(v_cache, bf16, at, row_size, row);
-        for (int64_t h = 0; h < H; h++) {
-            const float w = scores[h * length + p], *value = values + (h / G) * D;
+        const int64_t at = (table[p / bs] * bs + p % bs) * row_size + first * D;
+        const float *values = row_at(v_cache, bf16, at, part, row);
+        for (int64_t h = h0; h < h1; h++) {
+            const float w = scores[h * length + p], *value = values + (h / G - first) * D;
             float *ah = acc + h * D;
 #pragma omp simd
             for (int64_t d = 0; d < D; d++) ah[d] += w * value[d];
@@ -144,6 +148,8 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
             if (block < 0 || block >= cache_blocks) return -2;
         }
     }
+    /* whole sequences while there are enough of them to keep every thread busy */
+    const int64_t parts = sequences >= threads ? 1 : kv_heads, tasks = sequences * parts;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -156,21 +162,24 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
         }
         float *qf = work, *acc = work + HD, *row = work + 2 * HD;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t s = 0; s < sequences; s++) {
+        for (int64_t task = 0; task < tasks; task++) {
             if (!ready) continue;
+            const int64_t s = task / parts, first = (task % parts) * (kv_heads / parts);
+            const int64_t count = kv_heads / parts, h0 = first * (heads / kv_heads);
+            const int64_t from = s * HD + h0 * head_dim, n = count * (heads / kv_heads) * head_dim;
             if (bf16) {
-                for (int64_t i = 0; i < HD; i++)
-                    qf[i] = bf16_to_float(((const uint16_t *)q)[s * HD + i]);
+                for (int64_t i = 0; i < n; i++)
+                    qf[h0 * head_dim + i] = bf16_to_float(((const uint16_t *)q)[from + i]);
             } else {
-                memcpy(qf, (const float *)q + s * HD, (size_t)HD * sizeof(float));
+                memcpy(qf + h0 * head_dim, (const float *)q + from, (size_t)n * sizeof(float));
             }
-            one_sequence(&shape, qf, k_cache, v_cache, bf16, block_tables + s * table_width,
-                         lengths[s], scores, row, acc);
-            for (int64_t i = 0; i < HD; i++) {
+            one_task(&shape, qf, k_cache, v_cache, bf16, block_tables + s * table_width,
+                     lengths[s], first, count, scores, row, acc);
+            for (int64_t i = 0; i < n; i++) {
                 if (bf16)
-                    ((uint16_t *)out)[s * HD + i] = float_to_bf16(acc[i]);
+                    ((uint16_t *)out)[from + i] = float_to_bf16(acc[h0 * head_dim + i]);
                 else
-                    ((float *)out)[s * HD + i] = acc[i];
+                    ((float *)out)[from + i] = acc[h0 * head_dim + i];
             }
         }
         free(scores);

@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -45,8 +46,14 @@ def library() -> ctypes.CDLL | None:
         if _library is None and not _failed:
             try:
                 _library = _load(_build())
-            except (OSError, subprocess.SubprocessError) as err:
+            except subprocess.CalledProcessError as err:
                 _failed = True
+                log.warning(
+                    "paged attention kernel not built, blocks are gathered: %s",
+                    (err.stderr or b"").decode(errors="replace").strip()[-2000:] or err,
+                )
+            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
+                _failed = True  # no compiler, no cache folder, a library without the kernel
                 log.warning("paged attention kernel not built, blocks are gathered: %s", err)
         return _library
 
@@ -59,8 +66,12 @@ def _build() -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler on PATH")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS + LIBRARIES).encode()).hexdigest()[:16]
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, timeout=30, check=True
+    ).stdout.split(b"\n")[0]
+    made_from = [SOURCE.read_bytes(), " ".join(FLAGS + LIBRARIES).encode(), version]
+    made_from.append(platform.machine().encode())  # a shared cache folder serves many hosts
+    key = hashlib.sha256(b"\0".join(made_from)).hexdigest()[:16]
     target = cache_root() / "kernels" / f"paged_attention-{key}.so"
     if target.exists():
         return target
@@ -109,11 +120,17 @@ def _run(
         raise ValueError(f"paged attention takes float32 or bfloat16, not {q.dtype}")
     if heads % kv_heads or q.shape[2] != head_dim or v_cache.shape != k_cache.shape:
         raise ValueError("queries and cache do not match")
+    if block_tables.dim() != 2 or block_tables.shape[0] != sequences:
+        raise ValueError("block_tables must be [sequences, blocks]")
+    if lengths.shape != (sequences,):
+        raise ValueError("lengths must be [sequences]")
+    if any(t.device.type != "cpu" for t in (q, k_cache, v_cache, block_tables, lengths)):
+        raise ValueError("paged attention runs on the CPU")
     q, tables = q.contiguous(), block_tables.to(torch.int64).contiguous()
     lengths = lengths.to(torch.int64).contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     status = lib.paged_decode_attention(
         q.data_ptr(),
         k_cache.data_ptr(),
@@ -143,4 +160,4 @@ _custom_op = torch.library.custom_op("maas::paged_decode_attention", _run, mutat
 
 @_custom_op.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: Tensor):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the kernel's

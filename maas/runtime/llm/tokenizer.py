@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from maas.errors import InvalidRequest, UnsupportedFormat
 from maas.registry.records import OpenedVersion
+
+log = logging.getLogger(__name__)
 
 
 class ChatTokenizer:
@@ -123,43 +128,66 @@ def load_tokenizer(opened: OpenedVersion) -> ChatTokenizer:
 
 
 GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
-"""Tokenizer classes that are a ``tokenizer.json`` and nothing more, as maas saves a GGUF
-vocabulary: loaded without ``AutoTokenizer``, which reads the model's config (and so imports
-torch). Any other class may add its own rules, so ``AutoTokenizer`` loads it."""
+"""Tokenizer classes that are a ``tokenizer.json`` and nothing more, as a GGUF vocabulary is
+saved: loaded without ``AutoTokenizer``, which reads the model's config (and so imports
+torch). Any other class may add rules of its own, so ``AutoTokenizer`` loads it."""
+
+PLAIN_MODEL_TYPES = {"llama", "mistral"}
+"""Model types whose folders ``AutoTokenizer`` loads as the class they name. For some others
+(qwen2, phi3...) it replaces a generic class named on the Hub by the model's own tokenizer."""
 
 
 def _folder_tokenizer(opened: OpenedVersion) -> Any:
     folder = opened.folder
     try:
-        named = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
-        named = None
-    if named in GENERIC_CLASSES and (folder / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+        model_type = None
+    if model_type in PLAIN_MODEL_TYPES and _generic(folder):
+        return _fast(folder)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
 
 
-def _gguf_tokenizer(opened: OpenedVersion) -> Any:
-    """The GGUF vocabulary as ``transformers`` converts it: from the local cache (converted
-    once, in a child process: see gguf_tokenizer.py), or, for an encrypted file, whose
-    vocabulary is never written out in the clear, converted here from its in-memory copy."""
-    entry = next(e for e in opened.manifest.files if e.path.endswith(".gguf"))
-    if entry.encrypted:
-        from transformers import AutoTokenizer
+def _generic(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    named = config.get("tokenizer_class") if isinstance(config, dict) else None
+    return named in GENERIC_CLASSES and (folder / "tokenizer.json").is_file()
 
-        with opened.open_file(entry.path) as path:
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+def _fast(folder: Path) -> Any:
     from transformers import PreTrainedTokenizerFast
 
-    from maas.runtime.llm.gguf_tokenizer import converted
+    return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
 
-    return PreTrainedTokenizerFast.from_pretrained(
-        converted(opened.folder / entry.path, entry.sha256)
-    )
+
+def _gguf_tokenizer(opened: OpenedVersion) -> Any:
+    """The GGUF vocabulary as ``transformers`` converts it: from the local cache (converted
+    once, in a child process: see gguf_tokenizer.py), or converted here where the cache
+    cannot be used: for an encrypted file, whose vocabulary is never written out in the
+    clear, or a cache folder that cannot be written."""
+    entry = next(e for e in opened.manifest.files if e.path.endswith(".gguf"))
+    if not entry.encrypted:
+        from maas.runtime.llm.gguf_tokenizer import converted
+
+        try:
+            folder = converted(opened.folder / entry.path, entry.sha256)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+            log.warning("GGUF tokenizer not cached (%s): converting it in this process", err)
+        else:
+            if _generic(folder):
+                return _fast(folder)
+            from transformers import AutoTokenizer  # a class of its own, as converted
+
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    from transformers import AutoTokenizer
+
+    with opened.open_file(entry.path) as path:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def _eos_ids(opened: OpenedVersion) -> set[int]:

@@ -3,13 +3,16 @@ loaded without torch, giving what ``transformers``' own conversion gives."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from gguf import GGUFWriter
+from transformers import AutoTokenizer
 
+from maas.artifacts.keyring import MasterKeyring
 from maas.errors import UnsupportedFormat
 from maas.registry import open_registry
 from maas.runtime.llm import gguf_tokenizer
@@ -62,8 +65,6 @@ def tiny(settings, tmp_path, monkeypatch):
 
 
 def transformers_own(opened):
-    from transformers import AutoTokenizer
-
     path = opened.folder / "tiny.gguf"
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
@@ -120,27 +121,58 @@ print([tokenizer.encode(t) for t in ("ab", "ba ab")], "torch" in sys.modules)
 """
 
 
+def probe_folder(folder) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", FOLDER_PROBE, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def test_a_tokenizer_maas_saved_loads_without_torch_and_others_through_autotokenizer(
     tiny, tmp_path
 ):
     saved = tmp_path / "saved"
     load_tokenizer(tiny).save(saved)  # as quantized and fine-tuned versions are written
-    done = subprocess.run(
-        [sys.executable, "-c", FOLDER_PROBE, str(saved)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    (saved / "config.json").write_text(json.dumps({"model_type": "llama"}))
     own = transformers_own(tiny)
-    assert done.stdout.strip() == f"{[own.encode(t) for t in ('ab', 'ba ab')]} False"
+    assert probe_folder(saved) == f"{[own.encode(t) for t in ('ab', 'ba ab')]} False"
+    # a model type whose generic class AutoTokenizer replaces by its own tokenizer
+    (saved / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert probe_folder(saved).endswith("True")
+    # a tokenizer class of its own
+    (saved / "config.json").write_text(json.dumps({"model_type": "llama"}))
     config = saved / "tokenizer_config.json"
-    config.write_text(config.read_text().replace('"TokenizersBackend"', '"GPT2Tokenizer"'))
-    done = subprocess.run(
-        [sys.executable, "-c", FOLDER_PROBE, str(saved)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("True")  # a class of its own: AutoTokenizer's way
+    named = json.loads(config.read_text())
+    config.write_text(json.dumps({**named, "tokenizer_class": "GPT2Tokenizer"}))
+    assert probe_folder(saved).endswith("True")
+
+
+def test_without_a_writable_cache_the_tokenizer_is_converted_in_process(
+    tiny, tmp_path, monkeypatch
+):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("MAAS_CACHE_DIR", str(blocked))
+    tokenizer = load_tokenizer(tiny)
+    own = transformers_own(tiny)
+    assert [tokenizer.encode(t) for t in TEXTS] == [own.encode(t) for t in TEXTS]
+    assert blocked.read_text() == ""
+
+
+def test_an_encrypted_gguf_s_vocabulary_is_never_written_out(settings, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path / "cache"))
+    MasterKeyring.create(settings.home / "master.keys")
+    sealed = settings.model_copy(update={"encryption_key_file": settings.home / "master.keys"})
+    registry = open_registry(sealed)
+    registry.import_model(gguf_with_vocabulary(tmp_path / "tiny.gguf"), "tiny")
+    opened = registry.open_version("tiny")
+    assert opened.manifest.files[0].encrypted
+    tokenizer = load_tokenizer(opened)
+    registry.close()
+    plain = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    assert [tokenizer.encode(t) for t in TEXTS] == [plain.encode(t) for t in TEXTS]
+    assert not (tmp_path / "cache").exists()
