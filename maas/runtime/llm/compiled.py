@@ -25,7 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
-from maas.runtime.llm.model import DecodeRows, KVCache, LlamaModel, StepInput, decode_layer
+from maas.runtime.llm.model import (
+    DecodeRows,
+    KVCache,
+    LlamaModel,
+    PrefillRows,
+    StepInput,
+    decode_layer,
+    layer_out,
+    layer_qkv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +125,88 @@ def compile_decode(
         model.compiled_rows,
     )
     return report
+
+
+PREFILL_WARM_TOKENS = (1, 7)
+"""Tokens of the prefill steps run at load: inductor specialises size 1 apart."""
+PREFILL_TIMED_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class PrefillReport:
+    seconds: float
+    max_difference: float
+    eager_ms: float
+    compiled_ms: float
+    """A prefill step of ``PREFILL_TIMED_TOKENS`` tokens, each way."""
+
+
+def compile_prefill(
+    model: LlamaModel, cache: KVCache, timer: Callable[[], float] = time.perf_counter
+) -> PrefillReport | None:
+    """Compile the parts of a layer around attention for steps with prompt chunks (attention
+    stays eager: the chunks vary in number): a layer's norms, products, rotary, residual
+    adds and MLP as a few fused loops. Warmed up, checked against eager and timed at load;
+    None (eager kept) if compilation fails, differs, or is not faster."""
+    started = time.perf_counter()
+    worst, times = 0.0, {}
+    try:
+        parts = (
+            torch.compile(layer_qkv, dynamic=True, fullgraph=True),
+            torch.compile(layer_out, dynamic=True, fullgraph=True),
+        )
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            for tokens in PREFILL_WARM_TOKENS:
+                step, hidden = _null_prefill(model, cache, tokens), null_hidden(model, tokens)
+                model.prefill_parts = None
+                expected = model(step, cache, hidden)
+                model.prefill_parts = parts
+                got = model(step, cache, hidden)
+                scale = float(expected.abs().max()) or 1.0
+                worst = max(worst, float((got - expected).abs().max()) / scale)
+            step = _null_prefill(model, cache, PREFILL_TIMED_TOKENS)
+            hidden = null_hidden(model, PREFILL_TIMED_TOKENS)
+            for way in (None, parts):
+                model.prefill_parts = way
+                model(step, cache, hidden)  # warm
+                measured = []
+                for _ in range(TIMED_STEPS):
+                    begun = timer()
+                    model(step, cache, hidden)
+                    measured.append((timer() - begun) * 1000)
+                times[way is not None] = statistics.median(measured)
+    except Exception as err:  # inductor raises many kinds; the eager path always works
+        model.prefill_parts = None
+        log.warning("compiling the prefill parts failed, running eagerly: %s", err, exc_info=True)
+        return None
+    model.prefill_parts = None
+    if worst > PARITY_TOLERANCE.get(cache.dtype, PARITY_TOLERANCE[torch.float32]):
+        log.warning("compiled prefill parts differ from eager by %.2g: running eagerly", worst)
+        return None
+    report = PrefillReport(time.perf_counter() - started, worst, times[False], times[True])
+    log.info(
+        "prefill step of %d tokens: %.1f ms eager, %.1f ms compiled",
+        PREFILL_TIMED_TOKENS,
+        report.eager_ms,
+        report.compiled_ms,
+    )
+    if report.compiled_ms >= report.eager_ms:
+        return None
+    model.prefill_parts = parts
+    return report
+
+
+def _null_prefill(model: LlamaModel, cache: KVCache, tokens: int) -> StepInput:
+    """A prefill step that reads and writes only the null block (block 0)."""
+    blocks = torch.zeros(-(-tokens // cache.block_size), dtype=torch.long)
+    return StepInput(
+        input_ids=torch.arange(tokens) % model.config.vocab_size,
+        positions=torch.arange(tokens),
+        cache_index=torch.zeros(tokens, dtype=torch.long),
+        decode=None,
+        prefills=[PrefillRows(0, tokens, blocks, 0)],
+        logits_rows=torch.tensor([tokens - 1]),
+    )
 
 
 def _timings(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import mmap
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -153,11 +154,20 @@ class Block(nn.Module):
         """Decode attention reads the cache in place (paged_attention.py); set at load."""
 
     def forward(
-        self, x: Tensor, rope: Rope, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor
+        self,
+        x: Tensor,
+        rope: Rope,
+        plan: AttentionPlan,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        parts: tuple[Callable, Callable] | None = None,
     ) -> Tensor:
-        q, k, v = self._qkv(x, rope.cos, rope.sin)
+        """Any step. ``parts``: ``layer_qkv`` and ``layer_out`` compiled, around attention
+        (which stays eager: its prompt chunks vary in number)."""
+        qkv, out = parts or (layer_qkv, layer_out)
+        q, k, v = qkv(self, x, rope.cos, rope.sin)
         write_cache(k_cache, v_cache, plan.cache_index, k, v)
-        return self._out(x, attention(q, plan, k_cache, v_cache, paged=self.paged))
+        return out(self, x, attention(q, plan, k_cache, v_cache, paged=self.paged))
 
     def decode(
         self,
@@ -192,6 +202,16 @@ class Block(nn.Module):
         x = x + self.o(attended.reshape(x.shape[0], -1))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+
+def layer_qkv(block: Block, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A layer's part before attention, as a free function: compiled once for every layer."""
+    return block._qkv(x, cos, sin)
+
+
+def layer_out(block: Block, x: Tensor, attended: Tensor) -> Tensor:
+    """A layer's part after attention, as a free function: compiled once for every layer."""
+    return block._out(x, attended)
 
 
 def decode_layer(
@@ -234,6 +254,8 @@ class LlamaModel(nn.Module):
         """``decode_layer`` compiled (set by the runner); decode-only steps of at most
         ``compiled_rows`` sequences then use it (where it was measured faster than eager)."""
         self.compiled_rows = 0
+        self.prefill_parts: tuple[Callable, Callable] | None = None
+        """``layer_qkv`` and ``layer_out`` compiled (set by the runner), for every other step."""
 
     def use_paged_attention(self, on: bool) -> None:
         for block in self.blocks:
@@ -270,7 +292,7 @@ class LlamaModel(nn.Module):
         else:
             plan = AttentionPlan(step)
             for layer, block in enumerate(self.blocks):
-                x = block(x, rope, plan, cache.k[layer], cache.v[layer])
+                x = block(x, rope, plan, cache.k[layer], cache.v[layer], self.prefill_parts)
         if self.lm_head is None:
             return x
         x = self.norm(x[step.logits_rows])

@@ -12,7 +12,7 @@ from torch import Tensor
 from maas.errors import InvalidRequest
 from maas.registry.records import OpenedVersion
 from maas.runtime.llm import paged_attention
-from maas.runtime.llm.compiled import CompileReport, compile_decode
+from maas.runtime.llm.compiled import CompileReport, PrefillReport, compile_decode, compile_prefill
 from maas.runtime.llm.dtypes import (
     ACTIVATIONS,
     PROBE,
@@ -133,8 +133,11 @@ class ModelRunner:
         if options.compile and options.pack_weights and self.dtype == "float32":
             pack_linears(self.model)  # eager float32 steps gain from packed weights; compiled
             # ones use the plain weights packing keeps beside them (see kernels.PackedLinear)
+        self.prefill_compiled: PrefillReport | None = None
         if options.compile:
             self.compiled = compile_decode(self.model, self.cache, options.max_sequences)
+        if self.compiled is not None:  # weights stay as compiled (unpacked): the rest too
+            self.prefill_compiled = compile_prefill(self.model, self.cache)
         if self.compiled is None and options.compile and options.pack_weights:
             pack_linears(self.model)  # eager only: every dtype's float weights packed
         self.memory_bytes = weight_bytes(self.model) + (blocks + 1) * per_block

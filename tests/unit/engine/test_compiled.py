@@ -102,6 +102,56 @@ def test_without_a_cpp_compiler_nothing_is_compiled(make_engine, monkeypatch):
     assert make_engine(compile=True).runner.compiled is None
 
 
+def counting_clock(eager_ms, compiled_ms):
+    """A timer under which every timed eager step lasts ``eager_ms`` and every compiled one
+    ``compiled_ms`` (compile_prefill times five eager steps, then five compiled ones)."""
+    readings = []
+    for ms in [eager_ms] * compiled.TIMED_STEPS + [compiled_ms] * compiled.TIMED_STEPS:
+        readings += [0.0, ms / 1000]
+    return iter(readings).__next__
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_compiled_prefill_parts_give_the_same_greedy_tokens(make_engine, prompts, dtype):
+    lengths = [20, 12, 16]
+    eager = generate_staggered(make_engine(dtype=dtype), prompts, lengths)
+    engine = make_engine(dtype=dtype)
+    model, cache = engine.runner.model, engine.runner.cache
+    report = compiled.compile_prefill(model, cache, timer=counting_clock(5.0, 1.0))
+    assert report is not None and report.max_difference < 1e-3
+    assert (report.eager_ms, report.compiled_ms) == (5.0, 1.0)
+    qkv, out = model.prefill_parts
+    calls = []
+    model.prefill_parts = (
+        lambda *a: calls.append(1) or qkv(*a),
+        lambda *a: out(*a),
+    )
+    assert generate_staggered(engine, prompts, lengths) == eager  # every step eager-attended
+    assert len(calls) >= engine.runner.config.num_layers * 20
+
+
+def test_prefill_parts_stay_eager_when_not_faster_or_broken(make_engine, monkeypatch):
+    engine = make_engine()
+    model, cache = engine.runner.model, engine.runner.cache
+    assert compiled.compile_prefill(model, cache, timer=counting_clock(1.0, 5.0)) is None
+    assert model.prefill_parts is None
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no inductor here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    assert compiled.compile_prefill(model, cache) is None and model.prefill_parts is None
+
+
+def test_the_runner_compiles_prefill_parts_only_with_a_compiled_decode_step(
+    make_engine, monkeypatch
+):
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    runner = make_engine(compile=True).runner
+    assert runner.compiled is None and runner.prefill_compiled is None
+    assert runner.model.prefill_parts is None
+
+
 def _alone(make_engine, prompt):
     engine = make_engine()
     deltas = submit(engine, "r", prompt, greedy(8))
