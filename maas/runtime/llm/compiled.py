@@ -168,13 +168,7 @@ def compile_prefill(
             hidden = null_hidden(model, PREFILL_TIMED_TOKENS)
             for way in (None, parts):
                 model.prefill_parts = way
-                model(step, cache, hidden)  # warm
-                measured = []
-                for _ in range(TIMED_STEPS):
-                    begun = timer()
-                    model(step, cache, hidden)
-                    measured.append((timer() - begun) * 1000)
-                times[way is not None] = statistics.median(measured)
+                times[way is not None] = _median_ms(model, step, cache, hidden, timer)
     except Exception as err:  # inductor raises many kinds; the eager path always works
         model.prefill_parts = None
         log.warning("compiling the prefill parts failed, running eagerly: %s", err, exc_info=True)
@@ -220,16 +214,21 @@ def _timings(
         measured = []
         for layer in (None, compiled):
             model.decode_layer = layer
-            model(step, cache, hidden)  # warm
-            times = []
-            for _ in range(TIMED_STEPS):
-                begun = timer()
-                model(step, cache, hidden)
-                times.append((timer() - begun) * 1000)
-            measured.append(statistics.median(times))
+            measured.append(_median_ms(model, step, cache, hidden, timer))
         timings.append((size, measured[0], measured[1]))
     model.decode_layer = compiled
     return tuple(timings)
+
+
+def _median_ms(model: LlamaModel, step: StepInput, cache: KVCache, hidden, timer) -> float:
+    """Median of ``TIMED_STEPS`` runs of ``step`` after one to warm up."""
+    model(step, cache, hidden)
+    times = []
+    for _ in range(TIMED_STEPS):
+        begun = timer()
+        model(step, cache, hidden)
+        times.append((timer() - begun) * 1000)
+    return statistics.median(times)
 
 
 def null_hidden(model: LlamaModel, sequences: int) -> torch.Tensor | None:
