@@ -75,9 +75,11 @@ def compile_decode(
     cache: KVCache,
     max_sequences: int = TIMED_ROWS[-1],
     timer: Callable[[], float] = time.perf_counter,
+    always: bool = False,
 ) -> CompileReport | None:
     """Compile the model's decode step, warm it up, check it against eager, and time both;
-    None (eager kept) if compilation fails, differs, or is nowhere faster."""
+    None (eager kept) if compilation fails, differs, or is nowhere faster (unless
+    ``always``: then kept for every batch whatever the timings)."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         log.info("no C++ compiler on PATH: decode steps run eagerly")
         return None
@@ -105,8 +107,8 @@ def compile_decode(
         model.decode_layer = None
         log.warning("compiled decode step differs from eager by %.2g: running eagerly", worst)
         return None
-    rows = 0
-    for size, eager_ms, compiled_ms in timings:
+    rows = timings[-1][0] if always else 0
+    for size, eager_ms, compiled_ms in timings if not always else ():
         if compiled_ms >= eager_ms:
             break
         rows = size
@@ -142,7 +144,10 @@ class PrefillReport:
 
 
 def compile_prefill(
-    model: LlamaModel, cache: KVCache, timer: Callable[[], float] = time.perf_counter
+    model: LlamaModel,
+    cache: KVCache,
+    timer: Callable[[], float] = time.perf_counter,
+    always: bool = False,
 ) -> PrefillReport | None:
     """Compile the parts of a layer around attention for steps with prompt chunks (attention
     stays eager: the chunks vary in number): a layer's norms, products, rotary, residual
@@ -184,7 +189,7 @@ def compile_prefill(
         report.eager_ms,
         report.compiled_ms,
     )
-    if report.compiled_ms >= report.eager_ms:
+    if report.compiled_ms >= report.eager_ms and not always:
         return None
     model.prefill_parts = parts
     return report

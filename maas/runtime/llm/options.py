@@ -22,6 +22,9 @@ class RunnerOptions:
     """Positions per KV block."""
     compile: bool = True
     """Compile the decode step (see compiled.py); eager if compilation fails."""
+    compile_always: bool = False
+    """Keep the compiled steps wherever they compile and match eager, however they time (for
+    tests of the compiled path on models too small to time apart)."""
     paged_attention: bool = True
     """Decode attention reads the KV cache in place with a C kernel built at first use
     (paged_attention.py); where it cannot be built, or false, blocks are gathered."""

@@ -135,9 +135,13 @@ class ModelRunner:
             # ones use the plain weights packing keeps beside them (see kernels.PackedLinear)
         self.prefill_compiled: PrefillReport | None = None
         if options.compile:
-            self.compiled = compile_decode(self.model, self.cache, options.max_sequences)
+            self.compiled = compile_decode(
+                self.model, self.cache, options.max_sequences, always=options.compile_always
+            )
         if self.compiled is not None:  # weights stay as compiled (unpacked): the rest too
-            self.prefill_compiled = compile_prefill(self.model, self.cache)
+            self.prefill_compiled = compile_prefill(
+                self.model, self.cache, always=options.compile_always
+            )
         if self.compiled is None and options.compile and options.pack_weights:
             pack_linears(self.model)  # eager only: every dtype's float weights packed
         self.memory_bytes = weight_bytes(self.model) + (blocks + 1) * per_block

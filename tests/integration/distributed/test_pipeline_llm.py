@@ -53,8 +53,13 @@ def four_layers(tmp_path_factory):
 
 def start(four_layers, stages: int, *, compile: bool = False) -> EngineProcess:
     opened, tokenizer = four_layers
-    runner = RunnerOptions(
-        dtype="float32", max_sequences=4, max_model_len=96, threads=1, compile=compile
+    runner = RunnerOptions(  # compiled steps kept however a tiny model times them
+        dtype="float32",
+        max_sequences=4,
+        max_model_len=96,
+        threads=1,
+        compile=compile,
+        compile_always=compile,
     )
     options = EngineOptions(runner, max_batch_tokens=48, pipeline_stages=stages)
     return EngineProcess(opened, options, tokenizer, name=f"tiny-{stages}")

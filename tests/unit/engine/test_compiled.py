@@ -143,6 +143,20 @@ def test_prefill_parts_stay_eager_when_not_faster_or_broken(make_engine, monkeyp
     assert compiled.compile_prefill(model, cache) is None and model.prefill_parts is None
 
 
+def test_always_keeps_compiled_steps_however_they_time(make_engine):
+    engine = make_engine()
+    model, cache = engine.runner.model, engine.runner.cache
+    slower = counting_clock(1.0, 5.0)
+    assert compiled.compile_prefill(model, cache, timer=slower, always=True) is not None
+    assert model.prefill_parts is not None
+    readings = iter([0, 1, 0, 5] * compiled.TIMED_STEPS * 2)  # compiled 5x slower, each size
+    report = compiled.compile_decode(
+        model, cache, max_sequences=4, timer=lambda: next(readings), always=True
+    )
+    assert report is not None and report.rows == 4 == model.compiled_rows
+    assert all(c > e for _, e, c in report.timings)  # measured slower, kept all the same
+
+
 def test_the_runner_compiles_prefill_parts_only_with_a_compiled_decode_step(
     make_engine, monkeypatch
 ):
