@@ -42,38 +42,112 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as tor
     return (uint16_t)(bits >> 16);
 }
 
+#ifndef TARGETS
 #define TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
-
-/* the cache's row at element ``at``, as float32: in place, or converted into ``row`` */
-TARGETS static const float *row_at(const void *cache, int bf16, int64_t at, int64_t n,
-                                   float *row) {
-    if (!bf16) return (const float *)cache + at;
-    const uint16_t *src = (const uint16_t *)cache + at;
-#pragma omp simd
-    for (int64_t d = 0; d < n; d++) row[d] = bf16_to_float(src[d]);
-    return row;
-}
+#endif
+/* inlined into each clone, so compiled for its instruction set */
+#define INLINE static inline __attribute__((always_inline))
 
 typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
 
-/* a . b over n floats, 16 lanes at a time (one AVX-512 register, two AVX2 ones), the lanes
-   then summed pairwise: a compiler's reduction of a simd loop sums the 16 lanes one after
-   another, and those dependent adds were most of a score's time. */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    v16 sum = {0}, x, y;
-    int64_t d = 0;
-    for (; d + 16 <= n; d += 16) {
-        memcpy(&x, a + d, sizeof x);
-        memcpy(&y, b + d, sizeof y);
-        sum += x * y;
+#ifdef __clang__
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (i16){__VA_ARGS__})
+#endif
+
+/* The lane sums of 16 vectors as one vector (out[i] = x[i]'s 16 lanes summed): pairs of
+   vectors are interleaved and added, halving the vectors and doubling the rows each holds,
+   four times. 15 such steps for 16 sums; reducing each vector alone took 15 dependent adds,
+   and those were most of a score's time. */
+INLINE v16 lane_sums(const v16 x[16]) {
+    v16 y[8], z[4], w[2];
+    for (int i = 0; i < 8; i++)
+        y[i] = SHUFFLE(x[2 * i], x[2 * i + 1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28,
+                       14, 30) +
+               SHUFFLE(x[2 * i], x[2 * i + 1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29,
+                       15, 31);
+    for (int i = 0; i < 4; i++)
+        z[i] = SHUFFLE(y[2 * i], y[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13,
+                       28, 29) +
+               SHUFFLE(y[2 * i], y[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15,
+                       30, 31);
+    for (int i = 0; i < 2; i++)
+        w[i] = SHUFFLE(z[2 * i], z[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25,
+                       26, 27) +
+               SHUFFLE(z[2 * i], z[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29,
+                       30, 31);
+    return SHUFFLE(w[0], w[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUFFLE(w[0], w[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+
+/* ``n`` consecutive cached rows from element ``at`` (within one block), ``part`` floats of
+   each: float32 rows ``*stride`` floats apart, in place or converted into ``scratch``. */
+TARGETS static const float *rows_at(const void *cache, int bf16, int64_t at, int64_t n,
+                                    int64_t row_size, int64_t part, float *scratch,
+                                    int64_t *stride) {
+    if (!bf16) {
+        *stride = row_size;
+        return (const float *)cache + at;
     }
-    float lanes[16];
-    memcpy(lanes, &sum, sizeof lanes);
-    for (int width = 8; width > 0; width /= 2)
-        for (int i = 0; i < width; i++) lanes[i] += lanes[i + width];
-    float total = lanes[0];
-    for (; d < n; d++) total += a[d] * b[d];
-    return total;
+    const uint16_t *src = (const uint16_t *)cache + at;
+    for (int64_t i = 0; i < n; i++) {
+#pragma omp simd
+        for (int64_t d = 0; d < part; d++)
+            scratch[i * part + d] = bf16_to_float(src[i * row_size + d]);
+    }
+    *stride = part;
+    return scratch;
+}
+
+/* out[i] = scale * (q . key i) for the n (at most 16) keys ``stride`` floats apart: 16
+   products accumulated side by side, 16 lanes of D at a time, then summed together. */
+INLINE void score_rows(const float *q, const float *keys, int64_t stride, int64_t n,
+                              int64_t D, float scale, float *out) {
+    const float *row[16];
+    v16 x[16];
+    for (int i = 0; i < 16; i++) {
+        row[i] = keys + (i < n ? i : n - 1) * stride; /* past n: a row again, result unused */
+        x[i] = (v16){0};
+    }
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+        v16 qd, k;
+        memcpy(&qd, q + d, sizeof qd);
+        for (int i = 0; i < 16; i++) {
+            memcpy(&k, row[i] + d, sizeof k);
+            x[i] += qd * k;
+        }
+    }
+    float sums[16];
+    const v16 summed = lane_sums(x);
+    memcpy(sums, &summed, sizeof sums);
+    for (int64_t i = 0; i < n; i++) {
+        float total = sums[i];
+        for (int64_t e = d; e < D; e++) total += q[e] * row[i][e];
+        out[i] = total * scale;
+    }
+}
+
+/* acc += sum over the n rows of w[i] * value i (rows ``stride`` floats apart), in row order. */
+INLINE void add_rows(float *acc, const float *w, const float *values, int64_t stride,
+                            int64_t n, int64_t D) {
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+        v16 a, v;
+        memcpy(&a, acc + d, sizeof a);
+        for (int64_t i = 0; i < n; i++) {
+            memcpy(&v, values + i * stride + d, sizeof v);
+            a += w[i] * v;
+        }
+        memcpy(acc + d, &a, sizeof a);
+    }
+    for (; d < D; d++) {
+        float a = acc[d];
+        for (int64_t i = 0; i < n; i++) a += w[i] * values[i * stride + d];
+        acc[d] = a;
+    }
 }
 
 /* Bring a block's rows (``bytes`` from ``at``) towards the cache before they are read: the
@@ -83,24 +157,27 @@ static inline void prefetch(const void *at, int64_t bytes) {
 }
 
 /* One sequence, kv heads [first, first + count) and the query heads that share them: q and
-   acc [heads, D] float32 (only those heads' rows used); scores [heads, length]. */
+   acc [heads, D] float32 (only those heads' rows used); scores [heads, length]; scratch
+   [16, count * D]. Positions go 16 at a time (fewer at a block's or the sequence's end). */
 TARGETS static void one_task(const Shape *shape, const float *q, const void *k_cache,
                              const void *v_cache, int bf16, const int64_t *table, int64_t length,
-                             int64_t first, int64_t count, float *scores, float *row,
+                             int64_t first, int64_t count, float *scores, float *scratch,
                              float *acc) {
     const int64_t D = shape->head_dim, KV = shape->kv_heads, G = shape->heads / KV;
     const int64_t bs = shape->block_size, row_size = KV * D, element = bf16 ? 2 : 4;
     const int64_t block_bytes = bs * row_size * element, part = count * D;
     const int64_t h0 = first * G, h1 = (first + count) * G;
-    for (int64_t p = 0; p < length; p++) { /* scores: each key read once */
+    int64_t n, stride;
+    for (int64_t p = 0; p < length; p += n) { /* scores: each key read once */
+        n = bs - p % bs < 16 ? bs - p % bs : 16;
+        n = length - p < n ? length - p : n;
         if (p % bs == 0 && p + bs < length)
             prefetch((const char *)k_cache + table[p / bs + 1] * block_bytes, block_bytes);
         const int64_t at = (table[p / bs] * bs + p % bs) * row_size + first * D;
-        const float *keys = row_at(k_cache, bf16, at, part, row);
-        for (int64_t h = h0; h < h1; h++) {
-            const float *key = keys + (h / G - first) * D;
-            scores[h * length + p] = dot(q + h * D, key, D) * shape->scale;
-        }
+        const float *keys = rows_at(k_cache, bf16, at, n, row_size, part, scratch, &stride);
+        for (int64_t h = h0; h < h1; h++)
+            score_rows(q + h * D, keys + (h / G - first) * D, stride, n, D, shape->scale,
+                       scores + h * length + p);
     }
     for (int64_t h = h0; h < h1; h++) { /* softmax */
         float *sh = scores + h * length, top = -INFINITY, total = 0.0f;
@@ -113,17 +190,16 @@ TARGETS static void one_task(const Shape *shape, const float *q, const void *k_c
         for (int64_t p = 0; p < length; p++) sh[p] *= inverse;
     }
     memset(acc + h0 * D, 0, (size_t)((h1 - h0) * D) * sizeof(float));
-    for (int64_t p = 0; p < length; p++) { /* weighted values: each read once */
+    for (int64_t p = 0; p < length; p += n) { /* weighted values: each read once */
+        n = bs - p % bs < 16 ? bs - p % bs : 16;
+        n = length - p < n ? length - p : n;
         if (p % bs == 0 && p + bs < length)
             prefetch((const char *)v_cache + table[p / bs + 1] * block_bytes, block_bytes);
         const int64_t at = (table[p / bs] * bs + p % bs) * row_size + first * D;
-        const float *values = row_at(v_cache, bf16, at, part, row);
-        for (int64_t h = h0; h < h1; h++) {
-            const float w = scores[h * length + p], *value = values + (h / G - first) * D;
-            float *ah = acc + h * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; d++) ah[d] += w * value[d];
-        }
+        const float *values = rows_at(v_cache, bf16, at, n, row_size, part, scratch, &stride);
+        for (int64_t h = h0; h < h1; h++)
+            add_rows(acc + h * D, scores + h * length + p, values + (h / G - first) * D, stride,
+                     n, D);
     }
 }
 
@@ -154,7 +230,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc((size_t)(heads * longest) * sizeof(float));
-        float *work = malloc((size_t)(2 * HD + kv_heads * head_dim) * sizeof(float));
+        float *work = malloc((size_t)(2 * HD + 16 * kv_heads * head_dim) * sizeof(float));
         const int ready = scores != NULL && work != NULL;
         if (!ready) {
 #pragma omp atomic write

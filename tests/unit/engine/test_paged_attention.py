@@ -40,6 +40,7 @@ def cache_and_batch(dtype, *, kv_heads=3, group=3, head_dim=64, block_size=16, l
     "layout",
     [
         dict(kv_heads=3, group=3, head_dim=64, block_size=16),  # SmolLM2-135M's
+        dict(kv_heads=2, group=4, head_dim=128, block_size=32),  # Llama's D, 2 chunks a block
         dict(kv_heads=2, group=1, head_dim=24, block_size=4),  # no grouping, a ragged D
         dict(kv_heads=1, group=4, head_dim=8, block_size=1),
     ],
