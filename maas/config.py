@@ -114,8 +114,9 @@ class Settings(BaseSettings):
     llm_dtype: str = Field(default="auto", pattern="^(auto|float32|bfloat16|int8-weight|int8)$")
     """Compute type of text-generation models: auto (time each of the others at load and keep
     the fastest that keeps float32's next-token choices on a probe text), float32, bfloat16,
-    int8-weight (int8 weights, float32 activations), or int8 (W8A8 linear layers on the CPU's
-    int8 units, as CTranslate2's int8). The KV cache is bfloat16 for bfloat16, else float32."""
+    int8-weight (int8 weights, bfloat16 activations), or int8 (W8A8 linear layers on the
+    CPU's int8 units, as CTranslate2's int8). The KV cache is in the activations' dtype:
+    bfloat16 for bfloat16 and int8-weight, float32 for float32 and int8."""
 
     llm_compile: bool = True
     """Compile each text-generation model's decode step with torch.compile (inductor, needs a
