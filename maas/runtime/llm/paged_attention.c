@@ -150,10 +150,22 @@ INLINE void add_rows(float *acc, const float *w, const float *values, int64_t st
     }
 }
 
-/* Bring a block's rows (``bytes`` from ``at``) towards the cache before they are read: the
-   blocks of a sequence lie anywhere, where the CPU's own prefetching does not follow. */
-static inline void prefetch(const void *at, int64_t bytes) {
-    for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch((const char *)at + line);
+/* Slice ``i`` of ``parts`` of the ``bytes`` at ``at`` (none if NULL) brought towards the cache
+   before it is read: the blocks of a sequence lie anywhere, where the CPU's own prefetching
+   does not follow. A block is requested a slice between one head's work and the next, not all
+   at once: its 100-odd lines at once filled the CPU's line fill buffers and stalled there. */
+static inline void prefetch_part(const char *at, int64_t bytes, int64_t i, int64_t parts) {
+    if (at == NULL) return;
+    const int64_t slice = ((bytes + parts - 1) / parts + 63) / 64 * 64, from = i * slice;
+    for (int64_t line = from; line < from + slice && line < bytes; line += 64)
+        __builtin_prefetch(at + line);
+}
+
+/* The block after the chunk [p, p + n) if the chunk ends its block and the sequence goes on. */
+static inline const char *next_block(const void *cache, const int64_t *table, int64_t p,
+                                     int64_t n, int64_t bs, int64_t length, int64_t block_bytes) {
+    if (p + n >= length || (p + n) % bs != 0) return NULL;
+    return (const char *)cache + table[(p + n) / bs] * block_bytes;
 }
 
 /* One sequence, kv heads [first, first + count) and the query heads that share them: q and
@@ -171,16 +183,20 @@ TARGETS static void one_task(const Shape *shape, const float *q, const void *k_c
     for (int64_t p = 0; p < length; p += n) { /* scores: each key read once */
         n = bs - p % bs < 16 ? bs - p % bs : 16;
         n = length - p < n ? length - p : n;
-        if (p % bs == 0 && p + bs < length)
-            prefetch((const char *)k_cache + table[p / bs + 1] * block_bytes, block_bytes);
+        const char *next = next_block(k_cache, table, p, n, bs, length, block_bytes);
         const int64_t at = (table[p / bs] * bs + p % bs) * row_size + first * D;
         const float *keys = rows_at(k_cache, bf16, at, n, row_size, part, scratch, &stride);
-        for (int64_t h = h0; h < h1; h++)
+        for (int64_t h = h0; h < h1; h++) {
+            prefetch_part(next, block_bytes, h - h0, h1 - h0);
             score_rows(q + h * D, keys + (h / G - first) * D, stride, n, D, shape->scale,
                        scores + h * length + p);
+        }
     }
+    const char *first_values = (const char *)v_cache + table[0] * block_bytes;
     for (int64_t h = h0; h < h1; h++) { /* softmax */
+        prefetch_part(first_values, block_bytes, h - h0, h1 - h0);
         float *sh = scores + h * length, top = -INFINITY, total = 0.0f;
+#pragma omp simd reduction(max : top)
         for (int64_t p = 0; p < length; p++) top = sh[p] > top ? sh[p] : top;
 #pragma omp simd
         for (int64_t p = 0; p < length; p++) sh[p] = expf(sh[p] - top);
@@ -193,13 +209,14 @@ TARGETS static void one_task(const Shape *shape, const float *q, const void *k_c
     for (int64_t p = 0; p < length; p += n) { /* weighted values: each read once */
         n = bs - p % bs < 16 ? bs - p % bs : 16;
         n = length - p < n ? length - p : n;
-        if (p % bs == 0 && p + bs < length)
-            prefetch((const char *)v_cache + table[p / bs + 1] * block_bytes, block_bytes);
+        const char *next = next_block(v_cache, table, p, n, bs, length, block_bytes);
         const int64_t at = (table[p / bs] * bs + p % bs) * row_size + first * D;
         const float *values = rows_at(v_cache, bf16, at, n, row_size, part, scratch, &stride);
-        for (int64_t h = h0; h < h1; h++)
+        for (int64_t h = h0; h < h1; h++) {
+            prefetch_part(next, block_bytes, h - h0, h1 - h0);
             add_rows(acc + h * D, scores + h * length + p, values + (h / G - first) * D, stride,
                      n, D);
+        }
     }
 }
 
