@@ -262,11 +262,26 @@ def run_maas(
     try:
         server.wait_ready(timeout=900)  # auto times each dtype and compiles at load
         row = measure_server(server.port, server.admin_key, server.process.pid, prompts, args)
+        row["runs"] = running_dtype(server.port, server.admin_key)
     except RuntimeError as err:
         raise SystemExit(f"maas {dtype}: {err}\n{server.log.read_text()}") from None
     finally:
         server.stop()
     return {"engine": "maas", "dtype": dtype, **row}
+
+
+def running_dtype(port: int, key: str) -> str:
+    """What the loaded LLM runs, as ``GET /api/v1/deployments`` says (what auto chose)."""
+    client = HTTPClient("127.0.0.1", port, network_timeout=30)
+    try:
+        response = client.get("/api/v1/deployments", {"Authorization": f"Bearer {key}"})
+        body = json.loads(response.read())
+    finally:
+        client.close()
+    engines = [d["engine"] for d in body["data"] if (d.get("engine") or {}).get("dtype")]
+    if not engines:
+        raise RuntimeError(f"no LLM deployment in {body}")
+    return engines[0]["dtype"]
 
 
 def stored_home(root: Path, source: Path, method: str, task: str) -> Path:
@@ -459,13 +474,16 @@ def report(rows: list[dict], args, build: dict | None) -> None:
         f"{args.prompt_len} prompt + {args.output_len} output tokens\n"
     )
     print(
-        f"{'engine':<30} {'dtype':<9} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} "
+        f"{'engine':<30} {'dtype':<16} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} "
         f"{'ITL p50':>8} {'p99':>6} {'failed':>6} {'1-stream':>8} {'peak RSS':>9}"
     )
     for row in rows:
         rss = f"{row['peak_rss_mib']} MiB" if "peak_rss_mib" in row else "-"
+        dtype = row["dtype"]
+        if row.get("runs", dtype) != dtype:  # what auto chose
+            dtype = f"{dtype} ({row['runs']})"
         print(
-            f"{row['engine']:<30} {row['dtype']:<9} {row['output_tokens_per_s']:>7} "
+            f"{row['engine']:<30} {dtype:<16} {row['output_tokens_per_s']:>7} "
             f"{row['ttft_p50_ms']:>9} {row['ttft_p99_ms']:>7} "
             f"{row['itl_p50_ms']:>8} {row['itl_p99_ms']:>6} "
             f"{row['failed']:>6} {row['single_stream_tokens_per_s']:>8} {rss:>9}"
