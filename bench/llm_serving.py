@@ -474,7 +474,7 @@ def report(rows: list[dict], args, build: dict | None) -> None:
         f"{args.prompt_len} prompt + {args.output_len} output tokens\n"
     )
     print(
-        f"{'engine':<30} {'dtype':<16} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} "
+        f"{'engine':<30} {'dtype':<22} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} "
         f"{'ITL p50':>8} {'p99':>6} {'failed':>6} {'1-stream':>8} {'peak RSS':>9}"
     )
     for row in rows:
@@ -483,7 +483,7 @@ def report(rows: list[dict], args, build: dict | None) -> None:
         if row.get("runs", dtype) != dtype:  # what auto chose
             dtype = f"{dtype} ({row['runs']})"
         print(
-            f"{row['engine']:<30} {dtype:<16} {row['output_tokens_per_s']:>7} "
+            f"{row['engine']:<30} {dtype:<22} {row['output_tokens_per_s']:>7} "
             f"{row['ttft_p50_ms']:>9} {row['ttft_p99_ms']:>7} "
             f"{row['itl_p50_ms']:>8} {row['itl_p99_ms']:>6} "
             f"{row['failed']:>6} {row['single_stream_tokens_per_s']:>8} {rss:>9}"
