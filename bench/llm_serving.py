@@ -256,6 +256,9 @@ def run_maas(
         # serving only, as in the runs before job workers existed: an idle worker would add
         # its memory to the server's process tree (and nothing to its speed)
         "MAAS_JOB_WORKERS": "0",
+        # a cache of the run's own (beside the home): auto measures at this run's first load
+        # instead of taking a choice kept from an earlier run
+        "MAAS_CACHE_DIR": str(home.parent / "maas-cache"),
         **(extra_env or {}),
     }
     server = Server(home, env=env)

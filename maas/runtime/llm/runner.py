@@ -11,7 +11,7 @@ from torch import Tensor
 
 from maas.errors import InvalidRequest
 from maas.registry.records import OpenedVersion
-from maas.runtime.llm import paged_attention
+from maas.runtime.llm import dtype_cache, paged_attention
 from maas.runtime.llm.compiled import CompileReport, PrefillReport, compile_decode, compile_prefill
 from maas.runtime.llm.dtypes import (
     ACTIVATIONS,
@@ -90,19 +90,7 @@ class ModelRunner:
             self.model = load_model(opened, torch.float32, layers)
         elif wanted == "auto":
             self.model = load_model(opened, torch.float32)
-            probe = self.tokenizer.encode(PROBE)
-            question = _question_ids(self.tokenizer)
-            batch = min(options.max_sequences, AUTO_BATCH)
-            candidates = ("float32", "bfloat16") if self.weights else QUALITY_ORDER
-            self.dtype_choice = choose(
-                self.model,
-                probe,
-                question,
-                batch=batch,
-                pack=pack,
-                candidates=candidates,
-                paged=options.paged_attention and paged_attention.available(torch.float32),
-            )
+            self.dtype_choice = self._auto_choice(opened, options, pack)
             self.dtype = self.dtype_choice.dtype
         else:
             self.model = load_model(opened, ACTIVATIONS[wanted], layers)
@@ -157,6 +145,39 @@ class ModelRunner:
             "compiled" if self.compiled else "eager",
             ", paged attention" if self.paged_attention else "",
         )
+
+    def _auto_choice(
+        self, opened: OpenedVersion, options: RunnerOptions, pack: bool
+    ) -> DtypeChoice:
+        """The choice kept for this model, machine and code (dtype_cache.py), or one measured
+        on the float32 model now, and kept."""
+        candidates = ("float32", "bfloat16") if self.weights else QUALITY_ORDER
+        batch = min(options.max_sequences, AUTO_BATCH)
+        paged = options.paged_attention and paged_attention.available(torch.float32)
+        name = dtype_cache.key(
+            dtype_cache.model_digest(opened.manifest),
+            candidates=candidates,
+            batch=batch,
+            pack=pack,
+            paged=paged,
+        )
+        kept = dtype_cache.load(name)
+        if kept is not None and kept.dtype in candidates:
+            log.info(
+                "dtype auto: %s, as measured at an earlier load (kept as %s)", kept.dtype, name
+            )
+            return kept
+        choice = choose(
+            self.model,
+            self.tokenizer.encode(PROBE),
+            _question_ids(self.tokenizer),
+            batch=batch,
+            pack=pack,
+            candidates=candidates,
+            paged=paged,
+        )
+        dtype_cache.save(name, choice)
+        return choice
 
     def forward(self, step: StepInput) -> Tensor:
         return self.model(step, self.cache)

@@ -130,7 +130,10 @@ def test_auto_times_each_candidate_with_the_attention_it_will_run(
     assert seen == [True] * 2 * len(QUALITY_ORDER)  # one sequence and a batch, each dtype
 
 
-def test_auto_times_real_steps_and_the_runner_serves_its_choice(llama_version, llama_tokenizer):
+def test_auto_times_real_steps_and_the_runner_serves_its_choice(
+    llama_version, llama_tokenizer, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path))  # measured here, not kept from before
     options = RunnerOptions(dtype="auto", max_sequences=4, max_model_len=128, compile=False)
     runner = ModelRunner(llama_version, options, llama_tokenizer)
     choice = runner.dtype_choice
