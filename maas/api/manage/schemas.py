@@ -196,7 +196,8 @@ class EngineDescriptionPublic(BaseModel):
     weights: str = ""
     """How the version stores its weights quantized (``int4, group 32``), or empty."""
     dtype_trials: list[DtypeTrialPublic]
-    """With ``MAAS_LLM_DTYPE=auto``: what was measured at load to choose ``dtype``."""
+    """With ``MAAS_LLM_DTYPE=auto``: what was measured to choose ``dtype``, at this load or
+    an earlier one of the same model on this machine (the choice is kept)."""
     compiled: bool
     """Decode steps run compiled (else eagerly)."""
     compiled_rows: int

@@ -12,7 +12,9 @@ written is measured around, never an error. Deleting the folder measures again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -38,6 +40,8 @@ def model_digest(manifest: Manifest) -> str:
     so the same weights imported twice share a choice."""
     made_from = {
         "files": sorted((entry.path, entry.sha256) for entry in manifest.files),
+        "format": manifest.format,
+        "config": manifest.config,
         "chat_template": manifest.chat_template,
         "tokenizer": manifest.tokenizer,
     }
@@ -52,6 +56,7 @@ def key(model: str, **options: object) -> str:
         "cpu": _cpu(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "tokenizers": [_version(name) for name in ("transformers", "tokenizers")],
         "runtime": _runtime_digest(),
         "options": {name: repr(value) for name, value in sorted(options.items())},
     }
@@ -60,27 +65,32 @@ def key(model: str, **options: object) -> str:
 
 def load(name: str) -> DtypeChoice | None:
     """The choice kept under ``name``, or None (none kept, or unreadable: measured again)."""
-    path = _path(name)
     try:
-        kept = json.loads(path.read_text())
+        kept = json.loads(_path(name).read_text())
         return DtypeChoice(kept["dtype"], tuple(Trial(**trial) for trial in kept["trials"]))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("ignoring the kept dtype choice %s: %s", path, err)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        # RuntimeError: no home folder to put the cache in (Path.home() without HOME)
+        log.warning("ignoring the kept dtype choice %s: %s", name, err)
         return None
 
 
 def save(name: str, choice: DtypeChoice) -> None:
     """Keep ``choice`` under ``name``, written whole or not at all."""
-    path = _path(name)
+    temporary = None
     try:
+        path = _path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as out:
+            temporary = out.name
             json.dump(choice.to_dict(), out)
-        os.replace(out.name, path)
-    except OSError as err:
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as err:
         log.warning("the dtype choice is not kept for the next load: %s", err)
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
 
 def _path(name: str) -> Path:
@@ -101,6 +111,13 @@ def _cpu() -> str:
         if label in wanted and label not in first:
             first[label] = value.strip()
     return platform.machine() + " " + json.dumps(first, sort_keys=True)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _runtime_digest() -> str:

@@ -169,7 +169,13 @@ def choose(
         good = trial.agreement >= MIN_AGREEMENT and trial.same_answer
         if good and trial.score < best.score * (1 - MIN_GAIN):
             best = trial
-    for trial in trials:
+    choice = DtypeChoice(best.dtype, tuple(trials))
+    log_trials(choice)
+    return choice
+
+
+def log_trials(choice: DtypeChoice) -> None:
+    for trial in choice.trials:
         log.info(
             "dtype %s: %.1f ms a step alone, %.1f ms for %d, agreement %.2f, %s answer%s",
             trial.dtype,
@@ -178,9 +184,8 @@ def choose(
             trial.batch,
             trial.agreement,
             "same" if trial.same_answer else "another",
-            " (chosen)" if trial is best else "",
+            " (chosen)" if trial.dtype == choice.dtype else "",
         )
-    return DtypeChoice(best.dtype, tuple(trials))
 
 
 def _next_tokens(model: LlamaModel, ids: list[int]) -> torch.Tensor:

@@ -403,7 +403,7 @@ def _prefill_attention(q: Tensor, chunk: PrefillRows, k_cache: Tensor, v_cache: 
     out = F.scaled_dot_product_attention(
         q, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=seen
     )
-    return out.view(heads, tokens, head_dim).transpose(0, 1)
+    return out.reshape(heads, tokens, head_dim).transpose(0, 1)
 
 
 def rope_frequencies(config: LlamaConfig) -> Tensor:

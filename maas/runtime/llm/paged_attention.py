@@ -58,6 +58,12 @@ def library() -> ctypes.CDLL | None:
         return _library
 
 
+def built_name() -> str:
+    """The built kernel's file name, which names its source, flags, compiler and machine
+    ("" if it is not built)."""
+    return Path(getattr(_library, "_name", "") or "").name
+
+
 def available(dtype: torch.dtype) -> bool:
     return dtype in DTYPES and library() is not None
 

@@ -22,6 +22,7 @@ from maas.runtime.llm.dtypes import (
     DtypeChoice,
     choose,
     convert,
+    log_trials,
 )
 from maas.runtime.llm.kernels import pack_linears, weight_bytes
 from maas.runtime.llm.model import KVCache, StepInput
@@ -159,13 +160,14 @@ class ModelRunner:
             candidates=candidates,
             batch=batch,
             pack=pack,
-            paged=paged,
+            paged=paged and paged_attention.built_name(),  # its source, compiler and flags
         )
         kept = dtype_cache.load(name)
         if kept is not None and kept.dtype in candidates:
             log.info(
                 "dtype auto: %s, as measured at an earlier load (kept as %s)", kept.dtype, name
             )
+            log_trials(kept)
             return kept
         choice = choose(
             self.model,

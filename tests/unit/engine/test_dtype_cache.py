@@ -101,3 +101,22 @@ def test_a_cache_that_cannot_be_written_still_loads(
     for _ in range(2):
         assert auto(llama_version, llama_tokenizer).dtype in QUALITY_ORDER
     assert len(measured) == 2
+
+
+def test_no_cache_folder_at_all_still_loads(measured, llama_version, llama_tokenizer, monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")  # Path.home() without HOME
+
+    monkeypatch.setattr(dtype_cache, "cache_root", no_home)
+    assert auto(llama_version, llama_tokenizer).dtype in QUALITY_ORDER
+    assert len(measured) == 1
+
+
+def test_a_failed_write_leaves_nothing_behind(measured, llama_version, llama_tokenizer, tmp_path):
+    auto(llama_version, llama_tokenizer)
+    [kept] = (tmp_path / "cache" / "dtypes").iterdir()
+    kept.unlink()
+    kept.mkdir()  # the choice can be neither read nor replaced there
+    assert auto(llama_version, llama_tokenizer).dtype in QUALITY_ORDER
+    assert len(measured) == 2
+    assert list((tmp_path / "cache" / "dtypes").iterdir()) == [kept]  # no temporary file left
