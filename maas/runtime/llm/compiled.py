@@ -92,12 +92,8 @@ def compile_decode(
             for sequences, blocks in WARM_SHAPES:
                 step = _null_step(model, sequences, blocks)
                 hidden = null_hidden(model, sequences)
-                model.decode_layer = None
-                expected = model(step, cache, hidden)
-                model.decode_layer = compiled
-                got = model(step, cache, hidden)
-                scale = float(expected.abs().max()) or 1.0
-                worst = max(worst, float((got - expected).abs().max()) / scale)
+                difference = _difference(model, step, cache, hidden, "decode_layer", compiled)
+                worst = max(worst, difference)
             timings = _timings(model, cache, compiled, max_sequences, timer)
     except Exception as err:  # inductor raises many kinds; the eager path always works
         model.decode_layer = None
@@ -163,12 +159,8 @@ def compile_prefill(
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             for tokens in PREFILL_WARM_TOKENS:
                 step, hidden = _null_prefill(model, cache, tokens), null_hidden(model, tokens)
-                model.prefill_parts = None
-                expected = model(step, cache, hidden)
-                model.prefill_parts = parts
-                got = model(step, cache, hidden)
-                scale = float(expected.abs().max()) or 1.0
-                worst = max(worst, float((got - expected).abs().max()) / scale)
+                difference = _difference(model, step, cache, hidden, "prefill_parts", parts)
+                worst = max(worst, difference)
             step = _null_prefill(model, cache, PREFILL_TIMED_TOKENS)
             hidden = null_hidden(model, PREFILL_TIMED_TOKENS)
             for way in (None, parts):
@@ -223,6 +215,20 @@ def _timings(
         timings.append((size, measured[0], measured[1]))
     model.decode_layer = compiled
     return tuple(timings)
+
+
+def _difference(
+    model: LlamaModel, step: StepInput, cache: KVCache, hidden, attribute: str, compiled
+) -> float:
+    """How far ``step``'s logits with ``model.<attribute>`` set to ``compiled`` lie from the
+    eager ones (the attribute None), relative to the largest eager logit; the attribute is
+    left set to ``compiled``."""
+    setattr(model, attribute, None)
+    expected = model(step, cache, hidden)
+    setattr(model, attribute, compiled)
+    got = model(step, cache, hidden)
+    scale = float(expected.abs().max()) or 1.0
+    return float((got - expected).abs().max()) / scale
 
 
 def _median_ms(model: LlamaModel, step: StepInput, cache: KVCache, hidden, timer) -> float:
