@@ -103,8 +103,8 @@ TARGETS static const float *rows_at(const void *cache, int bf16, int64_t at, int
 
 /* out[i] = scale * (q . key i) for the n (at most 16) keys ``stride`` floats apart: 16
    products accumulated side by side, 16 lanes of D at a time, then summed together. */
-INLINE void score_rows(const float *q, const float *keys, int64_t stride, int64_t n,
-                              int64_t D, float scale, float *out) {
+INLINE void score_rows(const float *q, const float *keys, int64_t stride, int64_t n, int64_t D,
+                       float scale, float *out) {
     const float *row[16];
     v16 x[16];
     for (int i = 0; i < 16; i++) {
@@ -131,8 +131,8 @@ INLINE void score_rows(const float *q, const float *keys, int64_t stride, int64_
 }
 
 /* acc += sum over the n rows of w[i] * value i (rows ``stride`` floats apart), in row order. */
-INLINE void add_rows(float *acc, const float *w, const float *values, int64_t stride,
-                            int64_t n, int64_t D) {
+INLINE void add_rows(float *acc, const float *w, const float *values, int64_t stride, int64_t n,
+                     int64_t D) {
     int64_t d = 0;
     for (; d + 16 <= D; d += 16) {
         v16 a, v;
@@ -161,6 +161,12 @@ static inline void prefetch_part(const char *at, int64_t bytes, int64_t i, int64
         __builtin_prefetch(at + line);
 }
 
+/* Positions in the chunk from p: at most 16, and none past its block or the sequence. */
+static inline int64_t chunk_length(int64_t p, int64_t bs, int64_t length) {
+    const int64_t n = bs - p % bs < 16 ? bs - p % bs : 16;
+    return length - p < n ? length - p : n;
+}
+
 /* The block after the chunk [p, p + n) if the chunk ends its block and the sequence goes on. */
 static inline const char *next_block(const void *cache, const int64_t *table, int64_t p,
                                      int64_t n, int64_t bs, int64_t length, int64_t block_bytes) {
@@ -181,8 +187,7 @@ TARGETS static void one_task(const Shape *shape, const float *q, const void *k_c
     const int64_t h0 = first * G, h1 = (first + count) * G;
     int64_t n, stride;
     for (int64_t p = 0; p < length; p += n) { /* scores: each key read once */
-        n = bs - p % bs < 16 ? bs - p % bs : 16;
-        n = length - p < n ? length - p : n;
+        n = chunk_length(p, bs, length);
         const char *next = next_block(k_cache, table, p, n, bs, length, block_bytes);
         const int64_t at = (table[p / bs] * bs + p % bs) * row_size + first * D;
         const float *keys = rows_at(k_cache, bf16, at, n, row_size, part, scratch, &stride);
@@ -207,8 +212,7 @@ TARGETS static void one_task(const Shape *shape, const float *q, const void *k_c
     }
     memset(acc + h0 * D, 0, (size_t)((h1 - h0) * D) * sizeof(float));
     for (int64_t p = 0; p < length; p += n) { /* weighted values: each read once */
-        n = bs - p % bs < 16 ? bs - p % bs : 16;
-        n = length - p < n ? length - p : n;
+        n = chunk_length(p, bs, length);
         const char *next = next_block(v_cache, table, p, n, bs, length, block_bytes);
         const int64_t at = (table[p / bs] * bs + p % bs) * row_size + first * D;
         const float *values = rows_at(v_cache, bf16, at, n, row_size, part, scratch, &stride);

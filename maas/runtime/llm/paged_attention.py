@@ -36,16 +36,18 @@ LIBRARIES = ("-lmvec",)  # glibc's vector math
 DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_built: Path | None = None
 _failed = False
 
 
 def library() -> ctypes.CDLL | None:
     """The built kernel, building it on first use; None if it cannot be built."""
-    global _library, _failed
+    global _library, _built, _failed
     with _lock:
         if _library is None and not _failed:
             try:
-                _library = _load(_build())
+                _built = _build()
+                _library = _load(_built)
             except subprocess.CalledProcessError as err:
                 _failed = True
                 log.warning(
@@ -61,7 +63,7 @@ def library() -> ctypes.CDLL | None:
 def built_name() -> str:
     """The built kernel's file name, which names its source, flags, compiler and machine
     ("" if it is not built)."""
-    return Path(getattr(_library, "_name", "") or "").name
+    return _built.name if _built is not None and _library is not None else ""
 
 
 def available(dtype: torch.dtype) -> bool:

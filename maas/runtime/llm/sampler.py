@@ -44,12 +44,13 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
             _penalise(logits[i], row)
             if row.banned:
                 _ban(logits[i], row.banned)
-    tokens = torch.empty(len(rows), dtype=torch.long)
     greedy = [i for i, row in enumerate(rows) if row.params.greedy]
     if len(greedy) == len(rows):
         tokens = logits.argmax(dim=-1)
-    elif greedy:
-        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    else:
+        tokens = torch.empty(len(rows), dtype=torch.long)
+        if greedy:
+            tokens[greedy] = logits[greedy].argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:
         probs = _filtered_probs(logits[sampled], [rows[i].params for i in sampled])
@@ -67,22 +68,27 @@ def _ban(logits: Tensor, banned: tuple[int, ...]) -> None:
 
 
 def _penalised(row: SampleRow) -> bool:
+    return _repetition_penalised(row) or _presence_penalised(row)
+
+
+def _repetition_penalised(row: SampleRow) -> bool:
+    return bool(row.params.repetition_penalty != 1.0 and row.seen)
+
+
+def _presence_penalised(row: SampleRow) -> bool:
     params = row.params
-    return bool(
-        (params.repetition_penalty != 1.0 and row.seen)
-        or ((params.presence_penalty or params.frequency_penalty) and row.history)
-    )
+    return bool((params.presence_penalty or params.frequency_penalty) and row.history)
 
 
 def _penalise(logits: Tensor, row: SampleRow) -> None:
     params = row.params
-    if params.repetition_penalty != 1.0 and row.seen:
+    if _repetition_penalised(row):
         ids = torch.tensor(sorted(row.seen))
         values = logits[ids]
         logits[ids] = torch.where(
             values > 0, values / params.repetition_penalty, values * params.repetition_penalty
         )
-    if (params.presence_penalty or params.frequency_penalty) and row.history:
+    if _presence_penalised(row):
         ids = torch.tensor(list(row.history.keys()))
         counts = torch.tensor(list(row.history.values()), dtype=logits.dtype)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * counts
