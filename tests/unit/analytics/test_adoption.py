@@ -220,3 +220,23 @@ def test_a_maintainer_forecasts_its_own_organisation(engine):
         report.forecast_report(engine, viewer, "platform", min_requests=2)
     with pytest.raises(NotFound):
         report.forecast_report(engine, viewer, "finance")
+
+
+def test_departments_belong_to_an_organisation_in_its_industry(engine):
+    from maas.errors import InvalidRequest, NotFound
+
+    tenants = TenantStore(engine)
+    department = tenants.create("acme-legal", None, parent="acme")
+    assert department.industry == "retail"  # its organisation's
+    assert department.parent == "acme"
+    with pytest.raises(InvalidRequest, match="'acme-sales' is a department") as nested:
+        tenants.create("acme-sales-east", None, parent="acme-sales")
+    assert nested.value.param == "parent"
+    with pytest.raises(InvalidRequest, match=r"organisation's industry \(retail\)") as other:
+        tenants.create("acme-bank", "finance", parent="acme")
+    assert other.value.param == "industry"
+    with pytest.raises(NotFound, match="'initech' not found"):
+        tenants.create("initech-it", None, parent="initech")
+    with pytest.raises(InvalidRequest, match="an organisation needs an industry"):
+        tenants.create("initech", None)
+    assert {t.name for t in tenants.list(None)} == {"acme", "acme-sales", "acme-legal", "globex"}

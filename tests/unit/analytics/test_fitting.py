@@ -21,17 +21,23 @@ def _simulated(truth, periods: int, rng) -> np.ndarray:
 
 
 def test_bass_fits_recover_p_q_m_and_their_intervals_cover_the_truth_about_90_percent():
+    """Both kinds of interval: the fit's covariance (HC3) and the wild bootstrap."""
     rng = np.random.default_rng(7)
-    covered = np.zeros(3)
+    covered = {"covariance": np.zeros(3), "bootstrap": np.zeros(3)}
     errors = []
-    for _ in range(200):
+    for draw in range(200):
         fit = fitting.fit(_simulated(TRUTH, 24, rng), BASS)
-        intervals = fit.intervals(0.90)
-        bounds = np.array([intervals[name] for name in "pqm"])
-        covered += (bounds[:, 0] <= TRUTH) & (bounds[:, 1] >= TRUTH)
+        boot = fitting.bootstrap(fit, draws=200, seed=draw)
+        for kind, intervals in (
+            ("covariance", fit.intervals(0.90)),
+            ("bootstrap", boot.intervals(fit, 0.90)),
+        ):
+            bounds = np.array([intervals[name] for name in "pqm"])
+            covered[kind] += (bounds[:, 0] <= TRUTH) & (bounds[:, 1] >= TRUTH)
         errors.append(np.abs(fit.theta / TRUTH - 1))
-    coverage = covered / 200
-    assert np.all((coverage >= 0.85) & (coverage <= 0.95)), coverage
+    for kind, hits in covered.items():
+        coverage = hits / 200
+        assert np.all((coverage >= 0.85) & (coverage <= 0.95)), (kind, coverage)
     assert np.all(np.median(errors, axis=0) < 0.10), np.median(errors, axis=0)
 
 

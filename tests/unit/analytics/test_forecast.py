@@ -84,3 +84,34 @@ def test_a_pooled_fit_needs_two_series_with_adopters():
 def test_when_no_curve_fits_the_outlook_says_why_for_each():
     with pytest.raises(CannotFit, match="bass: .*logistic: .*gompertz: "):
         forecast.outlook(np.array([0.0, 0.0, 4.0, 0.0, 0.0, 0.0]), 6)
+
+
+def test_industries_too_young_for_their_own_fit_are_forecast_with_the_pooled_p_and_q(tmp_path):
+    """Through the report, as the API and ``maas forecast all`` run it: every industry with
+    fewer than POOL_BELOW periods since its first adopter says it borrowed p and q, all
+    from the same pooled fit; industries with their own Bass fit do not."""
+    from maas.analytics import demo_usage, report
+    from maas.db import make_engine, upgrade
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    upgrade(engine)
+    demo_usage.fill(engine, industries=6, scale=0.2, seed=3)
+    series = {
+        g.group: [p.new_adopters for p in g.periods]
+        for g in report.adoption_report(engine, None, period="month").data
+    }
+    results = report.forecast_industries(engine, None, period="month", horizon=6, draws=50)
+    borrowed = {
+        name: [n for n in result.notes if "from the pooled fit" in n]
+        for name, result in results.items()
+        if not isinstance(result, str)
+    }
+    young = {n for n, s in series.items() if np.count_nonzero(np.cumsum(s)) < forecast.POOL_BELOW}
+    assert young, "the demo should have an industry too young for its own fit"
+    for name in young:
+        assert borrowed[name], name
+        bass = next(c for c in results[name].candidates if c.model == "bass")
+        assert "p" not in bass.intervals and "q" not in bass.intervals  # fixed, not fitted
+    assert len({note for notes in borrowed.values() for note in notes}) == 1  # one pooled fit
+    assert any(not notes for notes in borrowed.values())
+    engine.dispose()
