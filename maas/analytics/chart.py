@@ -38,10 +38,11 @@ def write(result: ForecastPublic, path: Path) -> Path:
     axes.plot(seen, [p.adopted for p in observed], "o", ms=3.5, color="black", label="adopters")
     axes.plot(seen, [p.fitted for p in observed], color="tab:blue", label=f"{result.chosen} fit")
     axes.plot(later, [p.adopted for p in ahead], "--", color="tab:blue", label="forecast")
-    m = result.params.get("m")
+    m = result.potential if result.potential is not None else result.params.get("m")
     if m:
-        source = "set" if result.potential else "estimated"
-        axes.axhline(m, color="tab:gray", lw=0.8, ls=":", label=f"potential m ({source})")
+        given = result.potential is not None and not result.potential_estimated
+        how = "set" if given else "estimated"
+        axes.axhline(m, color="tab:gray", lw=0.8, ls=":", label=f"potential m ({how})")
     peak = result.landmarks["peak"].period
     if peak in labels:
         axes.axvline(labels.index(peak), color="tab:red", lw=0.8, label=f"peak ({peak})")

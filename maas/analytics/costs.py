@@ -1,5 +1,6 @@
 """What usage cost: a price table per model (and version), cost per tenant, organisation,
-industry or model from the usage records, and what was saved by serving a cheaper version.
+industry, model or UTC day from the usage records, and what was saved by serving a cheaper
+version.
 
 - a request's **cost** is ``prompt_tokens / 1000 x prompt price + completion_tokens / 1000 x
   completion price + 1 x request price + items x item price`` at its model version's price
@@ -31,7 +32,8 @@ from maas.errors import InvalidRequest, MaasError, NotFound
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("tenant", "organisation", "industry", "model")
+GROUPS = ("tenant", "organisation", "industry", "model", "day")
+"""``day``: the record's UTC day, YYYY-MM-DD; days come in date order, other groups by cost."""
 
 
 class PricePublic(BaseModel):
@@ -154,14 +156,15 @@ def costs(
     organisation_of = organisation_of or {}
     totals: dict[str, list[float]] = {}
     unpriced = 0
-    for tenant, industry, model, version, requests, prompt, completion, items in _usage(
-        engine, since, until, tenants
+    for tenant, industry, model, version, day, requests, prompt, completion, items in _usage(
+        engine, since, until, tenants, by_day=group_by == "day"
     ):
         key = {
             "tenant": tenant,
             "organisation": organisation_of.get(tenant, tenant),
             "industry": industry or "other",
             "model": model,
+            "day": day,
         }[group_by]
         usage = (requests, prompt, completion, items)
         price = _price(table, model, version)
@@ -174,6 +177,10 @@ def costs(
         total = totals.setdefault(key, [0, 0, 0, 0, 0.0, 0.0])
         for index, value in enumerate((*usage, cost, saved)):
             total[index] += value
+    if group_by == "day":
+        ordered = sorted(totals.items())
+    else:
+        ordered = sorted(totals.items(), key=lambda item: -item[1][4])
     return CostsPublic(
         group_by=group_by,
         currency=prices[0].currency if prices else None,
@@ -189,24 +196,30 @@ def costs(
                 cost=t[4],
                 saved=t[5],
             )
-            for name, t in sorted(totals.items(), key=lambda item: -item[1][4])
+            for name, t in ordered
         ],
         unpriced_requests=unpriced,
     )
 
 
-def _usage(engine, since, until, tenants):
-    """Successful inference requests per tenant and model version (one SQL aggregation)."""
+def _usage(engine, since, until, tenants, *, by_day: bool):
+    """Successful inference requests per tenant and model version, and per day if
+    ``by_day`` (one SQL aggregation; ``day`` is YYYY-MM-DD text, so it groups the same on
+    SQLite and PostgreSQL)."""
+    per = [UsageRecord.tenant, UsageRecord.model, UsageRecord.version]
+    if by_day:
+        per.append(UsageRecord.day)
     query = select(
         UsageRecord.tenant,
         func.max(UsageRecord.industry),
         UsageRecord.model,
         func.coalesce(UsageRecord.version, 0),
+        UsageRecord.day if by_day else func.max(UsageRecord.day),  # the last day: unused
         func.count(),
         func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
         func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
         func.coalesce(func.sum(UsageRecord.items), 0),
-    ).group_by(UsageRecord.tenant, UsageRecord.model, UsageRecord.version)
+    ).group_by(*per)
     with engine.connect() as connection:
         return connection.execute(adoption.counted(query, since, until, tenants)).all()
 

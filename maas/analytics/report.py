@@ -74,6 +74,7 @@ class ObservedPublic(BaseModel):
     adopted: float
     fitted: float
     """Adopters by then as the chosen curve has it (its increments, accumulated)."""
+    penetration: float | None
 
 
 class ForecastPublic(BaseModel):
@@ -86,7 +87,10 @@ class ForecastPublic(BaseModel):
     min_requests: int
     confidence: float
     potential: float | None
+    """Penetration's denominator: the operator's figure, else the chosen curve's m."""
     potential_source: str | None
+    potential_estimated: bool
+    """The potential is the chosen curve's m, not a figure the operator set."""
     observed: list[ObservedPublic]
     candidates: list[CandidatePublic]
     chosen: str
@@ -350,7 +354,15 @@ def _forecast_public(
     target, outlook, labels, unit, min_requests, source="usage records", measure="adopters"
 ) -> ForecastPublic:
     chosen = outlook.chosen.fit
-    potential = target.potential
+    potential, source_of_potential = target.potential, target.potential_source
+    estimated = potential is None and measure == "adopters" and "m" in chosen.params
+    if estimated:
+        potential = chosen.params["m"]
+        source_of_potential = f"estimated: the {outlook.chosen.name} fit's m"
+
+    def share(adopted: float) -> float | None:
+        return float(adopted / potential) if potential else None
+
     first = _period_number(labels[0], unit)
 
     def label(t: float | None) -> LandmarkPublic:
@@ -368,7 +380,7 @@ def _forecast_public(
             adopted=float(total),
             low=float(low),
             high=float(high),
-            penetration=float(total / potential) if potential else None,
+            penetration=share(total),
         )
         for t, new, total, low, high in zip(
             result.periods, result.new, result.cumulative, *result.cumulative_band, strict=True
@@ -382,10 +394,15 @@ def _forecast_public(
         min_requests=min_requests,
         confidence=result.confidence,
         potential=potential,
-        potential_source=target.potential_source,
+        potential_source=source_of_potential,
+        potential_estimated=estimated,
         observed=[
             ObservedPublic(
-                period=p.period, new_adopters=p.new_adopters, adopted=float(a), fitted=float(f)
+                period=p.period,
+                new_adopters=p.new_adopters,
+                adopted=float(a),
+                fitted=float(f),
+                penetration=share(a),
             )
             for p, a, f in zip(target.periods, adopted, np.cumsum(chosen.fitted), strict=True)
         ],

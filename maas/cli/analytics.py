@@ -3,6 +3,7 @@ local, straight on the database (whoever can read MAAS_HOME sees every tenant)."
 
 from __future__ import annotations
 
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,10 @@ PeriodOption = Annotated[str, typer.Option(help="Period: week or month.")]
 MinRequestsOption = Annotated[
     int, typer.Option(help="Successful requests in a period that make a tenant active.")
 ]
+
+
+SPARKLINE_DAYS = 62
+"""``maas costs`` draws a block a day up to this many days, a block a week beyond."""
 
 
 def sparkline(values: list[float]) -> str:
@@ -138,7 +143,8 @@ def _forecast_all(horizon: int, period: str, min_requests: int) -> None:
             name,
             result.chosen,
             f"{result.observed[-1].adopted:.0f}",
-            f"{m:.0f}" + (" (set)" if result.potential else f" ({_interval(m_range)})"),
+            f"{m:.0f}"
+            + (" (set)" if not result.potential_estimated else f" ({_interval(m_range)})"),
             result.landmarks["peak"].period or "-",
             f"{last.adopted:.0f} ({last.low:.0f} to {last.high:.0f})",
             "pooled p, q"
@@ -158,6 +164,11 @@ def _print_forecast(result: report.ForecastPublic) -> None:
         f"[bold]{result.group}[/bold] ({result.source}): {figure} by "
         f"{result.observed[-1].period} {sparkline(observed)}"
     )
+    if result.potential is not None and result.measure == "adopters":
+        console.print(
+            f"penetration {result.observed[-1].penetration:.1%} of a potential of "
+            f"{result.potential:.0f} ({result.potential_source or 'set'})"
+        )
     models = Table("model", "parameters", "AIC", "backtest MAPE", "backtest RMSE", "note")
     for c in result.candidates:
         chosen = " (chosen)" if c.model == result.chosen else ""
@@ -313,24 +324,36 @@ def list_prices() -> None:
 
 def cost(
     by: Annotated[
-        str, typer.Option(help="Group by: tenant, organisation, industry or model.")
+        str, typer.Option(help="Group by: tenant, organisation, industry, model or day (UTC).")
     ] = "tenant",
     since: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
     until: Annotated[str | None, typer.Option(help="Last day, YYYY-MM-DD.")] = None,
 ) -> None:
-    """What usage cost at the price table's prices, and what cheaper versions saved."""
+    """What usage cost at the price table's prices, and what cheaper versions saved; under
+    the table, a sparkline of the cost per day."""
     from maas.analytics import costs
     from maas.cli.access import _day
 
+    window = {"since": _day(since, "since"), "until": _day(until, "until")}
     with open_registry() as registry:
+        engine, parents = registry.engine, costs.lineage(registry)
+        organisation_of = measures.organisations(engine)
         result = costs.costs(
-            registry.engine,
-            costs.lineage(registry),
-            group_by=by,
-            since=_day(since, "since"),
-            until=_day(until, "until"),
-            organisation_of=measures.organisations(registry.engine),
+            engine, parents, group_by=by, organisation_of=organisation_of, **window
         )
+        per_day = result if by == "day" else costs.costs(engine, parents, group_by="day", **window)
+    _print_costs(result, by)
+    if per_day.data:
+        first, last = per_day.data[0].group, per_day.data[-1].group
+        days = _cost_per_day(per_day)
+        if len(days) <= SPARKLINE_DAYS:
+            console.print(f"cost per day, {first} to {last}: {sparkline(days)}")
+        else:  # a week a block, so a year fits a terminal's line
+            weeks = [sum(days[i : i + 7]) for i in range(0, len(days), 7)]
+            console.print(f"cost per week from {first} (to {last}): {sparkline(weeks)}")
+
+
+def _print_costs(result, by: str) -> None:
     currency = result.currency or "-"
     table = Table(by, "requests", "prompt tok", "completion tok", "items", f"cost ({currency})",
                   f"saved ({currency})")  # fmt: skip
@@ -342,3 +365,10 @@ def cost(
     console.print(table)
     if result.unpriced_requests:
         console.print(f"{result.unpriced_requests} requests to models without a price")
+
+
+def _cost_per_day(per_day) -> list[float]:
+    """The cost of every day from the first with usage to the last, quiet days as zeros."""
+    cost_of = {date.fromisoformat(row.group): row.cost for row in per_day.data}
+    first, last = min(cost_of), max(cost_of)
+    return [cost_of.get(first + timedelta(days=i), 0.0) for i in range((last - first).days + 1)]

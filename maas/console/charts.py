@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
+from maas.analytics.costs import CostsPublic
 from maas.analytics.report import ForecastPublic
 from maas.metering.usage import UsageRow
 
@@ -17,6 +18,7 @@ FITTED = "#6c8ebf"
 FORECAST = "#c0392b"
 BAND = "rgba(192, 57, 43, 0.18)"
 TOKENS = "#7a9a3a"
+COST = "#8e5ea2"
 
 
 def _axes(y_title: str, **extra: dict) -> dict:
@@ -36,7 +38,7 @@ def daily_usage(rows: list[UsageRow], since: date, days: int) -> dict:
     """Requests (bars) and tokens (a line, right axis) on every day from ``since``, zeros
     included, so a quiet day shows as one."""
     by_day = {row.group["day"]: row for row in rows}
-    labels = [(since + timedelta(days=i)).isoformat() for i in range(days)]
+    labels = _days(since, days)
     requests = [by_day[d].requests if d in by_day else 0 for d in labels]
     tokens = [by_day[d].total_tokens if d in by_day else 0 for d in labels]
     right = {"axis": "y", "position": "right", "beginAtZero": True}
@@ -72,21 +74,51 @@ def usage_bars(rows: list[UsageRow], field: str, *, most: int = 15) -> dict:
     """Requests per tenant or model, the ``most`` busiest, largest first (a record without
     a model, such as a management call, shows as "(none)")."""
     ordered = sorted(rows, key=lambda row: (-row.requests, row.group[field] or ""))
-    shown = ordered[:most]
-    options = {**_axes("requests"), "plugins": {"legend": {"display": False}}}
-    if len(ordered) > most:
-        title = f"the {most} busiest of {len(ordered)}"
+    bars = [(row.group[field] or "(none)", row.requests) for row in ordered]
+    return _bars(bars, "requests", most=most, ranked="busiest", color=OBSERVED)
+
+
+def daily_costs(costs: CostsPublic, since: date, days: int) -> dict:
+    """Cost (a line) on every day from ``since``, zeros included; ``costs`` grouped by day."""
+    cost_of = {row.group: row.cost for row in costs.data}
+    labels = _days(since, days)
+    label = f"cost ({costs.currency or '-'})"
+    dataset = {
+        "label": label,
+        "data": [cost_of.get(d, 0.0) for d in labels],
+        "borderColor": COST,
+        "backgroundColor": COST,
+        "pointRadius": 0,
+    }
+    options = {**_axes(label), "plugins": {"legend": {"display": False}}}
+    return {"type": "line", "data": {"labels": labels, "datasets": [dataset]}, "options": options}
+
+
+def cost_bars(costs: CostsPublic, *, most: int = 15) -> dict:
+    """Cost per group (a model, a tenant), the ``most`` costliest, largest first."""
+    ordered = sorted(costs.data, key=lambda row: (-row.cost, row.group))
+    bars = [(row.group, row.cost) for row in ordered]
+    label = f"cost ({costs.currency or '-'})"
+    return _bars(bars, label, most=most, ranked="costliest", color=COST)
+
+
+def _days(since: date, days: int) -> list[str]:
+    return [(since + timedelta(days=i)).isoformat() for i in range(days)]
+
+
+def _bars(bars: list[tuple[str, float]], label: str, *, most: int, ranked: str, color: str) -> dict:
+    """(label, value) bars, the first ``most``; the title says of how many when cut."""
+    shown = bars[:most]
+    options = {**_axes(label), "plugins": {"legend": {"display": False}}}
+    if len(bars) > most:
+        title = f"the {most} {ranked} of {len(bars)}"
         options["plugins"]["title"] = {"display": True, "text": title}
     return {
         "type": "bar",
         "data": {
-            "labels": [row.group[field] or "(none)" for row in shown],
+            "labels": [name for name, _ in shown],
             "datasets": [
-                {
-                    "label": "requests",
-                    "data": [row.requests for row in shown],
-                    "backgroundColor": OBSERVED,
-                }
+                {"label": label, "data": [value for _, value in shown], "backgroundColor": color}
             ],
         },
         "options": options,
@@ -143,7 +175,9 @@ def forecast_chart(forecast: ForecastPublic) -> dict:
     if forecast.potential is not None:
         datasets.append(
             {
-                "label": "potential m",
+                "label": "potential m (estimated)"
+                if forecast.potential_estimated
+                else "potential m",
                 "data": [forecast.potential] * len(labels),
                 "borderColor": "#888888",
                 "borderDash": [6, 4],

@@ -10,7 +10,7 @@ answers exactly what its API routes would: a 401 or 403 in the API's error shape
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +24,7 @@ from maas.api.deps import AdminKey, CurrentKey, KeysDep, MaintainerKey, Registry
 from maas.api.errors import KEYED_STATUSES, error_responses
 from maas.api.inference import ServingDep
 from maas.api.manage import access, analytics, jobs, models
-from maas.auth.principal import INDUSTRIES, Role
+from maas.auth.principal import INDUSTRIES, Principal, Role
 from maas.console import charts
 from maas.errors import MaasError, NotFound
 
@@ -128,9 +128,6 @@ async def usage_view(
     by_day = (await access.usage(key, request, ["day"], since, None)).data
     by_tenant = (await access.usage(key, request, ["tenant"], since, None)).data
     by_model = (await access.usage(key, request, ["model"], since, None)).data
-    costs = None
-    if key.has_role(Role.maintainer):  # the costs route's role
-        costs = await analytics.cost(key, request, "tenant", since, None)
     return _view(
         request,
         "usage",
@@ -141,8 +138,22 @@ async def usage_view(
         by_model=charts.usage_bars(by_model, "model"),
         tenants=sorted(by_tenant, key=lambda row: -row.requests)[:TABLE_ROWS],
         more_tenants=max(0, len(by_tenant) - TABLE_ROWS),
-        costs=costs,
+        **await _costs(key, request, since, days),
     )
+
+
+async def _costs(key: Principal, request: Request, since: date, days: int) -> dict:
+    """The costs per tenant and the cost charts, for the roles the costs route serves (as it
+    serves them: a maintainer's tenant and departments); none for a user."""
+    if not key.has_role(Role.maintainer):
+        return {"costs": None}
+    per_day = await analytics.cost(key, request, "day", since, None)
+    per_model = await analytics.cost(key, request, "model", since, None)
+    return {
+        "costs": await analytics.cost(key, request, "tenant", since, None),
+        "cost_daily": charts.daily_costs(per_day, since, days),
+        "cost_by_model": charts.cost_bars(per_model),
+    }
 
 
 @views.get("/adoption")

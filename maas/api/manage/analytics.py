@@ -149,11 +149,12 @@ class PricesPublic(BaseModel):
 async def cost(
     key: MaintainerKey,
     request: Request,
-    group_by: Literal["tenant", "organisation", "industry", "model"] = "tenant",
+    group_by: Literal["tenant", "organisation", "industry", "model", "day"] = "tenant",
     since: date | None = None,
     until: date | None = None,
 ) -> costs.CostsPublic:
-    """Cost and savings per group, at the price table's prices."""
+    """Cost and savings per group, at the price table's prices (per UTC day: in date
+    order)."""
     engine = _flushed(request)
     registry = request.app.state.registry
 

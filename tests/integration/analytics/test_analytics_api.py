@@ -159,6 +159,35 @@ def test_prices_and_costs_over_http(app_client, make_key, usage, tmp_path):
     assert other.status_code == 400 and "prices are in EUR" in other.text
 
 
+def test_costs_per_day_over_http(app_client, make_key, usage, tmp_path):
+    from tests.fixtures import make_tiny_llama
+
+    admin = bearer(make_key(Role.admin))
+    registry = app_client.app.state.registry
+    registry.import_model(make_tiny_llama(tmp_path / "tiny"), "smollm2-135m-instruct")
+    put = app_client.put(
+        "/api/v1/analytics/prices/smollm2-135m-instruct",
+        json={"prompt_per_1k": 0.5, "completion_per_1k": 1.5},
+        headers=admin,
+    )
+    assert put.status_code == 200, put.text
+
+    def costs(**params) -> list[dict]:
+        answer = app_client.get("/api/v1/analytics/costs", params=params, headers=admin)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["data"]
+
+    per_day = costs(group_by="day", since="2026-01-05", until="2026-01-18")
+    days = [row["group"] for row in per_day]
+    assert days == sorted(days) and days[0] >= "2026-01-05" and days[-1] <= "2026-01-18"
+    assert 10 <= len(days) <= 14
+    per_model = costs(group_by="model", since="2026-01-05", until="2026-01-18")
+    assert sum(row["cost"] for row in per_day) == pytest.approx(
+        sum(row["cost"] for row in per_model)
+    )
+    assert sum(row["cost"] for row in per_day) > 0
+
+
 def test_published_series_are_uploaded_listed_and_forecast(app_client, make_key):
     from tests.unit.analytics.test_series import GOOD
 
@@ -209,3 +238,60 @@ def test_a_bad_series_upload_is_a_400_naming_the_problem_and_stores_nothing(
     assert sent.status_code == 400, sent.text
     assert says in sent.json()["error"]["message"]
     assert app_client.get("/api/v1/analytics/series", headers=admin).json()["count"] == 0
+
+
+def test_penetration_is_of_the_set_potential_or_else_of_the_fitted_m(app_client, make_key, usage):
+    admin = bearer(make_key(Role.admin))
+
+    def forecast(industry: str) -> dict:
+        answer = app_client.get(
+            "/api/v1/analytics/forecast", params={"industry": industry}, headers=admin
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    finance = forecast("finance")  # no potential set: the chosen curve's m is the potential
+    assert finance["potential_estimated"] is True
+    assert finance["potential"] == pytest.approx(finance["params"]["m"])
+    assert finance["potential_source"] == f"estimated: the {finance['chosen']} fit's m"
+    for point in finance["observed"] + finance["forecast"]:
+        assert point["penetration"] == pytest.approx(point["adopted"] / finance["params"]["m"])
+    retail = forecast("retail")  # the demo sets retail's potential: it stays the denominator
+    set_potential = next(
+        g for g in app_client.get("/api/v1/analytics/adoption", headers=admin).json()["data"]
+        if g["group"] == "retail"
+    )["potential"]  # fmt: skip
+    assert retail["potential_estimated"] is False
+    assert retail["potential"] == set_potential and retail["potential_source"] == "demo: a survey"
+    last = retail["observed"][-1]
+    assert last["penetration"] == pytest.approx(last["adopted"] / set_potential)
+
+
+def test_a_maintainer_is_charged_for_its_organisation_only(app_client, make_key, usage, tmp_path):
+    from tests.fixtures import make_tiny_llama
+
+    admin = bearer(make_key(Role.admin))
+    app_client.app.state.registry.import_model(
+        make_tiny_llama(tmp_path / "tiny"), "smollm2-135m-instruct"
+    )
+    put = app_client.put(
+        "/api/v1/analytics/prices/smollm2-135m-instruct",
+        json={"prompt_per_1k": 0.5, "completion_per_1k": 1.5},
+        headers=admin,
+    )
+    assert put.status_code == 200, put.text
+
+    def costs(headers) -> dict[str, float]:
+        answer = app_client.get(
+            "/api/v1/analytics/costs", params={"group_by": "tenant"}, headers=headers
+        )
+        assert answer.status_code == 200, answer.text
+        return {row["group"]: row["cost"] for row in answer.json()["data"]}
+
+    everyone = costs(admin)
+    own = costs(bearer(make_key(Role.maintainer, tenant="finance-000")))
+    assert own and set(own) <= {"finance-000", "finance-000-analytics"}
+    assert len(everyone) > len(own)
+    assert own == {tenant: everyone[tenant] for tenant in own}
+    user = bearer(make_key(Role.user, tenant="finance-000"))
+    assert app_client.get("/api/v1/analytics/costs", headers=user).status_code == 403

@@ -11,8 +11,11 @@ from datetime import UTC, datetime, timedelta
 from html import unescape
 
 import pytest
+from sqlalchemy import insert
 
-from maas.analytics import demo_usage
+from maas.analytics import costs, demo_usage
+from maas.db.tables import UsageRecord
+from maas.messages import UsageEvent
 from tests.integration.conftest import bearer
 
 CHART = re.compile(r"<canvas id=\"(?P<id>[\w-]+)\" data-chart='(?P<json>[^']*)'")
@@ -141,6 +144,54 @@ def test_a_user_sees_its_own_usage_and_no_costs(usage):
     html = view(usage, "usage", "user")
     assert sum(charts(html)["chart-daily"]["data"]["datasets"][0]["data"]) == 0
     assert "Costs per tenant" not in html
+
+
+@pytest.fixture
+def priced(world):
+    """acme-model at 1.0 a request, asked by acme once two days ago and twice yesterday;
+    globex-model at 5.0 a request, asked by globex once yesterday."""
+    engine = world.client.app.state.registry.engine
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    # (days ago, tenant, model)
+    uses = [(2, "acme", "acme-model"), (1, "acme", "acme-model"), (1, "acme", "acme-model"),
+            (1, "globex", "globex-model")]  # fmt: skip
+    rows = [
+        UsageEvent(today - timedelta(days=ago), None, tenant, "retail", model, 1,
+                   "POST /v1/chat/completions", 200, 1.0).to_row()
+        for ago, tenant, model in uses
+    ]  # fmt: skip
+    with engine.begin() as connection:
+        connection.execute(insert(UsageRecord), rows)
+    costs.set_price(engine, "acme-model", per_request=1.0)
+    costs.set_price(engine, "globex-model", per_request=5.0)
+    return world
+
+
+@pytest.mark.parametrize(
+    ("role", "per_model", "yesterday"),
+    [
+        ("admin", {"globex-model": 5.0, "acme-model": 3.0}, 7.0),
+        ("maintainer", {"acme-model": 3.0}, 2.0),
+    ],
+)
+def test_cost_per_day_and_per_model_are_charted_for_admins_and_maintainers(
+    priced, role, per_model, yesterday
+):
+    drawn = charts(view(priced, "usage", role, days=7))
+    daily = drawn["chart-cost-daily"]["data"]
+    today = datetime.now(UTC).date()
+    assert daily["labels"] == [(today - timedelta(days=6 - i)).isoformat() for i in range(7)]
+    assert daily["datasets"][0]["data"] == [0, 0, 0, 0, 1.0, yesterday, 0]
+    assert daily["datasets"][0]["label"] == "cost (USD)"
+    models = drawn["chart-cost-models"]["data"]
+    assert dict(zip(models["labels"], models["datasets"][0]["data"], strict=True)) == per_model
+    assert models["labels"] == list(per_model)  # costliest first
+
+
+def test_a_user_gets_no_cost_charts(priced):
+    drawn = charts(view(priced, "usage", "user", days=7))
+    assert "chart-daily" in drawn
+    assert not {"chart-cost-daily", "chart-cost-models"} & set(drawn)
 
 
 def test_the_adoption_view_draws_the_forecast_with_its_band(usage):

@@ -1,10 +1,11 @@
 """Costs (maas/analytics/costs.py): the arithmetic of a price table over hand-built usage,
-version prices over model prices, savings from a cheaper child version, and refusals."""
+version prices over model prices, savings from a cheaper child version, cost per UTC day (on
+SQLite and PostgreSQL), and refusals."""
 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pytest
 from sqlalchemy import insert
@@ -12,8 +13,10 @@ from sqlalchemy import insert
 from maas.analytics import costs
 from maas.auth.store import TenantStore
 from maas.db import make_engine, upgrade
+from maas.db.migrate import downgrade
 from maas.db.tables import Model, UsageRecord
 from maas.errors import InvalidRequest, NotFound
+from maas.messages import UsageEvent
 
 # (tenant, model, version, prompt tokens, completion tokens, items, status)
 RECORDS = [
@@ -94,6 +97,61 @@ def test_cost_per_organisation_industry_and_model(engine):
     assert models["chat"] == pytest.approx(1.5 + 0.3) and models["vision"] == 0
     mine = costs.costs(engine, PARENTS, group_by="tenant", tenants={"globex"})
     assert [row.group for row in mine.data] == ["globex"]
+
+
+# (UTC time, tenant, model, version, prompt tokens, completion tokens, status)
+DAILY = [
+    (datetime(2026, 11, 1, 23, 59, tzinfo=UTC), "acme", "chat", 1, 1000, 0, 200),
+    (datetime(2026, 11, 2, 0, 0, tzinfo=UTC), "acme", "chat", 1, 2000, 1000, 200),
+    (datetime(2026, 11, 2, 18, 0, tzinfo=UTC), "globex", "chat", 2, 1000, 1000, 200),
+    (datetime(2026, 11, 2, 19, 0, tzinfo=UTC), "globex", "chat", 1, 9000, 9000, 500),
+    (datetime(2026, 11, 4, 8, 0, tzinfo=UTC), "acme", "chat", 2, 0, 1000, 200),
+]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def daily(request, tmp_path):
+    """Chat priced 0.5 / 1.5 (version 2: 0.2 / 0.6) per 1K tokens, used on three UTC days."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'daily.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    engine = make_engine(url)
+    upgrade(engine)
+    now = datetime.now(UTC)
+    rows = [
+        UsageEvent(at, "k", tenant, "retail", model, version, "POST /v1/chat/completions",
+                   status, 1.0, prompt, completion).to_row()
+        for at, tenant, model, version, prompt, completion, status in DAILY
+    ]  # fmt: skip
+    with engine.begin() as connection:
+        connection.execute(
+            insert(Model), [{"name": "chat", "task": "chat", "created_at": now, "updated_at": now}]
+        )
+        connection.execute(insert(UsageRecord), rows)
+    costs.set_price(engine, "chat", prompt_per_1k=0.5, completion_per_1k=1.5)
+    costs.set_price(engine, "chat", version=2, prompt_per_1k=0.2, completion_per_1k=0.6)
+    yield engine
+    if request.param != "sqlite":
+        downgrade(engine, "base")
+    engine.dispose()
+
+
+def test_cost_per_day_groups_records_by_utc_day_in_date_order(daily):
+    result = costs.costs(daily, PARENTS, group_by="day")
+    assert [row.group for row in result.data] == ["2026-11-01", "2026-11-02", "2026-11-04"]
+    first, second, fourth = result.data
+    assert first.cost == pytest.approx(0.5) and first.requests == 1
+    # acme's chat:1 (1.0 + 1.5) and globex's chat:2 (0.2 + 0.6); the failed one is free
+    assert second.cost == pytest.approx(2.5 + 0.8) and second.requests == 2
+    assert second.saved == pytest.approx((0.5 + 1.5) - 0.8)
+    assert second.prompt_tokens == 3000 and second.completion_tokens == 2000
+    assert fourth.cost == pytest.approx(0.6) and fourth.saved == pytest.approx(1.5 - 0.6)
+    window = costs.costs(daily, PARENTS, group_by="day", since=date(2026, 11, 2), tenants={"acme"})
+    assert [(row.group, row.cost) for row in window.data] == [
+        ("2026-11-02", pytest.approx(2.5)),
+        ("2026-11-04", pytest.approx(0.6)),
+    ]
 
 
 def test_the_registry_lineage_gives_each_version_its_parent(tmp_path):

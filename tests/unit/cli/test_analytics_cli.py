@@ -4,6 +4,7 @@ potential, in this process on a fresh home."""
 from __future__ import annotations
 
 import functools
+from datetime import date
 
 import pytest
 
@@ -39,9 +40,15 @@ def test_a_forecast_prints_its_models_and_writes_a_chart(filled, tmp_path, suffi
     assert code == 0, err
     assert "(chosen)" in out and "90% (covariance)" in out and "90% (bootstrap)" in out
     assert "peak of new adoption" in out and f"wrote {chart}" in out
+    assert "penetration" in out and "(estimated: the " in out  # finance has no potential set
     head = chart.read_bytes()[:200]
     assert head.startswith(b"\x89PNG") if suffix == ".png" else b"<svg" in head or b"<?xml" in head
     assert chart.stat().st_size > 10_000
+    if suffix == ".svg":  # matplotlib keeps each text as a comment beside its glyphs
+        drawn = chart.read_text()
+        for part in ("adopters", "fit", "forecast", "90% prediction interval", "peak (",
+                     "potential m (estimated)"):  # fmt: skip
+            assert part in drawn, part
 
 
 def test_potentials_are_set_and_listed(filled):
@@ -100,3 +107,28 @@ def test_prices_and_costs(cli, tmp_path):
     assert code == 0 and "cost (USD)" in out, err
     code, _, err = cli("prices", "set", "nope", "--prompt", "1")
     assert code == 1 and "model 'nope' not found" in err
+
+
+def test_costs_print_a_sparkline_of_cost_per_day(filled, tmp_path):
+    from tests.fixtures import make_tiny_llama
+
+    tiny = str(make_tiny_llama(tmp_path / "tiny"))
+    assert filled("models", "import", tiny, "-n", "smollm2-135m-instruct")[0] == 0
+    assert filled("prices", "set", "smollm2-135m-instruct", "--prompt", "0.5")[0] == 0
+    window = ("--since", "2026-01-05", "--until", "2026-02-01")
+    code, out, err = filled("costs", "--by", "industry", *window)
+    assert code == 0 and "retail" in out, err
+    line = next(line for line in out.splitlines() if line.startswith("cost per day, "))
+    span, blocks = line.removeprefix("cost per day, ").split(": ")
+    first, last = (date.fromisoformat(day) for day in span.split(" to "))
+    assert "2026-01-05" <= first.isoformat() <= last.isoformat() <= "2026-02-01"
+    assert len(blocks) == (last - first).days + 1  # one a day, quiet days included
+    assert any(block in blocks for block in "▂▃▄▅▆▇█")
+    code, out, err = filled("costs", "--by", "day", *window)
+    assert code == 0 and line in out, err
+    code, out, err = filled("costs")  # the whole year: a block a week
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("cost per week from "))
+    span, blocks = line.removeprefix("cost per week from ").split(": ")
+    first, last = (date.fromisoformat(day.strip("()to ")) for day in span.split(" (to "))
+    assert (last - first).days > 300 and len(blocks) == (last - first).days // 7 + 1
