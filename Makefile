@@ -62,6 +62,10 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	# the console's tests drive Debian's Chromium through Playwright (no browser download)
 	command -v chromium >/dev/null 2>&1 || \
 		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+	# and check the console's charts, drawn by Chart.js, which make console takes from npm
+	command -v npm >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+	test -f maas/console/static/vendor/chart.umd.min.js || $(MAKE) console
 	touch $@
 
 clean:

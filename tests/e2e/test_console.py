@@ -7,6 +7,7 @@ Set MAAS_CONSOLE_SCREENSHOTS=docs/images to rewrite the console's screenshots in
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from maas.analytics import demo_usage
 from maas.config import Settings
 from maas.registry import open_registry
+from maas.training.demo_data import write_digits_archive
 from tests.e2e.conftest import Server
 from tests.fixtures import make_tiny_llama
 
@@ -234,3 +236,54 @@ def test_an_admin_creates_a_tenant_and_a_key_and_revokes_it(page, server):
     row.locator("button[data-revoke]").click()
     expect(row).to_contain_text("revoked")
     assert httpx.get(f"{server.url}/v1/models", headers=headers).status_code == 401
+
+
+def start_training(server, folder: Path) -> str:
+    """A real ``train`` job on scikit-learn's digits, for the server's own worker: a CNN so
+    small that its 100 epochs take a few seconds on CPU, long enough for the page to refresh
+    a few times while it runs."""
+    archive = folder / "digits.zip"
+    write_digits_archive(archive)
+    uploaded = server.admin.post(
+        "/v1/files",
+        files={"file": (archive.name, archive.read_bytes())},
+        data={"purpose": "dataset"},
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    params = {
+        "training_file": uploaded.json()["id"],
+        "model": "digits",
+        "epochs": 100,
+        "image_size": 8,
+        "arguments": {"channels": [4], "hidden": 8},
+    }
+    made = server.admin.post("/api/v1/jobs", json={"kind": "train", "params": params})
+    assert made.status_code == 201, made.text
+    return made.json()["id"]
+
+
+def test_the_jobs_page_follows_a_running_job_to_its_end_without_a_reload(page, server, tmp_path):
+    sign_in(page, server, server.admin_key)
+    page.wait_for_url(f"{server.url}/ui/models")
+    job_id = start_training(server, tmp_path)
+    fetched: list[str] = []
+    page.on("request", lambda r: fetched.append(r.url) if "/ui/views/jobs" in r.url else None)
+    page.goto(f"{server.url}/ui/jobs")
+    row = page.locator(f'tr[data-job="{job_id}"]')
+    expect(row).to_have_attribute("data-status", re.compile("^(queued|running)$"))
+    expect(row.locator("code")).to_have_text(job_id)
+    expect(row).to_contain_text("train")
+    expect(page.locator("#jobs")).to_have_attribute("data-refresh", "2000")
+    page.evaluate("window.sameDocument = true")  # gone if the page were loaded again
+    progress = row.locator("progress")
+    # a tenth done or more ("0.0…" is less; "1.0" passes too): the screenshot's bar
+    expect(progress).not_to_have_attribute("value", re.compile(r"^0\.0"), timeout=60_000)
+    shoot(page, "jobs")
+    expect(row).to_have_attribute("data-status", "succeeded", timeout=90_000)
+    expect(row.locator(".status")).to_have_text("succeeded")
+    expect(progress).to_have_attribute("value", "1.0")
+    expect(row).to_contain_text("100%")
+    expect(page.locator("#jobs[data-refresh]")).to_have_count(0)  # nothing left to follow
+    assert page.evaluate("window.sameDocument") is True
+    assert len(fetched) >= 2  # the first view, then its refreshes
+    assert server.admin.get(f"/api/v1/jobs/{job_id}").json()["status"] == "succeeded"
