@@ -44,9 +44,12 @@ def fake_timed(
     step_ms: dict[str, float],
     agreement: dict[str, float],
     chunk_sensitive: frozenset[str] = frozenset(),
+    near_tie_flippers: frozenset[str] = frozenset(),
 ):
-    """Each dtype's timings and next-token agreement as given; those in ``chunk_sensitive``
-    answer the probe question otherwise when it is computed in chunks."""
+    """Each dtype's timings and next-token agreement as given. float32's answer to the probe
+    question is tokens 1 to 4, sure of each but the first (which leads token 7 by 0.1);
+    those in ``chunk_sensitive`` pick another third token, a sure one, when the question is
+    computed in chunks; those in ``near_tie_flippers`` pick 7 first."""
     timer = FakeTimer(step_ms)
     real_convert = dtypes.convert
 
@@ -62,13 +65,23 @@ def fake_timed(
         agreeing = int(len(reference) * share)
         return torch.cat((reference[:agreeing], reference[agreeing:] + 1))
 
-    def greedy(model, ids, split):
-        return [9, 9] if split and timer.current in chunk_sensitive else [1, 2]
+    def answer_logits(model, ids, split, forced=None):
+        logits = torch.zeros(4, 10)
+        logits[torch.arange(4), torch.tensor([1, 2, 3, 4])] = 5.0
+        logits[0, 7] = 4.9
+        if forced is None:  # float32's own answer
+            return logits
+        assert forced.tolist() == [1, 2, 3, 4]  # every candidate is fed float32's
+        if timer.current in near_tie_flippers:
+            logits[0, 7] = 5.1
+        if split and timer.current in chunk_sensitive:
+            logits[2, 9] = 6.0
+        return logits
 
     model_is_candidate = [False]
     monkeypatch.setattr(dtypes, "convert", tracking_convert)
     monkeypatch.setattr(dtypes, "_next_tokens", next_tokens)
-    monkeypatch.setattr(dtypes, "_greedy", greedy)
+    monkeypatch.setattr(dtypes, "_answer_logits", answer_logits)
     return timer
 
 
@@ -100,6 +113,21 @@ def test_auto_refuses_a_dtype_whose_answer_changes_when_the_prompt_is_chunked(
     choice = choose(float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, timer=timer)
     assert choice.dtype == "int8-weight"
     assert [t.same_answer for t in choice.trials] == [True, False, True, True]
+
+
+def test_auto_keeps_a_dtype_that_flips_only_a_token_float32_is_unsure_of(
+    float32_model, monkeypatch
+):
+    timer = fake_timed(
+        monkeypatch,
+        step_ms={"float32": 30, "bfloat16": 20, "int8-weight": 15, "int8": 10},
+        agreement={},
+        near_tie_flippers=frozenset({"int8"}),
+        chunk_sensitive=frozenset({"int8-weight"}),
+    )
+    choice = choose(float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, timer=timer)
+    assert choice.dtype == "int8"
+    assert [t.same_answer for t in choice.trials] == [True, True, False, True]
 
 
 def test_auto_prefers_quality_when_a_lower_dtype_is_barely_faster(float32_model, monkeypatch):
@@ -143,6 +171,30 @@ def test_auto_times_real_steps_and_the_runner_serves_its_choice(
     expected_kernel = {"int8": Int8Linear, "int8-weight": Int8WeightOnlyLinear}.get(runner.dtype)
     if expected_kernel:
         assert isinstance(runner.model.blocks[0].qkv, expected_kernel)
+
+
+def test_a_candidate_is_fed_float32s_answer_and_judged_where_float32_is_sure(float32_model):
+    """On a real model: fed its own greedy answer, a model computes what it computed
+    answering freely, whole or with the question's start cached; fed another answer, its
+    later choices follow that text; only the sure positions count."""
+    free = dtypes._answer_logits(float32_model, QUESTION_IDS, 0)
+    answer = free.argmax(dim=-1)
+    assert len(answer) == dtypes.ANSWER_TOKENS
+    assert dtypes.greedy_answer(float32_model, QUESTION_IDS) == answer.tolist()
+    fed = dtypes._answer_logits(float32_model, QUESTION_IDS, 0, answer)
+    torch.testing.assert_close(fed, free)
+    sure = dtypes._margins(free) >= dtypes.SURE_MARGIN
+    for split in (dtypes.SPLIT, 16):
+        cached = dtypes._answer_logits(float32_model, QUESTION_IDS, split, answer)
+        assert dtypes._keeps_sure_tokens(cached, answer, sure)
+    other = (answer + 1) % float32_model.config.vocab_size
+    steered = dtypes._answer_logits(float32_model, QUESTION_IDS, 0, other)
+    torch.testing.assert_close(steered[0], free[0])  # the first token follows the question
+    assert not torch.allclose(steered[1:], free[1:])
+    flipped = free.clone()
+    flipped[:, 0] = flipped.max(dim=-1).values + 1  # token 0 now leads everywhere
+    assert dtypes._keeps_sure_tokens(flipped, answer, torch.zeros_like(sure))  # none sure
+    assert not dtypes._keeps_sure_tokens(flipped, answer, answer != 0)
 
 
 @pytest.mark.parametrize("dtype", ["int8-weight", "bfloat16"])
