@@ -12,6 +12,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from maas.runtime.llm import int8_matmul
 from maas.runtime.llm.quantized import QuantizedEmbedding, QuantizedLinear, quantize
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class Int8Linear(nn.Module):
         self.scale = scale
         self.bias = None if linear.bias is None else linear.bias.detach().float()
         self.out_features = weight.shape[0]
+        self.few_rows_kernel = int8_matmul.available()
+        """Steps of at most ``int8_matmul.ROWS_MAX`` rows use the C kernel (same sums)."""
 
     @property
     def memory_bytes(self) -> int:
@@ -73,7 +76,11 @@ class Int8Linear(nn.Module):
         x = x.reshape(-1, shape[-1])
         x_scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)
         quantized = (x / x_scale).round_().to(torch.int8)
-        out = torch.mul(torch._int_mm(quantized, self.weight.t()), x_scale).mul_(self.scale)
+        if self.few_rows_kernel:
+            sums = int8_matmul.int8_matmul(quantized, self.weight)
+        else:
+            sums = torch._int_mm(quantized, self.weight.t())
+        out = torch.mul(sums, x_scale).mul_(self.scale)
         if self.bias is not None:
             out += self.bias
         return out.view(*shape[:-1], self.out_features)

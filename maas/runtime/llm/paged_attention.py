@@ -13,95 +13,43 @@ compiled step calls it too. Where it cannot be built, or for a dtype it does not
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from maas.runtime.local_cache import cache_root
+from maas.runtime.llm.native import NativeLibrary
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("paged_attention.c")
-FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
-LIBRARIES = ("-lmvec",)  # glibc's vector math
 DTYPES = (torch.float32, torch.bfloat16)
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_built: Path | None = None
-_failed = False
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    fn = library.paged_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_int64] * 7 + [ctypes.c_int]
+
+
+NATIVE = NativeLibrary(
+    Path(__file__).with_name("paged_attention.c"),
+    _declare,
+    libraries=("-lmvec",),  # glibc's vector math
+    fallback="blocks are gathered",
+)
 
 
 def library() -> ctypes.CDLL | None:
     """The built kernel, building it on first use; None if it cannot be built."""
-    global _library, _built, _failed
-    with _lock:
-        if _library is None and not _failed:
-            try:
-                _built = _build()
-                _library = _load(_built)
-            except subprocess.CalledProcessError as err:
-                _failed = True
-                log.warning(
-                    "paged attention kernel not built, blocks are gathered: %s",
-                    (err.stderr or b"").decode(errors="replace").strip()[-2000:] or err,
-                )
-            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
-                _failed = True  # no compiler, no cache folder, a library without the kernel
-                log.warning("paged attention kernel not built, blocks are gathered: %s", err)
-        return _library
+    return NATIVE.load()
 
 
 def built_name() -> str:
     """The built kernel's file name, which names its source, flags, compiler and machine
     ("" if it is not built)."""
-    return _built.name if _built is not None and _library is not None else ""
+    return NATIVE.built_name()
 
 
 def available(dtype: torch.dtype) -> bool:
     return dtype in DTYPES and library() is not None
-
-
-def _build() -> Path:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler on PATH")
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, timeout=30, check=True
-    ).stdout.split(b"\n")[0]
-    made_from = [SOURCE.read_bytes(), " ".join(FLAGS + LIBRARIES).encode(), version]
-    made_from.append(platform.machine().encode())  # a shared cache folder serves many hosts
-    key = hashlib.sha256(b"\0".join(made_from)).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"paged_attention-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        built = Path(work) / target.name
-        subprocess.run(
-            [compiler, *FLAGS, "-o", str(built), str(SOURCE), *LIBRARIES],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        os.replace(built, target)  # atomic: a concurrent build writes the same bytes
-    return target
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    fn = lib.paged_decode_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_int64] * 7 + [ctypes.c_int]
-    return lib
 
 
 def paged_decode_attention(
@@ -119,7 +67,7 @@ def paged_decode_attention(
 def _run(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: Tensor
 ) -> Tensor:
-    lib = _library or library()
+    lib = library()
     if lib is None:
         raise RuntimeError("the paged attention kernel is not built")
     blocks, block_size, kv_heads, head_dim = k_cache.shape

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maas.runtime.llm import paged_attention
+from maas.runtime.llm import native, paged_attention
 from maas.runtime.llm.model import decode_attention
 from tests.unit.engine.conftest import greedy, run_to_end, submit, token_ids
 
@@ -124,10 +124,10 @@ def test_the_engine_gives_the_same_greedy_tokens_with_and_without_the_kernel(
 
 
 def test_without_a_compiler_the_blocks_are_gathered(make_engine, monkeypatch, tmp_path):
-    monkeypatch.setattr(paged_attention, "_library", None)
-    monkeypatch.setattr(paged_attention, "_failed", False)
+    monkeypatch.setattr(paged_attention.NATIVE, "_library", None)
+    monkeypatch.setattr(paged_attention.NATIVE, "_failed", False)
     monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path))  # nothing built there yet
-    monkeypatch.setattr(paged_attention.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     assert not paged_attention.available(torch.float32)
     assert not (tmp_path / "kernels").exists()
     engine = make_engine(dtype="float32")
@@ -138,12 +138,12 @@ def test_without_a_compiler_the_blocks_are_gathered(make_engine, monkeypatch, tm
 
 
 def test_the_kernel_is_built_once_into_its_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(paged_attention, "_library", None)
-    monkeypatch.setattr(paged_attention, "_failed", False)
+    monkeypatch.setattr(paged_attention.NATIVE, "_library", None)
+    monkeypatch.setattr(paged_attention.NATIVE, "_failed", False)
     monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path))
-    built = paged_attention._build()
+    built = paged_attention.NATIVE.build()
     assert built.parent == tmp_path / "kernels" and built.name.startswith("paged_attention-")
     stamp = built.stat().st_mtime_ns
-    assert paged_attention._build() == built and built.stat().st_mtime_ns == stamp
+    assert paged_attention.NATIVE.build() == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # nothing half-written
     assert paged_attention.library() is not None

@@ -1,0 +1,120 @@
+"""The int8 kernel for steps of few rows: torch._int_mm's integers exactly (any shape, the
+extreme codes, eager and compiled), the same tokens through the engine with and without it,
+refusals of what it cannot take, and torch._int_mm wherever it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maas.runtime.llm import int8_matmul, native
+from maas.runtime.llm.kernels import Int8Linear
+from tests.unit.engine.conftest import greedy, run_to_end, submit, token_ids
+
+
+@pytest.fixture(autouse=True)
+def _kernel_built():
+    """Built (once, into the run's cache) when a test first needs it, not at collection."""
+    if not int8_matmul.available():
+        pytest.skip("no C compiler to build the kernel")
+
+
+@pytest.fixture
+def prompts(llama_tokenizer) -> list[list[int]]:
+    return [llama_tokenizer.encode(t) for t in ("the quick brown fox", "one two three four")]
+
+
+def codes(*shape: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])  # 3 and 17: torch._int_mm
+@pytest.mark.parametrize(
+    ("outputs", "inputs"),
+    [(960, 576), (13, 1536), (7, 45), (4, 32), (1, 1), (3, 100)],  # whole and cut groups
+)
+def test_the_sums_are_torch_int_mms_integers(rows, outputs, inputs):
+    x, weight = codes(rows, inputs, seed=rows), codes(outputs, inputs, seed=inputs)
+    expected = x.int() @ weight.int().t()
+    assert torch.equal(int8_matmul.int8_matmul(x, weight), expected)
+    assert torch.equal(torch._int_mm(x, weight.t()), expected)  # what it stands in for
+
+
+def test_the_largest_codes_do_not_overflow():
+    x = torch.full((2, 4096), -128, dtype=torch.int8)
+    weight = torch.full((8, 4096), -128, dtype=torch.int8)
+    assert torch.equal(int8_matmul.int8_matmul(x, weight), torch.full((2, 8), 4096 * 16384))
+
+
+def test_a_compiled_step_calls_it_as_an_operator():
+    x, weight = codes(1, 576, seed=1), codes(960, 576, seed=2)
+    compiled = torch.compile(lambda x, w: int8_matmul.int8_matmul(x, w) * 2, fullgraph=True)
+    assert torch.equal(compiled(x, weight), (x.int() @ weight.int().t()) * 2)
+
+
+@pytest.mark.parametrize(
+    ("x", "weight", "error"),
+    [
+        (torch.zeros(1, 8), codes(4, 8, seed=0), "int8 rows and weights"),
+        (codes(1, 8, seed=0), codes(4, 9, seed=0), "do not match"),
+        (codes(8, seed=0), codes(4, 8, seed=0), "do not match"),
+    ],
+)
+def test_what_it_cannot_take_is_refused(x, weight, error):
+    with pytest.raises(ValueError, match=error):
+        int8_matmul.int8_matmul(x, weight)
+
+
+def test_a_layer_gives_the_same_result_with_and_without_it():
+    linear = torch.nn.Linear(576, 960)
+    layer = Int8Linear(linear)
+    assert layer.few_rows_kernel
+    x = torch.randn(2, 576)
+    with_kernel = layer(x)
+    layer.few_rows_kernel = False
+    assert torch.equal(layer(x), with_kernel)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_engine_gives_the_same_tokens_with_and_without_it(
+    make_engine, monkeypatch, prompts, compile
+):
+    def tokens():
+        engine = make_engine(dtype="int8", compile=compile)
+        deltas = [submit(engine, f"r{i}", p, greedy(12)) for i, p in enumerate(prompts)]
+        run_to_end(engine)
+        alone = submit(engine, "alone", prompts[0], greedy(12))
+        run_to_end(engine)
+        return [token_ids(d) for d in deltas] + [token_ids(alone)]
+
+    with_kernel = tokens()
+    monkeypatch.setattr(int8_matmul.NATIVE, "_library", None)
+    monkeypatch.setattr(int8_matmul.NATIVE, "_failed", True)  # as if it could not be built
+    assert not Int8Linear(torch.nn.Linear(8, 8)).few_rows_kernel
+    assert tokens() == with_kernel
+
+
+def test_without_a_compiler_torch_int_mm_runs(monkeypatch, tmp_path):
+    monkeypatch.setattr(int8_matmul.NATIVE, "_library", None)
+    monkeypatch.setattr(int8_matmul.NATIVE, "_failed", False)
+    monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    assert not int8_matmul.available()
+    assert not (tmp_path / "kernels").exists()
+    layer = Int8Linear(torch.nn.Linear(64, 32))
+    assert not layer.few_rows_kernel
+    x = torch.randn(1, 64)
+    assert layer(x).shape == (1, 32)
+
+
+def test_the_kernel_is_built_once_into_its_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(int8_matmul.NATIVE, "_library", None)
+    monkeypatch.setattr(int8_matmul.NATIVE, "_failed", False)
+    monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path))
+    built = int8_matmul.NATIVE.build()
+    assert built.parent == tmp_path / "kernels" and built.name.startswith("int8_matmul-")
+    stamp = built.stat().st_mtime_ns
+    assert int8_matmul.NATIVE.build() == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # nothing half-written
+    assert int8_matmul.available()
