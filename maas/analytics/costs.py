@@ -23,7 +23,7 @@ import time
 from datetime import UTC, date, datetime
 
 from pydantic import BaseModel
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, literal, select
 
 from maas.analytics import adoption
 from maas.db import make_session_factory, write_transaction
@@ -214,7 +214,7 @@ def _usage(engine, since, until, tenants, *, by_day: bool):
         func.max(UsageRecord.industry),
         UsageRecord.model,
         func.coalesce(UsageRecord.version, 0),
-        UsageRecord.day if by_day else func.max(UsageRecord.day),  # the last day: unused
+        UsageRecord.day if by_day else literal(None),  # unused unless grouped by day
         func.count(),
         func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
         func.coalesce(func.sum(UsageRecord.completion_tokens), 0),

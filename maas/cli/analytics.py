@@ -348,8 +348,11 @@ def cost(
         days = _cost_per_day(per_day)
         if len(days) <= SPARKLINE_DAYS:
             console.print(f"cost per day, {first} to {last}: {sparkline(days)}")
-        else:  # a week a block, so a year fits a terminal's line
-            weeks = [sum(days[i : i + 7]) for i in range(0, len(days), 7)]
+        else:  # a week a block, so a year fits a terminal's line; a last, shorter week at
+            # its rate for seven days, so it does not look like a drop
+            weeks = [
+                sum(days[i : i + 7]) * 7 / len(days[i : i + 7]) for i in range(0, len(days), 7)
+            ]
             console.print(f"cost per week from {first} (to {last}): {sparkline(weeks)}")
 
 

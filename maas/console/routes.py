@@ -147,12 +147,11 @@ async def _costs(key: Principal, request: Request, since: date, days: int) -> di
     serves them: a maintainer's tenant and departments); none for a user."""
     if not key.has_role(Role.maintainer):
         return {"costs": None}
-    per_day = await analytics.cost(key, request, "day", since, None)
-    per_model = await analytics.cost(key, request, "model", since, None)
+    found = await analytics.costs_by(key, request, ("tenant", "day", "model"), since, None)
     return {
-        "costs": await analytics.cost(key, request, "tenant", since, None),
-        "cost_daily": charts.daily_costs(per_day, since, days),
-        "cost_by_model": charts.cost_bars(per_model),
+        "costs": found["tenant"],
+        "cost_daily": charts.daily_costs(found["day"], since, days),
+        "cost_by_model": charts.cost_bars(found["model"]),
     }
 
 

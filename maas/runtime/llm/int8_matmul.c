@@ -5,17 +5,22 @@
    one or two rows the product is a matrix-vector one, bound by reading w; PyTorch's
    torch._int_mm read it at about 11 GB/s on a 2-core VM where this loop reads at 19.
 
-   Exact: every product of two int8 fits in int16 ranges once widened, pairs are summed into
-   int32 (madd), and int32 sums of at most 2^16 such pairs cannot overflow for in <= 65536.
-   So the result is the same integer as torch._int_mm's, whatever the order or the rows.
+   Exact: codes widened to int16 multiply into products of at most 2^14, and a row of at most
+   65536 inputs sums to at most 2^30 in magnitude, inside int32 (int8_matmul.py hands longer
+   rows to torch._int_mm). So the result is the same integer as torch._int_mm's, whatever the
+   order or the rows.
 
-   The widening multiply-add is compiled for AVX-512BW and AVX2, with a plain loop for other
-   CPUs; the CPU picks at run time. The weight rows are split between threads in groups of
-   four rows, each group read once for every activation row. */
+   On x86 the widening multiply-add is compiled for AVX-512BW and AVX2, and the CPU picks at
+   run time (or the caller names the level, to test each); elsewhere, and on x86 CPUs without
+   either, a plain loop runs. The weight rows are split between threads in groups of four
+   rows, each group read once for every activation row. */
 
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__x86_64__) || defined(__i386__)
+#define X86 1
+#include <immintrin.h>
+#endif
 
 #define GROUP 4
 
@@ -32,6 +37,7 @@ static int32_t tail(const int16_t *x, const int8_t *w, int64_t from, int64_t to)
     return sum;
 }
 
+#ifdef X86
 __attribute__((target("avx512f,avx512bw"))) static void group_avx512(const Problem *p,
                                                                       int64_t n) {
     const int64_t in = p->inputs, whole = in / 32 * 32;
@@ -80,6 +86,8 @@ __attribute__((target("avx2"))) static void group_avx2(const Problem *p, int64_t
     }
 }
 
+#endif
+
 static void group_plain(const Problem *p, int64_t n, int64_t count) {
     for (int64_t r = 0; r < p->rows; r++)
         for (int64_t g = 0; g < count; g++)
@@ -87,22 +95,36 @@ static void group_plain(const Problem *p, int64_t n, int64_t count) {
                 tail(p->x + r * p->inputs, p->w + (n + g) * p->inputs, 0, p->inputs);
 }
 
-/* Returns 0, or -1 when the widened rows cannot be allocated. */
+/* The best level this CPU runs: 2 AVX-512BW, 1 AVX2, 0 the plain loop. */
+int int8_best_level(void) {
+#ifdef X86
+    return __builtin_cpu_supports("avx512bw") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+/* ``level``: -1 the best this CPU runs, else one it runs (int8_best_level or below). Returns
+   0, -1 when the widened rows cannot be allocated, -2 for a level the CPU does not run. */
 int int8_row_matmul(const int8_t *x, const int8_t *w, int32_t *out, int64_t rows,
-                    int64_t outputs, int64_t inputs, int threads) {
-    int16_t *wide = malloc((size_t)(rows * inputs) * sizeof(int16_t) + 64);
+                    int64_t outputs, int64_t inputs, int threads, int level) {
+    int best = int8_best_level();
+    if (level < 0) level = best;
+    if (level > best) return -2;
+    int16_t *wide = malloc((size_t)(rows * inputs) * sizeof(int16_t) + 1);
     if (wide == NULL) return -1;
     for (int64_t i = 0; i < rows * inputs; i++) wide[i] = x[i];
     Problem p = {wide, w, out, rows, outputs, inputs};
-    int level = __builtin_cpu_supports("avx512bw") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
     int64_t groups = outputs / GROUP;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
+#ifdef X86
         if (level == 2)
             group_avx512(&p, g * GROUP);
         else if (level == 1)
             group_avx2(&p, g * GROUP);
         else
+#endif
             group_plain(&p, g * GROUP, GROUP);
     }
     group_plain(&p, groups * GROUP, outputs - groups * GROUP); /* the last few outputs */

@@ -25,10 +25,16 @@ ROWS_MAX = 2
 over the demo's weights, 2 rows 9.1 against 10.8, 4 rows 11.7 against 11.3)."""
 
 
+LONGEST = 65536
+"""Rows of more inputs go to torch._int_mm: the kernel's int32 sums are exact up to here."""
+
+
 def _declare(library: ctypes.CDLL) -> None:
     fn = library.int8_row_matmul
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
+    library.int8_best_level.restype = ctypes.c_int
+    library.int8_best_level.argtypes = []
 
 
 NATIVE = NativeLibrary(
@@ -51,14 +57,16 @@ def int8_matmul(x: Tensor, weight: Tensor) -> Tensor:
     return _run(x, weight)
 
 
-def _run(x: Tensor, weight: Tensor) -> Tensor:
+def _run(x: Tensor, weight: Tensor, level: int = -1) -> Tensor:
+    """``level``: the kernel's instruction set, -1 the best this CPU runs (2 AVX-512BW, 1
+    AVX2, 0 a plain loop); tests name each."""
     if x.dtype != torch.int8 or weight.dtype != torch.int8:
         raise ValueError(f"int8 rows and weights, not {x.dtype} and {weight.dtype}")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"rows {tuple(x.shape)} do not match weights {tuple(weight.shape)}")
     if x.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError("the int8 kernel runs on the CPU")
-    if x.shape[0] > ROWS_MAX:
+    if x.shape[0] > ROWS_MAX or x.shape[1] > LONGEST:
         return torch._int_mm(x, weight.t())
     library = NATIVE.load()
     if library is None:
@@ -73,7 +81,10 @@ def _run(x: Tensor, weight: Tensor) -> Tensor:
         weight.shape[0],
         weight.shape[1],
         torch.get_num_threads(),
+        level,
     )
+    if status == -2:
+        raise ValueError(f"this CPU does not run the int8 kernel's level {level}")
     if status != 0:
         raise MemoryError("the int8 kernel ran out of memory")
     return out

@@ -53,8 +53,9 @@ class PackedLinear(nn.Module):
 class Int8Linear(nn.Module):
     """W8A8, as CTranslate2's int8: weights int8 per output channel, activations int8 per
     token (row), both symmetric; the products run on the CPU's VNNI int8 units
-    (``torch._int_mm``, int32 sums, exact) and are rescaled to float32. A row's result does not
-    depend on the other rows, so batching never changes a sequence's output."""
+    (``torch._int_mm``, int32 sums, exact), or for one or two rows on int8_matmul.py's kernel
+    (the same sums), and are rescaled to float32. A row's result does not depend on the other
+    rows, so batching never changes a sequence's output."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()

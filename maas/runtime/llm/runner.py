@@ -11,7 +11,7 @@ from torch import Tensor
 
 from maas.errors import InvalidRequest
 from maas.registry.records import OpenedVersion
-from maas.runtime.llm import dtype_cache, paged_attention
+from maas.runtime.llm import dtype_cache, int8_matmul, paged_attention
 from maas.runtime.llm.compiled import CompileReport, PrefillReport, compile_decode, compile_prefill
 from maas.runtime.llm.dtypes import (
     ACTIVATIONS,
@@ -161,6 +161,7 @@ class ModelRunner:
             batch=batch,
             pack=pack,
             paged=paged and paged_attention.built_name(),  # its source, compiler and flags
+            int8_kernel=int8_matmul.available() and int8_matmul.NATIVE.built_name(),
         )
         kept = dtype_cache.load(name)
         if kept is not None and kept.dtype in candidates:

@@ -24,6 +24,24 @@ def prompts(llama_tokenizer) -> list[list[int]]:
     return [llama_tokenizer.encode(t) for t in ("the quick brown fox", "one two three four")]
 
 
+class Counted:
+    """The built kernel, counting its calls."""
+
+    def __init__(self, library) -> None:
+        self.library, self.calls = library, 0
+
+    def int8_row_matmul(self, *arguments):
+        self.calls += 1
+        return self.library.int8_row_matmul(*arguments)
+
+
+@pytest.fixture
+def counted(monkeypatch) -> Counted:
+    counting = Counted(int8_matmul.NATIVE.load())
+    monkeypatch.setattr(int8_matmul.NATIVE, "_library", counting)
+    return counting
+
+
 def codes(*shape: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
@@ -34,11 +52,31 @@ def codes(*shape: int, seed: int) -> torch.Tensor:
     ("outputs", "inputs"),
     [(960, 576), (13, 1536), (7, 45), (4, 32), (1, 1), (3, 100)],  # whole and cut groups
 )
-def test_the_sums_are_torch_int_mms_integers(rows, outputs, inputs):
+def test_the_sums_are_torch_int_mms_integers(rows, outputs, inputs, counted):
     x, weight = codes(rows, inputs, seed=rows), codes(outputs, inputs, seed=inputs)
     expected = x.int() @ weight.int().t()
     assert torch.equal(int8_matmul.int8_matmul(x, weight), expected)
+    assert counted.calls == (1 if rows <= int8_matmul.ROWS_MAX else 0)
     assert torch.equal(torch._int_mm(x, weight.t()), expected)  # what it stands in for
+    best = int8_matmul.NATIVE.load().library.int8_best_level()
+    for level in range(best + 1):  # every instruction set this CPU runs, not only its best
+        if rows <= int8_matmul.ROWS_MAX:
+            assert torch.equal(int8_matmul._run(x, weight, level), expected), level
+
+
+def test_a_level_the_cpu_does_not_run_is_refused():
+    best = int8_matmul.NATIVE.load().int8_best_level()
+    if best == 2:
+        pytest.skip("this CPU runs every level")
+    with pytest.raises(ValueError, match=f"does not run the int8 kernel's level {best + 1}"):
+        int8_matmul._run(codes(1, 8, seed=0), codes(4, 8, seed=0), best + 1)
+
+
+def test_rows_too_long_for_exact_int32_sums_go_to_torch_int_mm(counted):
+    x = codes(1, int8_matmul.LONGEST + 32, seed=1)
+    weight = codes(2, int8_matmul.LONGEST + 32, seed=2)
+    assert torch.equal(int8_matmul.int8_matmul(x, weight), torch._int_mm(x, weight.t()))
+    assert counted.calls == 0
 
 
 def test_the_largest_codes_do_not_overflow():
@@ -47,10 +85,11 @@ def test_the_largest_codes_do_not_overflow():
     assert torch.equal(int8_matmul.int8_matmul(x, weight), torch.full((2, 8), 4096 * 16384))
 
 
-def test_a_compiled_step_calls_it_as_an_operator():
+def test_a_compiled_step_calls_it_as_an_operator(counted):
     x, weight = codes(1, 576, seed=1), codes(960, 576, seed=2)
     compiled = torch.compile(lambda x, w: int8_matmul.int8_matmul(x, w) * 2, fullgraph=True)
     assert torch.equal(compiled(x, weight), (x.int() @ weight.int().t()) * 2)
+    assert counted.calls >= 1
 
 
 @pytest.mark.parametrize(
@@ -66,14 +105,16 @@ def test_what_it_cannot_take_is_refused(x, weight, error):
         int8_matmul.int8_matmul(x, weight)
 
 
-def test_a_layer_gives_the_same_result_with_and_without_it():
+def test_a_layer_gives_the_same_result_with_and_without_it(counted):
     linear = torch.nn.Linear(576, 960)
     layer = Int8Linear(linear)
     assert layer.few_rows_kernel
     x = torch.randn(2, 576)
     with_kernel = layer(x)
+    assert counted.calls == 1
     layer.few_rows_kernel = False
     assert torch.equal(layer(x), with_kernel)
+    assert counted.calls == 1
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -88,7 +129,10 @@ def test_the_engine_gives_the_same_tokens_with_and_without_it(
         run_to_end(engine)
         return [token_ids(d) for d in deltas] + [token_ids(alone)]
 
+    counting = Counted(int8_matmul.NATIVE.load())
+    monkeypatch.setattr(int8_matmul.NATIVE, "_library", counting)
     with_kernel = tokens()
+    assert counting.calls > 0  # one-row steps went through it
     monkeypatch.setattr(int8_matmul.NATIVE, "_library", None)
     monkeypatch.setattr(int8_matmul.NATIVE, "_failed", True)  # as if it could not be built
     assert not Int8Linear(torch.nn.Linear(8, 8)).few_rows_kernel
