@@ -4,8 +4,7 @@ The reference form gathers each sequence's blocks into one tensor before PyTorch
 attention; that copy is most of decode attention's cost once a batch is large (a layer of 32
 demo sequences of about 180 positions: 0.8 ms of gathering beside 0.4 ms of attention). The
 C kernel reads each key and value once where it lies, for all the query heads that share it.
-It is built at first use with the system C compiler (the one inductor needs), into
-``kernels/`` of the local cache (local_cache.py), and called as a PyTorch custom op, so a
+It is built at first use (native.py) and called as an operator registered with PyTorch, so a
 compiled step calls it too. Where it cannot be built, or for a dtype it does not take,
 ``available`` is false and the gathering form runs.
 """
@@ -57,10 +56,10 @@ def paged_decode_attention(
 ) -> Tensor:
     """[S, heads, head_dim] attention of one query per sequence over its first ``lengths``
     cached positions (see model.decode_attention); the kernel must be ``available``. Inside
-    a compiled step, through the custom op; eagerly, called directly (the op's dispatch
-    costs about 0.1 ms a call)."""
+    a compiled step, through the registered operator; eagerly, called directly (the
+    operator's dispatch costs time for nothing there)."""
     if torch.compiler.is_compiling():
-        return _custom_op(q, k_cache, v_cache, block_tables, lengths)
+        return torch.ops.maas.paged_decode_attention(q, k_cache, v_cache, block_tables, lengths)
     return _run(q, k_cache, v_cache, block_tables, lengths)
 
 
@@ -111,9 +110,16 @@ def _run(
     return out
 
 
-_custom_op = torch.library.custom_op("maas::paged_decode_attention", _run, mutates_args=())
+# registered with torch.library.Library, not custom_op: its Python wrappers cost about 11 us
+# more a call inside a compiled step (see int8_matmul.py)
+_LIBRARY = torch.library.Library("maas", "FRAGMENT")
+_LIBRARY.define(
+    "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+    "Tensor lengths) -> Tensor"
+)
+_LIBRARY.impl("paged_decode_attention", _run, "CPU")
 
 
-@_custom_op.register_fake
+@torch.library.register_fake("maas::paged_decode_attention")
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: Tensor):
     return q.new_empty(q.shape)  # contiguous, as the kernel's
