@@ -19,6 +19,17 @@ def usage(app_client):
     return engine
 
 
+def priced(app_client, admin, folder, **price) -> None:
+    """The demo usage's chat model registered (a tiny stand-in) and given ``price``."""
+    from tests.fixtures import make_tiny_llama
+
+    app_client.app.state.registry.import_model(make_tiny_llama(folder), "smollm2-135m-instruct")
+    put = app_client.put(
+        "/api/v1/analytics/prices/smollm2-135m-instruct", json=price, headers=admin
+    )
+    assert put.status_code == 200, put.text
+
+
 def test_adoption_per_industry_and_week(app_client, make_key, usage):
     admin = bearer(make_key(Role.admin))
     answer = app_client.get(
@@ -129,13 +140,8 @@ def test_prices_and_costs_over_http(app_client, make_key, usage, tmp_path):
 
     admin = bearer(make_key(Role.admin))
     registry = app_client.app.state.registry
-    registry.import_model(make_tiny_llama(tmp_path / "tiny"), "smollm2-135m-instruct")
-    put = app_client.put(
-        "/api/v1/analytics/prices/smollm2-135m-instruct",
-        json={"prompt_per_1k": 0.5, "completion_per_1k": 1.5, "currency": "EUR"},
-        headers=admin,
-    )
-    assert put.status_code == 200, put.text
+    priced(app_client, admin, tmp_path / "tiny", prompt_per_1k=0.5, completion_per_1k=1.5,
+           currency="EUR")  # fmt: skip
     assert app_client.get("/api/v1/analytics/prices", headers=admin).json()["count"] == 1
     answer = app_client.get(
         "/api/v1/analytics/costs", params={"group_by": "industry"}, headers=admin
@@ -160,17 +166,8 @@ def test_prices_and_costs_over_http(app_client, make_key, usage, tmp_path):
 
 
 def test_costs_per_day_over_http(app_client, make_key, usage, tmp_path):
-    from tests.fixtures import make_tiny_llama
-
     admin = bearer(make_key(Role.admin))
-    registry = app_client.app.state.registry
-    registry.import_model(make_tiny_llama(tmp_path / "tiny"), "smollm2-135m-instruct")
-    put = app_client.put(
-        "/api/v1/analytics/prices/smollm2-135m-instruct",
-        json={"prompt_per_1k": 0.5, "completion_per_1k": 1.5},
-        headers=admin,
-    )
-    assert put.status_code == 200, put.text
+    priced(app_client, admin, tmp_path / "tiny", prompt_per_1k=0.5, completion_per_1k=1.5)
 
     def costs(**params) -> list[dict]:
         answer = app_client.get("/api/v1/analytics/costs", params=params, headers=admin)
@@ -268,18 +265,8 @@ def test_penetration_is_of_the_set_potential_or_else_of_the_fitted_m(app_client,
 
 
 def test_a_maintainer_is_charged_for_its_organisation_only(app_client, make_key, usage, tmp_path):
-    from tests.fixtures import make_tiny_llama
-
     admin = bearer(make_key(Role.admin))
-    app_client.app.state.registry.import_model(
-        make_tiny_llama(tmp_path / "tiny"), "smollm2-135m-instruct"
-    )
-    put = app_client.put(
-        "/api/v1/analytics/prices/smollm2-135m-instruct",
-        json={"prompt_per_1k": 0.5, "completion_per_1k": 1.5},
-        headers=admin,
-    )
-    assert put.status_code == 200, put.text
+    priced(app_client, admin, tmp_path / "tiny", prompt_per_1k=0.5, completion_per_1k=1.5)
 
     def costs(headers) -> dict[str, float]:
         answer = app_client.get(

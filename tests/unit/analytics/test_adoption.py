@@ -10,24 +10,13 @@ from sqlalchemy import insert
 
 from maas.analytics import adoption
 from maas.auth.store import TenantStore
-from maas.db import make_engine, upgrade
-from maas.db.migrate import downgrade
 from maas.db.tables import MarketPotential, Model, UsageRecord
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def engine(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'usage.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    engine = make_engine(url)
-    upgrade(engine)
-    _history(engine)
-    yield engine
-    if request.param != "sqlite":
-        downgrade(engine, "base")
-    engine.dispose()
+@pytest.fixture
+def engine(database):
+    _history(database)
+    return database
 
 
 # (day, tenant, model, successful requests, failed requests); tokens are 10 a request

@@ -13,7 +13,6 @@ from sqlalchemy import insert
 from maas.analytics import costs
 from maas.auth.store import TenantStore
 from maas.db import make_engine, upgrade
-from maas.db.migrate import downgrade
 from maas.db.tables import Model, UsageRecord
 from maas.errors import InvalidRequest, NotFound
 from maas.messages import UsageEvent
@@ -109,15 +108,10 @@ DAILY = [
 ]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def daily(request, tmp_path):
+@pytest.fixture
+def daily(database):
     """Chat priced 0.5 / 1.5 (version 2: 0.2 / 0.6) per 1K tokens, used on three UTC days."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'daily.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    engine = make_engine(url)
-    upgrade(engine)
+    engine = database
     now = datetime.now(UTC)
     rows = [
         UsageEvent(at, "k", tenant, "retail", model, version, "POST /v1/chat/completions",
@@ -131,10 +125,7 @@ def daily(request, tmp_path):
         connection.execute(insert(UsageRecord), rows)
     costs.set_price(engine, "chat", prompt_per_1k=0.5, completion_per_1k=1.5)
     costs.set_price(engine, "chat", version=2, prompt_per_1k=0.2, completion_per_1k=0.6)
-    yield engine
-    if request.param != "sqlite":
-        downgrade(engine, "base")
-    engine.dispose()
+    return engine
 
 
 def test_cost_per_day_groups_records_by_utc_day_in_date_order(daily):
