@@ -20,6 +20,7 @@ import logging
 import shutil
 import statistics
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,7 +88,7 @@ def compile_decode(
     worst = 0.0
     model.compiled_rows = max_sequences
     try:
-        compiled = torch.compile(decode_layer, dynamic=True, fullgraph=True)
+        compiled = torch.compile(own_copy(decode_layer), dynamic=True, fullgraph=True)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             for sequences, blocks in WARM_SHAPES:
                 step = _null_step(model, sequences, blocks)
@@ -153,8 +154,8 @@ def compile_prefill(
     worst, times = 0.0, {}
     try:
         parts = (
-            torch.compile(layer_qkv, dynamic=True, fullgraph=True),
-            torch.compile(layer_out, dynamic=True, fullgraph=True),
+            torch.compile(own_copy(layer_qkv), dynamic=True, fullgraph=True),
+            torch.compile(own_copy(layer_out), dynamic=True, fullgraph=True),
         )
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             for tokens in PREFILL_WARM_TOKENS:
@@ -185,6 +186,19 @@ def compile_prefill(
         return None
     model.prefill_parts = parts
     return report
+
+
+def own_copy(function: Callable) -> Callable:
+    """``function`` with a code object of its own. Dynamo keeps the variants it compiles per
+    code object, at most ``recompile_limit`` (8) of them, and each model (its dtype, sizes and
+    kernels) needs its own two: compiled from the one shared function, a process's fifth
+    differently made model would find the limit reached and run eagerly (as a long test
+    session did). A copy per model also spares each step the guards of other models'
+    variants, and goes with the model when it is unloaded."""
+    code = function.__code__.replace()
+    return types.FunctionType(
+        code, function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
 
 
 def _null_prefill(model: LlamaModel, cache: KVCache, tokens: int) -> StepInput:

@@ -157,6 +157,21 @@ def test_always_keeps_compiled_steps_however_they_time(make_engine):
     assert all(c > e for _, e, c in report.timings)  # measured slower, kept all the same
 
 
+def test_each_model_compiles_into_a_cache_of_its_own(make_engine):
+    """Dynamo keeps at most ``recompile_limit`` compiled variants of one function; each model
+    needs two of each step function (one row, and several). Models compiled from one shared
+    function would exhaust a limit of two at the second model and run it eagerly."""
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for dtype in ("float32", "int8"):
+            runner = make_engine(dtype=dtype).runner
+            model, cache = runner.model, runner.cache
+            fast = counting_clock(5.0, 1.0)  # one timed size (1 row), compiled faster
+            report = compiled.compile_decode(model, cache, max_sequences=2, timer=fast)
+            assert report is not None and model.decode_layer is not None, dtype
+            prefill = compiled.compile_prefill(model, cache, timer=counting_clock(5.0, 1.0))
+            assert prefill is not None and model.prefill_parts is not None, dtype
+
+
 def test_the_runner_compiles_prefill_parts_only_with_a_compiled_decode_step(
     make_engine, monkeypatch
 ):
