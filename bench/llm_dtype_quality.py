@@ -1,8 +1,9 @@
 """What each compute type costs in quality: the demo SmolLM2-135M-Instruct teacher-forced over
 a chat of 100+ tokens, each dtype's next-token distribution against float32's at every
 position: how often the top token agrees, and the mean KL divergence (float32 || dtype).
-Also the weights stored quantized as ``maas optimize ... quantize int8 | int4`` stores them
-(every matrix the kernels take, the tied embedding and head included), bfloat16 activations.
+Also float32 and int8 with a bfloat16 KV cache (what ``auto`` may keep: see dtypes.py), and
+the weights stored quantized as ``maas optimize ... quantize int8 | int4`` stores them (every
+matrix the kernels take, the tied embedding and head included), bfloat16 activations.
 
     .venv/bin/python bench/llm_dtype_quality.py
 
@@ -55,17 +56,22 @@ def main() -> None:
     ids = runner.tokenizer.encode_chat(CHAT)
     reference = prefill_logits(runner.model, ids).float()
     print(f"{len(ids)} tokens, teacher-forced, against float32:")
-    candidates = {d: convert(copy.deepcopy(runner.model), d, pack=False) for d in QUALITY_ORDER[1:]}
+    candidates = {
+        (d, None): convert(copy.deepcopy(runner.model), d, pack=False) for d in QUALITY_ORDER[1:]
+    }
+    for dtype in ("float32", "int8"):
+        copied = convert(copy.deepcopy(runner.model), dtype, pack=False)
+        candidates[(f"{dtype}, KV bfloat16", torch.bfloat16)] = copied
     for method, group_size in STORED:
         label = f"stored {method}" + (f"/{group_size}" if group_size else "")
-        candidates[label] = stored(runner.model, method, group_size)
-    for label, candidate in candidates.items():
-        got = prefill_logits(candidate, ids).float()
+        candidates[(label, None)] = stored(runner.model, method, group_size)
+    for (label, kv), candidate in candidates.items():
+        got = prefill_logits(candidate, ids, kv).float()
         agree = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
         kl = torch.nn.functional.kl_div(
             got.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean"
         )
-        print(f"  {label:16s} top token agrees {agree:.1%}, mean KL {float(kl):.4f}")
+        print(f"  {label:20s} top token agrees {agree:.1%}, mean KL {float(kl):.4f}")
 
 
 STORED = (("int8", 0), ("int4", 32), ("int4", 128))

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument(
         "--dtype", default="int8", choices=("float32", "bfloat16", "int8-weight", "int8")
     )
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--rows", type=int, default=25, help="ops to list")
     parser.add_argument("--threads", type=int, default=0, help="0: every core")
@@ -49,6 +50,7 @@ def main() -> None:
         registry.import_model(demo.locate(model), model.name, task=model.task)
         options = RunnerOptions(
             dtype=args.dtype,
+            kv_cache_dtype=args.kv_cache_dtype,
             max_sequences=args.sequences,
             max_model_len=512,
             threads=args.threads,

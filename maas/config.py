@@ -115,8 +115,14 @@ class Settings(BaseSettings):
     """Compute type of text-generation models: auto (time each of the others at load and keep
     the fastest that keeps float32's next-token choices on a probe text), float32, bfloat16,
     int8-weight (int8 weights, bfloat16 activations), or int8 (W8A8 linear layers on the
-    CPU's int8 units, as CTranslate2's int8). The KV cache is in the activations' dtype:
-    bfloat16 for bfloat16 and int8-weight, float32 for float32 and int8."""
+    CPU's int8 units, as CTranslate2's int8)."""
+
+    llm_kv_cache_dtype: str = Field(default="auto", pattern="^(auto|float32|bfloat16)$")
+    """What text-generation models keep keys and values in: auto (the activations' dtype,
+    float32 for float32 and int8 and bfloat16 for the others; with ``llm_dtype=auto``, a
+    float32-activation choice is tried once more with a bfloat16 cache and kept so if it
+    meets the same quality bar and is not slower: half the cache's memory), float32 or
+    bfloat16 (as vLLM's ``--kv-cache-dtype``)."""
 
     llm_compile: bool = True
     """Compile each text-generation model's decode step with torch.compile (inductor, needs a

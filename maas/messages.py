@@ -208,6 +208,8 @@ class EngineDescription:
     """How the version stores its weights quantized ("int4, group 32"), or "" (as dtype)."""
     dtype_trials: tuple[dict[str, Any], ...] = ()
     """With ``MAAS_LLM_DTYPE=auto``: each candidate's step times and agreement."""
+    kv_cache_dtype: str = ""
+    """What the KV cache keeps keys and values in ("" where the engine has no such cache)."""
     compiled: bool = False
     """Decode steps run through the compiled step (else eagerly)."""
     compiled_rows: int = 0

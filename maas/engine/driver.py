@@ -36,6 +36,7 @@ def engine_ready(engine: LLMEngine) -> EngineReady:
         dtype=runner.dtype,
         weights=runner.weights,
         dtype_trials=tuple(choice.to_dict()["trials"]) if choice else (),
+        kv_cache_dtype=str(runner.cache.dtype).removeprefix("torch."),
         compiled=runner.compiled is not None,
         compiled_rows=runner.compiled.rows if runner.compiled else 0,
         kv_blocks=runner.cache.num_blocks,

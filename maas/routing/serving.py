@@ -52,6 +52,7 @@ class Serving:
         engine_options = EngineOptions(
             runner=RunnerOptions(
                 dtype=settings.llm_dtype,
+                kv_cache_dtype=settings.llm_kv_cache_dtype,
                 max_sequences=settings.llm_max_sequences,
                 max_model_len=settings.llm_max_model_len,
                 kv_cache_bytes=settings.llm_kv_cache_bytes,

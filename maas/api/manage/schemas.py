@@ -170,6 +170,11 @@ class DtypeTrialPublic(BaseModel):
     batch: int
     agreement: float
     """Share of a probe text's next-token choices equal to float32's."""
+    same_answer: bool = True
+    """Fed float32's answer to the probe question, it kept float32's token wherever float32
+    was sure of it."""
+    kv_cache: str = ""
+    """The KV cache's dtype in this trial, if not the activations'."""
 
 
 class PipelineStagePublic(BaseModel):
@@ -198,6 +203,8 @@ class EngineDescriptionPublic(BaseModel):
     dtype_trials: list[DtypeTrialPublic]
     """With ``MAAS_LLM_DTYPE=auto``: what was measured to choose ``dtype``, at this load or
     an earlier one of the same model on this machine (the choice is kept)."""
+    kv_cache_dtype: str = ""
+    """What the KV cache keeps keys and values in."""
     compiled: bool
     """Decode steps run compiled (else eagerly)."""
     compiled_rows: int

@@ -100,7 +100,7 @@ def compile_decode(
         model.decode_layer = None
         log.warning("compiling the decode step failed, running eagerly: %s", err, exc_info=True)
         return None
-    if worst > PARITY_TOLERANCE.get(cache.dtype, PARITY_TOLERANCE[torch.float32]):
+    if worst > PARITY_TOLERANCE.get(model.dtype, PARITY_TOLERANCE[torch.float32]):
         model.decode_layer = None
         log.warning("compiled decode step differs from eager by %.2g: running eagerly", worst)
         return None
@@ -172,7 +172,7 @@ def compile_prefill(
         log.warning("compiling the prefill parts failed, running eagerly: %s", err, exc_info=True)
         return None
     model.prefill_parts = None
-    if worst > PARITY_TOLERANCE.get(cache.dtype, PARITY_TOLERANCE[torch.float32]):
+    if worst > PARITY_TOLERANCE.get(model.dtype, PARITY_TOLERANCE[torch.float32]):
         log.warning("compiled prefill parts differ from eager by %.2g: running eagerly", worst)
         return None
     report = PrefillReport(time.perf_counter() - started, worst, times[False], times[True])

@@ -67,7 +67,8 @@ def load(name: str) -> DtypeChoice | None:
     """The choice kept under ``name``, or None (none kept, or unreadable: measured again)."""
     try:
         kept = json.loads(_path(name).read_text())
-        return DtypeChoice(kept["dtype"], tuple(Trial(**trial) for trial in kept["trials"]))
+        trials = tuple(Trial(**trial) for trial in kept["trials"])
+        return DtypeChoice(kept["dtype"], trials, kept.get("kv_cache", ""))
     except FileNotFoundError:
         return None
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:

@@ -12,6 +12,11 @@ another chunk and rounds otherwise). Where float32 is unsure (the demo's first a
 leads the next by 0.08 logits) either token is as good, and rounding that flips it is no
 loss of quality: comparing free-running answers made the choice hinge on such near-ties.
 The choice and every timing are kept (``DtypeChoice``) and shown with the deployment.
+
+The KV cache is kept in the activations' dtype, except that ``auto`` (``kv_cache="auto"``)
+then tries the chosen dtype once more with a bfloat16 cache where its activations are
+float32 (float32 and int8): the cache takes half the memory, and attention reads half the
+bytes. It is kept if it meets the same quality bar and is not ``KV_SLACK`` slower.
 """
 
 from __future__ import annotations
@@ -54,7 +59,10 @@ ACTIVATIONS = {
     "int8-weight": torch.bfloat16,
     "int8": torch.float32,
 }
-"""The dtype of activations and of the KV cache for each choice."""
+"""The dtype of activations, and of the KV cache unless another is chosen, for each choice."""
+
+KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""What the KV cache may be kept in (``kv_cache`` options besides "auto")."""
 
 STORED_ACTIVATIONS = {
     "float32": "float32",
@@ -71,6 +79,12 @@ MIN_AGREEMENT = 0.9
 
 MIN_GAIN = 0.05
 """A lower-quality dtype replaces a better one only if it is this much faster."""
+
+KV_SLACK = 0.15
+"""A bfloat16 KV cache (half the cache's memory) is kept unless measured this much slower
+than the activations' dtype. Its steps are about as fast (the demo in int8 compiled, 2 cores:
+one sequence 20.3 to 21.0 ms either way, 32 sequences 2 to 12% faster), but two trials at
+load differ by up to about 13% on a busy machine (50.2 against 56.8 ms for 32 sequences)."""
 
 PROBE = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and "
@@ -129,6 +143,13 @@ class Trial:
     same_answer: bool = True
     """Fed float32's answer to the probe question, it picks float32's token wherever float32
     is sure of it (``SURE_MARGIN``), with the question whole and its start cached."""
+    kv_cache: str = ""
+    """The KV cache's dtype, if not the activations'."""
+
+    @property
+    def good(self) -> bool:
+        """Meets the quality bar."""
+        return self.agreement >= MIN_AGREEMENT and self.same_answer
 
     @property
     def score(self) -> float:
@@ -140,9 +161,16 @@ class Trial:
 class DtypeChoice:
     dtype: str
     trials: tuple[Trial, ...]
+    kv_cache: str = ""
+    """The KV cache's dtype, if not the activations'."""
 
     def to_dict(self) -> dict:
-        return {"dtype": self.dtype, "trials": [asdict(t) for t in self.trials]}
+        trials = [asdict(t) for t in self.trials]
+        return {"dtype": self.dtype, "kv_cache": self.kv_cache, "trials": trials}
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return KV_CACHE_DTYPES[self.kv_cache] if self.kv_cache else ACTIVATIONS[self.dtype]
 
 
 def choose(
@@ -155,60 +183,99 @@ def choose(
     timer: Callable[[], float] = time.perf_counter,
     candidates: tuple[str, ...] = QUALITY_ORDER,
     paged: bool = False,
+    kv_cache: str = "auto",
 ) -> DtypeChoice:
     """Measure every candidate (best quality first) against the float32 ``model`` (left
-    unchanged) and pick; ``paged``: timed with the paged attention kernel, as they will run."""
-    reference = _next_tokens(model, probe_ids)
-    logits = _answer_logits(model, question_ids, 0)
-    answer = logits.argmax(dim=-1)
-    sure = _margins(logits) >= SURE_MARGIN
+    unchanged) and pick; ``paged``: timed with the paged attention kernel, as they will run.
+    ``kv_cache``: "auto" tries the choice with a bfloat16 KV cache too (see the module's
+    notes); a dtype name keeps every candidate's cache in it."""
+    reference = Reference(model, probe_ids, question_ids)
+    fixed = "" if kv_cache == "auto" else kv_cache
     trials = []
     for dtype in candidates:
-        candidate = convert(copy.deepcopy(model), dtype, pack=pack)
-        candidate.use_paged_attention(paged)
-        agreement = float((_next_tokens(candidate, probe_ids) == reference).float().mean())
-        splits = (0, SPLIT, (len(question_ids) - 1) // BLOCK * BLOCK)  # whole, and as a
-        # repeat of the question computes it: after its cached full blocks
-        same = all(
-            _keeps_sure_tokens(_answer_logits(candidate, question_ids, split, answer), answer, sure)
-            for split in splits
-        )
-        one = _step_ms(candidate, 1, timer)
-        full = _step_ms(candidate, batch, timer)
-        trials.append(Trial(dtype, one, full, batch, agreement, same))
-        del candidate
+        trials.append(_trial(model, reference, dtype, fixed, batch, pack, paged, timer))
     best = trials[0]
     for trial in trials[1:]:
-        good = trial.agreement >= MIN_AGREEMENT and trial.same_answer
-        if good and trial.score < best.score * (1 - MIN_GAIN):
+        if trial.good and trial.score < best.score * (1 - MIN_GAIN):
             best = trial
-    choice = DtypeChoice(best.dtype, tuple(trials))
+    if kv_cache == "auto" and ACTIVATIONS[best.dtype] == torch.float32:
+        halved = _trial(model, reference, best.dtype, "bfloat16", batch, pack, paged, timer)
+        trials.append(halved)
+        if halved.good and halved.score < best.score * (1 + KV_SLACK):
+            best = halved
+    choice = DtypeChoice(best.dtype, tuple(trials), best.kv_cache)
     log_trials(choice)
     return choice
+
+
+class Reference:
+    """What float32 answers, that candidates are held against."""
+
+    def __init__(self, model: LlamaModel, probe_ids: list[int], question_ids: list[int]):
+        self.probe_ids, self.question_ids = probe_ids, question_ids
+        self.next_tokens = _next_tokens(model, probe_ids)
+        logits = _answer_logits(model, question_ids, 0)
+        self.answer = logits.argmax(dim=-1)
+        self.sure = _margins(logits) >= SURE_MARGIN
+
+
+def _trial(
+    model: LlamaModel,
+    reference: Reference,
+    dtype: str,
+    kv_cache: str,
+    batch: int,
+    pack: bool,
+    paged: bool,
+    timer: Callable[[], float],
+) -> Trial:
+    """A copy of ``model`` in ``dtype`` (its KV cache in ``kv_cache``, or "" for its
+    activations'), checked against float32 and timed."""
+    candidate = convert(copy.deepcopy(model), dtype, pack=pack)
+    candidate.use_paged_attention(paged)
+    kv = KV_CACHE_DTYPES[kv_cache] if kv_cache else None
+    chosen = _next_tokens(candidate, reference.probe_ids, kv)
+    agreement = float((chosen == reference.next_tokens).float().mean())
+    ids, answer = reference.question_ids, reference.answer
+    splits = (0, SPLIT, (len(ids) - 1) // BLOCK * BLOCK)  # whole, and as a repeat of the
+    # question computes it: after its cached full blocks
+    same = all(
+        _keeps_sure_tokens(
+            _answer_logits(candidate, ids, split, answer, kv), answer, reference.sure
+        )
+        for split in splits
+    )
+    one = _step_ms(candidate, 1, timer, kv)
+    full = _step_ms(candidate, batch, timer, kv)
+    return Trial(dtype, one, full, batch, agreement, same, kv_cache)
 
 
 def log_trials(choice: DtypeChoice) -> None:
     for trial in choice.trials:
         log.info(
-            "dtype %s: %.1f ms a step alone, %.1f ms for %d, agreement %.2f, %s answer%s",
+            "dtype %s%s: %.1f ms a step alone, %.1f ms for %d, agreement %.2f, %s answer%s",
             trial.dtype,
+            f" (KV cache {trial.kv_cache})" if trial.kv_cache else "",
             trial.one_ms,
             trial.batch_ms,
             trial.batch,
             trial.agreement,
             "same" if trial.same_answer else "another",
-            " (chosen)" if trial.dtype == choice.dtype else "",
+            " (chosen)" if (trial.dtype, trial.kv_cache) == (choice.dtype, choice.kv_cache) else "",
         )
 
 
-def _next_tokens(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+def _next_tokens(model: LlamaModel, ids: list[int], kv: torch.dtype | None = None) -> torch.Tensor:
     """Argmax of the next-token logits at every position of ``ids`` (one prefill)."""
-    return prefill_logits(model, ids).argmax(dim=-1)
+    return prefill_logits(model, ids, kv).argmax(dim=-1)
 
 
-def prefill_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
-    """The next-token logits at every position of ``ids``, computed in one prefill."""
-    cache = _cache(model, -(-len(ids) // BLOCK))
+def prefill_logits(
+    model: LlamaModel, ids: list[int], kv: torch.dtype | None = None
+) -> torch.Tensor:
+    """The next-token logits at every position of ``ids``, computed in one prefill (the KV
+    cache in ``kv``, else in the activations' dtype)."""
+    cache = _cache(model, -(-len(ids) // BLOCK), kv)
     step = StepInput(
         input_ids=torch.tensor(ids),
         positions=torch.arange(len(ids)),
@@ -242,7 +309,11 @@ def _keeps_sure_tokens(logits: torch.Tensor, answer: torch.Tensor, sure: torch.T
 
 
 def _answer_logits(
-    model: LlamaModel, ids: list[int], split: int, forced: torch.Tensor | None = None
+    model: LlamaModel,
+    ids: list[int],
+    split: int,
+    forced: torch.Tensor | None = None,
+    kv: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The next-token logits of ``ANSWER_TOKENS`` decode steps after ``ids``, each step fed
     the last one's greedy token, or ``forced``'s (float32's answer, so a candidate is judged
@@ -250,7 +321,7 @@ def _answer_logits(
     from the prefix cache: ``ids`` computed whole first, then from ``split`` on again over
     the first ``split`` positions' cached keys and values."""
     total = len(ids) + ANSWER_TOKENS
-    cache = _cache(model, -(-total // BLOCK))
+    cache = _cache(model, -(-total // BLOCK), kv)
     blocks = _blocks(cache, 0, total)
     chunks = [(0, len(ids)), (split, len(ids))] if 0 < split < len(ids) else [(0, len(ids))]
     for start, end in chunks:
@@ -278,10 +349,12 @@ def _answer_logits(
     return torch.stack(rows)
 
 
-def _step_ms(model: LlamaModel, sequences: int, timer: Callable[[], float]) -> float:
+def _step_ms(
+    model: LlamaModel, sequences: int, timer: Callable[[], float], kv: torch.dtype | None = None
+) -> float:
     """Median decode step of ``sequences`` sequences with ``CONTEXT`` positions cached."""
     per = -(-(CONTEXT + 1) // BLOCK)
-    cache = _cache(model, sequences * per)
+    cache = _cache(model, sequences * per, kv)
     tables = torch.stack([_blocks(cache, s * per, CONTEXT + 1) for s in range(sequences)])
     step = StepInput(
         input_ids=torch.arange(sequences) % model.config.vocab_size,
@@ -301,8 +374,8 @@ def _step_ms(model: LlamaModel, sequences: int, timer: Callable[[], float]) -> f
     return statistics.median(times)
 
 
-def _cache(model: LlamaModel, blocks: int) -> KVCache:
-    return KVCache(model.config, blocks, BLOCK, model.dtype)
+def _cache(model: LlamaModel, blocks: int, kv: torch.dtype | None = None) -> KVCache:
+    return KVCache(model.config, blocks, BLOCK, kv or model.dtype)
 
 
 def _blocks(cache: KVCache, first: int, positions: int) -> torch.Tensor:

@@ -317,9 +317,10 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def write_cache(k_cache: Tensor, v_cache: Tensor, index: Tensor, k: Tensor, v: Tensor) -> None:
-    """Put the step's keys and values ([T, kv_heads, head_dim]) at their flat positions."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, index, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, index, v)
+    """Put the step's keys and values ([T, kv_heads, head_dim]) at their flat positions, in
+    the cache's dtype (a bfloat16 cache may serve float32 activations)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, index, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, index, v.to(v_cache.dtype))
 
 
 class AttentionPlan:
@@ -379,6 +380,7 @@ def decode_attention(
     blocks_held = block_tables.flatten()  # index_select copies whole blocks: 1.5x indexing's speed
     keys = k_cache.index_select(0, blocks_held).view(count, span, kv_heads, head_dim)
     values = v_cache.index_select(0, blocks_held).view(count, span, kv_heads, head_dim)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # from a cache of another dtype
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     q = q.view(count, kv_heads, heads // kv_heads, head_dim)
     held = torch.arange(span, device=lengths.device)[None, :] < lengths[:, None]  # [S, L]
@@ -395,6 +397,7 @@ def _prefill_attention(q: Tensor, chunk: PrefillRows, k_cache: Tensor, v_cache: 
     length = chunk.past + tokens
     keys = k_cache.index_select(0, chunk.blocks).flatten(0, 1)[:length]  # [L, kv_heads, D]
     values = v_cache.index_select(0, chunk.blocks).flatten(0, 1)[:length]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # from a cache of another dtype
     kv_heads, head_dim = keys.shape[1:]
     heads = q.shape[1]
     group = heads // kv_heads

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 class RunnerOptions:
     dtype: str = "float32"
     """float32, bfloat16, int8-weight, int8 (W8A8), or auto (see dtypes.py)."""
+    kv_cache_dtype: str = "auto"
+    """float32, bfloat16, or auto: the activations' dtype, or with ``dtype="auto"`` what
+    ``auto`` chose (see dtypes.py)."""
     max_sequences: int = 32
     """Sequences that run at once; more wait."""
     max_model_len: int = 4096

@@ -224,13 +224,15 @@ TARGETS static void one_task(const Shape *shape, const float *q, const void *k_c
     }
 }
 
-/* q, out: [sequences, heads, head_dim], of the cache's dtype (bf16 != 0: bfloat16, else
-   float32); caches: [cache_blocks, block_size, kv_heads, head_dim]; block_tables:
+/* q, out: [sequences, heads, head_dim] (q_bf16 != 0: bfloat16, else float32); caches:
+   [cache_blocks, block_size, kv_heads, head_dim] (cache_bf16 likewise; the two may differ:
+   float32 queries over a bfloat16 cache); block_tables:
    [sequences, table_width]; lengths: [sequences]. Returns 0; -1 if memory ran out; -2 if a
    length or a block id would read outside the cache (nothing is computed). */
 int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache,
                            const int64_t *block_tables, const int64_t *lengths, void *out,
-                           int bf16, int64_t sequences, int64_t heads, int64_t kv_heads,
+                           int q_bf16, int cache_bf16, int64_t sequences, int64_t heads,
+                           int64_t kv_heads,
                            int64_t head_dim, int64_t cache_blocks, int64_t block_size,
                            int64_t table_width, int threads) {
     const Shape shape = {sequences, heads, kv_heads, head_dim, block_size, table_width,
@@ -264,16 +266,16 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
             const int64_t s = task / parts, first = (task % parts) * (kv_heads / parts);
             const int64_t count = kv_heads / parts, h0 = first * (heads / kv_heads);
             const int64_t from = s * HD + h0 * head_dim, n = count * (heads / kv_heads) * head_dim;
-            if (bf16) {
+            if (q_bf16) {
                 for (int64_t i = 0; i < n; i++)
                     qf[h0 * head_dim + i] = bf16_to_float(((const uint16_t *)q)[from + i]);
             } else {
                 memcpy(qf + h0 * head_dim, (const float *)q + from, (size_t)n * sizeof(float));
             }
-            one_task(&shape, qf, k_cache, v_cache, bf16, block_tables + s * table_width,
+            one_task(&shape, qf, k_cache, v_cache, cache_bf16, block_tables + s * table_width,
                      lengths[s], first, count, scores, row, acc);
             for (int64_t i = 0; i < n; i++) {
-                if (bf16)
+                if (q_bf16)
                     ((uint16_t *)out)[from + i] = float_to_bf16(acc[h0 * head_dim + i]);
                 else
                     ((float *)out)[from + i] = acc[h0 * head_dim + i];

@@ -25,7 +25,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 def _declare(library: ctypes.CDLL) -> None:
     fn = library.paged_decode_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_int64] * 7 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 2 + [ctypes.c_int64] * 7 + [ctypes.c_int]
 
 
 NATIVE = NativeLibrary(
@@ -71,8 +71,11 @@ def _run(
         raise RuntimeError("the paged attention kernel is not built")
     blocks, block_size, kv_heads, head_dim = k_cache.shape
     sequences, heads = q.shape[0], q.shape[1]
-    if not (k_cache.dtype == v_cache.dtype == q.dtype and q.dtype in DTYPES):
-        raise ValueError(f"paged attention takes float32 or bfloat16, not {q.dtype}")
+    if not (k_cache.dtype == v_cache.dtype and {q.dtype, k_cache.dtype} <= set(DTYPES)):
+        raise ValueError(
+            f"paged attention takes float32 or bfloat16, not {q.dtype} queries over a "
+            f"{k_cache.dtype} and {v_cache.dtype} cache"
+        )
     if heads % kv_heads or q.shape[2] != head_dim or v_cache.shape != k_cache.shape:
         raise ValueError("queries and cache do not match")
     if block_tables.dim() != 2 or block_tables.shape[0] != sequences:
@@ -94,6 +97,7 @@ def _run(
         lengths.data_ptr(),
         out.data_ptr(),
         int(q.dtype == torch.bfloat16),
+        int(k_cache.dtype == torch.bfloat16),
         sequences,
         heads,
         kv_heads,

@@ -15,6 +15,7 @@ from maas.runtime.llm import dtype_cache, int8_matmul, paged_attention
 from maas.runtime.llm.compiled import CompileReport, PrefillReport, compile_decode, compile_prefill
 from maas.runtime.llm.dtypes import (
     ACTIVATIONS,
+    KV_CACHE_DTYPES,
     PROBE,
     QUALITY_ORDER,
     QUESTION,
@@ -71,6 +72,8 @@ class ModelRunner:
         layers: range | None = None,
     ) -> None:
         started = time.perf_counter()
+        if options.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ValueError(f"unknown KV cache dtype {options.kv_cache_dtype!r}")
         if options.threads:
             torch.set_num_threads(options.threads)
         self.tokenizer = tokenizer or load_tokenizer(opened)
@@ -97,11 +100,11 @@ class ModelRunner:
             self.model = load_model(opened, ACTIVATIONS[wanted], layers)
         convert(self.model, self.dtype, pack=pack)
         self.config = self.model.config
-        dtype = ACTIVATIONS[self.dtype]
+        kv_dtype = self._kv_cache_dtype(options)
         self.compiled: CompileReport | None = None
         context = min(options.max_model_len, self.config.max_position_embeddings)
         size = options.block_size
-        per_block = KVCache.bytes_per_block(self.config, size, dtype)  # the whole model's, so
+        per_block = KVCache.bytes_per_block(self.config, size, kv_dtype)  # the whole model's, so
         budget = kv_cache_budget(options, per_block * -(-context // size))  # that every
         blocks = max(1, budget // per_block)  # pipeline stage has as many blocks
         layer_count = len(self.model.layers)
@@ -109,7 +112,7 @@ class ModelRunner:
             self.config,
             blocks,
             size,
-            dtype,
+            kv_dtype,
             commit=options.commit_kv_cache,
             num_layers=layer_count,
         )
@@ -117,7 +120,9 @@ class ModelRunner:
         self.max_len = min(context, self.cache.capacity)
         """Positions one sequence may reach (prompt plus output)."""
         self.max_sequences = options.max_sequences
-        self.paged_attention = options.paged_attention and paged_attention.available(dtype)
+        self.paged_attention = options.paged_attention and all(
+            paged_attention.available(d) for d in (kv_dtype, self.model.dtype)
+        )
         self.model.use_paged_attention(self.paged_attention)
         if options.compile and options.pack_weights and self.dtype == "float32":
             pack_linears(self.model)  # eager float32 steps gain from packed weights; compiled
@@ -136,16 +141,23 @@ class ModelRunner:
         self.memory_bytes = weight_bytes(self.model) + (blocks + 1) * per_block
         release_freed_memory()  # what loading, measuring and compiling freed
         log.info(
-            "%s ready in %.1fs: %s%s, %d KV blocks of %d positions, decode step %s%s",
+            "%s ready in %.1fs: %s%s, %d %s KV blocks of %d positions, decode step %s%s",
             opened.record.reference,
             time.perf_counter() - started,
             self.dtype,
             f" activations, weights stored {self.weights}" if self.weights else "",
             blocks,
+            str(kv_dtype).removeprefix("torch."),
             size,
             "compiled" if self.compiled else "eager",
             ", paged attention" if self.paged_attention else "",
         )
+
+    def _kv_cache_dtype(self, options: RunnerOptions) -> torch.dtype:
+        """As set, else as ``auto`` chose, else the activations'."""
+        if self.dtype_choice is not None:
+            return self.dtype_choice.kv_cache_dtype
+        return KV_CACHE_DTYPES.get(options.kv_cache_dtype, ACTIVATIONS[self.dtype])
 
     def _auto_choice(
         self, opened: OpenedVersion, options: RunnerOptions, pack: bool
@@ -162,6 +174,7 @@ class ModelRunner:
             pack=pack,
             paged=paged and paged_attention.built_name(),  # its source, compiler and flags
             int8_kernel=int8_matmul.available() and int8_matmul.NATIVE.built_name(),
+            kv_cache=options.kv_cache_dtype,
         )
         kept = dtype_cache.load(name)
         if kept is not None and kept.dtype in candidates:
@@ -178,6 +191,7 @@ class ModelRunner:
             pack=pack,
             candidates=candidates,
             paged=paged,
+            kv_cache=options.kv_cache_dtype,
         )
         dtype_cache.save(name, choice)
         return choice

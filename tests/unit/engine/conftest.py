@@ -56,9 +56,11 @@ def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
         kv_cache_blocks: int = 0,
         compile: bool = False,
         paged_attention: bool = True,
+        kv_cache_dtype: str = "auto",
     ) -> LLMEngine:
         config = LlamaConfig.from_hf(json.loads((llama_version.folder / "config.json").read_text()))
-        block_bytes = KVCache.bytes_per_block(config, 16, torch.float32)  # float32 and int8
+        kv = torch.bfloat16 if kv_cache_dtype == "bfloat16" else torch.float32  # as float32's
+        block_bytes = KVCache.bytes_per_block(config, 16, kv)
         options = RunnerOptions(
             dtype=dtype,
             max_sequences=max_sequences,
@@ -67,6 +69,7 @@ def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
             block_size=16,
             compile=compile,
             paged_attention=paged_attention,
+            kv_cache_dtype=kv_cache_dtype,
             threads=1,
         )
         runner = ModelRunner(llama_version, options, tokenizer or llama_tokenizer)

@@ -29,12 +29,15 @@ def generate_staggered(engine, prompts, lengths) -> list[list[int]]:
     return [token_ids(deltas) for deltas in outputs]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize(
+    ("dtype", "kv_cache_dtype"), [("float32", "auto"), ("int8", "auto"), ("int8", "bfloat16")]
+)
 def test_compiled_and_eager_steps_give_the_same_greedy_tokens(
-    make_engine, prompts, dtype, monkeypatch
+    make_engine, prompts, dtype, kv_cache_dtype, monkeypatch
 ):
     lengths = [40, 25, 30]  # past two 16-position blocks, so the tables grow mid-run
-    eager = generate_staggered(make_engine(dtype=dtype), prompts, lengths)
+    eager_engine = make_engine(dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+    eager = generate_staggered(eager_engine, prompts, lengths)
     timed = compiled._timings
 
     def as_if_faster(*args):
@@ -43,7 +46,8 @@ def test_compiled_and_eager_steps_give_the_same_greedy_tokens(
         return tuple((size, e, min(c, e / 2)) for size, e, c in timed(*args))
 
     monkeypatch.setattr(compiled, "_timings", as_if_faster)
-    engine = make_engine(dtype=dtype, compile=True)
+    engine = make_engine(dtype=dtype, compile=True, kv_cache_dtype=kv_cache_dtype)
+    assert engine.runner.cache.dtype == eager_engine.runner.cache.dtype
     report = engine.runner.compiled
     assert report is not None and [size for size, _, _ in report.timings] == [1, 4]
     engine.runner.model.compiled_rows = 4  # whatever the timings said: compiled every step

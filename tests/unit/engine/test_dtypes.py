@@ -20,15 +20,21 @@ QUESTION_IDS = list(range(50, 80))
 
 class FakeTimer:
     """Every reading is ``step_ms`` of the dtype being tried later than the last, so each
-    timed step takes exactly that, whatever the machine does."""
+    timed step takes exactly that, whatever the machine does. A trial with a bfloat16 KV
+    cache is "<dtype> kv bfloat16" (as its dtype's if not given)."""
 
     def __init__(self, step_ms: dict[str, float]) -> None:
         self.step_ms = step_ms
         self.now = 0.0
         self.current = "float32"
+        self.kv: torch.dtype | None = None
+
+    def label(self, kv: torch.dtype | None) -> str:
+        return self.current if kv is None else f"{self.current} kv {str(kv)[6:]}"
 
     def __call__(self) -> float:
-        self.now += self.step_ms[self.current] / 1000
+        label = self.label(self.kv)
+        self.now += self.step_ms.get(label, self.step_ms[self.current]) / 1000
         return self.now
 
 
@@ -46,12 +52,19 @@ def fake_timed(
     chunk_sensitive: frozenset[str] = frozenset(),
     near_tie_flippers: frozenset[str] = frozenset(),
 ):
-    """Each dtype's timings and next-token agreement as given. float32's answer to the probe
-    question is tokens 1 to 4, sure of each but the first (which leads token 7 by 0.1);
-    those in ``chunk_sensitive`` pick another third token, a sure one, when the question is
-    computed in chunks; those in ``near_tie_flippers`` pick 7 first."""
+    """Each dtype's timings and next-token agreement as given (keys as ``FakeTimer``'s
+    labels). float32's answer to the probe question is tokens 1 to 4, sure of each but the
+    first (which leads token 7 by 0.1); those in ``chunk_sensitive`` pick another third
+    token, a sure one, when the question is computed in chunks; those in
+    ``near_tie_flippers`` pick 7 first. Every KV cache made is recorded in ``timer.caches``."""
     timer = FakeTimer(step_ms)
-    real_convert = dtypes.convert
+    timer.caches = []
+    real_convert, real_cache = dtypes.convert, dtypes._cache
+
+    def tracking_cache(model, blocks, kv=None):
+        timer.kv = kv
+        timer.caches.append(kv)
+        return real_cache(model, blocks, kv)
 
     def tracking_convert(model, dtype, *, pack):
         timer.current = dtype
@@ -59,27 +72,29 @@ def fake_timed(
 
     reference = torch.arange(40)
 
-    def next_tokens(model, ids):
-        share = agreement.get(timer.current, 1.0) if model_is_candidate[0] else 1.0
+    def next_tokens(model, ids, kv=None):
+        timer.caches.append(kv)
+        share = agreement.get(timer.label(kv), 1.0) if model_is_candidate[0] else 1.0
         model_is_candidate[0] = True
         agreeing = int(len(reference) * share)
         return torch.cat((reference[:agreeing], reference[agreeing:] + 1))
 
-    def answer_logits(model, ids, split, forced=None):
+    def answer_logits(model, ids, split, forced=None, kv=None):
         logits = torch.zeros(4, 10)
         logits[torch.arange(4), torch.tensor([1, 2, 3, 4])] = 5.0
         logits[0, 7] = 4.9
         if forced is None:  # float32's own answer
             return logits
         assert forced.tolist() == [1, 2, 3, 4]  # every candidate is fed float32's
-        if timer.current in near_tie_flippers:
+        if timer.label(kv) in near_tie_flippers:
             logits[0, 7] = 5.1
-        if split and timer.current in chunk_sensitive:
+        if split and timer.label(kv) in chunk_sensitive:
             logits[2, 9] = 6.0
         return logits
 
     model_is_candidate = [False]
     monkeypatch.setattr(dtypes, "convert", tracking_convert)
+    monkeypatch.setattr(dtypes, "_cache", tracking_cache)
     monkeypatch.setattr(dtypes, "_next_tokens", next_tokens)
     monkeypatch.setattr(dtypes, "_answer_logits", answer_logits)
     return timer
@@ -127,7 +142,8 @@ def test_auto_keeps_a_dtype_that_flips_only_a_token_float32_is_unsure_of(
     )
     choice = choose(float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, timer=timer)
     assert choice.dtype == "int8"
-    assert [t.same_answer for t in choice.trials] == [True, True, False, True]
+    assert [t.same_answer for t in choice.trials] == [True, True, False, True, True]
+    assert choice.trials[-1].kv_cache == "bfloat16"  # int8 again, with a bfloat16 cache
 
 
 def test_auto_prefers_quality_when_a_lower_dtype_is_barely_faster(float32_model, monkeypatch):
@@ -141,6 +157,71 @@ def test_auto_prefers_quality_when_a_lower_dtype_is_barely_faster(float32_model,
     ).dtype == ("float32")
 
 
+def test_auto_keeps_a_bfloat16_kv_cache_that_meets_the_bar_and_is_not_slower(
+    float32_model, monkeypatch
+):
+    step_ms = {"float32": 30, "bfloat16": 20, "int8-weight": 15, "int8": 10}
+    timer = fake_timed(monkeypatch, step_ms={**step_ms, "int8 kv bfloat16": 11}, agreement={})
+    choice = choose(float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, timer=timer)
+    assert (choice.dtype, choice.kv_cache, choice.kv_cache_dtype) == (
+        "int8",
+        "bfloat16",
+        torch.bfloat16,
+    )
+    assert [(t.dtype, t.kv_cache) for t in choice.trials] == [
+        *((dtype, "") for dtype in QUALITY_ORDER),
+        ("int8", "bfloat16"),
+    ]
+    assert choice.to_dict()["kv_cache"] == "bfloat16"
+    assert timer.caches.count(torch.bfloat16) > 0  # its probes and steps ran on such a cache
+
+
+@pytest.mark.parametrize(
+    "slower_or_worse",
+    [
+        {"step_ms": {"int8 kv bfloat16": 12}},  # 20% slower
+        {"chunk_sensitive": frozenset({"int8 kv bfloat16"})},
+        {"agreement": {"int8 kv bfloat16": 0.8}},
+    ],
+)
+def test_auto_keeps_the_activations_cache_when_a_bfloat16_one_is_slower_or_worse(
+    float32_model, monkeypatch, slower_or_worse
+):
+    step_ms = {"float32": 30, "bfloat16": 20, "int8-weight": 15, "int8": 10}
+    options = {"agreement": {}, **slower_or_worse}
+    options["step_ms"] = {**step_ms, **options.get("step_ms", {})}
+    timer = fake_timed(monkeypatch, **options)
+    choice = choose(float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, timer=timer)
+    assert (choice.dtype, choice.kv_cache, choice.kv_cache_dtype) == ("int8", "", torch.float32)
+    assert choice.trials[-1].kv_cache == "bfloat16"  # tried, and refused
+
+
+def test_a_bfloat16_choice_is_not_tried_again_with_its_own_cache_dtype(float32_model, monkeypatch):
+    step_ms = {"float32": 30, "bfloat16": 10, "int8-weight": 15, "int8": 12}
+    timer = fake_timed(monkeypatch, step_ms=step_ms, agreement={})
+    choice = choose(float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, timer=timer)
+    assert (choice.dtype, choice.kv_cache_dtype) == ("bfloat16", torch.bfloat16)
+    assert [t.dtype for t in choice.trials] == list(QUALITY_ORDER)
+
+
+def test_a_set_kv_cache_dtype_serves_every_candidate(float32_model, monkeypatch):
+    step_ms = {"float32": 30, "bfloat16": 20, "int8-weight": 15, "int8": 10}
+    timer = fake_timed(monkeypatch, step_ms=step_ms, agreement={})
+    choice = choose(
+        float32_model,
+        list(range(40)),
+        QUESTION_IDS,
+        batch=4,
+        pack=False,
+        timer=timer,
+        kv_cache="bfloat16",
+    )
+    assert [t.kv_cache for t in choice.trials] == ["bfloat16"] * len(QUALITY_ORDER)
+    assert (choice.dtype, choice.kv_cache_dtype) == ("int8", torch.bfloat16)
+    candidates = timer.caches[1:]  # after float32's own reference
+    assert candidates and all(kv == torch.bfloat16 for kv in candidates)
+
+
 @pytest.mark.parametrize("paged", [True, False])
 def test_auto_times_each_candidate_with_the_attention_it_will_run(
     float32_model, monkeypatch, paged
@@ -149,13 +230,14 @@ def test_auto_times_each_candidate_with_the_attention_it_will_run(
         pytest.skip("no C compiler to build the paged attention kernel")
     seen = []
 
-    def step_ms(model, sequences, timer):
+    def step_ms(model, sequences, timer, kv=None):
         seen.append(all(block.paged is paged for block in model.blocks))
         return 10.0
 
     monkeypatch.setattr(dtypes, "_step_ms", step_ms)
     choose(float32_model, list(range(40)), QUESTION_IDS, batch=4, pack=False, paged=paged)
-    assert seen == [True] * 2 * len(QUALITY_ORDER)  # one sequence and a batch, each dtype
+    # one sequence and a batch, each dtype, and float32 (chosen) with a bfloat16 cache
+    assert seen == [True] * 2 * (len(QUALITY_ORDER) + 1)
 
 
 def test_auto_times_real_steps_and_the_runner_serves_its_choice(
@@ -166,6 +248,7 @@ def test_auto_times_real_steps_and_the_runner_serves_its_choice(
     runner = ModelRunner(llama_version, options, llama_tokenizer)
     choice = runner.dtype_choice
     assert choice is not None and runner.dtype == choice.dtype in QUALITY_ORDER
+    assert runner.cache.dtype == choice.kv_cache_dtype
     assert all(t.one_ms > 0 and t.batch_ms > 0 and t.batch == 4 for t in choice.trials)
     assert next(t for t in choice.trials if t.dtype == "float32").agreement == 1.0
     expected_kernel = {"int8": Int8Linear, "int8-weight": Int8WeightOnlyLinear}.get(runner.dtype)
@@ -260,3 +343,25 @@ def test_a_runner_gives_back_what_its_load_freed(make_engine, monkeypatch):
     monkeypatch.setattr(runner, "release_freed_memory", lambda: calls.append(1) or True)
     engine = make_engine(dtype="int8")
     assert calls == [1] and engine.runner.model is not None
+
+
+def test_a_set_kv_cache_dtype_holds_the_cache_and_an_unknown_one_is_refused(
+    llama_version, llama_tokenizer
+):
+    made = {}
+    for kv in ("auto", "bfloat16"):
+        options = RunnerOptions(
+            dtype="int8",
+            max_sequences=2,
+            max_model_len=64,
+            kv_cache_bytes=1 << 20,
+            compile=False,
+            kv_cache_dtype=kv,
+        )
+        made[kv] = ModelRunner(llama_version, options, llama_tokenizer)
+    assert made["auto"].cache.dtype == torch.float32  # int8's activations'
+    assert made["bfloat16"].cache.dtype == torch.bfloat16
+    assert made["bfloat16"].cache.num_blocks == 2 * made["auto"].cache.num_blocks  # one budget
+    bad = RunnerOptions(dtype="int8", kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="unknown KV cache dtype 'fp8'"):
+        ModelRunner(llama_version, bad, llama_tokenizer)

@@ -63,6 +63,25 @@ def test_the_kernel_gives_the_reference_attention(dtype, tolerance, layout):
     )
 
 
+@pytest.mark.parametrize(
+    ("queries", "cache", "tolerance"),
+    [(torch.float32, torch.bfloat16, 2e-6), (torch.bfloat16, torch.float32, 1.6e-2)],
+)
+def test_queries_of_one_dtype_read_a_cache_of_another(queries, cache, tolerance):
+    """float32 activations over a bfloat16 cache (int8 with half the cache): the kernel reads
+    the cache's rows as they are and answers in the queries' dtype, as the reference does
+    with the gathered rows converted to the queries' dtype (exactly, when that widens)."""
+    lengths = (1, 17, 40, 200)
+    q, k, v, tables, held = cache_and_batch(cache, lengths=lengths)
+    q = q.to(queries)
+    expected = decode_attention(q, k, v, tables, held)
+    got = decode_attention(q, k, v, tables, held, paged=True)
+    assert got.dtype == queries and got.shape == q.shape
+    assert torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        decode_attention(q, k, v.half(), tables, held, paged=True)
+
+
 @pytest.fixture
 def two_threads():
     """Fewer sequences than threads split by kv head; more, by sequence: both ways run."""
@@ -107,13 +126,19 @@ def test_a_compiled_step_calls_the_kernel():
     assert torch.equal(got, decode_attention(q, k, v, tables, held, paged=True))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "kv_cache"),
+    [("float32", torch.float32), ("int8", torch.bfloat16), ("bfloat16", torch.float32)],
+)
 def test_the_engine_gives_the_same_greedy_tokens_with_and_without_the_kernel(
-    make_engine, llama_tokenizer
+    make_engine, llama_tokenizer, dtype, kv_cache
 ):
     prompts = [llama_tokenizer.encode(t) for t in ("the cat sat on the mat", "one two three")]
     outputs = []
     for paged in (True, False):
-        engine = make_engine(dtype="float32", paged_attention=paged)
+        kv_name = str(kv_cache).removeprefix("torch.")
+        engine = make_engine(dtype=dtype, paged_attention=paged, kv_cache_dtype=kv_name)
+        assert engine.runner.cache.dtype == kv_cache
         assert engine.runner.paged_attention is paged
         assert all(block.paged is paged for block in engine.runner.model.blocks)
         deltas = [submit(engine, f"r{i}", p, greedy(40)) for i, p in enumerate(prompts)]
