@@ -1,17 +1,18 @@
-"""The decode step compiled: each layer of a decode-only step through one fused function.
+"""The decode step compiled: a decode-only step's layers, a few at a time, through one fused
+function.
 
 A decoding step of a small model is thousands of tiny eager ops (about 2.5 us of dispatch
 each on a 2-core CPU) around a few matrix products; ``torch.compile`` with the inductor CPU
 backend fuses the norms, rotary and residual adds of a layer into a handful of C++ loops
 around the matrix products and attention (the paged attention kernel as a custom op, or the
-gathered blocks through PyTorch's fused attention). One compiled function
-serves every layer (same code, same shapes: compiled once, not once per layer), with the
-batch size and the context as symbolic sizes, so a step's shape never triggers a compile
-while serving: the two specialisations inductor makes (one sequence, and several) are built
-at load, and checked against the eager path before use. Both paths are then timed at a few
-batch sizes, and compiled steps are used up to the largest at which they were faster. Where
-compilation is not possible (no C++ compiler, an op inductor refuses), or is nowhere faster,
-the eager path runs, as it always can.
+gathered blocks through PyTorch's fused attention). One compiled function serves every group
+of ``LAYERS_PER_CALL`` layers (same code, same shapes: compiled once, not once per group),
+with the batch size and the context as symbolic sizes, so a step's shape never triggers a
+compile while serving: the two specialisations inductor makes (one sequence, and several)
+are built at load, and checked against the eager path before use. Both paths are then timed
+at a few batch sizes, and compiled steps are used up to the largest at which they were
+faster. Where compilation is not possible (no C++ compiler, an op inductor refuses), or is
+nowhere faster, the eager path runs, as it always can.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from maas.runtime.llm.model import (
     LlamaModel,
     PrefillRows,
     StepInput,
-    decode_layer,
+    decode_layers,
     layer_out,
     layer_qkv,
 )
@@ -45,6 +46,23 @@ load, by the model's dtype. In float32 the two agree to rounding. In bfloat16 th
 different places, and eager is the less exact one: on the demo model, eager one-row steps are
 0.24 from float32's logits and compiled ones 0.06, so only a broken kernel's garbage (a
 difference of the logits' own size) is caught there."""
+
+LAYERS_PER_CALL = 6
+"""Layers each call of the compiled step runs. Each call costs Dynamo's lookup and the
+compiled region's entry, about 100 us (30 calls took 3 ms of a 17 ms one-sequence step);
+more layers a call compile longer. The demo in int8 (30 layers, 2 cores; step ms at one
+sequence, and compile seconds with inductor's cache cold):
+
+| layers a call | 1 sequence | 32 sequences | compiling |
+|---|---|---|---|
+| 1 | 20.5 | 34.4 | about 13 |
+| 6 | 16.8 | 29.5 | 45 (9 with inductor's cache warm) |
+| 10 | 15.8 | | 22 warm |
+| 30 | 16.0 | | 55 warm |
+
+Six is most of the gain for a fifth of the compiling of the whole model in one graph. A
+model whose layer count six does not divide runs the rest in a last, shorter call (one more
+graph to compile)."""
 
 WARM_SHAPES = ((1, 2), (2, 3))
 """(sequences, blocks each) run at load: inductor specialises size 1, so one sequence and
@@ -66,7 +84,9 @@ class CompileReport:
     """Compiled steps are used for at most this many sequences: up to the largest timed batch
     at which they were faster than eager (eager packs float32 weights for the CPU's matmul
     library, which inductor cannot for weights passed in, so big float32 batches can be
-    faster eagerly)."""
+    faster eagerly). Not only up to the first batch where they were slower: at one sequence
+    int8's steps spend most of their time in the same kernel either way, and a noisy timing
+    there (18.9 against 18.7 ms) turned off compiled steps that were 26% faster at 32."""
     timings: tuple[tuple[int, float, float], ...]
     """(rows, eager ms, compiled ms) of each timed batch size."""
 
@@ -88,31 +108,29 @@ def compile_decode(
     worst = 0.0
     model.compiled_rows = max_sequences
     try:
-        compiled = torch.compile(own_copy(decode_layer), dynamic=True, fullgraph=True)
+        model.layers_per_call = min(LAYERS_PER_CALL, len(model.blocks))
+        compiled = torch.compile(own_copy(decode_layers), dynamic=True, fullgraph=True)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             for sequences, blocks in WARM_SHAPES:
                 step = _null_step(model, sequences, blocks)
                 hidden = null_hidden(model, sequences)
-                difference = _difference(model, step, cache, hidden, "decode_layer", compiled)
+                difference = _difference(model, step, cache, hidden, "decode_layers", compiled)
                 worst = max(worst, difference)
             timings = _timings(model, cache, compiled, max_sequences, timer)
     except Exception as err:  # inductor raises many kinds; the eager path always works
-        model.decode_layer = None
+        model.decode_layers = None
         log.warning("compiling the decode step failed, running eagerly: %s", err, exc_info=True)
         return None
     if worst > PARITY_TOLERANCE.get(model.dtype, PARITY_TOLERANCE[torch.float32]):
-        model.decode_layer = None
+        model.decode_layers = None
         log.warning("compiled decode step differs from eager by %.2g: running eagerly", worst)
         return None
-    rows = timings[-1][0] if always else 0
-    for size, eager_ms, compiled_ms in timings if not always else ():
-        if compiled_ms >= eager_ms:
-            break
-        rows = size
+    faster = [size for size, eager_ms, compiled_ms in timings if compiled_ms < eager_ms]
+    rows = timings[-1][0] if always else max(faster, default=0)
     for size, eager_ms, compiled_ms in timings:
         log.info("decode step of %d: %.1f ms eager, %.1f ms compiled", size, eager_ms, compiled_ms)
     if rows == 0:
-        model.decode_layer = None
+        model.decode_layers = None
         log.info("the compiled decode step is not faster here: running eagerly")
         return None
     model.compiled_rows = max_sequences if rows == timings[-1][0] else rows
@@ -224,10 +242,10 @@ def _timings(
         hidden = null_hidden(model, size)
         measured = []
         for layer in (None, compiled):
-            model.decode_layer = layer
+            model.decode_layers = layer
             measured.append(_median_ms(model, step, cache, hidden, timer))
         timings.append((size, measured[0], measured[1]))
-    model.decode_layer = compiled
+    model.decode_layers = compiled
     return tuple(timings)
 
 

@@ -214,19 +214,22 @@ def layer_out(block: Block, x: Tensor, attended: Tensor) -> Tensor:
     return block._out(x, attended)
 
 
-def decode_layer(
-    block: Block,
+def decode_layers(
+    blocks: tuple[Block, ...],
     x: Tensor,
     cos: Tensor,
     sin: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
+    k_caches: tuple[Tensor, ...],
+    v_caches: tuple[Tensor, ...],
     cache_index: Tensor,
     block_tables: Tensor,
     lengths: Tensor,
 ) -> Tensor:
-    """``block.decode`` as a free function: compiled once, it serves every layer."""
-    return block.decode(x, cos, sin, k_cache, v_cache, cache_index, block_tables, lengths)
+    """Consecutive layers' ``decode`` as one free function: compiled once, it serves every
+    group of as many layers (see compiled.LAYERS_PER_CALL)."""
+    for block, k_cache, v_cache in zip(blocks, k_caches, v_caches, strict=True):
+        x = block.decode(x, cos, sin, k_cache, v_cache, cache_index, block_tables, lengths)
+    return x
 
 
 class LlamaModel(nn.Module):
@@ -250,10 +253,12 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed.weight
         inv_freq = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.decode_layer = None
-        """``decode_layer`` compiled (set by the runner); decode-only steps of at most
+        self.decode_layers = None
+        """``decode_layers`` compiled (set by the runner); decode-only steps of at most
         ``compiled_rows`` sequences then use it (where it was measured faster than eager)."""
         self.compiled_rows = 0
+        self.layers_per_call = 1
+        """Layers each call of the compiled ``decode_layers`` runs (the last call, the rest)."""
         self.prefill_parts: tuple[Callable, Callable] | None = None
         """``layer_qkv`` and ``layer_out`` compiled (set by the runner), for every other step."""
 
@@ -276,15 +281,16 @@ class LlamaModel(nn.Module):
         rope = Rope(step.positions, self.inv_freq, x.dtype)
         decode = step.decode
         compiled = decode is not None and not step.prefills and decode.count <= self.compiled_rows
-        if self.decode_layer is not None and compiled:
-            for layer, block in enumerate(self.blocks):
-                x = self.decode_layer(
-                    block,
+        if self.decode_layers is not None and compiled:
+            group = self.layers_per_call
+            for first in range(0, len(self.blocks), group):
+                x = self.decode_layers(
+                    tuple(self.blocks[first : first + group]),
                     x,
                     rope.cos,
                     rope.sin,
-                    cache.k[layer],
-                    cache.v[layer],
+                    tuple(cache.k[first : first + group]),
+                    tuple(cache.v[first : first + group]),
                     step.cache_index,
                     decode.block_tables,
                     decode.lengths,

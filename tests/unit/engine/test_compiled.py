@@ -3,10 +3,17 @@ whenever compilation is not possible."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import maas.runtime.llm.compiled as compiled
+from maas.config import Settings
+from maas.engine.llm_engine import LLMEngine
+from maas.registry import open_registry
+from maas.runtime.llm.runner import ModelRunner, RunnerOptions
+from tests.fixtures import make_tiny_llama
 from tests.unit.engine.conftest import greedy, run_to_end, submit, token_ids
 
 TEXTS = ["the cat sat on the mat", "paris is the capital of", "one two three four five six"]
@@ -52,11 +59,10 @@ def test_compiled_and_eager_steps_give_the_same_greedy_tokens(
     assert report is not None and [size for size, _, _ in report.timings] == [1, 4]
     engine.runner.model.compiled_rows = 4  # whatever the timings said: compiled every step
     calls = []
-    layer = engine.runner.model.decode_layer
-    engine.runner.model.decode_layer = lambda *args: calls.append(1) or layer(*args)
+    layers = engine.runner.model.decode_layers
+    engine.runner.model.decode_layers = lambda *args: calls.append(1) or layers(*args)
     assert generate_staggered(engine, prompts, lengths) == eager
-    layers = engine.runner.config.num_layers
-    assert len(calls) >= layers * 30  # most steps were decode-only, through the compiled layer
+    assert len(calls) >= 30  # most steps were decode-only, through the compiled layers
     assert all(len(ids) == n for ids, n in zip(eager, lengths, strict=True))
 
 
@@ -68,7 +74,7 @@ def test_a_failed_compilation_falls_back_to_the_packed_eager_path(
 
     monkeypatch.setattr(torch, "compile", broken)
     engine = make_engine(compile=True)
-    assert engine.runner.compiled is None and engine.runner.model.decode_layer is None
+    assert engine.runner.compiled is None and engine.runner.model.decode_layers is None
     deltas = submit(engine, "r", prompts[0], greedy(8))
     run_to_end(engine)
     assert token_ids(deltas) == token_ids(_alone(make_engine, prompts[0]))
@@ -88,17 +94,54 @@ def test_compiled_steps_are_used_only_up_to_the_batch_where_they_were_faster(
     assert report.rows == 2 == model.compiled_rows
     assert report.timings == ((1, 5000, 1000), (2, 5000, 1000), (4, 1000, 5000))
     calls = []
-    layer = model.decode_layer
-    model.decode_layer = lambda *args: calls.append(1) or layer(*args)
+    layers = model.decode_layers
+    model.decode_layers = lambda *args: calls.append(1) or layers(*args)
     outputs = [submit(engine, f"r{i}", p, greedy(6)) for i, p in enumerate(prompts)]
     engine.step()  # three prompts prefilled: eager
     engine.step()  # three decoding: more than 2, eager
     assert calls == []
     engine.abort("r2")
     engine.step()  # two decoding: compiled
-    assert len(calls) == engine.runner.config.num_layers
+    assert len(calls) == 1  # the tiny model's two layers in one call
     run_to_end(engine)
     assert all(len(token_ids(deltas)) == 6 for deltas in outputs[:2])
+
+
+def test_a_slower_timing_at_one_sequence_does_not_turn_off_compiled_batches(
+    make_engine, monkeypatch
+):
+    readings = iter([0, 1, 0, 5] * 3 + [0, 5, 0, 1] * 3 + [0, 5, 0, 1] * 3)
+    monkeypatch.setattr(compiled, "TIMED_ROWS", (1, 2, 4))
+    # eager faster at one sequence (as noise can make it), compiled at 2 and 4
+    engine = make_engine(compile=False)
+    model, cache = engine.runner.model, engine.runner.cache
+    report = compiled.compile_decode(model, cache, max_sequences=4, timer=lambda: next(readings))
+    assert report is not None and report.rows == 4 == model.compiled_rows
+
+
+def test_layers_run_a_few_a_call_and_the_rest_in_a_last_one(
+    prompts, llama_tokenizer, tmp_path, monkeypatch
+):
+    registry = open_registry(Settings(home=tmp_path / "home"))
+    registry.import_model(make_tiny_llama(tmp_path / "llama3", num_layers=3), "three")
+    version = registry.open_version("three")
+    options = RunnerOptions(max_sequences=4, max_model_len=128, compile=False, threads=1)
+    eager = LLMEngine(ModelRunner(version, options, llama_tokenizer), max_batch_tokens=64)
+    lengths = [20, 12, 16]
+    expected = generate_staggered(eager, prompts, lengths)
+    monkeypatch.setattr(compiled, "LAYERS_PER_CALL", 2)
+    runner = ModelRunner(
+        version, replace(options, compile=True, compile_always=True), llama_tokenizer
+    )
+    registry.close()
+    model = runner.model
+    assert model.layers_per_call == 2 and runner.compiled is not None
+    groups = []
+    layers = model.decode_layers
+    model.decode_layers = lambda blocks, *rest: groups.append(len(blocks)) or layers(blocks, *rest)
+    engine = LLMEngine(runner, max_batch_tokens=64)
+    assert generate_staggered(engine, prompts, lengths) == expected
+    assert groups[:4] == [2, 1, 2, 1] and len(groups) >= 20  # each decode step: 2 calls
 
 
 def test_without_a_cpp_compiler_nothing_is_compiled(make_engine, monkeypatch):
@@ -171,7 +214,7 @@ def test_each_model_compiles_into_a_cache_of_its_own(make_engine):
             model, cache = runner.model, runner.cache
             fast = counting_clock(5.0, 1.0)  # one timed size (1 row), compiled faster
             report = compiled.compile_decode(model, cache, max_sequences=2, timer=fast)
-            assert report is not None and model.decode_layer is not None, dtype
+            assert report is not None and model.decode_layers is not None, dtype
             prefill = compiled.compile_prefill(model, cache, timer=counting_clock(5.0, 1.0))
             assert prefill is not None and model.prefill_parts is not None, dtype
 
