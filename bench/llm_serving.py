@@ -265,7 +265,10 @@ def run_maas(
     try:
         server.wait_ready(timeout=900)  # auto times each dtype and compiles at load
         row = measure_server(server.port, server.admin_key, server.process.pid, prompts, args)
-        row["runs"] = running_dtype(server.port, server.admin_key)
+        engine = running_engine(server.port, server.admin_key)
+        row["runs"] = engine["dtype"]
+        row["kv_cache"] = engine.get("kv_cache_dtype", "")
+        row["compiled_rows"] = engine.get("compiled_rows", 0)
     except RuntimeError as err:
         raise SystemExit(f"maas {dtype}: {err}\n{server.log.read_text()}") from None
     finally:
@@ -273,8 +276,9 @@ def run_maas(
     return {"engine": "maas", "dtype": dtype, **row}
 
 
-def running_dtype(port: int, key: str) -> str:
-    """What the loaded LLM runs, as ``GET /api/v1/deployments`` says (what auto chose)."""
+def running_engine(port: int, key: str) -> dict:
+    """How the loaded LLM runs, as ``GET /api/v1/deployments`` says (what auto chose, its KV
+    cache's dtype, up to how many sequences steps run compiled)."""
     client = HTTPClient("127.0.0.1", port, network_timeout=30)
     try:
         response = client.get("/api/v1/deployments", {"Authorization": f"Bearer {key}"})
@@ -284,7 +288,7 @@ def running_dtype(port: int, key: str) -> str:
     engines = [d["engine"] for d in body["data"] if (d.get("engine") or {}).get("dtype")]
     if not engines:
         raise RuntimeError(f"no LLM deployment in {body}")
-    return engines[0]["dtype"]
+    return engines[0]
 
 
 def stored_home(root: Path, source: Path, method: str, task: str) -> Path:
