@@ -118,11 +118,10 @@ class Settings(BaseSettings):
     CPU's int8 units, as CTranslate2's int8)."""
 
     llm_kv_cache_dtype: str = Field(default="auto", pattern="^(auto|float32|bfloat16)$")
-    """What text-generation models keep keys and values in: auto (the activations' dtype,
-    float32 for float32 and int8 and bfloat16 for the others; with ``llm_dtype=auto``, a
-    float32-activation choice is tried once more with a bfloat16 cache and kept so if it
-    meets the same quality bar and is not slower: half the cache's memory), float32 or
-    bfloat16 (as vLLM's ``--kv-cache-dtype``)."""
+    """What text-generation models keep keys and values in, as vLLM's ``--kv-cache-dtype``:
+    auto (the activations' dtype: float32 for float32 and int8, bfloat16 for the others),
+    float32, or bfloat16 (half the memory of a float32 cache, at a small cost in quality;
+    with ``llm_dtype=auto`` every candidate is measured with it)."""
 
     llm_compile: bool = True
     """Compile each text-generation model's decode step with torch.compile (inductor, needs a

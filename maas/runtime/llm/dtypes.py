@@ -13,11 +13,11 @@ leads the next by 0.08 logits) either token is as good, and rounding that flips 
 loss of quality: comparing free-running answers made the choice hinge on such near-ties.
 The choice and every timing are kept (``DtypeChoice``) and shown with the deployment.
 
-The KV cache is kept in the activations' dtype, except that ``auto`` (``kv_cache="auto"``)
-then tries the chosen dtype once more with a bfloat16 cache where its activations are
-float32 (float32 and int8): the cache takes half the memory, and attention reads half the
-bytes. It is kept if it meets the same quality bar and is not ``KV_SLACK`` slower, timed in
-alternating rounds with the activations' cache on the same weights.
+The KV cache is kept in the activations' dtype unless a ``kv_cache`` dtype is set; every
+candidate is then measured with it. ``auto`` does not lower the cache's precision on its own
+(as vLLM's ``--kv-cache-dtype auto``): a bfloat16 cache for int8 passed this quality bar on
+the demo, but it flipped the unsure first token of the demo's answer to the README's
+question, which then no longer named Paris (docs/llm.md).
 """
 
 from __future__ import annotations
@@ -80,16 +80,6 @@ MIN_AGREEMENT = 0.9
 
 MIN_GAIN = 0.05
 """A lower-quality dtype replaces a better one only if it is this much faster."""
-
-KV_SLACK = 0.05
-"""A bfloat16 KV cache (half the cache's memory) is kept unless measured this much slower
-than the activations' cache, on the same weights in alternating rounds (``PAIRED_ROUNDS``).
-Its steps are about as fast (the demo in int8 compiled, 2 cores: one sequence 15.7 to 16.3
-ms either way, 32 sequences 2 to 12% faster), but trials timed one after the other differ by
-up to about 15% on a busy machine (50.2 against 56.8 ms for 32 sequences, the slower one
-later), which made the choice flip from one load to the next."""
-
-PAIRED_ROUNDS = 3
 
 PROBE = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and "
@@ -192,8 +182,8 @@ def choose(
 ) -> DtypeChoice:
     """Measure every candidate (best quality first) against the float32 ``model`` (left
     unchanged) and pick; ``paged``: timed with the paged attention kernel, as they will run.
-    ``kv_cache``: "auto" tries the choice with a bfloat16 KV cache too (see the module's
-    notes); a dtype name keeps every candidate's cache in it."""
+    ``kv_cache``: "auto" keeps each candidate's cache in its activations' dtype; a dtype name
+    keeps every candidate's cache in it."""
     reference = Reference(model, probe_ids, question_ids)
     fixed = "" if kv_cache == "auto" else kv_cache
     trials = []
@@ -203,13 +193,6 @@ def choose(
     for trial in trials[1:]:
         if trial.good and trial.score < best.score * (1 - MIN_GAIN):
             best = trial
-    if kv_cache == "auto" and ACTIVATIONS[best.dtype] == torch.float32:
-        halved, base_score = _halved_cache_trial(
-            model, reference, best.dtype, batch, pack, paged, timer
-        )
-        trials.append(halved)
-        if halved.good and halved.score < base_score * (1 + KV_SLACK):
-            best = halved
     choice = DtypeChoice(best.dtype, tuple(trials), best.kv_cache)
     log_trials(choice)
     return choice
@@ -244,40 +227,6 @@ def _trial(
     one = _step_ms(candidate, 1, timer, kv)
     full = _step_ms(candidate, batch, timer, kv)
     return Trial(dtype, one, full, batch, agreement, same, kv_cache)
-
-
-def _halved_cache_trial(
-    model: LlamaModel,
-    reference: Reference,
-    dtype: str,
-    batch: int,
-    pack: bool,
-    paged: bool,
-    timer: Callable[[], float],
-) -> tuple[Trial, float]:
-    """``dtype`` again with a bfloat16 KV cache, checked against float32 and timed in rounds
-    that alternate with the activations' cache on the same weights; the trial, and the score
-    of the activations' cache from the same rounds."""
-    candidate = _candidate(model, dtype, pack, paged)
-    agreement, same = _quality(candidate, reference, torch.bfloat16)
-    times: dict[torch.dtype | None, list[tuple[float, float]]] = {None: [], torch.bfloat16: []}
-    for _ in range(PAIRED_ROUNDS):
-        for kv, rounds in times.items():
-            rounds.append(
-                (_step_ms(candidate, 1, timer, kv), _step_ms(candidate, batch, timer, kv))
-            )
-    one, full = (statistics.median(column) for column in zip(*times[torch.bfloat16], strict=True))
-    base_one, base_full = (statistics.median(column) for column in zip(*times[None], strict=True))
-    log.info(
-        "dtype %s with its activations' KV cache, timed in the same rounds: %.1f ms alone, "
-        "%.1f ms for %d",
-        dtype,
-        base_one,
-        base_full,
-        batch,
-    )
-    trial = Trial(dtype, one, full, batch, agreement, same, "bfloat16")
-    return trial, Trial(dtype, base_one, base_full, batch, 1.0).score
 
 
 def _candidate(model: LlamaModel, dtype: str, pack: bool, paged: bool) -> LlamaModel:
