@@ -221,18 +221,13 @@ def _trial(
 ) -> Trial:
     """A copy of ``model`` in ``dtype`` (its KV cache in ``kv_cache``, or "" for its
     activations'), checked against float32 and timed."""
-    candidate = _candidate(model, dtype, pack, paged)
+    candidate = convert(copy.deepcopy(model), dtype, pack=pack)
+    candidate.use_paged_attention(paged)
     kv = KV_CACHE_DTYPES[kv_cache] if kv_cache else None
     agreement, same = _quality(candidate, reference, kv)
     one = _step_ms(candidate, 1, timer, kv)
     full = _step_ms(candidate, batch, timer, kv)
     return Trial(dtype, one, full, batch, agreement, same, kv_cache)
-
-
-def _candidate(model: LlamaModel, dtype: str, pack: bool, paged: bool) -> LlamaModel:
-    candidate = convert(copy.deepcopy(model), dtype, pack=pack)
-    candidate.use_paged_attention(paged)
-    return candidate
 
 
 def _quality(

@@ -283,9 +283,10 @@ class LlamaModel(nn.Module):
         compiled = decode is not None and not step.prefills and decode.count <= self.compiled_rows
         if self.decode_layers is not None and compiled:
             group = self.layers_per_call
-            for first in range(0, len(self.blocks), group):
+            blocks = tuple(self.blocks)  # a slice of the ModuleList would build a new module
+            for first in range(0, len(blocks), group):
                 x = self.decode_layers(
-                    tuple(self.blocks[first : first + group]),
+                    blocks[first : first + group],
                     x,
                     rope.cos,
                     rope.sin,
