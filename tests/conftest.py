@@ -81,3 +81,19 @@ def postgres_server():
 def postgres_url(postgres_server) -> str:
     """A fresh, empty database on the session's PostgreSQL server."""
     return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def migrated_database(request, tmp_path):
+    """An empty database at the newest schema, as a SQLAlchemy engine: SQLite, and a fresh
+    database on the session's PostgreSQL server."""
+    from maas.db import make_engine, upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'maas.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    engine = make_engine(url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()

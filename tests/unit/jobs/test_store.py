@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from maas.auth.store import TenantStore
-from maas.db import make_engine, upgrade
 from maas.errors import Conflict
 from maas.jobs import JobNotFound, JobStatus, JobStore, LeaseLost
 
@@ -27,16 +26,9 @@ class Clock:
         self.now += timedelta(seconds=seconds)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def engine(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    engine = make_engine(url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
+@pytest.fixture
+def engine(migrated_database):
+    return migrated_database
 
 
 @pytest.fixture
