@@ -95,6 +95,11 @@ class KVCache:
         return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * element
 
     @property
+    def nbytes(self) -> int:
+        """What the cache's tensors take, the null block included."""
+        return sum(t.nbytes for t in self.k + self.v)
+
+    @property
     def capacity(self) -> int:
         """Positions the pool holds in all."""
         return self.num_blocks * self.block_size

@@ -103,20 +103,7 @@ class ModelRunner:
         kv_dtype = self._kv_cache_dtype(options)
         self.compiled: CompileReport | None = None
         context = min(options.max_model_len, self.config.max_position_embeddings)
-        size = options.block_size
-        per_block = KVCache.bytes_per_block(self.config, size, kv_dtype)  # the whole model's, so
-        budget = kv_cache_budget(options, per_block * -(-context // size))  # that every
-        blocks = max(1, budget // per_block)  # pipeline stage has as many blocks
-        layer_count = len(self.model.layers)
-        self.cache = KVCache(
-            self.config,
-            blocks,
-            size,
-            kv_dtype,
-            commit=options.commit_kv_cache,
-            num_layers=layer_count,
-        )
-        per_block = per_block * layer_count // self.config.num_layers
+        self.cache = self._make_cache(options, kv_dtype, context)
         self.max_len = min(context, self.cache.capacity)
         """Positions one sequence may reach (prompt plus output)."""
         self.max_sequences = options.max_sequences
@@ -138,7 +125,7 @@ class ModelRunner:
             )
         if self.compiled is None and options.compile and options.pack_weights:
             pack_linears(self.model)  # eager only: every dtype's float weights packed
-        self.memory_bytes = weight_bytes(self.model) + (blocks + 1) * per_block
+        self.memory_bytes = weight_bytes(self.model) + self.cache.nbytes
         release_freed_memory()  # what loading, measuring and compiling freed
         log.info(
             "%s ready in %.1fs: %s%s, %d %s KV blocks of %d positions, decode step %s%s",
@@ -146,11 +133,26 @@ class ModelRunner:
             time.perf_counter() - started,
             self.dtype,
             f" activations, weights stored {self.weights}" if self.weights else "",
-            blocks,
+            self.cache.num_blocks,
             str(kv_dtype).removeprefix("torch."),
-            size,
+            self.cache.block_size,
             "compiled" if self.compiled else "eager",
             ", paged attention" if self.paged_attention else "",
+        )
+
+    def _make_cache(self, options: RunnerOptions, dtype: torch.dtype, context: int) -> KVCache:
+        """The KV cache of this model's layers, as many blocks as the whole model's budget
+        holds (so that every pipeline stage has as many)."""
+        size = options.block_size
+        per_block = KVCache.bytes_per_block(self.config, size, dtype)  # the whole model's
+        budget = kv_cache_budget(options, per_block * -(-context // size))
+        return KVCache(
+            self.config,
+            max(1, budget // per_block),
+            size,
+            dtype,
+            commit=options.commit_kv_cache,
+            num_layers=len(self.model.layers),
         )
 
     def _kv_cache_dtype(self, options: RunnerOptions) -> torch.dtype:
