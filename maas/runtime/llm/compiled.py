@@ -7,9 +7,10 @@ backend fuses the norms, rotary and residual adds of a layer into a handful of C
 around the matrix products and attention (the paged attention kernel as a custom op, or the
 gathered blocks through PyTorch's fused attention). One compiled function serves every group
 of ``LAYERS_PER_CALL`` layers (same code, same shapes: compiled once, not once per group),
-with the batch size and the context as symbolic sizes, so a step's shape never triggers a
-compile while serving: the two specialisations inductor makes (one sequence, and several)
-are built at load, and checked against the eager path before use. Both paths are then timed
+with the batch size and the context as symbolic sizes (and every other size, the weights' and
+the KV cache's, fixed), so a step's shape never triggers a compile while serving: the two
+specialisations inductor makes (one sequence, and several) are built at load, and checked
+against the eager path before use. Both paths are then timed
 at a few batch sizes, and compiled steps are used up to the largest at which they were
 faster. Where compilation is not possible (no C++ compiler, an op inductor refuses), or is
 nowhere faster, the eager path runs, as it always can.
@@ -109,12 +110,13 @@ def compile_decode(
     model.compiled_rows = max_sequences
     try:
         model.layers_per_call = min(LAYERS_PER_CALL, len(model.blocks))
-        compiled = torch.compile(own_copy(decode_layers), dynamic=True, fullgraph=True)
+        compiled = torch.compile(own_copy(decode_layers), fullgraph=True)
+        tracing = _sizes_marked(compiled, rows=(1, 2, 3, 6, 7, 8), blocks=7)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             for sequences, blocks in WARM_SHAPES:
                 step = _null_step(model, sequences, blocks)
                 hidden = null_hidden(model, sequences)
-                difference = _difference(model, step, cache, hidden, "decode_layers", compiled)
+                difference = _difference(model, step, cache, hidden, "decode_layers", tracing)
                 worst = max(worst, difference)
             timings = _timings(model, cache, compiled, max_sequences, timer)
     except Exception as err:  # inductor raises many kinds; the eager path always works
@@ -172,13 +174,14 @@ def compile_prefill(
     worst, times = 0.0, {}
     try:
         parts = (
-            torch.compile(own_copy(layer_qkv), dynamic=True, fullgraph=True),
-            torch.compile(own_copy(layer_out), dynamic=True, fullgraph=True),
+            torch.compile(own_copy(layer_qkv), fullgraph=True),
+            torch.compile(own_copy(layer_out), fullgraph=True),
         )
+        tracing = (_sizes_marked(parts[0], rows=(1, 2, 3)), _sizes_marked(parts[1], rows=(1, 2)))
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             for tokens in PREFILL_WARM_TOKENS:
                 step, hidden = _null_prefill(model, cache, tokens), null_hidden(model, tokens)
-                difference = _difference(model, step, cache, hidden, "prefill_parts", parts)
+                difference = _difference(model, step, cache, hidden, "prefill_parts", tracing)
                 worst = max(worst, difference)
             step = _null_prefill(model, cache, PREFILL_TIMED_TOKENS)
             hidden = null_hidden(model, PREFILL_TIMED_TOKENS)
@@ -204,6 +207,26 @@ def compile_prefill(
         return None
     model.prefill_parts = parts
     return report
+
+
+def _sizes_marked(compiled: Callable, rows: tuple[int, ...], blocks: int | None = None) -> Callable:
+    """``compiled``, called with the sizes that vary between steps marked dynamic for Dynamo
+    to trace: the first dimension (tokens or sequences) of the arguments at positions
+    ``rows`` unless it is 1 (inductor specialises 1 apart), and the second (blocks) of the
+    block tables at position ``blocks``. Every other size (the weights', the KV cache's)
+    stays fixed, as the model it was traced for: compiled with every size symbolic, the
+    demo's decode step took 42 s to compile instead of 28, and ran no faster. Only the
+    warm-up calls go through this; the graphs they build then serve every step."""
+
+    def call(*args):
+        for position in rows:
+            if args[position].shape[0] > 1:
+                torch._dynamo.mark_dynamic(args[position], 0)
+        if blocks is not None:
+            torch._dynamo.mark_dynamic(args[blocks], 1)
+        return compiled(*args)
+
+    return call
 
 
 def own_copy(function: Callable) -> Callable:
