@@ -10,7 +10,7 @@ is counted over the whole run, prefill included; time to first token (TTFT) and 
 latency (ITL, the gap between streamed chunks) are per request, reported as p50 and p99. A
 single stream is then timed alone (decode tokens/s, median of ``--single-runs``). The peak
 resident memory of the server's whole process tree (maas and its engine process) is sampled
-from /proc every 100 ms during the C-stream run.
+from /proc every 100 ms during the C-stream run, with each process's part at the peak.
 
 Baselines, in the same run, on the same weights and the same prompts:
 
@@ -240,8 +240,15 @@ def measure_server(port: int, key: str | None, pid: int, prompts: list[list[int]
             median_or_nan([(r.output_tokens - 1) / r.decode_seconds for r in single if r.ok]), 1
         ),
         "peak_rss_mib": round(rss.peak / MiB),
+        "peak_rss_by_process_mib": [
+            [role, round(size / MiB)] for role, size in sorted(rss.at_peak.values(), key=_larger)
+        ],
         "seconds": round(elapsed, 1),
     }
+
+
+def _larger(process: tuple[str, int]) -> int:
+    return -process[1]
 
 
 def run_maas(
@@ -495,6 +502,10 @@ def report(rows: list[dict], args, build: dict | None) -> None:
             f"{row['itl_p50_ms']:>8} {row['itl_p99_ms']:>6} "
             f"{row['failed']:>6} {row['single_stream_tokens_per_s']:>8} {rss:>9}"
         )
+    print("\npeak RSS by process (at the tree's peak):")
+    for row in rows:
+        parts = ", ".join(f"{role} {mib}" for role, mib in row.get("peak_rss_by_process_mib", []))
+        print(f"  {row['engine']} {row['dtype']}: {parts} MiB")
     ratios = {**best_maas_ratios(rows), **llama_cpp_ratios(rows, args.clients)}
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}x")
