@@ -171,7 +171,7 @@ def compile_prefill(
     adds and MLP as a few fused loops. Warmed up, checked against eager and timed at load;
     None (eager kept) if compilation fails, differs, or is not faster."""
     started = time.perf_counter()
-    worst, times = 0.0, {}
+    worst = 0.0
     try:
         parts = (
             torch.compile(own_copy(layer_qkv), fullgraph=True),
@@ -185,9 +185,9 @@ def compile_prefill(
                 worst = max(worst, difference)
             step = _null_prefill(model, cache, PREFILL_TIMED_TOKENS)
             hidden = null_hidden(model, PREFILL_TIMED_TOKENS)
-            for way in (None, parts):
-                model.prefill_parts = way
-                times[way is not None] = _median_ms(model, step, cache, hidden, timer)
+            eager_ms, compiled_ms = _alternating_ms(
+                model, step, cache, hidden, "prefill_parts", parts, timer
+            )
     except Exception as err:  # inductor raises many kinds; the eager path always works
         model.prefill_parts = None
         log.warning("compiling the prefill parts failed, running eagerly: %s", err, exc_info=True)
@@ -196,7 +196,7 @@ def compile_prefill(
     if worst > PARITY_TOLERANCE.get(model.dtype, PARITY_TOLERANCE[torch.float32]):
         log.warning("compiled prefill parts differ from eager by %.2g: running eagerly", worst)
         return None
-    report = PrefillReport(time.perf_counter() - started, worst, times[False], times[True])
+    report = PrefillReport(time.perf_counter() - started, worst, eager_ms, compiled_ms)
     log.info(
         "prefill step of %d tokens: %.1f ms eager, %.1f ms compiled",
         PREFILL_TIMED_TOKENS,
@@ -263,11 +263,10 @@ def _timings(
     for size in sizes:
         step = _null_step(model, size, MIN_BLOCKS)
         hidden = null_hidden(model, size)
-        measured = []
-        for layer in (None, compiled):
-            model.decode_layers = layer
-            measured.append(_median_ms(model, step, cache, hidden, timer))
-        timings.append((size, measured[0], measured[1]))
+        eager_ms, compiled_ms = _alternating_ms(
+            model, step, cache, hidden, "decode_layers", compiled, timer
+        )
+        timings.append((size, eager_ms, compiled_ms))
     model.decode_layers = compiled
     return tuple(timings)
 
@@ -286,15 +285,26 @@ def _difference(
     return float((got - expected).abs().max()) / scale
 
 
-def _median_ms(model: LlamaModel, step: StepInput, cache: KVCache, hidden, timer) -> float:
-    """Median of ``TIMED_STEPS`` runs of ``step`` after one to warm up."""
-    model(step, cache, hidden)
-    times = []
-    for _ in range(TIMED_STEPS):
-        begun = timer()
+def _alternating_ms(
+    model: LlamaModel, step: StepInput, cache: KVCache, hidden, attribute: str, compiled, timer
+) -> tuple[float, float]:
+    """Median ms of ``step`` eager (``model.<attribute>`` None) and with ``compiled``, timed in
+    ``TIMED_STEPS`` alternating rounds (a step each way per round, after one each way to warm
+    up), so that a burst of other work on the machine slows both ways rather than one: timed
+    one way after the other, a busy moment once made compiled steps look slower than eager at
+    one sequence, and a load with only that size to time ran eagerly."""
+    ways = (None, compiled)
+    times: tuple[list[float], list[float]] = ([], [])
+    for way in ways:
+        setattr(model, attribute, way)
         model(step, cache, hidden)
-        times.append((timer() - begun) * 1000)
-    return statistics.median(times)
+    for _ in range(TIMED_STEPS):
+        for way, taken in zip(ways, times, strict=True):
+            setattr(model, attribute, way)
+            begun = timer()
+            model(step, cache, hidden)
+            taken.append((timer() - begun) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def null_hidden(model: LlamaModel, sequences: int) -> torch.Tensor | None:

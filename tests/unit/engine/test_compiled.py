@@ -121,6 +121,28 @@ def test_a_slower_timing_at_one_sequence_does_not_turn_off_compiled_batches(
     assert report is not None and report.rows == 4 == model.compiled_rows
 
 
+def test_a_burst_of_other_work_slows_both_ways_not_compiled_steps_alone(make_engine):
+    """The machine busy for two timed steps in a row (20 ms more each): timed in alternating
+    rounds, the burst falls on one step of each way, and the medians still show compiled
+    steps faster; timed three eager steps and then three compiled ones, it fell on two
+    compiled steps, and a load with only one size to time ran eagerly."""
+    engine = make_engine(compile=False)
+    model, cache = engine.runner.model, engine.runner.cache
+    now, calls = [0.0], [0]
+
+    def clock() -> float:  # read at each timed step's start and end
+        calls[0] += 1
+        if calls[0] % 2 == 0:
+            step = calls[0] // 2
+            taken = 10.0 if model.decode_layers is None else 7.0
+            now[0] += (taken + (20.0 if step in (4, 5) else 0.0)) / 1000
+        return now[0]
+
+    report = compiled.compile_decode(model, cache, max_sequences=1, timer=clock)
+    assert report is not None and model.decode_layers is not None
+    assert report.timings == ((1, pytest.approx(10.0), pytest.approx(7.0)),)
+
+
 def test_layers_run_a_few_a_call_and_the_rest_in_a_last_one(
     prompts, llama_tokenizer, tmp_path, monkeypatch
 ):
@@ -153,9 +175,9 @@ def test_without_a_cpp_compiler_nothing_is_compiled(make_engine, monkeypatch):
 
 def counting_clock(eager_ms, compiled_ms):
     """A timer under which every timed eager step lasts ``eager_ms`` and every compiled one
-    ``compiled_ms`` (compile_prefill times five eager steps, then five compiled ones)."""
+    ``compiled_ms`` (steps are timed a step each way per round, eager first)."""
     readings = []
-    for ms in [eager_ms] * compiled.TIMED_STEPS + [compiled_ms] * compiled.TIMED_STEPS:
+    for ms in [eager_ms, compiled_ms] * compiled.TIMED_STEPS:
         readings += [0.0, ms / 1000]
     return iter(readings).__next__
 
