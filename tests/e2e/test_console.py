@@ -128,6 +128,45 @@ def test_an_admin_signs_in_and_sees_the_models(page, server):
     shoot(page, "models")
 
 
+PACED_CHAT = """() => {
+    // The server's chat stream, passed on to the page an event at a time, 20 ms apart. The
+    // tiny model writes its tokens within milliseconds, so the page may read them all in one
+    // or two reads and show them at once however it renders a stream (it did so once on
+    // CI): paced, each event is a read of its own, as from a model of real size.
+    const realFetch = window.fetch.bind(window);
+    window.fetch = async (input, init) => {
+        const response = await realFetch(input, init);
+        if (!String(input).endsWith("/v1/chat/completions") || !response.ok) return response;
+        const source = response.body.getReader();
+        const decoder = new TextDecoder(), encoder = new TextEncoder();
+        let pending = "";
+        const paced = new ReadableStream({
+            async pull(controller) {
+                for (;;) {
+                    const blank = /\\r?\\n\\r?\\n/.exec(pending);
+                    if (blank) {
+                        const event = pending.slice(0, blank.index + blank[0].length);
+                        pending = pending.slice(event.length);
+                        await new Promise((resolve) => setTimeout(resolve, 20));
+                        controller.enqueue(encoder.encode(event));
+                        return;
+                    }
+                    const { value, done } = await source.read();
+                    if (done) {
+                        if (pending) controller.enqueue(encoder.encode(pending));
+                        controller.close();
+                        return;
+                    }
+                    pending += decoder.decode(value, { stream: true });
+                }
+            },
+            cancel(reason) { return source.cancel(reason); },
+        });
+        return new Response(paced, { status: response.status, headers: response.headers });
+    };
+}"""
+
+
 def test_a_chat_streams_into_the_page(page, server):
     sign_in(page, server, server.user_key)
     page.wait_for_url(f"{server.url}/ui/usage")
@@ -144,6 +183,7 @@ def test_a_chat_streams_into_the_page(page, server):
                      {subtree: true, characterData: true, childList: true});
     }"""
     )
+    page.evaluate(PACED_CHAT)
     with page.expect_response(f"{server.url}/v1/chat/completions") as answered:
         page.click("#chat-send")
     response = answered.value
