@@ -111,6 +111,8 @@ def compile_decode(
     try:
         model.layers_per_call = min(LAYERS_PER_CALL, len(model.blocks))
         compiled = torch.compile(own_copy(decode_layers), fullgraph=True)
+        # decode_layers(blocks, x, cos, sin, k_caches, v_caches, cache_index, block_tables,
+        # lengths): every argument but the layers and the caches has a row a sequence
         tracing = _sizes_marked(compiled, rows=(1, 2, 3, 6, 7, 8), blocks=7)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             for sequences, blocks in WARM_SHAPES:
@@ -177,6 +179,7 @@ def compile_prefill(
             torch.compile(own_copy(layer_qkv), fullgraph=True),
             torch.compile(own_copy(layer_out), fullgraph=True),
         )
+        # layer_qkv(block, x, cos, sin) and layer_out(block, x, attended): a row a token
         tracing = (_sizes_marked(parts[0], rows=(1, 2, 3)), _sizes_marked(parts[1], rows=(1, 2)))
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             for tokens in PREFILL_WARM_TOKENS:
