@@ -62,6 +62,7 @@ import sys
 import tempfile
 import time
 from itertools import pairwise
+from operator import itemgetter
 from pathlib import Path
 
 from gevent.pool import Pool
@@ -241,14 +242,11 @@ def measure_server(port: int, key: str | None, pid: int, prompts: list[list[int]
         ),
         "peak_rss_mib": round(rss.peak / MiB),
         "peak_rss_by_process_mib": [
-            [role, round(size / MiB)] for role, size in sorted(rss.at_peak.values(), key=_larger)
+            [role, round(size / MiB)]
+            for role, size in sorted(rss.at_peak.values(), key=itemgetter(1), reverse=True)
         ],
         "seconds": round(elapsed, 1),
     }
-
-
-def _larger(process: tuple[str, int]) -> int:
-    return -process[1]
 
 
 def run_maas(
