@@ -48,8 +48,8 @@ def seconds_per_call(call, calls: int, rounds: int = 5) -> float:
 def product_seconds(outputs: int, inputs: int, calls: int) -> float:
     """Seconds a call of one int8 row times an (outputs x inputs) matrix takes."""
     weight = torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8)
-    x = torch.randint(-127, 128, (1, inputs), dtype=torch.int8)
-    return seconds_per_call(lambda: int8_matmul._run(x, weight), calls)
+    x, sums = torch.randint(-127, 128, (1, inputs), dtype=torch.int8), int8_matmul.row_sums(weight)
+    return seconds_per_call(lambda: int8_matmul._run(x, weight, sums), calls)
 
 
 def layers_seconds() -> float:
@@ -59,11 +59,12 @@ def layers_seconds() -> float:
     for _ in range(LAYERS):
         for outputs, inputs in DEMO_SHAPES:
             weight = torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8)
-            products.append((torch.randint(-127, 128, (1, inputs), dtype=torch.int8), weight))
+            x = torch.randint(-127, 128, (1, inputs), dtype=torch.int8)
+            products.append((x, weight, int8_matmul.row_sums(weight)))
 
     def one_pass() -> None:
-        for x, weight in products:
-            int8_matmul._run(x, weight)
+        for x, weight, sums in products:
+            int8_matmul._run(x, weight, sums)
 
     return seconds_per_call(one_pass, 10)
 
@@ -90,14 +91,14 @@ def main() -> None:
     )
     weight = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
     x = torch.randint(-127, 128, (1, 64), dtype=torch.int8)
-    out = torch.empty(1, 8, dtype=torch.int32)
+    sums, out = int8_matmul.row_sums(weight), torch.empty(1, 8, dtype=torch.int32)
     library = int8_matmul.NATIVE.load()
-    pointers = (x.data_ptr(), weight.data_ptr(), out.data_ptr())
+    pointers = (x.data_ptr(), weight.data_ptr(), sums.data_ptr(), out.data_ptr())
     bare = seconds_per_call(
         lambda: library.int8_row_matmul(*pointers, 1, 8, 64, threads, -1), 20000
     )
-    checked = seconds_per_call(lambda: int8_matmul._run(x, weight), 20000)
-    dispatched = seconds_per_call(lambda: torch.ops.maas.int8_matmul(x, weight), 20000)
+    checked = seconds_per_call(lambda: int8_matmul._run(x, weight, sums), 20000)
+    dispatched = seconds_per_call(lambda: torch.ops.maas.int8_matmul(x, weight, sums), 20000)
     print(
         f"a call of an 8 x 64 product: ctypes {bare * 1e6:.1f} us, _run {checked * 1e6:.1f} "
         f"us, torch.ops {dispatched * 1e6:.1f} us ({dispatched / bare:.1f}x the bare call)"

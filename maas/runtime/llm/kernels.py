@@ -62,6 +62,7 @@ class Int8Linear(nn.Module):
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.weight = torch.round(weight / scale[:, None]).to(torch.int8)  # [out, in]
+        self.weight_sums = int8_matmul.row_sums(self.weight)  # the kernel's, see int8_matmul.c
         self.scale = scale
         self.bias = None if linear.bias is None else linear.bias.detach().float()
         self.out_features = weight.shape[0]
@@ -70,7 +71,8 @@ class Int8Linear(nn.Module):
 
     @property
     def memory_bytes(self) -> int:
-        return _bytes(self.weight) + _bytes(self.scale) + _bytes(self.bias)
+        parts = (self.weight, self.weight_sums, self.scale, self.bias)
+        return sum(_bytes(t) for t in parts)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -78,7 +80,7 @@ class Int8Linear(nn.Module):
         x_scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)
         quantized = (x / x_scale).round_().to(torch.int8)
         if self.few_rows_kernel:
-            sums = int8_matmul.int8_matmul(quantized, self.weight)
+            sums = int8_matmul.int8_matmul(quantized, self.weight, self.weight_sums)
         else:
             sums = torch._int_mm(quantized, self.weight.t())
         out = torch.mul(sums, x_scale).mul_(self.scale)

@@ -54,8 +54,9 @@ def test_int8_linears_are_counted_at_a_byte_a_weight(linear):
     floats = weight_bytes(model)
     assert quantize_linears(model) == 1
     assert isinstance(model[0], Int8Linear)
-    # 64*48 weights: 4 bytes each before, 1 after; the 48 scales and the rest stay float32
-    assert weight_bytes(model) == floats - 64 * 48 * 3 + 48 * 4
+    # 64*48 weights: 4 bytes each before, 1 after; the 48 scales and the rest stay float32,
+    # and the kernel's 48 int32 row sums are added
+    assert weight_bytes(model) == floats - 64 * 48 * 3 + 48 * 4 + 48 * 4
 
 
 def reference_attention(q, k, v, length: int, causal_from: int | None = None):
