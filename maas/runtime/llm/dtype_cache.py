@@ -123,6 +123,6 @@ def _version(package: str) -> str:
 
 def _runtime_digest() -> str:
     digest = hashlib.sha256()
-    for source in sorted(RUNTIME.glob("*.py")) + sorted(RUNTIME.glob("*.c")):
+    for source in sorted(RUNTIME.glob("*.py")) + sorted(RUNTIME.glob("*.c*")):
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()

@@ -7,8 +7,7 @@ read SmolLM2-135M's 134 MB of int8 weights at about 11.5 GB/s there, this kernel
 which the caller keeps each weight row's sum (``row_sums``). Its sums are exact integers, equal
 to torch._int_mm's, so a sequence's output does not change with the rows beside it or with the
 path taken. Above ``rows_max()`` rows, torch._int_mm is as fast and runs instead. Inside a
-compiled step it is called as an operator registered with ``torch.library.Library``: about 6 us
-a call there, against 17 for a ``torch.library.custom_op``.
+compiled step it is called as the operator ``maas::int8_matmul`` (torch_ops.py).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from maas.runtime.llm import torch_ops
 from maas.runtime.llm.native import NativeLibrary
 
 ROWS_MAX = 8
@@ -51,7 +51,18 @@ NATIVE = NativeLibrary(
 
 
 def available() -> bool:
-    return NATIVE.load() is not None
+    if NATIVE.load() is None:
+        return False
+    _register_operator()
+    return True
+
+
+@functools.cache
+def _register_operator() -> None:
+    """The operator's CPU kernel (torch_ops.py), once; a C++ one is told which products to
+    send to torch._int_mm, as ``_run`` does."""
+    if torch_ops.register_cpu("int8_matmul", _run) == "c++":
+        torch_ops.OPS.load().maas_set_int8_limits(rows_max(), LONGEST)
 
 
 @functools.cache
@@ -121,13 +132,3 @@ def _run(x: Tensor, weight: Tensor, sums: Tensor, level: int = -1) -> Tensor:
     if status != 0:
         raise MemoryError("the int8 kernel ran out of memory")
     return out
-
-
-_LIBRARY = torch.library.Library("maas", "FRAGMENT")
-_LIBRARY.define("int8_matmul(Tensor x, Tensor weight, Tensor sums) -> Tensor")
-_LIBRARY.impl("int8_matmul", _run, "CPU")
-
-
-@torch.library.register_fake("maas::int8_matmul")
-def _(x: Tensor, weight: Tensor, sums: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.int32)

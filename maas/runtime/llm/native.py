@@ -1,7 +1,10 @@
 """C kernels built at first use with the system C compiler (the one inductor needs) into
 ``kernels/`` of the local cache (local_cache.py), named by their source, flags, compiler and
 machine, written atomically, and loaded with ctypes. A kernel that cannot be built (no
-compiler, no cache folder) is ``None``, once: its callers keep a PyTorch form beside it."""
+compiler, no cache folder) is ``None``, once: its callers keep a PyTorch form beside it.
+
+A C++ source (``.cpp``) is built with the C++ compiler, with the C sources it names compiled
+as C beside it into the same library (torch_ops.cpp: PyTorch operators around the kernels)."""
 
 from __future__ import annotations
 
@@ -32,11 +35,21 @@ class NativeLibrary:
         *,
         libraries: tuple[str, ...] = (),
         fallback: str,
+        c_sources: tuple[Path, ...] = (),
+        flags: tuple[str, ...] = (),
+        made_for: str = "",
     ) -> None:
         self.source = source
         self.declare = declare
         """Sets the functions' argument and result types (a missing one raises)."""
         self.libraries = libraries
+        self.c_sources = c_sources
+        """C files built into a C++ source's library."""
+        self.flags = flags
+        """Compiler flags beyond ``FLAGS`` (include folders, defines)."""
+        self.made_for = made_for
+        """What else the build depends on and names it (the torch version it is built
+        against)."""
         self.fallback = fallback
         """What runs instead, for the warning when it cannot be built."""
         self._lock = threading.Lock()
@@ -69,14 +82,19 @@ class NativeLibrary:
         return self._built.name if self._built is not None and self._library else ""
 
     def build(self) -> Path:
-        compiler = shutil.which("cc") or shutil.which("gcc")
+        cxx = self.source.suffix == ".cpp"
+        names = ("c++", "g++") if cxx else ("cc", "gcc")
+        compiler = next(filter(None, map(shutil.which, names)), None)
         if compiler is None:
-            raise OSError("no C compiler on PATH")
+            raise OSError(f"no {'C++' if cxx else 'C'} compiler on PATH")
         version = subprocess.run(
             [compiler, "--version"], capture_output=True, timeout=30, check=True
         ).stdout.split(b"\n")[0]
-        made_from = [self.source.read_bytes(), " ".join(FLAGS + self.libraries).encode(), version]
+        sources = [*self.c_sources, self.source]
+        command = FLAGS + self.flags + self.libraries
+        made_from = [*(s.read_bytes() for s in sources), " ".join(command).encode(), version]
         made_from.append(platform.machine().encode())  # a shared cache folder serves many hosts
+        made_from.append(self.made_for.encode())
         key = hashlib.sha256(b"\0".join(made_from)).hexdigest()[:16]
         target = cache_root() / "kernels" / f"{self.source.stem}-{key}.so"
         if target.exists():
@@ -84,8 +102,12 @@ class NativeLibrary:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as work:
             built = Path(work) / target.name
+            named = [str(self.source)]
+            if cxx:  # the C files as C (g++ takes "-x c" for the next file only), then C++
+                named = [a for c in self.c_sources for a in ("-x", "c", str(c))]
+                named += ["-x", "c++", str(self.source)]
             subprocess.run(
-                [compiler, *FLAGS, "-o", str(built), str(self.source), *self.libraries],
+                [compiler, *FLAGS, *self.flags, "-o", str(built), *named, *self.libraries],
                 check=True,
                 capture_output=True,
                 timeout=120,

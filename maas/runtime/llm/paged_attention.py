@@ -4,19 +4,22 @@ The reference form gathers each sequence's blocks into one tensor before PyTorch
 attention; that copy is most of decode attention's cost once a batch is large (a layer of 32
 demo sequences of about 180 positions: 0.8 ms of gathering beside 0.4 ms of attention). The
 C kernel reads each key and value once where it lies, for all the query heads that share it.
-It is built at first use (native.py) and called as an operator registered with PyTorch, so a
-compiled step calls it too. Where it cannot be built, or for a dtype it does not take,
-``available`` is false and the gathering form runs.
+It is built at first use (native.py) and called as the operator
+``maas::paged_decode_attention`` (torch_ops.py), so a compiled step calls it too. Where it
+cannot be built, or for a dtype it does not take, ``available`` is false and the gathering
+form runs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from maas.runtime.llm import torch_ops
 from maas.runtime.llm.native import NativeLibrary
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -38,7 +41,16 @@ NATIVE = NativeLibrary(
 
 def library() -> ctypes.CDLL | None:
     """The built kernel, building it on first use; None if it cannot be built."""
-    return NATIVE.load()
+    library = NATIVE.load()
+    if library is not None:
+        _register_operator()
+    return library
+
+
+@functools.cache
+def _register_operator() -> None:
+    """The operator's CPU kernel (torch_ops.py), once."""
+    torch_ops.register_cpu("paged_decode_attention", _run)
 
 
 def built_name() -> str:
@@ -112,18 +124,3 @@ def _run(
     if status != 0:
         raise MemoryError("paged attention ran out of memory")
     return out
-
-
-# registered with torch.library.Library, not custom_op: its Python wrappers cost about 11 us
-# more a call inside a compiled step (see int8_matmul.py)
-_LIBRARY = torch.library.Library("maas", "FRAGMENT")
-_LIBRARY.define(
-    "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-    "Tensor lengths) -> Tensor"
-)
-_LIBRARY.impl("paged_decode_attention", _run, "CPU")
-
-
-@torch.library.register_fake("maas::paged_decode_attention")
-def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: Tensor):
-    return q.new_empty(q.shape)  # contiguous, as the kernel's
