@@ -257,3 +257,32 @@ def _alone(make_engine, prompt):
     deltas = submit(engine, "r", prompt, greedy(8))
     run_to_end(engine)
     return deltas
+
+
+def test_a_compiled_step_checks_its_inputs_and_caches_not_its_layers_weights(
+    make_engine, monkeypatch
+):
+    """Dynamo's tensor checks of the layers' own weights are dropped before each call (they
+    cannot fail: see compiled.without_weight_checks); every other guard is kept."""
+    seen: list[tuple[str, str, bool]] = []
+    keep = compiled.without_weight_checks
+
+    def recorded(entries):
+        kept = keep(entries)
+        seen.extend((e.name, e.guard_type, k) for e, k in zip(entries, kept, strict=True))
+        return kept
+
+    monkeypatch.setattr(compiled, "without_weight_checks", recorded)
+    runner = make_engine(dtype="int8").runner
+    fast = counting_clock(5.0, 1.0)
+    report = compiled.compile_decode(runner.model, runner.cache, max_sequences=2, timer=fast)
+    assert report is not None
+    dropped = {(name, kind) for name, kind, kept in seen if not kept}
+    assert dropped and all(k == "TENSOR_MATCH" and n.startswith("blocks") for n, k in dropped)
+    weights = {n for n, _ in dropped}
+    assert any(n.endswith(".weight") for n in weights)
+    assert any(n.endswith(".weight_sums") for n in weights)
+    kept_checks = {name for name, kind, kept in seen if kept and kind == "TENSOR_MATCH"}
+    for step_input in ("x", "cos", "block_tables", "lengths"):
+        assert step_input in kept_checks
+    assert any(name.startswith(("k_caches", "v_caches")) for name in kept_checks)
