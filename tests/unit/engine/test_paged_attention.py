@@ -84,7 +84,7 @@ def test_queries_of_one_dtype_read_a_cache_of_another(queries, cache, tolerance)
 
 @pytest.fixture
 def two_threads():
-    """Fewer sequences than threads split by kv head; more, by sequence: both ways run."""
+    """Fewer sequences than threads (each on a thread of its own, the rest idle) and more."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
