@@ -12,7 +12,7 @@ import torch
 
 from maas.engine.detokenizer import Detokenizer
 from maas.messages import SamplingParams
-from maas.runtime.llm.sampler import SampleRow, _filtered_probs, _penalise, sample
+from maas.runtime.llm.sampler import SampleRow, _filtered_probs, _penalise, greedy_tokens, sample
 from tests.unit.engine.conftest import (
     finish_reason,
     generate_alone,
@@ -441,3 +441,14 @@ def test_logprobs_are_the_log_softmax_of_the_models_logits(
         assert [lp for _, lp in item.top] == pytest.approx(values.tolist(), abs=1e-5)
         if temperature == 0:
             assert item.token == ids[0]
+
+
+def test_greedy_tokens_are_argmaxs_the_first_of_equal_logits_included():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1000, generator=generator)
+    logits[1, [7, 300]] = 50.0  # a tie: the first wins
+    logits[2, [999, 3]] = 50.0
+    logits[3, 11] = float("nan")  # NaN counts as the largest, as in argmax
+    tokens = greedy_tokens(logits)
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+    assert tokens[1:4].tolist() == [7, 3, 11]
