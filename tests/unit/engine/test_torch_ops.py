@@ -138,3 +138,26 @@ def test_without_the_cpp_library_the_python_kernels_run():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "python kernels"
+
+
+def test_each_operator_returns_what_it_was_traced_to_return():
+    """A compiled step leaves out inductor's checks of the operators' outputs (compiled.py's
+    WITHOUT_ASSERTS): their sizes, strides and dtypes must be their traced (fake) forms'."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    int8_cases = []
+    for rows in (1, 8, 9, 33):  # the kernel, and torch._int_mm past rows_max
+        x, weight = codes(rows, 576, seed=rows), codes(960, 576, seed=1)
+        int8_cases.append((torch.ops.maas.int8_matmul, (x, weight, int8_matmul.row_sums(weight))))
+    attention_cases = []
+    for queries, cache in [(torch.float32,) * 2, (torch.bfloat16,) * 2]:
+        q, k, v, tables, held = cache_and_batch(cache, lengths=(1, 17, 40))
+        attention_cases.append(
+            (torch.ops.maas.paged_decode_attention, (q.to(queries), k, v, tables, held))
+        )
+    for operator, arguments in int8_cases + attention_cases:
+        real = operator(*arguments)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = operator(*(mode.from_tensor(a) for a in arguments))
+        assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
+        assert real.data_ptr() % 64 == 0  # aligned as inductor assumes of fresh outputs
