@@ -6,7 +6,7 @@ each on a 2-core CPU) around a few matrix products; ``torch.compile`` with the i
 backend fuses the norms, rotary and residual adds of a layer into a handful of C++ loops
 around the matrix products and attention (the paged attention kernel as a custom op, or the
 gathered blocks through PyTorch's fused attention). One compiled function serves every group
-of ``LAYERS_PER_CALL`` layers (same code, same shapes: compiled once, not once per group),
+of ``layers_per_call`` layers (same code, same shapes: compiled once, not once per group),
 with the batch size and the context as symbolic sizes (and every other size, the weights' and
 the KV cache's, fixed), so a step's shape never triggers a compile while serving: the two
 specialisations inductor makes (one sequence, and several) are built at load, and checked
@@ -48,11 +48,12 @@ different places, and eager is the less exact one: on the demo model, eager one-
 0.24 from float32's logits and compiled ones 0.06, so only a broken kernel's garbage (a
 difference of the logits' own size) is caught there."""
 
-LAYERS_PER_CALL = 6
-"""Layers each call of the compiled step runs. Each call costs Dynamo's lookup and the
-compiled region's entry, about 100 us (30 calls took 3 ms of a 17 ms one-sequence step);
-more layers a call compile longer. The demo in int8 (30 layers, 2 cores; step ms at one
-sequence, and compile seconds with inductor's cache cold):
+LAYERS_PER_CALL = 15
+"""Most layers each call of the compiled step runs (``layers_per_call`` spreads a model's
+layers evenly over as few calls as that allows). Each call costs Dynamo's lookup and the
+compiled region's entry (30 calls took 3 ms of a 17 ms one-sequence step); more layers a call
+compile longer. The demo in int8 (30 layers, 2 cores; step ms at one sequence, and compile
+seconds with inductor's cache cold), first with the steps of 2026-12-04:
 
 | layers a call | 1 sequence | 32 sequences | compiling |
 |---|---|---|---|
@@ -61,9 +62,19 @@ sequence, and compile seconds with inductor's cache cold):
 | 10 | 15.8 | | 22 warm |
 | 30 | 16.0 | | 55 warm |
 
-Six is most of the gain for a fifth of the compiling of the whole model in one graph. A
-model whose layer count six does not divide runs the rest in a last, shorter call (one more
-graph to compile)."""
+and with those of 2026-12-05 (C++ operators, the VNNI kernel), two variants in one process,
+steps alternated: 15 layers a call against 6, 0.967 of the step (8.93 against 9.23 ms); 30
+against 15, 1.011. A whole cold load of the demo (``bench/llm_step_profile.py``, compiling
+included) took 31.0 s at 6, 34.5 s at 15 and 47.9 s at 30."""
+
+
+def layers_per_call(layers: int) -> int:
+    """Layers a call for a model of ``layers``: as few calls as ``LAYERS_PER_CALL`` allows,
+    sharing the layers evenly (30: two of 15; 24: two of 12; 32: 11, 11 and a last call of
+    10, which compiles a graph of its own)."""
+    calls = -(-layers // LAYERS_PER_CALL)
+    return -(-layers // calls)
+
 
 WITHOUT_ASSERTS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 """Inductor's checks left out of the compiled steps: that each input, and each output of an
@@ -117,7 +128,7 @@ def compile_decode(
     worst = 0.0
     model.compiled_rows = max_sequences
     try:
-        model.layers_per_call = min(LAYERS_PER_CALL, len(model.blocks))
+        model.layers_per_call = layers_per_call(len(model.blocks))
         options = {**WITHOUT_ASSERTS, "guard_filter_fn": without_weight_checks}
         compiled = torch.compile(own_copy(decode_layers), fullgraph=True, options=options)
         # decode_layers(blocks, x, cos, sin, k_caches, v_caches, cache_index, block_tables,

@@ -286,3 +286,12 @@ def test_a_compiled_step_checks_its_inputs_and_caches_not_its_layers_weights(
     for step_input in ("x", "cos", "block_tables", "lengths"):
         assert step_input in kept_checks
     assert any(name.startswith(("k_caches", "v_caches")) for name in kept_checks)
+
+
+@pytest.mark.parametrize(
+    ("layers", "per_call"), [(1, 1), (3, 3), (15, 15), (16, 8), (24, 12), (30, 15), (32, 11)]
+)
+def test_layers_are_spread_evenly_over_as_few_calls_as_allowed(layers, per_call):
+    assert compiled.layers_per_call(layers) == per_call
+    calls = -(-layers // per_call)
+    assert per_call <= compiled.LAYERS_PER_CALL and calls == -(-layers // compiled.LAYERS_PER_CALL)
