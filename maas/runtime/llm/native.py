@@ -4,7 +4,8 @@ machine, written atomically, and loaded with ctypes. A kernel that cannot be bui
 compiler, no cache folder) is ``None``, once: its callers keep a PyTorch form beside it.
 
 A C++ source (``.cpp``) is built with the C++ compiler, with the C sources it names compiled
-as C beside it into the same library (torch_ops.cpp: PyTorch operators around the kernels)."""
+by the C compiler and linked into the same library (torch_ops.cpp: PyTorch operators around
+the kernels); its own flags (``flags``) go to the C++ compiler only."""
 
 from __future__ import annotations
 
@@ -82,17 +83,13 @@ class NativeLibrary:
         return self._built.name if self._built is not None and self._library else ""
 
     def build(self) -> Path:
-        cxx = self.source.suffix == ".cpp"
-        names = ("c++", "g++") if cxx else ("cc", "gcc")
-        compiler = next(filter(None, map(shutil.which, names)), None)
-        if compiler is None:
-            raise OSError(f"no {'C++' if cxx else 'C'} compiler on PATH")
-        version = subprocess.run(
-            [compiler, "--version"], capture_output=True, timeout=30, check=True
-        ).stdout.split(b"\n")[0]
+        compilers = [_compiler(C)]
+        if self.source.suffix == ".cpp":
+            compilers.append(_compiler(CXX))
+        versions = [_version(compiler) for compiler in compilers]
         sources = [*self.c_sources, self.source]
         command = FLAGS + self.flags + self.libraries
-        made_from = [*(s.read_bytes() for s in sources), " ".join(command).encode(), version]
+        made_from = [*(s.read_bytes() for s in sources), " ".join(command).encode(), *versions]
         made_from.append(platform.machine().encode())  # a shared cache folder serves many hosts
         made_from.append(self.made_for.encode())
         key = hashlib.sha256(b"\0".join(made_from)).hexdigest()[:16]
@@ -102,15 +99,30 @@ class NativeLibrary:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as work:
             built = Path(work) / target.name
-            named = [str(self.source)]
-            if cxx:  # the C files as C (g++ takes "-x c" for the next file only), then C++
-                named = [a for c in self.c_sources for a in ("-x", "c", str(c))]
-                named += ["-x", "c++", str(self.source)]
-            subprocess.run(
-                [compiler, *FLAGS, *self.flags, "-o", str(built), *named, *self.libraries],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
+            objects = []
+            for c_source in self.c_sources:  # C files by the C compiler, each on its own
+                objects.append(str(Path(work) / f"{c_source.stem}.o"))
+                _run([compilers[0], *FLAGS, "-c", str(c_source), "-o", objects[-1]])
+            _run([compilers[-1], *FLAGS, *self.flags, "-o", str(built), *objects,
+                  str(self.source), *self.libraries])  # fmt: skip
             os.replace(built, target)  # atomic: a concurrent build writes the same bytes
         return target
+
+
+C, CXX = ("cc", "gcc"), ("c++", "g++")
+
+
+def _compiler(names: tuple[str, ...]) -> str:
+    compiler = next(filter(None, map(shutil.which, names)), None)
+    if compiler is None:
+        raise OSError(f"no {'C++' if names == CXX else 'C'} compiler on PATH")
+    return compiler
+
+
+def _version(compiler: str) -> bytes:
+    done = subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=True)
+    return done.stdout.split(b"\n")[0]
+
+
+def _run(command: list[str]) -> None:
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
