@@ -15,17 +15,17 @@
    either, a plain loop runs. The weight rows are split between threads in groups of four
    rows, each group read once for every activation row.
 
-   Where the CPU has AVX-512 VNNI, one instruction (vpdpbusd) multiplies 64 codes and adds
-   them in fours into int32, against three for 32 codes above: widening, multiplying and
-   adding cost more than reading the weights did (the demo's products of a step, 3.7 against
-   7.0 ms on a 2-core Intel VM whose large L3 holds them all: bench/llm_kernels.py). It
-   multiplies unsigned by signed bytes, so the row is shifted into 0..255 (x + 128) and 128
-   times each weight row's sum, which the caller keeps (``sums``), subtracted:
-   sum((x + 128) w) - 128 sum(w) = sum(x w). Exact too: with inputs at most 65536, sum((x + 128) w) is at most
-   65536 * 255 * 128 < 2^31 in magnitude, and int32 lanes wrap, so partial sums cannot lose
-   what the total keeps. Here each chunk of weights is loaded once for up to four activation
-   rows, and a group's four sums are reduced together (reduce4): with rows of a few hundred
-   inputs, four separate reductions cost as much as the products. */
+   Where the CPU has AVX-512 VNNI, one instruction (vpdpbusd) multiplies 64 codes and adds them
+   in fours into int32, against three for 32 codes above: widening, multiplying and adding cost
+   more than reading the weights did (the demo's products of a step, 3.7 against 7.0 ms on a
+   2-core Intel VM whose large L3 holds them all: bench/llm_kernels.py). It multiplies unsigned
+   by signed bytes, so the row is shifted into 0..255 (x + 128) and 128 times each weight row's
+   sum, which the caller keeps (``sums``), subtracted: sum((x + 128) w) - 128 sum(w) = sum(x
+   w). Exact too: with inputs at most 65536, sum((x + 128) w) is at most 65536 * 255 * 128 <
+   2^31 in magnitude, and int32 lanes wrap, so partial sums cannot lose what the total keeps.
+   Here each chunk of weights is loaded once for up to four activation rows, and a group's four
+   sums are reduced together (reduce4): with rows of a few hundred inputs, four separate
+   reductions cost as much as the products. */
 
 #include <stdint.h>
 #include <stdlib.h>
