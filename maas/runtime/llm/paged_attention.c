@@ -4,10 +4,11 @@
    share h (a group of G) are scored against the sequence's first lengths[s] positions, whose
    keys and values sit in the blocks block_tables[s, :] of the cache ([blocks, block_size,
    kv_heads, head_dim]); softmax in float32; the values summed with those weights. Keys and
-   values are read once for all the heads that share them and never copied. A task is one
-   sequence (all its kv heads: whole cache rows read in order), run on at most as many
-   threads as there are sequences; so a sequence's result is computed the same, whatever
-   else is in the batch.
+   values are read once for all the heads that share them and never copied. A task is a part
+   of a sequence's positions (all its kv heads: whole cache rows read in order), flash-decoding
+   style: each part's softmax numerators and weighted values, merged per sequence once every
+   part is done. Parts depend on a sequence's length alone (part_size), so a sequence's result
+   is computed the same whatever else is in the batch, and both threads share one sequence.
 
    Built at first use by paged_attention.py with the system C compiler (GCC's vector
    extensions); the inner loops are compiled for AVX-512, AVX2 and plain x86-64 and the CPU
@@ -21,6 +22,11 @@
 /* glibc's vector expf (libmvec), as <math.h> declares it under -ffast-math: the softmax's
    exponentials then run 16 (AVX-512) or 8 (AVX2) at a time, with IEEE semantics kept. */
 __attribute__((simd("notinbranch"))) float expf(float);
+
+/* How sequences are split into parts (part_size): parts of at most LONGEST_PART positions,
+   MAX_PARTS at most (longer parts past that). */
+#define LONGEST_PART 256
+#define MAX_PARTS 8
 
 typedef struct {
     int64_t sequences, heads, kv_heads, head_dim, block_size, table_width;
@@ -174,54 +180,93 @@ static inline const char *next_block(const void *cache, const int64_t *table, in
     return (const char *)cache + table[(p + n) / bs] * block_bytes;
 }
 
-/* One sequence, kv heads [first, first + count) and the query heads that share them: q and
-   acc [heads, D] float32 (only those heads' rows used); scores [heads, length]; scratch
-   [16, count * D]. Positions go 16 at a time (fewer at a block's or the sequence's end). */
-TARGETS static void one_task(const Shape *shape, const float *q, const void *k_cache,
-                             const void *v_cache, int bf16, const int64_t *table, int64_t length,
-                             int64_t first, int64_t count, float *scores, float *scratch,
-                             float *acc) {
-    const int64_t D = shape->head_dim, KV = shape->kv_heads, G = shape->heads / KV;
+/* Positions [from, to) of one sequence, for every head: q [heads, D] float32; scores
+   [heads, to - from]; scratch [16, kv_heads * D]. Leaves, for each head h, top[h] (its
+   highest score here), total[h] (the sum of exp(score - top[h])) and acc [heads, D] (the
+   values weighted by those exponentials, not yet divided by total: merge_parts does that
+   once it has every part). Positions go 16 at a time (fewer at a block's or the part's end). */
+TARGETS static void one_part(const Shape *shape, const float *q, const void *k_cache,
+                             const void *v_cache, int bf16, const int64_t *table, int64_t from,
+                             int64_t to, float *scores, float *scratch, float *acc, float *top,
+                             float *total) {
+    const int64_t D = shape->head_dim, KV = shape->kv_heads, H = shape->heads, G = H / KV;
     const int64_t bs = shape->block_size, row_size = KV * D, element = bf16 ? 2 : 4;
-    const int64_t block_bytes = bs * row_size * element, part = count * D;
-    const int64_t h0 = first * G, h1 = (first + count) * G;
+    const int64_t block_bytes = bs * row_size * element, length = to - from;
     int64_t n, stride;
-    for (int64_t p = 0; p < length; p += n) { /* scores: each key read once */
-        n = chunk_length(p, bs, length);
-        const char *next = next_block(k_cache, table, p, n, bs, length, block_bytes);
-        const int64_t at = (table[p / bs] * bs + p % bs) * row_size + first * D;
-        const float *keys = rows_at(k_cache, bf16, at, n, row_size, part, scratch, &stride);
-        for (int64_t h = h0; h < h1; h++) {
-            prefetch_part(next, block_bytes, h - h0, h1 - h0);
-            score_rows(q + h * D, keys + (h / G - first) * D, stride, n, D, shape->scale,
-                       scores + h * length + p);
+    for (int64_t p = from; p < to; p += n) { /* scores: each key read once */
+        n = chunk_length(p, bs, to);
+        const char *next = next_block(k_cache, table, p, n, bs, to, block_bytes);
+        const int64_t at = (table[p / bs] * bs + p % bs) * row_size;
+        const float *keys = rows_at(k_cache, bf16, at, n, row_size, row_size, scratch, &stride);
+        for (int64_t h = 0; h < H; h++) {
+            prefetch_part(next, block_bytes, h, H);
+            score_rows(q + h * D, keys + (h / G) * D, stride, n, D, shape->scale,
+                       scores + h * length + p - from);
         }
     }
-    const char *first_values = (const char *)v_cache + table[0] * block_bytes;
-    for (int64_t h = h0; h < h1; h++) { /* softmax */
-        prefetch_part(first_values, block_bytes, h - h0, h1 - h0);
-        float *sh = scores + h * length, top = -INFINITY, total = 0.0f;
-#pragma omp simd reduction(max : top)
-        for (int64_t p = 0; p < length; p++) top = sh[p] > top ? sh[p] : top;
+    const char *first_values =
+        (const char *)v_cache + (table[from / bs] * bs + from % bs) * row_size * element;
+    for (int64_t h = 0; h < H; h++) { /* softmax's numerators */
+        prefetch_part(first_values, block_bytes - from % bs * row_size * element, h, H);
+        float *sh = scores + h * length, high = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : high)
+        for (int64_t p = 0; p < length; p++) high = sh[p] > high ? sh[p] : high;
 #pragma omp simd
-        for (int64_t p = 0; p < length; p++) sh[p] = expf(sh[p] - top);
-        for (int64_t p = 0; p < length; p++) total += sh[p];
-        const float inverse = 1.0f / total;
-#pragma omp simd
-        for (int64_t p = 0; p < length; p++) sh[p] *= inverse;
+        for (int64_t p = 0; p < length; p++) sh[p] = expf(sh[p] - high);
+        for (int64_t p = 0; p < length; p++) sum += sh[p];
+        top[h] = high;
+        total[h] = sum;
     }
-    memset(acc + h0 * D, 0, (size_t)((h1 - h0) * D) * sizeof(float));
-    for (int64_t p = 0; p < length; p += n) { /* weighted values: each read once */
-        n = chunk_length(p, bs, length);
-        const char *next = next_block(v_cache, table, p, n, bs, length, block_bytes);
-        const int64_t at = (table[p / bs] * bs + p % bs) * row_size + first * D;
-        const float *values = rows_at(v_cache, bf16, at, n, row_size, part, scratch, &stride);
-        for (int64_t h = h0; h < h1; h++) {
-            prefetch_part(next, block_bytes, h - h0, h1 - h0);
-            add_rows(acc + h * D, scores + h * length + p, values + (h / G - first) * D, stride,
+    memset(acc, 0, (size_t)(H * D) * sizeof(float));
+    for (int64_t p = from; p < to; p += n) { /* weighted values: each read once */
+        n = chunk_length(p, bs, to);
+        const char *next = next_block(v_cache, table, p, n, bs, to, block_bytes);
+        const int64_t at = (table[p / bs] * bs + p % bs) * row_size;
+        const float *values = rows_at(v_cache, bf16, at, n, row_size, row_size, scratch, &stride);
+        for (int64_t h = 0; h < H; h++) {
+            prefetch_part(next, block_bytes, h, H);
+            add_rows(acc + h * D, scores + h * length + p - from, values + (h / G) * D, stride,
                      n, D);
         }
     }
+}
+
+/* A sequence's attention from its ``parts`` parts (one_part's top, total and acc, part after
+   part), into out [heads, D]: each part's exponentials rescaled to the highest score of all,
+   summed in part order (into the first part's acc). */
+static void merge_parts(int64_t parts, int64_t H, int64_t D, const float *top,
+                        const float *total, float *acc, int out_bf16, void *out) {
+    for (int64_t h = 0; h < H; h++) {
+        float high = -INFINITY, sum = 0.0f, weight[MAX_PARTS];
+        for (int64_t j = 0; j < parts; j++) high = top[j * H + h] > high ? top[j * H + h] : high;
+        for (int64_t j = 0; j < parts; j++) {
+            weight[j] = expf(top[j * H + h] - high);
+            sum += weight[j] * total[j * H + h];
+        }
+        float *row = acc + h * D;
+        for (int64_t d = 0; d < D; d++) row[d] *= weight[0];
+        for (int64_t j = 1; j < parts; j++)
+            for (int64_t d = 0; d < D; d++) row[d] += weight[j] * acc[(j * H + h) * D + d];
+        const float inverse = 1.0f / sum;
+        for (int64_t d = 0; d < D; d++) {
+            if (out_bf16)
+                ((uint16_t *)out)[h * D + d] = float_to_bf16(row[d] * inverse);
+            else
+                ((float *)out)[h * D + d] = row[d] * inverse;
+        }
+    }
+}
+
+/* Positions in each part of a sequence of ``length``: as many equal parts as LONGEST_PART-long
+   pieces would cover it, MAX_PARTS at most, in whole 16-position chunks. A part is a task, so
+   both threads share even a single sequence; how a sequence is split depends on its length
+   alone, so its result is the same whatever else is in the batch. Parts of 32 or 96
+   positions were no faster for one sequence of 190 and slower for 32 of them
+   (bench/paged_attention.py); 256 keeps sequences that short in one part. */
+static int64_t part_size(int64_t length) {
+    int64_t parts = (length + LONGEST_PART - 1) / LONGEST_PART;
+    if (parts > MAX_PARTS) parts = MAX_PARTS;
+    return ((length + parts - 1) / parts + 15) / 16 * 16;
 }
 
 /* q, out: [sequences, heads, head_dim] (q_bf16 != 0: bfloat16, else float32); caches:
@@ -238,8 +283,6 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     const Shape shape = {sequences, heads, kv_heads, head_dim, block_size, table_width,
                          1.0f / sqrtf((float)head_dim)};
     const int64_t HD = heads * head_dim;
-    int64_t longest = 1;
-    for (int64_t s = 0; s < sequences; s++) longest = lengths[s] > longest ? lengths[s] : longest;
     for (int64_t s = 0; s < sequences; s++) { /* nothing is read outside the cache */
         if (lengths[s] < 1 || lengths[s] > table_width * block_size) return -2;
         for (int64_t b = 0; b < (lengths[s] + block_size - 1) / block_size; b++) {
@@ -247,42 +290,74 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
             if (block < 0 || block >= cache_blocks) return -2;
         }
     }
-    /* Whole sequences, one a thread at most: split by kv head across two threads, a single
-       sequence ran slower than on one thread (bench/paged_attention.py's demo shapes, us a
-       layer: 190 positions 20.1 against 17.9, 1000 positions 94.1 against 79.4). */
-    const int team = sequences < threads ? (int)sequences : threads;
-    int failed = 0;
-#pragma omp parallel num_threads(team)
+    /* Sequence s's parts are tasks first_task[s] .. first_task[s + 1] - 1; a sequence of several
+       parts keeps them in slots from first_slot[s] until its last part is done, when the
+       thread that did that part merges them. */
+    int64_t *first_task = malloc((size_t)(sequences + 1) * sizeof(int64_t));
+    int64_t *first_slot = malloc((size_t)(sequences + 1) * sizeof(int64_t));
+    int64_t *parts_done = calloc((size_t)(sequences + 1), sizeof(int64_t));
+    int failed = first_task == NULL || first_slot == NULL || parts_done == NULL;
+    int64_t widest = 16;
+    if (!failed) {
+        first_task[0] = first_slot[0] = 0;
+        for (int64_t s = 0; s < sequences; s++) {
+            const int64_t size = part_size(lengths[s]), parts = (lengths[s] + size - 1) / size;
+            widest = size > widest ? size : widest;
+            first_task[s + 1] = first_task[s] + parts;
+            first_slot[s + 1] = first_slot[s] + (parts > 1 ? parts : 0);
+        }
+    }
+    const int64_t tasks = failed ? 0 : first_task[sequences];
+    const int64_t slots = failed ? 0 : first_slot[sequences];
+    int64_t *task_sequence = failed ? NULL : malloc((size_t)(tasks + 1) * sizeof(int64_t));
+    float *kept = failed ? NULL : malloc((size_t)(slots * (HD + 2 * heads) + 1) * sizeof(float));
+    failed = failed || task_sequence == NULL || kept == NULL;
+    for (int64_t s = 0; s < sequences && !failed; s++)
+        for (int64_t t = first_task[s]; t < first_task[s + 1]; t++) task_sequence[t] = s;
+    const int team = failed || tasks < 1 ? 1 : tasks < threads ? (int)tasks : threads;
+#pragma omp parallel num_threads(team) if (!failed)
     {
-        float *scores = malloc((size_t)(heads * longest) * sizeof(float));
-        float *work = malloc((size_t)(2 * HD + 16 * kv_heads * head_dim) * sizeof(float));
-        const int ready = scores != NULL && work != NULL;
+        float *scores = malloc((size_t)(heads * widest) * sizeof(float));
+        const int64_t work_floats = 2 * HD + 2 * heads + 16 * kv_heads * head_dim;
+        float *work = malloc((size_t)work_floats * sizeof(float));
+        const int ready = !failed && scores != NULL && work != NULL;
         if (!ready) {
 #pragma omp atomic write
             failed = 1;
         }
-        float *qf = work, *acc = work + HD, *row = work + 2 * HD;
+        float *qf = work, *own = work + HD, *row = work + 2 * HD + 2 * heads;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t s = 0; s < sequences; s++) {
+        for (int64_t t = 0; t < tasks; t++) {
             if (!ready) continue;
-            const int64_t from = s * HD;
+            const int64_t s = task_sequence[t], size = part_size(lengths[s]);
+            const int64_t part = t - first_task[s], parts = first_task[s + 1] - first_task[s];
+            const int64_t from = part * size;
+            const int64_t to = from + size < lengths[s] ? from + size : lengths[s];
             if (q_bf16) {
                 for (int64_t i = 0; i < HD; i++)
-                    qf[i] = bf16_to_float(((const uint16_t *)q)[from + i]);
+                    qf[i] = bf16_to_float(((const uint16_t *)q)[s * HD + i]);
             } else {
-                memcpy(qf, (const float *)q + from, (size_t)HD * sizeof(float));
+                memcpy(qf, (const float *)q + s * HD, (size_t)HD * sizeof(float));
             }
-            one_task(&shape, qf, k_cache, v_cache, cache_bf16, block_tables + s * table_width,
-                     lengths[s], 0, kv_heads, scores, row, acc);
-            for (int64_t i = 0; i < HD; i++) {
-                if (q_bf16)
-                    ((uint16_t *)out)[from + i] = float_to_bf16(acc[i]);
-                else
-                    ((float *)out)[from + i] = acc[i];
-            }
+            /* a part's acc [HD], then its top and total [heads] each */
+            float *base = parts > 1 ? kept + first_slot[s] * (HD + 2 * heads) : own;
+            float *acc = base + part * HD, *top = base + parts * HD + part * heads;
+            float *total = base + parts * (HD + heads) + part * heads;
+            one_part(&shape, qf, k_cache, v_cache, cache_bf16, block_tables + s * table_width,
+                     from, to, scores, row, acc, top, total);
+            if (parts > 1 && __atomic_add_fetch(&parts_done[s], 1, __ATOMIC_ACQ_REL) < parts)
+                continue; /* the sequence's last part merges */
+            void *into = (char *)out + s * HD * (q_bf16 ? 2 : 4);
+            merge_parts(parts, heads, head_dim, base + parts * HD, base + parts * (HD + heads),
+                        base, q_bf16, into);
         }
         free(scores);
         free(work);
     }
+    free(first_task);
+    free(first_slot);
+    free(parts_done);
+    free(task_sequence);
+    free(kept);
     return failed ? -1 : 0;
 }

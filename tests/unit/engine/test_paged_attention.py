@@ -46,7 +46,9 @@ def cache_and_batch(dtype, *, kv_heads=3, group=3, head_dim=64, block_size=16, l
     ],
 )
 def test_the_kernel_gives_the_reference_attention(dtype, tolerance, layout):
-    lengths = (1, 16, 17, 40, 3 * 16, 200)  # one position, whole blocks, one past, long
+    # one position, whole blocks, one past, long; then split into parts (two, then the most
+    # parts a sequence is split into, each longer than the shortest part)
+    lengths = (1, 16, 17, 40, 3 * 16, 200, 600, 2300)
     q, k, v, tables, held = cache_and_batch(dtype, lengths=lengths, **layout)
     expected = decode_attention(q, k, v, tables, held)  # blocks gathered, PyTorch's SDPA
     got = decode_attention(q, k, v, tables, held, paged=True)
