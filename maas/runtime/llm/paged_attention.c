@@ -184,11 +184,14 @@ static inline const char *next_block(const void *cache, const int64_t *table, in
    [heads, to - from]; scratch [16, kv_heads * D]. Leaves, for each head h, top[h] (its
    highest score here), total[h] (the sum of exp(score - top[h])) and acc [heads, D] (the
    values weighted by those exponentials, not yet divided by total: merge_parts does that
-   once it has every part). Positions go 16 at a time (fewer at a block's or the part's end). */
+   once it has every part). A ``whole`` sequence's weights are divided before the values are
+   summed, and its total is 1: the order of operations of the kernel before parts existed,
+   so that short sequences keep their results to the bit (a greedy answer can hinge on a
+   near-tie). Positions go 16 at a time (fewer at a block's or the part's end). */
 TARGETS static void one_part(const Shape *shape, const float *q, const void *k_cache,
                              const void *v_cache, int bf16, const int64_t *table, int64_t from,
-                             int64_t to, float *scores, float *scratch, float *acc, float *top,
-                             float *total) {
+                             int64_t to, int whole, float *scores, float *scratch, float *acc,
+                             float *top, float *total) {
     const int64_t D = shape->head_dim, KV = shape->kv_heads, H = shape->heads, G = H / KV;
     const int64_t bs = shape->block_size, row_size = KV * D, element = bf16 ? 2 : 4;
     const int64_t block_bytes = bs * row_size * element, length = to - from;
@@ -208,14 +211,21 @@ TARGETS static void one_part(const Shape *shape, const float *q, const void *k_c
         (const char *)v_cache + (table[from / bs] * bs + from % bs) * row_size * element;
     for (int64_t h = 0; h < H; h++) { /* softmax's numerators */
         prefetch_part(first_values, block_bytes - from % bs * row_size * element, h, H);
-        float *sh = scores + h * length, high = -INFINITY, sum = 0.0f;
+        float *sh = scores + h * length, high = -INFINITY;
 #pragma omp simd reduction(max : high)
         for (int64_t p = 0; p < length; p++) high = sh[p] > high ? sh[p] : high;
 #pragma omp simd
         for (int64_t p = 0; p < length; p++) sh[p] = expf(sh[p] - high);
-        for (int64_t p = 0; p < length; p++) sum += sh[p];
         top[h] = high;
+        float sum = 0.0f;
+        for (int64_t p = 0; p < length; p++) sum += sh[p];
         total[h] = sum;
+        if (whole) { /* normalised here, so a sequence of one part gets the bits it always had */
+            const float inverse = 1.0f / sum;
+#pragma omp simd
+            for (int64_t p = 0; p < length; p++) sh[p] *= inverse;
+            total[h] = 1.0f;
+        }
     }
     memset(acc, 0, (size_t)(H * D) * sizeof(float));
     for (int64_t p = from; p < to; p += n) { /* weighted values: each read once */
@@ -344,7 +354,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
             float *acc = base + part * HD, *top = base + parts * HD + part * heads;
             float *total = base + parts * (HD + heads) + part * heads;
             one_part(&shape, qf, k_cache, v_cache, cache_bf16, block_tables + s * table_width,
-                     from, to, scores, row, acc, top, total);
+                     from, to, parts == 1, scores, row, acc, top, total);
             if (parts > 1 && __atomic_add_fetch(&parts_done[s], 1, __ATOMIC_ACQ_REL) < parts)
                 continue; /* the sequence's last part merges */
             void *into = (char *)out + s * HD * (q_bf16 ? 2 : 4);
