@@ -325,12 +325,13 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     for (int64_t s = 0; s < sequences && !failed; s++)
         for (int64_t t = first_task[s]; t < first_task[s + 1]; t++) task_sequence[t] = s;
     const int team = failed || tasks < 1 ? 1 : tasks < threads ? (int)tasks : threads;
-#pragma omp parallel num_threads(team) if (!failed)
+    const int unready = failed; /* read by every thread; ``failed`` is written in the region */
+#pragma omp parallel num_threads(team) if (!unready)
     {
         float *scores = malloc((size_t)(heads * widest) * sizeof(float));
         const int64_t work_floats = 2 * HD + 2 * heads + 16 * kv_heads * head_dim;
         float *work = malloc((size_t)work_floats * sizeof(float));
-        const int ready = !failed && scores != NULL && work != NULL;
+        const int ready = !unready && scores != NULL && work != NULL;
         if (!ready) {
 #pragma omp atomic write
             failed = 1;
