@@ -1,19 +1,36 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from maas.config import Settings
 from maas.registry import Registry, open_registry
+from tests.fixtures import wide_console
 
 
-@pytest.fixture(scope="session")
-def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One local cache (built kernels, converted tokenizers) for the whole run, not ~/.cache."""
-    return tmp_path_factory.mktemp("maas-cache")
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One local cache (built kernels, converted tokenizers, measured dtype choices) for the
+    whole run, not ~/.cache: shared by pytest-xdist's workers (the folder above each worker's
+    own), as by the processes of a machine, which is what its atomic writes are for. It is
+    MAAS_CACHE_DIR from the session's start, so module fixtures' servers use it too."""
+    import os
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's folder, above popen-gw0, popen-gw1...
+    folder = root / "maas-cache"
+    folder.mkdir(exist_ok=True)
+    before = os.environ.get("MAAS_CACHE_DIR")
+    os.environ["MAAS_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["MAAS_CACHE_DIR"]
+    else:
+        os.environ["MAAS_CACHE_DIR"] = before
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +68,10 @@ def cli(
     """Run ``maas ARGS...`` in this process: ``cli("models", "list") -> (code, stdout, stderr)``."""
     from maas.cli import main
 
+    wide_console(monkeypatch)
+
     def run(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["maas", *args])
-        monkeypatch.setenv("COLUMNS", "200")
         try:
             main()
             code = 0

@@ -473,3 +473,13 @@ def make_tiny_llama(
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def wide_console(monkeypatch, columns: int = 200) -> None:
+    """Rich tables as wide as ``columns``, whatever COLUMNS was when the CLI's consoles were
+    made (Rich fixes a console's width from COLUMNS then: a pytest-xdist worker has 80)."""
+    from maas.cli import output
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    for console in (output.console, output.err_console):
+        monkeypatch.setattr(console, "width", columns)

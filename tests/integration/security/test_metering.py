@@ -13,6 +13,7 @@ from maas.db.tables import UsageRecord
 from maas.messages import UsageEvent
 from maas.metering.recorder import UsageRecorder
 from maas.metering.usage import aggregate
+from tests.fixtures import wide_console
 from tests.integration.conftest import bearer
 from tests.integration.security.test_limits import app_with_probe
 
@@ -125,7 +126,7 @@ def test_cli_usage_table(world, capsys, monkeypatch):
     world.client.get("/v1/models", headers=world.as_("user"))
     world.client.app.state.recorder.flush()
     monkeypatch.setenv("MAAS_HOME", str(world.client.app.state.settings.home))
-    monkeypatch.setenv("COLUMNS", "200")
+    wide_console(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["maas", "usage", "--by", "tenant,industry"])
     try:
         main()
