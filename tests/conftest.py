@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,20 +18,14 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     whole run, not ~/.cache: shared by pytest-xdist's workers (the folder above each worker's
     own), as by the processes of a machine, which is what its atomic writes are for. It is
     MAAS_CACHE_DIR from the session's start, so module fixtures' servers use it too."""
-    import os
-
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # this run's folder, above popen-gw0, popen-gw1...
     folder = root / "maas-cache"
     folder.mkdir(exist_ok=True)
-    before = os.environ.get("MAAS_CACHE_DIR")
-    os.environ["MAAS_CACHE_DIR"] = str(folder)
-    yield folder
-    if before is None:
-        del os.environ["MAAS_CACHE_DIR"]
-    else:
-        os.environ["MAAS_CACHE_DIR"] = before
+    with pytest.MonkeyPatch.context() as session_env:
+        session_env.setenv("MAAS_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +34,6 @@ def _isolated_environment(
 ) -> None:
     """No test reads the developer's MAAS_* settings or writes into the current folder or
     the user's cache."""
-    import os
-
     for key in list(os.environ):
         if key.startswith("MAAS_"):
             monkeypatch.delenv(key)
