@@ -226,8 +226,8 @@ def test_the_adoption_chart_is_drawn_and_follows_the_industry(page, server):
 def test_a_user_sees_only_its_pages_and_is_refused_the_rest(page, server):
     sign_in(page, server, server.user_key)
     page.wait_for_url(f"{server.url}/ui/usage")
-    links = page.locator("#pages a").all_inner_texts()
-    assert links == ["Usage and costs", "Chat"]
+    # the page's nav is fetched after its load: wait for it (all_inner_texts would not)
+    expect(page.locator("#pages a")).to_have_text(["Usage and costs", "Chat"])
     page.goto(f"{server.url}/ui/models")
     expect(page.locator("#view .error")).to_contain_text("this needs a maintainer key")
     page.click("#sign-out")
