@@ -87,8 +87,21 @@ class FileStore:
         *,
         created_by: str | None,
     ) -> FileRecord:
-        """Check ``upload`` (a temporary file, consumed) and keep it; InvalidRequest lists
-        what is wrong with it."""
+        """Check ``upload`` (a temporary file, consumed whatever happens) and keep it;
+        InvalidRequest lists what is wrong with it."""
+        try:
+            return self._keep(tenant_id, purpose, filename, upload, created_by)
+        finally:
+            upload.unlink(missing_ok=True)
+
+    def _keep(
+        self,
+        tenant_id: int,
+        purpose: str,
+        filename: str | None,
+        upload: Path,
+        created_by: str | None,
+    ) -> FileRecord:
         filename = check_upload_name(filename)
         details = validate(
             purpose, filename, upload, max_chat_chars=self.max_chat_chars, limits=self.limits
@@ -137,8 +150,6 @@ class FileStore:
             if not kept:  # renamed, but the row was not committed
                 final.unlink(missing_ok=True)
             raise
-        finally:
-            upload.unlink(missing_ok=True)
         return record
 
     def _write(self, upload: Path, target: Path, aad: str) -> WrappedKey | None:

@@ -102,9 +102,13 @@ async def upload_file(
 def _spool(upload: UploadFile) -> Path:
     """The multipart parser's temporary file, copied to one of our own (removed by create)."""
     handle, name = tempfile.mkstemp(prefix="maas-upload-")
-    with os.fdopen(handle, "wb") as out:
-        upload.file.seek(0)
-        shutil.copyfileobj(upload.file, out, 1024 * 1024)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            upload.file.seek(0)
+            shutil.copyfileobj(upload.file, out, 1024 * 1024)
+    except BaseException:
+        os.unlink(name)
+        raise
     return Path(name)
 
 

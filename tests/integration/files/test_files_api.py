@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import zipfile
 
 import pytest
@@ -27,6 +28,16 @@ GOOD = "\n".join(chat(f"What is the maas codename? ({n})") for n in range(3)) + 
 @pytest.fixture
 def keys(tenant_keys):
     return tenant_keys
+
+
+@pytest.fixture
+def spool(tmp_path, monkeypatch):
+    """The folder the server copies uploads into before checking them (the system's
+    temporary folder, this test's own here)."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
 def upload(client, headers, content: bytes | str, filename="train.jsonl", purpose="fine-tune"):
@@ -134,7 +145,7 @@ def test_user_keys_may_not_use_files(app_client, keys):
     ],
 )
 def test_bad_uploads_are_refused_with_each_problem_where_it_is(
-    app_client, keys, content, filename, purpose, says
+    app_client, keys, spool, content, filename, purpose, says
 ):
     answer = upload(app_client, keys["acme"], content, filename, purpose)
     assert answer.status_code == 400, answer.text
@@ -143,6 +154,7 @@ def test_bad_uploads_are_refused_with_each_problem_where_it_is(
     for text in says:
         assert text in error["message"]
     assert app_client.get("/v1/files", headers=keys["acme"]).json()["data"] == []
+    assert list(spool.iterdir()) == []  # the refused copy is not left in the temporary folder
 
 
 def test_many_problems_are_counted_and_the_first_ones_listed(app_client, keys):
@@ -161,7 +173,7 @@ def image_zip(classes: dict[str, int]) -> bytes:
     return buffer.getvalue()
 
 
-def test_datasets_csv_jsonl_and_image_folders(app_client, keys):
+def test_datasets_csv_jsonl_and_image_folders(app_client, keys, spool):
     csv_file = upload(app_client, keys["acme"], "text,label\nhello,a\nbye,b\n", "d.csv", "dataset")
     assert csv_file.json()["details"] == {"format": "csv", "columns": ["text", "label"], "rows": 2}
     jsonl = upload(app_client, keys["acme"], '{"x": 1}\n{"x": 2}\n', "d.jsonl", "dataset")
@@ -180,6 +192,7 @@ def test_datasets_csv_jsonl_and_image_folders(app_client, keys):
         archive.writestr("../escape/x.png", make_png())
     escaping = upload(app_client, keys["acme"], buffer.getvalue(), "bad.zip", "dataset")
     assert escaping.status_code == 400
+    assert list(spool.iterdir()) == []  # kept or refused, no upload stays there
 
 
 def test_an_oversize_upload_is_413_and_keeps_nothing(settings, app_client, keys):
