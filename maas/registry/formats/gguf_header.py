@@ -125,6 +125,8 @@ class GGUFHeader:
     metadata: dict[str, Value]
     """Every key's value, in the file's order."""
     tensors: tuple[TensorInfo, ...]
+    value_spans: dict[str, tuple[int, int]]
+    """Where each key's value lies in the file, its type field included: (start, end)."""
 
 
 def read_header(path: Path) -> GGUFHeader:
@@ -156,6 +158,7 @@ class _HeaderReader:
         self.kept_elements_left = MAX_KEPT_ELEMENTS
         self.string_bytes_left = MAX_STRING_BYTES
         self.metadata: dict[str, Value] = {}
+        self.value_spans: dict[str, tuple[int, int]] = {}
         self.tensor_names: set[str] = set()
         self.alignment = GGUF_DEFAULT_ALIGNMENT
 
@@ -173,7 +176,9 @@ class _HeaderReader:
         data_offset = -(-self.pos // self.alignment) * self.alignment
         for tensor in tensors:
             self._check_inside(tensor, data_offset)
-        return GGUFHeader(version, self.alignment, data_offset, self.metadata, tensors)
+        return GGUFHeader(
+            version, self.alignment, data_offset, self.metadata, tensors, self.value_spans
+        )
 
     # reading
 
@@ -255,6 +260,7 @@ class _HeaderReader:
             raise HeaderError(f"key {index}: {err}") from None
         if key in self.metadata:
             raise HeaderError(f"key {key!r} appears twice")
+        start = self.pos
         try:
             value_type = self._value_type()
             value = self._value(value_type, depth=0)
@@ -263,6 +269,7 @@ class _HeaderReader:
         except HeaderError as err:
             raise HeaderError(f"{key!r}: {err}") from None
         self.metadata[key] = value
+        self.value_spans[key] = (start, self.pos)
 
     def _value_type(self) -> GGUFValueType:
         raw = self.u32("a value type")

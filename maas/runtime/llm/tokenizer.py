@@ -175,7 +175,7 @@ def _gguf_tokenizer(opened: OpenedVersion) -> Any:
         from maas.runtime.llm.gguf_tokenizer import converted
 
         try:
-            folder = converted(opened.folder / entry.path, entry.sha256)
+            folder = converted(opened.folder / entry.path)
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
             log.warning("GGUF tokenizer not cached (%s): converting it in this process", err)
         else:

@@ -350,6 +350,12 @@ def agrees_with_gguf_reader(path: Path) -> None:
     assert header.data_offset == reader.data_offset
     ours = [(t.name, t.num_bytes, header.data_offset + t.offset) for t in header.tensors]
     assert ours == [(t.name, t.n_bytes, t.data_offset) for t in reader.tensors]
+    spans = {  # a field is its key's length and bytes, then its value's type and value
+        f.name: (f.offset + 8 + len(f.name.encode()), f.offset + sum(p.nbytes for p in f.parts))
+        for f in reader.fields.values()
+        if not f.name.startswith("GGUF.")  # the reader's names for the header's counts
+    }
+    assert header.value_spans == spans
 
 
 def test_upload_of_a_bomb_answers_400(settings):

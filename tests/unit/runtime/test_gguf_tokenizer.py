@@ -32,10 +32,14 @@ print(sorted(m for m in ("torch",) if m in sys.modules))
 """
 
 
-def gguf_with_vocabulary(path):
+TOKENS = ["<s>", "</s>", "a", "b", "ab", "\u0120", "\u0120a", "\u0120b", "\u0120ab"]
+
+
+def gguf_with_vocabulary(path, tokens=TOKENS, weight=0.0, file_type=None):
     """A GGUF file whose byte-level BPE vocabulary ``transformers`` can convert."""
-    tokens = ["<s>", "</s>", "a", "b", "ab", "\u0120", "\u0120a", "\u0120b", "\u0120ab"]
     writer = GGUFWriter(str(path), "llama")
+    if file_type is not None:  # first, as a quantizer may write it; the others have none
+        writer.add_file_type(file_type)
     writer.add_context_length(128)
     writer.add_embedding_length(4)
     writer.add_block_count(1)
@@ -47,7 +51,7 @@ def gguf_with_vocabulary(path):
     writer.add_token_merges(["a b", "\u0120 a", "\u0120 b", "\u0120a b"])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
-    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), dtype=np.float32))
+    writer.add_tensor("token_embd.weight", np.full((len(tokens), 4), weight, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -79,7 +83,7 @@ def test_the_converted_tokenizer_is_transformers_own_and_is_kept(tiny, tmp_path,
     assert tokenizer.eos_token_ids == {1} and tokenizer.vocab_size == len(own)
     kept = list((tmp_path / "cache" / "tokenizers").iterdir())
     assert len(kept) == 1 and (kept[0] / "tokenizer.json").is_file()
-    assert kept[0].name.startswith(tiny.manifest.files[0].sha256[:32])
+    assert kept[0].name.startswith(gguf_tokenizer.vocabulary_key(tiny.folder / "tiny.gguf")[:32])
 
     def no_child(*args, **kwargs):
         raise AssertionError("converted again")
@@ -103,12 +107,36 @@ def test_a_server_process_loads_it_without_torch(tiny, settings):
     assert encoded == f"{[own.encode(t) for t in ('ab', 'ba ab')]} [1]"
 
 
+def test_files_that_differ_only_in_their_weights_share_one_conversion(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path / "cache"))
+    first = gguf_tokenizer.converted(gguf_with_vocabulary(tmp_path / "a.gguf"))
+    runs = []
+    real_run = subprocess.run
+    monkeypatch.setattr(
+        gguf_tokenizer.subprocess, "run", lambda *a, **k: runs.append(a) or real_run(*a, **k)
+    )
+    # other weights, and a file type written first (the keys in another order)
+    other = gguf_with_vocabulary(tmp_path / "b.gguf", weight=1.0, file_type=7)
+    assert gguf_tokenizer.converted(other) == first and runs == []
+    another = gguf_with_vocabulary(tmp_path / "c.gguf", tokens=[*TOKENS, "ba"])
+    assert gguf_tokenizer.converted(another) != first and len(runs) == 1
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
+
+
 def test_a_file_that_cannot_be_converted_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path / "cache"))
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(UnsupportedFormat, match="tokenizer could not be read: GGUF version 0"):
+        gguf_tokenizer.converted(broken)
+    writer = GGUFWriter(str(broken), "llama")  # a header, but no vocabulary in it
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     with pytest.raises(UnsupportedFormat, match="tokenizer could not be read"):
-        gguf_tokenizer.converted(broken, "0" * 64)
+        gguf_tokenizer.converted(broken)
     assert list((tmp_path / "cache" / "tokenizers").iterdir()) == []  # nothing half-written
 
 
