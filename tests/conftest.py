@@ -12,6 +12,17 @@ from maas.registry import Registry, open_registry
 from tests.fixtures import wide_console
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """OpenMP threads that wait sleep instead of spinning, in this process and the ones it
+    starts (set before any of them loads torch's OpenMP). pytest-xdist runs a worker per
+    core, each with engine, training or server processes of as many threads as there are
+    cores: spinning threads then take the cores the others need. Two processes of two
+    threads each, doing a decode-sized loop of products on two cores, took 18.7 s each
+    spinning against 4.7 to 5.3 s sleeping (3.5 s alone); the suite's q8_0 export test
+    took 221 s in the suite and 70 s alone."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One local cache (built kernels, converted tokenizers, measured dtype choices) for the
@@ -43,8 +54,14 @@ def _isolated_environment(
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    # Starlette's TestClient sends "Host: testserver".
-    return Settings(home=tmp_path / "maas-home", allowed_hosts=["testserver"])
+    """The server's settings for a test, with two changes: the TestClient's Host header
+    ("testserver") is allowed, and text-generation models' decode steps are not compiled
+    (vLLM's tests run eagerly as much, with ``enforce_eager``). Compiling takes 10 to 20 s
+    a load on two cores, and most tests load a model to test something else. The compiled
+    steps are tested on their own (tests/unit/engine/test_compiled.py,
+    test_stored_weights.py, test_int8_matmul.py, test_pipeline_llm.py), and with the
+    default settings by the e2e tests' servers."""
+    return Settings(home=tmp_path / "maas-home", allowed_hosts=["testserver"], llm_compile=False)
 
 
 @pytest.fixture
