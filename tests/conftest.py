@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,16 +53,42 @@ def _isolated_environment(
     monkeypatch.setenv("MAAS_CACHE_DIR", str(_session_cache))
 
 
+@pytest.fixture(scope="session")
+def template_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database that maas's migrations brought to their newest revision, once for
+    the run: ``home_with_database`` copies it into a test's home. Migrating a fresh
+    database takes about 60 ms and opening a copy 13, in each of a few thousand tests;
+    the migrations themselves are tested on their own (tests/unit/db)."""
+    home = tmp_path_factory.mktemp("migrated") / "maas-home"
+    with pytest.MonkeyPatch.context() as env:
+        for key in [key for key in os.environ if key.startswith("MAAS_")]:
+            env.delenv(key)
+        open_registry(Settings(home=home)).close()
+    database = home / "maas.db"
+    assert not database.with_name("maas.db-wal").exists(), "the template was left open"
+    return database
+
+
+def home_with_database(tmp_path: Path, template_database: Path) -> Path:
+    """``tmp_path``'s maas home, holding a copy of the migrated database."""
+    home = tmp_path / "maas-home"
+    home.mkdir(mode=0o700, exist_ok=True)
+    shutil.copyfile(template_database, home / "maas.db")
+    return home
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """The server's settings for a test, with two changes: the TestClient's Host header
-    ("testserver") is allowed, and text-generation models' decode steps are not compiled
+def settings(tmp_path: Path, template_database: Path) -> Settings:
+    """The server's settings for a test, whose home holds a copy of the migrated database,
+    with two changes: the TestClient's Host header ("testserver") is allowed, and
+    text-generation models' decode steps are not compiled
     (vLLM's tests run eagerly as much, with ``enforce_eager``). Compiling takes 10 to 20 s
     a load on two cores, and most tests load a model to test something else. The compiled
     steps are tested on their own (tests/unit/engine/test_compiled.py,
     test_stored_weights.py, test_int8_matmul.py, test_pipeline_llm.py), and with the
     default settings by the e2e tests' servers."""
-    return Settings(home=tmp_path / "maas-home", allowed_hosts=["testserver"], llm_compile=False)
+    home = home_with_database(tmp_path, template_database)
+    return Settings(home=home, allowed_hosts=["testserver"], llm_compile=False)
 
 
 @pytest.fixture
