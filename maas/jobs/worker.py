@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 from maas.config import Settings
@@ -241,6 +242,24 @@ def run_worker(settings: Settings) -> None:
         worker.engine.dispose()
 
 
+def worker_environment(environ: Mapping[str, str], parent: int) -> dict[str, str]:
+    """The environment of a worker ``maas serve`` starts: the server's, naming its parent,
+    with OpenMP threads that sleep while they wait (unless ``OMP_WAIT_POLICY`` is set).
+
+    A job's processes share the cores with the server's engines, and PyTorch's OpenMP
+    threads spin while they wait for work: two such processes of two threads on two cores,
+    each spinning, slowed each other 5 to 50 times (a decode-sized loop of products: 3.5 s
+    alone, 19.6 to 176 s each side by side). With the job's side sleeping, the engine's
+    side took 5.0 to 5.6 s and the job's 8.0 to 8.6 (4.7 to 5.3 each with both sleeping).
+    Engines keep spinning: alone, that is worth 10 to 25% of a stream's tokens per second
+    (docs/performance.md)."""
+    return {
+        **environ,
+        "OMP_WAIT_POLICY": environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        PARENT_VARIABLE: str(parent),
+    }
+
+
 class WorkerPool:
     """The worker processes ``maas serve`` runs beside the server: started with it, restarted
     if one dies, asked to stop (SIGTERM: each puts its job back in the queue) when it stops."""
@@ -284,7 +303,7 @@ class WorkerPool:
                 process.wait(timeout=10)
 
     def _spawn(self) -> subprocess.Popen:
-        env = {**os.environ, PARENT_VARIABLE: str(os.getpid())}
+        env = worker_environment(os.environ, os.getpid())
         return subprocess.Popen([sys.executable, "-m", "maas", "worker"], env=env)
 
     def _watch(self) -> None:

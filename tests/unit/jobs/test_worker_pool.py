@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from maas.jobs.worker import WorkerPool
+from maas.jobs.worker import PARENT_VARIABLE, WorkerPool, worker_environment
 
 
 class Process:
@@ -60,3 +60,9 @@ def test_nothing_is_restarted_once_the_pool_is_stopping():
     pool._stopping.set()
     pool.restart_exited(100.0)
     assert spawned == []
+
+
+def test_workers_threads_sleep_while_they_wait_unless_the_user_says_otherwise():
+    env = worker_environment({"PATH": "/bin"}, parent=42)
+    assert env == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE", PARENT_VARIABLE: "42"}
+    assert worker_environment({"OMP_WAIT_POLICY": "ACTIVE"}, 42)["OMP_WAIT_POLICY"] == "ACTIVE"
