@@ -17,10 +17,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """OpenMP threads that wait sleep instead of spinning, in this process and the ones it
     starts (set before any of them loads torch's OpenMP). pytest-xdist runs a worker per
     core, each with engine, training or server processes of as many threads as there are
-    cores: spinning threads then take the cores the others need. Two processes of two
-    threads each, doing a decode-sized loop of products on two cores, took 18.7 s each
-    spinning against 4.7 to 5.3 s sleeping (3.5 s alone); the suite's q8_0 export test
-    took 221 s in the suite and 70 s alone."""
+    cores: spinning threads then take the cores the others need (bench/omp_sharing.py: two
+    processes of two threads on two cores, 57 s each spinning against 4.3 s sleeping, 2.5
+    alone); the q8_0 export test took 221 s in the suite and 70 s alone."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -247,12 +247,11 @@ def worker_environment(environ: Mapping[str, str], parent: int) -> dict[str, str
     with OpenMP threads that sleep while they wait (unless ``OMP_WAIT_POLICY`` is set).
 
     A job's processes share the cores with the server's engines, and PyTorch's OpenMP
-    threads spin while they wait for work: two such processes of two threads on two cores,
-    each spinning, slowed each other 5 to 50 times (a decode-sized loop of products: 3.5 s
-    alone, 19.6 to 176 s each side by side). With the job's side sleeping, the engine's
-    side took 5.0 to 5.6 s and the job's 8.0 to 8.6 (4.7 to 5.3 each with both sleeping).
-    Engines keep spinning: alone, that is worth 10 to 25% of a stream's tokens per second
-    (docs/performance.md)."""
+    threads spin while they wait for work. ``bench/omp_sharing.py`` on two cores, two
+    processes of two threads each running a decode-sized loop (2.5 s alone): both spinning,
+    57 s each (medians; 10 to 122 s); both sleeping, 4.3; one spinning beside one sleeping,
+    7.0 and 4.4. Engines keep spinning: alone, that is worth 10 to 25% of a stream's
+    tokens per second (docs/performance.md)."""
     return {
         **environ,
         "OMP_WAIT_POLICY": environ.get("OMP_WAIT_POLICY", "PASSIVE"),
