@@ -90,44 +90,35 @@ class FileStore:
         """Check ``upload`` (a temporary file, consumed whatever happens) and keep it;
         InvalidRequest lists what is wrong with it."""
         try:
-            return self._keep(tenant_id, purpose, filename, upload, created_by)
+            filename = check_upload_name(filename)
+            details = validate(
+                purpose, filename, upload, max_chat_chars=self.max_chat_chars, limits=self.limits
+            )
+            described = StoredFile(
+                tenant_id=tenant_id,
+                created_by=created_by,
+                purpose=purpose,
+                filename=filename,
+                details=details,
+            )
+            return self._keep(upload, described)
         finally:
             upload.unlink(missing_ok=True)
 
-    def _keep(
-        self,
-        tenant_id: int,
-        purpose: str,
-        filename: str | None,
-        upload: Path,
-        created_by: str | None,
-    ) -> FileRecord:
-        filename = check_upload_name(filename)
-        details = validate(
-            purpose, filename, upload, max_chat_chars=self.max_chat_chars, limits=self.limits
-        )
+    def _keep(self, upload: Path, row: StoredFile) -> FileRecord:
+        """``upload`` written under a new id and ``row`` committed, or neither."""
         public_id = f"file-{secrets.token_hex(12)}"
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / public_id
         partial = self.root / f".{public_id}.partial"
-        size, digest = upload.stat().st_size, _sha256(upload)
         aad = f"file/{public_id}"
+        row.public_id, row.relpath = public_id, f".files/{public_id}"
+        row.bytes, row.sha256 = upload.stat().st_size, _sha256(upload)
         kept = False
         try:
             wrapped = self._write(upload, partial, aad)
+            row.encrypted = wrapped is not None
             with write_transaction(self._sessions) as session:
-                row = StoredFile(
-                    public_id=public_id,
-                    tenant_id=tenant_id,
-                    created_by=created_by,
-                    purpose=purpose,
-                    filename=filename,
-                    bytes=size,
-                    sha256=digest,
-                    relpath=f".files/{public_id}",
-                    encrypted=wrapped is not None,
-                    details=details,
-                )
                 session.add(row)
                 session.flush()
                 if wrapped is not None:
