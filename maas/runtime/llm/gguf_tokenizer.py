@@ -1,8 +1,9 @@
-"""A GGUF file's tokenizer, converted once into Hugging Face files in the local cache.
+"""A GGUF file's tokenizer, converted once per vocabulary into Hugging Face files in the
+local cache.
 
 ``transformers`` converts a GGUF vocabulary (``AutoTokenizer.from_pretrained(...,
 gguf_file=...)``) only with its GGUF reader, which imports torch: a few hundred MB that the
-server would then hold for a tokenizer. So the conversion runs once per GGUF file in a child
+server would then hold for a tokenizer. So the conversion runs once per vocabulary in a child
 process (``python -m maas.runtime.llm.gguf_tokenizer GGUF FOLDER``), its result is kept in
 ``tokenizers/`` of the local cache under a digest of the file's metadata (``vocabulary_key``)
 and the ``transformers`` version, and every process, the server included, loads the saved
