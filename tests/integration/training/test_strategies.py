@@ -166,7 +166,7 @@ def test_a_strategy_that_cannot_run_is_refused_before_it_is_queued(
 
 TEXT = {"epochs": 15, "batch_size": 16, "learning_rate": 0.01, "max_length": 16}
 ARCHITECTURES = {
-    "small-cnn": {"epochs": 8, "arguments": {"channels": [16, 32], "hidden": 64}},
+    "small-cnn": {"epochs": 12, "arguments": {"channels": [16, 32], "hidden": 64}},
     "lstm-classifier": {**TEXT, "arguments": {"embedding_dim": 16, "hidden_size": 16}},
     "transformer-classifier": {
         **TEXT,
@@ -181,7 +181,10 @@ def test_an_async_parameter_server_learns_as_well_as_one_process(
 ):
     """Within 1 point of one process's validation accuracy: the digits CNN, and the two text
     classifiers on the reviews (pipeline and synchronous strategies equal one process's
-    weights, above)."""
+    weights, above). Both trained to where one process stops improving: stale gradients
+    (about one update old) learn a little slower, so after 8 epochs, still improving, the
+    server stood 0.6 to 1.1 points behind (347 to 349 of 359 right, against 351; 1 point
+    is 3.6 images); after 12 it was at 349 to 351 in six runs."""
     from tests.integration.training.test_train_job import sentiment_csv
 
     headers = acme["acme"]
