@@ -132,6 +132,19 @@ def test_llamaindex_chats_and_completes(server):
     assert "Paris" in llm.complete(QUESTION).text
 
 
+def test_the_deployment_shows_how_the_default_engine_runs_the_model(server):
+    """MAAS_LLM_DTYPE=auto and MAAS_LLM_COMPILE=true, the defaults: each dtype measured, the
+    decode step compiled and used up to the batch where it was measured faster
+    (test_compiled.py checks both cases on their own)."""
+    (deployment,) = server.admin.get("/api/v1/deployments").json()["data"]
+    engine = deployment["engine"]
+    trials = [t["dtype"] for t in engine["dtype_trials"]]
+    assert trials == ["float32", "bfloat16", "int8-weight", "int8"]
+    assert engine["dtype"] in trials
+    assert engine["compiled"] is (engine["compiled_rows"] > 0)
+    assert engine["compiled_rows"] <= 32  # MAAS_LLM_MAX_SEQUENCES, the default
+
+
 def memory_bytes(server) -> int:
     (deployment,) = server.admin.get("/api/v1/deployments").json()["data"]
     return deployment["memory_bytes"]

@@ -32,7 +32,11 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
 def llm_settings(home, **fields) -> Settings:
-    """Test settings, read while no MAAS_* variable of the developer's is set."""
+    """Test settings, read while no MAAS_* variable of the developer's is set. Decode steps
+    run eagerly unless ``llm_compile`` is given, as with the ``settings`` fixture
+    (tests/conftest.py): compiling took 30 s of this module's first request, to test
+    something else; the e2e servers compile (tests/e2e/test_llm_clients.py)."""
+    fields = {"llm_compile": False, **fields}
     with pytest.MonkeyPatch.context() as patch:
         for name in [name for name in os.environ if name.startswith("MAAS_")]:
             patch.delenv(name)
@@ -858,9 +862,9 @@ def test_deployments_show_how_the_engine_runs_the_model(world):
     # MAAS_LLM_KV_CACHE_DTYPE=auto, the default: the activations' dtype
     activations = "float32" if engine["dtype"] in ("float32", "int8") else "bfloat16"
     assert engine["kv_cache_dtype"] == activations
-    # MAAS_LLM_COMPILE=true, the default: compiled, and used up to the batch where it was
-    # measured faster (test_compiled.py checks both on their own)
-    assert engine["compiled"] is (engine["compiled_rows"] > 0)
+    # MAAS_LLM_COMPILE=false (llm_settings): eager; the default, compiled, is shown by the
+    # e2e servers' (tests/e2e/test_llm_clients.py)
+    assert engine["compiled"] is False and engine["compiled_rows"] == 0
     assert engine["kv_blocks"] > 0 and engine["kv_block_size"] == 16
 
 
