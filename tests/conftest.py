@@ -78,16 +78,26 @@ def home_with_database(tmp_path: Path, template_database: Path) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, template_database: Path) -> Settings:
-    """The server's settings for a test, whose home holds a copy of the migrated database,
-    with two changes: the TestClient's Host header ("testserver") is allowed, and
+    """The server's settings for a test (``suite_settings``), whose home holds a copy of the
+    migrated database."""
+    return suite_settings(home_with_database(tmp_path, template_database))
+
+
+def suite_settings(home: Path, **changes) -> Settings:
+    """The defaults with two changes, and ``changes``, read while no MAAS_* variable of the
+    developer's is set (module fixtures are made before each test's environment is
+    cleaned): the TestClient's Host header ("testserver") is allowed, and
     text-generation models' decode steps are not compiled
-    (vLLM's tests run eagerly as much, with ``enforce_eager``). Compiling takes 10 to 20 s
+    (vLLM's tests run eagerly as much, with ``enforce_eager``). Compiling takes 10 to 30 s
     a load on two cores, and most tests load a model to test something else. The compiled
     steps are tested on their own (tests/unit/engine/test_compiled.py,
     test_stored_weights.py, test_int8_matmul.py, test_pipeline_llm.py), and with the
     default settings by the e2e tests' servers."""
-    home = home_with_database(tmp_path, template_database)
-    return Settings(home=home, allowed_hosts=["testserver"], llm_compile=False)
+    fields = {"allowed_hosts": ["testserver"], "llm_compile": False, **changes}
+    with pytest.MonkeyPatch.context() as env:
+        for key in [key for key in os.environ if key.startswith("MAAS_")]:
+            env.delenv(key)
+        return Settings(home=home, **fields)
 
 
 @pytest.fixture

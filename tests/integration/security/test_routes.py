@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 
 import pytest
 from fastapi.routing import APIRoute
@@ -12,8 +11,7 @@ from fastapi.testclient import TestClient
 from maas.api import governance, metrics
 from maas.api.app import build_app
 from maas.api.hardening import StrictJSONRoute
-from maas.config import Settings
-from tests.conftest import home_with_database
+from tests.conftest import home_with_database, suite_settings
 from tests.fixtures import make_png
 from tests.integration.conftest import World, key_maker, tenant_maker
 
@@ -319,18 +317,9 @@ def unchanging_world(tmp_path_factory, template_database, model_sources):
     """One world for the module's requests that change nothing: every GET, and every
     request without a valid key (refused before its route runs). Building a world takes
     0.3 s, and these are 300 of the matrix's 390 cells."""
-    folder = tmp_path_factory.mktemp("routes")
-    with pytest.MonkeyPatch.context() as env:
-        for key in [key for key in os.environ if key.startswith("MAAS_")]:
-            if key != "MAAS_CACHE_DIR":
-                env.delenv(key)
-        settings = Settings(
-            home=home_with_database(folder, template_database),
-            allowed_hosts=["testserver"],
-            llm_compile=False,
-        )
-        with TestClient(build_app(settings)) as client:
-            yield World(client, key_maker(client), tenant_maker(client), model_sources)
+    home = home_with_database(tmp_path_factory.mktemp("routes"), template_database)
+    with TestClient(build_app(suite_settings(home))) as client:
+        yield World(client, key_maker(client), tenant_maker(client), model_sources)
 
 
 @pytest.mark.parametrize("role", ROLES)

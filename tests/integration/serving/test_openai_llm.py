@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import time
 
@@ -21,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from maas.api.app import build_app
-from maas.config import Settings
 from maas.db.tables import UsageRecord
 from maas.runtime.llm.tokenizer import load_tokenizer
+from tests.conftest import suite_settings
 from tests.integration.conftest import World, bearer, key_maker, tenant_maker
 
 MODEL = "acme-chat"
@@ -31,21 +30,11 @@ MESSAGES = [{"role": "user", "content": "where is paris?"}]
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
-def llm_settings(home, **fields) -> Settings:
-    """Test settings, read while no MAAS_* variable of the developer's is set. Decode steps
-    run eagerly unless ``llm_compile`` is given, as with the ``settings`` fixture
-    (tests/conftest.py): compiling took 30 s of this module's first request, to test
-    something else; the e2e servers compile (tests/e2e/test_llm_clients.py)."""
-    fields = {"llm_compile": False, **fields}
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [name for name in os.environ if name.startswith("MAAS_")]:
-            patch.delenv(name)
-        return Settings(home=home, allowed_hosts=["testserver"], inference_threads=1, **fields)
-
-
 def start_world(home, model_sources, **fields):
+    """An app of ``suite_settings`` (decode steps eager: compiling took 30 s of this module's
+    first request, to test something else; the e2e servers compile), one inference thread."""
     threads = torch.get_num_threads()
-    with TestClient(build_app(llm_settings(home, **fields))) as client:
+    with TestClient(build_app(suite_settings(home, inference_threads=1, **fields))) as client:
         yield World(client, key_maker(client), tenant_maker(client), model_sources)
     torch.set_num_threads(threads)  # the engine set it to inference_threads
 
@@ -862,7 +851,7 @@ def test_deployments_show_how_the_engine_runs_the_model(world):
     # MAAS_LLM_KV_CACHE_DTYPE=auto, the default: the activations' dtype
     activations = "float32" if engine["dtype"] in ("float32", "int8") else "bfloat16"
     assert engine["kv_cache_dtype"] == activations
-    # MAAS_LLM_COMPILE=false (llm_settings): eager; the default, compiled, is shown by the
+    # MAAS_LLM_COMPILE=false (suite_settings): eager; the default, compiled, is shown by the
     # e2e servers' (tests/e2e/test_llm_clients.py)
     assert engine["compiled"] is False and engine["compiled_rows"] == 0
     assert engine["kv_blocks"] > 0 and engine["kv_block_size"] == 16
