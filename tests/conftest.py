@@ -59,10 +59,7 @@ def template_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
     database takes about 60 ms and opening a copy 13, in each of a few thousand tests;
     the migrations themselves are tested on their own (tests/unit/db)."""
     home = tmp_path_factory.mktemp("migrated") / "maas-home"
-    with pytest.MonkeyPatch.context() as env:
-        for key in [key for key in os.environ if key.startswith("MAAS_")]:
-            env.delenv(key)
-        open_registry(Settings(home=home)).close()
+    open_registry(suite_settings(home)).close()
     database = home / "maas.db"
     assert not database.with_name("maas.db-wal").exists(), "the template was left open"
     return database

@@ -184,7 +184,7 @@ def test_an_async_parameter_server_learns_as_well_as_one_process(
     weights, above). Both trained to where one process stops improving: stale gradients
     (about one update old) learn a little slower, so after 8 epochs, still improving, the
     server stood 0.6 to 1.1 points behind (347 to 349 of 359 right, against 351; 1 point
-    is 3.6 images); after 12 it was at 349 to 351 in six runs."""
+    is 3.6 images); after 12 it was at 350 to 351 in six runs."""
     from tests.integration.training.test_train_job import sentiment_csv
 
     headers = acme["acme"]
