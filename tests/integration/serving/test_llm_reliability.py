@@ -18,8 +18,8 @@ from maas.api.app import build_app
 from maas.auth.bootstrap import ensure_admin_key
 from maas.errors import Unavailable
 from maas.registry import open_registry
+from tests.conftest import suite_settings
 from tests.integration.conftest import bearer
-from tests.integration.serving.test_openai_llm import llm_settings
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,7 +39,8 @@ class Served:
     """An app serving the tiny Llama as ``chat``, pinned or not, with an admin key."""
 
     def __init__(self, home, model_sources, *, pinned: bool, **fields) -> None:
-        settings = llm_settings(home, **({"pin_models": ["chat"]} if pinned else {}), **fields)
+        pins = {"pin_models": ["chat"]} if pinned else {}
+        settings = suite_settings(home, inference_threads=1, **pins, **fields)
         registry = open_registry(settings)
         registry.import_model(model_sources / "llama", "chat")
         registry.close()
