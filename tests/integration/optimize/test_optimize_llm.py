@@ -8,13 +8,23 @@ import json
 
 import pytest
 
+from maas.config import Settings
 from maas.registry import demo
+from tests.conftest import home_with_database, suite_settings
 from tests.integration.optimize.test_optimize_job import optimize, optimized
 from tests.integration.training.test_train_job import upload
 
 pytestmark = pytest.mark.timeout(600)
 
 SMOLLM2 = demo.DEMO_MODELS[0]
+
+
+@pytest.fixture
+def settings(tmp_path, template_database) -> Settings:
+    """The suite's settings with the versions' chats in float32: ``auto`` would time four
+    dtypes at each load of the demo (the Q8_0 export's test took 51 s alone, 42 without),
+    which test_dtypes.py, test_openai_llm.py and the e2e servers test."""
+    return suite_settings(home_with_database(tmp_path, template_database), llm_dtype="float32")
 
 
 def _held_out(client, headers, tmp_path) -> str:
