@@ -29,6 +29,7 @@ from schemathesis.config import SchemathesisConfig
 from maas.api.app import build_app
 from maas.auth.principal import Role
 from maas.config import Settings
+from tests.conftest import suite_settings
 from tests.fixtures import make_onnx, make_tiny_llama
 from tests.integration.conftest import bearer, key_maker, tenant_maker
 
@@ -72,20 +73,17 @@ def fuzz_home(tmp_path_factory):
 
 
 def _settings(home) -> Settings:
-    """Cheap generation and a small upload limit, read while no MAAS_* variable is set."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [name for name in os.environ if name.startswith("MAAS_")]:
-            patch.delenv(name)
-        return Settings(
-            home=home,
-            allowed_hosts=["testserver"],
-            inference_threads=1,
-            llm_engine_process=False,
-            llm_max_model_len=64,
-            llm_max_sequences=4,
-            max_upload_bytes=64 * 1024,
-            request_timeout_s=20,
-        )
+    """The suite's settings (decode steps eager) with cheap generation and a small upload
+    limit."""
+    return suite_settings(
+        home,
+        inference_threads=1,
+        llm_engine_process=False,
+        llm_max_model_len=64,
+        llm_max_sequences=4,
+        max_upload_bytes=64 * 1024,
+        request_timeout_s=20,
+    )
 
 
 @pytest.fixture(params=["admin", "user"])
