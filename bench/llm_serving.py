@@ -39,7 +39,10 @@ cost: they are the easier case. Their memory is that of this process, not measur
 
     .venv/bin/python bench/llm_serving.py [--clients 32] [--requests 64]
         [--dtypes auto,float32,bfloat16,int8-weight,int8] [--stored int4]
-        [--engines maas,llama.cpp,transformers,ctranslate2]
+        [--engines maas,llama.cpp,transformers,ctranslate2] [--thread-engine]
+
+``--thread-engine`` adds, after each maas row, the same dtype with the engine on a thread of
+the server (``MAAS_LLM_ENGINE_PROCESS=false``): one process instead of two.
 
 ``--stored`` also serves versions whose weights are stored quantized, as ``maas optimize
 quantize int4`` (or ``int8``) writes them from the demo GGUF, each in a home of its own under
@@ -247,6 +250,11 @@ def measure_server(port: int, key: str | None, pid: int, prompts: list[list[int]
         ],
         "seconds": round(elapsed, 1),
     }
+
+
+THREAD_ENGINE = {"MAAS_LLM_ENGINE_PROCESS": "false"}
+"""The engine on a thread of the server: one Python process instead of two (the server's
+memory less), the engine then sharing the server's GIL."""
 
 
 def run_maas(
@@ -529,16 +537,16 @@ def report(rows: list[dict], args, build: dict | None) -> None:
 
 def best_maas_ratios(rows: list[dict]) -> dict[str, float]:
     """The best maas row's tokens/s over each offline baseline's."""
-    maas = [r for r in rows if r["engine"] == "maas"]
+    maas = [r for r in rows if r["engine"].startswith("maas")]
     if not maas:
         return {}
     best = max(maas, key=lambda r: r["output_tokens_per_s"])
     return {
-        f"maas {best['dtype']} / {r['engine']} {r['dtype']}": round(
+        f"{best['engine']} {best['dtype']} / {r['engine']} {r['dtype']}": round(
             best["output_tokens_per_s"] / r["output_tokens_per_s"], 2
         )
         for r in rows
-        if r["engine"] not in ("maas", "llama.cpp (llama-server)")
+        if not r["engine"].startswith(("maas", "llama.cpp"))
     }
 
 
@@ -547,8 +555,8 @@ def llama_cpp_ratios(rows: list[dict], clients: int) -> dict[str, float]:
     against llama.cpp F16 on one stream."""
     llama = {r["dtype"]: r for r in rows if r["engine"] == "llama.cpp (llama-server)"}
     ratios = {}
-    for row in (r for r in rows if r["engine"] == "maas"):
-        name = f"maas {row['dtype']} / llama.cpp"
+    for row in (r for r in rows if r["engine"].startswith("maas")):
+        name = f"{row['engine']} {row['dtype']} / llama.cpp"
         if "Q8_0" in llama:
             q8 = llama["Q8_0"]
             for label, key in (
@@ -594,6 +602,12 @@ def main() -> None:
         default=list(ENGINES),
         help=f"comma list of engines to run (default: all of {','.join(ENGINES)})",
     )
+    parser.add_argument(
+        "--thread-engine",
+        action="store_true",
+        help="also run each maas dtype with its engine on a thread of the server "
+        "(MAAS_LLM_ENGINE_PROCESS=false), right after the row of the engine in its own process",
+    )
     parser.add_argument("--single-runs", type=int, default=3)
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args()
@@ -622,6 +636,9 @@ def main() -> None:
             registry.close()
             for dtype in args.dtypes.split(","):
                 add(run_maas(home, dtype, prompts, args))
+                if args.thread_engine:
+                    row = run_maas(home, dtype, prompts, args, THREAD_ENGINE)
+                    add({**row, "engine": "maas (engine on a thread)"})
             for method in filter(None, args.stored.split(",")):
                 stored = stored_home(Path(root), home, method, model.task)
                 add({**run_maas(stored, "auto", prompts, args), "dtype": f"stored {method}"})
