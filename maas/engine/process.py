@@ -1,9 +1,10 @@
 """``EngineProcess``: maas's engine in a process of its own, as a ``GenerationEngine``.
 
-On a two-core CPU this is markedly faster than an engine thread inside the server: the
-server's event loop no longer competes with the model for the GIL, and the math libraries'
-thread pools run from a main thread (measured: 208 against 147 tokens/s for the same load).
-It also keeps a crash in the model away from the server.
+On a two-core CPU this is faster than an engine thread inside the server: the server's
+event loop no longer competes with the model for the GIL, and the math libraries' thread
+pools run from a main thread (the demo in int8, 32 streams: 565 against 489 tokens/s; an
+earlier, eager engine: 208 against 147). It costs a second interpreter (223 MiB more at the
+peak; docs/performance.md), and keeps a crash in the model away from the server.
 
 The pipe carries the structs of ``maas/messages.py``: the server sends ``EngineRequest``,
 ``EngineAbort`` and ``EngineStop``; the engine answers ``EngineReady`` (or
