@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from maas.config import Settings
 from maas.jobs.worker import Worker
 from maas.training import checkpoint as checkpoints
+from tests.conftest import suite_settings
 from tests.fixtures import make_tiny_llama
 
 QUESTION = "the cat sat on the mat"
@@ -36,12 +37,7 @@ def chats(count: int) -> bytes:
 def settings(tmp_path) -> Settings:
     """The engine's eager float32 path (the reference): a compiled step, or timing dtypes at
     load, would spend most of these tests' time."""
-    return Settings(
-        home=tmp_path / "maas-home",
-        allowed_hosts=["testserver"],
-        llm_compile=False,
-        llm_dtype="float32",
-    )
+    return suite_settings(tmp_path / "maas-home", llm_dtype="float32")
 
 
 @pytest.fixture
