@@ -42,7 +42,10 @@ class Settings(BaseSettings):
     """TCP port the server listens on."""
 
     log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug)$")
-    """Server log level: critical, error, warning, info or debug."""
+    """Server log level: critical, error, warning, info or debug. The processes the server
+    starts (an LLM's engine process, its pipeline stages) log at the same level to the same
+    output, each line with the process's name, e.g. `INFO: (engine-smollm2-135m-instruct:1) ...
+    ready in 33.1s`."""
 
     # 16 GiB holds a 7B model in 16 bits, yet an import (upload, unpacked copy, version) still
     # fits on a laptop's free disk. Raise both for bigger models on a bigger disk.

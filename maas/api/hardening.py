@@ -4,7 +4,6 @@ bodies that must be text."""
 from __future__ import annotations
 
 import copy
-import logging
 import re
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -16,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from maas.api import strict_json
 from maas.api.errors import send_error
 from maas.config import Settings
+from maas.logs import RedactKeys
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -139,24 +139,6 @@ class StrictJSONRoute(APIRoute):
             return await handler(StrictJSONRequest(request.scope, request.receive))
 
         return strict_handler
-
-
-KEY_PATTERN = re.compile(r"(maas-[a-z0-9]{12}_)[A-Za-z0-9_\-]+")
-
-
-class RedactKeys(logging.Filter):
-    """Blank the secret part of any API key in a log line (e.g. one sent in a URL, which
-    the server refuses but the access log would otherwise still print)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                KEY_PATTERN.sub(r"\1***", arg) if isinstance(arg, str) else arg
-                for arg in record.args
-            )
-        if isinstance(record.msg, str):
-            record.msg = KEY_PATTERN.sub(r"\1***", record.msg)
-        return True
 
 
 def uvicorn_log_config(level: str = "info") -> dict:

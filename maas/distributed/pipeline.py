@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from maas.errors import StageLost
+from maas.logs import ChildLogging
 from maas.runtime.llm.model import DecodeRows, PrefillRows, StepInput
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions
 
@@ -169,10 +170,14 @@ class PipelineRunner(ModelRunner):
             dist.destroy_process_group()
 
 
-def serve_stage(spec: PipelineSpec, opened, options: RunnerOptions, ready) -> None:
+def serve_stage(
+    spec: PipelineSpec, opened, options: RunnerOptions, ready, logs: ChildLogging
+) -> None:
     """A stage process (rank >= 1): load, say so on ``ready`` (a pipe), then run steps until
-    told to stop or until a neighbour is gone."""
+    told to stop or until a neighbour is gone. It logs as its parent does (``logs``)."""
     from maas.messages import EngineLoadError
+
+    logs.apply()
 
     try:
         join(spec)

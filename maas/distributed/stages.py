@@ -14,6 +14,7 @@ from multiprocessing.connection import wait
 from maas.distributed.pipeline import PipelineSpec, serve_stage
 from maas.distributed.plan import SplitPlan, llama_plan
 from maas.errors import Unavailable
+from maas.logs import ChildLogging
 from maas.messages import EngineLoadError
 from maas.runtime.llm.options import RunnerOptions
 from maas.runtime.llm.quantized import stored_method
@@ -57,7 +58,7 @@ class StageProcesses:
             mine, theirs = context.Pipe(duplex=False)
             process = context.Process(
                 target=serve_stage,
-                args=(spec, opened, options, theirs),
+                args=(spec, opened, options, theirs, ChildLogging.of_parent()),
                 name=f"stage-{stage.index}-{opened.record.reference}",
                 daemon=True,
             )

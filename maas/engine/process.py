@@ -30,6 +30,7 @@ from dataclasses import replace
 
 from maas.engine.streams import DeltaStreams
 from maas.errors import Unavailable
+from maas.logs import ChildLogging
 from maas.messages import (
     ENGINE_STOPPED,
     MODEL_UNLOADED,
@@ -72,7 +73,7 @@ class EngineProcess:
             options, spec = self._start_stages(opened, options)
         self._process = context.Process(
             target=_serve,
-            args=(child, opened, options, tokenizer, spec),
+            args=(child, opened, options, tokenizer, spec, ChildLogging.of_parent()),
             name=f"engine-{name}",
             daemon=True,
         )
@@ -231,9 +232,11 @@ class EngineProcess:
             self.on_dead()
 
 
-def _serve(conn, opened, options, tokenizer, spec=None) -> None:
+def _serve(conn, opened, options, tokenizer, spec, logs: ChildLogging) -> None:
     """The engine process: load, say ready, then step until told to stop. With a pipeline
-    ``spec``, this is rank 0: stage 0 here, and the stages are told to stop at the end."""
+    ``spec``, this is rank 0: stage 0 here, and the stages are told to stop at the end. It
+    logs as the server does (``logs``)."""
+    logs.apply()
     from maas.runtime.llm.runner import ModelRunner
 
     try:

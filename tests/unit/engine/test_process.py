@@ -4,11 +4,13 @@ races an unload gets a clear Unavailable, never a broken pipe."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 from maas.engine.process import EngineProcess
 from maas.errors import Unavailable
+from maas.logs import ChildLogging
 from maas.routing.llm_deployment import EngineOptions
 from maas.runtime.llm.runner import RunnerOptions
 from tests.unit.engine.conftest import generate_alone, greedy, token_ids
@@ -39,3 +41,27 @@ def test_a_request_after_an_unload_is_unavailable(llama_version, llama_tokenizer
     engine._closing = engine._ended = False
     with pytest.raises(Unavailable, match="unloaded"):
         collect(engine, prompt, greedy(6))
+
+
+def test_the_engine_process_logs_its_load_as_the_server_does(
+    llama_version, llama_tokenizer, caplog, capfd
+):
+    """A spawned process starts with logging unconfigured: without the parent's set-up passed
+    on, the engine's INFO lines (its dtype, its compiled step, "ready in") were dropped."""
+    caplog.set_level(logging.INFO, logger="maas")
+    options = EngineOptions(
+        RunnerOptions(dtype="float32", max_sequences=2, max_model_len=64, compile=False)
+    )
+    engine = EngineProcess(llama_version, options, llama_tokenizer, name="tiny")
+    engine.close()
+    lines = capfd.readouterr().err.splitlines()
+    ready = [line for line in lines if " ready in " in line]
+    assert len(ready) == 1, lines
+    assert ready[0].startswith("INFO:     (engine-tiny) ")
+
+
+def test_a_child_logs_at_its_parent_s_level(caplog):
+    caplog.set_level(logging.WARNING, logger="maas")
+    assert ChildLogging.of_parent() == ChildLogging(logging.WARNING)
+    caplog.set_level(logging.DEBUG, logger="maas")
+    assert ChildLogging.of_parent() == ChildLogging(logging.DEBUG)
