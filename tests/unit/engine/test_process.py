@@ -27,8 +27,11 @@ def collect(engine: EngineProcess, prompt: list[int], params) -> list:
 
 
 def test_a_request_after_an_unload_is_unavailable(llama_version, llama_tokenizer, make_engine):
-    options = EngineOptions(RunnerOptions(max_sequences=2, max_model_len=64, threads=1))
-    engine = EngineProcess(llama_version, options, llama_tokenizer, name="tiny")
+    # float32 and eager, as make_engine's: timing dtypes and compiling took most of 15 to 21 s
+    runner = RunnerOptions(
+        dtype="float32", max_sequences=2, max_model_len=64, threads=1, compile=False
+    )
+    engine = EngineProcess(llama_version, EngineOptions(runner), llama_tokenizer, name="tiny")
     prompt = llama_tokenizer.encode("the cat sat on the mat")
     try:
         deltas = collect(engine, prompt, greedy(6))
