@@ -312,6 +312,15 @@ def test_the_matrix_covers_every_route(settings):
     assert _routes(build_app(settings)) == set(MATRIX)
 
 
+@pytest.fixture
+def settings(tmp_path, template_database):
+    """The suite's settings with the LLM's engine on a thread of the server: the matrix
+    asks who may call each route, and starting an engine process took 3 to 4 s of each of
+    the six chat and completion cells that load acme-chat."""
+    home = home_with_database(tmp_path, template_database)
+    return suite_settings(home, llm_engine_process=False)
+
+
 @pytest.fixture(scope="module")
 def unchanging_world(tmp_path_factory, template_database, model_sources):
     """One world for the module's requests that change nothing: every GET, and every
