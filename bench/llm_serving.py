@@ -271,7 +271,8 @@ def run_maas(
         "MAAS_JOB_WORKERS": "0",
         # a cache of the run's own (beside the home): auto measures at this run's first load
         # instead of taking a choice kept from an earlier run
-        "MAAS_CACHE_DIR": str(home.parent / "maas-cache"),
+        "MAAS_CACHE_DIR": str(args.cache_dir or home.parent / "maas-cache"),
+        **({"MAAS_LLM_COMPILE": "false"} if args.eager else {}),
         **(extra_env or {}),
     }
     server = Server(home, env=env)
@@ -607,6 +608,17 @@ def main() -> None:
         action="store_true",
         help="also run each maas dtype with its engine on a thread of the server "
         "(MAAS_LLM_ENGINE_PROCESS=false), right after the row of the engine in its own process",
+    )
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="run maas's decode steps eagerly (MAAS_LLM_COMPILE=false), to see what compiling buys",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="maas's local cache (built kernels, measured dtype choices); default: one of the "
+        "run's own, so that auto measures at this run's load",
     )
     parser.add_argument("--single-runs", type=int, default=3)
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON")
