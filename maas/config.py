@@ -43,7 +43,7 @@ class Settings(BaseSettings):
 
     log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug)$")
     """Server log level: critical, error, warning, info or debug. The processes the server
-    starts (an LLM's engine process, its pipeline stages) log at the same level to the same
+    starts (an LLM's engine process, a model's pipeline stages) log at the same level to the same
     output, each line with the process's name, e.g. `INFO: (engine-smollm2-135m-instruct:1) ...
     ready in 33.1s`."""
 

@@ -34,6 +34,7 @@ from torch import nn
 from maas.distributed.pipeline import PipelineSpec, join
 from maas.distributed.plan import SplitPlan, module_units, split
 from maas.errors import StageLost, Unavailable, UnsupportedFormat
+from maas.logs import ChildLogging
 from maas.registry.manifest import Manifest
 from maas.registry.records import OpenedVersion
 from maas.runtime.base import Runtime, RuntimeOptions
@@ -176,11 +177,14 @@ class StageArgs:
     spec: PipelineSpec
     names: tuple[str, ...]
     threads: int
+    logs: ChildLogging
+    """How the stage logs: as the server does (maas/logs.py)."""
 
 
 def serve_stage(args: StageArgs, opened: OpenedVersion, inbox, outbox, ready) -> None:
     """A stage process: load its layers, report, then run micro-batches until told to stop.
     Stage 0 reads batches from ``inbox``; the last stage writes outputs to ``outbox``."""
+    args.logs.apply()
     torch.set_num_threads(args.threads)
     rank, world = args.spec.rank, args.spec.world_size
     try:
@@ -293,7 +297,7 @@ class PipelinedTorchRuntime(Runtime):
             process = context.Process(
                 target=serve_stage,
                 args=(
-                    StageArgs(spec, stage.units, threads),
+                    StageArgs(spec, stage.units, threads, ChildLogging.of_parent()),
                     self.opened,
                     stage_inbox if stage.index == 0 else None,
                     stage_outbox if stage.index == self.stages - 1 else None,
