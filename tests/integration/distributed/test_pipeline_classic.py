@@ -57,7 +57,7 @@ def split(client, name: str, stages: int):
     return client.patch(f"/api/v1/models/{name}", json={"serving": {"pipeline_stages": stages}})
 
 
-def test_the_cnn_in_two_stages_answers_as_the_whole_model(served):
+def test_the_cnn_in_two_stages_answers_as_the_whole_model(served, capfd):
     pixels = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
     png = base64.b64encode(make_png((10, 200, 30))).decode()
     predict = {"instances": [{"b64": png}, {"b64": png}], "top_k": 3}
@@ -81,6 +81,10 @@ def test_the_cnn_in_two_stages_answers_as_the_whole_model(served):
     # a batch that breaks a later stage fails alone; the pipeline goes on
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         runtime.predict({"input": np.zeros((2, 3, 8, 8), np.float32)})
+    # the stage logged it (before passing it on) as the server logs, under its own name
+    said = capfd.readouterr().err.splitlines()
+    prefix = "WARNING:  (stage-1-cnn:1) pipeline stage 1 failed a micro-batch: mat1 and mat2"
+    assert any(line.startswith(prefix) for line in said), said
     np.testing.assert_allclose(logits(infer(served, pixels)), whole, rtol=1e-5, atol=1e-6)
 
     # a stage that dies under a request: 503 at once, then the model loads again on its own
