@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -102,11 +104,17 @@ def reference(four_layers):
 
 @pytest.mark.parametrize(("stages", "compile"), [(2, True), (3, False)])
 def test_pipeline_equals_the_single_process_engine_token_for_token(
-    four_layers, reference, stages, compile
+    four_layers, reference, stages, compile, caplog, capfd
 ):
     prompts, lengths, expected = reference
+    caplog.set_level(logging.INFO, logger="maas")
     engine = start(four_layers, stages, compile=compile)
     try:
+        # every process of the pipeline logged its load as the server logs, under its name
+        said = capfd.readouterr().err
+        names = [f"engine-tiny-{stages}"] + [f"stage-{k}-tiny:1" for k in range(1, stages)]
+        for name in names:
+            assert re.search(rf"^INFO: +\({name}\) tiny:1 ready in ", said, re.M), said
         rows = engine.description.pipeline_stages
         assert [r["stage"] for r in rows] == list(range(stages))
         assert sum(int(r["layers"].split("-")[1]) - int(r["layers"].split("-")[0]) + 1
