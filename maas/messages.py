@@ -235,6 +235,21 @@ class EngineReady:
 
 
 @dataclass(frozen=True)
+class EngineLoad:
+    """What the engine process loads, the first message the server sends it (over its pipe
+    rather than in its start arguments: see ``EngineProcess._send_load``)."""
+
+    opened: Any
+    """The version (an ``OpenedVersion``)."""
+    options: Any
+    """How to run it (``EngineOptions``)."""
+    tokenizer: Any
+    """Its ``ChatTokenizer``, loaded once by the server."""
+    spec: Any = None
+    """With the model split into pipeline stages: this rank's ``PipelineSpec``."""
+
+
+@dataclass(frozen=True)
 class EngineLoadError:
     """The engine process could not load its model; the server raises ``message``."""
 

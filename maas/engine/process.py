@@ -6,8 +6,9 @@ pools run from a main thread (the demo in int8, 32 streams: 565 against 489 toke
 earlier, eager engine: 208 against 147). It costs a second interpreter (223 MiB more at the
 peak; docs/performance.md), and keeps a crash in the model away from the server.
 
-The pipe carries the structs of ``maas/messages.py``: the server sends ``EngineRequest``,
-``EngineAbort`` and ``EngineStop``; the engine answers ``EngineReady`` (or
+The pipe carries the structs of ``maas/messages.py``: the server sends ``EngineLoad`` first
+(what to load: not in the process's start arguments, see ``_send_load``), then
+``EngineRequest``, ``EngineAbort`` and ``EngineStop``; the engine answers ``EngineReady`` (or
 ``EngineLoadError``) once, then an ``EngineOutput`` after each step, which a reader thread
 hands to the requests' streams.
 
@@ -36,6 +37,7 @@ from maas.messages import (
     MODEL_UNLOADED,
     EngineAbort,
     EngineDescription,
+    EngineLoad,
     EngineLoadError,
     EngineMessage,
     EngineOutput,
@@ -73,13 +75,14 @@ class EngineProcess:
             options, spec = self._start_stages(opened, options)
         self._process = context.Process(
             target=_serve,
-            args=(child, opened, options, tokenizer, spec, ChildLogging.of_parent()),
+            args=(child, ChildLogging.of_parent()),
             name=f"engine-{name}",
             daemon=True,
         )
         self._process.start()
         child.close()
         try:
+            self._send_load(EngineLoad(opened, options, tokenizer, spec), name)
             ready = self._wait_ready(name)
         except BaseException:
             self._process.kill()
@@ -143,6 +146,19 @@ class EngineProcess:
     def dead(self) -> bool:
         """The process exited without being closed."""
         return self._ended and not self._closing
+
+    def _send_load(self, load: EngineLoad, name: str) -> None:
+        """Hand the process what to load over its pipe, not in its start arguments: if it
+        dies while reading those (the tokenizer alone can pickle to megabytes),
+        multiprocessing's ``start()`` blocks for ever writing the rest to a pipe whose reading
+        end it holds itself; a pipe to a dead process fails at once."""
+        try:
+            self._conn.send(load)
+        except OSError:  # the process died before it read everything
+            self._process.join(timeout=10)
+            raise Unavailable(
+                f"{name} exited while loading (exit code {self._process.exitcode})"
+            ) from None
 
     def _wait_ready(self, name: str) -> EngineReady:
         deadline = time.monotonic() + START_TIMEOUT
@@ -232,13 +248,22 @@ class EngineProcess:
             self.on_dead()
 
 
-def _serve(conn, opened, options, tokenizer, spec, logs: ChildLogging) -> None:
-    """The engine process: load, say ready, then step until told to stop. With a pipeline
-    ``spec``, this is rank 0: stage 0 here, and the stages are told to stop at the end. It
-    logs as the server does (``logs``)."""
+def _serve(conn, logs: ChildLogging) -> None:
+    """The engine process: take what to load (``EngineLoad``) from the pipe, load it, say
+    ready, then step until told to stop. With a pipeline ``spec``, this is rank 0: stage 0
+    here, and the stages are told to stop at the end. It logs as the server does
+    (``logs``)."""
     logs.apply()
     from maas.runtime.llm.runner import ModelRunner
 
+    try:
+        load = conn.recv()
+    except EOFError:  # the server gave up before sending it
+        return
+    except Exception as err:  # what it names cannot be read here: reported as a load error
+        conn.send(EngineLoadError(f"{type(err).__name__}: {err}"))
+        return
+    opened, options, tokenizer, spec = load.opened, load.options, load.tokenizer, load.spec
     try:
         if spec is None:
             runner = ModelRunner(opened, options.runner, tokenizer=tokenizer)

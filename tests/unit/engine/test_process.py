@@ -68,3 +68,25 @@ def test_a_child_logs_at_its_parent_s_level(caplog):
     assert ChildLogging.of_parent() == ChildLogging(logging.WARNING)
     caplog.set_level(logging.DEBUG, logger="maas")
     assert ChildLogging.of_parent() == ChildLogging(logging.DEBUG)
+
+
+def _refuse_to_unpickle():
+    raise RuntimeError("this version cannot be read here")
+
+
+class Unreadable:
+    """A version the engine process cannot unpickle: it fails as it reads its load."""
+
+    def __reduce__(self):
+        return (_refuse_to_unpickle, ())
+
+
+def test_an_engine_process_that_fails_to_read_its_load_fails_it_at_once():
+    """What the process loads goes over its pipe, not in multiprocessing's start arguments:
+    a child that died while reading those, with more than a pipe's buffer still unread (the
+    demo's tokenizer alone pickles to 1.5 MB), left ``start()`` writing for ever to a pipe
+    whose reading end it held itself."""
+    options = EngineOptions(RunnerOptions(dtype="float32", compile=False))
+    tokenizer = "as large as the demo's" * 2**16  # read after the version, if ever
+    with pytest.raises(Unavailable, match="this version cannot be read here"):
+        EngineProcess(Unreadable(), options, tokenizer, name="unreadable")
