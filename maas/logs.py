@@ -8,7 +8,7 @@ load can take. The parent takes ``ChildLogging.of_parent()`` and passes it to th
 which calls ``apply()`` first thing: a handler on the standard error it shares with the
 parent, at the parent's level, in uvicorn's format with the process's name in front::
 
-    INFO:     (engine-smollm2-135m-instruct) dtype int8: 16.2 ms a step alone, ...
+    INFO:     (engine-smollm2-135m-instruct:1) dtype int8: 16.2 ms a step alone, ...
 """
 
 from __future__ import annotations

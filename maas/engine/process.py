@@ -155,10 +155,11 @@ class EngineProcess:
         try:
             self._conn.send(load)
         except OSError:  # the process died before it read everything
-            self._process.join(timeout=10)
-            raise Unavailable(
-                f"{name} exited while loading (exit code {self._process.exitcode})"
-            ) from None
+            raise self._exited_while_loading(name) from None
+
+    def _exited_while_loading(self, name: str) -> Unavailable:
+        self._process.join(timeout=10)
+        return Unavailable(f"{name} exited while loading (exit code {self._process.exitcode})")
 
     def _wait_ready(self, name: str) -> EngineReady:
         deadline = time.monotonic() + START_TIMEOUT
@@ -170,10 +171,7 @@ class EngineProcess:
         try:
             reply = self._conn.recv()
         except EOFError:  # it died before a word (killed, out of memory)
-            self._process.join(timeout=10)
-            raise Unavailable(
-                f"{name} exited while loading (exit code {self._process.exitcode})"
-            ) from None
+            raise self._exited_while_loading(name) from None
         if isinstance(reply, EngineLoadError):
             self._process.join(timeout=10)
             raise Unavailable(f"{name} failed to load: {reply.message}")
