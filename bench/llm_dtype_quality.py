@@ -26,6 +26,7 @@ from maas.registry import demo, open_registry  # noqa: E402
 from maas.runtime.llm import quantized  # noqa: E402
 from maas.runtime.llm.dtypes import QUALITY_ORDER, convert, prefill_logits  # noqa: E402
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions  # noqa: E402
+from maas.runtime.llm.tokenizer import load_tokenizer  # noqa: E402
 
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -51,9 +52,10 @@ def main() -> None:
         options = RunnerOptions(
             dtype="float32", max_sequences=1, max_model_len=512, compile=False, pack_weights=False
         )
-        runner = ModelRunner(registry.open_version(model_spec.name), options)
+        opened = registry.open_version(model_spec.name)
+        runner = ModelRunner(opened, options)
+        ids = load_tokenizer(opened).encode_chat(CHAT)
         registry.close()
-    ids = runner.tokenizer.encode_chat(CHAT)
     reference = prefill_logits(runner.model, ids).float()
     print(f"{len(ids)} tokens, teacher-forced, against float32:")
     candidates = {

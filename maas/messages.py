@@ -244,7 +244,8 @@ class EngineLoad:
     options: Any
     """How to run it (``EngineOptions``)."""
     tokenizer: Any
-    """Its ``ChatTokenizer``, loaded once by the server."""
+    """What the engine needs of its tokenizer (an ``EngineTokenizer``), made by the server
+    from the ``ChatTokenizer`` it loaded."""
     spec: Any = None
     """With the model split into pipeline stages: this rank's ``PipelineSpec``."""
 

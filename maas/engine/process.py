@@ -65,8 +65,9 @@ class EngineProcess:
         name: str,
         on_stats: Callable[[EngineStats], None] | None = None,
     ) -> None:
-        """Start the process and wait until its model is loaded; ``on_stats(EngineStats)`` is
-        called from the reader thread after each step."""
+        """Start the process and wait until its model is loaded; ``tokenizer`` is what the
+        engine needs of it (``ChatTokenizer.for_engine()``: without ``transformers``);
+        ``on_stats(EngineStats)`` is called from the reader thread after each step."""
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._stages = None

@@ -97,6 +97,7 @@ def measure(
     from maas.runtime.llm import dtypes
     from maas.runtime.llm.quantized import parameter_count
     from maas.runtime.llm.tokenizer import load_tokenizer
+    from maas.runtime.llm.trial_prompts import QUESTION
     from maas.runtime.llm.weights import load_model
 
     model = load_model(opened, dtype)
@@ -113,7 +114,7 @@ def measure(
         if texts:
             figures["perplexity"] = _perplexity(logits, ids)
             figures["evaluation_tokens"] = float(sum(len(s) for s in ids))
-        tokens = dtypes.greedy_answer(model, tokenizer.encode_chat(dtypes.QUESTION))
+        tokens = dtypes.greedy_answer(model, tokenizer.encode_chat(QUESTION))
         ends = [i for i, token in enumerate(tokens) if token in tokenizer.eos_token_ids]
         answer = tokenizer.decode(tokens[: ends[0]] if ends else tokens)
     return {"figures": figures, "logits": logits, "answer": answer}
@@ -131,7 +132,7 @@ def parity(parent: dict, child: dict) -> dict[str, float]:
 
 
 def _evaluation_ids(tokenizer, texts: list[str] | None) -> list[list[int]]:
-    from maas.runtime.llm.dtypes import PROBE
+    from maas.runtime.llm.trial_prompts import PROBE
 
     sequences, budget = [], MAX_EVALUATION_TOKENS
     for text in texts or [PROBE]:

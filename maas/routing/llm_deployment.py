@@ -141,13 +141,13 @@ def start_engine(
     if options.pipeline_stages > 1 and not options.separate_process:
         raise ValueError("pipeline stages need the engine in processes of its own")
     if options.separate_process:
-        return EngineProcess(opened, options, tokenizer, name=name, on_stats=on_stats)
+        return EngineProcess(opened, options, tokenizer.for_engine(), name=name, on_stats=on_stats)
     from maas.engine.client import EngineClient
     from maas.engine.llm_engine import LLMEngine
     from maas.engine.stats import StatsObserver
     from maas.runtime.llm.runner import ModelRunner
 
-    runner = ModelRunner(opened, options.runner, tokenizer=tokenizer)
+    runner = ModelRunner(opened, options.runner, tokenizer=tokenizer.for_engine())
     engine = LLMEngine(runner, max_batch_tokens=options.max_batch_tokens, observer=StatsObserver())
     engine.warm_up()
     return EngineClient(engine, name=name, on_stats=on_stats)

@@ -81,15 +81,6 @@ MIN_AGREEMENT = 0.9
 MIN_GAIN = 0.05
 """A lower-quality dtype replaces a better one only if it is this much faster."""
 
-PROBE = (
-    "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and "
-    "Berlin is the capital of Germany. Water boils at one hundred degrees Celsius at sea "
-    "level. To make a cup of tea, boil the water, add the leaves and wait three minutes."
-)
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-"""The probe question (as a chat): float32's answer fed to a candidate after the question
-computed whole, and again after ``SPLIT`` tokens and its last full block came from the
-prefix cache."""
 SPLIT = 16
 ANSWER_TOKENS = 12
 SURE_MARGIN = 1.0

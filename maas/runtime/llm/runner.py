@@ -1,4 +1,5 @@
-"""The model with its KV cache and tokenizer, ready for the engine to step."""
+"""The model with its KV cache and what the engine needs of its tokenizer, ready for the
+engine to step."""
 
 from __future__ import annotations
 
@@ -9,16 +10,13 @@ import time
 import torch
 from torch import Tensor
 
-from maas.errors import InvalidRequest
 from maas.registry.records import OpenedVersion
 from maas.runtime.llm import dtype_cache, int8_matmul, paged_attention
 from maas.runtime.llm.compiled import CompileReport, PrefillReport, compile_decode, compile_prefill
 from maas.runtime.llm.dtypes import (
     ACTIVATIONS,
     KV_CACHE_DTYPES,
-    PROBE,
     QUALITY_ORDER,
-    QUESTION,
     STORED_ACTIVATIONS,
     DtypeChoice,
     choose,
@@ -29,7 +27,7 @@ from maas.runtime.llm.kernels import pack_linears, weight_bytes
 from maas.runtime.llm.model import KVCache, StepInput
 from maas.runtime.llm.options import RunnerOptions
 from maas.runtime.llm.quantized import stored_method
-from maas.runtime.llm.tokenizer import load_tokenizer
+from maas.runtime.llm.tokenizer import ChatTokenizer, EngineTokenizer, load_tokenizer
 from maas.runtime.llm.weights import load_model
 from maas.runtime.memory import release_freed_memory
 
@@ -58,7 +56,9 @@ class ModelRunner:
     """The model (or, with ``layers``, the pipeline stage of those decoder blocks) with its KV
     cache. ``submit`` then ``result`` run one step; here the step is computed at ``submit``,
     a pipeline's first stage (maas.distributed.pipeline) computes its part there and collects
-    the logits at ``result``, so ``depth`` steps can be in flight."""
+    the logits at ``result``, so ``depth`` steps can be in flight. ``tokenizer`` is the
+    engine's part of the version's tokenizer (a ``ChatTokenizer`` is reduced to it), loaded
+    from the version when not given."""
 
     depth = 1
     """Steps that may be in flight at once."""
@@ -67,7 +67,7 @@ class ModelRunner:
         self,
         opened: OpenedVersion,
         options: RunnerOptions,
-        tokenizer=None,
+        tokenizer: EngineTokenizer | ChatTokenizer | None = None,
         *,
         layers: range | None = None,
     ) -> None:
@@ -76,7 +76,10 @@ class ModelRunner:
             raise ValueError(f"unknown KV cache dtype {options.kv_cache_dtype!r}")
         if options.threads:
             torch.set_num_threads(options.threads)
-        self.tokenizer = tokenizer or load_tokenizer(opened)
+        tokenizer = tokenizer or load_tokenizer(opened)
+        self.tokenizer: EngineTokenizer = (
+            tokenizer.for_engine() if isinstance(tokenizer, ChatTokenizer) else tokenizer
+        )
         self.dtype_choice: DtypeChoice | None = None
         """With ``dtype="auto"``: what was measured and chosen."""
         self.weights = stored_method(opened)
@@ -187,8 +190,8 @@ class ModelRunner:
             return kept
         choice = choose(
             self.model,
-            self.tokenizer.encode(PROBE),
-            _question_ids(self.tokenizer),
+            list(self.tokenizer.probe_ids),
+            list(self.tokenizer.question_ids),
             batch=batch,
             pack=pack,
             candidates=candidates,
@@ -208,11 +211,3 @@ class ModelRunner:
     def result(self, pending: Tensor) -> Tensor:
         """The logits of a submitted step (float32 [rows, vocab])."""
         return pending
-
-
-def _question_ids(tokenizer) -> list[int]:
-    """The probe question as the model's chat template has it (plain text without one)."""
-    try:
-        return tokenizer.encode_chat(QUESTION)
-    except InvalidRequest:  # no chat template, or one that refuses it: the question alone
-        return tokenizer.encode(QUESTION[0]["content"])

@@ -64,7 +64,7 @@ def start(four_layers, stages: int, *, compile: bool = False) -> EngineProcess:
         compile_always=compile,
     )
     options = EngineOptions(runner, max_batch_tokens=48, pipeline_stages=stages)
-    return EngineProcess(opened, options, tokenizer, name=f"tiny-{stages}")
+    return EngineProcess(opened, options, tokenizer.for_engine(), name=f"tiny-{stages}")
 
 
 async def run_all(engine: EngineProcess, prompts, lengths, *, abort_after: int | None = None):

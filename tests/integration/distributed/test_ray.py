@@ -93,7 +93,7 @@ def test_llm_pipeline_stages_as_ray_actors_answer_as_one_process(ray_cluster, tm
     def answers(stages: int, address: str) -> tuple[list[list[int]], tuple]:
         runner = RunnerOptions(dtype="float32", max_sequences=4, max_model_len=64, compile=False)
         options = EngineOptions(runner, pipeline_stages=stages, ray_address=address)
-        engine = EngineProcess(opened, options, tokenizer, name=f"tiny-{stages}")
+        engine = EngineProcess(opened, options, tokenizer.for_engine(), name=f"tiny-{stages}")
 
         async def run():
             async def one(prompt):

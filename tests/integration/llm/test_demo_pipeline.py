@@ -39,7 +39,10 @@ def answer(opened, stages: int) -> tuple[list[int], str, list[dict]]:
     tokenizer = load_tokenizer(opened)
     runner = RunnerOptions(dtype="float32", max_sequences=2, max_model_len=256, compile=False)
     engine = EngineProcess(
-        opened, EngineOptions(runner, pipeline_stages=stages), tokenizer, name=f"smol-{stages}"
+        opened,
+        EngineOptions(runner, pipeline_stages=stages),
+        tokenizer.for_engine(),
+        name=f"smol-{stages}",
     )
     params = SamplingParams(max_tokens=24, temperature=0.0)
 

@@ -80,7 +80,9 @@ def start(backend: str, version: OpenedVersion, tokenizer: ChatTokenizer) -> Run
         running.engine = EngineClient(engine, name="tiny", on_stats=record)
     elif backend == "process":
         options = EngineOptions(OPTIONS, max_batch_tokens=64)
-        running.engine = EngineProcess(version, options, tokenizer, name="tiny", on_stats=record)
+        running.engine = EngineProcess(
+            version, options, tokenizer.for_engine(), name="tiny", on_stats=record
+        )
     else:
         model = TransformersLM(version, OPTIONS)
         running.engine = TransformersGenerator(model, tokenizer, name="tiny", on_stats=record)

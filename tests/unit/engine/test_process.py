@@ -31,7 +31,9 @@ def test_a_request_after_an_unload_is_unavailable(llama_version, llama_tokenizer
     runner = RunnerOptions(
         dtype="float32", max_sequences=2, max_model_len=64, threads=1, compile=False
     )
-    engine = EngineProcess(llama_version, EngineOptions(runner), llama_tokenizer, name="tiny")
+    engine = EngineProcess(
+        llama_version, EngineOptions(runner), llama_tokenizer.for_engine(), name="tiny"
+    )
     prompt = llama_tokenizer.encode("the cat sat on the mat")
     try:
         deltas = collect(engine, prompt, greedy(6))
@@ -55,7 +57,7 @@ def test_the_engine_process_logs_its_load_as_the_server_does(
     options = EngineOptions(
         RunnerOptions(dtype="float32", max_sequences=2, max_model_len=64, compile=False)
     )
-    engine = EngineProcess(llama_version, options, llama_tokenizer, name="tiny")
+    engine = EngineProcess(llama_version, options, llama_tokenizer.for_engine(), name="tiny")
     engine.close()
     lines = capfd.readouterr().err.splitlines()
     ready = [line for line in lines if " ready in " in line]
