@@ -16,7 +16,7 @@ from maas.artifacts.archive import ArchiveLimits, extract_archive, is_archive
 from maas.artifacts.hashing import FileEntry, copy_and_hash, hash_file
 from maas.artifacts.keyring import MasterKeyring, WrappedKey
 from maas.errors import InvalidRequest, RefusedArtifact
-from maas.registry.formats import FormatInfo, inspect_folder, onnx_file
+from maas.registry.formats import FormatInfo, inspect_folder
 from maas.registry.manifest import MANIFEST
 from maas.registry.policy import check_file_names, check_load_policy
 
@@ -119,6 +119,8 @@ def collect_files(source: Path, *, contained: bool) -> list[SourceFile]:
         raise InvalidRequest("import the folder, not its manifest.json", param="path")
     files = [SourceFile(source.name, source, source.stat().st_size)]
     if source.suffix.lower() == ".onnx":
+        from maas.registry.formats import onnx_file  # onnx: 7 MiB where no ONNX is read
+
         model = onnx_file.load_graph(source)
         for relpath in onnx_file.external_data_files(model, source, source.parent):
             path = source.parent / relpath

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from maas.errors import InvalidRequest, UnsupportedFormat
-from maas.registry.formats import gguf_file, huggingface, onnx_file, torch_folder
+from maas.registry.formats import gguf_file, huggingface, torch_folder
 from maas.registry.formats.info import FormatInfo
 
 SUPPORTED = (
@@ -40,6 +40,8 @@ def inspect_folder(folder: Path) -> FormatInfo:
             names = ", ".join(path.name for path in onnxs)
             raise UnsupportedFormat(f"several ONNX files ({names}); name the main one model.onnx")
         main = folder / "model.onnx" if len(onnxs) > 1 else onnxs[0]
+        from maas.registry.formats import onnx_file  # onnx: 7 MiB where no ONNX is read
+
         return onnx_file.inspect(folder, main)
     if has_config:
         raise UnsupportedFormat(

@@ -54,9 +54,7 @@ def test_it_decodes_as_the_chat_tokenizer_through_the_tokenizers_library_alone(
     assert rest == f"{sorted(llama_tokenizer.eos_token_ids)} False"
 
 
-def test_a_tokenizer_whose_decoding_adds_to_the_library_s_keeps_its_own(
-    llama_version, tmp_path
-):
+def test_a_tokenizer_whose_decoding_adds_to_the_library_s_keeps_its_own(llama_version, tmp_path):
     """``transformers`` cleans up spaces after decoding when a tokenizer asks for it: the
     engine then decodes through the ``transformers`` tokenizer, as the server does."""
     folder = tmp_path / "cleaning"
