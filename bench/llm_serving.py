@@ -41,6 +41,13 @@ cost: they are the easier case. Their memory is that of this process, not measur
         [--dtypes auto,float32,bfloat16,int8-weight,int8] [--stored int4]
         [--engines maas,llama.cpp,transformers,ctranslate2] [--thread-engine]
 
+Single streams are also taken in turn (``--alternate-single`` rounds, default 5; 0 for none)
+when maas and llama.cpp both run: every maas dtype and every llama.cpp file served at once,
+each server one stream a round in an order that rotates, so that the one-stream ratios do
+not depend on which engine ran in a faster minute of the machine (a VM's speed drifts: one
+maas single stream ranged from 112 to 181 tokens/s within ten minutes). The median of the
+rounds' ratios is reported beside the rows' own.
+
 ``--thread-engine`` adds, after each maas row, the same dtype with the engine on a thread of
 the server (``MAAS_LLM_ENGINE_PROCESS=false``): one process instead of two.
 
@@ -260,6 +267,22 @@ memory less), the engine then sharing the server's GIL."""
 def run_maas(
     home: Path, dtype: str, prompts: list[list[int]], args, extra_env: dict | None = None
 ) -> dict:
+    server = start_maas(home, dtype, args, extra_env)
+    try:
+        row = measure_server(server.port, server.admin_key, server.process.pid, prompts, args)
+        engine = running_engine(server.port, server.admin_key)
+        row["runs"] = engine["dtype"]
+        row["kv_cache"] = engine.get("kv_cache_dtype", "")
+        row["compiled_rows"] = engine.get("compiled_rows", 0)
+    except RuntimeError as err:
+        raise SystemExit(f"maas {dtype}: {err}\n{server.log.read_text()}") from None
+    finally:
+        server.stop()
+    return {"engine": "maas", "dtype": dtype, **row}
+
+
+def start_maas(home: Path, dtype: str, args, extra_env: dict | None = None) -> Server:
+    """``maas serve`` on ``home``'s demo model in ``dtype``, loaded and ready."""
     env = {
         "MAAS_LLM_DTYPE": dtype,
         "MAAS_LLM_MAX_SEQUENCES": str(max(32, args.clients)),
@@ -278,16 +301,10 @@ def run_maas(
     server = Server(home, env=env)
     try:
         server.wait_ready(timeout=900)  # auto times each dtype and compiles at load
-        row = measure_server(server.port, server.admin_key, server.process.pid, prompts, args)
-        engine = running_engine(server.port, server.admin_key)
-        row["runs"] = engine["dtype"]
-        row["kv_cache"] = engine.get("kv_cache_dtype", "")
-        row["compiled_rows"] = engine.get("compiled_rows", 0)
-    except RuntimeError as err:
-        raise SystemExit(f"maas {dtype}: {err}\n{server.log.read_text()}") from None
-    finally:
+    except AssertionError as err:  # Server's way of saying it exited or never became ready
         server.stop()
-    return {"engine": "maas", "dtype": dtype, **row}
+        raise SystemExit(f"maas {dtype}: {err}\n{server.log.read_text()}") from None
+    return server
 
 
 def running_engine(port: int, key: str) -> dict:
@@ -327,6 +344,18 @@ def stored_home(root: Path, source: Path, method: str, task: str) -> Path:
 
 
 def run_llama_cpp(binaries: Path, gguf: Path, kind: str, prompts: list[list[int]], args) -> dict:
+    server = start_llama_cpp(binaries, gguf, kind, args)
+    try:
+        row = measure_server(server.port, None, server.process.pid, prompts, args)
+    except RuntimeError as err:
+        raise SystemExit(f"llama.cpp {kind}: {err}\n{server.log.read_text()}") from None
+    finally:
+        server.stop()
+    return {"engine": "llama.cpp (llama-server)", "dtype": kind, **row}
+
+
+def start_llama_cpp(binaries: Path, gguf: Path, kind: str, args) -> llama_cpp.LlamaServer:
+    """``llama-server`` on ``gguf`` with C slots, ready."""
     # llama-server splits -c evenly across its -np slots and pads each slot to 256 tokens.
     slot = -(-(args.prompt_len + args.output_len + 16) // 256) * 256
     server = llama_cpp.LlamaServer(
@@ -339,12 +368,48 @@ def run_llama_cpp(binaries: Path, gguf: Path, kind: str, prompts: list[list[int]
     )
     try:
         server.wait_ready()
-        row = measure_server(server.port, None, server.process.pid, prompts, args)
     except RuntimeError as err:
-        raise SystemExit(f"llama.cpp {kind}: {err}\n{server.log.read_text()}") from None
-    finally:
         server.stop()
-    return {"engine": "llama.cpp (llama-server)", "dtype": kind, **row}
+        raise SystemExit(f"llama.cpp {kind}: {err}\n{server.log.read_text()}") from None
+    return server
+
+
+def alternate_single(
+    servers: dict[str, tuple[int, str | None]], prompts: list[list[int]], args
+) -> dict:
+    """Single streams taken in turn from servers that are all up at once (idle ones use no
+    CPU): in each of ``--alternate-single`` rounds every server serves one stream, the order
+    rotating from round to round, so that a machine whose speed drifts from one minute to the
+    next (as these VMs' does) slows every engine alike. Each engine's decode tokens/s by
+    round, their medians, and for each pair of maas and llama.cpp rows the median of the
+    rounds' ratios."""
+    labels = list(servers)
+    for label in labels:  # a warm-up stream each
+        port, key = servers[label]
+        if not stream_one(port, key, prompts[0], 8).ok:
+            raise SystemExit(f"{label}: the warm-up stream failed")
+    speeds: dict[str, list[float]] = {label: [] for label in labels}
+    for round_ in range(args.alternate_single):
+        shift = round_ % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            port, key = servers[label]
+            result = stream_one(port, key, prompts[round_ % len(prompts)], args.output_len)
+            if not result.ok:
+                raise SystemExit(f"{label}: a single stream failed: {result.error}")
+            speeds[label].append((result.output_tokens - 1) / result.decode_seconds)
+    ratios = {}
+    for maas in (label for label in labels if label.startswith("maas")):
+        for llama in (label for label in labels if label.startswith("llama.cpp")):
+            pairs = [a / b for a, b in zip(speeds[maas], speeds[llama], strict=True)]
+            ratios[f"{maas} / {llama}"] = round(statistics.median(pairs), 2)
+    return {
+        "rounds": args.alternate_single,
+        "tokens_per_s": {label: [round(v, 1) for v in values] for label, values in speeds.items()},
+        "median_tokens_per_s": {
+            label: round(statistics.median(values), 1) for label, values in speeds.items()
+        },
+        "ratios": ratios,
+    }
 
 
 # ----------------------------------------------------------------------------- offline baselines
@@ -489,7 +554,7 @@ def batch_ttfts(streams: list[list[float]], started: float) -> list[float]:
 # ----------------------------------------------------------------------------- report
 
 
-def report(rows: list[dict], args, build: dict | None) -> None:
+def report(rows: list[dict], args, build: dict | None, alternated: dict | None = None) -> None:
     print(
         f"\n{args.clients} concurrent streams, {args.requests} requests, "
         f"{args.prompt_len} prompt + {args.output_len} output tokens\n"
@@ -516,6 +581,12 @@ def report(rows: list[dict], args, build: dict | None) -> None:
     ratios = {**best_maas_ratios(rows), **llama_cpp_ratios(rows, args.clients)}
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}x")
+    if alternated:
+        print(f"\nsingle streams taken in turn, {alternated['rounds']} rounds (median tokens/s):")
+        for label, speed in alternated["median_tokens_per_s"].items():
+            print(f"  {label}: {speed}")
+        for name, ratio in alternated["ratios"].items():
+            print(f"  {name}, 1 stream: {ratio:.2f}x (median of the rounds' ratios)")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(
         json.dumps(
@@ -529,6 +600,7 @@ def report(rows: list[dict], args, build: dict | None) -> None:
                 "llama_cpp_build": build,
                 "results": rows,
                 "ratios": ratios,
+                "alternated_single": alternated,
             },
             indent=2,
         )
@@ -621,6 +693,13 @@ def main() -> None:
         "run's own, so that auto measures at this run's load",
     )
     parser.add_argument("--single-runs", type=int, default=3)
+    parser.add_argument(
+        "--alternate-single",
+        type=int,
+        default=5,
+        help="rounds of single streams taken in turn from every maas and llama.cpp server, "
+        "all up at once, after the rows (0: none)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args()
     model = demo.DEMO_MODELS[0]
@@ -640,7 +719,9 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
 
+    alternated = None
     with tempfile.TemporaryDirectory() as root:
+        args.cache_dir = args.cache_dir or Path(root) / "maas-cache"  # every home's, by default
         if "maas" in args.engines:
             home = Path(root) / "home"
             registry = open_registry(Settings(home=home))
@@ -657,6 +738,10 @@ def main() -> None:
         if "llama.cpp" in args.engines:
             for kind, path in ggufs.items():
                 add(run_llama_cpp(binaries, path, kind, prompts, args))
+        if args.alternate_single and {"maas", "llama.cpp"} <= set(args.engines):
+            alternated = run_alternated(
+                Path(root), gguf, model.task, binaries, ggufs, prompts, args
+            )
         folder = Path(root) / "hf"
         if {"transformers", "ctranslate2"} & set(args.engines):
             export_hf_folder(gguf, folder)
@@ -666,7 +751,33 @@ def main() -> None:
         if "ctranslate2" in args.engines:
             for compute_type in ("float32", "int8"):
                 add(run_ctranslate2(folder, compute_type, prompts, args))
-    report(rows, args, build)
+    report(rows, args, build, alternated)
+
+
+def run_alternated(root: Path, gguf: Path, task: str, binaries, ggufs, prompts, args) -> dict:
+    """Every maas dtype and llama.cpp file served at once, for ``alternate_single``: each
+    maas server in a home of its own (a server's log lives beside its home), sharing the
+    run's cache, so that ``auto`` keeps the choice it measured for its row."""
+    servers: dict[str, object] = {}
+    try:
+        for dtype in args.dtypes.split(","):
+            home = root / f"alternate-{dtype}" / "home"
+            registry = open_registry(Settings(home=home))
+            registry.import_model(gguf, MODEL, task=task)
+            registry.close()
+            servers[f"maas {dtype}"] = start_maas(home, dtype, args)
+        for kind, path in ggufs.items():
+            servers[f"llama.cpp {kind}"] = start_llama_cpp(binaries, path, kind, args)
+        ports = {
+            label: (server.port, getattr(server, "admin_key", None))
+            for label, server in servers.items()
+        }
+        result = alternate_single(ports, prompts, args)
+    finally:
+        for server in servers.values():
+            server.stop()
+    print(f"single streams in turn: {result}", flush=True)
+    return result
 
 
 if __name__ == "__main__":
