@@ -83,7 +83,7 @@ class EngineProcess:
         self._process.start()
         child.close()
         try:
-            self._send_load(EngineLoad(opened, options, tokenizer, spec), name)
+            self._send_load(EngineLoad(opened, options, tokenizer, spec))
             ready = self._wait_ready(name)
         except BaseException:
             self._process.kill()
@@ -148,15 +148,21 @@ class EngineProcess:
         """The process exited without being closed."""
         return self._ended and not self._closing
 
-    def _send_load(self, load: EngineLoad, name: str) -> None:
+    def _send_load(self, load: EngineLoad) -> None:
         """Hand the process what to load over its pipe, not in its start arguments: if it
-        dies while reading those (the tokenizer alone can pickle to megabytes),
+        dies while reading those (the tokenizer alone can pickle to a megabyte or two),
         multiprocessing's ``start()`` blocks for ever writing the rest to a pipe whose reading
-        end it holds itself; a pipe to a dead process fails at once."""
-        try:
-            self._conn.send(load)
-        except OSError:  # the process died before it read everything
-            raise self._exited_while_loading(name) from None
+        end it holds itself; a pipe to a dead process fails at once. The load is written from
+        a thread of its own, so that a process stuck before it reads (the write then waits
+        for room in the pipe) is bounded by ``START_TIMEOUT`` in ``_wait_ready`` like the rest
+        of the load: killed then, the process takes the pipe's other end with it and the
+        write fails. Whether it died or was killed, ``_wait_ready`` reports it."""
+
+        def send() -> None:
+            with contextlib.suppress(OSError):  # the process ended before it read everything
+                self._conn.send(load)
+
+        threading.Thread(target=send, name="engine-load", daemon=True).start()
 
     def _exited_while_loading(self, name: str) -> Unavailable:
         self._process.join(timeout=10)

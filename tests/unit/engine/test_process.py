@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
+from maas.engine import process
 from maas.engine.process import EngineProcess
 from maas.errors import Unavailable
 from maas.logs import ChildLogging
@@ -92,3 +94,28 @@ def test_an_engine_process_that_fails_to_read_its_load_fails_it_at_once():
     tokenizer = "as large as the demo's" * 2**16  # read after the version, if ever
     with pytest.raises(Unavailable, match="this version cannot be read here"):
         EngineProcess(Unreadable(), options, tokenizer, name="unreadable")
+
+
+def _stay_stuck() -> ChildLogging:
+    time.sleep(120)  # longer than the test waits: the server must not wait for it
+    return ChildLogging(logging.INFO)
+
+
+class Stuck:
+    """Start arguments whose reading leaves the child stuck before it reads its load."""
+
+    def __reduce__(self):
+        return (_stay_stuck, ())
+
+
+def test_a_process_stuck_before_it_reads_its_load_fails_within_the_start_timeout(monkeypatch):
+    """A load larger than a pipe's buffer waits for the process to read it; one that never
+    does (stuck at start) must fail the load after ``START_TIMEOUT``, not hold it for ever."""
+    monkeypatch.setattr(process, "START_TIMEOUT", 3.0)
+    monkeypatch.setattr(ChildLogging, "of_parent", lambda: Stuck())
+    options = EngineOptions(RunnerOptions(dtype="float32", compile=False))
+    tokenizer = "as large as the demo's" * 2**16
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="did not start within 3s"):
+        EngineProcess(object(), options, tokenizer, name="stuck")
+    assert time.monotonic() - started < 30
