@@ -114,9 +114,6 @@ class ModelRunner:
             paged_attention.available(d) for d in (kv_dtype, self.model.dtype)
         )
         self.model.use_paged_attention(self.paged_attention)
-        if options.compile and options.pack_weights and self.dtype == "float32":
-            pack_linears(self.model)  # eager float32 steps gain from packed weights; compiled
-            # ones use the plain weights packing keeps beside them (see kernels.PackedLinear)
         self.prefill_compiled: PrefillReport | None = None
         if options.compile:
             self.compiled = compile_decode(
@@ -127,7 +124,11 @@ class ModelRunner:
                 self.model, self.cache, always=options.compile_always
             )
         if self.compiled is None and options.compile and options.pack_weights:
-            pack_linears(self.model)  # eager only: every dtype's float weights packed
+            # eager only. With compiled steps, float32 weights stay unpacked even for the
+            # batches that may run eagerly: MKL's packed copy needs the plain one beside it
+            # (twice the weights: 490 MiB more for the demo) and pays off only at exactly
+            # kernels.BATCH_HINT rows, where the demo's 32 streams ran as fast without it.
+            pack_linears(self.model)
         self.memory_bytes = weight_bytes(self.model) + self.cache.nbytes
         release_freed_memory()  # what loading, measuring and compiling freed
         log.info(

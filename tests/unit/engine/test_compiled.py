@@ -12,6 +12,7 @@ import maas.runtime.llm.compiled as compiled
 from maas.config import Settings
 from maas.engine.llm_engine import LLMEngine
 from maas.registry import open_registry
+from maas.runtime.llm.kernels import PackedLinear
 from maas.runtime.llm.runner import ModelRunner, RunnerOptions
 from tests.fixtures import make_tiny_llama
 from tests.unit.engine.conftest import greedy, run_to_end, submit, token_ids
@@ -66,6 +67,9 @@ def test_compiled_and_eager_steps_give_the_same_greedy_tokens(
         assert generate_staggered(engine, prompts, lengths) == eager
     assert len(calls) >= 30  # most steps were decode-only, through the compiled layers
     assert all(len(ids) == n for ids, n in zip(eager, lengths, strict=True))
+    # one copy of the weights: the compiled steps read the plain ones, and float32's packed
+    # copy (which needs the plain one beside it) is not made for the batches run eagerly
+    assert not any(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
 
 
 def test_a_failed_compilation_falls_back_to_the_packed_eager_path(
@@ -77,6 +81,7 @@ def test_a_failed_compilation_falls_back_to_the_packed_eager_path(
     monkeypatch.setattr(torch, "compile", broken)
     engine = make_engine(compile=True)
     assert engine.runner.compiled is None and engine.runner.model.decode_layers is None
+    assert any(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
     deltas = submit(engine, "r", prompts[0], greedy(8))
     run_to_end(engine)
     assert token_ids(deltas) == token_ids(_alone(make_engine, prompts[0]))
