@@ -76,10 +76,7 @@ class ModelRunner:
             raise ValueError(f"unknown KV cache dtype {options.kv_cache_dtype!r}")
         if options.threads:
             torch.set_num_threads(options.threads)
-        tokenizer = tokenizer or load_tokenizer(opened)
-        self.tokenizer: EngineTokenizer = (
-            tokenizer.for_engine() if isinstance(tokenizer, ChatTokenizer) else tokenizer
-        )
+        self.tokenizer = _for_engine(tokenizer or load_tokenizer(opened))
         self.dtype_choice: DtypeChoice | None = None
         """With ``dtype="auto"``: what was measured and chosen."""
         self.weights = stored_method(opened)
@@ -212,3 +209,7 @@ class ModelRunner:
     def result(self, pending: Tensor) -> Tensor:
         """The logits of a submitted step (float32 [rows, vocab])."""
         return pending
+
+
+def _for_engine(tokenizer: EngineTokenizer | ChatTokenizer) -> EngineTokenizer:
+    return tokenizer.for_engine() if isinstance(tokenizer, ChatTokenizer) else tokenizer
