@@ -107,9 +107,10 @@ class CompileReport:
     max_difference: float
     rows: int
     """Compiled steps are used for at most this many sequences: up to the largest timed batch
-    at which they were faster than eager. Not only up to the first batch where they were slower: at one sequence
-    int8's steps spend most of their time in the same kernel either way, and a noisy timing
-    there (18.9 against 18.7 ms) turned off compiled steps that were 26% faster at 32."""
+    at which they were faster than eager. Not only up to the first batch where they were
+    slower: at one sequence int8's steps spend most of their time in the same kernel either
+    way, and a noisy timing there (18.9 against 18.7 ms) turned off compiled steps that were
+    26% faster at 32."""
     timings: tuple[tuple[int, float, float], ...]
     """(rows, eager ms, compiled ms) of each timed batch size."""
 
