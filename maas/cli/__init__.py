@@ -12,6 +12,7 @@ from rich.markup import escape
 from maas.cli import access, analytics, db, demo, generate, jobs, models, optimize, server
 from maas.cli.output import err_console
 from maas.errors import MaasError
+from maas.runtime.local_cache import keep_compiled_code
 
 app = typer.Typer(
     name="maas",
@@ -43,6 +44,7 @@ app.command("demo")(demo.demo)
 
 
 def main() -> None:
+    keep_compiled_code()
     try:
         app()
     except MaasError as err:

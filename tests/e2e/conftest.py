@@ -20,9 +20,10 @@ def free_port() -> int:
 
 def maas_env(home: Path) -> dict[str, str]:
     """No MAAS_* setting of the developer's; the test run's local cache (tests/conftest.py),
-    not ~/.cache/maas. Outside a test run (bench/llm_serving.py) there is none: the caller
-    gives its own."""
+    not ~/.cache/maas, inductor's compiled code included. Outside a test run
+    (bench/llm_serving.py) there is none: the caller gives its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # set in this process by its first compile
     if "MAAS_CACHE_DIR" in os.environ:
         env["MAAS_CACHE_DIR"] = os.environ["MAAS_CACHE_DIR"]
     env["MAAS_HOME"] = str(home)

@@ -4,6 +4,9 @@ Greedy answers to one question: the model knows the capital of France."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import openai
 import pytest
 from langchain_openai import ChatOpenAI
@@ -143,6 +146,9 @@ def test_the_deployment_shows_how_the_default_engine_runs_the_model(server):
     assert engine["dtype"] in trials
     assert engine["compiled"] is (engine["compiled_rows"] > 0)
     assert engine["compiled_rows"] <= 32  # MAAS_LLM_MAX_SEQUENCES, the default
+    # what inductor compiled is kept in maas's local cache, not in /tmp (emptied at boot)
+    kept = Path(os.environ["MAAS_CACHE_DIR"]) / "inductor"
+    assert list(kept.rglob("*.so")), f"no compiled code in {kept}"
 
 
 def memory_bytes(server) -> int:

@@ -44,6 +44,7 @@ def shell_env() -> dict[str, str]:
     """A user's shell after `source .venv/bin/activate`: no MAAS_* settings of ours, but the
     test run's local cache (built kernels, measured choices), not the user's ~/.cache/maas."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # set in this process by its first compile
     env["MAAS_CACHE_DIR"] = os.environ["MAAS_CACHE_DIR"]
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["COLUMNS"] = "200"
