@@ -17,16 +17,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from maas.registry.records import OpenedVersion
+from maas.runtime.llm.hf_model import hf_config as child_config
 
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_FILE = "generation_config.json"
 
@@ -80,37 +74,3 @@ def copy_tokenizer(opened: OpenedVersion, folder: Path) -> None:
     if any(entry.path == GENERATION_FILE for entry in opened.manifest.files):
         (folder / GENERATION_FILE).write_bytes(opened.read_bytes(GENERATION_FILE))
     load_tokenizer(opened).save(folder)
-
-
-def child_config(opened: OpenedVersion, dtype: str = "bfloat16") -> dict[str, Any]:
-    """config.json of the child: the parent's own, or one written from a GGUF's shape."""
-    from maas.runtime.llm.weights import read_config
-
-    if opened.manifest.format == "huggingface":
-        config = dict(opened.manifest.config)
-        config["torch_dtype"] = dtype
-        return config
-    shape = read_config(opened)
-    model_type = opened.manifest.config["general.architecture"]
-    config = {
-        "architectures": [ARCHITECTURES[model_type]],
-        "model_type": model_type,
-        "vocab_size": shape.vocab_size,
-        "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.intermediate_size,
-        "num_hidden_layers": shape.num_layers,
-        "num_attention_heads": shape.num_heads,
-        "num_key_value_heads": shape.num_kv_heads,
-        "head_dim": shape.head_dim,
-        "rms_norm_eps": shape.rms_norm_eps,
-        "rope_theta": shape.rope_theta,
-        "max_position_embeddings": shape.max_position_embeddings,
-        "tie_word_embeddings": shape.tie_word_embeddings,
-        "hidden_act": "silu",
-        "torch_dtype": dtype,
-    }
-    if shape.rope_scaling:
-        config["rope_scaling"] = shape.rope_scaling
-    if model_type == "llama":
-        config["attention_bias"] = shape.attention_bias
-    return config

@@ -54,21 +54,10 @@ Progress = Callable[[int, int, float], None]
 
 def load_trainable(opened: OpenedVersion) -> nn.Module:
     """The version as ``transformers`` builds it in float32, from maas's own reader of its
-    weights (a GGUF dequantised, q and k rows in Hugging Face's order)."""
-    from maas.optimize.llm_quantize import child_config
-    from maas.runtime.llm.weights import hf_tensors
+    weights (maas/runtime/llm/hf_model.py)."""
+    from maas.runtime.llm.hf_model import load_hf_model
 
-    config = child_config(opened, "float32")
-    model = _empty(config)
-    state = {name: tensor.float() for name, tensor in hf_tensors(opened)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = config.get("tie_word_embeddings", False)
-    missing = [name for name in missing if not (tied and name == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(
-            f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    return model.eval()
+    return load_hf_model(opened)
 
 
 def save(model: nn.Module, opened: OpenedVersion, folder: Path) -> int:
@@ -230,16 +219,9 @@ def train(
 
 
 def _empty(config: dict[str, Any]) -> nn.Module:
-    """``transformers``' float32 model of ``config`` (random weights), which keeps the
-    config.json dict maas writes as ``maas_config``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from maas.runtime.llm.hf_model import empty_hf_model
 
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
-    built = AutoConfig.for_model(config["model_type"], **fields)
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(built, dtype=torch.float32)
-    model.maas_config = dict(config)
-    return model
+    return empty_hf_model(config)
 
 
 def _importance(model: nn.Module, rows: Tensor) -> tuple[list[Tensor], list[Tensor]]:

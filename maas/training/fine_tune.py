@@ -279,25 +279,19 @@ def _chats(files: FileStore, file_id, tenant, context, tokenizer, max_length) ->
 
 
 def _load_base(opened: OpenedVersion) -> torch.nn.Module:
-    """The base model in float32 as ``transformers`` builds it (never the model's own code)."""
+    """The base model in float32 as ``transformers`` builds it (never the model's own code);
+    a GGUF's weights through maas's own reader, several times faster than ``transformers``'
+    GGUF loader and the same bit for bit (maas/runtime/llm/hf_model.py)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from maas.runtime.classic.transformers_task import LOCAL_ONLY, load_pretrained
+    from maas.runtime.classic.transformers_task import load_pretrained
 
     transformers.utils.logging.disable_progress_bar()
     if opened.manifest.format == "gguf":
-        gguf = next(e.path for e in opened.manifest.files if e.path.endswith(".gguf"))
-        with opened.open_file(gguf) as path:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch.float32, **LOCAL_ONLY
-            )
-        # The weights are dequantised already; marked as GGUF-quantised, the model would
-        # refuse to be saved, so it becomes the plain float32 model it is.
-        model.hf_quantizer, model.is_quantized = None, False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        return model
+        from maas.runtime.llm.hf_model import load_hf_model
+
+        return load_hf_model(opened)
     return load_pretrained(opened, AutoModelForCausalLM, torch.float32)
 
 
