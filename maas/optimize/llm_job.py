@@ -12,6 +12,7 @@ import torch
 from maas.optimize import data, llm, llm_quantize, llm_shrink, report
 from maas.optimize.job import evaluation_texts, import_child
 from maas.optimize.versions import folder_bytes, opened_folder
+from maas.runtime.llm.hf_model import load_hf_model
 
 
 def run(context, registry, files, params, opened, steps, tenant) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def _step(step, parent, current, target, rows, params, progress) -> list[str]:
         stem = parent.record.name.replace("/", "-")
         kind = options["type"]
         return [llm.export_gguf(current, kind, target / f"{stem}.{kind}.gguf")]
-    source = llm_shrink.load_trainable(current)
+    source = load_hf_model(current)
     model, notes = source, []
     if step.kind == "prune":
         calibration = rows[: max(1, llm_shrink.MAX_CALIBRATION_TOKENS // rows.shape[1])]
@@ -97,10 +98,8 @@ def _step(step, parent, current, target, rows, params, progress) -> list[str]:
         if options.get("layers"):
             model, note = llm_shrink.fewer_layers(source, options["layers"])
             notes.append(note)
-        if current is parent and model is not source:
-            teacher = source  # the parent, loaded already
-        else:
-            teacher = llm_shrink.load_trainable(parent)
+        # the parent itself, if the student came from it, is loaded already
+        teacher = source if current is parent and model is not source else load_hf_model(parent)
         steps, rate, temperature, alpha = (
             step.setting(name, "llm") for name in ("steps", "learning_rate", "temperature", "alpha")
         )

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from maas.registry.records import OpenedVersion
-from maas.runtime.llm.hf_model import hf_config as child_config
+from maas.runtime.llm.hf_model import hf_config
 
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_FILE = "generation_config.json"
@@ -46,7 +46,7 @@ def write(opened: OpenedVersion, method: str, group_size: int, folder: Path) -> 
             tensors[name] = tensor.to(torch.bfloat16).contiguous()
             if tensor.dim() == 2:
                 kept.append(name)
-    config = child_config(opened)
+    config = hf_config(opened)
     if method in quantized.METHODS:
         config[quantized.KEY] = {"method": method}
         if method == "int4":

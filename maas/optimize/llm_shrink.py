@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maas.registry.records import OpenedVersion
+from maas.runtime.llm.hf_model import empty_hf_model
 
 NEURON_MULTIPLE = 32
 SEQUENCE = 256
@@ -50,14 +51,6 @@ MAX_CALIBRATION_TOKENS = 8192
 MAX_TRAINING_TOKENS = 1_000_000
 Progress = Callable[[int, int, float], None]
 """Called as (step, steps, loss) every few steps."""
-
-
-def load_trainable(opened: OpenedVersion) -> nn.Module:
-    """The version as ``transformers`` builds it in float32, from maas's own reader of its
-    weights (maas/runtime/llm/hf_model.py)."""
-    from maas.runtime.llm.hf_model import load_hf_model
-
-    return load_hf_model(opened)
 
 
 def save(model: nn.Module, opened: OpenedVersion, folder: Path) -> int:
@@ -142,7 +135,7 @@ def prune(model: nn.Module, amount: float, rows: Tensor) -> tuple[nn.Module, str
         num_attention_heads=kept_per_group * kv,
         head_dim=head_dim,
     )
-    pruned = _empty(config)
+    pruned = empty_hf_model(config)
     pruned.load_state_dict(state, strict=not config.get("tie_word_embeddings"))
     note = (
         f"pruned by contribution on {rows.numel():,} calibration tokens: MLP neurons "
@@ -168,7 +161,7 @@ def fewer_layers(model: nn.Module, layers: int) -> tuple[nn.Module, str]:
         if int(index) in chosen:
             state[f"model.layers.{chosen.index(int(index))}.{rest}"] = tensor
     config["num_hidden_layers"] = layers
-    student = _empty(config)
+    student = empty_hf_model(config)
     student.load_state_dict(state, strict=not config.get("tie_word_embeddings"))
     return student, f"student of {layers} of {total} layers ({', '.join(map(str, chosen))})"
 
@@ -216,12 +209,6 @@ def train(
             progress(step + 1, steps, loss_value)
     student.eval()
     return loss_value
-
-
-def _empty(config: dict[str, Any]) -> nn.Module:
-    from maas.runtime.llm.hf_model import empty_hf_model
-
-    return empty_hf_model(config)
 
 
 def _importance(model: nn.Module, rows: Tensor) -> tuple[list[Tensor], list[Tensor]]:

@@ -100,3 +100,25 @@ def start_server():
     yield start
     for server in servers:
         server.stop()
+
+
+def start_digits_training(server: Server, archive: Path, **params) -> str:
+    """Upload ``archive`` (digits as ``write_digits_archive`` writes them) and start a
+    ``train`` job of a CNN small enough for seconds on CPU, with ``params`` changed; returns
+    the job's id."""
+    uploaded = server.admin.post(
+        "/v1/files",
+        files={"file": (archive.name, archive.read_bytes())},
+        data={"purpose": "dataset"},
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    body = {
+        "training_file": uploaded.json()["id"],
+        "model": "digits",
+        "image_size": 8,
+        "arguments": {"channels": [4], "hidden": 8},
+        **params,
+    }
+    made = server.admin.post("/api/v1/jobs", json={"kind": "train", "params": body})
+    assert made.status_code == 201, made.text
+    return made.json()["id"]

@@ -20,7 +20,7 @@ from maas.analytics import demo_usage
 from maas.config import Settings
 from maas.registry import open_registry
 from maas.training.demo_data import write_digits_archive
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import Server, start_digits_training
 from tests.fixtures import make_tiny_llama
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -284,22 +284,7 @@ def start_training(server, folder: Path) -> str:
     a few times while it runs."""
     archive = folder / "digits.zip"
     write_digits_archive(archive)
-    uploaded = server.admin.post(
-        "/v1/files",
-        files={"file": (archive.name, archive.read_bytes())},
-        data={"purpose": "dataset"},
-    )
-    assert uploaded.status_code == 200, uploaded.text
-    params = {
-        "training_file": uploaded.json()["id"],
-        "model": "digits",
-        "epochs": 100,
-        "image_size": 8,
-        "arguments": {"channels": [4], "hidden": 8},
-    }
-    made = server.admin.post("/api/v1/jobs", json={"kind": "train", "params": params})
-    assert made.status_code == 201, made.text
-    return made.json()["id"]
+    return start_digits_training(server, archive, epochs=100)
 
 
 def test_the_jobs_page_follows_a_running_job_to_its_end_without_a_reload(page, server, tmp_path):

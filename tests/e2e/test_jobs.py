@@ -10,7 +10,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import Server, start_digits_training
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,24 +88,9 @@ def train_in_two_processes(server: Server, folder: Path) -> dict:
     with zipfile.ZipFile(every) as source, zipfile.ZipFile(digits, "w") as target:
         for name in [n for n in source.namelist() if n.startswith(("digits/0/", "digits/1/"))]:
             target.writestr(name, source.read(name))
-    uploaded = server.admin.post(
-        "/v1/files",
-        files={"file": ("digits.zip", digits.read_bytes())},
-        data={"purpose": "dataset"},
-    )
-    assert uploaded.status_code == 200, uploaded.text
-    params = {
-        "training_file": uploaded.json()["id"],
-        "model": "digits",
-        "epochs": 1,
-        "image_size": 8,
-        "arguments": {"channels": [4], "hidden": 8},
-        "world_size": 2,
-    }
-    made = server.admin.post("/api/v1/jobs", json={"kind": "train", "params": params})
-    assert made.status_code == 201, made.text
+    job_id = start_digits_training(server, digits, epochs=1, world_size=2)
     deadline = time.monotonic() + 120
-    while (job := server.admin.get(f"/api/v1/jobs/{made.json()['id']}").json())["status"] in (
+    while (job := server.admin.get(f"/api/v1/jobs/{job_id}").json())["status"] in (
         "queued",
         "running",
     ):

@@ -11,6 +11,7 @@ import torch
 from maas.config import Settings
 from maas.optimize import llm_shrink
 from maas.registry import open_registry
+from maas.runtime.llm.hf_model import load_hf_model
 from maas.runtime.llm.tokenizer import load_tokenizer
 from maas.runtime.llm.weights import load_model
 from tests.fixtures import make_tiny_llama
@@ -46,7 +47,7 @@ def _logits(model, rows):
 def test_the_trainable_model_computes_what_transformers_loads(opened, rows):
     from transformers import AutoModelForCausalLM
 
-    ours = llm_shrink.load_trainable(opened)
+    ours = load_hf_model(opened)
     theirs = AutoModelForCausalLM.from_pretrained(opened.folder, dtype=torch.float32)
     torch.testing.assert_close(_logits(ours, rows[:2]), _logits(theirs, rows[:2]))
 
@@ -77,14 +78,14 @@ def test_chats_are_written_whole_by_the_chat_template(opened):
 
 
 def test_pruning_slices_what_zeroing_would_remove(opened, rows):
-    model = llm_shrink.load_trainable(opened)
+    model = load_hf_model(opened)
     pruned, note = llm_shrink.prune(model, 0.5, rows)
     config = pruned.maas_config
     assert (config["intermediate_size"], config["num_attention_heads"]) == (32, 2)
     assert config["num_key_value_heads"] == 2 and config["head_dim"] == 8
     assert "MLP neurons 64 to 32" in note and "query heads 4 to 2" in note
     # The same computation with the removed neurons' and heads' weights zeroed in the parent.
-    masked = llm_shrink.load_trainable(opened)
+    masked = load_hf_model(opened)
     state = masked.state_dict()
     small = pruned.state_dict()
     for layer in range(4):
@@ -106,7 +107,7 @@ def test_pruning_slices_what_zeroing_would_remove(opened, rows):
 
 
 def test_the_least_contributing_neurons_and_heads_go(opened, rows):
-    model = llm_shrink.load_trainable(opened)
+    model = load_hf_model(opened)
     quiet = [3, 10, 40, 41]
     with torch.no_grad():
         for layer in model.model.layers:
@@ -124,7 +125,7 @@ def test_the_least_contributing_neurons_and_heads_go(opened, rows):
 
 
 def test_a_student_keeps_evenly_spaced_layers_first_and_last(opened):
-    model = llm_shrink.load_trainable(opened)
+    model = load_hf_model(opened)
     student, note = llm_shrink.fewer_layers(model, 2)
     assert student.maas_config["num_hidden_layers"] == 2 and "(0, 3)" in note
     teacher_last = model.model.layers[3].mlp.up_proj.weight
@@ -141,7 +142,7 @@ def _kl(teacher, student, rows) -> float:
 
 
 def test_distillation_brings_the_student_closer_to_its_teacher(opened, rows):
-    teacher = llm_shrink.load_trainable(opened)
+    teacher = load_hf_model(opened)
     student, _ = llm_shrink.fewer_layers(teacher, 2)
     before = _kl(teacher, student, rows)
     seen = []
@@ -154,7 +155,7 @@ def test_distillation_brings_the_student_closer_to_its_teacher(opened, rows):
 
 
 def test_a_fine_tune_lowers_the_next_token_loss(opened, rows):
-    model = llm_shrink.load_trainable(opened)
+    model = load_hf_model(opened)
     pruned, _ = llm_shrink.prune(model, 0.5, rows)
 
     def loss() -> float:
@@ -174,7 +175,7 @@ def test_the_folder_serves_in_the_engine_as_transformers_computes_it(opened, row
     from maas.optimize.versions import opened_folder
     from maas.runtime.llm import dtypes
 
-    pruned, _ = llm_shrink.prune(llm_shrink.load_trainable(opened), 0.5, rows)
+    pruned, _ = llm_shrink.prune(load_hf_model(opened), 0.5, rows)
     size = llm_shrink.save(pruned, opened, tmp_path / "child")
     assert size == (tmp_path / "child" / "model.safetensors").stat().st_size
     child = opened_folder(opened, tmp_path / "child")
