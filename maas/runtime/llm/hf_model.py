@@ -2,10 +2,11 @@
 (a GGUF dequantised, its q and k rows in Hugging Face's order): the model that fine-tuning
 and the optimize jobs train, and the config.json of what they register.
 
-``transformers``' own GGUF loader took 17 to 26 s for the demo (SmolLM2-135M, Q4_1) on two
-cores, where this takes about 4: it dequantises every tensor its own slower way, and
-``from_config`` first fills the new model with random weights (6 s of the demo's load) that
-the stored ones replace; here they are never drawn. Both give the same weights, bit for bit.
+``transformers``' own GGUF loader took 15.7 s for the demo (SmolLM2-135M, Q4_1) on two
+cores, where this takes 3.4 (bench/llm_base_load.py, docs/performance.md): it dequantises
+every tensor its own slower way, and ``from_config`` first fills the new model with random
+weights (6 s of the demo's load) that the stored ones replace; here they are never drawn.
+Both give the same weights, bit for bit.
 """
 
 from __future__ import annotations
