@@ -67,6 +67,7 @@ import bisect
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -274,6 +275,9 @@ def run_maas(
         row["runs"] = engine["dtype"]
         row["kv_cache"] = engine.get("kv_cache_dtype", "")
         row["compiled_rows"] = engine.get("compiled_rows", 0)
+        row["draft"] = engine.get("draft", "")
+        if row["draft"]:
+            row["speculation"] = speculation(server.port, server.admin_key)
     except RuntimeError as err:
         raise SystemExit(f"maas {dtype}: {err}\n{server.log.read_text()}") from None
     finally:
@@ -320,6 +324,22 @@ def running_engine(port: int, key: str) -> dict:
     if not engines:
         raise RuntimeError(f"no LLM deployment in {body}")
     return engines[0]
+
+
+def speculation(port: int, key: str) -> dict:
+    """The server's speculative decoding so far (vLLM's counters on /metrics): rounds,
+    proposed and accepted tokens, and the share accepted."""
+    client = HTTPClient("127.0.0.1", port, network_timeout=30)
+    try:
+        text = client.get("/metrics", {"Authorization": f"Bearer {key}"}).read().decode()
+    finally:
+        client.close()
+    counts = {}
+    for name in ("drafts", "draft_tokens", "accepted_tokens"):
+        found = re.findall(rf"^vllm:spec_decode_num_{name}_total{{[^}}]*}} (\S+)$", text, re.M)
+        counts[name] = int(sum(float(value) for value in found))
+    counts["acceptance"] = round(counts["accepted_tokens"] / max(1, counts["draft_tokens"]), 3)
+    return counts
 
 
 def stored_home(root: Path, source: Path, method: str, task: str) -> Path:

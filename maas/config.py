@@ -126,6 +126,16 @@ class Settings(BaseSettings):
     float32, or bfloat16 (half the memory of a float32 cache, at a small cost in quality;
     with ``llm_dtype=auto`` every candidate is measured with it)."""
 
+    llm_draft: str = Field(default="auto", pattern="^(auto|off|bfloat16|int8-weight|int8)$")
+    """Speculative decoding for text-generation models on maas's engine, as vLLM's
+    ``speculative_config`` and llama.cpp's draft model: the served model again in this dtype
+    proposes ``llm_speculative_tokens`` tokens that the model checks in one step, when one
+    greedy sequence runs alone. Outputs are unchanged. auto: an int8 draft for a model that
+    runs float32 (not a pipeline stage), none otherwise; off: none."""
+
+    llm_speculative_tokens: int = Field(default=8, ge=1, le=16)
+    """Tokens the draft model proposes each round."""
+
     llm_compile: bool = True
     """Compile each text-generation model's decode step with torch.compile (inductor, needs a
     C++ compiler) at load; false, or a failed compilation, runs it eagerly."""

@@ -180,6 +180,12 @@ class EngineStats:
     """Of those, tokens found cached (not computed again)."""
     preemptions: int = 0
     """Sequences preempted for want of KV blocks (to be recomputed)."""
+    spec_drafts: int = 0
+    """Rounds of speculative decoding."""
+    spec_draft_tokens: int = 0
+    """Tokens the draft model proposed."""
+    spec_accepted_tokens: int = 0
+    """Of those, tokens the model picked too."""
     ttft: tuple[float, ...] = ()
     """Seconds from arrival to the first token, one sample per sequence that got it."""
     itl: tuple[float, ...] = ()
@@ -216,6 +222,10 @@ class EngineDescription:
     """Compiled steps are used for batches of at most this many sequences."""
     kv_blocks: int = 0
     kv_block_size: int = 0
+    draft: str = ""
+    """Speculative decoding's draft model: the dtype it runs the model in, or "" (none)."""
+    speculative_tokens: int = 0
+    """Tokens the draft proposes each round."""
     pipeline_stages: tuple[dict[str, Any], ...] = ()
     """With the model split into pipeline stages: each stage's layers, weight bytes, memory
     and node."""

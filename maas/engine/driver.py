@@ -41,6 +41,8 @@ def engine_ready(engine: LLMEngine) -> EngineReady:
         compiled_rows=runner.compiled.rows if runner.compiled else 0,
         kv_blocks=runner.cache.num_blocks,
         kv_block_size=runner.cache.block_size,
+        draft=runner.draft.dtype if runner.draft else "",
+        speculative_tokens=runner.speculative_tokens,
     )
     return EngineReady(
         memory_bytes=runner.memory_bytes,

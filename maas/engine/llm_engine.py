@@ -24,6 +24,7 @@ from maas.engine.detokenizer import Detokenizer
 from maas.engine.kv_cache import NULL_BLOCK, BlockPool
 from maas.engine.scheduler import Plan, Scheduler
 from maas.engine.sequence import Sequence, Status, fail_unstarted
+from maas.engine.speculation import SpeculationCounts, round_tokens, speculate
 from maas.messages import (
     DEADLINE_PASSED,
     EngineRequest,
@@ -52,6 +53,7 @@ class LLMEngine:
         """Gets on_step(engine), on_token(sequence), on_finish(sequence) for metrics."""
         self._sequences: dict[str, list[Sequence]] = {}
         self._in_flight: deque[Flight] = deque()
+        self.speculation = SpeculationCounts()
 
     def add_request(self, request: EngineRequest, sink: Callable[[GenerationDelta], None]) -> None:
         """Queue a request; ``sink`` gets its deltas (called from the engine's thread). One
@@ -100,6 +102,8 @@ class LLMEngine:
             plan = self.scheduler.schedule(self._micro_batch_rows())
             if self.observer:
                 self.observer.on_step(self)
+            if self._speculated(plan):
+                return
             if not plan.empty:
                 self._submit(plan)
                 if len(self._in_flight) < self.runner.depth:
@@ -108,6 +112,23 @@ class LLMEngine:
             self._postprocess(self._in_flight.popleft())
             if self.observer:
                 self.observer.on_step(self)
+
+    def _speculated(self, plan: Plan) -> bool:
+        """Run ``plan`` as a round of speculative decoding (speculation.py) if the runner has
+        a draft model and the plan is one greedy sequence's decode step; False if it is not,
+        or no round can run (then the plan runs as a normal step)."""
+        if self.runner.draft is None or plan.prefill or len(plan.decode) != 1:
+            return False
+        sequence = plan.decode[0]
+        if self._in_flight or not sequence.params.greedy:
+            return False
+        count = round_tokens(self, sequence)
+        if count == 0:
+            return False
+        speculate(self, sequence, count)
+        if self.observer:
+            self.observer.on_step(self)
+        return True
 
     def _micro_batch_rows(self) -> int | None:
         """A pipeline's micro-batch: its share of the sequences that can run (all of them
@@ -145,7 +166,7 @@ class LLMEngine:
         sampling = [flight.sampling[i] for i in live]
         rows = [s.sample_row(self.tokenizer.eos_token_ids) for s in sampling]
         for sequence, picked in zip(sampling, sample(logits, rows), strict=True):
-            self._advance(sequence, picked)
+            self.advance(sequence, picked)
 
     def _inputs(self, plan: Plan) -> tuple[StepInput, list[Sequence]]:
         size = self.block_size
@@ -186,7 +207,8 @@ class LLMEngine:
         )
         return step_input, sampling
 
-    def _advance(self, sequence: Sequence, picked) -> None:
+    def advance(self, sequence: Sequence, picked) -> None:
+        """Give ``sequence`` its next token, and finish it if that ends it."""
         sequence.status = Status.DECODE
         sequence.append(picked, self.tokenizer.eos_token_ids, self.runner.max_len)
         if self.observer:
@@ -214,10 +236,12 @@ class LLMEngine:
         """Run one short generation, unobserved, before serving: the first pass through the
         CPU kernels (oneDNN and MKL set up their primitives) is slower, and would fall on the
         first user's time to first token (on the demo model in int8, 100 ms instead of 54).
-        Its blocks are named under a salt of its own and the cache counters are restored."""
+        Its blocks are named under a salt of its own and the cache and speculation counters
+        are restored."""
         observer, self.observer = self.observer, None
         pool = self.scheduler.pool
         counters = pool.queries, pool.hits
+        speculation, self.speculation = self.speculation, SpeculationCounts()
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         prompt = tuple(range(min(prompt_len, self.runner.max_len - max_tokens)))
         request = EngineRequest("warm-up", prompt, params, cache_salt="maas:warm-up")
@@ -231,6 +255,7 @@ class LLMEngine:
             self.abort("warm-up")
             self.observer = observer
             pool.queries, pool.hits = counters
+            self.speculation = speculation
 
     def fail_all(self, failure: Failure) -> None:
         """End every request with ``failure``; steps in flight are forgotten (after a failed

@@ -147,6 +147,17 @@ class Scheduler:
             sequence.blocks.append(block)
         return True
 
+    def grow_without_preempting(self, sequence: Sequence, positions: int) -> int:
+        """Blocks for up to ``positions`` positions of ``sequence``, as far as free (or
+        evictable) blocks go; the positions its blocks now hold."""
+        size = self.pool.block_size
+        while len(sequence.blocks) * size < positions:
+            block = self.pool.allocate()
+            if block is None:
+                break
+            sequence.blocks.append(block)
+        return len(sequence.blocks) * size
+
     def _preempt(self, sequence: Sequence) -> None:
         self.running.remove(sequence)
         self._release(sequence)

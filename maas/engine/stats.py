@@ -17,9 +17,10 @@ class StatsObserver:
         self.running = 0
         self.waiting = 0
         self.kv_usage = 0.0
-        self._cache_totals = (0, 0, 0)
-        """Cumulative prefix-cache queries, hits and preemptions at the last ``take``."""
-        self._cache_now = (0, 0, 0)
+        self._cache_totals = (0,) * 6
+        """Cumulative prefix-cache queries, hits, preemptions, and speculative rounds,
+        proposed and accepted tokens, at the last ``take``."""
+        self._cache_now = (0,) * 6
         self._reset_counts()
 
     def _reset_counts(self) -> None:
@@ -43,6 +44,9 @@ class StatsObserver:
             prefix_cache_queries=self._cache_now[0] - self._cache_totals[0],
             prefix_cache_hits=self._cache_now[1] - self._cache_totals[1],
             preemptions=self._cache_now[2] - self._cache_totals[2],
+            spec_drafts=self._cache_now[3] - self._cache_totals[3],
+            spec_draft_tokens=self._cache_now[4] - self._cache_totals[4],
+            spec_accepted_tokens=self._cache_now[5] - self._cache_totals[5],
         )
         self._cache_totals = self._cache_now
         self._reset_counts()
@@ -53,7 +57,15 @@ class StatsObserver:
         self.running = len(scheduler.running)
         self.waiting = len(scheduler.waiting)
         self.kv_usage = scheduler.pool.usage
-        self._cache_now = (scheduler.pool.queries, scheduler.pool.hits, scheduler.preemptions)
+        pool, speculation = scheduler.pool, engine.speculation
+        self._cache_now = (
+            pool.queries,
+            pool.hits,
+            scheduler.preemptions,
+            speculation.drafts,
+            speculation.draft_tokens,
+            speculation.accepted_tokens,
+        )
 
     def on_token(self, sequence) -> None:
         self._generation_tokens += 1

@@ -116,6 +116,24 @@ class GenerationMetrics:
             labels,
             registry=registry,
         )
+        self.spec_drafts = Counter(
+            "vllm:spec_decode_num_drafts",
+            "Rounds of speculative decoding.",
+            labels,
+            registry=registry,
+        )
+        self.spec_draft_tokens = Counter(
+            "vllm:spec_decode_num_draft_tokens",
+            "Tokens the draft model proposed.",
+            labels,
+            registry=registry,
+        )
+        self.spec_accepted_tokens = Counter(
+            "vllm:spec_decode_num_accepted_tokens",
+            "Proposed tokens the model picked too.",
+            labels,
+            registry=registry,
+        )
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds",
             "Time to the first token.",
@@ -152,6 +170,9 @@ class GenerationMetrics:
                 (self.prefix_cache_queries, stats.prefix_cache_queries),
                 (self.prefix_cache_hits, stats.prefix_cache_hits),
                 (self.preemptions, stats.preemptions),
+                (self.spec_drafts, stats.spec_drafts),
+                (self.spec_draft_tokens, stats.spec_draft_tokens),
+                (self.spec_accepted_tokens, stats.spec_accepted_tokens),
             ):
                 if count:
                     counter.labels(model_name).inc(count)

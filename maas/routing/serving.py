@@ -60,6 +60,8 @@ class Serving:
                 commit_kv_cache=settings.llm_kv_cache_commit,
                 compile=settings.llm_compile,
                 paged_attention=settings.llm_paged_attention,
+                draft=settings.llm_draft,
+                speculative_tokens=settings.llm_speculative_tokens,
                 threads=settings.inference_threads,
             ),
             max_batch_tokens=settings.llm_max_batch_tokens,

@@ -211,6 +211,11 @@ class EngineDescriptionPublic(BaseModel):
     """Compiled for batches of at most this many sequences (measured faster there)."""
     kv_blocks: int
     kv_block_size: int
+    draft: str = ""
+    """Speculative decoding's draft model: the dtype it runs the model in (``int8``), or
+    empty (none; ``MAAS_LLM_DRAFT``)."""
+    speculative_tokens: int = 0
+    """Tokens the draft proposes each round (``MAAS_LLM_SPECULATIVE_TOKENS``)."""
     pipeline_stages: list[PipelineStagePublic] = []
     """With the model split into pipeline stages (``MAAS_LLM_PIPELINE_STAGES``)."""
 

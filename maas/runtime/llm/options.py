@@ -34,5 +34,11 @@ class RunnerOptions:
     commit_kv_cache: bool = False
     """Touch every KV page at load (first writes then cost nothing) instead of as tokens fill
     them (the memory is then held only once used)."""
+    draft: str = "off"
+    """Speculative decoding's draft model (draft.py): the served model again in this dtype
+    (bfloat16, int8-weight, int8), or off; auto: int8 where the model runs float32 whole (not
+    a pipeline stage), else off."""
+    speculative_tokens: int = 8
+    """Tokens the draft proposes each round."""
     threads: int = 0
     pack_weights: bool = True

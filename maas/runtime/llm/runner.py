@@ -13,6 +13,7 @@ from torch import Tensor
 from maas.registry.records import OpenedVersion
 from maas.runtime.llm import dtype_cache, int8_matmul, paged_attention
 from maas.runtime.llm.compiled import CompileReport, PrefillReport, compile_decode, compile_prefill
+from maas.runtime.llm.draft import DraftModel, load_draft
 from maas.runtime.llm.dtypes import (
     ACTIVATIONS,
     KV_CACHE_DTYPES,
@@ -126,7 +127,23 @@ class ModelRunner:
             # (twice the weights: 490 MiB more for the demo) and pays off only at exactly
             # kernels.BATCH_HINT rows, where the demo's 32 streams ran as fast without it.
             pack_linears(self.model)
+        self.draft: DraftModel | None = None
+        """Speculative decoding's draft model, if ``options.draft`` asks for one."""
+        draft = self._draft_dtype(options, layers)
+        if draft:
+            self.draft = load_draft(
+                opened,
+                draft,
+                max_len=self.max_len,
+                block_size=self.cache.block_size,
+                compile=options.compile,
+                compile_always=options.compile_always,
+                paged=options.paged_attention,
+            )
+        self.speculative_tokens = options.speculative_tokens if self.draft else 0
         self.memory_bytes = weight_bytes(self.model) + self.cache.nbytes
+        if self.draft is not None:
+            self.memory_bytes += self.draft.nbytes
         release_freed_memory()  # what loading, measuring and compiling freed
         log.info(
             "%s ready in %.1fs: %s%s, %d %s KV blocks of %d positions, decode step %s%s",
@@ -140,6 +157,23 @@ class ModelRunner:
             "compiled" if self.compiled else "eager",
             ", paged attention" if self.paged_attention else "",
         )
+
+    def _draft_dtype(self, options: RunnerOptions, layers: range | None) -> str:
+        """The draft's dtype, or "" for none. ``auto`` drafts in int8 for a whole float32
+        model (a quarter of its bytes a step, and on the demo the same greedy choice at 98%
+        of positions); a model already in a cheaper dtype has no much cheaper draft."""
+        wanted = options.draft
+        if wanted == "off":
+            return ""
+        if layers is not None or self.weights:
+            if wanted != "auto":
+                log.info("no draft model: not for a pipeline stage or weights stored quantized")
+            return ""
+        if options.speculative_tokens < 1:
+            raise ValueError("speculative_tokens must be at least 1")
+        if wanted == "auto":
+            return "int8" if self.dtype == "float32" else ""
+        return wanted
 
     def _make_cache(self, options: RunnerOptions, dtype: torch.dtype, context: int) -> KVCache:
         """The KV cache of this model's layers, as many blocks as the whole model's budget

@@ -1,0 +1,178 @@
+"""Speculative decoding: a draft model's proposals, checked by the served model in one step,
+change how many steps a greedy sequence takes and never which tokens it gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from maas.engine import speculation
+from maas.messages import SamplingParams
+from maas.runtime.llm.draft import DraftModel
+from tests.unit.engine.conftest import (
+    finish_reason,
+    generate_alone,
+    greedy,
+    run_to_end,
+    submit,
+    token_ids,
+)
+
+TEXTS = [
+    "the cat sat on the mat",
+    "paris is the capital of france and berlin",
+    "hello world, how are you today?",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(llama_tokenizer) -> list[list[int]]:
+    return [llama_tokenizer.encode(text) for text in TEXTS]
+
+
+def without_draft(make_engine, prompt, params) -> list[int]:
+    return token_ids(generate_alone(make_engine, prompt, params))
+
+
+@pytest.mark.parametrize("draft", ["int8", "int8-weight", "bfloat16"])
+def test_a_drafted_sequence_gets_the_tokens_it_gets_without_a_draft(make_engine, prompts, draft):
+    for prompt in prompts:
+        expected = without_draft(make_engine, prompt, greedy(37))
+        engine = make_engine(draft=draft)
+        deltas = submit(engine, "r", prompt, greedy(37))
+        steps = run_to_end(engine)
+        assert token_ids(deltas) == expected
+        assert finish_reason(deltas) == "length"
+        counts = engine.speculation
+        assert counts.drafts > 0 and counts.accepted_tokens > 0
+        assert (
+            counts.draft_tokens
+            <= engine.runner.speculative_tokens * counts.drafts
+            == 8 * counts.drafts
+        )
+        # one step for the prompt, then a round per 1 to 9 tokens
+        assert steps < 37 - counts.accepted_tokens + 2
+
+
+def test_each_pick_is_the_served_models_whatever_the_draft_proposes(
+    make_engine, prompts, monkeypatch
+):
+    """A draft that is always right (proposing four) takes five tokens a round; one that is
+    always wrong still yields one token a round, and the same tokens."""
+    prompt = prompts[1]
+    expected = without_draft(make_engine, prompt, greedy(21))
+    full = list(prompt) + expected
+
+    def oracle(self, tokens, count):
+        return full[len(tokens) : len(tokens) + count]
+
+    def wrong(self, tokens, count):
+        return [(t + 1) % 50 for t in full[len(tokens) : len(tokens) + count]]
+
+    for propose, rounds, accepted in ((oracle, 4, 16), (wrong, 19, 0)):
+        monkeypatch.setattr(DraftModel, "propose", propose)
+        engine = make_engine(draft="int8", speculative_tokens=4)
+        deltas = submit(engine, "r", prompt, greedy(21))
+        run_to_end(engine)
+        assert token_ids(deltas) == expected
+        # 21 tokens: the prefill's first, then rounds of 5 (oracle) or 1 (wrong); a round
+        # proposes no more than max_tokens leaves room for, so the wrong draft's 21st token
+        # comes from a normal step
+        assert (engine.speculation.drafts, engine.speculation.accepted_tokens) == (
+            rounds,
+            accepted,
+        )
+
+
+def test_a_stop_inside_a_round_ends_the_sequence_there(make_engine, prompts, llama_tokenizer):
+    prompt = prompts[0]
+    reference = without_draft(make_engine, prompt, greedy(30))
+    stop = reference[9]
+    cut = reference.index(stop) + 1
+    params = greedy(30, stop_token_ids=(stop,))
+    engine = make_engine(draft="int8")
+    deltas = submit(engine, "r", prompt, params)
+    run_to_end(engine)
+    assert token_ids(deltas) == reference[:cut]
+    assert finish_reason(deltas) == "stop"
+    assert deltas[-1].completion_tokens == cut
+    assert not engine.scheduler.running and engine.scheduler.pool.usage == 0
+
+
+def test_rounds_run_only_while_one_greedy_sequence_runs(make_engine, prompts, monkeypatch):
+    running_at_rounds = []
+    speculate = speculation.speculate
+
+    def spying(engine, sequence, count):
+        running_at_rounds.append(len(engine.scheduler.running))
+        speculate(engine, sequence, count)
+
+    monkeypatch.setattr("maas.engine.llm_engine.speculate", spying)
+    expected = [
+        without_draft(make_engine, p, greedy(n)) for p, n in zip(prompts, (40, 8, 12), strict=True)
+    ]
+    engine = make_engine(draft="int8")
+    first = submit(engine, "first", prompts[0], greedy(40))
+    for _ in range(3):
+        engine.step()
+    rounds_alone = len(running_at_rounds)
+    assert rounds_alone > 0
+    second = submit(engine, "second", prompts[1], greedy(8))
+    third = submit(engine, "third", prompts[2], greedy(12))
+    run_to_end(engine)
+    assert [token_ids(d) for d in (first, second, third)] == expected
+    assert set(running_at_rounds) == {1}
+    assert len(running_at_rounds) > rounds_alone  # alone again once the others finished
+
+
+def test_a_sampled_sequence_is_not_drafted(make_engine, prompts):
+    engine = make_engine(draft="int8")
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
+    deltas = submit(engine, "r", prompts[0], params)
+    run_to_end(engine)
+    assert len(token_ids(deltas)) == 12
+    assert engine.speculation.drafts == 0
+
+
+def test_a_round_takes_only_free_blocks_and_never_preempts(make_engine, prompts):
+    """Blocks for exactly the prompt and its output: near the end a round proposes only what
+    the sequence's last block holds."""
+    prompt = prompts[0]
+    assert len(prompt) + 40 <= 4 * 16
+    expected = without_draft(make_engine, prompt, greedy(40))
+    engine = make_engine(draft="int8", kv_cache_blocks=4, max_model_len=64)
+    deltas = submit(engine, "r", prompt, greedy(40))
+    run_to_end(engine)
+    assert token_ids(deltas) == expected
+    assert engine.scheduler.preemptions == 0
+    assert engine.speculation.drafts > 0
+
+
+def test_the_draft_keeps_what_it_computed_of_a_shared_prefix(make_engine, prompts):
+    """Proposals after a prompt that shares a prefix with the last one match a fresh draft's,
+    and only the rest is computed."""
+    engine = make_engine(draft="int8")
+    draft = engine.runner.draft
+    first = prompts[1]
+    draft.propose(first, 3)
+    second = first[:5] + prompts[2]
+    calls = []
+    feed = draft._feed
+    draft._feed = lambda tokens: calls.append(len(tokens)) or feed(tokens)
+    proposed = draft.propose(second, 3)
+    assert calls[0] == len(second) - 5  # the shared five stayed cached
+    fresh = make_engine(draft="int8").runner.draft
+    assert proposed == fresh.propose(second, 3)
+    assert draft.fed == second + proposed[:2]
+
+
+def test_warm_up_runs_a_round_and_leaves_the_counts_at_zero(make_engine, monkeypatch):
+    rounds = []
+    speculate = speculation.speculate
+    monkeypatch.setattr(
+        "maas.engine.llm_engine.speculate",
+        lambda engine, sequence, count: rounds.append(count) or speculate(engine, sequence, count),
+    )
+    engine = make_engine(draft="int8")
+    engine.warm_up()
+    assert rounds  # the draft's step ran before the first request
+    assert engine.speculation == speculation.SpeculationCounts()
