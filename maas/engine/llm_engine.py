@@ -125,7 +125,8 @@ class LLMEngine:
         count = round_tokens(self, sequence)
         if count == 0:
             return False
-        speculate(self, sequence, count)
+        if not speculate(self, sequence, count):
+            return False
         if self.observer:
             self.observer.on_step(self)
         return True

@@ -17,11 +17,14 @@ token matches the draft's guess too seldom to pay for the drafting.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from maas.engine.sequence import Sequence, Status
 from maas.runtime.llm.draft import rows_of_one_sequence
 from maas.runtime.llm.sampler import sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,24 +41,37 @@ class SpeculationCounts:
 
 def round_tokens(engine, sequence: Sequence) -> int:
     """How many tokens a round may propose for ``sequence`` (0: take a normal step): at most
-    the configured number, no more than it may still output less the round's own token, no
-    position past the context, and only as far as the KV blocks it holds or can take without
+    the configured number; no more than it may still output, nor than the context holds,
+    less the round's own token; few enough that the round's rows run as the sequence's
+    normal steps do (within the compiled step's batch sizes, if it is compiled) and fit the
+    step's token budget; and only as far as the KV blocks it holds or can take without
     preempting anyone reach."""
+    runner = engine.runner
     wanted = min(
-        engine.runner.speculative_tokens,
+        runner.speculative_tokens,
         sequence.params.max_tokens - len(sequence.output_ids) - 1,
-        engine.runner.max_len - len(sequence.tokens),
+        runner.max_len - len(sequence.tokens) - 1,
+        engine.scheduler.max_batch_tokens - 1,
     )
+    if runner.compiled is not None:
+        wanted = min(wanted, runner.model.compiled_rows - 1)
     if wanted < 1:
         return 0
     held = engine.scheduler.grow_without_preempting(sequence, sequence.computed + wanted + 1)
     return max(0, min(wanted, held - sequence.computed - 1))
 
 
-def speculate(engine, sequence: Sequence, count: int) -> None:
-    """One round of ``count`` proposals for ``sequence`` (scheduled alone, decoding)."""
+def speculate(engine, sequence: Sequence, count: int) -> bool:
+    """One round of ``count`` proposals for ``sequence`` (scheduled alone, decoding). False,
+    with nothing done, if the draft fails: it is then dropped (the log says why) and the
+    engine goes on without, as the draft only ever saves time."""
     runner = engine.runner
-    proposal = runner.draft.propose(sequence.tokens, count)
+    try:
+        proposal = runner.draft.propose(sequence.tokens, count)
+    except Exception:
+        log.exception("the draft model failed: decoding goes on without speculation")
+        runner.draft = None
+        return False
     rows = [sequence.tokens[-1], *proposal]
     step = rows_of_one_sequence(
         rows, sequence.computed, sequence.blocks, engine.block_size, as_decode=True
@@ -70,6 +86,8 @@ def speculate(engine, sequence: Sequence, count: int) -> None:
         engine.scheduler.computed(sequence)
         (picked,) = sample(logits[row : row + 1], [sequence.sample_row(eos)])
         engine.advance(sequence, picked)
+        if picked.token == guess:
+            counts.accepted_tokens += 1
         if sequence.status is Status.FINISHED or picked.token != guess:
-            return
-        counts.accepted_tokens += 1
+            return True
+    return True

@@ -55,15 +55,14 @@ def rows_of_one_sequence(
     count = len(tokens)
     positions = range(start, start + count)
     index = [blocks[p // block_size] * block_size + p % block_size for p in positions]
+    held = -(-(start + count) // block_size)  # the blocks these positions reach
     if as_decode:
-        width = max(MIN_BLOCKS, len(blocks))
-        table = blocks + [0] * (width - len(blocks))
+        table = blocks[:held] + [0] * (MIN_BLOCKS - held)
         decode = DecodeRows(
             count, torch.tensor([table] * count), torch.tensor([p + 1 for p in positions])
         )
         prefills, logits_rows = [], torch.arange(count)
     else:
-        held = -(-(start + count) // block_size)
         decode, logits_rows = None, torch.tensor([count - 1])
         prefills = [PrefillRows(0, count, torch.tensor(blocks[:held]), start)]
     return StepInput(

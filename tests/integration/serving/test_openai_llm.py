@@ -699,11 +699,13 @@ def hang_up(world, headers, body: dict, *, after: float, stall_after: int | None
 
 @pytest.fixture
 def slowed_engine(world, monkeypatch):
-    """The loaded engine, 10 ms slower a step: hang-ups land mid-generation."""
+    """The loaded engine, 50 ms slower a step: hang-ups land mid-generation (a lone greedy
+    sequence of a float32 model gets up to 9 tokens a step from speculative decoding, so
+    200 tokens take at least 23 steps)."""
     ok(complete(world, "load the model", max_tokens=1))
     engine = engine_of(world)
     step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.01) or step())
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.05) or step())
     return engine
 
 

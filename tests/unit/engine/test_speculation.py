@@ -4,9 +4,11 @@ change how many steps a greedy sequence takes and never which tokens it gets."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from maas.engine import speculation
 from maas.messages import SamplingParams
+from maas.runtime.llm import compiled
 from maas.runtime.llm.draft import DraftModel
 from tests.unit.engine.conftest import (
     finish_reason,
@@ -104,7 +106,7 @@ def test_rounds_run_only_while_one_greedy_sequence_runs(make_engine, prompts, mo
 
     def spying(engine, sequence, count):
         running_at_rounds.append(len(engine.scheduler.running))
-        speculate(engine, sequence, count)
+        return speculate(engine, sequence, count)
 
     monkeypatch.setattr("maas.engine.llm_engine.speculate", spying)
     expected = [
@@ -176,3 +178,85 @@ def test_warm_up_runs_a_round_and_leaves_the_counts_at_zero(make_engine, monkeyp
     engine.warm_up()
     assert rounds  # the draft's step ran before the first request
     assert engine.speculation == speculation.SpeculationCounts()
+
+
+def test_compiled_rounds_give_the_tokens_of_compiled_steps_without_a_draft(
+    make_engine, prompts, monkeypatch
+):
+    """Rounds run through the compiled step (its multi-row graph), the draft's steps through
+    its own, and the tokens are those of the compiled model without a draft; a round is
+    never wider than the compiled step's batches."""
+    timed = compiled._timings
+    monkeypatch.setattr(  # about tokens, not speed: keep the compiled steps however they time
+        compiled, "_timings", lambda *a: tuple((n, e, min(c, e / 2)) for n, e, c in timed(*a))
+    )
+    expected = without_draft(make_engine, prompts[1], greedy(30))
+    plain = make_engine(compile=True, max_sequences=4)
+    deltas = submit(plain, "r", prompts[1], greedy(30))
+    run_to_end(plain)
+    assert token_ids(deltas) == expected
+    engine = make_engine(compile=True, max_sequences=4, draft="int8")
+    assert engine.runner.compiled.rows == 4 and engine.runner.draft.compiled is not None
+    widths = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda step: widths.append(len(step.input_ids)) or forward(step)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        deltas = submit(engine, "r", prompts[1], greedy(30))
+        run_to_end(engine)
+    assert token_ids(deltas) == expected
+    assert engine.speculation.drafts > 0 and max(widths[1:]) == 4  # 3 proposals + 1
+
+
+def test_a_round_proposes_no_more_than_the_context_and_the_step_budget_allow(
+    make_engine, prompts, monkeypatch
+):
+    prompt = prompts[0]
+    engine = make_engine(draft="int8", max_model_len=len(prompt) + 6, max_batch_tokens=64)
+    deltas = submit(engine, "r", prompt, greedy(50))
+    run_to_end(engine)
+    # the context holds 6 tokens: the prefill's first, then one round of 4 proposals and
+    # the served model's token, none proposed past the end
+    assert len(token_ids(deltas)) == 6 and finish_reason(deltas) == "length"
+    assert engine.speculation.draft_tokens == 4
+    assert token_ids(deltas) == without_draft(make_engine, prompt, greedy(6))
+    counts = []
+    speculate = speculation.speculate
+    monkeypatch.setattr(
+        "maas.engine.llm_engine.speculate",
+        lambda engine, sequence, count: counts.append(count) or speculate(engine, sequence, count),
+    )
+    tight = make_engine(draft="int8", max_batch_tokens=16, speculative_tokens=16)
+    submit(tight, "r", prompt, greedy(40))
+    run_to_end(tight)
+    assert max(counts) == 15  # 16 rows at most, the step's token budget
+
+
+def test_a_failing_draft_is_dropped_and_the_sequence_goes_on(make_engine, prompts, monkeypatch):
+    def broken(self, tokens, count):
+        raise RuntimeError("the draft's kernel broke")
+
+    expected = without_draft(make_engine, prompts[0], greedy(20))
+    monkeypatch.setattr(DraftModel, "propose", broken)
+    engine = make_engine(draft="int8")
+    deltas = submit(engine, "r", prompts[0], greedy(20))
+    run_to_end(engine)
+    assert token_ids(deltas) == expected and finish_reason(deltas) == "length"
+    assert engine.runner.draft is None and engine.speculation.drafts == 0
+
+
+def test_a_right_guess_that_ends_the_sequence_counts_as_accepted(make_engine, prompts, monkeypatch):
+    prompt = prompts[1]
+    expected = without_draft(make_engine, prompt, greedy(6))
+    full = list(prompt) + expected
+    monkeypatch.setattr(
+        DraftModel, "propose", lambda self, tokens, count: full[len(tokens) : len(tokens) + count]
+    )
+    stop = expected[3]
+    assert stop not in expected[:3]
+    engine = make_engine(draft="int8")
+    deltas = submit(engine, "r", prompt, greedy(6, stop_token_ids=(stop,)))
+    run_to_end(engine)
+    assert token_ids(deltas) == expected[:4] and finish_reason(deltas) == "stop"
+    # the prefill's token, then a round of 4 proposals: the first two and the stop token
+    # accepted, the sequence ending with the third
+    assert (engine.speculation.drafts, engine.speculation.accepted_tokens) == (1, 3)
