@@ -17,19 +17,18 @@ shares with the last one and computes the rest.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
 import torch
 
-from maas.registry.records import OpenedVersion
 from maas.runtime.llm import paged_attention
 from maas.runtime.llm.compiled import MIN_BLOCKS, CompileReport, compile_decode
 from maas.runtime.llm.dtypes import ACTIVATIONS, convert
 from maas.runtime.llm.kernels import weight_bytes
 from maas.runtime.llm.model import DecodeRows, KVCache, LlamaModel, PrefillRows, StepInput
 from maas.runtime.llm.sampler import greedy_tokens
-from maas.runtime.llm.weights import load_model
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +134,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next(i for i in range(length) if a[i] != b[i])
 
 
-def load_draft(
-    opened: OpenedVersion,
+def draft_weights(model: LlamaModel, dtype: str) -> LlamaModel:
+    """The served ``model`` (whole, before its own conversion) again in ``dtype``, made from
+    the weights already in memory rather than read and dequantised again. Where the draft
+    computes in the model's dtype (an int8 draft of a float32 model), the tensors that stay
+    as they are (norms, biases, the float weights the int8 ones are made from) are shared,
+    not copied, so that making it never holds the float weights twice: for a 7B model in
+    float32, 28 GB."""
+    if dtype not in DRAFT_DTYPES:
+        raise ValueError(f"unknown draft dtype {dtype!r}; expected one of {DRAFT_DTYPES}")
+    shared = {}
+    if ACTIVATIONS[dtype] == model.dtype:  # the copy's .to() then keeps each tensor itself
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return convert(copy.deepcopy(model, memo=shared), dtype, pack=False)
+
+
+def ready_draft(
+    model: LlamaModel,
     dtype: str,
     *,
     max_len: int,
@@ -145,12 +159,9 @@ def load_draft(
     compile_always: bool = False,
     paged: bool = True,
 ) -> DraftModel:
-    """The version's model in ``dtype`` as a draft for sequences of up to ``max_len``
-    positions, its decode step compiled for one and two rows (as it runs) where that works."""
-    if dtype not in DRAFT_DTYPES:
-        raise ValueError(f"unknown draft dtype {dtype!r}; expected one of {DRAFT_DTYPES}")
+    """``model`` (``draft_weights``) as a draft for sequences of up to ``max_len`` positions,
+    its decode step compiled for one and two rows (as it runs) where that works."""
     started = time.perf_counter()
-    model = convert(load_model(opened, torch.float32), dtype, pack=False)
     kv_dtype = ACTIVATIONS[dtype]
     draft = DraftModel(model, dtype, max_len, block_size, kv_dtype)
     model.use_paged_attention(

@@ -13,7 +13,7 @@ from torch import Tensor
 from maas.registry.records import OpenedVersion
 from maas.runtime.llm import dtype_cache, int8_matmul, paged_attention
 from maas.runtime.llm.compiled import CompileReport, PrefillReport, compile_decode, compile_prefill
-from maas.runtime.llm.draft import DraftModel, load_draft
+from maas.runtime.llm.draft import DraftModel, draft_weights, ready_draft
 from maas.runtime.llm.dtypes import (
     ACTIVATIONS,
     KV_CACHE_DTYPES,
@@ -99,6 +99,8 @@ class ModelRunner:
             self.dtype = self.dtype_choice.dtype
         else:
             self.model = load_model(opened, ACTIVATIONS[wanted], layers)
+        draft = self._draft_dtype(options, layers)
+        draft_model = draft_weights(self.model, draft) if draft else None
         convert(self.model, self.dtype, pack=pack)
         self.config = self.model.config
         kv_dtype = self._kv_cache_dtype(options)
@@ -129,10 +131,9 @@ class ModelRunner:
             pack_linears(self.model)
         self.draft: DraftModel | None = None
         """Speculative decoding's draft model, if ``options.draft`` asks for one."""
-        draft = self._draft_dtype(options, layers)
-        if draft:
-            self.draft = load_draft(
-                opened,
+        if draft_model is not None:
+            self.draft = ready_draft(
+                draft_model,
                 draft,
                 max_len=self.max_len,
                 block_size=self.cache.block_size,

@@ -9,7 +9,9 @@ import torch
 from maas.engine import speculation
 from maas.messages import SamplingParams
 from maas.runtime.llm import compiled
+from maas.runtime.llm import runner as runner_module
 from maas.runtime.llm.draft import DraftModel
+from maas.runtime.llm.kernels import Int8Linear
 from tests.unit.engine.conftest import (
     finish_reason,
     generate_alone,
@@ -260,3 +262,23 @@ def test_a_right_guess_that_ends_the_sequence_counts_as_accepted(make_engine, pr
     # the prefill's token, then a round of 4 proposals: the first two and the stop token
     # accepted, the sequence ending with the third
     assert (engine.speculation.drafts, engine.speculation.accepted_tokens) == (1, 3)
+
+
+def test_the_draft_is_made_from_the_weights_in_memory(make_engine, monkeypatch):
+    """The weights are read once; an int8 draft shares the float tensors it keeps (norms)
+    with the served float32 model, and a bfloat16 one has copies of its own."""
+    reads = []
+    load = runner_module.load_model
+    monkeypatch.setattr(
+        runner_module, "load_model", lambda *a, **k: reads.append(1) or load(*a, **k)
+    )
+    engine = make_engine(draft="int8")
+    assert len(reads) == 1
+    served, draft = engine.runner.model, engine.runner.draft.model
+    assert draft.blocks[0].input_norm.weight is served.blocks[0].input_norm.weight
+    assert isinstance(draft.blocks[0].qkv, Int8Linear)
+    assert served.blocks[0].qkv.weight.dtype == torch.float32
+    assert served.embed.weight.dtype == torch.float32  # its own, the draft's is the int8 head
+    halved = make_engine(draft="bfloat16").runner
+    assert halved.draft.model.blocks[0].input_norm.weight.dtype == torch.bfloat16
+    assert halved.model.blocks[0].input_norm.weight.dtype == torch.float32
