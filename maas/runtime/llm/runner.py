@@ -115,20 +115,7 @@ class ModelRunner:
         )
         self.model.use_paged_attention(self.paged_attention)
         self.prefill_compiled: PrefillReport | None = None
-        if options.compile:
-            self.compiled = compile_decode(
-                self.model, self.cache, options.max_sequences, always=options.compile_always
-            )
-        if self.compiled is not None:  # weights stay as compiled (unpacked): the rest too
-            self.prefill_compiled = compile_prefill(
-                self.model, self.cache, always=options.compile_always
-            )
-        if self.compiled is None and options.compile and options.pack_weights:
-            # eager only. With compiled steps, float32 weights stay unpacked even for the
-            # batches that may run eagerly: MKL's packed copy needs the plain one beside it
-            # (twice the weights: 490 MiB more for the demo) and pays off only at exactly
-            # kernels.BATCH_HINT rows, where the demo's 32 streams ran as fast without it.
-            pack_linears(self.model)
+        self._compile_steps(options)
         self.draft: DraftModel | None = None
         """Speculative decoding's draft model, if ``options.draft`` asks for one."""
         if draft_model is not None:
@@ -158,6 +145,24 @@ class ModelRunner:
             "compiled" if self.compiled else "eager",
             ", paged attention" if self.paged_attention else "",
         )
+
+    def _compile_steps(self, options: RunnerOptions) -> None:
+        """Compile the decode step and, with it, the prefill parts (see compiled.py); pack
+        the weights of a model whose steps all run eagerly."""
+        if options.compile:
+            self.compiled = compile_decode(
+                self.model, self.cache, options.max_sequences, always=options.compile_always
+            )
+        if self.compiled is not None:  # weights stay as compiled (unpacked): the rest too
+            self.prefill_compiled = compile_prefill(
+                self.model, self.cache, always=options.compile_always
+            )
+        if self.compiled is None and options.compile and options.pack_weights:
+            # eager only. With compiled steps, float32 weights stay unpacked even for the
+            # batches that may run eagerly: MKL's packed copy needs the plain one beside it
+            # (twice the weights: 490 MiB more for the demo) and pays off only at exactly
+            # kernels.BATCH_HINT rows, where the demo's 32 streams ran as fast without it.
+            pack_linears(self.model)
 
     def _draft_dtype(self, options: RunnerOptions, layers: range | None) -> str:
         """The draft's dtype, or "" for none. ``auto`` drafts in int8 for a whole float32
