@@ -131,7 +131,8 @@ class Settings(BaseSettings):
     ``speculative_config`` and llama.cpp's draft model: the served model again in this dtype
     proposes ``llm_speculative_tokens`` tokens that the model checks in one step, when one
     greedy sequence runs alone. Outputs are unchanged. auto: an int8 draft for a model that
-    runs float32 (not a pipeline stage), none otherwise; off: none."""
+    runs float32 (not a pipeline stage, weights not stored quantized), none otherwise; off:
+    none."""
 
     llm_speculative_tokens: int = Field(default=8, ge=1, le=16)
     """Tokens the draft model proposes each round."""

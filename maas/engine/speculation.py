@@ -86,8 +86,9 @@ def speculate(engine, sequence: Sequence, count: int) -> bool:
         engine.scheduler.computed(sequence)
         (picked,) = sample(logits[row : row + 1], [sequence.sample_row(eos)])
         engine.advance(sequence, picked)
-        if picked.token == guess:
-            counts.accepted_tokens += 1
-        if sequence.status is Status.FINISHED or picked.token != guess:
-            return True
+        if picked.token != guess:
+            break
+        counts.accepted_tokens += 1
+        if sequence.status is Status.FINISHED:
+            break
     return True

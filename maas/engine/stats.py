@@ -17,10 +17,10 @@ class StatsObserver:
         self.running = 0
         self.waiting = 0
         self.kv_usage = 0.0
-        self._cache_totals = (0,) * 6
+        self._counts_taken = (0,) * 6
         """Cumulative prefix-cache queries, hits, preemptions, and speculative rounds,
         proposed and accepted tokens, at the last ``take``."""
-        self._cache_now = (0,) * 6
+        self._counts_now = (0,) * 6
         self._reset_counts()
 
     def _reset_counts(self) -> None:
@@ -41,14 +41,14 @@ class StatsObserver:
             ttft=tuple(self._ttft),
             itl=tuple(self._itl),
             e2e=tuple(self._e2e),
-            prefix_cache_queries=self._cache_now[0] - self._cache_totals[0],
-            prefix_cache_hits=self._cache_now[1] - self._cache_totals[1],
-            preemptions=self._cache_now[2] - self._cache_totals[2],
-            spec_drafts=self._cache_now[3] - self._cache_totals[3],
-            spec_draft_tokens=self._cache_now[4] - self._cache_totals[4],
-            spec_accepted_tokens=self._cache_now[5] - self._cache_totals[5],
+            prefix_cache_queries=self._counts_now[0] - self._counts_taken[0],
+            prefix_cache_hits=self._counts_now[1] - self._counts_taken[1],
+            preemptions=self._counts_now[2] - self._counts_taken[2],
+            spec_drafts=self._counts_now[3] - self._counts_taken[3],
+            spec_draft_tokens=self._counts_now[4] - self._counts_taken[4],
+            spec_accepted_tokens=self._counts_now[5] - self._counts_taken[5],
         )
-        self._cache_totals = self._cache_now
+        self._counts_taken = self._counts_now
         self._reset_counts()
         return stats
 
@@ -58,7 +58,7 @@ class StatsObserver:
         self.waiting = len(scheduler.waiting)
         self.kv_usage = scheduler.pool.usage
         pool, speculation = scheduler.pool, engine.speculation
-        self._cache_now = (
+        self._counts_now = (
             pool.queries,
             pool.hits,
             scheduler.preemptions,

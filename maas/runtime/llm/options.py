@@ -37,7 +37,7 @@ class RunnerOptions:
     draft: str = "off"
     """Speculative decoding's draft model (draft.py): the served model again in this dtype
     (bfloat16, int8-weight, int8), or off; auto: int8 where the model runs float32 whole (not
-    a pipeline stage), else off."""
+    a pipeline stage, weights not stored quantized), else off."""
     speculative_tokens: int = 8
     """Tokens the draft proposes each round."""
     threads: int = 0
