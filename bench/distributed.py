@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--part", choices=("llm", "training", "both"), default="both")
     parser.add_argument("--epochs", type=int, default=10)
+    llm_serving.add_maas_options(parser)
     args = parser.parse_args()
     result = {"benchmark": "distributed", "cpu_count": os.cpu_count(), "rounds": args.rounds}
     if args.part in ("llm", "both"):

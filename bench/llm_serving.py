@@ -48,6 +48,9 @@ not depend on which engine ran in a faster minute of the machine (a VM's speed d
 maas single stream ranged from 112 to 181 tokens/s within ten minutes). The median of the
 rounds' ratios is reported beside the rows' own.
 
+``--kv-cache-dtype bfloat16`` keeps maas's KV cache in bfloat16 whatever the activations
+(``MAAS_LLM_KV_CACHE_DTYPE``; by default, ``auto``, the activations' dtype).
+
 ``--thread-engine`` adds, after each maas row, the same dtype with the engine on a thread of
 the server (``MAAS_LLM_ENGINE_PROCESS=false``): one process instead of two.
 
@@ -300,6 +303,7 @@ def start_maas(home: Path, dtype: str, args, extra_env: dict | None = None) -> S
         # instead of taking a choice kept from an earlier run
         "MAAS_CACHE_DIR": str(args.cache_dir or home.parent / "maas-cache"),
         **({"MAAS_LLM_COMPILE": "false"} if args.eager else {}),
+        "MAAS_LLM_KV_CACHE_DTYPE": args.kv_cache_dtype,
         **(extra_env or {}),
     }
     server = Server(home, env=env)
@@ -675,6 +679,27 @@ def engine_list(value: str) -> list[str]:
     return engines
 
 
+def add_maas_options(parser: argparse.ArgumentParser) -> None:
+    """How maas's server runs (``start_maas`` reads them): also bench/distributed.py's."""
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="run maas's decode steps eagerly (MAAS_LLM_COMPILE=false), to see what compiling buys",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="maas's KV cache dtype (MAAS_LLM_KV_CACHE_DTYPE); auto: the activations'",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="maas's local cache (built kernels, measured dtype choices); default: one of the "
+        "run's own, so that auto measures at this run's load",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
@@ -701,17 +726,7 @@ def main() -> None:
         help="also run each maas dtype with its engine on a thread of the server "
         "(MAAS_LLM_ENGINE_PROCESS=false), right after the row of the engine in its own process",
     )
-    parser.add_argument(
-        "--eager",
-        action="store_true",
-        help="run maas's decode steps eagerly (MAAS_LLM_COMPILE=false), to see what compiling buys",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="maas's local cache (built kernels, measured dtype choices); default: one of the "
-        "run's own, so that auto measures at this run's load",
-    )
+    add_maas_options(parser)
     parser.add_argument("--single-runs", type=int, default=3)
     parser.add_argument(
         "--alternate-single",
