@@ -135,7 +135,12 @@ class Settings(BaseSettings):
     none."""
 
     llm_speculative_tokens: int = Field(default=8, ge=1, le=16)
-    """Tokens the draft model proposes each round."""
+    """Most tokens the draft model proposes each round."""
+
+    llm_draft_min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    """A round's proposal ends after a token the draft gives less than this probability
+    (llama.cpp's ``--draft-p-min``): past a guess it is unsure of, the rest are likelier
+    wasted than accepted. 0 always proposes ``llm_speculative_tokens``."""
 
     llm_compile: bool = True
     """Compile each text-generation model's decode step with torch.compile (inductor, needs a

@@ -225,7 +225,9 @@ class EngineDescription:
     draft: str = ""
     """Speculative decoding's draft model: the dtype it runs the model in, or "" (none)."""
     speculative_tokens: int = 0
-    """Tokens the draft proposes each round."""
+    """Most tokens the draft proposes each round."""
+    draft_min_confidence: float = 0.0
+    """A proposal ends after a token the draft is less sure of."""
     pipeline_stages: tuple[dict[str, Any], ...] = ()
     """With the model split into pipeline stages: each stage's layers, weight bytes, memory
     and node."""

@@ -43,6 +43,7 @@ def engine_ready(engine: LLMEngine) -> EngineReady:
         kv_block_size=runner.cache.block_size,
         draft=runner.draft.dtype if runner.draft else "",
         speculative_tokens=runner.speculative_tokens,
+        draft_min_confidence=runner.draft.min_confidence if runner.draft else 0.0,
     )
     return EngineReady(
         memory_bytes=runner.memory_bytes,

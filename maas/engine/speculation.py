@@ -79,7 +79,7 @@ def speculate(engine, sequence: Sequence, count: int) -> bool:
     logits = runner.forward(step)
     counts = engine.speculation
     counts.drafts += 1
-    counts.draft_tokens += count
+    counts.draft_tokens += len(proposal)  # fewer than count where the draft was unsure
     eos = engine.tokenizer.eos_token_ids
     for row, guess in enumerate([*proposal, None]):
         sequence.computed += 1  # row's input token: its keys and values are now the real ones

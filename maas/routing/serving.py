@@ -62,6 +62,7 @@ class Serving:
                 paged_attention=settings.llm_paged_attention,
                 draft=settings.llm_draft,
                 speculative_tokens=settings.llm_speculative_tokens,
+                draft_min_confidence=settings.llm_draft_min_confidence,
                 threads=settings.inference_threads,
             ),
             max_batch_tokens=settings.llm_max_batch_tokens,

@@ -215,7 +215,10 @@ class EngineDescriptionPublic(BaseModel):
     """Speculative decoding's draft model: the dtype it runs the model in (``int8``), or
     empty (none; ``MAAS_LLM_DRAFT``)."""
     speculative_tokens: int = 0
-    """Tokens the draft proposes each round (``MAAS_LLM_SPECULATIVE_TOKENS``)."""
+    """Most tokens the draft proposes each round (``MAAS_LLM_SPECULATIVE_TOKENS``)."""
+    draft_min_confidence: float = 0.0
+    """A round's proposal ends after a token the draft gives less probability than this
+    (``MAAS_LLM_DRAFT_MIN_CONFIDENCE``)."""
     pipeline_stages: list[PipelineStagePublic] = []
     """With the model split into pipeline stages (``MAAS_LLM_PIPELINE_STAGES``)."""
 

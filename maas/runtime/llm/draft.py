@@ -78,10 +78,20 @@ class DraftModel:
     """Proposes greedy continuations of one sequence at a time."""
 
     def __init__(
-        self, model: LlamaModel, dtype: str, max_len: int, block_size: int, kv_dtype: torch.dtype
+        self,
+        model: LlamaModel,
+        dtype: str,
+        max_len: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+        min_confidence: float = 0.0,
     ) -> None:
         self.model = model
         self.dtype = dtype
+        self.min_confidence = min_confidence
+        """A proposal stops after a token the draft gives less probability than this (as
+        llama.cpp's ``--draft-p-min``): past a guess it is unsure of, the next are likelier
+        wasted than accepted."""
         blocks = -(-max_len // block_size)
         self.cache = KVCache(model.config, blocks, block_size, kv_dtype)
         self.blocks = list(range(1, blocks + 1))
@@ -95,19 +105,29 @@ class DraftModel:
         return weight_bytes(self.model) + self.cache.nbytes
 
     def propose(self, tokens: list[int], count: int) -> list[int]:
-        """``count`` tokens the draft would pick after ``tokens``, greedily. It computes only
-        what its cache lacks of ``tokens``, and leaves them and all but the last proposal
-        cached."""
+        """Up to ``count`` tokens the draft would pick after ``tokens``, greedily: fewer if it
+        picks one with less than ``min_confidence`` probability (that one is the last). It
+        computes only what its cache lacks of ``tokens``, and leaves them and all but the
+        last proposal cached."""
         if count < 1 or not tokens:
             return []
         held = min(_common_prefix(self.fed, tokens), len(tokens) - 1)  # the last: for logits
         del self.fed[held:]
         logits = self._feed(tokens[held:])
-        proposal = [int(greedy_tokens(logits[-1:])[0])]
-        while len(proposal) < count:
+        proposal = []
+        while True:
+            row = logits[-1:]
+            proposal.append(int(greedy_tokens(row)[0]))
+            if len(proposal) == count or not self._sure(row):
+                return proposal
             logits = self._feed(proposal[-1:])
-            proposal.append(int(greedy_tokens(logits[-1:])[0]))
-        return proposal
+
+    def _sure(self, logits: torch.Tensor) -> bool:
+        """Whether the top token of ``logits`` (one row) has ``min_confidence`` probability."""
+        if self.min_confidence <= 0:
+            return True
+        row = logits[0].float()
+        return float(torch.exp(row.max() - torch.logsumexp(row, 0))) >= self.min_confidence
 
     def _feed(self, tokens: list[int]):
         """Compute ``tokens`` after what the cache holds; the last one's logits (and, fed as
@@ -158,12 +178,13 @@ def ready_draft(
     compile: bool,
     compile_always: bool = False,
     paged: bool = True,
+    min_confidence: float = 0.0,
 ) -> DraftModel:
     """``model`` (``draft_weights``) as a draft for sequences of up to ``max_len`` positions,
     its decode step compiled for one and two rows (as it runs) where that works."""
     started = time.perf_counter()
     kv_dtype = ACTIVATIONS[dtype]
-    draft = DraftModel(model, dtype, max_len, block_size, kv_dtype)
+    draft = DraftModel(model, dtype, max_len, block_size, kv_dtype, min_confidence)
     model.use_paged_attention(
         paged and all(paged_attention.available(d) for d in (kv_dtype, model.dtype))
     )

@@ -39,6 +39,8 @@ class RunnerOptions:
     (bfloat16, int8-weight, int8), or off; auto: int8 where the model runs float32 whole (not
     a pipeline stage, weights not stored quantized), else off."""
     speculative_tokens: int = 8
-    """Tokens the draft proposes each round."""
+    """Most tokens the draft proposes each round."""
+    draft_min_confidence: float = 0.0
+    """A proposal ends after a token the draft gives less than this probability."""
     threads: int = 0
     pack_weights: bool = True

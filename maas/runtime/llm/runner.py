@@ -127,6 +127,7 @@ class ModelRunner:
                 compile=options.compile,
                 compile_always=options.compile_always,
                 paged=options.paged_attention,
+                min_confidence=options.draft_min_confidence,
             )
         self.speculative_tokens = options.speculative_tokens if self.draft else 0
         self.memory_bytes = weight_bytes(self.model) + self.cache.nbytes

@@ -40,6 +40,8 @@ def test_a_float32_model_drafts_in_int8_and_answers_as_without_a_draft(worlds):
     assert answers[0]["usage"] == answers[1]["usage"]
     assert engine_of(drafted)["draft"] == "int8" and engine_of(drafted)["speculative_tokens"] == 8
     assert engine_of(plain)["draft"] == "" and engine_of(plain)["speculative_tokens"] == 0
+    assert engine_of(drafted)["draft_min_confidence"] == 0.5  # MAAS_LLM_DRAFT_MIN_CONFIDENCE
+    assert engine_of(plain)["draft_min_confidence"] == 0.0
     drafts = metric(drafted, "vllm:spec_decode_num_drafts_total")
     proposed = metric(drafted, "vllm:spec_decode_num_draft_tokens_total")
     accepted = metric(drafted, "vllm:spec_decode_num_accepted_tokens_total")

@@ -43,7 +43,7 @@ def llama_tokenizer(llama_version) -> ChatTokenizer:
 def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
     """make_engine(max_batch_tokens=64, max_sequences=4, max_model_len=128, tokenizer=None,
     dtype="float32", kv_cache_blocks=0, compile=False, paged_attention=True,
-    kv_cache_dtype="auto", draft="off", speculative_tokens=8): a fresh
+    kv_cache_dtype="auto", draft="off", speculative_tokens=8, draft_min_confidence=0.0): a fresh
     engine (fresh KV cache of 16-position blocks: ``kv_cache_blocks`` of them, or enough for
     every sequence), one thread, eager unless ``compile``."""
 
@@ -60,6 +60,7 @@ def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
         kv_cache_dtype: str = "auto",
         draft: str = "off",
         speculative_tokens: int = 8,
+        draft_min_confidence: float = 0.0,
     ) -> LLMEngine:
         config = LlamaConfig.from_hf(json.loads((llama_version.folder / "config.json").read_text()))
         kv = torch.bfloat16 if kv_cache_dtype == "bfloat16" else torch.float32  # as float32's
@@ -75,6 +76,7 @@ def make_engine(llama_version, llama_tokenizer) -> MakeEngine:
             kv_cache_dtype=kv_cache_dtype,
             draft=draft,
             speculative_tokens=speculative_tokens,
+            draft_min_confidence=draft_min_confidence,
             threads=1,
         )
         runner = ModelRunner(llama_version, options, tokenizer or llama_tokenizer)

@@ -169,6 +169,37 @@ def test_the_draft_keeps_what_it_computed_of_a_shared_prefix(make_engine, prompt
     assert draft.fed == second + proposed[:2]
 
 
+def test_a_draft_ends_its_proposal_after_a_token_it_is_unsure_of(make_engine, prompts):
+    """With ``min_confidence``, a proposal is the one without it, cut after the first token
+    the draft gave less probability than that (llama.cpp's --draft-p-min)."""
+    draft = make_engine(draft="int8").runner.draft
+    rows = []
+    feed = draft._feed
+    draft._feed = lambda tokens: rows.append(logits := feed(tokens)[-1].float()) or logits[None]
+    full = draft.propose(prompts[0], 6)
+    assert len(full) == 6
+    sure = [float(torch.softmax(row, 0).max()) for row in rows]  # each pick's probability
+    doubted = min(range(5), key=sure.__getitem__)
+    fresh = make_engine(draft="int8", draft_min_confidence=sure[doubted] + 1e-6).runner.draft
+    assert fresh.propose(prompts[0], 6) == full[: doubted + 1]
+    assert (
+        make_engine(draft="int8", draft_min_confidence=0.0).runner.draft.propose(prompts[0], 6)
+        == full
+    )
+
+
+def test_an_always_unsure_draft_proposes_one_token_a_round_and_changes_nothing(
+    make_engine, prompts
+):
+    expected = without_draft(make_engine, prompts[1], greedy(21))
+    engine = make_engine(draft="int8", draft_min_confidence=1.0)
+    deltas = submit(engine, "r", prompts[1], greedy(21))
+    run_to_end(engine)
+    assert token_ids(deltas) == expected
+    counts = engine.speculation
+    assert counts.drafts > 0 and counts.draft_tokens == counts.drafts  # proposals made, counted
+
+
 def test_warm_up_runs_a_round_and_leaves_the_counts_at_zero(make_engine, monkeypatch):
     rounds = []
     speculate = speculation.speculate
