@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     llm_draft: str = Field(default="auto", pattern="^(auto|off|bfloat16|int8-weight|int8)$")
     """Speculative decoding for text-generation models on maas's engine, as vLLM's
     ``speculative_config`` and llama.cpp's draft model: the served model again in this dtype
-    proposes ``llm_speculative_tokens`` tokens that the model checks in one step, when one
+    proposes up to ``llm_speculative_tokens`` tokens that the model checks in one step, when one
     greedy sequence runs alone. Outputs are unchanged. auto: an int8 draft for a model that
     runs float32 (not a pipeline stage, weights not stored quantized), none otherwise; off:
     none."""
