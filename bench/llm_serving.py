@@ -48,6 +48,10 @@ not depend on which engine ran in a faster minute of the machine (a VM's speed d
 maas single stream ranged from 112 to 181 tokens/s within ten minutes). The median of the
 rounds' ratios is reported beside the rows' own.
 
+``--prompts text`` sends windows of this repository's documentation (docs/*.md) as the
+prompts instead of random token ids: greedy answers to random ids fall into short loops
+(bench/speculation.py), the best case for maas's speculative decoding.
+
 ``--kv-cache-dtype bfloat16`` keeps maas's KV cache in bfloat16 whatever the activations
 (``MAAS_LLM_KV_CACHE_DTYPE``; by default, ``auto``, the activations' dtype).
 
@@ -107,6 +111,38 @@ def make_prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[lis
     """Random token ids, away from the special tokens at the start of the vocabulary."""
     rng = random.Random(seed)
     return [[rng.randrange(1000, vocab - 1000) for _ in range(length)] for _ in range(count)]
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def text_prompts(count: int, length: int, gguf: Path) -> list[list[int]]:
+    """``count`` windows of ``length`` tokens, evenly spaced, of the prose of this
+    repository's documentation (docs/*.md in name order, without tables and code blocks) as
+    the model's tokenizer reads it: natural text, whose greedy continuations repeat far less
+    than those of random ids (bench/speculation.py)."""
+    from tokenizers import Tokenizer
+
+    from maas.runtime.llm.gguf_tokenizer import converted
+
+    tokenizer = Tokenizer.from_file(str(converted(gguf) / "tokenizer.json"))
+    text = "\n\n".join(prose(page.read_text()) for page in sorted(DOCS.glob("*.md")))
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    stride = (len(ids) - length) // max(1, count - 1)
+    if stride < 1:
+        raise SystemExit(f"the documentation holds too few tokens for {count} prompts")
+    return [ids[i * stride : i * stride + length] for i in range(count)]
+
+
+def prose(markdown: str) -> str:
+    """``markdown`` without its tables and fenced code blocks."""
+    kept, fenced = [], False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and not line.startswith("|"):
+            kept.append(line)
+    return "\n".join(kept)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -620,6 +656,7 @@ def report(rows: list[dict], args, build: dict | None, alternated: dict | None =
                 "clients": args.clients,
                 "requests": args.requests,
                 "prompt_len": args.prompt_len,
+                "prompts": args.prompts,
                 "output_len": args.output_len,
                 "llama_cpp_build": build,
                 "results": rows,
@@ -707,6 +744,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument(
+        "--prompts",
+        choices=("random", "text"),
+        default="random",
+        help="random token ids (the runs docs/performance.md quotes), or windows of docs/*.md",
+    )
+    parser.add_argument(
         "--dtypes", default="auto,float32,bfloat16,int8-weight,int8", help="maas dtypes to run"
     )
     parser.add_argument(
@@ -747,7 +790,10 @@ def main() -> None:
     from gguf import GGUFReader
 
     vocab = len(GGUFReader(gguf).fields["tokenizer.ggml.tokens"].data)
-    prompts = make_prompts(args.requests, args.prompt_len, vocab)
+    if args.prompts == "text":
+        prompts = text_prompts(args.requests, args.prompt_len, gguf)
+    else:
+        prompts = make_prompts(args.requests, args.prompt_len, vocab)
     rows = []
 
     def add(row: dict) -> None:

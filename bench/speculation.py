@@ -4,14 +4,16 @@ in-process, one greedy sequence at a time.
 
     .venv/bin/python bench/speculation.py [--rounds 2] [--max-tokens 128]
 
-Two prompt sets: chat questions as a user would ask them (through the model's chat
-template), and 128 random token ids as the serving benchmark sends (bench/llm_serving.py's
-``make_prompts``). Each prompt runs without the draft (``runner.draft`` set aside: the same
-weights and compiled steps) and with it proposing each of ``--speculative-tokens`` tokens a
-round, one after the other in an order that rotates from prompt to prompt, ``--rounds``
-times; decode tokens/s is the output after the first token over the time since the first
-token, and each way's ratio is the median of the prompts' ratios to no draft. The outputs
-must be the same tokens every way (greedy), or the script stops.
+Three prompt sets: chat questions as a user would ask them (through the model's chat
+template); 128-token windows of this repository's documentation, as the serving benchmark
+sends with ``--prompts text``; and 128 random token ids, as it sends by default
+(bench/llm_serving.py's ``text_prompts`` and ``make_prompts``). Each prompt runs without
+the draft (``runner.draft`` set aside: the same weights and compiled steps) and with it in
+each of ``--ways`` (K tokens a round, or at most K ending at a doubted one), one after the
+other in an order that rotates from prompt to prompt, ``--rounds`` times; decode tokens/s is
+the output after the first token over the time since the first token, and each way's ratio
+is the median of the prompts' ratios to no draft. The outputs must be the same tokens every
+way (greedy), or the script stops.
 
 Greedy decoding after random token ids falls into short loops (one prompt's answer here is
 "216, 907" over and over), which a draft model, or any guess from the text so far, predicts
@@ -35,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm_serving import make_prompts  # noqa: E402
+from llm_serving import make_prompts, text_prompts  # noqa: E402
 
 from maas.config import Settings  # noqa: E402
 from maas.engine.llm_engine import LLMEngine  # noqa: E402
@@ -93,6 +95,7 @@ def main() -> None:
         "chat questions": [
             tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS
         ],
+        "documentation text": text_prompts(len(QUESTIONS), 128, demo.locate(model)),
         "random token ids": make_prompts(len(QUESTIONS), 128, runner.config.vocab_size),
     }
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)

@@ -1,6 +1,7 @@
 """bench/llm_serving.py still runs: issue 10's measuring tool, run as docs/performance.md
-runs it, but small (maas alone, float32 eagerly, 2 streams of 8 + 4 tokens). Nothing here
-times anything; speed is measured by running the benchmark itself, alone on the machine.
+runs it, but small (maas alone, float32 eagerly, 2 streams of 8 + 4 tokens, prompts from
+the documentation's text). Nothing here times anything; speed is measured by running the
+benchmark itself, alone on the machine.
 Its server start once broke with a KeyError that no test saw (fixed in 439d486)."""
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def test_the_serving_benchmark_runs_maas_and_writes_its_row(tmp_path):
         "--requests", "3",
         "--prompt-len", "8",
         "--output-len", "4",
+        "--prompts", "text",  # windows of docs/*.md through the demo's tokenizer
         "--single-runs", "1",
         "--results", str(results),
     ]  # fmt: skip
@@ -39,6 +41,7 @@ def test_the_serving_benchmark_runs_maas_and_writes_its_row(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     body = json.loads(results.read_text())
     assert (body["clients"], body["prompt_len"], body["output_len"]) == (2, 8, 4)
+    assert body["prompts"] == "text"
     (row,) = body["results"]
     assert (row["engine"], row["dtype"], row["runs"]) == ("maas", "float32", "float32")
     assert row["compiled_rows"] == 0  # --eager reached the server
