@@ -6,8 +6,8 @@ speed, whatever the step's other costs. Checking k proposed tokens takes one ste
 (the same weights read once), so when the draft's guesses are mostly right, several tokens
 come for about one step of the served model and k of the draft's. The draft is the same model
 in int8 (a quarter of float32's bytes): on the demo, float32 accepted 88% of its int8 draft's
-proposals on chat questions, and 99.7% after the serving benchmark's random prompts, whose
-greedy answers loop (bench/speculation.py, docs/performance.md). What the sequence
+proposals on chat questions (1.34x the tokens/s), and 99.7% after the serving benchmark's
+random prompts, whose greedy answers loop (1.74x; bench/speculation.py). What the sequence
 outputs is always the served model's choice (see maas/engine/speculation.py), so drafting
 changes speed, never tokens.
 
