@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -649,18 +650,33 @@ def test_an_abandoned_stream_is_metered_for_what_was_generated_and_stopped(world
     assert row.prompt_tokens > 0 and 0 < row.completion_tokens < 200
 
 
-def hang_up(world, headers, body: dict, *, after: float, stall_after: int | None = None):
+def hang_up(
+    world,
+    headers,
+    body: dict,
+    *,
+    after: float,
+    stall_after: int | None = None,
+    until: Callable[[], bool] | None = None,
+):
     """``body`` to /v1/completions over raw ASGI, its client gone ``after`` seconds after
-    sending it; with ``stall_after``, the connection stops taking data after that many body
-    messages (a slow socket: the server is left waiting in ``send`` when the client goes)."""
+    sending it, and not before ``until()`` holds, if given (30 s at most more); with
+    ``stall_after``, the connection stops taking data after that many body messages (a slow
+    socket: the server is left waiting in ``send`` when the client goes)."""
     raw, messages, hang_up_at = json.dumps(body).encode(), [], []
+
+    def staying() -> bool:
+        now = time.monotonic()
+        if now < hang_up_at[0]:
+            return True
+        return until is not None and now < hang_up_at[0] + 30 and not until()
 
     async def receive() -> dict:
         if not hang_up_at:
             hang_up_at.append(time.monotonic() + after)
             return {"type": "http.request", "body": raw, "more_body": False}
         # starlette probes for a disconnect with a receive it cancels at once
-        while time.monotonic() < hang_up_at[0]:
+        while staying():
             await asyncio.sleep(0.01)
         return {"type": "http.disconnect"}
 
@@ -709,13 +725,19 @@ def slowed_engine(world, monkeypatch):
     return engine
 
 
+def generating(engine) -> Callable[[], bool]:
+    """Whether a running sequence of ``engine`` has output a token."""
+    return lambda: any(sequence.output_ids for sequence in engine.scheduler.running)
+
+
 def test_an_answer_the_client_hung_up_on_is_metered_for_what_was_generated(
     world, slowed_engine, caplog
 ):
     headers, key_id = fresh_key(world)
     body = {"model": MODEL, "prompt": ["hello world"] * 4, "n": 4, "max_tokens": 200, **GREEDY}
     with caplog.at_level(logging.INFO):
-        messages = hang_up(world, headers, body, after=0.5)  # some tokens, far from all
+        # some tokens, far from all: on a busy machine the prompts' step alone took over 0.5 s
+        messages = hang_up(world, headers, body, after=0.5, until=generating(slowed_engine))
     # normal traffic: no exception out of the app (uvicorn would log its traceback), no ERROR
     assert [m for m in messages if m["type"] == "app.raised"] == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
